@@ -17,6 +17,9 @@ def get_config():
   c.augment = 'random_resized_crop'  # 'random_resized_crop', 'random_crop' or 'center_crop'.
   c.random_flip = True
   c.min_crop_area = 0.08             # Lower bound of random_resized_crop's area fraction.
+  c.val_fraction = 0.1               # Fraction of train_val PATIENTS cut out as validation;
+  c.split_seed = 0                   # with split_seed, fixed when the dataset is built
+                                     # (input_pipeline.build); checked when it is read.
   c.grain_workers = 0                # grain worker processes per host (0 = in-process).
   c.prefetch_buffer = 2              # Batches prefetched per worker.
   c.synthetic_train_size = 2048      # Synthetic split sizes (dataset='synthetic').
@@ -37,6 +40,7 @@ def get_config():
   c.lr_base_batch_size = 64
   c.b1 = 0.9
   c.b2 = 0.999
+  c.adam_eps = 1e-8                  # PyTorch's default (Keras uses 1e-7).
   c.weight_decay = 0.0
   c.lr_schedule = 'plateau'          # 'plateau' (CheXNet) or 'warmup_cosine' (large batch).
   c.warmup_epochs = 0.0

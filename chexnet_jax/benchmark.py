@@ -1,0 +1,392 @@
+"""Train-step throughput of chexnet_jax on the devices at hand.
+
+    python -m chexnet_jax.benchmark --config configs/cpu_smoke.py [--config.field=value ...]
+        [--steps 20] [--warmup 3] [--data random|pipeline] [--json_out FILE]
+
+Runs the real train step (train.make_train_step: forward, backward, gradient
+all-reduce, Adam) on all devices, excludes compilation and `--warmup` steps,
+then reports images/s, step time, host input time, peak device memory, MFU and
+the time 10 epochs of the official training set would take, in the reference's
+table format (GPUs | images/s | time to train 10 epochs).
+
+`--data random` (default) feeds uint8 batches made once in host memory, so the
+numbers are the step's own; it imports no input pipeline. `--data pipeline`
+reads `config.dataset` through input_pipeline.pipeline (grain), i.e. real
+records when config.dataset='chestxray14'.
+
+Runs where only jax, flax and optax are installed (the lent GPU machine lacks
+grain, TFDS, clu and ml_collections): configs are python files loaded by path,
+and when ml_collections is missing a minimal ConfigDict stand-in is used.
+"""
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+import types
+
+import numpy as np
+
+# Training-set size for the epoch estimate: the official train_val list has
+# 86,524 images; our validation is ~10% of it, carved by patient, leaving
+# round(0.9 * 86,524) = 77,872 (the reference trained on 77,824).
+TRAIN_EXAMPLES = 77_872
+EPOCHS = 10
+
+# The reference (TF 1.12 + Horovod, V100, 256 px, batch 64 per GPU), DESIGN.md.
+REFERENCE_IMAGES_PER_S = {1: 185.12, 2: 315.26, 4: 589.36, 8: 1116.99,
+                          16: 1912.82}
+
+# Peak dense FLOP/s per device from NVIDIA datasheets (no sparsity).
+# 'float32' is the rate XLA reaches with its default precision: TF32 tensor
+# cores on A100/H100/H200, plain FP32 on V100 (no TF32, no bf16 tensor cores).
+# Order matters: the first key found in device_kind wins.
+PEAK_FLOPS = (
+    ('H200 NVL', {'bfloat16': 835e12, 'float16': 835e12, 'float32': 418e12}),
+    ('H200', {'bfloat16': 989e12, 'float16': 989e12, 'float32': 495e12}),
+    ('H100 NVL', {'bfloat16': 835e12, 'float16': 835e12, 'float32': 418e12}),
+    ('H100 PCIe', {'bfloat16': 756e12, 'float16': 756e12, 'float32': 378e12}),
+    ('H100', {'bfloat16': 989e12, 'float16': 989e12, 'float32': 495e12}),
+    ('A100', {'bfloat16': 312e12, 'float16': 312e12, 'float32': 156e12}),
+    ('V100-PCIE', {'float16': 112e12, 'float32': 14e12}),
+    ('V100', {'float16': 125e12, 'float32': 15.7e12}),
+)
+
+
+# ------------------------------------------------------------------ config --
+
+class _ShimConfigDict(dict):
+  """Attribute-access dict: enough of ml_collections.ConfigDict for configs/."""
+
+  def __getattr__(self, key):
+    try:
+      return self[key]
+    except KeyError:
+      raise AttributeError(key) from None
+
+  def __setattr__(self, key, value):
+    self[key] = value
+
+  def to_dict(self):
+    return dict(self)
+
+  def to_json(self, **kwargs):
+    return json.dumps(self, **kwargs)
+
+  def copy_and_resolve_references(self):
+    return _ShimConfigDict(self)
+
+  def unlocked(self):
+    return contextlib.nullcontext()
+
+  def lock(self):
+    return self
+
+
+def ensure_ml_collections():
+  """Installs the ConfigDict stand-in when ml_collections is not installed."""
+  try:
+    import ml_collections  # pylint: disable=g-import-not-at-top,unused-import
+    return True
+  except ImportError:
+    shim = types.ModuleType('ml_collections')
+    shim.ConfigDict = _ShimConfigDict
+    sys.modules['ml_collections'] = shim
+    return False
+
+
+def load_config(spec, overrides=()):
+  """`path.py[:arg]` -> get_config([arg]) with `field=value` overrides applied."""
+  ensure_ml_collections()
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_benchmark_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  for item in overrides:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'override {item!r} is not field=value')
+    set_field(config, key, value)
+  return config
+
+
+def set_field(config, key, text):
+  """Sets an existing field, parsing `text` as the type of its default."""
+  if key not in config:
+    raise ValueError(f'unknown config field {key!r}; fields: {sorted(config)}')
+  old = config[key]
+  if isinstance(old, bool):
+    if text.lower() not in ('true', 'false', '1', '0'):
+      raise ValueError(f'{key} needs true/false, got {text!r}')
+    value = text.lower() in ('true', '1')
+  elif isinstance(old, (int, float)):
+    value = type(old)(float(text)) if isinstance(old, int) else float(text)
+  else:
+    value = text
+  setattr(config, key, value)
+
+
+# -------------------------------------------------------------------- data --
+
+def random_batches(config, local_batch, count=2, seed=0):
+  """`count` host batches of the contract's element spec (uint8 images)."""
+  rng = np.random.default_rng(seed)
+  size = config.image_size
+  return [{
+      'image': rng.integers(0, 256, (local_batch, size, size, 1), np.uint8),
+      'labels': rng.integers(0, 2, (local_batch, config.num_classes)).astype(
+          np.float32),
+      'mask': np.ones((local_batch,), bool),
+      'index': np.arange(local_batch, dtype=np.int32),
+  } for _ in range(count)]
+
+
+def host_batches(config, data, local_batch):
+  """Infinite iterator of process-local numpy batches."""
+  if data == 'random':
+    pool = random_batches(config, local_batch)
+    return (pool[i % len(pool)] for i in range(sys.maxsize))
+  import jax  # pylint: disable=g-import-not-at-top
+  from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+  return iter(pipeline.create_train_iterator(
+      config, process_index=jax.process_index(),
+      process_count=jax.process_count()))
+
+
+def train_examples(config, data):
+  """The real training-split size when reading real records, else 77,872."""
+  if data == 'pipeline' and config.dataset == 'chestxray14':
+    from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+    return pipeline.get_dataset_info(config)['splits']['train']
+  return TRAIN_EXAMPLES
+
+
+# ------------------------------------------------------------------ device --
+
+def peak_flops(device_kind, dtype):
+  for key, table in PEAK_FLOPS:
+    if key.lower() in device_kind.lower():
+      return table.get(dtype)
+  return None
+
+
+def peak_memory_bytes(device):
+  """Peak bytes in use on `device`, or None where the backend keeps no stats."""
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  return (stats or {}).get('peak_bytes_in_use')
+
+
+def step_flops(compiled):
+  """FLOPs of one step on one device, from XLA's cost analysis (or None)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # Not every backend implements it.
+    return None
+  if isinstance(cost, (list, tuple)):  # Older jax: one dict per module.
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
+
+
+# ---------------------------------------------------------------- the run --
+
+def build_step(config, mesh):
+  """(state, compiled step fn) for `config`, via the trainer's own functions."""
+  from chexnet_jax import train  # pylint: disable=g-import-not-at-top
+  model = train.build_model(config, for_training=True)
+  tx, schedule = train.create_optimizer(config, steps_per_epoch=1,
+                                        total_steps=1_000_000)
+  state = train.create_train_state(config, model, mesh, tx)
+  step = train.make_train_step(config, model, mesh, tx, schedule)
+  return state, step
+
+
+def check_batch(config, device_count, process_count):
+  if config.batch_size % device_count:
+    raise ValueError(f'batch_size {config.batch_size} is not divisible by '
+                     f'{device_count} devices')
+  return config.batch_size // process_count
+
+
+def timed_steps(step, state, batches, to_global, steps):
+  """Runs `steps` steps; the next batch is fetched while the device computes.
+
+  Step time is completion to completion (one step in flight at a time); input
+  time is the host's time in next() + to_global, overlapped with the step.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  batch = to_global(next(batches))
+  step_times, input_times = [], []
+  last = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    t = time.perf_counter()
+    batch = to_global(next(batches))
+    input_times.append(time.perf_counter() - t)
+    loss = float(jax.block_until_ready(metrics['train_loss']))
+    now = time.perf_counter()
+    step_times.append(now - last)
+    last = now
+  if not np.isfinite(loss):
+    raise FloatingPointError(f'non-finite training loss {loss}')
+  return state, step_times, input_times
+
+
+def run_benchmark(config, *, steps=20, warmup=3, data='random'):
+  """Benchmarks the train step; returns a dict of plain numbers and strings."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from chexnet_jax import train  # pylint: disable=g-import-not-at-top
+  mesh = train.make_mesh()
+  local_batch = check_batch(config, jax.device_count(), jax.process_count())
+  batches = host_batches(config, data, local_batch)
+  to_global = lambda b: train.to_global(b, mesh)
+  state, step = build_step(config, mesh)
+  t = time.perf_counter()
+  compiled = step.lower(state, to_global(next(batches))).compile()
+  compile_s = time.perf_counter() - t
+  state, _, _ = timed_steps(compiled, state, batches, to_global, warmup)
+  _, step_times, input_times = timed_steps(compiled, state, batches, to_global,
+                                           steps)
+  return summarize(config, data, step_times, input_times, step_flops(compiled),
+                   compile_s)
+
+
+def summarize(config, data, step_times, input_times, flops, compile_s):
+  """Turns the raw timings into the reported numbers."""
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.local_devices()[0]
+  n_dev = jax.device_count()
+  median = statistics.median(step_times)
+  images_per_s = config.batch_size / median
+  peak = peak_flops(device.device_kind, config.dtype)
+  n_train = train_examples(config, data)
+  return {
+      'model': config.model, 'image_size': config.image_size,
+      'dtype': config.dtype, 'bn_sync': bool(config.bn_sync), 'data': data,
+      'platform': device.platform, 'device_kind': device.device_kind,
+      'devices': n_dev, 'processes': jax.process_count(),
+      'jax': jax.__version__,
+      'global_batch': config.batch_size,
+      'per_device_batch': config.batch_size // n_dev,
+      'steps': len(step_times),
+      'compile_s': compile_s,
+      'step_time_median_s': median,
+      'step_time_p10_s': float(np.percentile(step_times, 10)),
+      'step_time_p90_s': float(np.percentile(step_times, 90)),
+      'step_time_min_s': min(step_times), 'step_time_max_s': max(step_times),
+      'input_time_median_s': statistics.median(input_times),
+      'images_per_s': images_per_s,
+      'images_per_s_per_device': images_per_s / n_dev,
+      'peak_memory_bytes': peak_memory_bytes(device),
+      'flops_per_step_per_device': flops,
+      'tflops_per_s_per_device': flops / median / 1e12 if flops else None,
+      'peak_flops_per_device': peak,
+      'mfu': flops / median / peak if (flops and peak) else None,
+      'train_examples': n_train,
+      'epoch_s': n_train / images_per_s,
+      'ten_epochs_s': EPOCHS * n_train / images_per_s,
+  }
+
+
+# ------------------------------------------------------------------ output --
+
+def hms(seconds):
+  seconds = int(round(seconds))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def fmt(value, spec, unit=''):
+  return 'n/a' if value is None else f'{value:{spec}}{unit}'
+
+
+def format_table(r):
+  """The reference's table, then the details."""
+  gpus = 'GPUs' if r['platform'] == 'gpu' else f"devices ({r['platform']})"
+  ref = REFERENCE_IMAGES_PER_S.get(r['devices'])
+  lines = [
+      f"chexnet_jax train step: {r['model']}, {r['image_size']} px, "
+      f"{r['dtype']}, bn_sync={r['bn_sync']}, global batch {r['global_batch']}"
+      f" ({r['per_device_batch']} per device), data={r['data']}",
+      f"{r['devices']} x {r['device_kind']}, {r['processes']} process(es), "
+      f"jax {r['jax']}, {r['steps']} timed steps after warm-up",
+      '',
+      f'| {gpus} | images/s | time to train {EPOCHS} epochs |',
+      '| --- | --- | --- |',
+      f"| {r['devices']} | {r['images_per_s']:.2f} | "
+      f"{r['ten_epochs_s']:.1f} s ({hms(r['ten_epochs_s'])}) |",
+  ]
+  if ref:
+    lines.append(f"| {r['devices']} (reference: TF 1.12 + Horovod, V100, "
+                 f'256 px, batch 64/GPU) | {ref:.2f} | '
+                 f'{EPOCHS * 77_824 / ref:.1f} s |')
+  lines += ['', '| metric | value |', '| --- | --- |']
+  lines += [f'| {k} | {v} |' for k, v in detail_rows(r)]
+  return '\n'.join(lines)
+
+
+def detail_rows(r):
+  mem = r['peak_memory_bytes']
+  return [
+      ('images/s (global)', f"{r['images_per_s']:.2f}"),
+      ('images/s per device', f"{r['images_per_s_per_device']:.2f}"),
+      ('step time median (s)', f"{r['step_time_median_s']:.4f}"),
+      ('step time p10 / p90 (s)',
+       f"{r['step_time_p10_s']:.4f} / {r['step_time_p90_s']:.4f}"),
+      ('step time min / max (s)',
+       f"{r['step_time_min_s']:.4f} / {r['step_time_max_s']:.4f}"),
+      ('host input time per step, median (s)',
+       f"{r['input_time_median_s']:.4f}"),
+      ('peak device memory', fmt(mem and mem / 2**30, '.2f', ' GiB')),
+      ('FLOPs per step per device (XLA cost analysis)',
+       fmt(r['flops_per_step_per_device'], '.3e')),
+      ('achieved TFLOP/s per device', fmt(r['tflops_per_s_per_device'], '.2f')),
+      (f"MFU vs {r['dtype']} peak of {r['device_kind']}",
+       fmt(r['mfu'] and 100 * r['mfu'], '.1f', ' %')),
+      ('compile time (s)', f"{r['compile_s']:.1f}"),
+      (f"one epoch of {r['train_examples']:,} images",
+       f"{r['epoch_s']:.1f} s ({hms(r['epoch_s'])})"),
+  ]
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(description='chexnet_jax train-step benchmark')
+  p.add_argument('--config', required=True,
+                 help='config file, path.py[:arg]; fields overridden by '
+                      '--config.FIELD=VALUE')
+  p.add_argument('--steps', type=int, default=20, help='timed steps')
+  p.add_argument('--warmup', type=int, default=3,
+                 help='untimed steps after compilation')
+  p.add_argument('--data', choices=('random', 'pipeline'), default='random',
+                 help='random: in-memory uint8 batches; pipeline: '
+                      'config.dataset through input_pipeline (grain)')
+  p.add_argument('--json_out', default='', help='also write the result here')
+  args, rest = p.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith('--config.'):
+      p.error(f'unrecognised argument {item!r}')
+    overrides.append(item[len('--config.'):])
+  return args, overrides
+
+
+def main(argv=None):
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  config = load_config(args.config, overrides)
+  result = run_benchmark(config, steps=args.steps, warmup=args.warmup,
+                         data=args.data)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    print(format_table(result), flush=True)
+    if args.json_out:
+      os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+      with open(args.json_out, 'w') as f:
+        json.dump(result, f, indent=1)
+  return result
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,252 @@
+"""Class activation maps (CheXNet, Rajpurkar et al. 2017) and their localisation scores.
+
+CAM of class c: M_c = sum_k w_{c,k} f_k, the final feature maps (after the last
+BN+ReLU) weighted by the classifier kernel's column for c. Because the head is global
+average pooling followed by one dense layer, the spatial mean of M_c plus the bias is
+exactly the logit of c, which is what makes M_c a faithful "where did the score come
+from" map. It is upsampled to the input with jax.image.resize.
+
+Images are normalised with chexnet_jax.preprocessing.normalize, as in training, so a
+CAM is computed on exactly what the classifier saw.
+
+Boxes are (x, y, w, h) in pixels, as in NIH's BBox_List_2017.csv. Localisation follows
+Wang et al. 2017 (ChestX-ray8): IoU, and IoBB = intersection over the area of the
+*detected* box, counted as correct at thresholds T in 0.1..0.7.
+"""
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import ndimage
+
+from chexnet_jax import preprocessing
+
+IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+
+
+# ----------------------------------------------------------------------------
+# Computing maps.
+
+
+def head_kernel(params, num_features, num_classes):
+  """Finds the classifier kernel [num_features, num_classes] in a params tree.
+
+  Searched by shape rather than by module name so CAM does not depend on what
+  models.py calls its head; exactly one match is required.
+  """
+  matches = [
+      (jax.tree_util.keystr(path), leaf)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+      if str(getattr(path[-1], 'key', '')) == 'kernel'
+      and leaf.shape == (num_features, num_classes)]
+  if len(matches) != 1:
+    raise ValueError(
+        'chexnet_jax/cam.py: expected one dense kernel of shape '
+        f'{(num_features, num_classes)} (the classifier head) in params, found '
+        f'{[name for name, _ in matches]}; CAM needs a model that ends in global '
+        'average pooling + one Dense layer.')
+  return matches[0][1]
+
+
+def make_cam_fn(model, dtype=jnp.float32):
+  """Returns jitted (variables, images_uint8 [B,H,W,1]) -> (probs [B,K], cams [B,K,H,W]).
+
+  Probabilities come from the same forward pass (eval-mode BN), so predict.py shows
+  the scores whose maps it draws.
+  """
+
+  @jax.jit
+  def cam_fn(variables, images):
+    x = preprocessing.normalize(images, dtype)
+    logits, features = model.apply(variables, x, train=False, return_features=True)
+    features = features.astype(jnp.float32)
+    kernel = head_kernel(variables['params'], features.shape[-1], logits.shape[-1])
+    maps = jnp.einsum('bhwc,ck->bkhw', features, kernel.astype(jnp.float32))
+    batch, height, width = images.shape[:3]
+    maps = jax.image.resize(maps, (batch, maps.shape[1], height, width), method='bilinear')
+    return jax.nn.sigmoid(logits.astype(jnp.float32)), maps
+
+  return cam_fn
+
+
+def local_copy(variables):
+  """Host numpy copy of (replicated, possibly multi-process) variables.
+
+  CAMs are drawn on process 0 only; a jit over arrays that span every process
+  would wait there for the others, so CAM functions get a local copy instead.
+  """
+  def to_host(x):
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+  return jax.tree.map(to_host, variables)
+
+
+def normalize_map(cam):
+  """Min-max scales one map to [0, 1] (a constant map becomes all zeros)."""
+  cam = np.asarray(cam, dtype=np.float32)
+  span = cam.max() - cam.min()
+  return (cam - cam.min()) / span if span > 0 else np.zeros_like(cam)
+
+
+def peak(cam):
+  """(x, y) pixel of the map's maximum."""
+  row, col = np.unravel_index(int(np.argmax(cam)), np.shape(cam))
+  return int(col), int(row)
+
+
+# ----------------------------------------------------------------------------
+# Boxes, masks and localisation scores.
+
+
+def box_area(box):
+  _, _, w, h = box
+  return max(float(w), 0.0) * max(float(h), 0.0)
+
+
+def box_intersection(box_a, box_b):
+  ax, ay, aw, ah = box_a
+  bx, by, bw, bh = box_b
+  overlap_w = min(ax + aw, bx + bw) - max(ax, bx)
+  overlap_h = min(ay + ah, by + bh) - max(ay, by)
+  return max(overlap_w, 0.0) * max(overlap_h, 0.0)
+
+
+def iou(predicted_box, true_box):
+  """Intersection over union of two (x, y, w, h) boxes."""
+  inter = box_intersection(predicted_box, true_box)
+  union = box_area(predicted_box) + box_area(true_box) - inter
+  return inter / union if union > 0 else 0.0
+
+
+def iobb(predicted_box, true_box):
+  """Intersection over the detected (predicted) box's area, Wang et al. 2017."""
+  area = box_area(predicted_box)
+  return box_intersection(predicted_box, true_box) / area if area > 0 else 0.0
+
+
+def box_to_mask(box, shape):
+  """Boolean [H, W] mask of the pixels whose centres lie inside the box."""
+  x, y, w, h = box
+  rows = np.arange(shape[0])[:, None] + 0.5
+  cols = np.arange(shape[1])[None, :] + 0.5
+  return (cols >= x) & (cols < x + w) & (rows >= y) & (rows < y + h)
+
+
+def mask_iou(mask, true_box):
+  truth = box_to_mask(true_box, np.shape(mask))
+  union = np.logical_or(mask, truth).sum()
+  return float(np.logical_and(mask, truth).sum() / union) if union else 0.0
+
+
+def mask_iobb(mask, true_box):
+  """Intersection over the detected region's area (the mask's pixel count)."""
+  area = np.sum(mask)
+  truth = box_to_mask(true_box, np.shape(mask))
+  return float(np.logical_and(mask, truth).sum() / area) if area else 0.0
+
+
+def cam_to_mask(cam, threshold):
+  """The connected region of normalise(cam) >= threshold that holds the peak.
+
+  Wang et al. draw one box per isolated region; we keep the one around the
+  maximum, the model's most confident location, so each CAM gives one detection.
+  """
+  binary = normalize_map(cam) >= threshold
+  regions, _ = ndimage.label(binary)
+  x, y = peak(cam)
+  return regions == regions[y, x]
+
+
+def mask_to_box(mask):
+  """Tight (x, y, w, h) box around a boolean mask (None if empty)."""
+  rows, cols = np.nonzero(mask)
+  if rows.size == 0:
+    return None
+  return (int(cols.min()), int(rows.min()),
+          int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1))
+
+
+def cam_to_box(cam, threshold=0.5):
+  return mask_to_box(cam_to_mask(cam, threshold))
+
+
+def localization_accuracy(scores, thresholds=IOU_THRESHOLDS):
+  """{T: fraction of scores >= T}, Wang et al.'s accuracy at T(IoU) or T(IoBB)."""
+  scores = np.asarray(scores, dtype=np.float64)
+  if scores.size == 0:
+    return {float(t): None for t in thresholds}
+  return {float(t): float(np.mean(scores >= t)) for t in thresholds}
+
+
+# ----------------------------------------------------------------------------
+# From NIH's 1024-pixel coordinates to the model input.
+
+
+def center_crop_offset(size, crop):
+  return (size - crop) // 2
+
+
+def original_box_to_input(box, original_size, dataset_image_size, image_size):
+  """Maps an (x, y, w, h) box on the original image into model-input pixels.
+
+  Follows the eval preprocessing: resize the shorter side to dataset_image_size,
+  centre-crop a dataset_image_size square, then centre-crop image_size.
+  Returns None when the box falls entirely outside the crop.
+  """
+  width, height = original_size
+  scale = dataset_image_size / min(width, height)
+  resized_w, resized_h = round(width * scale), round(height * scale)
+  left = center_crop_offset(resized_w, dataset_image_size)
+  top = center_crop_offset(resized_h, dataset_image_size)
+  inner = center_crop_offset(dataset_image_size, image_size)
+  x0 = box[0] * scale - left - inner
+  y0 = box[1] * scale - top - inner
+  x1, y1 = x0 + box[2] * scale, y0 + box[3] * scale
+  x0, y0 = max(x0, 0.0), max(y0, 0.0)
+  x1, y1 = min(x1, float(image_size)), min(y1, float(image_size))
+  if x1 <= x0 or y1 <= y0:
+    return None
+  return (x0, y0, x1 - x0, y1 - y0)
+
+
+def localize(cam, true_box, thresholds=IOU_THRESHOLDS, cam_threshold=0.5):
+  """IoU and IoBB of the CAM's detected box against a true box, in input pixels."""
+  predicted = cam_to_box(cam, cam_threshold)
+  if predicted is None:
+    return {'iou': 0.0, 'iobb': 0.0, 'predicted_box': None}
+  return {'iou': iou(predicted, true_box), 'iobb': iobb(predicted, true_box),
+          'predicted_box': list(predicted)}
+
+
+# ----------------------------------------------------------------------------
+# Pictures.
+
+
+def save_overlay(path, image, cam, *, title='', true_box=None, predicted_box=None,
+                 alpha=0.4):
+  """Writes a PNG: the grey image, the normalised CAM in 'jet' on top, boxes if given.
+
+  true_box (NIH's, green) and predicted_box (from the CAM, red dashed) are in the
+  image's pixel coordinates.
+  """
+  import matplotlib  # Deferred: only the writers need it, and Agg must be set first.
+  matplotlib.use('Agg')
+  from matplotlib import patches
+  from matplotlib import pyplot as plt
+
+  image = np.asarray(image)
+  image = image[..., 0] if image.ndim == 3 else image
+  figure, axes = plt.subplots(figsize=(4, 4), dpi=100)
+  axes.imshow(image, cmap='gray', vmin=0, vmax=255)
+  axes.imshow(normalize_map(cam), cmap='jet', alpha=alpha, vmin=0, vmax=1)
+  for box, color, style in ((true_box, 'lime', '-'), (predicted_box, 'red', '--')):
+    if box is not None:
+      x, y, w, h = box
+      axes.add_patch(patches.Rectangle((x - 0.5, y - 0.5), w, h, fill=False,
+                                       edgecolor=color, linestyle=style, linewidth=2))
+  axes.set_title(title, fontsize=9)
+  axes.axis('off')
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  figure.savefig(path, bbox_inches='tight')
+  plt.close(figure)
+  return path

@@ -1,0 +1,182 @@
+"""Checkpoints: one orbax CheckpointManager for the train state and the input
+iterator, the run's identity beside it, and loading a run for evaluation.
+
+Layout of a workdir:
+  config.json      the config of the latest start (human reference)
+  run.json         identity: model, labels, image size, dataset (written once)
+  checkpoints/N/   orbax items 'state' (TrainState) and 'data' (grain state)
+
+orbax writes each step to a temporary directory and renames it when complete,
+so a save killed half-way never appears as a step; a step that is complete on
+disk but unreadable (a truncated file) is skipped, with the reason logged.
+"""
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+from absl import logging
+import jax
+import orbax.checkpoint as ocp
+
+from chexnet_jax import train
+
+BEST_METRIC = 'val_mean_auroc'
+
+
+class RunMismatchError(ValueError):
+  """The workdir holds a run of another model or dataset."""
+
+
+def _best_metric(metrics):
+  value = metrics.get(BEST_METRIC)
+  return -1.0 if value is None or not math.isfinite(value) else value
+
+
+def create_manager(workdir, keep):
+  """Keeps the last `keep` steps and the best by validation mean AUROC."""
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+      ocp.checkpoint_managers.LatestN(n=keep),
+      ocp.checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
+                                    keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, best_fn=_best_metric, best_mode='max',
+      enable_async_checkpointing=True, create=True)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options,
+      item_names=('state', 'data'))
+
+
+def save(manager, state, data_iterator, metrics=None):
+  """Starts an asynchronous save of `state` (and the iterator, if any)."""
+  import grain  # Lazy: evaluation-only users of this module need no grain.
+  items = {'state': ocp.args.StandardSave(state)}
+  if data_iterator is not None:
+    items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+  step = int(jax.device_get(state.step))
+  manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
+               force=True)
+  return step
+
+
+def restore_latest(manager, state_template, data_iterator):
+  """Restores the newest readable step; returns (state, step) or (None, None).
+
+  The iterator, when given, is restored in place to the saved position.
+  """
+  import grain
+  for step in sorted(manager.all_steps(), reverse=True):
+    items = {'state': ocp.args.StandardRestore(state_template)}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # pylint: disable=broad-except
+      logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); '
+                      'trying the previous one.', step, manager.directory,
+                      type(error).__name__, error)
+      continue
+    return restored['state'], step
+  return None, None
+
+
+# ----------------------------------------------------------------- identity --
+
+def run_identity(config, dataset_info):
+  """What a checkpoint is only meaningful with."""
+  from input_pipeline import labels  # Lazy: keeps benchmark imports lean.
+  return {'model': config.model, 'num_classes': config.num_classes,
+          'labels': list(labels.LABELS[:config.num_classes]),
+          'image_size': config.image_size, 'dataset': dataset_info}
+
+
+def write_json_atomic(path, obj):
+  """Write to a temporary name, then rename: never a half-written file."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def check_or_write_identity(workdir, identity):
+  """Refuses to resume a run of another model, label set or dataset."""
+  path = os.path.join(workdir, 'run.json')
+  if not os.path.exists(path):
+    if jax.process_index() == 0:
+      write_json_atomic(path, identity)
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  different = sorted(k for k in identity if saved.get(k) != identity[k])
+  if different:
+    details = '; '.join(f'{k}: run has {saved.get(k)!r}, config asks for '
+                        f'{identity[k]!r}' for k in different)
+    raise RunMismatchError(
+        f'{workdir} holds a different run ({details}). Use a new --workdir, '
+        f'or change the config back to match {path}.')
+
+
+# ----------------------------------------------------------- loading a run --
+
+@dataclasses.dataclass
+class Run:
+  config: Any
+  variables: Any       # {'params', 'batch_stats'}, replicated on the mesh.
+  step: int
+  model: Any
+  mesh: Any
+
+
+def load_config(workdir):
+  import ml_collections
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{path} not found: {workdir} is not a chexnet_jax run directory '
+        '(train one with python -m chexnet_jax.main --workdir ...).')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _pick_step(manager, which):
+  steps = manager.all_steps()
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint in {manager.directory}.')
+  if which == 'best':
+    return manager.best_step()
+  if which == 'latest':
+    return manager.latest_step()
+  if int(which) not in steps:
+    raise ValueError(f'--checkpoint={which}: no such step in '
+                     f'{manager.directory}; available: {sorted(steps)}.')
+  return int(which)
+
+
+def load_run(workdir, which='best', config=None):
+  """Loads the variables of a trained run for evaluation or prediction."""
+  config = config or load_config(workdir)
+  mesh = train.make_mesh()
+  model = train.build_model(config)
+  tx, _ = train.create_optimizer(config, 1, 1)
+  template = _abstract_state(config, model, mesh, tx)
+  manager = create_manager(workdir, keep=config.keep_checkpoints)
+  step = _pick_step(manager, which)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(template)))
+  manager.close()
+  return Run(config=config, variables=restored['state'].variables, step=step,
+             model=model, mesh=mesh)
+
+
+def _abstract_state(config, model, mesh, tx):
+  """Shapes and shardings of the train state, without computing it."""
+  no_init = config.copy_and_resolve_references()
+  no_init.init_from = ''  # Restoring overwrites the weights anyway.
+  shapes = jax.eval_shape(
+      lambda: train.create_train_state(no_init, model, mesh, tx))
+  sharding = train.replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+      shapes)

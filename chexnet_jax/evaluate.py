@@ -1,0 +1,487 @@
+r"""Evaluates a trained run on a split and writes the report.
+
+  python -m chexnet_jax.evaluate --workdir DIR [--checkpoint best|latest|STEP] \
+      [--split test|validation] [--tta none|flip|tencrop] [--bootstrap 1000]
+
+Writes DIR/eval/<split>/ (DIR/eval/<split>-<tta>/ with test-time augmentation):
+  metrics.json      every number below, plus localisation scores where boxes exist
+  auroc.csv         per pathology + mean: AUROC with 95% CI, AUPRC with 95% CI,
+                    validation-chosen threshold, sensitivity, specificity
+  predictions.csv   image, patient, 14 probabilities, 14 labels
+  roc_curves.png, gallery/*.png (class activation maps of confident true positives)
+and prints the 14-row AUROC table. Confidence intervals resample patients (seeded).
+Thresholds maximise Youden's J on the validation split and are applied unchanged
+to the evaluated split.
+
+Multi-process: start it like training (srun, or --coordinator_address with
+--num_processes/--process_id on each process); every process scores its shard,
+only process 0 writes.
+"""
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from chexnet_jax import metrics as metrics_lib
+from input_pipeline import labels as labels_lib
+
+TTA_MODES = ('none', 'flip', 'tencrop')
+LABELS = labels_lib.LABELS
+
+
+@dataclasses.dataclass
+class Predictions:
+  """Per-example outputs of one pass over a split, rows ordered by example index."""
+  probs: np.ndarray      # float32 [N, 14]
+  labels: np.ndarray     # float32 [N, 14]
+  indices: np.ndarray    # int [N]
+  loss: Any = None       # BCE of the un-augmented pass (None with TTA).
+
+
+# ----------------------------------------------------------------------------
+# Scoring a split (every process takes part: the passes are collective).
+
+
+def tta_views(images, tta, image_size):
+  """uint8 [b, S, S, 1] -> list of uint8 [b, image_size, image_size, 1] views.
+
+  'flip' averages the image and its mirror; 'tencrop' the four corner and centre
+  crops of the stored S x S image and their mirrors (S = dataset_image_size).
+  """
+  if tta == 'none':
+    return [images]
+  if tta == 'flip':
+    return [images, images[:, :, ::-1]]
+  size = images.shape[1]
+  last = size - image_size
+  middle = last // 2
+  corners = [(0, 0), (0, last), (last, 0), (last, last), (middle, middle)]
+  crops = [images[:, y:y + image_size, x:x + image_size] for y, x in corners]
+  return crops + [crop[:, :, ::-1] for crop in crops]
+
+
+def _tta_iteration_config(config, tta):
+  """Ten-crop needs the whole stored image, so the iterator must not crop it."""
+  config = config.copy_and_resolve_references()
+  if tta == 'tencrop':
+    config.image_size = config.dataset_image_size
+  return config
+
+
+def _to_global_images(images, mesh):
+  from chexnet_jax import train
+  return train.to_global({'image': np.ascontiguousarray(images)}, mesh)['image']
+
+
+def predict_with_tta(run, split, tta):
+  """One masked pass with `tta` views per image; mean of their probabilities."""
+  import jax
+  from jax.experimental import multihost_utils
+  from chexnet_jax import train
+  from input_pipeline import pipeline
+
+  predict = train.make_predict_fn(run.model, run.mesh, train.DTYPES[run.config.dtype])
+  probs, labels, indices = [], [], []
+  iterator = pipeline.create_eval_iterator(
+      _tta_iteration_config(run.config, tta), split,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  for batch in iterator:
+    views = tta_views(batch['image'], tta, run.config.image_size)
+    view_probs = [jax.nn.sigmoid(predict(run.variables, _to_global_images(v, run.mesh)))
+                  for v in views]
+    mean_probs = sum(view_probs) / len(view_probs)
+    rest = train.to_global({k: batch[k] for k in ('labels', 'mask', 'index')}, run.mesh)
+    gathered = multihost_utils.process_allgather(
+        (mean_probs, rest['labels'], rest['mask'], rest['index']), tiled=True)
+    keep = np.asarray(gathered[2])
+    probs.append(np.asarray(gathered[0])[keep])
+    labels.append(np.asarray(gathered[1])[keep])
+    indices.append(np.asarray(gathered[3])[keep])
+  probs, labels, indices = (np.concatenate(x) for x in (probs, labels, indices))
+  order = np.argsort(indices)
+  return Predictions(probs[order], labels[order], indices[order])
+
+
+def predict_split(run, split, tta='none'):
+  """Scores every example of `split` once; the plain pass is train.evaluate_split."""
+  from chexnet_jax import train
+  if tta not in TTA_MODES:
+    raise ValueError(f'chexnet_jax/evaluate.py: --tta={tta!r}; choose one of {TTA_MODES}.')
+  if tta != 'none':
+    return predict_with_tta(run, split, tta)
+  result, probs, labels, indices = train.evaluate_split(
+      run.config, run.model, run.variables, run.mesh, split)
+  return Predictions(np.asarray(probs), np.asarray(labels), np.asarray(indices),
+                     loss=result['loss'])
+
+
+# ----------------------------------------------------------------------------
+# Who is who: image names, patients and boxes of a split.
+
+
+def split_records(config, split, indices):
+  """split_metadata rows for `indices` (image_name, patient_id, boxes)."""
+  from input_pipeline import pipeline
+  metadata = pipeline.split_metadata(config, split)
+  if len(metadata) < len(indices) or (len(indices) and max(indices) >= len(metadata)):
+    raise ValueError(
+        f'chexnet_jax/evaluate.py: split {split!r} has {len(metadata)} metadata rows '
+        f'but predictions reach index {max(indices)}; the dataset changed since '
+        'the run was trained. Rebuild it, or evaluate with the matching data_dir.')
+  return [metadata[i] for i in indices]
+
+
+# NIH's boxes (and the synthetic ones) are in the frame of the 1024 x 1024 release.
+BOX_FRAME = (1024, 1024)
+
+
+def boxes_in_input(record, config):
+  """[(label index, (x, y, w, h) in model-input pixels)] of a split_metadata row.
+
+  Boxes wholly cut away by the centre crop are left out.
+  """
+  from chexnet_jax import cam as cam_lib
+  boxes = []
+  for box in record.get('boxes', ()):
+    mapped = cam_lib.original_box_to_input(box['bbox'], BOX_FRAME,
+                                           config.dataset_image_size, config.image_size)
+    if mapped is not None:
+      boxes.append((int(box['label']), mapped))
+  return boxes
+
+
+# ----------------------------------------------------------------------------
+# The report.
+
+
+@dataclasses.dataclass
+class Evaluation:
+  """Everything evaluate() computed; written by write_outputs()."""
+  split: str
+  tta: str
+  step: int
+  report: dict                 # metrics.classification_report(...)
+  predictions: Predictions
+  records: list                # split_metadata rows, aligned with predictions
+  threshold_source: str
+  config: Any = None
+
+
+def thresholds_from_validation(run, split, tta, predictions):
+  """Youden thresholds on validation (re-using `predictions` if split is validation)."""
+  validation = predictions if split == 'validation' else predict_split(run, 'validation', tta)
+  return metrics_lib.youden_thresholds(validation.labels, validation.probs)
+
+
+def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0):
+  """Scores `split` and builds the report (collective: call on every process)."""
+  predictions = predict_split(run, split, tta)
+  thresholds = thresholds_from_validation(run, split, tta, predictions)
+  records = split_records(run.config, split, predictions.indices)
+  patients = [str(r['patient_id']) for r in records]
+  report = metrics_lib.classification_report(
+      predictions.labels, predictions.probs, patients, thresholds=thresholds,
+      num_resamples=num_resamples, seed=seed)
+  report['loss'] = predictions.loss
+  return Evaluation(split=split, tta=tta, step=int(run.step), report=report,
+                    predictions=predictions, records=records,
+                    threshold_source='validation', config=run.config)
+
+
+def _fmt(value, digits=3):
+  return ' ' * (digits + 2) if value is None else f'{value:.{digits}f}'
+
+
+def format_auroc_table(report):
+  """The 14-row AUROC table (plus the mean) printed by evaluate and the notebook."""
+  header = (f'{"Pathology":<20}{"AUROC":>7}  {"95% CI":<15}{"AUPRC":>7}'
+            f'{"Sens":>7}{"Spec":>7}{"Pos":>6}')
+  lines = [header, '-' * len(header)]
+  for name in LABELS:
+    row = report['per_label'][name]
+    low, high = row['auroc_ci']
+    lines.append(f'{name:<20}{_fmt(row["auroc"]):>7}  {_fmt(low)}-{_fmt(high):<9}'
+                 f'{_fmt(row["auprc"]):>7}{_fmt(row["sensitivity"]):>7}'
+                 f'{_fmt(row["specificity"]):>7}{row["num_positive"]:>6}')
+  low, high = report['mean_auroc_ci']
+  lines.append('-' * len(header))
+  lines.append(f'{"Mean":<20}{_fmt(report["mean_auroc"]):>7}  {_fmt(low)}-{_fmt(high):<9}'
+               f'{_fmt(report["mean_auprc"]):>7}')
+  return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Files (process 0 only).
+
+
+AUROC_CSV_COLUMNS = ('pathology', 'auroc', 'auroc_ci_low', 'auroc_ci_high', 'auprc',
+                     'auprc_ci_low', 'auprc_ci_high', 'threshold', 'sensitivity',
+                     'specificity', 'num_positive')
+
+
+def _csv_value(value):
+  return '' if value is None else value
+
+
+def write_auroc_csv(path, report):
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(AUROC_CSV_COLUMNS)
+    for name in LABELS:
+      row = report['per_label'][name]
+      writer.writerow([name, *map(_csv_value, (
+          row['auroc'], *row['auroc_ci'], row['auprc'], *row['auprc_ci'],
+          row['threshold'], row['sensitivity'], row['specificity'], row['num_positive']))])
+    writer.writerow(['mean', *map(_csv_value, (
+        report['mean_auroc'], *report['mean_auroc_ci'], report['mean_auprc'],
+        *report['mean_auprc_ci'])), '', '', '', ''])
+
+
+def write_predictions_csv(path, evaluation):
+  predictions = evaluation.predictions
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['index', 'image', 'patient', *[f'prob_{n}' for n in LABELS],
+                     *[f'label_{n}' for n in LABELS]])
+    for row, record in enumerate(evaluation.records):
+      writer.writerow([int(predictions.indices[row]), record['image_name'],
+                       record['patient_id'],
+                       *[f'{p:.9g}' for p in predictions.probs[row]],  # float32 round-trips.
+                       *[int(y) for y in predictions.labels[row]]])
+
+
+def read_predictions_csv(path):
+  """(probs [N, 14], labels [N, 14], patients) back from predictions.csv."""
+  with open(path, newline='') as f:
+    rows = list(csv.DictReader(f))
+  probs = np.array([[float(r[f'prob_{n}']) for n in LABELS] for r in rows])
+  labels = np.array([[float(r[f'label_{n}']) for n in LABELS] for r in rows])
+  return probs, labels, [r['patient'] for r in rows]
+
+
+def roc_figure(evaluation):
+  """matplotlib Figure: the ROC curve of every pathology, AUROC in the legend."""
+  from matplotlib import figure as figure_lib
+
+  predictions, per_label = evaluation.predictions, evaluation.report['per_label']
+  curves = metrics_lib.roc_curves(predictions.labels, predictions.probs)
+  figure = figure_lib.Figure(figsize=(7, 7), dpi=100)
+  axes = figure.subplots()
+  colors = matplotlib_colormap('tab20')
+  for k, (name, (fpr, tpr)) in enumerate(curves.items()):
+    axes.plot(fpr, tpr, color=colors(k), lw=1.5,
+              label=f'{name} {per_label[name]["auroc"]:.3f}')
+  axes.plot([0, 1], [0, 1], color='grey', lw=1, linestyle=':')
+  mean = evaluation.report['mean_auroc']
+  axes.set(xlabel='False positive rate', ylabel='True positive rate', xlim=(0, 1),
+           ylim=(0, 1), title=f'ROC, {evaluation.split} (step {evaluation.step}), '
+           f'mean AUROC {_fmt(mean)}')
+  axes.legend(loc='lower right', fontsize=7)
+  return figure
+
+
+def matplotlib_colormap(name):
+  from matplotlib import colormaps
+  return colormaps[name]
+
+
+def plot_roc_curves(path, evaluation):
+  roc_figure(evaluation).savefig(path, bbox_inches='tight')
+
+
+def write_outputs(out_dir, evaluation, gallery=(), localization=None):
+  """metrics.json, auroc.csv, predictions.csv, roc_curves.png into out_dir."""
+  os.makedirs(out_dir, exist_ok=True)
+  write_auroc_csv(os.path.join(out_dir, 'auroc.csv'), evaluation.report)
+  write_predictions_csv(os.path.join(out_dir, 'predictions.csv'), evaluation)
+  plot_roc_curves(os.path.join(out_dir, 'roc_curves.png'), evaluation)
+  summary = {'split': evaluation.split, 'tta': evaluation.tta, 'step': evaluation.step,
+             'threshold_source': evaluation.threshold_source,
+             'labels': list(LABELS), **evaluation.report,
+             'localization': localization, 'gallery': list(gallery)}
+  with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
+    json.dump(summary, f, indent=2, allow_nan=False)
+
+
+# ----------------------------------------------------------------------------
+# Heatmaps: a gallery of confident true positives, and localisation where boxes exist.
+
+
+def gallery_choices(evaluation, size):
+  """[(row, label index)]: the most confident true positive of each pathology.
+
+  One per pathology, most confident first; an example with a box for that
+  pathology is preferred, so the gallery shows the NIH annotation where it can.
+  """
+  probs, labels = evaluation.predictions.probs, evaluation.predictions.labels
+  boxed = {(row, k) for row, record in enumerate(evaluation.records)
+           for k, _ in boxes_in_input(record, evaluation.config)}
+  best = []
+  for k in range(len(LABELS)):
+    positives = [row for row in np.flatnonzero(labels[:, k] > 0)]
+    if positives:
+      # Boxed first, then by probability: max over (has box, prob).
+      row = max(positives, key=lambda r: ((r, k) in boxed, probs[r, k]))
+      best.append((int(row), k))
+  best.sort(key=lambda choice: -probs[choice])
+  return best[:size]
+
+
+def _find_images(config, split, wanted_indices):
+  """{index: uint8 [S, S, 1]} for the wanted examples, read on this process alone."""
+  from input_pipeline import pipeline
+  found, wanted = {}, set(int(i) for i in wanted_indices)
+  for batch in pipeline.create_eval_iterator(config, split, process_index=0, process_count=1):
+    for row in np.nonzero(batch['mask'])[0]:
+      if int(batch['index'][row]) in wanted:
+        found[int(batch['index'][row])] = batch['image'][row]
+    if len(found) == len(wanted):
+      break
+  return found
+
+
+def draw_heatmaps(run, evaluation, out_dir, gallery_size=8, cam_threshold=0.5):
+  """Writes the gallery and scores localisation; returns (gallery, localization)."""
+  import jax.numpy as jnp
+  from chexnet_jax import cam as cam_lib
+  from chexnet_jax import train
+
+  gallery = gallery_choices(evaluation, gallery_size)
+  boxed = [(row, k, box) for row, record in enumerate(evaluation.records)
+           for k, box in boxes_in_input(record, run.config)]
+  rows = sorted({row for row, _ in gallery} | {row for row, _, _ in boxed})
+  images = _find_images(run.config, evaluation.split,
+                        [evaluation.predictions.indices[r] for r in rows])
+  cam_fn = cam_lib.make_cam_fn(run.model, train.DTYPES[run.config.dtype])
+  variables = cam_lib.local_copy(run.variables)
+  maps = {}
+  for row in rows:
+    image = images[int(evaluation.predictions.indices[row])]
+    maps[row] = (image, np.asarray(cam_fn(variables, image[None])[1][0]))
+  return (_write_gallery(out_dir, evaluation, gallery, maps, cam_threshold),
+          _localization(boxed, maps, cam_threshold))
+
+
+def _write_gallery(out_dir, evaluation, gallery, maps, cam_threshold):
+  from chexnet_jax import cam as cam_lib
+  entries = []
+  for row, k in gallery:
+    image, heat = maps[row]
+    record, name = evaluation.records[row], LABELS[k]
+    true_box = next((box for label, box in boxes_in_input(record, evaluation.config)
+                     if label == k), None)
+    prob = float(evaluation.predictions.probs[row, k])
+    stem = os.path.splitext(os.path.basename(str(record['image_name'])))[0]
+    path = os.path.join(out_dir, 'gallery', f'{stem}_{name}.png')
+    cam_lib.save_overlay(path, image, heat[k], title=f'{stem} {name} p={prob:.3f}',
+                         true_box=true_box,
+                         predicted_box=cam_lib.cam_to_box(heat[k], cam_threshold))
+    entries.append({'image': str(record['image_name']), 'label': name,
+                    'probability': prob, 'file': os.path.relpath(path, out_dir)})
+  return entries
+
+
+def _localization(boxed, maps, cam_threshold):
+  """Wang et al.'s accuracy at T(IoU) and T(IoBB) per pathology; None without boxes."""
+  from chexnet_jax import cam as cam_lib
+  if not boxed:
+    return None
+  scores = {}
+  for row, k, box in boxed:
+    result = cam_lib.localize(maps[row][1][k], box, cam_threshold=cam_threshold)
+    scores.setdefault(LABELS[k], {'iou': [], 'iobb': []})
+    scores[LABELS[k]]['iou'].append(result['iou'])
+    scores[LABELS[k]]['iobb'].append(result['iobb'])
+  every = {'iou': [s for v in scores.values() for s in v['iou']],
+           'iobb': [s for v in scores.values() for s in v['iobb']]}
+  return {'cam_threshold': cam_threshold,
+          'per_label': {name: _accuracies(v) for name, v in scores.items()},
+          'all': _accuracies(every)}
+
+
+def _accuracies(scores):
+  from chexnet_jax import cam as cam_lib
+  return {'num_boxes': len(scores['iou']),
+          'mean_iou': float(np.mean(scores['iou'])),
+          'mean_iobb': float(np.mean(scores['iobb'])),
+          'accuracy_iou': {str(t): v for t, v in
+                           cam_lib.localization_accuracy(scores['iou']).items()},
+          'accuracy_iobb': {str(t): v for t, v in
+                            cam_lib.localization_accuracy(scores['iobb']).items()}}
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+
+def output_dir(workdir, split, tta):
+  return os.path.join(workdir, 'eval', split if tta == 'none' else f'{split}-{tta}')
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog='python -m chexnet_jax.evaluate',
+      description='Evaluate a trained chexnet_jax run: AUROC with patient-bootstrap '
+                  'CIs, AUPRC, thresholds, ROC curves, heatmaps.')
+  parser.add_argument('--workdir', required=True, help='the training run directory')
+  parser.add_argument('--checkpoint', default='best',
+                      type=lambda v: int(v) if v.isdigit() else v,
+                      help="'best' (validation mean AUROC), 'latest', or a step")
+  parser.add_argument('--split', default='test', choices=('test', 'validation'))
+  parser.add_argument('--tta', default='none', choices=TTA_MODES,
+                      help='test-time augmentation: none, flip, or tencrop')
+  parser.add_argument('--bootstrap', type=int, default=1000,
+                      help='patient-level bootstrap resamples for the 95%% CIs')
+  parser.add_argument('--seed', type=int, default=0, help='bootstrap seed')
+  parser.add_argument('--gallery', type=int, default=8, help='heatmaps in the gallery')
+  parser.add_argument('--coordinator_address', default='',
+                      help='host:port of process 0 (multi-process without Slurm)')
+  parser.add_argument('--num_processes', type=int, default=-1)
+  parser.add_argument('--process_id', type=int, default=-1)
+  return parser.parse_args(argv)
+
+
+def _start_processes(args):
+  """Joins the multi-process job (Slurm or explicit), like training does."""
+  from chexnet_jax import checkpoints
+  from chexnet_jax import distributed
+  config = checkpoints.load_config(args.workdir)
+  # The training job's own coordinator is not this job's: use the flags.
+  config.coordinator_address = args.coordinator_address
+  config.num_processes = args.num_processes
+  config.process_id = args.process_id
+  distributed.initialize(config)
+  return config
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  import jax
+  from chexnet_jax import checkpoints
+  try:
+    config = _start_processes(args)
+    run = checkpoints.load_run(args.workdir, args.checkpoint, config=config)
+    evaluation = evaluate(run, args.split, args.tta, args.bootstrap, args.seed)
+  except (FileNotFoundError, ValueError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 1
+  if jax.process_index() == 0:
+    out_dir = output_dir(args.workdir, args.split, args.tta)
+    gallery, localization = draw_heatmaps(run, evaluation, out_dir, args.gallery)
+    write_outputs(out_dir, evaluation, gallery, localization)
+    print(f'{args.split} split, checkpoint step {run.step}, tta {args.tta}, '
+          f'{evaluation.report["num_examples"]} images of '
+          f'{evaluation.report["num_patients"]} patients; 95% CI: patient bootstrap; '
+          'thresholds: Youden on validation')
+    print(format_auroc_table(evaluation.report))
+    print(f'wrote {out_dir}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,44 @@
+"""Trains CheXNet: `python -m chexnet_jax.main --config configs/X.py --workdir DIR`.
+
+Thin on purpose: flags, distributed start-up, then `train.train_and_evaluate`.
+Any config field can be changed on the command line: `--config.batch_size=128`.
+Running again with the same --workdir resumes from its latest checkpoint.
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from chexnet_jax import checkpoints
+from chexnet_jax import config_checks
+from chexnet_jax import distributed
+from chexnet_jax import train
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (resumed if it '
+                               'holds checkpoints).', required=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/cpu_smoke.py.', lock_config=True)
+flags.mark_flags_as_required(['config'])
+
+# Errors the user can fix: one clear sentence, no traceback.
+USER_ERRORS = (config_checks.ConfigError, checkpoints.RunMismatchError,
+               train.NonFiniteLossError, FileNotFoundError)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  config = _CONFIG.value
+  try:
+    distributed.initialize(config)
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except USER_ERRORS as error:
+    logging.error('%s', error)
+    print(f'error: {error}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

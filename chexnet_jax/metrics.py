@@ -1,0 +1,222 @@
+"""Classification metrics for the 14 ChestX-ray14 labels.
+
+AUROC and AUPRC per label (scikit-learn), patient-resampled bootstrap confidence
+intervals, and operating thresholds chosen on validation (Youden's J) with the
+sensitivity/specificity they give on another split.
+
+Conventions: `labels` and `probs` are [N, L] arrays (L = len(names)); a label with
+only one class present has no AUROC and gets nan, never an exception, because a
+small validation split can easily lack e.g. Hernia positives.
+"""
+import dataclasses
+
+import numpy as np
+from sklearn import metrics as sk_metrics
+
+from input_pipeline import labels as labels_lib
+
+
+def _check_shapes(labels, probs, names):
+  labels, probs = np.asarray(labels), np.asarray(probs)
+  if labels.shape != probs.shape or labels.ndim != 2:
+    raise ValueError(f'chexnet_jax/metrics.py: labels {labels.shape} and probs {probs.shape} '
+                     'must both be [num_examples, num_labels].')
+  if labels.shape[1] != len(names):
+    raise ValueError(f'chexnet_jax/metrics.py: {labels.shape[1]} label columns but '
+                     f'{len(names)} names; pass names= matching the columns.')
+  return labels, probs
+
+
+def _has_both_classes(column, weights=None):
+  present = column if weights is None else column[weights > 0]
+  return 0 < present.sum() < len(present)
+
+
+def _per_label(score_fn, labels, probs, names, weights=None):
+  """Applies score_fn(y, p, sample_weight) to every column; nan where undefined."""
+  labels, probs = _check_shapes(labels, probs, names)
+  scores = {}
+  for k, name in enumerate(names):
+    if _has_both_classes(labels[:, k], weights):
+      scores[name] = float(score_fn(labels[:, k], probs[:, k], sample_weight=weights))
+    else:
+      scores[name] = float('nan')
+  return scores
+
+
+def auroc_per_label(labels, probs, names=labels_lib.LABELS, weights=None):
+  """Area under the ROC curve per label -> {name: float} (nan if a label has one class)."""
+  return _per_label(sk_metrics.roc_auc_score, labels, probs, names, weights)
+
+
+def auprc_per_label(labels, probs, names=labels_lib.LABELS, weights=None):
+  """Area under the precision-recall curve (average precision) per label."""
+  return _per_label(sk_metrics.average_precision_score, labels, probs, names, weights)
+
+
+def mean_score(scores):
+  """Mean over the labels that have a score (nan ones, e.g. one-class labels, skipped)."""
+  values = np.array(list(scores.values()), dtype=np.float64)
+  return float(np.nanmean(values)) if np.isfinite(values).any() else float('nan')
+
+
+# ----------------------------------------------------------------------------
+# Patient-resampled bootstrap.
+
+
+def _patient_groups(patients):
+  """Maps every image to the position of its patient among the unique patients."""
+  _, image_to_patient = np.unique(np.asarray(patients), return_inverse=True)
+  return image_to_patient.ravel()
+
+
+def bootstrap_weights(patients, num_resamples, seed):
+  """Yields per-image multiplicities of patient-level resamples with replacement.
+
+  Images of one patient are correlated, so we resample patients (all their images
+  together), as the CheXNet literature does; an image-level bootstrap gives too-narrow
+  intervals. A weight vector (how many times each image was drawn) is equivalent to
+  concatenating the drawn images and cheaper.
+  """
+  image_to_patient = _patient_groups(patients)
+  num_patients = image_to_patient.max() + 1
+  rng = np.random.default_rng(seed)
+  for _ in range(num_resamples):
+    drawn = rng.integers(0, num_patients, size=num_patients)
+    patient_counts = np.bincount(drawn, minlength=num_patients)
+    yield patient_counts[image_to_patient].astype(np.float64)
+
+
+@dataclasses.dataclass
+class Interval:
+  low: float
+  high: float
+
+
+def _percentile_interval(samples, confidence):
+  samples = np.asarray(samples, dtype=np.float64)
+  samples = samples[np.isfinite(samples)]
+  if samples.size == 0:
+    return Interval(float('nan'), float('nan'))
+  tail = 100 * (1 - confidence) / 2
+  low, high = np.percentile(samples, [tail, 100 - tail])
+  return Interval(float(low), float(high))
+
+
+def bootstrap_intervals(labels, probs, patients, *, names=labels_lib.LABELS,
+                        num_resamples=1000, seed=0, confidence=0.95):
+  """Percentile bootstrap CIs of AUROC and AUPRC per label and of their means.
+
+  Returns {'auroc': {name: Interval, 'mean': Interval}, 'auprc': {...}}. Seeded, so
+  the same predictions always give the same intervals.
+  """
+  labels, probs = _check_shapes(labels, probs, names)
+  samples = {'auroc': {n: [] for n in (*names, 'mean')},
+             'auprc': {n: [] for n in (*names, 'mean')}}
+  score_fns = {'auroc': auroc_per_label, 'auprc': auprc_per_label}
+  for weights in bootstrap_weights(patients, num_resamples, seed):
+    for metric, score_fn in score_fns.items():
+      scores = score_fn(labels, probs, names, weights=weights)
+      scores['mean'] = mean_score(scores)
+      for name, value in scores.items():
+        samples[metric][name].append(value)
+  return {metric: {name: _percentile_interval(values, confidence)
+                   for name, values in per_name.items()}
+          for metric, per_name in samples.items()}
+
+
+# ----------------------------------------------------------------------------
+# Operating points.
+
+
+def youden_thresholds(labels, probs, names=labels_lib.LABELS):
+  """Per label, the probability threshold maximising Youden's J = TPR - FPR.
+
+  Choose these on validation and apply them to test: choosing on test itself
+  overstates sensitivity and specificity.
+  """
+  labels, probs = _check_shapes(labels, probs, names)
+  thresholds = {}
+  for k, name in enumerate(names):
+    if not _has_both_classes(labels[:, k]):
+      thresholds[name] = float('nan')
+      continue
+    fpr, tpr, candidates = sk_metrics.roc_curve(labels[:, k], probs[:, k])
+    # sklearn's first candidate is +inf (predict nothing positive); J is 0 there anyway.
+    best = int(np.argmax(tpr - fpr))
+    thresholds[name] = float(min(candidates[best], 1.0))
+  return thresholds
+
+
+def sensitivity_specificity(labels, probs, thresholds, names=labels_lib.LABELS):
+  """{name: (sensitivity, specificity)} predicting positive when prob >= threshold."""
+  labels, probs = _check_shapes(labels, probs, names)
+  result = {}
+  for k, name in enumerate(names):
+    truth = labels[:, k] > 0.5
+    predicted = probs[:, k] >= thresholds[name]
+    sensitivity = predicted[truth].mean() if truth.any() else float('nan')
+    specificity = (~predicted[~truth]).mean() if (~truth).any() else float('nan')
+    if not np.isfinite(thresholds[name]):
+      sensitivity = specificity = float('nan')
+    result[name] = (float(sensitivity), float(specificity))
+  return result
+
+
+def roc_curves(labels, probs, names=labels_lib.LABELS):
+  """{name: (fpr, tpr)} for plotting; labels with one class are left out."""
+  labels, probs = _check_shapes(labels, probs, names)
+  curves = {}
+  for k, name in enumerate(names):
+    if _has_both_classes(labels[:, k]):
+      fpr, tpr, _ = sk_metrics.roc_curve(labels[:, k], probs[:, k])
+      curves[name] = (fpr, tpr)
+  return curves
+
+
+# ----------------------------------------------------------------------------
+# The full report written by evaluate.py and shown by the notebook.
+
+
+def _nan_to_none(value):
+  return None if value is None or not np.isfinite(value) else float(value)
+
+
+def classification_report(labels, probs, patients, *, thresholds,
+                          names=labels_lib.LABELS, num_resamples=1000, seed=0):
+  """JSON-ready per-label and mean metrics with 95% patient-bootstrap intervals.
+
+  `thresholds` ({name: float}) should come from youden_thresholds on validation.
+  Returns {'per_label': {name: {...}}, 'mean_auroc', 'mean_auroc_ci', 'mean_auprc',
+  'mean_auprc_ci', 'num_examples', 'num_patients'}; nan becomes None (JSON null).
+  """
+  aurocs = auroc_per_label(labels, probs, names)
+  auprcs = auprc_per_label(labels, probs, names)
+  intervals = bootstrap_intervals(labels, probs, patients, names=names,
+                                  num_resamples=num_resamples, seed=seed)
+  operating = sensitivity_specificity(labels, probs, thresholds, names)
+  per_label = {}
+  for k, name in enumerate(names):
+    ci, pr_ci = intervals['auroc'][name], intervals['auprc'][name]
+    per_label[name] = {
+        'auroc': _nan_to_none(aurocs[name]),
+        'auroc_ci': [_nan_to_none(ci.low), _nan_to_none(ci.high)],
+        'auprc': _nan_to_none(auprcs[name]),
+        'auprc_ci': [_nan_to_none(pr_ci.low), _nan_to_none(pr_ci.high)],
+        'threshold': _nan_to_none(thresholds[name]),
+        'sensitivity': _nan_to_none(operating[name][0]),
+        'specificity': _nan_to_none(operating[name][1]),
+        'num_positive': int(np.asarray(labels)[:, k].sum()),
+    }
+  mean_ci, mean_pr_ci = intervals['auroc']['mean'], intervals['auprc']['mean']
+  return {
+      'per_label': per_label,
+      'mean_auroc': _nan_to_none(mean_score(aurocs)),
+      'mean_auroc_ci': [_nan_to_none(mean_ci.low), _nan_to_none(mean_ci.high)],
+      'mean_auprc': _nan_to_none(mean_score(auprcs)),
+      'mean_auprc_ci': [_nan_to_none(mean_pr_ci.low), _nan_to_none(mean_pr_ci.high)],
+      'num_examples': int(len(labels)),
+      'num_patients': int(len(np.unique(np.asarray(patients)))),
+      'bootstrap': {'num_resamples': num_resamples, 'seed': seed, 'unit': 'patient',
+                    'confidence': 0.95},
+  }

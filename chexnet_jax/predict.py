@@ -1,0 +1,179 @@
+r"""Scores chest X-ray images with a trained run and draws heatmaps of the top findings.
+
+  python -m chexnet_jax.predict IMAGE [IMAGE ...] --workdir DIR \
+      [--checkpoint best|latest|STEP] [--top_k 3] [--output_dir OUT]
+
+Reads PNG/JPEG in grey, RGB, RGBA or 16-bit, prepares each image exactly like the
+evaluation pipeline (shorter side resized to config.dataset_image_size, centre crop
+of that square, centre crop of config.image_size), prints the 14 probabilities per
+image and writes OUT/predictions.json and OUT/<image>_<finding>.png heatmaps (CAM).
+A file that cannot be read is reported and skipped; the others are still scored and
+the exit status is 1.
+"""
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from input_pipeline import images as images_lib
+from input_pipeline import labels as labels_lib
+
+
+class ImageLoadError(Exception):
+  """An input file that is not a usable image; the message names the file."""
+
+
+# ----------------------------------------------------------------------------
+# Reading and preparing an image (no JAX here: it is tested on its own).
+
+
+def _open_guarded(path):
+  """PIL.Image.open, with the decompression-bomb guard turned into a clear refusal.
+
+  PIL only warns between MAX_IMAGE_PIXELS and twice that; a scorer fed untrusted
+  files should refuse both cases rather than allocate gigabytes.
+  """
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
+    try:
+      image = Image.open(path)
+      image.load()  # Decode now so a truncated file fails here, not later.
+      return image
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+      raise ImageLoadError(
+          f'{path}: refused, more pixels than PIL.Image.MAX_IMAGE_PIXELS='
+          f'{Image.MAX_IMAGE_PIXELS} (a possible decompression bomb: {e}). Downscale '
+          'the image first, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it.') from e
+    except FileNotFoundError as e:
+      raise ImageLoadError(f'{path}: no such file.') from e
+    except (OSError, ValueError, SyntaxError) as e:
+      raise ImageLoadError(f'{path}: not a readable PNG/JPEG image ({e}).') from e
+
+
+def center_crop(array, size):
+  height, width = array.shape[:2]
+  if height < size or width < size:
+    raise ValueError(f'chexnet_jax/predict.py: cannot crop {size} from {array.shape}.')
+  top, left = (height - size) // 2, (width - size) // 2
+  return array[top:top + size, left:left + size]
+
+
+def resize_shorter_side(grey, size):
+  """Resizes so the shorter side is `size`, aspect kept, with the dataset's filter."""
+  height, width = grey.shape
+  scale = size / min(height, width)
+  new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+  return np.asarray(Image.fromarray(grey).resize(new_size, images_lib.RESAMPLE))
+
+
+def prepare(grey, dataset_image_size, image_size):
+  """uint8 [H, W] -> uint8 [image_size, image_size, 1], the eval preprocessing."""
+  stored = center_crop(resize_shorter_side(grey, dataset_image_size), dataset_image_size)
+  return center_crop(stored, image_size)[..., None]
+
+
+def load_image(path, dataset_image_size, image_size):
+  """Reads one file -> (model input uint8 [S, S, 1], original (width, height))."""
+  image = _open_guarded(path)
+  # The dataset builder's conversion, so 16-bit and RGBA files match training.
+  grey = images_lib.to_grey_uint8(image)
+  return prepare(grey, dataset_image_size, image_size), image.size
+
+
+# ----------------------------------------------------------------------------
+# Scoring.
+
+
+def top_findings(probs, top_k):
+  order = np.argsort(-np.asarray(probs))[:top_k]
+  return [(labels_lib.LABELS[k], int(k), float(probs[k])) for k in order]
+
+
+def _heatmap_path(output_dir, path, label, used_stems):
+  stem = os.path.splitext(os.path.basename(path))[0]
+  if used_stems.setdefault(stem, path) != path:
+    stem = f'{stem}_{len(used_stems)}'
+  return os.path.join(output_dir, 'heatmaps', f'{stem}_{label}.png')
+
+
+def score_image(cam_fn, variables, config, path, top_k, output_dir, used_stems):
+  """Scores one file and writes heatmaps of its top findings -> result dict."""
+  from chexnet_jax import cam as cam_lib  # Deferred with JAX: loading needs none.
+
+  image, _ = load_image(path, config.dataset_image_size, config.image_size)
+  probs, cams = cam_fn(variables, image[None])
+  probs, cams = np.asarray(probs[0]), np.asarray(cams[0])
+  findings = []
+  for label, k, prob in top_findings(probs, top_k):
+    heatmap = _heatmap_path(output_dir, path, label, used_stems)
+    cam_lib.save_overlay(heatmap, image, cams[k], title=f'{label} p={prob:.3f}',
+                         predicted_box=cam_lib.cam_to_box(cams[k]))
+    findings.append({'label': label, 'probability': prob, 'heatmap': heatmap})
+  return {'image': path,
+          'probabilities': dict(zip(labels_lib.LABELS, map(float, probs))),
+          'top_findings': findings}
+
+
+def format_table(results):
+  """One column per scored image, one row per pathology."""
+  names = [os.path.basename(r['image']) for r in results]
+  width = max([12, *map(len, names)])
+  lines = [f'{"finding":<20}' + ''.join(f'{n:>{width + 2}}' for n in names)]
+  for label in labels_lib.LABELS:
+    row = ''.join(f'{r["probabilities"][label]:>{width + 2}.3f}' for r in results)
+    lines.append(f'{label:<20}{row}')
+  return '\n'.join(lines)
+
+
+def parse_checkpoint(value):
+  """'best' | 'latest' | a step number, as checkpoints.load_run takes it."""
+  return int(value) if value.isdigit() else value
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog='python -m chexnet_jax.predict',
+      description='Score chest X-rays (PNG/JPEG) with a trained chexnet_jax run.')
+  parser.add_argument('images', nargs='+', help='image files')
+  parser.add_argument('--workdir', required=True, help='the training run directory')
+  parser.add_argument('--checkpoint', default='best', type=parse_checkpoint,
+                      help="'best' (validation mean AUROC), 'latest', or a step")
+  parser.add_argument('--top_k', type=int, default=3, help='heatmaps per image')
+  parser.add_argument('--output_dir', default=None, help='default: WORKDIR/predict')
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  import jax.numpy as jnp  # Deferred: --help and argument errors stay instant.
+  from chexnet_jax import cam as cam_lib
+  from chexnet_jax import checkpoints
+
+  run = checkpoints.load_run(args.workdir, args.checkpoint)
+  cam_fn = cam_lib.make_cam_fn(run.model, jnp.dtype(run.config.dtype))
+  output_dir = args.output_dir or os.path.join(args.workdir, 'predict')
+  results, failures, used_stems = [], [], {}
+  for path in args.images:
+    try:
+      results.append(score_image(cam_fn, run.variables, run.config, path, args.top_k,
+                                 output_dir, used_stems))
+    except ImageLoadError as e:
+      failures.append({'image': path, 'error': str(e)})
+      print(f'error: {e}', file=sys.stderr)
+  if results:
+    print(f'checkpoint step {run.step} of {args.workdir}')
+    print(format_table(results))
+  os.makedirs(output_dir, exist_ok=True)
+  with open(os.path.join(output_dir, 'predictions.json'), 'w') as f:
+    json.dump({'workdir': args.workdir, 'step': run.step, 'results': results,
+               'failures': failures}, f, indent=2)
+  print(f'wrote {os.path.join(output_dir, "predictions.json")}')
+  return 1 if failures else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

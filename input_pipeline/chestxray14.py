@@ -1,0 +1,216 @@
+"""TFDS builder for NIH ChestX-ray14: pre-resized grey uint8 records in ArrayRecord.
+
+Python:  Chestxray14(data_dir=..., config='256px', file_format='array_record')
+             .download_and_prepare(download_config=tfds.download.DownloadConfig(
+                 manual_dir=NIH_DIR))
+CLI:     python -m input_pipeline.build --manual_dir NIH_DIR --data_dir OUT
+(The `tfds build` CLI of tfds 4.9.10 imports TensorFlow at start-up, so it cannot
+run here; the builder itself, and input_pipeline.build, need no TensorFlow.)
+Any '<N>px' (or '<N>px_val<F>_seed<S>') config name works; 224/256/512px are predefined.
+"""
+import dataclasses
+import inspect
+import itertools
+import json
+import multiprocessing
+import os
+import re
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+
+from input_pipeline import images
+from input_pipeline import labels as labels_lib
+from input_pipeline import nih
+
+VERSION = '1.0.0'
+SPLITS = ('train', 'validation', 'test')
+SPLIT_FILE = 'split.json'  # Written beside the records: the exact split used.
+# Tasks handed to the pool at once. Pool.imap would drain the whole task generator
+# (tarball bytes included) into memory; windows keep memory flat.
+_WINDOW = 512
+
+
+# The default validation cut (configs/default.py has the same values).
+DEFAULT_VAL_FRACTION = 0.1
+DEFAULT_SPLIT_SEED = 0
+_NAME = re.compile(r'(\d+)px(?:_val([\d.]+)_seed(\d+))?')
+
+
+@dataclasses.dataclass(kw_only=True)
+class Chestxray14Config(tfds.core.BuilderConfig):
+  """One stored image size, plus how train_val is cut into train/validation."""
+  image_size: int = 256
+  val_fraction: float = DEFAULT_VAL_FRACTION
+  split_seed: int = DEFAULT_SPLIT_SEED
+
+
+def config_name(image_size: int, val_fraction: float = DEFAULT_VAL_FRACTION,
+                split_seed: int = DEFAULT_SPLIT_SEED) -> str:
+  """'256px' for the default validation cut, else e.g. '256px_val0.2_seed3': another
+  cut is another dataset, in its own directory."""
+  if (val_fraction, split_seed) == (DEFAULT_VAL_FRACTION, DEFAULT_SPLIT_SEED):
+    return f'{image_size}px'
+  return f'{image_size}px_val{val_fraction:g}_seed{split_seed}'
+
+
+def make_config(image_size: int, val_fraction: float = DEFAULT_VAL_FRACTION,
+                split_seed: int = DEFAULT_SPLIT_SEED) -> Chestxray14Config:
+  return Chestxray14Config(
+      name=config_name(image_size, val_fraction, split_seed), image_size=image_size,
+      val_fraction=val_fraction, split_seed=split_seed,
+      description=f'{image_size}x{image_size} grey uint8, validation {val_fraction:g} of '
+                  f'train_val patients (seed {split_seed})')
+
+
+class Chestxray14(tfds.core.GeneratorBasedBuilder):
+  """NIH ChestX-ray14 (Wang et al., CVPR 2017), 14 pathologies, patient-wise splits."""
+
+  VERSION = tfds.core.Version(VERSION)
+  RELEASE_NOTES = {str(VERSION): 'Raw uint8 images, patient-wise validation, boxes.'}
+  BUILDER_CONFIGS = [make_config(224), make_config(256), make_config(512)]
+  DEFAULT_CONFIG_NAME = '256px'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Put NIH's files (https://nihcc.app.box.com/v/ChestXray-NIHCC, or run
+  `python -m input_pipeline.download --dir NIH_DIR`) in manual_dir:
+  Data_Entry_2017_v2020.csv (or Data_Entry_2017.csv, either may be .gz),
+  BBox_List_2017.csv, train_val_list.txt, test_list.txt, and the images as
+  images/*.png, images_0NN/images/*.png (Kaggle) or the 12 images_0NN.tar.gz.
+  """
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    # TFDS's own lookup needs the `importlib_resources` backport for builders that
+    # live in a package; the file path is all it needs (for checksums.tsv).
+    return epath.Path(inspect.getfile(cls))
+
+  def __init__(self, *, config=None, allow_subset: bool = False, skip_bad: bool = False,
+               num_workers: int | None = None, **kwargs):
+    """allow_subset: accept fewer images than NIH's full release (the lists name the
+    subset). skip_bad: leave bad inputs out (listed in metadata) instead of failing."""
+    if isinstance(config, str) and (match := _NAME.fullmatch(config)):
+      size, fraction, seed = match.groups()  # Any '<N>px[_val<F>_seed<S>]' is valid.
+      config = make_config(int(size), float(fraction or DEFAULT_VAL_FRACTION),
+                           int(seed or DEFAULT_SPLIT_SEED))
+    self._allow_subset, self._skip_bad = allow_subset, skip_bad
+    self._num_workers = num_workers or os.cpu_count()
+    super().__init__(config=config, **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    size = self.builder_config.image_size
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            # Raw bytes, no PNG: decoding PNG in the input pipeline is ~45x slower.
+            'image': tfds.features.Tensor(shape=(size, size, 1), dtype=np.uint8),
+            'labels': tfds.features.Tensor(shape=(labels_lib.NUM_CLASSES,), dtype=np.uint8),
+            'image_name': tfds.features.Text(),
+            'patient_id': tfds.features.Scalar(dtype=np.int32),
+            'age': tfds.features.Scalar(dtype=np.int32),
+            'sex': tfds.features.Text(),
+            'view_position': tfds.features.Text(),
+            'follow_up': tfds.features.Scalar(dtype=np.int32),
+            # Original 1024-pixel x, y, w, h; label is an index into LABELS.
+            'boxes': tfds.features.Sequence({
+                'label': tfds.features.Scalar(dtype=np.int32),
+                'bbox': tfds.features.Tensor(shape=(4,), dtype=np.float32),
+            }),
+        }),
+        metadata=tfds.core.MetadataDict(),
+        homepage='https://nihcc.app.box.com/v/ChestXray-NIHCC',
+        citation='Wang et al., ChestX-ray8, CVPR 2017.',
+    )
+
+  def _split_generators(self, dl_manager):
+    cfg = self.builder_config
+    plan = nih.plan_build(
+        os.fspath(dl_manager.manual_dir), val_fraction=cfg.val_fraction,
+        split_seed=cfg.split_seed, allow_subset=self._allow_subset, skip_bad=self._skip_bad,
+        num_workers=self._num_workers)
+    self._record_split(plan)
+    # TFDS cannot write an empty split (e.g. val_fraction=0): such a split is absent.
+    return {split: self._generate_examples(plan, split) for split in SPLITS
+            if plan.splits[split]}
+
+  def _record_split(self, plan: nih.Plan):
+    """Split and skipped inputs go into metadata.json; image names into split.json
+    (self.data_path is TFDS's temporary dir here, so both appear atomically)."""
+    cfg = self.builder_config
+    patients = {s: len({plan.entries[n].patient_id for n in names})
+                for s, names in plan.splits.items()}
+    self.info.metadata.update({
+        'val_fraction': cfg.val_fraction, 'split_seed': cfg.split_seed,
+        'image_size': cfg.image_size, 'allow_subset': self._allow_subset,
+        'resample': images.RESAMPLE.name, 'patients': patients,
+        'inputs': {k: os.path.basename(v) for k, v in plan.files.items()},
+        'skipped': plan.skipped})
+    split_record = {'val_fraction': cfg.val_fraction, 'split_seed': cfg.split_seed,
+                    'by': 'patient', 'splits': plan.splits, 'skipped': plan.skipped}
+    (self.data_path / SPLIT_FILE).write_text(json.dumps(split_record, indent=1))
+
+  def _generate_examples(self, plan: nih.Plan, split: str):
+    names = plan.splits[split]
+    size = self.builder_config.image_size
+    tasks = _conversion_tasks(plan, names, size)
+    with multiprocessing.Pool(self._num_workers) as pool, tqdm.tqdm(
+        total=len(names), desc=f'Converting {split}', unit='img') as progress:
+      while window := list(itertools.islice(tasks, _WINDOW)):
+        for name, image in pool.imap_unordered(_convert, window, chunksize=4):
+          progress.update()
+          yield name, _example(plan, name, image)
+
+
+def _example(plan: nih.Plan, name: str, image: np.ndarray) -> dict:
+  entry = plan.entries[name]
+  boxes = plan.boxes.get(name, [])
+  return {
+      'image': image, 'labels': entry.labels, 'image_name': name,
+      'patient_id': entry.patient_id, 'age': entry.age, 'sex': entry.sex,
+      'view_position': entry.view_position, 'follow_up': entry.follow_up,
+      'boxes': {'label': np.array([b.label for b in boxes], np.int32),
+                'bbox': np.array([b.bbox for b in boxes], np.float32).reshape(-1, 4)},
+  }
+
+
+def _conversion_tasks(plan: nih.Plan, names: list[str], size: int):
+  """(name, path, bytes, size): files are read by the workers; tarballs are streamed
+  once each, here, in bounded windows so memory stays flat."""
+  by_tar = {}
+  for name in names:
+    ref = plan.refs[name]
+    if ref.member:
+      by_tar.setdefault(ref.path, set()).add(name)
+    else:
+      yield name, ref.path, b'', size
+  for tar_path, tar_names in sorted(by_tar.items()):
+    members = ((n, d) for n, _, d in nih.iter_tar_pngs(tar_path) if n in tar_names)
+    yield from ((n, '', d, size) for n, d in members)
+
+
+def _convert(task) -> tuple[str, np.ndarray]:
+  name, path, data, size = task
+  try:
+    if path:
+      with open(path, 'rb') as f:
+        data = f.read()
+    return name, images.decode_and_resize(data, size)
+  except Exception as e:
+    # Passed the pre-check but fails to decode (e.g. corrupt pixel data): stop
+    # the build; TFDS removes its temporary dir, so nothing reads as prepared.
+    raise RuntimeError(f'{path or name}: cannot decode ({type(e).__name__}: {e}); '
+                       'the build was aborted and nothing was written.') from None
+
+
+def dataset_dir(data_dir: str, image_size: int, val_fraction: float = DEFAULT_VAL_FRACTION,
+                split_seed: int = DEFAULT_SPLIT_SEED) -> str:
+  """Where a built dataset lives (records, dataset_info.json, split.json)."""
+  return os.path.join(data_dir, 'chestxray14', config_name(image_size, val_fraction, split_seed),
+                      VERSION)
+
+
+def split_file(data_dir: str, image_size: int, val_fraction: float = DEFAULT_VAL_FRACTION,
+               split_seed: int = DEFAULT_SPLIT_SEED) -> str:
+  """Path of the split.json written beside a built dataset."""
+  return os.path.join(dataset_dir(data_dir, image_size, val_fraction, split_seed), SPLIT_FILE)

@@ -1,0 +1,30 @@
+"""Decoding an NIH PNG into the stored form: grey uint8, pre-resized, lossless."""
+import io
+
+import numpy as np
+from PIL import Image
+
+# Antialiased when shrinking (PIL filters over the whole footprint), like
+# torchvision's Resize; far cheaper than decoding, which dominates.
+RESAMPLE = Image.Resampling.BILINEAR
+
+
+def to_grey_uint8(image: Image.Image) -> np.ndarray:
+  """Any supported PIL mode -> uint8 [H, W]. 16/32-bit images are scaled by their own
+  range (min -> 0, max -> 255) rather than clipped, so 12/16-bit X-rays keep contrast."""
+  if image.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+    pixels = np.asarray(image, dtype=np.float64)
+    low, high = pixels.min(), pixels.max()
+    scaled = (pixels - low) * (255.0 / (high - low)) if high > low else pixels * 0
+    return np.round(scaled).astype(np.uint8)
+  # RGBA/RGB/LA -> L: ITU-R 601 luma, alpha ignored (NIH's RGBA images are opaque).
+  return np.asarray(image.convert('L'), dtype=np.uint8)
+
+
+def decode_and_resize(data: bytes, size: int) -> np.ndarray:
+  """PNG bytes -> uint8 [size, size, 1]."""
+  with Image.open(io.BytesIO(data)) as image:
+    grey = Image.fromarray(to_grey_uint8(image), mode='L')
+  if grey.size != (size, size):
+    grey = grey.resize((size, size), RESAMPLE)
+  return np.asarray(grey, dtype=np.uint8)[:, :, None]

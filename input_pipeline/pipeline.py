@@ -1,0 +1,329 @@
+"""Per-process grain input pipelines: uint8 batches for training and evaluation.
+
+Each process reads a disjoint shard. Training: an infinite stream of per-process
+batches, reshuffled every epoch, with exactly `train_steps_per_epoch` batches per
+epoch on every process (the remainder of each shard is dropped, a different one
+each epoch), so no process runs a step more than the others. Every random choice is
+a function of (seed, process, position in the stream), so an iterator restored from
+its state continues exactly. Evaluation: one pass, padded to whole global batches;
+padding has mask False and index -1, so each example is scored exactly once.
+"""
+import functools
+import math
+import os
+import types
+
+from absl import flags
+import grain
+import numpy as np
+from PIL import Image
+
+from input_pipeline import chestxray14
+from input_pipeline import synthetic
+
+# Inception-style random_resized_crop aspect ratios and attempts.
+_ASPECT_RANGE = (3 / 4, 4 / 3)
+_CROP_ATTEMPTS = 10
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _dataset_dir(config) -> str:
+  return chestxray14.dataset_dir(config.data_dir, config.dataset_image_size,
+                                 config.val_fraction, config.split_seed)
+
+
+def _missing_dataset_error(config) -> ValueError:
+  parent = os.path.join(config.data_dir, 'chestxray14')
+  built = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
+  built = [b for b in built if not b.startswith('.')]
+  return ValueError(
+      f'No complete chestxray14 dataset at {config.dataset_image_size}px (val_fraction '
+      f'{config.val_fraction}, split_seed {config.split_seed}) in data_dir '
+      f'{config.data_dir!r} (built there: {built or "none"}). Build it with: python -m '
+      f'input_pipeline.build --manual_dir NIH_DIR --data_dir {config.data_dir} '
+      f'--image_size {config.dataset_image_size} --val_fraction {config.val_fraction} '
+      f'--split_seed {config.split_seed}, or change the config to match a built one.')
+
+
+@functools.lru_cache(maxsize=8)
+def _builder(data_dir: str, image_size: int, dataset_dir: str):
+  del data_dir, image_size  # Part of the cache key only.
+  import tensorflow_datasets as tfds  # Heavy; synthetic runs never need it.
+  return tfds.builder_from_directory(dataset_dir)
+
+
+def _tfds_builder(config):
+  # dataset_info.json is written last, on the rename: present <=> complete.
+  if not os.path.isfile(os.path.join(_dataset_dir(config), 'dataset_info.json')):
+    raise _missing_dataset_error(config)
+  return _builder(config.data_dir, config.dataset_image_size, _dataset_dir(config))
+
+
+def get_source(config, split: str):
+  """Random-access source of `split` (dicts like the TFDS features)."""
+  if config.dataset == 'synthetic':
+    return synthetic.source(config, split)
+  if config.dataset != 'chestxray14':
+    raise ValueError(f"config.dataset must be 'chestxray14' or 'synthetic', got "
+                     f'{config.dataset!r}')
+  builder = _tfds_builder(config)
+  if split not in builder.info.splits:
+    raise ValueError(f'No split {split!r} in {_dataset_dir(config)}; it has '
+                     f'{sorted(builder.info.splits)}')
+  return builder.as_data_source(split=split)
+
+
+def get_dataset_info(config) -> dict:
+  """{'name', 'version', 'dataset_image_size', 'splits': {split: n}}; ValueError if the
+  dataset is missing, or built at another size or with another validation cut."""
+  if config.dataset == 'synthetic':
+    return {'name': 'synthetic', 'version': '1.0.0',
+            'dataset_image_size': config.dataset_image_size,
+            'splits': synthetic.split_sizes(config)}
+  builder = _tfds_builder(config)
+  _check_split_matches(config, builder.info.metadata or {})  # Belt and braces.
+  return {'name': builder.info.name, 'version': str(builder.info.version),
+          'dataset_image_size': config.dataset_image_size,
+          'splits': {s: info.num_examples for s, info in builder.info.splits.items()}}
+
+
+def _check_split_matches(config, metadata):
+  built = (metadata.get('val_fraction'), metadata.get('split_seed'))
+  if built != (config.val_fraction, config.split_seed):
+    raise ValueError(
+        f'{_dataset_dir(config)} was built with val_fraction, split_seed = {built}, but '
+        f'the config says ({config.val_fraction}, {config.split_seed}). Change the config '
+        'or rebuild into another data_dir with --val_fraction/--split_seed.')
+
+
+# The config fields a source depends on (a ConfigDict is not hashable, so not a key).
+_SOURCE_FIELDS = ('dataset', 'data_dir', 'dataset_image_size', 'val_fraction', 'split_seed',
+                  'synthetic_train_size', 'synthetic_eval_size')
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_metadata(source_fields: tuple, split: str) -> tuple:
+  config = types.SimpleNamespace(**dict(zip(_SOURCE_FIELDS, source_fields)))
+  return tuple(_metadata_of(example) for example in _iterate(get_source(config, split)))
+
+
+def _iterate(source):
+  return (source[i] for i in range(len(source)))
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _metadata_of(example: dict) -> dict:
+  boxes = example['boxes']
+  return {
+      'image_name': _text(example['image_name']), 'patient_id': int(example['patient_id']),
+      'age': int(example['age']), 'sex': _text(example['sex']),
+      'view_position': _text(example['view_position']),
+      'follow_up': int(example['follow_up']),
+      'labels': np.asarray(example['labels'], np.float32),
+      'boxes': [{'label': int(k), 'bbox': [float(v) for v in b]}
+                for k, b in zip(boxes['label'], boxes['bbox'])],
+  }
+
+
+def split_metadata(config, split: str) -> list[dict]:
+  """Per example of `split`, indexed like batches' 'index': image_name, patient_id,
+  age, sex, view_position, follow_up, labels (float32[14]) and boxes ([{'label',
+  'bbox': [x, y, w, h] in original 1024 pixels}])."""
+  return list(_cached_metadata(tuple(config[f] for f in _SOURCE_FIELDS), split))
+
+
+# ---------------------------------------------------------------- sharding
+
+
+def shard_bounds(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """[start, stop) of this process's contiguous shard; shards are disjoint, cover the
+  split and differ in size by at most one."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  return (num_examples * process_index // process_count,
+          num_examples * (process_index + 1) // process_count)
+
+
+def per_process_batch(global_batch: int, process_count: int) -> int:
+  if global_batch % process_count:
+    raise ValueError(f'batch size {global_batch} not divisible by {process_count} processes')
+  return global_batch // process_count
+
+
+def train_steps_per_epoch(config, num_train_examples: int, process_count: int) -> int:
+  """Batches per epoch, the same on every process (the smallest shard decides)."""
+  batch = per_process_batch(config.batch_size, process_count)
+  steps = (num_train_examples // process_count) // batch
+  if steps < 1:
+    raise ValueError(f'{num_train_examples} training examples over {process_count} '
+                     f'processes cannot fill one batch of {config.batch_size}; lower '
+                     'config.batch_size')
+  return steps
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def _crop_window(rng, height, width, min_area):
+  """Inception-style random_resized_crop window (top, left, h, w)."""
+  for _ in range(_CROP_ATTEMPTS):
+    area = height * width * rng.uniform(min_area, 1.0)
+    ratio = math.exp(rng.uniform(*np.log(_ASPECT_RANGE)))
+    h, w = round(math.sqrt(area / ratio)), round(math.sqrt(area * ratio))
+    if 0 < h <= height and 0 < w <= width:
+      return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+  side = min(height, width)  # Fallback: the central square.
+  return (height - side) // 2, (width - side) // 2, side, side
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+  if image.shape[0] == image.shape[1] == size:
+    return image
+  resized = Image.fromarray(image[:, :, 0], 'L').resize((size, size), Image.Resampling.BILINEAR)
+  return np.asarray(resized)[:, :, None]
+
+
+def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """Central size x size crop, or a resize when the image is smaller than that."""
+  height, width = image.shape[:2]
+  if height < size or width < size:
+    return _resize(image, size)
+  top, left = (height - size) // 2, (width - size) // 2
+  return image[top:top + size, left:left + size]
+
+
+def _random_crop(rng, image: np.ndarray, size: int) -> np.ndarray:
+  height, width = image.shape[:2]
+  if height < size or width < size:
+    return _resize(image, size)
+  top, left = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
+  return image[top:top + size, left:left + size]
+
+
+def augment(image: np.ndarray, rng: np.random.Generator, config) -> np.ndarray:
+  """uint8 [H, W, 1] -> uint8 [S, S, 1]: config.augment crop, then maybe a flip."""
+  size = config.image_size
+  if config.augment == 'random_resized_crop':
+    top, left, h, w = _crop_window(rng, *image.shape[:2], config.min_crop_area)
+    image = _resize(image[top:top + h, left:left + w], size)
+  elif config.augment == 'random_crop':
+    image = _random_crop(rng, image, size)
+  elif config.augment == 'center_crop':
+    image = _center_crop(image, size)
+  else:
+    raise ValueError(f"config.augment must be 'random_resized_crop', 'random_crop' or "
+                     f"'center_crop', got {config.augment!r}")
+  if config.random_flip and rng.random() < 0.5:
+    image = image[:, ::-1]
+  return np.ascontiguousarray(image)
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def _element(image, labels, index: int, real: bool = True) -> dict:
+  return {'image': image, 'labels': np.asarray(labels, np.float32),
+          'mask': np.bool_(real), 'index': np.int32(index)}
+
+
+class _TrainExample:
+  """(stream position, split index) -> augmented element; a class so it pickles."""
+
+  def __init__(self, source, config, process_index):
+    self._source, self._config = source, config
+    self._seed = (config.seed, process_index)
+
+  def __call__(self, position_and_index):
+    position, index = position_and_index
+    # Randomness from (seed, process, stream position): restoring is exact.
+    rng = np.random.default_rng((*self._seed, position))
+    example = self._source[int(index)]
+    return _element(augment(example['image'], rng, self._config), example['labels'], index)
+
+
+class _EpochOrder:
+  """(stream position i, position j in its epoch) -> (i, split index); order[e * shard
+  + j] is the j-th example of epoch e (grain reshuffles per epoch)."""
+
+  def __init__(self, order: grain.MapDataset, per_epoch: int):
+    self._order, self._per_epoch = order, per_epoch
+
+  def __call__(self, i, j):
+    return i, self._order[(i // self._per_epoch) * len(self._order) + j]
+
+
+def _shuffle_seed(seed: int, process_index: int) -> int:
+  return int(np.random.SeedSequence((seed, process_index)).generate_state(1)[0])
+
+
+def _train_dataset(config, source, process_index, process_count) -> grain.MapDataset:
+  """Infinite MapDataset of per-process batches, epoch after epoch."""
+  batch = per_process_batch(config.batch_size, process_count)
+  per_epoch = train_steps_per_epoch(config, len(source), process_count) * batch
+  start, stop = shard_bounds(len(source), process_index, process_count)
+  order = grain.MapDataset.range(start, stop).shuffle(_shuffle_seed(config.seed, process_index))
+  ds = grain.MapDataset.range(per_epoch).repeat(None)  # Element = position within epoch.
+  ds = ds.map_with_index(_EpochOrder(order, per_epoch))
+  ds = ds.map(_TrainExample(source, config, process_index))
+  return ds.batch(batch, drop_remainder=True)
+
+
+def _to_iter_dataset(config, ds: grain.MapDataset) -> grain.IterDataset:
+  """Threads/prefetch per config; worker processes if config.grain_workers > 0. Memory
+  stays bounded: at most prefetch_buffer batches per process or worker."""
+  buffer = config.prefetch_buffer
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=buffer, prefetch_buffer_size=buffer))
+  if config.grain_workers > 0:
+    # grain's workers read absl flags; outside an absl app (tests, notebooks) they
+    # are unparsed, so take their defaults.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=config.grain_workers, per_worker_buffer_size=max(1, buffer)))
+  return ds
+
+
+def create_train_iterator(config, *, process_index: int, process_count: int):
+  """Infinite, checkpointable grain DatasetIterator over this process's train batches:
+  {'image' uint8 [b,S,S,1], 'labels' float32 [b,14], 'mask' bool [b], 'index' int32 [b]}
+  with b = config.batch_size // process_count."""
+  source = get_source(config, 'train')
+  ds = _train_dataset(config, source, process_index, process_count)
+  return iter(_to_iter_dataset(config, ds))
+
+
+class _EvalExample:
+  """Padded position -> element; positions past the split are masked padding."""
+
+  def __init__(self, source, config):
+    self._source, self._size = source, config.image_size
+
+  def __call__(self, position):
+    position = int(position)
+    if position >= len(self._source):
+      blank = np.zeros((self._size, self._size, 1), np.uint8)
+      return _element(blank, np.zeros(14, np.float32), -1, real=False)
+    example = self._source[position]
+    return _element(_center_crop(example['image'], self._size), example['labels'], position)
+
+
+def eval_batches_per_process(config, num_examples: int, process_count: int) -> int:
+  """Batches every process yields in one evaluation pass (the same on all)."""
+  per_process_batch(config.eval_batch_size, process_count)  # Checks divisibility.
+  return math.ceil(num_examples / config.eval_batch_size)
+
+
+def create_eval_iterator(config, split: str, *, process_index: int, process_count: int):
+  """Iterable over one pass of `split` for this process (iterate it again for another
+  pass). Padded to whole global batches; padding has mask False and index -1."""
+  source = get_source(config, split)
+  batch = per_process_batch(config.eval_batch_size, process_count)
+  per_process = eval_batches_per_process(config, len(source), process_count) * batch
+  start = process_index * per_process
+  ds = grain.MapDataset.range(start, start + per_process).map(_EvalExample(source, config))
+  return _to_iter_dataset(config, ds.batch(batch))

@@ -1,0 +1,88 @@
+"""Shared test set-up: 4 fake CPU devices so the sharded code paths run.
+
+XLA reads the flag when JAX initialises its backend, so it is set here, before
+any test module imports jax.
+"""
+import os
+import sys
+
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+
+# --------------------------------------------------------------------------
+# A tiny trained run shared by the evaluation tests (evaluate, predict, CAM,
+# notebook): trained once per session on synthetic data with configs/cpu_smoke.py.
+
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+TINY_RUN_STEPS = 48
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+  """Path of a workdir holding a cpu_smoke run trained for TINY_RUN_STEPS steps."""
+  workdir = str(tmp_path_factory.mktemp('tiny_run') / 'run')
+  command = [sys.executable, '-m', 'chexnet_jax.main', '--config', 'configs/cpu_smoke.py',
+             '--workdir', workdir, f'--config.num_train_steps={TINY_RUN_STEPS}']
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+  if result.returncode != 0:
+    raise RuntimeError(f'tests/conftest.py tiny_run: training failed ({" ".join(command)}):\n'
+                       f'{result.stderr[-3000:]}')
+  return workdir
+
+
+# --------------------------------------------------------------------------
+# The real 300-image NIH sample, converted once per session (input pipeline).
+
+import collections  # noqa: E402
+
+NIH_SAMPLE = '/work/shared/nih_sample'
+NihSample = collections.namedtuple(
+    'NihSample', 'manual_dir data_dir image_size sixteen_bit_image original_dir')
+
+
+def _write_sixteen_bit(source_png, target_png):
+  """A 16-bit ('I;16') copy of an 8-bit X-ray: value v -> 1000 + 200 v."""
+  import numpy as np
+  from PIL import Image
+  grey = np.asarray(Image.open(source_png).convert('L'), np.uint16)
+  Image.fromarray(1000 + 200 * grey).save(target_png)
+
+
+def _nih_sample_manual_dir(root, sixteen_bit_image):
+  """NIH layout over the sample: images linked, one re-saved as 16-bit, CSVs linked,
+  split lists made by patient."""
+  from input_pipeline import make_demo_sample, nih
+  images = root / 'images'
+  images.mkdir(parents=True)
+  names = sorted(os.listdir(os.path.join(NIH_SAMPLE, 'images')))
+  for name in names:
+    source = os.path.join(NIH_SAMPLE, 'images', name)
+    if name == sixteen_bit_image:
+      _write_sixteen_bit(source, images / name)
+    else:
+      (images / name).symlink_to(source)
+  for name in ('Data_Entry_2017_v2020.csv.gz', 'BBox_List_2017.csv'):
+    (root / name).symlink_to(os.path.join(NIH_SAMPLE, name))
+  entries, _ = nih.read_data_entry(str(root / 'Data_Entry_2017_v2020.csv.gz'))
+  make_demo_sample.write_split_lists(str(root), entries, names, seed=0)
+  return str(root)
+
+
+@pytest.fixture(scope='session')
+def nih_sample(tmp_path_factory):
+  """The real NIH sample built into a TFDS dataset at 64 px (allow_subset)."""
+  from input_pipeline import build
+  root = tmp_path_factory.mktemp('nih_sample')
+  sixteen_bit_image = '00000129_000.png'
+  manual_dir = _nih_sample_manual_dir(root / 'manual', sixteen_bit_image)
+  data_dir = str(root / 'tfds')
+  build.build(manual_dir, data_dir, 64, allow_subset=True, num_workers=2)
+  return NihSample(manual_dir, data_dir, 64, sixteen_bit_image, NIH_SAMPLE)

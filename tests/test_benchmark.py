@@ -1,0 +1,109 @@
+"""chexnet_jax.benchmark: runs on cpu_smoke and reports consistent numbers.
+
+The run happens in a subprocess where grain, TFDS, clu, array_record and
+ml_collections cannot be imported, as on the lent GPU machine, so these tests
+also guard the benchmark's import path.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from chexnet_jax import benchmark
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(REPO, 'configs', 'cpu_smoke.py')
+
+# Runs the benchmark module with the GPU machine's missing packages blocked.
+BLOCKED_RUNNER = """
+import runpy, sys
+MISSING = {'grain', 'tensorflow_datasets', 'clu', 'array_record', 'ml_collections',
+           'tensorflow'}
+class Missing:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in MISSING:
+      raise ImportError(f'{name} is not installed on the GPU machine')
+sys.meta_path.insert(0, Missing())
+sys.path.insert(0, '')
+sys.argv = ['benchmark'] + sys.argv[1:]
+runpy.run_module('chexnet_jax.benchmark', run_name='__main__')
+"""
+
+
+@pytest.fixture(scope='module')
+def smoke_result(tmp_path_factory):
+  """(stdout, result dict) of a short benchmark of configs/cpu_smoke.py."""
+  out = str(tmp_path_factory.mktemp('benchmark') / 'result.json')
+  command = [sys.executable, '-c', BLOCKED_RUNNER, '--config', 'configs/cpu_smoke.py',
+             '--steps', '3', '--warmup', '1', '--json_out', out]
+  proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out) as f:
+    return proc.stdout, json.load(f)
+
+
+def test_prints_reference_table(smoke_result):
+  stdout, result = smoke_result
+  assert '| images/s | time to train 10 epochs |' in stdout
+  assert f"| {result['devices']} | {result['images_per_s']:.2f} |" in stdout
+  assert 'MFU' in stdout and 'peak device memory | n/a' in stdout
+
+
+def test_numbers_positive(smoke_result):
+  _, r = smoke_result
+  for key in ('images_per_s', 'images_per_s_per_device', 'step_time_median_s',
+              'step_time_p10_s', 'step_time_p90_s', 'epoch_s', 'ten_epochs_s',
+              'flops_per_step_per_device', 'compile_s'):
+    assert r[key] > 0, key
+  assert r['input_time_median_s'] >= 0
+  assert r['steps'] == 3
+
+
+def test_numbers_consistent(smoke_result):
+  _, r = smoke_result
+  assert r['model'] == 'tiny' and r['global_batch'] == 32
+  assert r['images_per_s'] == pytest.approx(r['global_batch'] / r['step_time_median_s'])
+  assert r['images_per_s_per_device'] == pytest.approx(r['images_per_s'] / r['devices'])
+  assert r['per_device_batch'] * r['devices'] == r['global_batch']
+  assert r['step_time_min_s'] <= r['step_time_median_s'] <= r['step_time_max_s']
+  assert r['ten_epochs_s'] == pytest.approx(10 * 77_872 / r['images_per_s'])
+
+
+def test_cpu_has_no_peak_or_mfu(smoke_result):
+  _, r = smoke_result
+  assert r['platform'] == 'cpu'
+  assert r['mfu'] is None and r['peak_flops_per_device'] is None
+  assert r['peak_memory_bytes'] is None
+
+
+@pytest.mark.parametrize('kind, dtype, peak', [
+    ('NVIDIA H100 80GB HBM3', 'bfloat16', 989e12),
+    ('NVIDIA H100 PCIe', 'bfloat16', 756e12),
+    ('NVIDIA H200', 'bfloat16', 989e12),
+    ('NVIDIA A100-SXM4-80GB', 'float32', 156e12),
+    ('Tesla V100-SXM2-16GB', 'float16', 125e12),
+    ('Tesla V100-SXM2-16GB', 'bfloat16', None),
+    ('cpu', 'float32', None),
+])
+def test_peak_flops_by_device_kind(kind, dtype, peak):
+  assert benchmark.peak_flops(kind, dtype) == peak
+
+
+def test_overrides_keep_field_types():
+  config = benchmark.load_config(SMOKE, [
+      'batch_size=64', 'bn_sync=true', 'learning_rate=3e-4', 'dtype=bfloat16'])
+  assert config.batch_size == 64 and isinstance(config.batch_size, int)
+  assert config.bn_sync is True
+  assert config.learning_rate == 3e-4 and config.dtype == 'bfloat16'
+  with pytest.raises(ValueError, match='unknown config field'):
+    benchmark.load_config(SMOKE, ['no_such_field=1'])
+
+
+def test_shim_config_dict():
+  config = benchmark._ShimConfigDict(a=1)  # pylint: disable=protected-access
+  config.b = 'x'
+  assert config.a == 1 and config['b'] == 'x' and 'b' in config
+  with pytest.raises(AttributeError):
+    _ = config.missing

@@ -1,0 +1,135 @@
+"""chexnet_jax/cam.py: CAM arithmetic, localisation scores (hand-computed), overlays."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from chexnet_jax import cam
+from chexnet_jax import models
+from chexnet_jax import preprocessing
+
+
+# ------------------------------------------------------------ box arithmetic --
+
+def test_iou_and_iobb_hand_computed():
+  predicted, truth = (0, 0, 4, 4), (2, 2, 4, 4)   # Overlap 2x2 = 4.
+  assert cam.iou(predicted, truth) == pytest.approx(4 / (16 + 16 - 4))
+  assert cam.iobb(predicted, truth) == pytest.approx(4 / 16)
+  # A small detection inside a large truth: IoBB 1, IoU = area ratio.
+  assert cam.iobb((10, 10, 2, 5), (0, 0, 100, 100)) == 1.0
+  assert cam.iou((10, 10, 2, 5), (0, 0, 100, 100)) == pytest.approx(10 / 10000)
+  # IoBB divides by the detected box: a huge detection scores low.
+  assert cam.iobb((0, 0, 100, 100), (10, 10, 2, 5)) == pytest.approx(10 / 10000)
+  assert cam.iou((0, 0, 1, 1), (5, 5, 1, 1)) == 0.0
+  assert cam.iou((1.5, 0, 3, 2), (1.5, 0, 3, 2)) == 1.0
+  assert cam.iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+
+
+def test_mask_scores_hand_computed():
+  mask = np.zeros((10, 10), bool)
+  mask[2:6, 2:6] = True                             # 16 pixels at x, y in 2..5.
+  assert cam.mask_iou(mask, (4, 4, 4, 4)) == pytest.approx(4 / 28)
+  assert cam.mask_iobb(mask, (4, 4, 4, 4)) == pytest.approx(4 / 16)
+  assert cam.mask_to_box(mask) == (2, 2, 4, 4)
+  np.testing.assert_array_equal(cam.box_to_mask((2, 2, 4, 4), (10, 10)), mask)
+
+
+def test_cam_to_box_keeps_the_region_around_the_peak():
+  heat = np.zeros((20, 20), np.float32)
+  heat[3:7, 4:10] = 1.0          # Peak region.
+  heat[5, 6] = 1.5
+  heat[14:18, 14:18] = 0.9       # A second, weaker region above the threshold.
+  assert cam.peak(heat) == (6, 5)
+  assert cam.cam_to_box(heat, 0.5) == (4, 3, 6, 4)
+  result = cam.localize(heat, (4, 3, 6, 4))
+  assert result['iou'] == result['iobb'] == 1.0
+
+
+def test_localization_accuracy_at_wang_thresholds():
+  accuracy = cam.localization_accuracy([0.05, 0.15, 0.35, 0.65])
+  assert list(accuracy) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+  assert accuracy[0.1] == 0.75 and accuracy[0.3] == 0.5 and accuracy[0.7] == 0.0
+
+
+def test_original_box_maps_through_resize_and_crops():
+  # 1024 -> 256 (scale 1/4), then a centre 224 crop removes 16 pixels each side.
+  box = cam.original_box_to_input((128, 256, 400, 200), (1024, 1024), 256, 224)
+  assert box == pytest.approx((16, 48, 100, 50))
+  # Partly outside the crop: clipped; wholly outside: None.
+  assert cam.original_box_to_input((0, 0, 100, 100), (1024, 1024), 256, 224) == \
+      pytest.approx((0, 0, 9, 9))
+  assert cam.original_box_to_input((0, 0, 40, 40), (1024, 1024), 256, 224) is None
+  # Non-square: 2048x1024 -> 512x256, centre square starts at x=128.
+  box = cam.original_box_to_input((1024, 0, 8, 8), (2048, 1024), 256, 256)
+  assert box == pytest.approx((128, 0, 2, 2))
+
+
+# ------------------------------------------------------------ map arithmetic --
+
+class BrightnessModel(nn.Module):
+  """Features = the normalised grey level pooled 4x4: a CAM that must follow brightness."""
+
+  @nn.compact
+  def __call__(self, x, train, return_features=False):
+    features = nn.avg_pool(x[..., :1], (4, 4), strides=(4, 4)) + 3.0
+    logits = nn.Dense(14, name='classifier')(jnp.mean(features, axis=(1, 2)))
+    return (logits, features) if return_features else logits
+
+
+def test_cam_weights_features_by_head_kernel_and_peaks_on_bright_patch():
+  model = BrightnessModel()
+  images = np.zeros((2, 32, 32, 1), np.uint8)
+  images[0, 4:12, 20:28] = 255
+  images[1, 20:28, 8:16] = 255
+  variables = model.init(jax.random.key(0), preprocessing.normalize(images), train=False)
+  kernel = np.zeros((1, 14), np.float32)
+  kernel[0, 2], kernel[0, 5] = 1.0, -1.0
+  variables['params']['classifier']['kernel'] = jnp.asarray(kernel)
+  probs, maps = cam.make_cam_fn(model)(variables, images)
+  assert maps.shape == (2, 14, 32, 32) and probs.shape == (2, 14)
+  for b, (x0, y0) in enumerate([(20, 4), (8, 20)]):
+    x, y = cam.peak(maps[b, 2])
+    assert x0 <= x < x0 + 8 and y0 <= y < y0 + 8
+    assert cam.normalize_map(maps[b, 5])[y, x] == 0.0   # Negative weight: coldest there.
+    np.testing.assert_allclose(maps[b, 0], 0.0)           # Zero weight: flat.
+
+
+def test_tiny_densenet_cam_matches_logits_and_its_head():
+  model = models.create_model('tiny')
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
+  x = preprocessing.normalize(images)
+  variables = model.init(jax.random.key(0), x, train=False)
+  variables = jax.tree.map(lambda v: v + 0.01 * jax.random.normal(jax.random.key(1), v.shape),
+                           variables)
+  logits, features = model.apply(variables, x, train=False, return_features=True)
+  kernel = cam.head_kernel(variables['params'], features.shape[-1], 14)
+  assert kernel is variables['params']['classifier']['kernel']
+  # Global average pooling + one Dense layer: mean of the CAM + bias = logit.
+  low_res = np.einsum('bhwc,ck->bk', np.asarray(features), np.asarray(kernel))
+  low_res /= features.shape[1] * features.shape[2]
+  np.testing.assert_allclose(low_res + variables['params']['classifier']['bias'],
+                             logits, rtol=1e-4, atol=1e-4)
+  probs, maps = cam.make_cam_fn(model)(variables, images)
+  np.testing.assert_allclose(probs, jax.nn.sigmoid(logits), rtol=1e-5, atol=1e-6)
+  assert maps.shape == (2, 14, 32, 32)
+
+
+def test_head_kernel_error_names_the_file():
+  with pytest.raises(ValueError, match='cam.py'):
+    cam.head_kernel({'dense': {'kernel': np.zeros((3, 2))}}, 8, 14)
+
+
+def test_local_copy_is_host_numpy():
+  copied = cam.local_copy({'params': {'w': jnp.ones((2,))}})
+  assert isinstance(copied['params']['w'], np.ndarray)
+
+
+def test_save_overlay_writes_png(tmp_path):
+  image = np.full((32, 32, 1), 100, np.uint8)
+  heat = np.zeros((32, 32)); heat[10:20, 10:20] = 1
+  path = cam.save_overlay(str(tmp_path / 'sub' / 'x.png'), image, heat, title='Mass',
+                          true_box=(8, 8, 12, 12), predicted_box=cam.cam_to_box(heat))
+  with Image.open(path) as png:
+    assert png.format == 'PNG' and png.size[0] > 100

@@ -1,0 +1,167 @@
+"""DenseNet: parameter counts, the tiny variant, and parity with Keras applications.
+
+The full DenseNet121 is built once per module (Keras) and compiled once (ours,
+eval and train mode in one jit), at 64 px, to keep the file under a minute.
+"""
+import os
+
+os.environ.setdefault('KERAS_BACKEND', 'jax')
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chexnet_jax import models
+from chexnet_jax import preprocessing
+from chexnet_jax import weights
+
+PARITY_SIZE = 64
+PARITY_RTOL = 1e-4
+
+
+def param_count(name, num_classes):
+  model = models.create_model(name, num_classes=num_classes)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
+
+
+@pytest.mark.parametrize('name, num_classes, expected', [
+    ('densenet121', 14, 6_968_206),
+    ('densenet121', 1000, 7_978_856),  # torchvision's published counts.
+    ('densenet169', 1000, 14_149_480),
+    ('densenet201', 1000, 20_013_928),
+])
+def test_param_counts(name, num_classes, expected):
+  assert param_count(name, num_classes) == expected
+
+
+def test_unknown_model_names_the_choices():
+  with pytest.raises(ValueError, match='densenet121'):
+    models.create_model('resnet50')
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  model = models.create_model('tiny')
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  return model, variables, x
+
+
+def test_tiny_shapes_and_cam_features(tiny):
+  model, variables, x = tiny
+  logits, features = model.apply(variables, x, train=False, return_features=True)
+  assert logits.shape == (4, 14) and logits.dtype == jnp.float32
+  assert features.shape == (4, 4, 4, 20)  # 32 px / 8, 16 + 8 channels halved + 8.
+  head = variables['params']['classifier']
+  cam = features @ head['kernel']  # The class activation maps.
+  np.testing.assert_allclose(cam.mean(axis=(1, 2)) + head['bias'], logits,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_train_mode_updates_batch_stats_only(tiny):
+  model, variables, x = tiny
+  _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  old = variables['batch_stats']['norm0']['mean']
+  assert not np.allclose(updates['batch_stats']['norm0']['mean'], old)
+  assert set(updates) == {'batch_stats'}
+
+
+def test_low_precision_keeps_float32_params_and_logits(tiny):
+  _, variables, x = tiny
+  model = models.create_model('tiny', dtype=jnp.bfloat16)
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
+  logits = model.apply(variables, x, train=False)
+  reference = models.create_model('tiny').apply(variables, x, train=False)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, reference, rtol=0.1, atol=0.1)
+
+
+def test_bn_axis_name_gives_global_batch_statistics(tiny):
+  """Per-example shards with a BN axis must act like one batch."""
+  model, variables, x = tiny
+  synced = models.create_model('tiny', bn_axis_name='data')
+
+  def shard_logits(xs):
+    return synced.apply(variables, xs, train=True, mutable=['batch_stats'])[0]
+
+  per_shard = jax.vmap(shard_logits, axis_name='data')(x[:, None])
+  whole, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(per_shard[:, 0], whole, rtol=1e-4, atol=1e-5)
+
+
+def test_normalize():
+  images = np.array([0, 255, 128], np.uint8).reshape(3, 1, 1, 1)
+  out = preprocessing.normalize(jnp.asarray(images), jnp.bfloat16)
+  assert out.shape == (3, 1, 1, 3) and out.dtype == jnp.bfloat16
+  mean = np.array(preprocessing.IMAGENET_MEAN)
+  std = np.array(preprocessing.IMAGENET_STD)
+  expected = (images / 255.0 - mean) / std
+  np.testing.assert_allclose(np.float32(out), expected, rtol=1e-2)
+  with pytest.raises(ValueError, match=r'\[B, H, W, 1\]'):
+    preprocessing.normalize(jnp.zeros((2, 8, 8, 3), jnp.uint8))
+
+
+# ----------------------------------------------------------------------------
+# Parity with keras.applications.DenseNet121 (JAX backend).
+
+
+def randomize_keras_weights(model, seed):
+  """Random weights everywhere, BN moving statistics included, so eval mode counts."""
+  rng = np.random.default_rng(seed)
+  for layer in model.layers:
+    if layer.__class__.__name__ == 'BatchNormalization':
+      c = layer.gamma.shape[0]
+      layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.2, c),
+                         rng.normal(0, 0.2, c), rng.uniform(0.5, 1.5, c)])
+    elif layer.weights:
+      layer.set_weights([rng.normal(0, np.sqrt(2 / np.prod(w.shape[:-1])),
+                                    w.shape) for w in layer.get_weights()])
+
+
+def keras_layer_weights(model):
+  return [layer.get_weights() for layer in model.layers if layer.weights]
+
+
+@pytest.fixture(scope='module')
+def keras_densenet121():
+  """(Keras model, input, eval logits, train-mode logits), weights randomised."""
+  import keras  # pylint: disable=g-import-not-at-top
+  assert keras.backend.backend() == 'jax'
+  model = keras.applications.DenseNet121(
+      weights=None, classes=14, classifier_activation=None,
+      input_shape=(PARITY_SIZE, PARITY_SIZE, 3))
+  randomize_keras_weights(model, seed=0)
+  x = np.random.default_rng(1).normal(size=(4, PARITY_SIZE, PARITY_SIZE, 3))
+  x = x.astype(np.float32)
+  layers = keras_layer_weights(model)  # Before training mode moves the stats.
+  eval_logits = np.asarray(model(x, training=False))
+  train_logits = np.asarray(model(x, training=True))
+  return layers, x, eval_logits, train_logits
+
+
+def relative_error(actual, expected):
+  return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def test_densenet121_matches_keras(keras_densenet121):
+  layers, x, keras_eval, keras_train = keras_densenet121
+  model = models.create_model('densenet121').clone(
+      bn_epsilon=models.KERAS_BN_EPSILON)
+  # Shapes suffice: every variable, head included, comes from Keras.
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), x[:1], train=False))
+  variables = weights.state_dict_to_variables(
+      weights.keras_layers_to_state_dict(layers), shapes)
+
+  @jax.jit
+  def both_modes(variables, x):
+    train, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    return model.apply(variables, x, train=False), train
+
+  ours_eval, ours_train = both_modes(variables, x)
+  assert np.std(keras_eval) > 1e-2  # Random weights still give distinct logits.
+  assert relative_error(np.asarray(ours_eval), keras_eval) < PARITY_RTOL
+  assert relative_error(np.asarray(ours_train), keras_train) < PARITY_RTOL

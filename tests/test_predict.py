@@ -1,0 +1,175 @@
+"""chexnet_jax/predict.py: reading images like the eval pipeline, and the CLI on a tiny run."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from chexnet_jax import predict
+from input_pipeline import labels as labels_lib
+
+SAMPLE_DIR = '/work/shared/nih_sample/images'
+RGBA_SAMPLE = os.path.join(SAMPLE_DIR, '00000100_000.png')
+
+
+def _gradient(height=40, width=40):
+  return np.add.outer(np.arange(height) * 3, np.arange(width) * 2).astype(np.uint8)
+
+
+@pytest.mark.parametrize('mode', ['L', 'RGB', 'RGBA'])
+def test_grey_rgb_and_rgba_files_load_alike(tmp_path, mode):
+  grey = _gradient()
+  path = tmp_path / f'x_{mode}.png'
+  Image.fromarray(grey).convert(mode).save(path)
+  image, size = predict.load_image(str(path), 32, 28)
+  expected, _ = predict.load_image(str(_save(tmp_path / 'ref.png', grey)), 32, 28)
+  assert image.shape == (28, 28, 1) and image.dtype == np.uint8 and size == (40, 40)
+  np.testing.assert_array_equal(image, expected)
+
+
+def _save(path, array, **kwargs):
+  Image.fromarray(array).save(path, **kwargs)
+  return path
+
+
+def test_sixteen_bit_png_is_scaled_by_its_range(tmp_path):
+  values = (np.arange(40 * 40).reshape(40, 40) % 1000 + 3000).astype(np.uint16)
+  path = tmp_path / 'x16.png'
+  Image.fromarray(values).save(path)
+  with Image.open(path) as check:
+    assert check.mode.startswith('I')
+  image, _ = predict.load_image(str(path), 40, 40)
+  assert image.min() == 0 and image.max() == 255
+
+
+def test_jpeg_loads(tmp_path):
+  path = _save(tmp_path / 'x.jpg', _gradient(), quality=95)
+  image, _ = predict.load_image(str(path), 32, 32)
+  assert image.shape == (32, 32, 1)
+
+
+def test_non_square_resizes_shorter_side_then_centre_crops():
+  tall = np.zeros((80, 40), np.uint8)
+  tall[:20] = 255                        # Top quarter, cut away by the centre crop.
+  tall[30:50] = 128
+  image = predict.prepare(tall, 20, 20)[..., 0]
+  assert image.shape == (20, 20)
+  assert image.max() < 255 and image[7:13].min() == 128  # Bilinear blurs the edges.
+
+
+def test_prepare_matches_dataset_builder_on_square_images():
+  from input_pipeline import images
+  grey = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+  stored = images.decode_and_resize(_png_bytes(grey), 32)
+  np.testing.assert_array_equal(predict.prepare(grey, 32, 32), stored)
+  np.testing.assert_array_equal(predict.prepare(grey, 32, 24), stored[4:28, 4:28])
+
+
+def _png_bytes(array):
+  import io
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def test_real_rgba_sample_loads():
+  with Image.open(RGBA_SAMPLE) as original:
+    assert original.mode == 'RGBA'
+  image, size = predict.load_image(RGBA_SAMPLE, 64, 56)
+  assert image.shape == (56, 56, 1) and size == (1024, 1024) and image.std() > 10
+
+
+@pytest.mark.parametrize('content', [b'', b'not an image at all', b'\x89PNG\r\n\x1a\n' + b'0' * 50])
+def test_unreadable_file_is_a_clear_error(tmp_path, content):
+  path = tmp_path / 'broken.png'
+  path.write_bytes(content)
+  with pytest.raises(predict.ImageLoadError, match='broken.png'):
+    predict.load_image(str(path), 32, 32)
+
+
+def test_truncated_png_is_a_clear_error(tmp_path):
+  path = _save(tmp_path / 'whole.png', np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
+  cut = tmp_path / 'cut.png'
+  cut.write_bytes(path.read_bytes()[:200])
+  with pytest.raises(predict.ImageLoadError, match='cut.png'):
+    predict.load_image(str(cut), 32, 32)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+  with pytest.raises(predict.ImageLoadError, match='no such file'):
+    predict.load_image(str(tmp_path / 'absent.png'), 32, 32)
+
+
+@pytest.mark.parametrize('limit', [40 * 40 - 1, (40 * 40) // 2 - 1])
+def test_decompression_bomb_guard_refuses(tmp_path, monkeypatch, limit):
+  # Above the limit PIL only warns; above twice the limit it raises: both refused.
+  path = _save(tmp_path / 'big.png', _gradient())
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', limit)
+  with pytest.raises(predict.ImageLoadError, match='MAX_IMAGE_PIXELS'):
+    predict.load_image(str(path), 32, 32)
+
+
+def test_top_findings_and_table():
+  probs = np.linspace(0.01, 0.14, 14)
+  top = predict.top_findings(probs, 3)
+  assert [t[0] for t in top] == ['Hernia', 'Pleural_Thickening', 'Fibrosis']
+  table = predict.format_table([{'image': 'a/x.png',
+                                 'probabilities': dict(zip(labels_lib.LABELS, probs))}])
+  assert len(table.splitlines()) == 15 and 'x.png' in table
+
+
+def test_help_runs_without_a_run():
+  result = subprocess.run([sys.executable, '-m', 'chexnet_jax.predict', '--help'],
+                          capture_output=True, text=True, check=True)
+  assert '--workdir' in result.stdout and '--top_k' in result.stdout
+
+
+# ------------------------------------------------ the CLI on the tiny run --
+
+SAMPLES = [os.path.join(SAMPLE_DIR, name)
+           for name in ('00000100_000.png', '00000129_000.png', '00001369_000.png')]
+
+
+def test_predict_real_samples_with_a_corrupt_file_among_them(tiny_run, tmp_path):
+  corrupt = tmp_path / 'corrupt.png'
+  corrupt.write_bytes(open(SAMPLES[1], 'rb').read()[:1000])  # A truncated PNG.
+  out = tmp_path / 'out'
+  command = [sys.executable, '-m', 'chexnet_jax.predict', SAMPLES[0], str(corrupt),
+             *SAMPLES[1:], '--workdir', tiny_run, '--top_k', '2', '--output_dir', str(out)]
+  result = subprocess.run(command, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'corrupt.png' in result.stderr and 'error' in result.stderr
+  rows = [line.split() for line in result.stdout.splitlines()
+          if line.split() and line.split()[0] in labels_lib.LABELS]
+  assert [row[0] for row in rows] == list(labels_lib.LABELS)
+  assert all(len(row) == 1 + len(SAMPLES) for row in rows)   # 14 probabilities per image.
+  with open(out / 'predictions.json') as f:
+    written = json.load(f)
+  assert [r['image'] for r in written['results']] == SAMPLES
+  assert [f['image'] for f in written['failures']] == [str(corrupt)]
+  for result_row in written['results']:
+    probs = result_row['probabilities']
+    assert list(probs) == list(labels_lib.LABELS) and all(0 < p < 1 for p in probs.values())
+    assert len(result_row['top_findings']) == 2
+    for finding in result_row['top_findings']:
+      with Image.open(finding['heatmap']) as png:
+        assert png.format == 'PNG'
+
+
+def test_predict_probabilities_equal_the_eval_model(tiny_run):
+  """predict's probabilities are make_predict_fn's on the same prepared image."""
+  import jax
+  from chexnet_jax import cam
+  from chexnet_jax import checkpoints
+  from chexnet_jax import train
+  run = checkpoints.load_run(tiny_run, 'latest')
+  image, _ = predict.load_image(SAMPLES[0], run.config.dataset_image_size,
+                                run.config.image_size)
+  probs, _ = cam.make_cam_fn(run.model)(cam.local_copy(run.variables), image[None])
+  logits = train.make_predict_fn(run.model, None)(cam.local_copy(run.variables), image[None])
+  np.testing.assert_allclose(probs, jax.nn.sigmoid(logits), atol=1e-6)

@@ -1,0 +1,112 @@
+"""The sharded train step: sync-BN equivalence across device counts, the
+per-device BN switch, float16 loss scaling and the non-finite loss guard."""
+import jax
+from jax.sharding import Mesh
+import numpy as np
+import pytest
+
+from chexnet_jax import train
+from configs import cpu_smoke
+
+
+def _config(**overrides):
+  config = cpu_smoke.get_config()
+  config.batch_size = 16
+  config.update(overrides)
+  return config
+
+
+def _batches(config, count, seed=0):
+  rng = np.random.default_rng(seed)
+  size = config.image_size
+  for _ in range(count):
+    yield {'image': rng.integers(0, 256, (config.batch_size, size, size, 1),
+                                 dtype=np.uint8),
+           'labels': (rng.random((config.batch_size, 14)) < 0.3).astype(np.float32),
+           'mask': np.ones(config.batch_size, bool),
+           'index': np.arange(config.batch_size, dtype=np.int32)}
+
+
+def _train(config, devices, steps=3):
+  """Runs `steps` steps on a mesh of `devices`; returns (params, losses)."""
+  mesh = Mesh(np.array(devices), (train.DATA_AXIS,))
+  tx, schedule = train.create_optimizer(config, steps, steps)
+  model = train.build_model(config, for_training=True)
+  state = train.create_train_state(config, model, mesh, tx)
+  step = train.make_train_step(config, model, mesh, tx, schedule)
+  losses = []
+  for batch in _batches(config, steps):
+    state, metrics = step(state, train.to_global(batch, mesh))
+    losses.append(float(metrics['train_loss']))
+  return jax.device_get(state), losses
+
+
+def _max_difference(a, b):
+  return max(jax.tree.leaves(jax.tree.map(
+      lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)))
+
+
+def test_sync_bn_on_4_devices_equals_1_device_with_same_global_batch():
+  # Adam divides by sqrt(v) + eps: with the default eps a gradient that is
+  # zero up to rounding (1e-9) gets a full-size, sign-random update. A larger
+  # eps keeps the comparison about the gradients, not that amplified noise.
+  config = _config(bn_sync=True, adam_eps=1e-3)
+  one, losses_one = _train(config, jax.devices()[:1])
+  four, losses_four = _train(config, jax.devices()[:4])
+  np.testing.assert_allclose(losses_four, losses_one, rtol=1e-5)
+  assert _max_difference(one.params, four.params) < 1e-5
+  assert _max_difference(one.batch_stats, four.batch_stats) < 1e-5
+  assert int(four.step) == 3
+
+
+def test_per_device_bn_uses_each_devices_own_statistics():
+  # Same data, same init: only where BN statistics come from differs.
+  sync, _ = _train(_config(bn_sync=True, adam_eps=1e-3), jax.devices()[:4])
+  local, _ = _train(_config(bn_sync=False, adam_eps=1e-3), jax.devices()[:4])
+  assert _max_difference(sync.params, local.params) > 1e-4
+
+
+def test_float16_uses_dynamic_loss_scaling_and_keeps_float32_params():
+  state, losses = _train(_config(dtype='float16'), jax.devices()[:2])
+  assert all(np.isfinite(losses))
+  assert state.dynamic_scale is not None and float(state.dynamic_scale.scale) > 0
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype('float32')}
+  assert {x.dtype for x in jax.tree.leaves(state.batch_stats)} == {np.dtype('float32')}
+
+
+def test_poisoned_step_yields_nan_loss():
+  _, losses = _train(_config(debug_nan_at_step=1), jax.devices()[:2])
+  assert np.isfinite(losses[0]) and np.isnan(losses[1])
+
+
+def test_learning_rate_scales_linearly_with_global_batch():
+  config = _config(learning_rate=1e-3, lr_base_batch_size=64, batch_size=1024)
+  assert train.scaled_learning_rate(config) == pytest.approx(16e-3)
+
+
+def test_warmup_cosine_schedule_warms_up_then_decays():
+  config = _config(lr_schedule='warmup_cosine', warmup_epochs=1.0)
+  _, schedule = train.create_optimizer(config, steps_per_epoch=10, total_steps=100)
+  peak = train.scaled_learning_rate(config)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(10)) == pytest.approx(peak)
+  assert float(schedule(99)) < 0.01 * peak
+
+
+def test_plateau_cuts_learning_rate_after_patience_epochs():
+  config = _config(plateau_patience=1, plateau_factor=0.1)
+  mesh = Mesh(np.array(jax.devices()[:1]), (train.DATA_AXIS,))
+  tx, _ = train.create_optimizer(config, 1, 1)
+  state = train.create_train_state(config, train.build_model(config), mesh, tx)
+  for val_loss in (1.0, 0.9, 0.95, 0.96):
+    state = train.update_plateau(config, state, val_loss)
+  assert float(state.plateau.scale) == pytest.approx(0.1)
+
+
+def test_weighted_bce_weights_positives():
+  logits = np.zeros((2, 14), np.float32)
+  labels = np.eye(2, 14, dtype=np.float32)
+  plain = train.bce_loss(logits, labels)
+  weighted = train.bce_loss(logits, labels, pos_weight=np.full(14, 3.0))
+  # One positive per row: its term is 3x, the 13 negatives unchanged.
+  np.testing.assert_allclose(weighted, plain * (13 + 3) / 14, rtol=1e-6)
