@@ -100,9 +100,13 @@ def create_optimizer(config, steps_per_epoch, total_steps):
 
 
 def create_plateau(config):
-  """CheXNet: LR x `plateau_factor` when validation loss stops improving."""
+  """CheXNet: LR x `plateau_factor` when validation loss stops improving.
+
+  `plateau_patience` has PyTorch's meaning (as in CheXNet): that many bad
+  epochs are tolerated and the next one cuts. optax cuts at the patience-th.
+  """
   return optax.contrib.reduce_on_plateau(
-      factor=config.plateau_factor, patience=config.plateau_patience)
+      factor=config.plateau_factor, patience=config.plateau_patience + 1)
 
 
 def update_plateau(config, state, val_loss):

@@ -45,7 +45,7 @@ def get_config():
   c.lr_schedule = 'plateau'          # 'plateau' (CheXNet) or 'warmup_cosine' (large batch).
   c.warmup_epochs = 0.0
   c.plateau_factor = 0.1
-  c.plateau_patience = 1             # Epochs without validation-loss improvement.
+  c.plateau_patience = 1             # Bad epochs tolerated before a cut (PyTorch's meaning).
   c.pos_weight = False               # CheXNet's weighted BCE (per-label positive weights).
   c.num_epochs = 10.0
   c.num_train_steps = -1             # > 0 overrides num_epochs.
