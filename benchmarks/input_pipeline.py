@@ -60,8 +60,9 @@ def _manual_dir(sample, root):
   return root
 
 
-def _pipeline_rate(data_dir, batches):
+def _pipeline_rate(data_dir, batches, augment):
   config = default.get_config()
+  config.augment = augment
   config.data_dir, config.dataset_image_size, config.image_size = data_dir, 256, 224
   config.batch_size, config.grain_workers, config.prefetch_buffer = 64, 0, 0
   iterator = pipeline.create_train_iterator(config, process_index=0, process_count=1)
@@ -92,15 +93,17 @@ def main():
     build.build(manual, os.path.join(tmp, 'tfds'), 256, allow_subset=True,
                 num_workers=os.cpu_count())
     build_seconds = time.perf_counter() - start
-    ours = _pipeline_rate(os.path.join(tmp, 'tfds'), args.batches)
+    ours = _pipeline_rate(os.path.join(tmp, 'tfds'), args.batches, 'random_resized_crop')
+    ours_crop = _pipeline_rate(os.path.join(tmp, 'tfds'), args.batches, 'random_crop')
   full_minutes = nih.NIH_COUNTS['images'] / (conversion * 16) / 60
   print(f'CPU {_cpu_model()}, {os.cpu_count()} cores; Python {platform.python_version()}, '
-        f'numpy {np.__version__}, Pillow {Image.__version__}, grain {grain.__version__ if hasattr(grain, "__version__") else "0.2.18"}, '
+        f'numpy {np.__version__}, Pillow {Image.__version__}, grain 0.2.18, '
         f'tensorflow-datasets {tfds.__version__}')
   print('| path | images/s per core |\n| --- | --- |')
   print(f'| reference: decode 1024 PNG, RGB, resize 256 | {reference:,.0f} |')
   print(f'| ours: train pipeline, 256 px records, random-resized crop 224, flip, batch 64 | '
         f'{ours:,.0f} |')
+  print(f'| ours: same with random_crop 224 (no resize) | {ours_crop:,.0f} |')
   print(f'| conversion (build): decode 1024 PNG, grey, resize 256 | {conversion:,.0f} |')
   print(f'Build of the {len(pngs)}-image sample, {os.cpu_count()} workers, checks and '
         f'writing included: {build_seconds:.1f} s ({len(pngs) / build_seconds:,.0f} images/s).')

@@ -113,13 +113,16 @@ def sync(device):
 
 
 def time_steps(step, batches, device, warmup, steps):
-  """Runs warmup (untimed, includes torch.compile) then `steps` timed steps; returns times."""
+  """Runs warmup (untimed, includes torch.compile) then `steps` timed steps.
+
+  Returns (step times, warm-up seconds, process CPU seconds per timed step).
+  """
   t0 = time.perf_counter()
   for i in range(warmup):
     step(*batches[i % len(batches)])
   sync(device)
   warmup_s = time.perf_counter() - t0
-  times = []
+  times, cpu_start = [], time.process_time()
   for i in range(steps):
     t = time.perf_counter()
     loss = step(*batches[i % len(batches)])
@@ -127,7 +130,7 @@ def time_steps(step, batches, device, warmup, steps):
     times.append(time.perf_counter() - t)
   if not torch.isfinite(loss):
     raise FloatingPointError(f'non-finite loss {loss.item()}')
-  return times, warmup_s
+  return times, warmup_s, (time.process_time() - cpu_start) / steps
 
 
 def random_batches(n, batch, size, device):
@@ -150,6 +153,8 @@ def run(args):
     return dict(row, status=source)
   device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
   row['device'] = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
+  # Let cuDNN pick the fastest conv algorithms, as any tuned PyTorch trainer does.
+  torch.backends.cudnn.benchmark = True
   dtype = getattr(torch, args.dtype)
   model = model.to(device, memory_format=torch.channels_last).train()
   opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -161,11 +166,12 @@ def run(args):
   if device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats(device)
   batches = random_batches(2, args.batch_size, args.image_size, device)
-  times, warmup_s = time_steps(step, batches, device, args.warmup, args.steps)
+  times, warmup_s, cpu_s = time_steps(step, batches, device, args.warmup, args.steps)
   med = statistics.median(times)
   row.update(status='ok', params=sum(p.numel() for p in model.parameters()),
              warmup_s=warmup_s, step_time_median_s=med, step_time_min_s=min(times),
              step_time_max_s=max(times), images_per_s=args.batch_size / med,
+             host_cpu_s_per_step=cpu_s,
              threads=torch.get_num_threads())
   if device.type == 'cuda':
     row['peak_memory_bytes'] = torch.cuda.max_memory_allocated(device)

@@ -217,11 +217,15 @@ def timed_steps(step, state, batches, to_global, steps):
 
   Step time is completion to completion (one step in flight at a time); input
   time is the host's time in next() + to_global, overlapped with the step.
+  Also returns the process's CPU seconds per step (all threads): on a shared
+  CPU it is steadier than wall time.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  batch = to_global(next(batches))
   step_times, input_times = [], []
-  last = time.perf_counter()
+  if steps < 1:
+    return state, step_times, input_times, 0.0
+  batch = to_global(next(batches))
+  last, cpu_start = time.perf_counter(), time.process_time()
   for _ in range(steps):
     state, metrics = step(state, batch)
     t = time.perf_counter()
@@ -233,7 +237,7 @@ def timed_steps(step, state, batches, to_global, steps):
     last = now
   if not np.isfinite(loss):
     raise FloatingPointError(f'non-finite training loss {loss}')
-  return state, step_times, input_times
+  return state, step_times, input_times, (time.process_time() - cpu_start) / steps
 
 
 def run_benchmark(config, *, steps=20, warmup=3, data='random'):
@@ -248,14 +252,14 @@ def run_benchmark(config, *, steps=20, warmup=3, data='random'):
   t = time.perf_counter()
   compiled = step.lower(state, to_global(next(batches))).compile()
   compile_s = time.perf_counter() - t
-  state, _, _ = timed_steps(compiled, state, batches, to_global, warmup)
-  _, step_times, input_times = timed_steps(compiled, state, batches, to_global,
-                                           steps)
-  return summarize(config, data, step_times, input_times, step_flops(compiled),
-                   compile_s)
+  state = timed_steps(compiled, state, batches, to_global, warmup)[0]
+  _, step_times, input_times, cpu_s = timed_steps(compiled, state, batches,
+                                                  to_global, steps)
+  return summarize(config, data, step_times, input_times, cpu_s,
+                   step_flops(compiled), compile_s)
 
 
-def summarize(config, data, step_times, input_times, flops, compile_s):
+def summarize(config, data, step_times, input_times, cpu_s, flops, compile_s):
   """Turns the raw timings into the reported numbers."""
   import jax  # pylint: disable=g-import-not-at-top
   device = jax.local_devices()[0]
@@ -279,6 +283,7 @@ def summarize(config, data, step_times, input_times, flops, compile_s):
       'step_time_p90_s': float(np.percentile(step_times, 90)),
       'step_time_min_s': min(step_times), 'step_time_max_s': max(step_times),
       'input_time_median_s': statistics.median(input_times),
+      'host_cpu_s_per_step': cpu_s,
       'images_per_s': images_per_s,
       'images_per_s_per_device': images_per_s / n_dev,
       'peak_memory_bytes': peak_memory_bytes(device),
@@ -322,7 +327,7 @@ def format_table(r):
   if ref:
     lines.append(f"| {r['devices']} (reference: TF 1.12 + Horovod, V100, "
                  f'256 px, batch 64/GPU) | {ref:.2f} | '
-                 f'{EPOCHS * 77_824 / ref:.1f} s |')
+                 f'{EPOCHS * 77_824 / ref:.1f} s ({EPOCHS} x 77,824 images) |')
   lines += ['', '| metric | value |', '| --- | --- |']
   lines += [f'| {k} | {v} |' for k, v in detail_rows(r)]
   return '\n'.join(lines)
@@ -340,6 +345,8 @@ def detail_rows(r):
        f"{r['step_time_min_s']:.4f} / {r['step_time_max_s']:.4f}"),
       ('host input time per step, median (s)',
        f"{r['input_time_median_s']:.4f}"),
+      ('host CPU time per step, all threads (s)',
+       f"{r['host_cpu_s_per_step']:.4f}"),
       ('peak device memory', fmt(mem and mem / 2**30, '.2f', ' GiB')),
       ('FLOPs per step per device (XLA cost analysis)',
        fmt(r['flops_per_step_per_device'], '.3e')),
@@ -365,6 +372,8 @@ def parse_args(argv):
                       'config.dataset through input_pipeline (grain)')
   p.add_argument('--json_out', default='', help='also write the result here')
   args, rest = p.parse_known_args(argv)
+  if args.steps < 1 or args.warmup < 0:
+    p.error('need --steps >= 1 and --warmup >= 0')
   overrides = []
   for item in rest:
     if not item.startswith('--config.'):

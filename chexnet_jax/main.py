@@ -4,6 +4,7 @@ Thin on purpose: flags, distributed start-up, then `train.train_and_evaluate`.
 Any config field can be changed on the command line: `--config.batch_size=128`.
 Running again with the same --workdir resumes from its latest checkpoint.
 """
+import logging as std_logging
 import sys
 
 from absl import app
@@ -27,9 +28,21 @@ USER_ERRORS = (config_checks.ConfigError, checkpoints.RunMismatchError,
                train.NonFiniteLossError, FileNotFoundError)
 
 
+class _QuietLibraries(std_logging.Filter):
+  """orbax logs every step of every save at INFO, and warns at every save
+  between epochs that it has no metrics (by design: only epoch ends have)."""
+
+  def filter(self, record):
+    if '/orbax/' not in record.pathname:
+      return True
+    return (record.levelno >= std_logging.WARNING
+            and 'did not provide metrics' not in record.getMessage())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
   try:
     distributed.initialize(config)

@@ -27,7 +27,7 @@ ARCHITECTURES = {
     'densenet169': ((6, 12, 32, 32), 32, 64),
     'densenet201': ((6, 12, 48, 32), 32, 64),
     # Compiles in seconds on 32-64 px images: for tests and smoke runs only.
-    'tiny': ((1, 1), 8, 16),
+    'tiny': ((2, 2), 16, 32),
 }
 
 

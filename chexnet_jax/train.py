@@ -244,15 +244,16 @@ def make_predict_fn(model, mesh, dtype=jnp.float32):
   return predict
 
 
-def evaluate_split(config, model, variables, mesh, split):
+def evaluate_split(config, model, variables, mesh, split, predict=None):
   """One masked pass over `split`: every example scored exactly once.
 
   Returns (metrics, probs, labels, indices) with rows ordered by example index.
+  Pass `predict` (from make_predict_fn) to reuse its compilation across calls.
   """
   from input_pipeline import pipeline  # Lazy: the benchmark needs no grain.
   from chexnet_jax import metrics as metrics_lib
 
-  predict = make_predict_fn(model, mesh, DTYPES[config.dtype])
+  predict = predict or make_predict_fn(model, mesh, DTYPES[config.dtype])
   logits, labels, indices = [], [], []
   for batch in pipeline.create_eval_iterator(
       config, split, process_index=jax.process_index(),
@@ -383,6 +384,8 @@ class _Run:
                                     self.total_steps)
     model = build_model(config, for_training=True)
     self.eval_model = build_model(config)
+    self.predict = make_predict_fn(self.eval_model, self.mesh,
+                                   DTYPES[config.dtype])
     self.state = create_train_state(config, model, self.mesh, tx)
     self.train_step = make_train_step(config, model, self.mesh, tx, schedule,
                                       _pos_weight(config, dataset_info))
@@ -421,6 +424,7 @@ class _Run:
       if step % eval_every == 0 or step == self.total_steps:
         check_finite(*previous, self.manager)
         self._evaluate_and_save(writer, step)
+        timer.reset()  # Throughput is of training steps only.
       elif step % config.checkpoint_every_steps == 0:
         check_finite(*previous, self.manager)
         self.checkpoints.save(self.manager, self.state, self.data)
@@ -440,7 +444,8 @@ class _Run:
 
   def _evaluate_and_save(self, writer, step):
     result, *_ = evaluate_split(self.config, self.eval_model,
-                                self.state.variables, self.mesh, 'validation')
+                                self.state.variables, self.mesh, 'validation',
+                                self.predict)
     self.state = update_plateau(self.config, self.state, result['loss'])
     scalars = {'val_loss': result['loss'], 'val_mean_auroc': result['mean_auroc']}
     scalars.update({f'val_auroc/{k}': v for k, v in result['auroc'].items()})

@@ -84,11 +84,17 @@ def read_torch_file(path):
         f'Refusing to load {path}: it holds pickled Python objects, not just '
         'tensors, and unpickling them could run arbitrary code. Re-save it with '
         'trusted code as a plain state dict: torch.save(model.state_dict(), '
-        f'...). (torch said: {str(e).splitlines()[0]})') from e
+        f'...). (torch: {_unsupported_global(e)})') from e
   state_dict, label_names = _unwrap_checkpoint(checkpoint, path)
   arrays = {k: v.detach().float().numpy() for k, v in state_dict.items()
             if hasattr(v, 'detach')}
   return normalize_torch_keys(arrays, path), label_names
+
+
+def _unsupported_global(error):
+  """The line of torch's long weights_only message that names the culprit."""
+  lines = str(error).splitlines()
+  return next((l.strip() for l in lines if 'GLOBAL' in l), lines[0])
 
 
 def _unwrap_checkpoint(checkpoint, path):
@@ -149,7 +155,8 @@ def _legacy_h5_layers(group):
   layers = []
   for layer in map(_as_str, group.attrs['layer_names']):
     names = [_as_str(n) for n in group[layer].attrs['weight_names']]
-    layers.append([np.asarray(group[layer][n]) for n in names])
+    if names:  # Activations, pooling etc. are listed too, without weights.
+      layers.append([np.asarray(group[layer][n]) for n in names])
   return layers
 
 
@@ -168,6 +175,12 @@ def _keras3_layers(f):
   f.visititems(visit)
   found.sort(key=lambda item: item[:2])
   return [weights for _, _, weights in found]
+
+
+def keras_model_to_state_dict(model):
+  """torchvision-style state dict from a live Keras DenseNet (e.g. the seed's)."""
+  layers = [layer.get_weights() for layer in model.layers if layer.weights]
+  return keras_layers_to_state_dict(layers, source=f'Keras model {model.name}')
 
 
 def keras_layers_to_state_dict(layers, source='Keras model'):

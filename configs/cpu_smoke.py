@@ -1,4 +1,8 @@
-"""Synthetic data, tiny model, 2 CPU cores, well under 2 minutes."""
+"""Synthetic data, tiny model, 2 CPU cores, well under 2 minutes.
+
+The tiny model learns the synthetic labels to a validation mean AUROC above
+0.9 by the end (tests/test_main.py holds it to that).
+"""
 from configs import default
 
 
@@ -13,7 +17,9 @@ def get_config():
   config.synthetic_eval_size = 128
   config.batch_size = 32
   config.eval_batch_size = 64
-  config.num_epochs = 4
-  config.log_every_steps = 4
-  config.checkpoint_every_steps = 8
+  config.learning_rate = 4e-3  # At batch 64; the tiny model likes it high.
+  config.num_epochs = 20       # 16 steps an epoch: 320 steps.
+  config.eval_every_epochs = 4
+  config.log_every_steps = 16
+  config.checkpoint_every_steps = 32
   return config

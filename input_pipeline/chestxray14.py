@@ -91,7 +91,11 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
                num_workers: int | None = None, **kwargs):
     """allow_subset: accept fewer images than NIH's full release (the lists name the
     subset). skip_bad: leave bad inputs out (listed in metadata) instead of failing."""
-    if isinstance(config, str) and (match := _NAME.fullmatch(config)):
+    predefined = {c.name for c in self.BUILDER_CONFIGS}  # TFDS wants those by name.
+    if isinstance(config, Chestxray14Config) and config.name in predefined:
+      config = config.name
+    if isinstance(config, str) and config not in predefined and (
+        match := _NAME.fullmatch(config)):
       size, fraction, seed = match.groups()  # Any '<N>px[_val<F>_seed<S>]' is valid.
       config = make_config(int(size), float(fraction or DEFAULT_VAL_FRACTION),
                            int(seed or DEFAULT_SPLIT_SEED))
@@ -104,7 +108,10 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
             # Raw bytes, no PNG: decoding PNG in the input pipeline is ~45x slower.
-            'image': tfds.features.Tensor(shape=(size, size, 1), dtype=np.uint8),
+            # encoding='bytes': without it TFDS stores uint8 as an int64 list, ~10x
+            # slower to parse without TensorFlow.
+            'image': tfds.features.Tensor(shape=(size, size, 1), dtype=np.uint8,
+                                          encoding=tfds.features.Encoding.BYTES),
             'labels': tfds.features.Tensor(shape=(labels_lib.NUM_CLASSES,), dtype=np.uint8),
             'image_name': tfds.features.Text(),
             'patient_id': tfds.features.Scalar(dtype=np.int32),

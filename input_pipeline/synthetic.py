@@ -1,7 +1,10 @@
 """A learnable stand-in for ChestX-ray14: pure numpy, random access, same element spec.
 
 Pathology k is present <=> a bright square is drawn in grid cell k (a 4x4 grid,
-cells 0..13 row by row) on a noisy background. `patch_box(k, size)` says where, so
+cells 0..13 row by row) on a noisy background. Each class's square carries its
+own texture (stripes of one orientation and period, or a checkerboard): a
+convolutional network with global pooling sees what is drawn, not where, so
+the texture is what makes the labels learnable in a few hundred steps. `patch_box(k, size)` says where, so
 class-activation-map tests can check localisation. Every example is a pure function
 of (split, index): no files, no state, picklable for grain workers.
 """
@@ -11,7 +14,11 @@ from input_pipeline import labels as labels_lib
 
 SPLITS = ('train', 'validation', 'test')
 _GRID = 4              # 4x4 cells; the first 14 hold the 14 classes.
-_PATCH_FRACTION = 0.5  # Patch side as a fraction of the cell side.
+_PATCH_FRACTION = 0.75  # Patch side as a fraction of the cell side.
+# Class k's texture: stripes along one of 4 directions with period 2, 4 or 6
+# pixels (12 classes), then checkerboards of cell 2 and 3 (2 classes).
+_DIRECTIONS = ((1, 0), (0, 1), (1, 1), (1, -1))
+_PERIODS = (3, 4, 6)
 _PRESENT_PROBABILITY = 0.25
 _BOX_FRAME = 1024      # Boxes use NIH's original 1024-pixel frame, like the real data.
 
@@ -26,6 +33,19 @@ def patch_box(class_index: int, image_size: int) -> tuple[int, int, int, int]:
   x = round(col * cell + (cell - side) / 2)
   y = round(row * cell + (cell - side) / 2)
   return x, y, side, side
+
+
+def texture(class_index: int, height: int, width: int) -> np.ndarray:
+  """Class `class_index`'s pattern: uint8 values 140 or 255, shape (h, w)."""
+  y, x = np.mgrid[:height, :width]
+  if class_index < len(_DIRECTIONS) * len(_PERIODS):
+    period = _PERIODS[class_index // len(_DIRECTIONS)]
+    dx, dy = _DIRECTIONS[class_index % len(_DIRECTIONS)]
+    on = ((dx * x + dy * y) % period) < period // 2
+  else:
+    cell = class_index - len(_DIRECTIONS) * len(_PERIODS) + 2
+    on = ((x // cell) + (y // cell)) % 2 == 0
+  return np.where(on, 255, 140).astype(np.uint8)
 
 
 def split_sizes(config) -> dict[str, int]:
@@ -70,7 +90,8 @@ class SyntheticSource:
     image = rng.integers(0, 90, (size, size), dtype=np.uint8)
     for k in present:
       x, y, w, h = patch_box(int(k), size)
-      image[y:y + h, x:x + w] = rng.integers(200, 256, (h, w), dtype=np.uint8)
+      image[y:y + h, x:x + w] = texture(int(k), h, w) - rng.integers(
+          0, 20, (h, w), dtype=np.uint8)
     return image[:, :, None]
 
 

@@ -1,8 +1,8 @@
 """chexnet_jax.benchmark: runs on cpu_smoke and reports consistent numbers.
 
-The run happens in a subprocess where grain, TFDS, clu, array_record and
-ml_collections cannot be imported, as on the lent GPU machine, so these tests
-also guard the benchmark's import path.
+The run happens in a subprocess where grain, TFDS, clu, array_record,
+ml_collections (and tensorboardX, h5py, keras) cannot be imported, as on the
+lent GPU machine, so these tests also guard the benchmark's import path.
 """
 import json
 import os
@@ -20,7 +20,7 @@ SMOKE = os.path.join(REPO, 'configs', 'cpu_smoke.py')
 BLOCKED_RUNNER = """
 import runpy, sys
 MISSING = {'grain', 'tensorflow_datasets', 'clu', 'array_record', 'ml_collections',
-           'tensorflow'}
+           'tensorflow', 'tensorboardX', 'h5py', 'keras'}
 class Missing:
   def find_spec(self, name, path=None, target=None):
     if name.split('.')[0] in MISSING:

@@ -245,3 +245,9 @@ def test_other_validation_cut_is_another_dataset(tmp_path):
   assert record['split_seed'] == 3 and len(record['splits']['validation']) == 2
   assert chestxray14.Chestxray14(config='256px_val0.4_seed3',
                                  data_dir=str(tmp_path / 'out')).is_prepared()
+
+
+def test_predefined_size_by_name_or_config():
+  for config in ('256px', chestxray14.make_config(256)):
+    builder = chestxray14.Chestxray14(data_dir='/nonexistent', config=config)
+    assert builder.builder_config.name == '256px'

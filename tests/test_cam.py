@@ -133,3 +133,76 @@ def test_save_overlay_writes_png(tmp_path):
                           true_box=(8, 8, 12, 12), predicted_box=cam.cam_to_box(heat))
   with Image.open(path) as png:
     assert png.format == 'PNG' and png.size[0] > 100
+
+
+# ------------------------------------- a CAM from a trained model localises --
+
+SYNTHETIC_SIZE = 64   # Tiny DenseNet's features have stride 8: an 8x8 map, 8 px patches.
+FEATURE_STRIDE = 8
+
+
+def _synthetic_batch(source, start, size):
+  examples = [source[start + j] for j in range(size)]
+  return (np.stack([e['image'] for e in examples]),
+          np.stack([e['labels'] for e in examples]).astype(np.float32))
+
+
+def _train_tiny_on_synthetic(steps=150, batch=32, learning_rate=3e-3):
+  """A few seconds of Adam on the synthetic data, unaugmented so positions stay put."""
+  import optax
+  from input_pipeline import synthetic
+  model = models.create_model('tiny')
+  source = synthetic.SyntheticSource('train', steps * batch, SYNTHETIC_SIZE)
+  images, _ = _synthetic_batch(source, 0, batch)
+  variables = model.init(jax.random.key(0), preprocessing.normalize(images), train=False)
+  optimizer = optax.adam(learning_rate)
+
+  @jax.jit
+  def step(variables, opt_state, images, labels):
+    def loss_fn(params):
+      logits, updates = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                                    preprocessing.normalize(images), train=True,
+                                    mutable=['batch_stats'])
+      return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), updates
+    grads, updates = jax.grad(loss_fn, has_aux=True)(variables['params'])
+    changes, opt_state = optimizer.update(grads, opt_state, variables['params'])
+    return {'params': optax.apply_updates(variables['params'], changes),
+            'batch_stats': updates['batch_stats']}, opt_state
+
+  opt_state = optimizer.init(variables['params'])
+  for i in range(steps):
+    variables, opt_state = step(variables, opt_state, *_synthetic_batch(source, i * batch, batch))
+  return model, variables
+
+
+def test_cam_of_trained_model_peaks_on_the_synthetic_patch():
+  """Single-finding synthetic test images: the CAM of that finding peaks on its patch.
+
+  'On' allows half a feature cell around the patch, since a CAM's resolution is the
+  feature stride: that target covers ~6% of the image, so chance would score ~6%.
+  Measured: 26 of 36 (72%) at 150 steps; the CAM is also hotter on the patch than
+  off it in nearly every image.
+  """
+  from input_pipeline import synthetic
+  model, variables = _train_tiny_on_synthetic()
+  cam_fn = cam.make_cam_fn(model)
+  source = synthetic.SyntheticSource('test', 400, SYNTHETIC_SIZE)
+  peaks_on_patch, hotter_on_patch, total = 0, 0, 0
+  for i in range(len(source)):
+    example = source[i]
+    present = np.flatnonzero(example['labels'])
+    if len(present) != 1:
+      continue
+    k = int(present[0])
+    heat = cam.normalize_map(cam_fn(variables, example['image'][None])[1][0, k])
+    x, y, w, h = synthetic.patch_box(k, SYNTHETIC_SIZE)
+    margin = FEATURE_STRIDE // 2
+    peak_x, peak_y = cam.peak(heat)
+    peaks_on_patch += (x - margin <= peak_x < x + w + margin) and (
+        y - margin <= peak_y < y + h + margin)
+    on_patch = cam.box_to_mask((x, y, w, h), heat.shape)
+    hotter_on_patch += heat[on_patch].mean() > heat[~on_patch].mean()
+    total += 1
+  assert total >= 20
+  assert peaks_on_patch / total >= 0.6, f'CAM peaked on the patch in {peaks_on_patch}/{total}'
+  assert hotter_on_patch / total >= 0.9, f'CAM hotter on the patch in {hotter_on_patch}/{total}'

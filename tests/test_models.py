@@ -54,7 +54,9 @@ def test_tiny_shapes_and_cam_features(tiny):
   model, variables, x = tiny
   logits, features = model.apply(variables, x, train=False, return_features=True)
   assert logits.shape == (4, 14) and logits.dtype == jnp.float32
-  assert features.shape == (4, 4, 4, 20)  # 32 px / 8, 16 + 8 channels halved + 8.
+  blocks, growth, init = models.ARCHITECTURES['tiny']
+  channels = (init + blocks[0] * growth) // 2 + blocks[1] * growth
+  assert features.shape == (4, 4, 4, channels)  # Two blocks: 32 px / 8.
   head = variables['params']['classifier']
   cam = features @ head['kernel']  # The class activation maps.
   np.testing.assert_allclose(cam.mean(axis=(1, 2)) + head['bias'], logits,
@@ -121,10 +123,6 @@ def randomize_keras_weights(model, seed):
                                     w.shape) for w in layer.get_weights()])
 
 
-def keras_layer_weights(model):
-  return [layer.get_weights() for layer in model.layers if layer.weights]
-
-
 @pytest.fixture(scope='module')
 def keras_densenet121():
   """(Keras model, input, eval logits, train-mode logits), weights randomised."""
@@ -136,10 +134,23 @@ def keras_densenet121():
   randomize_keras_weights(model, seed=0)
   x = np.random.default_rng(1).normal(size=(4, PARITY_SIZE, PARITY_SIZE, 3))
   x = x.astype(np.float32)
-  layers = keras_layer_weights(model)  # Before training mode moves the stats.
-  eval_logits = np.asarray(model(x, training=False))
-  train_logits = np.asarray(model(x, training=True))
-  return layers, x, eval_logits, train_logits
+  eval_logits, train_logits = keras_logits_both_modes(model, x)
+  return weights.keras_model_to_state_dict(model), x, eval_logits, train_logits
+
+
+def keras_logits_both_modes(model, x):
+  """(eval, train-mode) logits from one jit: half the CPU time of eager calls."""
+
+  @jax.jit
+  def both_modes(trainable, non_trainable, x):
+    outputs = [model.stateless_call(trainable, non_trainable, x, training=mode)[0]
+               for mode in (False, True)]
+    return outputs
+
+  values = lambda variables: [v.value for v in variables]
+  outputs = both_modes(values(model.trainable_variables),
+                       values(model.non_trainable_variables), x)
+  return [np.asarray(o) for o in outputs]
 
 
 def relative_error(actual, expected):
@@ -147,14 +158,13 @@ def relative_error(actual, expected):
 
 
 def test_densenet121_matches_keras(keras_densenet121):
-  layers, x, keras_eval, keras_train = keras_densenet121
+  state_dict, x, keras_eval, keras_train = keras_densenet121
   model = models.create_model('densenet121').clone(
       bn_epsilon=models.KERAS_BN_EPSILON)
   # Shapes suffice: every variable, head included, comes from Keras.
   shapes = jax.eval_shape(
       lambda: model.init(jax.random.key(0), x[:1], train=False))
-  variables = weights.state_dict_to_variables(
-      weights.keras_layers_to_state_dict(layers), shapes)
+  variables = weights.state_dict_to_variables(state_dict, shapes)
 
   @jax.jit
   def both_modes(variables, x):
@@ -163,5 +173,7 @@ def test_densenet121_matches_keras(keras_densenet121):
 
   ours_eval, ours_train = both_modes(variables, x)
   assert np.std(keras_eval) > 1e-2  # Random weights still give distinct logits.
-  assert relative_error(np.asarray(ours_eval), keras_eval) < PARITY_RTOL
-  assert relative_error(np.asarray(ours_train), keras_train) < PARITY_RTOL
+  errors = (relative_error(np.asarray(ours_eval), keras_eval),
+            relative_error(np.asarray(ours_train), keras_train))
+  print(f'relative error vs Keras: eval {errors[0]:.2e}, train {errors[1]:.2e}')
+  assert max(errors) < PARITY_RTOL

@@ -187,7 +187,8 @@ def test_synthetic_is_learnable_and_localised(synthetic_config):
     for k in range(labels.NUM_CLASSES):
       x, y, w, h = synthetic.patch_box(k, 64)
       patch_mean = example['image'][y:y + h, x:x + w].mean()
-      assert (patch_mean > 190) == bool(example['labels'][k])
+      # Background noise is < 90; a drawn patch (any class texture) averages far above.
+      assert (patch_mean > 120) == bool(example['labels'][k])
   assert synthetic.source(synthetic_config, 'validation')[5]['image'].tobytes() == \
       source[5]['image'].tobytes()  # Pure function of (split, index).
   boxes = {synthetic.patch_box(k, 224) for k in range(14)}
