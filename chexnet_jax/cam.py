@@ -17,6 +17,8 @@ import os
 
 import jax
 import jax.numpy as jnp
+from matplotlib import figure as figure_lib
+from matplotlib import patches
 import numpy as np
 from scipy import ndimage
 
@@ -229,14 +231,11 @@ def save_overlay(path, image, cam, *, title='', true_box=None, predicted_box=Non
   true_box (NIH's, green) and predicted_box (from the CAM, red dashed) are in the
   image's pixel coordinates.
   """
-  import matplotlib  # Deferred: only the writers need it, and Agg must be set first.
-  matplotlib.use('Agg')
-  from matplotlib import patches
-  from matplotlib import pyplot as plt
-
   image = np.asarray(image)
   image = image[..., 0] if image.ndim == 3 else image
-  figure, axes = plt.subplots(figsize=(4, 4), dpi=100)
+  # A bare Figure, not pyplot: no global backend state, headless and notebook-safe.
+  figure = figure_lib.Figure(figsize=(4, 4), dpi=100)
+  axes = figure.subplots()
   axes.imshow(image, cmap='gray', vmin=0, vmax=255)
   axes.imshow(normalize_map(cam), cmap='jet', alpha=alpha, vmin=0, vmax=1)
   for box, color, style in ((true_box, 'lime', '-'), (predicted_box, 'red', '--')):
@@ -248,5 +247,4 @@ def save_overlay(path, image, cam, *, title='', true_box=None, predicted_box=Non
   axes.axis('off')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   figure.savefig(path, bbox_inches='tight')
-  plt.close(figure)
   return path

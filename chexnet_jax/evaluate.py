@@ -22,13 +22,23 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from typing import Any
 
+import jax
+from jax.experimental import multihost_utils
+from matplotlib import colormaps
+from matplotlib import figure as figure_lib
 import numpy as np
 
+from chexnet_jax import cam as cam_lib
+from chexnet_jax import checkpoints
+from chexnet_jax import distributed
 from chexnet_jax import metrics as metrics_lib
+from chexnet_jax import train
 from input_pipeline import labels as labels_lib
+from input_pipeline import pipeline
 
 TTA_MODES = ('none', 'flip', 'tencrop')
 LABELS = labels_lib.LABELS
@@ -74,17 +84,11 @@ def _tta_iteration_config(config, tta):
 
 
 def _to_global_images(images, mesh):
-  from chexnet_jax import train
   return train.to_global({'image': np.ascontiguousarray(images)}, mesh)['image']
 
 
 def predict_with_tta(run, split, tta):
   """One masked pass with `tta` views per image; mean of their probabilities."""
-  import jax
-  from jax.experimental import multihost_utils
-  from chexnet_jax import train
-  from input_pipeline import pipeline
-
   predict = train.make_predict_fn(run.model, run.mesh, train.DTYPES[run.config.dtype])
   probs, labels, indices = [], [], []
   iterator = pipeline.create_eval_iterator(
@@ -109,7 +113,6 @@ def predict_with_tta(run, split, tta):
 
 def predict_split(run, split, tta='none'):
   """Scores every example of `split` once; the plain pass is train.evaluate_split."""
-  from chexnet_jax import train
   if tta not in TTA_MODES:
     raise ValueError(f'chexnet_jax/evaluate.py: --tta={tta!r}; choose one of {TTA_MODES}.')
   if tta != 'none':
@@ -126,7 +129,6 @@ def predict_split(run, split, tta='none'):
 
 def split_records(config, split, indices):
   """split_metadata rows for `indices` (image_name, patient_id, boxes)."""
-  from input_pipeline import pipeline
   metadata = pipeline.split_metadata(config, split)
   if len(metadata) < len(indices) or (len(indices) and max(indices) >= len(metadata)):
     raise ValueError(
@@ -145,7 +147,6 @@ def boxes_in_input(record, config):
 
   Boxes wholly cut away by the centre crop are left out.
   """
-  from chexnet_jax import cam as cam_lib
   boxes = []
   for box in record.get('boxes', ()):
     mapped = cam_lib.original_box_to_input(box['bbox'], BOX_FRAME,
@@ -169,19 +170,20 @@ class Evaluation:
   predictions: Predictions
   records: list                # split_metadata rows, aligned with predictions
   threshold_source: str
-  config: Any = None
-
-
-def thresholds_from_validation(run, split, tta, predictions):
-  """Youden thresholds on validation (re-using `predictions` if split is validation)."""
-  validation = predictions if split == 'validation' else predict_split(run, 'validation', tta)
-  return metrics_lib.youden_thresholds(validation.labels, validation.probs)
+  config: Any                  # The run's config.
 
 
 def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0):
-  """Scores `split` and builds the report (collective: call on every process)."""
+  """Scores `split` (and validation, for thresholds) and builds the report.
+
+  Collective: every process must call it. The report is built on process 0 only
+  (the bootstrap is CPU work the others need not repeat); they return None.
+  """
   predictions = predict_split(run, split, tta)
-  thresholds = thresholds_from_validation(run, split, tta, predictions)
+  validation = predictions if split == 'validation' else predict_split(run, 'validation', tta)
+  if jax.process_index() != 0:
+    return None
+  thresholds = metrics_lib.youden_thresholds(validation.labels, validation.probs)
   records = split_records(run.config, split, predictions.indices)
   patients = [str(r['patient_id']) for r in records]
   report = metrics_lib.classification_report(
@@ -266,13 +268,11 @@ def read_predictions_csv(path):
 
 def roc_figure(evaluation):
   """matplotlib Figure: the ROC curve of every pathology, AUROC in the legend."""
-  from matplotlib import figure as figure_lib
-
   predictions, per_label = evaluation.predictions, evaluation.report['per_label']
   curves = metrics_lib.roc_curves(predictions.labels, predictions.probs)
   figure = figure_lib.Figure(figsize=(7, 7), dpi=100)
   axes = figure.subplots()
-  colors = matplotlib_colormap('tab20')
+  colors = colormaps['tab20']
   for k, (name, (fpr, tpr)) in enumerate(curves.items()):
     axes.plot(fpr, tpr, color=colors(k), lw=1.5,
               label=f'{name} {per_label[name]["auroc"]:.3f}')
@@ -285,11 +285,6 @@ def roc_figure(evaluation):
   return figure
 
 
-def matplotlib_colormap(name):
-  from matplotlib import colormaps
-  return colormaps[name]
-
-
 def plot_roc_curves(path, evaluation):
   roc_figure(evaluation).savefig(path, bbox_inches='tight')
 
@@ -300,7 +295,10 @@ def write_outputs(out_dir, evaluation, gallery=(), localization=None):
   write_auroc_csv(os.path.join(out_dir, 'auroc.csv'), evaluation.report)
   write_predictions_csv(os.path.join(out_dir, 'predictions.csv'), evaluation)
   plot_roc_curves(os.path.join(out_dir, 'roc_curves.png'), evaluation)
+  config = evaluation.config
   summary = {'split': evaluation.split, 'tta': evaluation.tta, 'step': evaluation.step,
+             'model': config.model, 'dataset': config.dataset,
+             'image_size': config.image_size, 'dataset_image_size': config.dataset_image_size,
              'threshold_source': evaluation.threshold_source,
              'labels': list(LABELS), **evaluation.report,
              'localization': localization, 'gallery': list(gallery)}
@@ -332,80 +330,105 @@ def gallery_choices(evaluation, size):
   return best[:size]
 
 
-def _find_images(config, split, wanted_indices):
-  """{index: uint8 [S, S, 1]} for the wanted examples, read on this process alone."""
-  from input_pipeline import pipeline
-  found, wanted = {}, set(int(i) for i in wanted_indices)
+CAM_BATCH = 16  # Images per CAM call: maps are [B, 14, S, S] float32, so keep B small.
+
+
+def _selected_images(config, split, wanted_indices):
+  """Yields (index, uint8 [S, S, 1]) for the wanted examples, read on this process alone."""
+  wanted = set(int(i) for i in wanted_indices)
   for batch in pipeline.create_eval_iterator(config, split, process_index=0, process_count=1):
-    for row in np.nonzero(batch['mask'])[0]:
+    for row in np.flatnonzero(batch['mask']):
       if int(batch['index'][row]) in wanted:
-        found[int(batch['index'][row])] = batch['image'][row]
-    if len(found) == len(wanted):
-      break
-  return found
+        wanted.discard(int(batch['index'][row]))
+        yield int(batch['index'][row]), batch['image'][row]
+    if not wanted:
+      return
+
+
+def class_activation_maps(run, split, wanted_indices):
+  """Yields (index, image, maps [14, S, S]) for the wanted examples, CAM_BATCH at a time.
+
+  Runs on process 0 with a local copy of the weights (cam.local_copy), so the other
+  processes need not take part.
+  """
+  cam_fn = cam_lib.make_cam_fn(run.model, train.DTYPES[run.config.dtype])
+  variables = cam_lib.local_copy(run.variables)
+  pending = []
+
+  def flush():
+    images = np.stack([image for _, image in pending])
+    padded = np.concatenate([images, np.zeros_like(images[:1]).repeat(
+        CAM_BATCH - len(pending), axis=0)])  # One shape, one compilation.
+    maps = np.asarray(cam_fn(variables, padded)[1])
+    done = [(index, image, maps[j]) for j, (index, image) in enumerate(pending)]
+    pending.clear()
+    return done
+
+  for item in _selected_images(run.config, split, wanted_indices):
+    pending.append(item)
+    if len(pending) == CAM_BATCH:
+      yield from flush()
+  if pending:
+    yield from flush()
 
 
 def draw_heatmaps(run, evaluation, out_dir, gallery_size=8, cam_threshold=0.5):
-  """Writes the gallery and scores localisation; returns (gallery, localization)."""
-  import jax.numpy as jnp
-  from chexnet_jax import cam as cam_lib
-  from chexnet_jax import train
+  """Writes the gallery and scores localisation; returns (gallery, localization).
 
+  Localisation: every box of the split against the CAM of its pathology, scored as
+  IoU and IoBB of the box around the map's peak region (Wang et al. 2017).
+  """
   gallery = gallery_choices(evaluation, gallery_size)
-  boxed = [(row, k, box) for row, record in enumerate(evaluation.records)
-           for k, box in boxes_in_input(record, run.config)]
-  rows = sorted({row for row, _ in gallery} | {row for row, _, _ in boxed})
-  images = _find_images(run.config, evaluation.split,
-                        [evaluation.predictions.indices[r] for r in rows])
-  cam_fn = cam_lib.make_cam_fn(run.model, train.DTYPES[run.config.dtype])
-  variables = cam_lib.local_copy(run.variables)
-  maps = {}
-  for row in rows:
-    image = images[int(evaluation.predictions.indices[row])]
-    maps[row] = (image, np.asarray(cam_fn(variables, image[None])[1][0]))
-  return (_write_gallery(out_dir, evaluation, gallery, maps, cam_threshold),
-          _localization(boxed, maps, cam_threshold))
+  boxes_by_row = {row: boxes_in_input(record, run.config)
+                  for row, record in enumerate(evaluation.records)}
+  rows = {row for row, _ in gallery} | {row for row, boxes in boxes_by_row.items() if boxes}
+  row_of = {int(evaluation.predictions.indices[row]): row for row in rows}
+  gallery_maps, scores = {}, {}
+  for index, image, maps in class_activation_maps(run, evaluation.split, row_of):
+    row = row_of[index]
+    for k, box in boxes_by_row[row]:
+      result = cam_lib.localize(maps[k], box, cam_threshold=cam_threshold)
+      scores.setdefault(LABELS[k], {'iou': [], 'iobb': []})
+      scores[LABELS[k]]['iou'].append(result['iou'])
+      scores[LABELS[k]]['iobb'].append(result['iobb'])
+    for gallery_row, k in gallery:
+      if gallery_row == row:
+        gallery_maps[(row, k)] = (image, maps[k])
+  return (_write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold),
+          _localization(scores, cam_threshold))
 
 
-def _write_gallery(out_dir, evaluation, gallery, maps, cam_threshold):
-  from chexnet_jax import cam as cam_lib
+def _write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold):
+  shutil.rmtree(os.path.join(out_dir, 'gallery'), ignore_errors=True)  # No stale maps.
   entries = []
   for row, k in gallery:
-    image, heat = maps[row]
+    image, heat = gallery_maps[(row, k)]
     record, name = evaluation.records[row], LABELS[k]
     true_box = next((box for label, box in boxes_in_input(record, evaluation.config)
                      if label == k), None)
     prob = float(evaluation.predictions.probs[row, k])
     stem = os.path.splitext(os.path.basename(str(record['image_name'])))[0]
     path = os.path.join(out_dir, 'gallery', f'{stem}_{name}.png')
-    cam_lib.save_overlay(path, image, heat[k], title=f'{stem} {name} p={prob:.3f}',
+    cam_lib.save_overlay(path, image, heat, title=f'{stem} {name} p={prob:.3f}',
                          true_box=true_box,
-                         predicted_box=cam_lib.cam_to_box(heat[k], cam_threshold))
+                         predicted_box=cam_lib.cam_to_box(heat, cam_threshold))
     entries.append({'image': str(record['image_name']), 'label': name,
                     'probability': prob, 'file': os.path.relpath(path, out_dir)})
   return entries
 
 
-def _localization(boxed, maps, cam_threshold):
+def _localization(scores, cam_threshold):
   """Wang et al.'s accuracy at T(IoU) and T(IoBB) per pathology; None without boxes."""
-  from chexnet_jax import cam as cam_lib
-  if not boxed:
+  if not scores:
     return None
-  scores = {}
-  for row, k, box in boxed:
-    result = cam_lib.localize(maps[row][1][k], box, cam_threshold=cam_threshold)
-    scores.setdefault(LABELS[k], {'iou': [], 'iobb': []})
-    scores[LABELS[k]]['iou'].append(result['iou'])
-    scores[LABELS[k]]['iobb'].append(result['iobb'])
   every = {'iou': [s for v in scores.values() for s in v['iou']],
            'iobb': [s for v in scores.values() for s in v['iobb']]}
   return {'cam_threshold': cam_threshold,
-          'per_label': {name: _accuracies(v) for name, v in scores.items()},
+          'per_label': {name: _accuracies(scores[name]) for name in LABELS if name in scores},
           'all': _accuracies(every)}
 
 
 def _accuracies(scores):
-  from chexnet_jax import cam as cam_lib
   return {'num_boxes': len(scores['iou']),
           'mean_iou': float(np.mean(scores['iou'])),
           'mean_iobb': float(np.mean(scores['iobb'])),
@@ -448,8 +471,6 @@ def parse_args(argv):
 
 def _start_processes(args):
   """Joins the multi-process job (Slurm or explicit), like training does."""
-  from chexnet_jax import checkpoints
-  from chexnet_jax import distributed
   config = checkpoints.load_config(args.workdir)
   # The training job's own coordinator is not this job's: use the flags.
   config.coordinator_address = args.coordinator_address
@@ -461,8 +482,6 @@ def _start_processes(args):
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  import jax
-  from chexnet_jax import checkpoints
   try:
     config = _start_processes(args)
     run = checkpoints.load_run(args.workdir, args.checkpoint, config=config)
@@ -470,7 +489,7 @@ def main(argv=None):
   except (FileNotFoundError, ValueError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
-  if jax.process_index() == 0:
+  if evaluation is not None:  # Process 0.
     out_dir = output_dir(args.workdir, args.split, args.tta)
     gallery, localization = draw_heatmaps(run, evaluation, out_dir, args.gallery)
     write_outputs(out_dir, evaluation, gallery, localization)
@@ -480,6 +499,8 @@ def main(argv=None):
           'thresholds: Youden on validation')
     print(format_auroc_table(evaluation.report))
     print(f'wrote {out_dir}')
+  # The others wait here, not in JAX's shutdown barrier, whose timeout is short.
+  multihost_utils.sync_global_devices('chexnet_jax.evaluate: written')
   return 0
 
 

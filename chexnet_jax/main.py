@@ -16,6 +16,7 @@ from chexnet_jax import checkpoints
 from chexnet_jax import config_checks
 from chexnet_jax import distributed
 from chexnet_jax import train
+from input_pipeline import pipeline
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (resumed if it '
                                'holds checkpoints).', required=True)
@@ -25,7 +26,8 @@ flags.mark_flags_as_required(['config'])
 
 # Errors the user can fix: one clear sentence, no traceback.
 USER_ERRORS = (config_checks.ConfigError, checkpoints.RunMismatchError,
-               train.NonFiniteLossError, FileNotFoundError)
+               train.NonFiniteLossError, pipeline.DatasetError,
+               FileNotFoundError)
 
 
 class _QuietLibraries(std_logging.Filter):

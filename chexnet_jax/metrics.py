@@ -9,6 +9,7 @@ only one class present has no AUROC and gets nan, never an exception, because a
 small validation split can easily lack e.g. Hernia positives.
 """
 import dataclasses
+import warnings
 
 import numpy as np
 from sklearn import metrics as sk_metrics
@@ -103,6 +104,36 @@ def _percentile_interval(samples, confidence):
   return Interval(float(low), float(high))
 
 
+class _RankedColumn:
+  """One label's scores sorted once, so each bootstrap resample costs O(N), not a sort.
+
+  scikit-learn re-sorts on every call: 1000 resamples x 14 labels x 2 metrics on
+  the 25,596-image test set took ~5 minutes; this takes seconds. Equal to
+  sklearn's roc_auc_score / average_precision_score with sample_weight (tested).
+  """
+
+  def __init__(self, labels, probs):
+    self.order = np.argsort(-np.asarray(probs), kind='mergesort')
+    self.positive = np.asarray(labels)[self.order] > 0.5
+    # Last position of each run of equal scores: one ROC point per distinct threshold.
+    self.ends = np.r_[np.flatnonzero(np.diff(np.asarray(probs)[self.order])), len(probs) - 1]
+
+  def scores(self, weights):
+    """(AUROC, average precision) under per-example weights; nan if a class is absent."""
+    weights = weights[self.order]
+    true_pos = np.cumsum(weights * self.positive)[self.ends]
+    false_pos = np.cumsum(weights * ~self.positive)[self.ends]
+    num_pos, num_neg = true_pos[-1], false_pos[-1]
+    if num_pos == 0 or num_neg == 0:
+      return float('nan'), float('nan')
+    tpr, fpr = np.r_[0.0, true_pos / num_pos], np.r_[0.0, false_pos / num_neg]
+    auroc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    predicted = true_pos + false_pos
+    precision = np.divide(true_pos, predicted, out=np.zeros_like(true_pos), where=predicted > 0)
+    average_precision = float(np.sum(np.diff(tpr) * precision))
+    return auroc, average_precision
+
+
 def bootstrap_intervals(labels, probs, patients, *, names=labels_lib.LABELS,
                         num_resamples=1000, seed=0, confidence=0.95):
   """Percentile bootstrap CIs of AUROC and AUPRC per label and of their means.
@@ -111,18 +142,21 @@ def bootstrap_intervals(labels, probs, patients, *, names=labels_lib.LABELS,
   the same predictions always give the same intervals.
   """
   labels, probs = _check_shapes(labels, probs, names)
-  samples = {'auroc': {n: [] for n in (*names, 'mean')},
-             'auprc': {n: [] for n in (*names, 'mean')}}
-  score_fns = {'auroc': auroc_per_label, 'auprc': auprc_per_label}
-  for weights in bootstrap_weights(patients, num_resamples, seed):
-    for metric, score_fn in score_fns.items():
-      scores = score_fn(labels, probs, names, weights=weights)
-      scores['mean'] = mean_score(scores)
-      for name, value in scores.items():
-        samples[metric][name].append(value)
-  return {metric: {name: _percentile_interval(values, confidence)
-                   for name, values in per_name.items()}
-          for metric, per_name in samples.items()}
+  columns = [_RankedColumn(labels[:, k], probs[:, k]) for k in range(len(names))]
+  samples = np.full((2, num_resamples, len(names)), np.nan)  # [metric, resample, label]
+  for r, weights in enumerate(bootstrap_weights(patients, num_resamples, seed)):
+    for k, column in enumerate(columns):
+      samples[:, r, k] = column.scores(weights)
+  result = {}
+  for m, metric in enumerate(('auroc', 'auprc')):
+    per_label = {name: _percentile_interval(samples[m, :, k], confidence)
+                 for k, name in enumerate(names)}
+    with np.errstate(all='ignore'), warnings.catch_warnings():
+      warnings.simplefilter('ignore', RuntimeWarning)  # All-nan resamples: skipped below.
+      means = np.nanmean(samples[m], axis=1)
+    per_label['mean'] = _percentile_interval(means, confidence)
+    result[metric] = per_label
+  return result
 
 
 # ----------------------------------------------------------------------------

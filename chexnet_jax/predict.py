@@ -19,6 +19,9 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from chexnet_jax import cam as cam_lib
+from chexnet_jax import checkpoints
+from chexnet_jax import train
 from input_pipeline import images as images_lib
 from input_pipeline import labels as labels_lib
 
@@ -28,7 +31,7 @@ class ImageLoadError(Exception):
 
 
 # ----------------------------------------------------------------------------
-# Reading and preparing an image (no JAX here: it is tested on its own).
+# Reading and preparing an image.
 
 
 def _open_guarded(path):
@@ -102,7 +105,6 @@ def _heatmap_path(output_dir, path, label, used_stems):
 
 def score_image(cam_fn, variables, config, path, top_k, output_dir, used_stems):
   """Scores one file and writes heatmaps of its top findings -> result dict."""
-  from chexnet_jax import cam as cam_lib  # Deferred with JAX: loading needs none.
 
   image, _ = load_image(path, config.dataset_image_size, config.image_size)
   probs, cams = cam_fn(variables, image[None])
@@ -149,12 +151,9 @@ def parse_args(argv):
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  import jax.numpy as jnp  # Deferred: --help and argument errors stay instant.
-  from chexnet_jax import cam as cam_lib
-  from chexnet_jax import checkpoints
 
   run = checkpoints.load_run(args.workdir, args.checkpoint)
-  cam_fn = cam_lib.make_cam_fn(run.model, jnp.dtype(run.config.dtype))
+  cam_fn = cam_lib.make_cam_fn(run.model, train.DTYPES[run.config.dtype])
   output_dir = args.output_dir or os.path.join(args.workdir, 'predict')
   results, failures, used_stems = [], [], {}
   for path in args.images:

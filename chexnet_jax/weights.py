@@ -12,7 +12,9 @@ Supported files:
 - CheXNet reproductions such as arnoweng/CheXNet ('module.densenet121.features...',
   head 'densenet121.classifier.0.weight' with 14 outputs).
 - Keras '.h5' (legacy: keras-applications files, `model.save('x.h5')`) and Keras 3
-  '.weights.h5', read with h5py (no Keras needed).
+  '.weights.h5' / '.keras', read with h5py (no Keras needed). Keras 3 files name
+  layers by class and creation count, so Keras weights are matched by order, the
+  architecture being read off the kernel shapes (keras_layers_to_state_dict).
 
 Head: a 1000-way ImageNet head is dropped (ours keeps its fresh initialisation).
 Other heads must have our number of outputs. A file that carries label names (a
@@ -22,11 +24,13 @@ canonical CheXNet order); a file without names is assumed to be in the canonical
 CheXNet order (Atelectasis ... Hernia), as arnoweng/CheXNet and its descendants are.
 """
 import hashlib
+import io
 import logging
 import os
 import pickle
 import re
 import urllib.request
+import zipfile
 
 from flax import traverse_util
 from flax.core import unfreeze
@@ -57,7 +61,7 @@ def load_pretrained(path, variables, *, label_names=None):
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f'Weights file {path} (config.init_from) not found.')
-  if path.endswith('.h5'):
+  if path.endswith(('.h5', '.hdf5', '.keras')):
     state_dict, file_labels = read_keras_h5(path)
   else:
     state_dict, file_labels = read_torch_file(path)
@@ -131,16 +135,30 @@ def normalize_torch_keys(state_dict, source='state dict'):
 
 
 def read_keras_h5(path):
-  """(torchvision-style state dict, label names or None) from a Keras .h5 file."""
-  with h5py.File(path, 'r') as f:
+  """(torchvision-style state dict, label names or None) from a Keras file.
+
+  '.weights.h5' and '.keras' (a zip holding model.weights.h5) are Keras 3
+  files; other '.h5'/'.hdf5' files are legacy Keras weights or whole models.
+  """
+  with _open_h5(path) as f:
     label_names = f.attrs.get('label_names')
     if label_names is not None:
       label_names = [_as_str(n) for n in label_names]
-    if path.endswith('.weights.h5'):
+    if path.endswith(('.weights.h5', '.keras')):
       layers = _keras3_layers(f)
     else:
       layers = _legacy_h5_layers(f['model_weights'] if 'model_weights' in f else f)
   return keras_layers_to_state_dict(layers, source=path), label_names
+
+
+def _open_h5(path):
+  if not path.endswith('.keras'):
+    return h5py.File(path, 'r')
+  with zipfile.ZipFile(path) as archive:
+    if 'model.weights.h5' not in archive.namelist():
+      raise ValueError(f'{path}: no model.weights.h5 inside; not a Keras 3 '
+                       f'.keras file (it holds {archive.namelist()}).')
+    return h5py.File(io.BytesIO(archive.read('model.weights.h5')), 'r')
 
 
 def _as_str(name):

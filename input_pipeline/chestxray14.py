@@ -147,10 +147,15 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     patients = {s: len({plan.entries[n].patient_id for n in names})
                 for s, names in plan.splits.items()}
+    # Positives per label and split: the trainer's weighted BCE reads them.
+    positives = {s: np.sum([plan.entries[n].labels for n in names], axis=0,
+                           dtype=np.int64).tolist()
+                 for s, names in plan.splits.items() if names}
     self.info.metadata.update({
         'val_fraction': cfg.val_fraction, 'split_seed': cfg.split_seed,
         'image_size': cfg.image_size, 'allow_subset': self._allow_subset,
         'resample': images.RESAMPLE.name, 'patients': patients,
+        'positives': positives,
         'inputs': {k: os.path.basename(v) for k, v in plan.files.items()},
         'skipped': plan.skipped})
     split_record = {'val_fraction': cfg.val_fraction, 'split_seed': cfg.split_seed,

@@ -29,16 +29,20 @@ _CROP_ATTEMPTS = 10
 # ---------------------------------------------------------------- sources
 
 
+class DatasetError(ValueError):
+  """The configured dataset is missing or does not match the config."""
+
+
 def _dataset_dir(config) -> str:
   return chestxray14.dataset_dir(config.data_dir, config.dataset_image_size,
                                  config.val_fraction, config.split_seed)
 
 
-def _missing_dataset_error(config) -> ValueError:
+def _missing_dataset_error(config) -> DatasetError:
   parent = os.path.join(config.data_dir, 'chestxray14')
   built = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
   built = [b for b in built if not b.startswith('.')]
-  return ValueError(
+  return DatasetError(
       f'No complete chestxray14 dataset at {config.dataset_image_size}px (val_fraction '
       f'{config.val_fraction}, split_seed {config.split_seed}) in data_dir '
       f'{config.data_dir!r} (built there: {built or "none"}). Build it with: python -m '
@@ -70,29 +74,34 @@ def get_source(config, split: str):
                      f'{config.dataset!r}')
   builder = _tfds_builder(config)
   if split not in builder.info.splits:
-    raise ValueError(f'No split {split!r} in {_dataset_dir(config)}; it has '
+    raise DatasetError(f'No split {split!r} in {_dataset_dir(config)}; it has '
                      f'{sorted(builder.info.splits)}')
   return builder.as_data_source(split=split)
 
 
 def get_dataset_info(config) -> dict:
-  """{'name', 'version', 'dataset_image_size', 'splits': {split: n}}; ValueError if the
-  dataset is missing, or built at another size or with another validation cut."""
+  """{'name', 'version', 'dataset_image_size', 'splits': {split: n},
+  'train_positive_fraction': [14 floats]}; DatasetError if the dataset is missing,
+  or built at another size or with another validation cut."""
   if config.dataset == 'synthetic':
     return {'name': 'synthetic', 'version': '1.0.0',
             'dataset_image_size': config.dataset_image_size,
-            'splits': synthetic.split_sizes(config)}
+            'splits': synthetic.split_sizes(config),
+            'train_positive_fraction': [synthetic.PRESENT_PROBABILITY] * 14}
   builder = _tfds_builder(config)
-  _check_split_matches(config, builder.info.metadata or {})  # Belt and braces.
+  metadata = builder.info.metadata or {}
+  _check_split_matches(config, metadata)  # Belt and braces.
+  splits = {s: info.num_examples for s, info in builder.info.splits.items()}
+  positives = np.asarray(metadata['positives']['train'], np.float64)
   return {'name': builder.info.name, 'version': str(builder.info.version),
-          'dataset_image_size': config.dataset_image_size,
-          'splits': {s: info.num_examples for s, info in builder.info.splits.items()}}
+          'dataset_image_size': config.dataset_image_size, 'splits': splits,
+          'train_positive_fraction': (positives / splits['train']).tolist()}
 
 
 def _check_split_matches(config, metadata):
   built = (metadata.get('val_fraction'), metadata.get('split_seed'))
   if built != (config.val_fraction, config.split_seed):
-    raise ValueError(
+    raise DatasetError(
         f'{_dataset_dir(config)} was built with val_fraction, split_seed = {built}, but '
         f'the config says ({config.val_fraction}, {config.split_seed}). Change the config '
         'or rebuild into another data_dir with --val_fraction/--split_seed.')

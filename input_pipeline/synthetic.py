@@ -19,7 +19,7 @@ _PATCH_FRACTION = 0.75  # Patch side as a fraction of the cell side.
 # pixels (12 classes), then checkerboards of cell 2 and 3 (2 classes).
 _DIRECTIONS = ((1, 0), (0, 1), (1, 1), (1, -1))
 _PERIODS = (3, 4, 6)
-_PRESENT_PROBABILITY = 0.25
+PRESENT_PROBABILITY = 0.25
 _BOX_FRAME = 1024      # Boxes use NIH's original 1024-pixel frame, like the real data.
 
 
@@ -72,7 +72,7 @@ class SyntheticSource:
     if not 0 <= index < self._size:
       raise IndexError(f'index {index} out of range for {self!r}')
     rng = np.random.default_rng((*self._seed, index))
-    labels = (rng.random(labels_lib.NUM_CLASSES) < _PRESENT_PROBABILITY).astype(np.uint8)
+    labels = (rng.random(labels_lib.NUM_CLASSES) < PRESENT_PROBABILITY).astype(np.uint8)
     present = np.flatnonzero(labels)
     return {
         'image': self._draw(rng, present), 'labels': labels,

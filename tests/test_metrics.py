@@ -106,3 +106,28 @@ def test_classification_report_is_json_ready():
   assert report['mean_auroc'] == pytest.approx(
       np.mean([report['per_label'][n]['auroc'] for n in ('a', 'b')]))
   assert report['num_patients'] == len(np.unique(patients))
+
+
+@pytest.mark.parametrize('seed', [0, 1, 2])
+def test_ranked_column_equals_sklearn_with_weights_and_ties(seed):
+  rng = np.random.default_rng(seed)
+  labels = (rng.random(300) < 0.2).astype(float)
+  probs = np.round(rng.random(300) * 0.5 + 0.3 * labels, 2)    # Many ties.
+  weights = rng.integers(0, 4, size=300).astype(float)          # Zeros too.
+  auroc, average_precision = metrics._RankedColumn(labels, probs).scores(weights)
+  assert auroc == pytest.approx(
+      sk_metrics.roc_auc_score(labels, probs, sample_weight=weights), abs=1e-12)
+  assert average_precision == pytest.approx(
+      sk_metrics.average_precision_score(labels, probs, sample_weight=weights), abs=1e-12)
+
+
+def test_bootstrap_mean_interval_uses_resamples_of_the_same_patients():
+  labels, probs, patients = _random_predictions()
+  intervals = metrics.bootstrap_intervals(labels, probs, patients, names=NAMES,
+                                          num_resamples=30, seed=0)
+  aurocs = []
+  for weights in metrics.bootstrap_weights(patients, 30, seed=0):
+    aurocs.append(metrics.mean_score(metrics.auroc_per_label(labels, probs, NAMES, weights)))
+  low, high = np.percentile(aurocs, [2.5, 97.5])
+  assert intervals['auroc']['mean'].low == pytest.approx(low, abs=1e-12)
+  assert intervals['auroc']['mean'].high == pytest.approx(high, abs=1e-12)

@@ -157,6 +157,17 @@ def relative_error(actual, expected):
   return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
+def test_keras_densenet121_converts_to_torchvision_keys(keras_densenet121):
+  state_dict = keras_densenet121[0]
+  # torchvision's densenet121 state dict: 727 keys, 121 of them num_batches_tracked.
+  assert len(state_dict) == 727 - 121
+  expected = {'features.denseblock4.denselayer16.conv2.weight': (32, 128, 3, 3),
+              'features.transition3.conv.weight': (512, 1024, 1, 1),
+              'features.norm5.running_var': (1024,),
+              'classifier.weight': (14, 1024)}
+  assert {k: state_dict[k].shape for k in expected} == expected
+
+
 def test_densenet121_matches_keras(keras_densenet121):
   state_dict, x, keras_eval, keras_train = keras_densenet121
   model = models.create_model('densenet121').clone(

@@ -8,9 +8,11 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -100,14 +102,19 @@ def _unavailable(reason):
 
 
 @pytest.fixture(scope='module')
-def cluster(tmp_path_factory):
+def cluster():
   if os.geteuid() != 0:
     _unavailable('the local Slurm cluster needs root (apt-get, slurmd)')
   was_running = _run([str(CLUSTER), 'status']).returncode == 0
   started = _run([str(CLUSTER), 'start'], timeout=600)
   if started.returncode != 0:
     _unavailable(f'slurm/local_cluster.sh start failed:\n{started.stderr[-2000:]}')
-  yield Cluster(tmp_path_factory.mktemp('slurm'))
+  # Not pytest's tmp_path: other pytest sessions of the same user prune old
+  # basetemps, which would delete workdirs under running jobs.
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix='chexnet-slurm-tests-'))
+  yield Cluster(tmp)
+  if not os.environ.get('CHEXNET_KEEP_TEST_RUNS'):
+    shutil.rmtree(tmp, ignore_errors=True)
   if not was_running:  # Leave a cluster someone else started alone.
     _run([str(CLUSTER), 'stop'], timeout=120)
 

@@ -16,11 +16,9 @@ import torch
 
 from chexnet_jax import models
 from chexnet_jax import weights
+from input_pipeline.labels import LABELS
 
 SIZE = 32
-CHEXNET_LABELS = ('Atelectasis', 'Cardiomegaly', 'Effusion', 'Infiltration',
-                  'Mass', 'Nodule', 'Pneumonia', 'Pneumothorax', 'Consolidation',
-                  'Edema', 'Emphysema', 'Fibrosis', 'Pleural_Thickening', 'Hernia')
 
 
 def randomize_keras_weights(model, seed):
@@ -130,15 +128,27 @@ def test_chexnet_checkpoint_maps_the_head(state_dict, ours, keras_reference,
   assert_matches_keras(loaded, ours, keras_reference)
 
 
-def test_head_mapped_by_label_names(state_dict, ours, keras_reference, tmp_path):
+def save_with_shuffled_labels(state_dict, path):
+  """The head's rows permuted, with the label names saying so."""
   order = np.random.default_rng(0).permutation(14)
   sd = dict(state_dict)
   sd['classifier.weight'] = sd['classifier.weight'][order]
   sd['classifier.bias'] = sd['classifier.bias'][order]
-  names = [CHEXNET_LABELS[i] for i in order]
-  path = save_torch({'state_dict': sd, 'label_names': names}, tmp_path / 'n.pth')
-  loaded = weights.load_pretrained(path, ours[0], label_names=CHEXNET_LABELS)
+  names = [LABELS[i] for i in order]
+  return save_torch({'state_dict': sd, 'label_names': names}, path)
+
+
+def test_head_mapped_by_label_names(state_dict, ours, keras_reference, tmp_path):
+  path = save_with_shuffled_labels(state_dict, tmp_path / 'n.pth')
+  loaded = weights.load_pretrained(path, ours[0])  # Ours: canonical LABELS.
   assert_matches_keras(loaded, ours, keras_reference)
+
+
+def test_labels_absent_from_the_file_are_an_error(state_dict, ours, tmp_path):
+  path = save_with_shuffled_labels(state_dict, tmp_path / 'n.pth')
+  ours_labels = LABELS[:13] + ('No_Finding',)
+  with pytest.raises(ValueError, match='No_Finding'):
+    weights.load_pretrained(path, ours[0], label_names=ours_labels)
 
 
 def test_imagenet_head_is_dropped(state_dict, ours, tmp_path):
@@ -152,9 +162,13 @@ def test_imagenet_head_is_dropped(state_dict, ours, tmp_path):
                                 state_dict['features.norm0.weight'])
 
 
-def test_keras3_weights_h5(keras_reference, ours, tmp_path):
-  path = str(tmp_path / 'model.weights.h5')
-  keras_reference[0].save_weights(path)
+@pytest.mark.parametrize('file_name', ['model.weights.h5', 'model.keras'])
+def test_keras3_files(file_name, keras_reference, ours, tmp_path):
+  path = str(tmp_path / file_name)
+  if file_name.endswith('.keras'):
+    keras_reference[0].save(path)
+  else:
+    keras_reference[0].save_weights(path)
   assert_matches_keras(weights.load_pretrained(path, ours[0]), ours,
                        keras_reference)
 
