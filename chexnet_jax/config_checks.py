@@ -64,7 +64,7 @@ def validate(config, devices=None):
         'smaller or build the dataset at a larger --image_size.')
   if config.init_from and not os.path.isfile(config.init_from):
     raise ConfigError(f'config.init_from={config.init_from!r} is not a file; '
-                      'give the path of a .pth, .h5 or .weights.h5 file.')
+                      'give the path of a .pth, .h5, .weights.h5 or .keras file.')
   _check_precision(config.dtype, devices)
 
 

@@ -5,6 +5,7 @@ Any config field can be changed on the command line: `--config.batch_size=128`.
 Running again with the same --workdir resumes from its latest checkpoint.
 """
 import logging as std_logging
+import re
 import sys
 
 from absl import app
@@ -50,10 +51,20 @@ def main(argv):
     distributed.initialize(config)
     train.train_and_evaluate(config, _WORKDIR.value)
   except USER_ERRORS as error:
-    logging.error('%s', error)
     print(f'error: {error}', file=sys.stderr)
     sys.exit(1)
 
 
+def parse_flags(argv):
+  """absl's parser, with a config typo (--config.batchsize=) made one sentence."""
+  try:
+    return flags.FLAGS(argv)
+  except AttributeError as error:  # ml_collections: no such field.
+    words = re.sub(r"\\n|\n|\\'|['\"]", ' ', str(error)).split()
+    sys.exit(f'error: unknown config field {words[0]!r}. '
+             f'{" ".join(words[1:])} Every field is declared in '
+             'configs/default.py.'.replace('  ', ' '))
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

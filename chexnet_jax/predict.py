@@ -96,22 +96,25 @@ def top_findings(probs, top_k):
   return [(labels_lib.LABELS[k], int(k), float(probs[k])) for k in order]
 
 
-def _heatmap_path(output_dir, path, label, used_stems):
+def heatmap_stem(path, position, seen):
+  """File-name stem for an image's heatmaps; two inputs named alike get distinct ones."""
   stem = os.path.splitext(os.path.basename(path))[0]
-  if used_stems.setdefault(stem, path) != path:
-    stem = f'{stem}_{len(used_stems)}'
-  return os.path.join(output_dir, 'heatmaps', f'{stem}_{label}.png')
+  stem = f'{stem}_{position}' if stem in seen else stem
+  seen.add(stem)
+  return stem
 
 
-def score_image(cam_fn, variables, config, path, top_k, output_dir, used_stems):
-  """Scores one file and writes heatmaps of its top findings -> result dict."""
+def score_image(cam_fn, variables, config, path, top_k, heatmap_prefix):
+  """Scores one file and writes heatmaps of its top findings -> result dict.
 
+  Raises ImageLoadError (naming the file) when the file is not a usable image.
+  """
   image, _ = load_image(path, config.dataset_image_size, config.image_size)
   probs, cams = cam_fn(variables, image[None])
   probs, cams = np.asarray(probs[0]), np.asarray(cams[0])
   findings = []
   for label, k, prob in top_findings(probs, top_k):
-    heatmap = _heatmap_path(output_dir, path, label, used_stems)
+    heatmap = f'{heatmap_prefix}_{label}.png'
     cam_lib.save_overlay(heatmap, image, cams[k], title=f'{label} p={prob:.3f}',
                          predicted_box=cam_lib.cam_to_box(cams[k]))
     findings.append({'label': label, 'probability': prob, 'heatmap': heatmap})
@@ -151,26 +154,31 @@ def parse_args(argv):
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
-
-  run = checkpoints.load_run(args.workdir, args.checkpoint)
+  try:
+    run = checkpoints.load_run(args.workdir, args.checkpoint)
+  except (FileNotFoundError, ValueError) as error:
+    print(f'error: {error}', file=sys.stderr)
+    return 1
   cam_fn = cam_lib.make_cam_fn(run.model, train.DTYPES[run.config.dtype])
+  variables = cam_lib.local_copy(run.variables)
   output_dir = args.output_dir or os.path.join(args.workdir, 'predict')
-  results, failures, used_stems = [], [], {}
-  for path in args.images:
+  results, failures, seen_stems = [], [], set()
+  for position, path in enumerate(args.images):
+    prefix = os.path.join(output_dir, 'heatmaps', heatmap_stem(path, position, seen_stems))
     try:
-      results.append(score_image(cam_fn, run.variables, run.config, path, args.top_k,
-                                 output_dir, used_stems))
-    except ImageLoadError as e:
-      failures.append({'image': path, 'error': str(e)})
-      print(f'error: {e}', file=sys.stderr)
+      results.append(score_image(cam_fn, variables, run.config, path, args.top_k, prefix))
+    except ImageLoadError as error:  # Report it, and go on with the other files.
+      failures.append({'image': path, 'error': str(error)})
+      print(f'error: {error}', file=sys.stderr)
   if results:
     print(f'checkpoint step {run.step} of {args.workdir}')
     print(format_table(results))
   os.makedirs(output_dir, exist_ok=True)
-  with open(os.path.join(output_dir, 'predictions.json'), 'w') as f:
+  summary_path = os.path.join(output_dir, 'predictions.json')
+  with open(summary_path, 'w') as f:
     json.dump({'workdir': args.workdir, 'step': run.step, 'results': results,
                'failures': failures}, f, indent=2)
-  print(f'wrote {os.path.join(output_dir, "predictions.json")}')
+  print(f'wrote {summary_path}')
   return 1 if failures else 0
 
 

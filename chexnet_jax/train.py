@@ -137,11 +137,7 @@ def init_variables(config, model, rng):
 def create_train_state(config, model, mesh, tx):
   """Initialises the replicated state directly on the mesh (no host copy)."""
 
-  def init():
-    variables = init_variables(config, model, jax.random.key(config.seed))
-    if config.init_from:
-      from chexnet_jax import weights  # Optional: needs h5py / torch.
-      variables = weights.load_pretrained(config.init_from, variables)
+  def state_from(variables):
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=variables['params'],
         batch_stats=variables['batch_stats'],
@@ -150,9 +146,19 @@ def create_train_state(config, model, mesh, tx):
         dynamic_scale=(dynamic_scale_lib.DynamicScale()
                        if config.dtype == 'float16' else None))
 
-  if config.init_from:  # Reads a file: run eagerly, then place on the mesh.
-    return jax.device_put(init(), replicated(mesh))
-  return jax.jit(init, out_shardings=replicated(mesh))()
+  def init():
+    return init_variables(config, model, jax.random.key(config.seed))
+
+  on_mesh = replicated(mesh)
+  if not config.init_from:
+    return jax.jit(lambda: state_from(init()), out_shardings=on_mesh)()
+  from chexnet_jax import weights  # Optional: needs h5py / torch.
+  # Reading a file cannot be traced: initialise (for the head, which an
+  # ImageNet file lacks), load on the host, then place on the mesh.
+  variables = weights.load_pretrained(config.init_from,
+                                      jax.device_get(jax.jit(init)()))
+  return jax.jit(state_from, out_shardings=on_mesh)(
+      jax.device_put(variables, on_mesh))
 
 
 # --------------------------------------------------------------------- loss --

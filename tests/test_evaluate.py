@@ -152,3 +152,30 @@ def test_format_auroc_table_handles_missing_values():
   report = {'per_label': {name: row for name in LABELS}, 'mean_auroc': None,
             'mean_auroc_ci': [None, None], 'mean_auprc': None}
   assert len(evaluate.format_auroc_table(report).splitlines()) == 14 + 4
+
+
+def _free_port():
+  import socket
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    return sock.getsockname()[1]
+
+
+def test_two_processes_score_alike_and_only_process_0_writes(evaluated, tmp_path):
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(evaluated['workdir'], workdir, ignore=shutil.ignore_patterns('eval'))
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  address = f'localhost:{_free_port()}'
+  processes = [subprocess.Popen(
+      [sys.executable, '-m', 'chexnet_jax.evaluate', '--workdir', workdir, '--bootstrap',
+       str(BOOTSTRAP), '--coordinator_address', address, '--num_processes', '2',
+       '--process_id', str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+  assert 'Mean' in outputs[0][0] and 'Mean' not in outputs[1][0]
+  one = _auroc_csv(os.path.join(evaluated['one_device'], 'auroc.csv'))
+  two = _auroc_csv(os.path.join(workdir, 'eval', 'test', 'auroc.csv'))
+  for name in (*LABELS, 'mean'):
+    assert float(two[name]['auroc']) == pytest.approx(float(one[name]['auroc']), abs=1e-6)

@@ -173,3 +173,9 @@ def test_predict_probabilities_equal_the_eval_model(tiny_run):
   probs, _ = cam.make_cam_fn(run.model)(cam.local_copy(run.variables), image[None])
   logits = train.make_predict_fn(run.model, None)(cam.local_copy(run.variables), image[None])
   np.testing.assert_allclose(probs, jax.nn.sigmoid(logits), atol=1e-6)
+
+
+def test_heatmap_stems_stay_distinct():
+  seen = set()
+  stems = [predict.heatmap_stem(p, i, seen) for i, p in enumerate(['a/x.png', 'b/x.png', 'y.jpg'])]
+  assert stems == ['x', 'x_1', 'y']
