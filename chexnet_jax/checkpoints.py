@@ -10,16 +10,20 @@ orbax writes each step to a temporary directory and renames it when complete,
 so a save killed half-way never appears as a step; a step that is complete on
 disk but unreadable (a truncated file) is skipped, with the reason logged.
 """
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import re
 from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from chexnet_jax import config_checks
 from chexnet_jax import train
 
 BEST_METRIC = 'val_mean_auroc'
@@ -56,17 +60,65 @@ def save(manager, state, data_iterator, metrics=None):
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
   step = int(jax.device_get(state.step))
-  manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
-               force=True)
+  with _write_errors(manager):  # Also reports the previous save's failure.
+    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
+                 force=True)
   return step
+
+
+def wait_until_finished(manager):
+  """Waits for the asynchronous save; a failed write is one clear error."""
+  with _write_errors(manager):
+    manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _write_errors(manager):
+  """A save that failed for want of space or permission -> WorkdirError.
+
+  orbax raises such failures as ValueError/TimeoutError from its background
+  threads, whose cause (errno) is buried in a long message.
+  """
+  try:
+    yield
+  except Exception as error:  # pylint: disable=broad-except
+    reason = _os_error(error)
+    if reason is None:
+      raise
+    steps = _complete_steps(manager)
+    raise config_checks.WorkdirError(
+        f'Writing a checkpoint to {manager.directory} failed ({reason}). The '
+        f'last complete checkpoint is step {steps[-1] if steps else "none"}; '
+        'free space (or fix the directory), then run again to resume from it.'
+    ) from error
+
+
+def _os_error(error):
+  """The OS reason of a failed write, e.g. 'No space left on device', or None."""
+  while error is not None:
+    if isinstance(error, OSError) and error.strerror:
+      return error.strerror
+    code = re.search(r"os_error_code='(\d+)'", str(error))  # tensorstore's.
+    if code:
+      return os.strerror(int(code.group(1)))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _complete_steps(manager):
+  """Finalised steps on disk (orbax lists a step as soon as its save starts)."""
+  names = os.listdir(manager.directory)
+  return sorted(int(n) for n in names if n.isdigit())
 
 
 def restore_latest(manager, state_template, data_iterator):
   """Restores the newest readable step; returns (state, step) or (None, None).
 
-  The iterator, when given, is restored in place to the saved position.
+  The iterator, when given, is restored in place to the saved position. An
+  unreadable step is moved aside, so that it is not taken for the latest.
   """
   import grain
+  _log_unfinished_saves(manager)
   for step in sorted(manager.all_steps(), reverse=True):
     items = {'state': ocp.args.StandardRestore(state_template)}
     if data_iterator is not None:
@@ -74,12 +126,35 @@ def restore_latest(manager, state_template, data_iterator):
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as error:  # pylint: disable=broad-except
-      logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); '
-                      'trying the previous one.', step, manager.directory,
-                      type(error).__name__, error)
+      _set_aside(manager, step, error)
       continue
     return restored['state'], step
   return None, None
+
+
+def _log_unfinished_saves(manager):
+  for name in sorted(os.listdir(manager.directory)):
+    if name.endswith('.orbax-checkpoint-tmp'):
+      logging.warning('Ignoring %s in %s: a save that never finished (the run '
+                      'stopped while writing it).', name, manager.directory)
+
+
+def _set_aside(manager, step, error):
+  """Renames an unreadable step to <step>.unreadable-<mtime> (for inspection).
+
+  Left in place, it would still be the manager's latest step (for load_run)
+  and the resumed run would fail to save that step again ("already exists").
+  """
+  path = os.path.join(manager.directory, str(step))
+  aside = f'{path}.unreadable-{int(os.path.getmtime(path))}'
+  logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); moved to '
+                  '%s; trying the previous one.', step, manager.directory,
+                  type(error).__name__, error, aside)
+  if jax.process_index() == 0:
+    os.replace(path, aside)
+  if jax.process_count() > 1:  # The others must not list it after this.
+    multihost_utils.sync_global_devices(f'checkpoint {step} set aside')
+  manager.reload()
 
 
 # ----------------------------------------------------------------- identity --

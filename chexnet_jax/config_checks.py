@@ -68,13 +68,24 @@ def validate(config, devices=None):
   _check_precision(config.dtype, devices)
 
 
+class WorkdirError(ConfigError):
+  """The workdir cannot be written: not a directory, read-only or full."""
+
+
 def prepare_workdir(workdir):
-  """Creates the workdir and proves it is writable, before any long work."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir):
-      pass
-  except OSError as error:
-    raise ConfigError(
-        f'--workdir {workdir} cannot be written ({error.strerror}); choose a '
-        'writable directory with free space.') from error
+  """Creates the workdir and proves it is writable, before any long work.
+
+  Its checkpoints/ subdirectory too: orbax meets an unwritable one only at
+  the first save, and then waits 5 minutes before failing.
+  """
+  for path in (workdir, os.path.join(workdir, 'checkpoints')):
+    try:
+      os.makedirs(path, exist_ok=True)
+      with tempfile.NamedTemporaryFile(dir=path) as probe:
+        probe.write(b'x')  # A byte, flushed: a full disk fails here, not later.
+        probe.flush()
+        os.fsync(probe.fileno())
+    except OSError as error:
+      raise WorkdirError(
+          f'--workdir {workdir} cannot be written ({path}: {error.strerror}); '
+          'choose a writable directory with free space.') from error

@@ -371,7 +371,7 @@ def train_and_evaluate(config, workdir):
   try:
     return run.loop(writer)
   finally:
-    run.manager.wait_until_finished()
+    checkpoints.wait_until_finished(run.manager)  # A failed write: one sentence.
     run.manager.close()
     writer.close()
 
@@ -466,7 +466,7 @@ class _Run:
     check_finite(*previous, self.manager)
     if step not in self.manager.all_steps():
       self.checkpoints.save(self.manager, self.state, self.data)
-    self.manager.wait_until_finished()
+    self.checkpoints.wait_until_finished(self.manager)
     logging.warning('Preempted: saved step %d; exiting with code %d so the job '
                     'can be requeued.', step, PREEMPTED_EXIT_CODE)
     raise SystemExit(PREEMPTED_EXIT_CODE)

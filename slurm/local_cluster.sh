@@ -116,6 +116,10 @@ JobRequeue=1
 MinJobAge=300
 # Seconds between SIGTERM and SIGKILL when a job is cancelled or hits its limit.
 KillWait=30
+# A requeued job may start only after its old credential expires (default
+# 120 s); with 20 s and a 5 s backfill pass the preemption test waits ~25 s.
+AuthInfo=cred_expire=20
+SchedulerParameters=bf_interval=5
 SlurmdParameters=config_overrides
 EOF
     local i

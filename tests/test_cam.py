@@ -137,8 +137,7 @@ def test_save_overlay_writes_png(tmp_path):
 
 # ------------------------------------- a CAM from a trained model localises --
 
-SYNTHETIC_SIZE = 64   # Tiny DenseNet's features have stride 8: an 8x8 map, 8 px patches.
-FEATURE_STRIDE = 8
+SYNTHETIC_SIZE = 64   # Tiny DenseNet's features have stride 8: an 8x8 map, 12 px patches.
 
 
 def _synthetic_batch(source, start, size):
@@ -147,7 +146,7 @@ def _synthetic_batch(source, start, size):
           np.stack([e['labels'] for e in examples]).astype(np.float32))
 
 
-def _train_tiny_on_synthetic(steps=150, batch=32, learning_rate=3e-3):
+def _train_tiny_on_synthetic(steps=100, batch=32, learning_rate=3e-3):
   """A few seconds of Adam on the synthetic data, unaugmented so positions stay put."""
   import optax
   from input_pipeline import synthetic
@@ -176,18 +175,16 @@ def _train_tiny_on_synthetic(steps=150, batch=32, learning_rate=3e-3):
 
 
 def test_cam_of_trained_model_peaks_on_the_synthetic_patch():
-  """Single-finding synthetic test images: the CAM of that finding peaks on its patch.
+  """Single-finding synthetic test images: the CAM of that finding peaks inside its patch.
 
-  'On' allows half a feature cell around the patch, since a CAM's resolution is the
-  feature stride: that target covers ~6% of the image, so chance would score ~6%.
-  Measured: 26 of 36 (72%) at 150 steps; the CAM is also hotter on the patch than
-  off it in nearly every image.
+  A patch covers 3.5% of the image, so chance would score ~4%; measured 36 of 36
+  images at 100 steps (34 of 36 at 80). The CAM is also hotter on the patch than off it.
   """
   from input_pipeline import synthetic
   model, variables = _train_tiny_on_synthetic()
   cam_fn = cam.make_cam_fn(model)
   source = synthetic.SyntheticSource('test', 400, SYNTHETIC_SIZE)
-  peaks_on_patch, hotter_on_patch, total = 0, 0, 0
+  peaks_inside, hotter_inside, total = 0, 0, 0
   for i in range(len(source)):
     example = source[i]
     present = np.flatnonzero(example['labels'])
@@ -195,14 +192,12 @@ def test_cam_of_trained_model_peaks_on_the_synthetic_patch():
       continue
     k = int(present[0])
     heat = cam.normalize_map(cam_fn(variables, example['image'][None])[1][0, k])
-    x, y, w, h = synthetic.patch_box(k, SYNTHETIC_SIZE)
-    margin = FEATURE_STRIDE // 2
+    patch = synthetic.patch_box(k, SYNTHETIC_SIZE)
+    inside = cam.box_to_mask(patch, heat.shape)
     peak_x, peak_y = cam.peak(heat)
-    peaks_on_patch += (x - margin <= peak_x < x + w + margin) and (
-        y - margin <= peak_y < y + h + margin)
-    on_patch = cam.box_to_mask((x, y, w, h), heat.shape)
-    hotter_on_patch += heat[on_patch].mean() > heat[~on_patch].mean()
+    peaks_inside += bool(inside[peak_y, peak_x])
+    hotter_inside += heat[inside].mean() > heat[~inside].mean()
     total += 1
   assert total >= 20
-  assert peaks_on_patch / total >= 0.6, f'CAM peaked on the patch in {peaks_on_patch}/{total}'
-  assert hotter_on_patch / total >= 0.9, f'CAM hotter on the patch in {hotter_on_patch}/{total}'
+  assert peaks_inside / total >= 0.85, f'CAM peaked inside the patch in {peaks_inside}/{total}'
+  assert hotter_inside / total >= 0.95, f'CAM hotter on the patch in {hotter_inside}/{total}'

@@ -37,12 +37,14 @@ def _auroc_csv(path):
 @pytest.fixture(scope='module')
 def evaluated(tiny_run, tmp_path_factory):
   """The test split evaluated on 1 device, then again on 4 (results kept apart)."""
-  one = run_evaluate_cli(tiny_run, 1)
-  saved = str(tmp_path_factory.mktemp('eval_1_device') / 'test')
-  shutil.copytree(os.path.join(tiny_run, 'eval', 'test'), saved)
-  four = run_evaluate_cli(tiny_run, 4)
-  return {'workdir': tiny_run, 'one_device': saved, 'stdout_one': one, 'stdout_four': four,
-          'four_devices': os.path.join(tiny_run, 'eval', 'test')}
+  kept = {}
+  for devices in (1, 4):
+    kept[f'stdout_{devices}'] = run_evaluate_cli(tiny_run, devices)
+    # Other tests evaluate the same run again: keep this one's files apart.
+    kept[devices] = str(tmp_path_factory.mktemp(f'eval_{devices}_devices') / 'test')
+    shutil.copytree(os.path.join(tiny_run, 'eval', 'test'), kept[devices])
+  return {'workdir': tiny_run, 'one_device': kept[1], 'four_devices': kept[4],
+          'stdout_one': kept['stdout_1']}
 
 
 def test_writes_the_report_files(evaluated):

@@ -1,7 +1,6 @@
 """chexnet_jax/predict.py: reading images like the eval pipeline, and the CLI on a tiny run."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,7 +11,10 @@ from PIL import Image
 from chexnet_jax import predict
 from input_pipeline import labels as labels_lib
 
-SAMPLE_DIR = '/work/shared/nih_sample/images'
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The real NIH sample (shared/), or the repository's bundled copy of it.
+SAMPLE_DIR = next(d for d in ('/work/shared/nih_sample/images',
+                              os.path.join(REPO, 'demo_data', 'images')) if os.path.isdir(d))
 RGBA_SAMPLE = os.path.join(SAMPLE_DIR, '00000100_000.png')
 
 
@@ -92,7 +94,8 @@ def test_unreadable_file_is_a_clear_error(tmp_path, content):
 
 
 def test_truncated_png_is_a_clear_error(tmp_path):
-  path = _save(tmp_path / 'whole.png', np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
+  noise = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+  path = _save(tmp_path / 'whole.png', noise)
   cut = tmp_path / 'cut.png'
   cut.write_bytes(path.read_bytes()[:200])
   with pytest.raises(predict.ImageLoadError, match='cut.png'):
@@ -140,8 +143,7 @@ def test_predict_real_samples_with_a_corrupt_file_among_them(tiny_run, tmp_path)
   out = tmp_path / 'out'
   command = [sys.executable, '-m', 'chexnet_jax.predict', SAMPLES[0], str(corrupt),
              *SAMPLES[1:], '--workdir', tiny_run, '--top_k', '2', '--output_dir', str(out)]
-  result = subprocess.run(command, capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 1, result.stderr[-2000:]
   assert 'corrupt.png' in result.stderr and 'error' in result.stderr
   rows = [line.split() for line in result.stdout.splitlines()
