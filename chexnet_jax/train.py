@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from chexnet_jax import distributed
 from chexnet_jax import metric_logging
 from chexnet_jax import models
 from chexnet_jax import preprocessing
@@ -382,7 +383,7 @@ class _Run:
   def __init__(self, config, workdir, dataset_info, pipeline, checkpoints):
     self.config, self.checkpoints = config, checkpoints
     self.mesh = make_mesh()
-    log_topology(self.mesh)
+    distributed.log_topology(self.mesh)
     self.steps_per_epoch = pipeline.train_steps_per_epoch(
         config, dataset_info['splits']['train'], jax.process_count())
     self.total_steps = total_train_steps(config, self.steps_per_epoch)
@@ -479,11 +480,3 @@ def _pos_weight(config, dataset_info):
   fraction = np.clip(np.asarray(dataset_info['train_positive_fraction']),
                      1e-6, 1 - 1e-6)
   return (1 - fraction) / fraction
-
-
-def log_topology(mesh):
-  if jax.process_index() == 0:
-    logging.info('%d process(es), %d local / %d global devices (%s), mesh %s',
-                 jax.process_count(), jax.local_device_count(),
-                 jax.device_count(), jax.devices()[0].platform,
-                 dict(mesh.shape))
