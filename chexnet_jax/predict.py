@@ -4,8 +4,8 @@ r"""Scores chest X-ray images with a trained run and draws heatmaps of the top f
       [--checkpoint best|latest|STEP] [--top_k 3] [--output_dir OUT]
 
 Reads PNG/JPEG in grey, RGB, RGBA or 16-bit, prepares each image exactly like the
-evaluation pipeline (shorter side resized to config.dataset_image_size, centre crop
-of that square, centre crop of config.image_size), prints the 14 probabilities per
+dataset builder and the evaluation pipeline (resized to a config.dataset_image_size
+square, then a centre crop of config.image_size), prints the 14 probabilities per
 image and writes OUT/predictions.json and OUT/<image>_<finding>.png heatmaps (CAM).
 A file that cannot be read is reported and skipped; the others are still scored and
 the exit status is 1.
@@ -24,6 +24,7 @@ from chexnet_jax import checkpoints
 from chexnet_jax import train
 from input_pipeline import images as images_lib
 from input_pipeline import labels as labels_lib
+from input_pipeline import pipeline
 
 
 class ImageLoadError(Exception):
@@ -57,26 +58,11 @@ def _open_guarded(path):
       raise ImageLoadError(f'{path}: not a readable PNG/JPEG image ({e}).') from e
 
 
-def center_crop(array, size):
-  height, width = array.shape[:2]
-  if height < size or width < size:
-    raise ValueError(f'chexnet_jax/predict.py: cannot crop {size} from {array.shape}.')
-  top, left = (height - size) // 2, (width - size) // 2
-  return array[top:top + size, left:left + size]
-
-
-def resize_shorter_side(grey, size):
-  """Resizes so the shorter side is `size`, aspect kept, with the dataset's filter."""
-  height, width = grey.shape
-  scale = size / min(height, width)
-  new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
-  return np.asarray(Image.fromarray(grey).resize(new_size, images_lib.RESAMPLE))
-
-
 def prepare(grey, dataset_image_size, image_size):
-  """uint8 [H, W] -> uint8 [image_size, image_size, 1], the eval preprocessing."""
-  stored = center_crop(resize_shorter_side(grey, dataset_image_size), dataset_image_size)
-  return center_crop(stored, image_size)[..., None]
+  """uint8 [H, W] -> uint8 [image_size, image_size, 1]: the dataset builder's
+  resize, then the evaluation pipeline's centre crop."""
+  stored = images_lib.resize_square(grey, dataset_image_size)
+  return pipeline.center_crop(stored, image_size)
 
 
 def load_image(path, dataset_image_size, image_size):

@@ -21,10 +21,16 @@ def to_grey_uint8(image: Image.Image) -> np.ndarray:
   return np.asarray(image.convert('L'), dtype=np.uint8)
 
 
+def resize_square(grey: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [H, W] -> uint8 [size, size, 1]: the stored image. NIH's images are
+  square; any other image is resized to a square, as training saw its data."""
+  image = Image.fromarray(grey, mode='L')
+  if image.size != (size, size):
+    image = image.resize((size, size), RESAMPLE)
+  return np.asarray(image, dtype=np.uint8)[:, :, None]
+
+
 def decode_and_resize(data: bytes, size: int) -> np.ndarray:
   """PNG bytes -> uint8 [size, size, 1]."""
   with Image.open(io.BytesIO(data)) as image:
-    grey = Image.fromarray(to_grey_uint8(image), mode='L')
-  if grey.size != (size, size):
-    grey = grey.resize((size, size), RESAMPLE)
-  return np.asarray(grey, dtype=np.uint8)[:, :, None]
+    return resize_square(to_grey_uint8(image), size)

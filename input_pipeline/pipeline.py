@@ -197,7 +197,7 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(resized)[:, :, None]
 
 
-def _center_crop(image: np.ndarray, size: int) -> np.ndarray:
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
   """Central size x size crop, or a resize when the image is smaller than that."""
   height, width = image.shape[:2]
   if height < size or width < size:
@@ -223,7 +223,7 @@ def augment(image: np.ndarray, rng: np.random.Generator, config) -> np.ndarray:
   elif config.augment == 'random_crop':
     image = _random_crop(rng, image, size)
   elif config.augment == 'center_crop':
-    image = _center_crop(image, size)
+    image = center_crop(image, size)
   else:
     raise ValueError(f"config.augment must be 'random_resized_crop', 'random_crop' or "
                      f"'center_crop', got {config.augment!r}")
@@ -318,7 +318,7 @@ class _EvalExample:
       blank = np.zeros((self._size, self._size, 1), np.uint8)
       return _element(blank, np.zeros(14, np.float32), -1, real=False)
     example = self._source[position]
-    return _element(_center_crop(example['image'], self._size), example['labels'], position)
+    return _element(center_crop(example['image'], self._size), example['labels'], position)
 
 
 def eval_batches_per_process(config, num_examples: int, process_count: int) -> int:

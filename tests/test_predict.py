@@ -54,13 +54,13 @@ def test_jpeg_loads(tmp_path):
   assert image.shape == (32, 32, 1)
 
 
-def test_non_square_resizes_shorter_side_then_centre_crops():
+def test_non_square_is_resized_to_a_square_like_the_dataset_builder():
   tall = np.zeros((80, 40), np.uint8)
-  tall[:20] = 255                        # Top quarter, cut away by the centre crop.
-  tall[30:50] = 128
-  image = predict.prepare(tall, 20, 20)[..., 0]
-  assert image.shape == (20, 20)
-  assert image.max() < 255 and image[7:13].min() == 128  # Bilinear blurs the edges.
+  tall[:20] = 255                        # Top quarter: rows 0-4 of 20.
+  tall[30:50] = 128                      # Rows 7.5-12.5 of 20.
+  image = predict.prepare(tall, 20, 16)[..., 0]
+  assert image.shape == (16, 16)         # Centre crop drops rows 0-1 and 18-19.
+  assert image[0].min() == 255 and image[7:9].min() == 128
 
 
 def test_prepare_matches_dataset_builder_on_square_images():
