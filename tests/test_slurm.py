@@ -247,7 +247,7 @@ def four_process_run(cluster):
 def test_cpu_sbatch_script_runs_4_processes_on_2_nodes(four_process_run):
   _, _, log = four_process_run
   assert '2 node(s) [node[1-2]], 4 task(s)' in log, log[-3000:]
-  assert '4 process(es), 1 local / 4 global devices' in log, log[-3000:]
+  assert 'Topology: 4 processes, 1 local / 4 global cpu devices' in log, log[-3000:]
   assert f'step {STEPS}/{STEPS}' in log
 
 
