@@ -16,9 +16,9 @@
 # runner's return folder) the results are copied there too.
 #
 # Dependencies: jax (+ CUDA plugin), flax, optax, numpy; torch + torchvision for the torch rows
-# (without torchvision those rows say so). The benchmark imports no grain / TFDS / clu and
-# works without ml_collections (built-in ConfigDict stand-in). To use the real ml_collections
-# on a machine without network, carry pure-Python wheels in $WHEEL_DIR (default .whl/):
+# (without torchvision those rows say so). The benchmark imports no grain / TFDS / clu; it
+# needs ml_collections (pure Python). On a machine without network, carry its wheel in
+# $WHEEL_DIR (default .whl/):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl ml_collections
 # and this script installs them with `pip install --no-deps --no-index` when missing.
 #
@@ -56,7 +56,9 @@ install_wheels() {
     if compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
       "$PY" -m pip install -q --no-deps --no-index "$WHEEL_DIR"/*.whl
     else
-      echo "ml_collections missing and no wheels in $WHEEL_DIR: using the benchmark's stand-in"
+      echo "ml_collections missing and no wheels in $WHEEL_DIR: run, where there is network," >&2
+      echo "  pip download --no-deps --only-binary=:all: -d $WHEEL_DIR ml_collections" >&2
+      exit 1
     fi
   fi
 }

@@ -152,6 +152,8 @@ def run(args):
   if model is None:
     return dict(row, status=source)
   device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+  if args.threads:
+    torch.set_num_threads(args.threads)
   row['device'] = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'
   # Let cuDNN pick the fastest conv algorithms, as any tuned PyTorch trainer does.
   torch.backends.cudnn.benchmark = True
@@ -187,6 +189,8 @@ def parse_args(argv):
   p.add_argument('--steps', type=int, default=20)
   p.add_argument('--warmup', type=int, default=5)
   p.add_argument('--device', default='', help="default: 'cuda' when available, else 'cpu'")
+  p.add_argument('--threads', type=int, default=0,
+                 help='CPU intra-op threads (0: torch default, one per core)')
   p.add_argument('--standin', action='store_true',
                  help='use the self-contained DenseNet121 if torchvision is missing (CPU only)')
   p.add_argument('--json', action='store_true', help='print one JSON line instead of text')

@@ -14,20 +14,19 @@ numbers are the step's own; it imports no input pipeline. `--data pipeline`
 reads `config.dataset` through input_pipeline.pipeline (grain), i.e. real
 records when config.dataset='chestxray14'.
 
-Runs where only jax, flax and optax are installed (the lent GPU machine lacks
-grain, TFDS, clu and ml_collections): configs are python files loaded by path,
-and when ml_collections is missing a minimal ConfigDict stand-in is used.
+Needs only jax, flax, optax and ml_collections (pure Python; benchmarks/gpu.sh
+installs it from carried wheels on a machine without network): with
+`--data random` nothing imports grain, TFDS or array_record.
 """
-import argparse
-import contextlib
-import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
-import types
 
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 import numpy as np
 
 # Training-set size for the epoch estimate: the official train_val list has
@@ -54,80 +53,6 @@ PEAK_FLOPS = (
     ('V100-PCIE', {'float16': 112e12, 'float32': 14e12}),
     ('V100', {'float16': 125e12, 'float32': 15.7e12}),
 )
-
-
-# ------------------------------------------------------------------ config --
-
-class _ShimConfigDict(dict):
-  """Attribute-access dict: enough of ml_collections.ConfigDict for configs/."""
-
-  def __getattr__(self, key):
-    try:
-      return self[key]
-    except KeyError:
-      raise AttributeError(key) from None
-
-  def __setattr__(self, key, value):
-    self[key] = value
-
-  def to_dict(self):
-    return dict(self)
-
-  def to_json(self, **kwargs):
-    return json.dumps(self, **kwargs)
-
-  def copy_and_resolve_references(self):
-    return _ShimConfigDict(self)
-
-  def unlocked(self):
-    return contextlib.nullcontext()
-
-  def lock(self):
-    return self
-
-
-def ensure_ml_collections():
-  """Installs the ConfigDict stand-in when ml_collections is not installed."""
-  try:
-    import ml_collections  # pylint: disable=g-import-not-at-top,unused-import
-    return True
-  except ImportError:
-    shim = types.ModuleType('ml_collections')
-    shim.ConfigDict = _ShimConfigDict
-    sys.modules['ml_collections'] = shim
-    return False
-
-
-def load_config(spec, overrides=()):
-  """`path.py[:arg]` -> get_config([arg]) with `field=value` overrides applied."""
-  ensure_ml_collections()
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('_benchmark_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
-  for item in overrides:
-    key, sep, value = item.partition('=')
-    if not sep:
-      raise ValueError(f'override {item!r} is not field=value')
-    set_field(config, key, value)
-  return config
-
-
-def set_field(config, key, text):
-  """Sets an existing field, parsing `text` as the type of its default."""
-  if key not in config:
-    raise ValueError(f'unknown config field {key!r}; fields: {sorted(config)}')
-  old = config[key]
-  if isinstance(old, bool):
-    if text.lower() not in ('true', 'false', '1', '0'):
-      raise ValueError(f'{key} needs true/false, got {text!r}')
-    value = text.lower() in ('true', '1')
-  elif isinstance(old, (int, float)):
-    value = type(old)(float(text)) if isinstance(old, int) else float(text)
-  else:
-    value = text
-  setattr(config, key, value)
 
 
 # -------------------------------------------------------------------- data --
@@ -359,43 +284,31 @@ def detail_rows(r):
   ]
 
 
-def parse_args(argv):
-  p = argparse.ArgumentParser(description='chexnet_jax train-step benchmark')
-  p.add_argument('--config', required=True,
-                 help='config file, path.py[:arg]; fields overridden by '
-                      '--config.FIELD=VALUE')
-  p.add_argument('--steps', type=int, default=20, help='timed steps')
-  p.add_argument('--warmup', type=int, default=3,
-                 help='untimed steps after compilation')
-  p.add_argument('--data', choices=('random', 'pipeline'), default='random',
-                 help='random: in-memory uint8 batches; pipeline: '
-                      'config.dataset through input_pipeline (grain)')
-  p.add_argument('--json_out', default='', help='also write the result here')
-  args, rest = p.parse_known_args(argv)
-  if args.steps < 1 or args.warmup < 0:
-    p.error('need --steps >= 1 and --warmup >= 0')
-  overrides = []
-  for item in rest:
-    if not item.startswith('--config.'):
-      p.error(f'unrecognised argument {item!r}')
-    overrides.append(item[len('--config.'):])
-  return args, overrides
+_STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps.', lower_bound=1)
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.',
+                               lower_bound=0)
+_DATA = flags.DEFINE_enum('data', 'random', ['random', 'pipeline'],
+                          'random: in-memory uint8 batches; pipeline: '
+                          'config.dataset through input_pipeline (grain).')
+_JSON_OUT = flags.DEFINE_string('json_out', '', 'Also write the result here.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/h100x1.py.', lock_config=True)
+flags.mark_flags_as_required(['config'])
 
 
-def main(argv=None):
-  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-  config = load_config(args.config, overrides)
-  result = run_benchmark(config, steps=args.steps, warmup=args.warmup,
-                         data=args.data)
+def main(argv):
+  del argv
+  result = run_benchmark(_CONFIG.value, steps=_STEPS.value,
+                         warmup=_WARMUP.value, data=_DATA.value)
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     print(format_table(result), flush=True)
-    if args.json_out:
-      os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
-      with open(args.json_out, 'w') as f:
+    if _JSON_OUT.value:
+      os.makedirs(os.path.dirname(os.path.abspath(_JSON_OUT.value)),
+                  exist_ok=True)
+      with open(_JSON_OUT.value, 'w') as f:
         json.dump(result, f, indent=1)
-  return result
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

@@ -8,14 +8,17 @@ Layout of a workdir:
 
 orbax writes each step to a temporary directory and renames it when complete,
 so a save killed half-way never appears as a step; a step that is complete on
-disk but unreadable (a truncated file) is skipped, with the reason logged.
+disk but unreadable (a truncated file) is moved aside to
+<step>.unreadable-<time>, with the reason logged, and the previous one used.
 """
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
 import re
+import time
 from typing import Any
 
 from absl import logging
@@ -48,9 +51,26 @@ def create_manager(workdir, keep):
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, best_fn=_best_metric, best_mode='max',
       enable_async_checkpointing=True, create=True)
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options,
-      item_names=('state', 'data'))
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  _set_aside_torn_metrics(directory)
+  return ocp.CheckpointManager(directory, options=options,
+                               item_names=('state', 'data'))
+
+
+def _set_aside_torn_metrics(directory):
+  """orbax reads every step's metrics when it opens the directory: a torn
+  metrics file would stop every tool with a JSONDecodeError."""
+  for path in sorted(glob.glob(os.path.join(directory, '*', 'metrics',
+                                            'metrics'))):
+    step = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    try:
+      with open(path) as f:
+        json.load(f)
+    except (OSError, ValueError) as error:
+      if step.isdigit():
+        _set_aside(directory, int(step), error)
+  if jax.process_count() > 1:  # None may open the directory before it moved.
+    multihost_utils.sync_global_devices('checkpoint metrics checked')
 
 
 def save(manager, state, data_iterator, metrics=None):
@@ -126,10 +146,19 @@ def restore_latest(manager, state_template, data_iterator):
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as error:  # pylint: disable=broad-except
-      _set_aside(manager, step, error)
+      _set_aside(manager.directory, step, error)
       continue
+    _reload(manager)
     return restored['state'], step
+  _reload(manager)
   return None, None
+
+
+def _reload(manager):
+  """Forgets the steps set aside (after every process has tried them)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('checkpoints restored')
+  manager.reload()
 
 
 def _log_unfinished_saves(manager):
@@ -139,22 +168,18 @@ def _log_unfinished_saves(manager):
                       'stopped while writing it).', name, manager.directory)
 
 
-def _set_aside(manager, step, error):
-  """Renames an unreadable step to <step>.unreadable-<mtime> (for inspection).
+def _set_aside(directory, step, error):
+  """Renames an unreadable step to <step>.unreadable-<time> (for inspection).
 
   Left in place, it would still be the manager's latest step (for load_run)
   and the resumed run would fail to save that step again ("already exists").
   """
-  path = os.path.join(manager.directory, str(step))
-  aside = f'{path}.unreadable-{int(os.path.getmtime(path))}'
-  logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); moved to '
-                  '%s; trying the previous one.', step, manager.directory,
-                  type(error).__name__, error, aside)
-  if jax.process_index() == 0:
-    os.replace(path, aside)
-  if jax.process_count() > 1:  # The others must not list it after this.
-    multihost_utils.sync_global_devices(f'checkpoint {step} set aside')
-  manager.reload()
+  logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); moving it '
+                  'to %d.unreadable-*; trying the previous one.', step,
+                  directory, type(error).__name__, error, step)
+  if jax.process_index() == 0:  # The others may not see it any more.
+    path = os.path.join(directory, str(step))
+    os.replace(path, f'{path}.unreadable-{int(time.time())}')
 
 
 # ----------------------------------------------------------------- identity --
