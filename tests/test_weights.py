@@ -17,21 +17,9 @@ import torch
 from chexnet_jax import models
 from chexnet_jax import weights
 from input_pipeline.labels import LABELS
+from tests.keras_helpers import randomize_keras_weights
 
 SIZE = 32
-
-
-def randomize_keras_weights(model, seed):
-  """Random weights everywhere, BN moving statistics included."""
-  rng = np.random.default_rng(seed)
-  for layer in model.layers:
-    if layer.__class__.__name__ == 'BatchNormalization':
-      c = layer.gamma.shape[0]
-      layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.2, c),
-                         rng.normal(0, 0.2, c), rng.uniform(0.5, 1.5, c)])
-    elif layer.weights:
-      layer.set_weights([rng.normal(0, np.sqrt(2 / np.prod(w.shape[:-1])),
-                                    w.shape) for w in layer.get_weights()])
 
 
 @pytest.fixture(scope='module')
