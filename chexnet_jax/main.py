@@ -38,6 +38,9 @@ class _QuietLibraries(std_logging.Filter):
   def filter(self, record):
     if '/orbax/' not in record.pathname:
       return True
+    # A failed save is reported by us in one sentence; orbax's tracebacks of
+    # each of its threads would bury it.
+    record.exc_info, record.exc_text = None, None
     return (record.levelno >= std_logging.WARNING
             and 'did not provide metrics' not in record.getMessage())
 

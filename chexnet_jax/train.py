@@ -10,6 +10,7 @@ averaged over the axis, so the state stays replicated and identical.
 Nothing here imports grain, TFDS or ml_collections at module level, so the
 benchmark runs on a machine that has only jax, flax and optax.
 """
+import functools
 import math
 import os
 import signal
@@ -262,17 +263,19 @@ def evaluate_split(config, model, variables, mesh, split, predict=None):
 
   predict = predict or make_predict_fn(model, mesh, DTYPES[config.dtype])
   logits, labels, indices = [], [], []
-  for batch in pipeline.create_eval_iterator(
+  batches = pipeline.create_eval_iterator(
       config, split, process_index=jax.process_index(),
-      process_count=jax.process_count()):
-    batch = to_global(batch, mesh)
-    out = predict(variables, batch['image'])
-    gathered = multihost_utils.process_allgather(
-        (out, batch['labels'], batch['mask'], batch['index']), tiled=True)
-    keep = gathered[2]
-    logits.append(gathered[0][keep])
-    labels.append(gathered[1][keep])
-    indices.append(gathered[3][keep])
+      process_count=jax.process_count())
+  with pipeline.reading(config, split):
+    for batch in batches:
+      batch = to_global(batch, mesh)
+      out = predict(variables, batch['image'])
+      gathered = multihost_utils.process_allgather(
+          (out, batch['labels'], batch['mask'], batch['index']), tiled=True)
+      keep = gathered[2]
+      logits.append(gathered[0][keep])
+      labels.append(gathered[1][keep])
+      indices.append(gathered[3][keep])
   logits, labels, indices = (np.concatenate(x) for x in (logits, labels, indices))
   order = np.argsort(indices)
   logits, labels, indices = logits[order], labels[order], indices[order]
@@ -381,7 +384,7 @@ class _Run:
   """The state of one training run: what the loop reads and updates."""
 
   def __init__(self, config, workdir, dataset_info, pipeline, checkpoints):
-    self.config, self.checkpoints = config, checkpoints
+    self.config, self.checkpoints, self.pipeline = config, checkpoints, pipeline
     self.mesh = make_mesh()
     distributed.log_topology(self.mesh)
     self.steps_per_epoch = pipeline.train_steps_per_epoch(
@@ -414,11 +417,13 @@ class _Run:
   def loop(self, writer):
     config, step = self.config, int(jax.device_get(self.state.step))
     eval_every = eval_interval_steps(config, self.steps_per_epoch)
+    reading_train = functools.partial(self.pipeline.reading, config, 'train')
     timer, preemption = StepTimer(config.batch_size), Preemption()
     previous = None  # (step, loss) checked one step late: keeps dispatch async.
     while step < self.total_steps:
       wait_start = time.perf_counter()
-      batch = next(self.data)
+      with reading_train():
+        batch = next(self.data)
       timer.add(time.perf_counter() - wait_start)
       self.state, metrics = self.train_step(self.state,
                                             to_global(batch, self.mesh))

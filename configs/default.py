@@ -56,7 +56,8 @@ def get_config():
   c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
-  c.debug_nan_at_step = -1           # Tests: poison the loss at this step.
+  c.debug_nan_at_step = -1           # Tests: poison the loss of the step that
+                                     # starts at this step count (logged as N+1).
 
   # Distributed (leave empty under Slurm: JAX detects it).
   c.coordinator_address = ''

@@ -8,7 +8,9 @@ a function of (seed, process, position in the stream), so an iterator restored f
 its state continues exactly. Evaluation: one pass, padded to whole global batches;
 padding has mask False and index -1, so each example is scored exactly once.
 """
+import contextlib
 import functools
+import glob
 import math
 import os
 import types
@@ -105,6 +107,39 @@ def _check_split_matches(config, metadata):
         f'{_dataset_dir(config)} was built with val_fraction, split_seed = {built}, but '
         f'the config says ({config.val_fraction}, {config.split_seed}). Change the config '
         'or rebuild into another data_dir with --val_fraction/--split_seed.')
+
+
+def _shard_is_readable(path: str) -> bool:
+  from array_record.python import array_record_module  # Only on this error path.
+  try:
+    reader = array_record_module.ArrayRecordReader(path)
+    for start in range(0, reader.num_records(), 256):  # Bounded memory.
+      reader.read(list(range(start, min(start + 256, reader.num_records()))))
+    reader.close()
+    return True
+  except RuntimeError:
+    return False
+
+
+@contextlib.contextmanager
+def reading(config, split: str):
+  """Turns a corrupt record met while reading `split` into one DatasetError that
+  names the damaged shard(s) (found by reading each shard of the split once) and
+  the fix. Records carry checksums, so corruption is always detected."""
+  try:
+    yield
+  except RuntimeError as error:
+    if 'Corrupted' not in str(error) or config.dataset == 'synthetic':
+      raise
+    pattern = os.path.join(_dataset_dir(config), f'*-{split}.array_record*')
+    bad = [os.path.basename(p) for p in sorted(glob.glob(pattern))
+           if not _shard_is_readable(p)]
+    raise DatasetError(
+        f'Corrupt records in {", ".join(bad) or "a shard of the " + split + " split"} '
+        f'in {_dataset_dir(config)}. Delete that directory and rebuild it: python -m '
+        f'input_pipeline.build --manual_dir NIH_DIR --data_dir {config.data_dir} '
+        f'--image_size {config.dataset_image_size} --val_fraction {config.val_fraction} '
+        f'--split_seed {config.split_seed}') from None
 
 
 # The config fields a source depends on (a ConfigDict is not hashable, so not a key).
