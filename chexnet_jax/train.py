@@ -13,6 +13,7 @@ benchmark runs on a machine that has only jax, flax and optax.
 import functools
 import math
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -369,6 +370,7 @@ def train_and_evaluate(config, workdir):
   if jax.process_index() == 0:
     checkpoints.write_json_atomic(os.path.join(workdir, 'config.json'),
                                   config.to_dict())
+    _keep_split_beside_run(pipeline.split_file(config), workdir)
   run = _Run(config, workdir, dataset_info, pipeline, checkpoints)
   writer = (metric_logging.MetricWriter(workdir) if jax.process_index() == 0
             else metric_logging.NullWriter())
@@ -476,6 +478,14 @@ class _Run:
     logging.warning('Preempted: saved step %d; exiting with code %d so the job '
                     'can be requeued.', step, PREEMPTED_EXIT_CODE)
     raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+def _keep_split_beside_run(split_file, workdir):
+  """A run's split is part of its result: copy it in (once, atomically)."""
+  target = os.path.join(workdir, 'split.json')
+  if split_file and not os.path.exists(target):
+    shutil.copyfile(split_file, f'{target}.tmp')
+    os.replace(f'{target}.tmp', target)
 
 
 def _pos_weight(config, dataset_info):

@@ -100,6 +100,14 @@ def get_dataset_info(config) -> dict:
           'train_positive_fraction': (positives / splits['train']).tolist()}
 
 
+def split_file(config):
+  """The dataset's split.json (image names per split, seed, fraction), or None
+  for synthetic data. The trainer copies it beside every run."""
+  if config.dataset == 'synthetic':
+    return None
+  return os.path.join(_dataset_dir(config), chestxray14.SPLIT_FILE)
+
+
 def _check_split_matches(config, metadata):
   built = (metadata.get('val_fraction'), metadata.get('split_seed'))
   if built != (config.val_fraction, config.split_seed):

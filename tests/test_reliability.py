@@ -389,6 +389,24 @@ def _on_demo_data(data_dir):
   return ('--config.dataset=chestxray14', f'--config.data_dir={data_dir}')
 
 
+def test_run_on_real_data_keeps_its_patient_split(demo_dataset, tmp_path):
+  workdir = tmp_path / 'run'
+  code, log = _main(workdir, '--config.num_train_steps=2',
+                    *_on_demo_data(demo_dataset))
+  assert code == 0, _tail(log)
+  built, = glob.glob(os.path.join(demo_dataset, '**', 'split.json'),
+                     recursive=True)
+  with open(built) as f, open(workdir / 'split.json') as g:
+    assert json.load(g) == json.load(f)
+  with open(workdir / 'split.json') as f:
+    splits = json.load(f)['splits']
+  patients = {s: {name.split('_')[0] for name in names}
+              for s, names in splits.items()}
+  assert sum(len(names) for names in splits.values()) == 300
+  assert not patients['train'] & patients['validation']
+  assert not (patients['train'] | patients['validation']) & patients['test']
+
+
 def test_corrupt_record_names_the_shard_and_the_fix(demo_dataset, tmp_path):
   data_dir = tmp_path / 'tfds'
   shutil.copytree(demo_dataset, data_dir)
