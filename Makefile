@@ -17,11 +17,15 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed
 	$(PY) -m pip install -q '$(TORCH)'
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-test: setup
+test: $(VENV)/.test-installed
 	$(PY) -m pytest -q tests
 
 demo: setup
