@@ -90,25 +90,17 @@ def _to_global_images(images, mesh):
 def predict_with_tta(run, split, tta):
   """One masked pass with `tta` views per image; mean of their probabilities."""
   predict = train.make_predict_fn(run.model, run.mesh, train.DTYPES[run.config.dtype])
-  probs, labels, indices = [], [], []
-  iterator = pipeline.create_eval_iterator(
-      _tta_iteration_config(run.config, tta), split,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  for batch in iterator:
+  config = _tta_iteration_config(run.config, tta)
+
+  def mean_probs(batch):
     views = tta_views(batch['image'], tta, run.config.image_size)
-    view_probs = [jax.nn.sigmoid(predict(run.variables, _to_global_images(v, run.mesh)))
-                  for v in views]
-    mean_probs = sum(view_probs) / len(view_probs)
-    rest = train.to_global({k: batch[k] for k in ('labels', 'mask', 'index')}, run.mesh)
-    gathered = multihost_utils.process_allgather(
-        (mean_probs, rest['labels'], rest['mask'], rest['index']), tiled=True)
-    keep = np.asarray(gathered[2])
-    probs.append(np.asarray(gathered[0])[keep])
-    labels.append(np.asarray(gathered[1])[keep])
-    indices.append(np.asarray(gathered[3])[keep])
-  probs, labels, indices = (np.concatenate(x) for x in (probs, labels, indices))
-  order = np.argsort(indices)
-  return Predictions(probs[order], labels[order], indices[order])
+    return sum(jax.nn.sigmoid(predict(run.variables, _to_global_images(v, run.mesh)))
+               for v in views) / len(views)
+
+  batches = pipeline.create_eval_iterator(
+      config, split, process_index=jax.process_index(), process_count=jax.process_count())
+  with pipeline.reading(config, split):
+    return Predictions(*train.score_split(batches, mean_probs, run.mesh))
 
 
 def predict_split(run, split, tta='none'):

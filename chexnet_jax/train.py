@@ -253,6 +253,25 @@ def make_predict_fn(model, mesh, dtype=jnp.float32):
   return predict
 
 
+def score_split(batches, score, mesh):
+  """Runs `score(local batch) -> global [B, C]` over padded evaluation batches.
+
+  Returns (scores, labels, indices) of the real examples only, gathered from
+  every process and ordered by example index: each example exactly once.
+  """
+  scores, labels, indices = [], [], []
+  for batch in batches:
+    rest = to_global({k: batch[k] for k in ('labels', 'mask', 'index')}, mesh)
+    gathered = multihost_utils.process_allgather(
+        (score(batch), rest['labels'], rest['mask'], rest['index']), tiled=True)
+    keep = np.asarray(gathered[2])
+    for rows, part in zip((scores, labels, indices), gathered[:2] + gathered[3:]):
+      rows.append(np.asarray(part)[keep])
+  scores, labels, indices = (np.concatenate(x) for x in (scores, labels, indices))
+  order = np.argsort(indices)
+  return scores[order], labels[order], indices[order]
+
+
 def evaluate_split(config, model, variables, mesh, split, predict=None):
   """One masked pass over `split`: every example scored exactly once.
 
@@ -263,23 +282,13 @@ def evaluate_split(config, model, variables, mesh, split, predict=None):
   from chexnet_jax import metrics as metrics_lib
 
   predict = predict or make_predict_fn(model, mesh, DTYPES[config.dtype])
-  logits, labels, indices = [], [], []
   batches = pipeline.create_eval_iterator(
       config, split, process_index=jax.process_index(),
       process_count=jax.process_count())
   with pipeline.reading(config, split):
-    for batch in batches:
-      batch = to_global(batch, mesh)
-      out = predict(variables, batch['image'])
-      gathered = multihost_utils.process_allgather(
-          (out, batch['labels'], batch['mask'], batch['index']), tiled=True)
-      keep = gathered[2]
-      logits.append(gathered[0][keep])
-      labels.append(gathered[1][keep])
-      indices.append(gathered[3][keep])
-  logits, labels, indices = (np.concatenate(x) for x in (logits, labels, indices))
-  order = np.argsort(indices)
-  logits, labels, indices = logits[order], labels[order], indices[order]
+    logits, labels, indices = score_split(
+        batches, lambda b: predict(variables, to_global(b, mesh)['image']),
+        mesh)
   probs = np.asarray(jax.nn.sigmoid(logits))
   auroc = metrics_lib.auroc_per_label(labels, probs)
   result = {'loss': float(np.mean(bce_loss(jnp.asarray(logits), labels))),
