@@ -19,7 +19,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import grain  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402

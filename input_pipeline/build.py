@@ -9,7 +9,6 @@ non-default validation cut) only when complete, with
 split.json (the image names of each split, fraction and seed) beside the records.
 """
 import argparse
-import os
 import sys
 
 import tensorflow_datasets as tfds

@@ -7,9 +7,7 @@ header and only these images' rows; train_val_list.txt / test_list.txt are made 
 patient, in NIH's format, with NIH's test proportion.
 """
 import argparse
-import csv
 import gzip
-import io
 import os
 
 import numpy as np

@@ -10,7 +10,6 @@ import gzip
 import io
 import multiprocessing
 import os
-import re
 import tarfile
 from typing import Iterator, NamedTuple
 

@@ -1,6 +1,5 @@
 """The grain pipelines on the converted real sample (and the synthetic source):
 sharding over 1, 2, 4 simulated processes, determinism, exact restore, eval padding."""
-import itertools
 
 import grain
 import numpy as np
