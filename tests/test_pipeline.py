@@ -213,3 +213,12 @@ def test_worker_processes_give_the_same_batches(synthetic_config):
   for want, got in zip(_take(in_process, 3), _take(workers, 3)):
     np.testing.assert_array_equal(want['image'], got['image'])
     np.testing.assert_array_equal(want['index'], got['index'])
+
+
+def test_dataset_info_gives_positive_fractions_of_train(config):
+  """What CheXNet's weighted BCE (config.pos_weight) is computed from."""
+  info = pipeline.get_dataset_info(config)
+  source = pipeline.get_source(config, 'train')
+  labels = np.stack([source[i]['labels'] for i in range(len(source))])
+  np.testing.assert_allclose(info['train_positive_fraction'], labels.mean(0))
+  assert info['splits']['train'] == len(source)

@@ -112,3 +112,12 @@ def test_weighted_bce_weights_positives():
   weighted = train.bce_loss(logits, labels, pos_weight=np.full(14, 3.0))
   # One positive per row: its term is 3x, the 13 negatives unchanged.
   np.testing.assert_allclose(weighted, plain * (13 + 3) / 14, rtol=1e-6)
+
+
+def test_pos_weight_is_negatives_over_positives_of_train():
+  config = _config(pos_weight=True)
+  fractions = [0.25] * 13 + [0.0]  # A label never seen is clipped, not inf.
+  weight = train._pos_weight(config, {'train_positive_fraction': fractions})  # pylint: disable=protected-access
+  np.testing.assert_allclose(weight[:13], 3.0)
+  assert np.isfinite(weight[13]) and weight[13] > 1e5
+  assert train._pos_weight(_config(), {'train_positive_fraction': fractions}) is None  # pylint: disable=protected-access
