@@ -8,8 +8,12 @@ import tempfile
 
 import jax
 
-MODELS = ('densenet121', 'densenet169', 'densenet201', 'tiny')
-DTYPES = ('float32', 'bfloat16', 'float16')
+from chexnet_jax import models
+from chexnet_jax import train
+
+# The choices come from where they are implemented, so they cannot drift.
+MODELS = tuple(models.ARCHITECTURES)
+DTYPES = tuple(train.DTYPES)
 AUGMENTS = ('random_resized_crop', 'random_crop', 'center_crop')
 SCHEDULES = ('plateau', 'warmup_cosine')
 DATASETS = ('chestxray14', 'synthetic')

@@ -89,7 +89,7 @@ def _to_global_images(images, mesh):
 
 def predict_with_tta(run, split, tta):
   """One masked pass with `tta` views per image; mean of their probabilities."""
-  predict = train.make_predict_fn(run.model, run.mesh, train.DTYPES[run.config.dtype])
+  predict = train.make_predict_fn(run.model, train.DTYPES[run.config.dtype])
   config = _tta_iteration_config(run.config, tta)
 
   def mean_probs(batch):

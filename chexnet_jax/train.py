@@ -241,9 +241,11 @@ def _keep_if_finite(is_finite, new_state, old_state):
 
 # --------------------------------------------------------------- prediction --
 
-def make_predict_fn(model, mesh, dtype=jnp.float32):
-  """jitted (variables, uint8 images [B,H,W,1]) -> logits float32 [B, C]."""
-  del mesh  # Shardings follow the inputs: variables replicated, batch on 'data'.
+def make_predict_fn(model, dtype=jnp.float32):
+  """jitted (variables, uint8 images [B,H,W,1]) -> logits float32 [B, C].
+
+  Shardings follow the inputs: variables replicated, images on 'data'.
+  """
 
   @jax.jit
   def predict(variables, images):
@@ -281,7 +283,7 @@ def evaluate_split(config, model, variables, mesh, split, predict=None):
   from input_pipeline import pipeline  # Lazy: the benchmark needs no grain.
   from chexnet_jax import metrics as metrics_lib
 
-  predict = predict or make_predict_fn(model, mesh, DTYPES[config.dtype])
+  predict = predict or make_predict_fn(model, DTYPES[config.dtype])
   batches = pipeline.create_eval_iterator(
       config, split, process_index=jax.process_index(),
       process_count=jax.process_count())
@@ -405,8 +407,7 @@ class _Run:
                                     self.total_steps)
     model = build_model(config, for_training=True)
     self.eval_model = build_model(config)
-    self.predict = make_predict_fn(self.eval_model, self.mesh,
-                                   DTYPES[config.dtype])
+    self.predict = make_predict_fn(self.eval_model, DTYPES[config.dtype])
     self.state = create_train_state(config, model, self.mesh, tx)
     self.train_step = make_train_step(config, model, self.mesh, tx, schedule,
                                       _pos_weight(config, dataset_info))

@@ -173,7 +173,7 @@ def test_predict_probabilities_equal_the_eval_model(tiny_run):
   image, _ = predict.load_image(SAMPLES[0], run.config.dataset_image_size,
                                 run.config.image_size)
   probs, _ = cam.make_cam_fn(run.model)(cam.local_copy(run.variables), image[None])
-  logits = train.make_predict_fn(run.model, None)(cam.local_copy(run.variables), image[None])
+  logits = train.make_predict_fn(run.model)(cam.local_copy(run.variables), image[None])
   np.testing.assert_allclose(probs, jax.nn.sigmoid(logits), atol=1e-6)
 
 
