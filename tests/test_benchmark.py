@@ -3,7 +3,7 @@
 The run happens in a subprocess where grain, TFDS, clu, array_record (and
 tensorboardX, h5py, keras) cannot be imported, as on the lent GPU machine, so
 these tests also guard the benchmark's import path. (ml_collections, pure
-Python, is carried there as a wheel by benchmarks/gpu.sh.)
+Python, is carried there as a wheel by benchmarks/device_check.sh.)
 """
 import json
 import os
