@@ -141,8 +141,9 @@ def boxes_in_input(record, config):
   """
   boxes = []
   for box in record.get('boxes', ()):
-    mapped = cam_lib.original_box_to_input(box['bbox'], BOX_FRAME,
-                                           config.dataset_image_size, config.image_size)
+    mapped = cam_lib.original_box_to_input(
+        box['bbox'], BOX_FRAME, config.dataset_image_size, config.image_size,
+        config.get('eval_preprocess', 'center_crop'))
     if mapped is not None:
       boxes.append((int(box['label']), mapped))
   return boxes
