@@ -83,21 +83,27 @@ def get_source(config, split: str):
 
 def get_dataset_info(config) -> dict:
   """{'name', 'version', 'dataset_image_size', 'splits': {split: n},
-  'train_positive_fraction': [14 floats]}; DatasetError if the dataset is missing,
+  'train_positive_fraction': [14 floats], 'label_file': which Data_Entry CSV
+  (2017 or the v2020 revision) the labels came from}; DatasetError if the dataset is missing,
   or built at another size or with another validation cut."""
   if config.dataset == 'synthetic':
     return {'name': 'synthetic', 'version': '1.0.0',
             'dataset_image_size': config.dataset_image_size,
             'splits': synthetic.split_sizes(config),
-            'train_positive_fraction': [synthetic.PRESENT_PROBABILITY] * 14}
+            'train_positive_fraction': [synthetic.PRESENT_PROBABILITY] * 14,
+            'label_file': 'synthetic (input_pipeline/synthetic.py)'}
   builder = _tfds_builder(config)
   metadata = builder.info.metadata or {}
   _check_split_matches(config, metadata)  # Belt and braces.
   splits = {s: info.num_examples for s, info in builder.info.splits.items()}
   positives = np.asarray(metadata['positives']['train'], np.float64)
+  # Datasets built before 'label_file' was recorded still name the file.
+  label_file = metadata.get('label_file') or metadata.get('inputs', {}).get(
+      'data_entry', 'not recorded')
   return {'name': builder.info.name, 'version': str(builder.info.version),
           'dataset_image_size': config.dataset_image_size, 'splits': splits,
-          'train_positive_fraction': (positives / splits['train']).tolist()}
+          'train_positive_fraction': (positives / splits['train']).tolist(),
+          'label_file': label_file}
 
 
 def split_file(config):
