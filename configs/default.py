@@ -57,8 +57,8 @@ def get_config():
   c.optimizer = 'adam'
   c.learning_rate = 1e-3             # CheXNet: Adam, initial LR 0.001; holds at
   c.lr_base_batch_size = 64          # this batch, scaled to batch_size by:
-  c.lr_scaling = 'sqrt'              # 'none' | 'sqrt' | 'linear' (chexnet_jax/lr_scaling.py;
-                                     # evidence: benchmarks/LARGE_BATCH.md).
+  c.lr_scaling = 'linear'            # 'none' | 'sqrt' | 'linear' (chexnet_jax/lr_scaling.py;
+                                     # choice not yet settled: benchmarks/LARGE_BATCH.md).
   c.b1 = 0.9                         # CheXNet: "standard parameters" 0.9, 0.999.
   c.b2 = 0.999
   c.adam_eps = 1e-8                  # PyTorch's default (Keras uses 1e-7).
