@@ -188,11 +188,13 @@ def center_crop_offset(size, crop):
   return (size - crop) // 2
 
 
-def original_box_to_input(box, original_size, dataset_image_size, image_size):
+def original_box_to_input(box, original_size, dataset_image_size, image_size,
+                          eval_preprocess='center_crop'):
   """Maps an (x, y, w, h) box on the original image into model-input pixels.
 
   Follows the eval preprocessing: resize the shorter side to dataset_image_size,
-  centre-crop a dataset_image_size square, then centre-crop image_size.
+  centre-crop a dataset_image_size square, then centre-crop image_size
+  (eval_preprocess 'center_crop') or resize it to image_size ('resize').
   Returns None when the box falls entirely outside the crop.
   """
   width, height = original_size
@@ -201,6 +203,9 @@ def original_box_to_input(box, original_size, dataset_image_size, image_size):
   left = center_crop_offset(resized_w, dataset_image_size)
   top = center_crop_offset(resized_h, dataset_image_size)
   inner = center_crop_offset(dataset_image_size, image_size)
+  if eval_preprocess == 'resize':
+    inner, zoom = 0, image_size / dataset_image_size
+    left, top, scale = left * zoom, top * zoom, scale * zoom
   x0 = box[0] * scale - left - inner
   y0 = box[1] * scale - top - inner
   x1, y1 = x0 + box[2] * scale, y0 + box[3] * scale

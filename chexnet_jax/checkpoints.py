@@ -29,27 +29,38 @@ import orbax.checkpoint as ocp
 from chexnet_jax import config_checks
 from chexnet_jax import train
 
-BEST_METRIC = 'val_mean_auroc'
+BEST_METRIC = 'val_mean_auroc'  # Runs whose config predates config.best_metric.
+# config.best_metric -> +1 when higher is better, -1 when lower is.
+BEST_METRICS = {'val_loss': -1.0, 'val_mean_auroc': 1.0}
 
 
 class RunMismatchError(ValueError):
   """The workdir holds a run of another model or dataset."""
 
 
-def _best_metric(metrics):
-  value = metrics.get(BEST_METRIC)
-  return -1.0 if value is None or not math.isfinite(value) else value
+def _best_metric(metrics, name=BEST_METRIC):
+  """A score to maximise: the metric, negated when lower is better."""
+  value = metrics.get(name)
+  if value is None or not math.isfinite(value):
+    return -math.inf
+  return BEST_METRICS[name] * value
 
 
-def create_manager(workdir, keep):
-  """Keeps the last `keep` steps and the best by validation mean AUROC."""
+def create_manager(workdir, keep, best_metric=BEST_METRIC):
+  """Keeps the last `keep` steps and the best by `best_metric` (config.best_metric:
+  'val_loss', lowest wins, as CheXNet chose; or 'val_mean_auroc', highest wins)."""
+  if best_metric not in BEST_METRICS:
+    raise config_checks.ConfigError(
+        f'config.best_metric={best_metric!r} is not one of '
+        f'{tuple(BEST_METRICS)}; set --config.best_metric to one of them.')
+  _best_metric_fn = lambda metrics: _best_metric(metrics, best_metric)  # pylint: disable=unnecessary-lambda-assignment
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(n=keep),
-      ocp.checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1,
+      ocp.checkpoint_managers.BestN(get_metric_fn=_best_metric_fn, n=1,
                                     keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, best_fn=_best_metric, best_mode='max',
+      preservation_policy=policy, best_fn=_best_metric_fn, best_mode='max',
       enable_async_checkpointing=True, create=True)
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   _set_aside_torn_metrics(directory)
@@ -261,7 +272,8 @@ def load_run(workdir, which='best', config=None):
   model = train.build_model(config)
   tx, _ = train.create_optimizer(config, 1, 1)
   template = _abstract_state(config, model, mesh, tx)
-  manager = create_manager(workdir, keep=config.keep_checkpoints)
+  manager = create_manager(workdir, keep=config.keep_checkpoints,
+                           best_metric=config.get('best_metric', BEST_METRIC))
   step = _pick_step(manager, which)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(template)))

@@ -8,13 +8,18 @@ import tempfile
 
 import jax
 
+from chexnet_jax import imagenet_weights
+from chexnet_jax import losses
+from chexnet_jax import lr_scaling
 from chexnet_jax import models
 from chexnet_jax import train
 
 # The choices come from where they are implemented, so they cannot drift.
 MODELS = tuple(models.ARCHITECTURES)
 DTYPES = tuple(train.DTYPES)
-AUGMENTS = ('random_resized_crop', 'random_crop', 'center_crop')
+AUGMENTS = ('resize', 'random_resized_crop', 'random_crop', 'center_crop')
+EVAL_PREPROCESS = ('resize', 'center_crop')
+BEST_METRICS = ('val_loss', 'val_mean_auroc')
 SCHEDULES = ('plateau', 'warmup_cosine')
 DATASETS = ('chestxray14', 'synthetic')
 
@@ -57,7 +62,11 @@ def validate(config, devices=None):
   devices = devices if devices is not None else jax.devices()
   for field, choices in (('model', MODELS), ('dtype', DTYPES),
                          ('augment', AUGMENTS), ('lr_schedule', SCHEDULES),
-                         ('dataset', DATASETS)):
+                         ('dataset', DATASETS),
+                         ('eval_preprocess', EVAL_PREPROCESS),
+                         ('lr_scaling', lr_scaling.RULES),
+                         ('pos_weight', losses.POS_WEIGHTS),
+                         ('best_metric', BEST_METRICS)):
     _check_choice(config, field, choices)
   for field in ('batch_size', 'eval_batch_size'):
     _check_divisible(config, field, len(devices))
@@ -66,10 +75,36 @@ def validate(config, devices=None):
         f'config.image_size={config.image_size} is larger than the stored '
         f'images (config.dataset_image_size={config.dataset_image_size}); crop '
         'smaller or build the dataset at a larger --image_size.')
-  if config.init_from and not os.path.isfile(config.init_from):
-    raise ConfigError(f'config.init_from={config.init_from!r} is not a file; '
-                      'give the path of a .pth, .h5, .weights.h5 or .keras file.')
+  _check_init_from(config)
   _check_precision(config.dtype, devices)
+
+
+def _check_init_from(config):
+  init_from = config.init_from
+  if init_from.lower() in ('', 'none'):
+    return
+  if init_from.lower() == 'imagenet':
+    url = config.imagenet_weights_url
+    name = os.path.basename(url)
+    if config.model not in models.ARCHITECTURES or config.model == 'tiny':
+      raise ConfigError(
+          f"config.init_from='imagenet' but config.model={config.model!r} has no "
+          "ImageNet weights; set --config.init_from='' to train it from scratch.")
+    if imagenet_weights.expected_hash_prefix(url) is None:
+      raise ConfigError(
+          f'config.imagenet_weights_url={url!r} has no sha256 prefix in its file '
+          'name (like densenet121-a639ec97.pth), so the download could not be '
+          'verified; download it yourself and set config.init_from to its path.')
+    if not name.startswith(config.model + '-'):
+      raise ConfigError(
+          f'config.imagenet_weights_url names {name}, not {config.model} weights; '
+          'set it to torchvision\'s file for the model (e.g. https://download.'
+          f'pytorch.org/models/{config.model}-<hash>.pth) or change config.model.')
+    return
+  if not os.path.isfile(init_from):
+    raise ConfigError(f'config.init_from={init_from!r} is not a file; give the '
+                      "path of a .pth, .h5, .weights.h5 or .keras file, 'imagenet' "
+                      "or '' (from scratch).")
 
 
 class WorkdirError(ConfigError):

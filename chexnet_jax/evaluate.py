@@ -141,8 +141,9 @@ def boxes_in_input(record, config):
   """
   boxes = []
   for box in record.get('boxes', ()):
-    mapped = cam_lib.original_box_to_input(box['bbox'], BOX_FRAME,
-                                           config.dataset_image_size, config.image_size)
+    mapped = cam_lib.original_box_to_input(
+        box['bbox'], BOX_FRAME, config.dataset_image_size, config.image_size,
+        config.get('eval_preprocess', 'center_crop'))
     if mapped is not None:
       boxes.append((int(box['label']), mapped))
   return boxes
@@ -281,6 +282,11 @@ def plot_roc_curves(path, evaluation):
   roc_figure(evaluation).savefig(path, bbox_inches='tight')
 
 
+def label_file(config):
+  """Which label file the dataset was built from (2017 or the v2020 revision)."""
+  return pipeline.get_dataset_info(config).get('label_file', 'not recorded')
+
+
 def write_outputs(out_dir, evaluation, gallery=(), localization=None):
   """metrics.json, auroc.csv, predictions.csv, roc_curves.png into out_dir."""
   os.makedirs(out_dir, exist_ok=True)
@@ -292,6 +298,7 @@ def write_outputs(out_dir, evaluation, gallery=(), localization=None):
              'model': config.model, 'dataset': config.dataset,
              'image_size': config.image_size, 'dataset_image_size': config.dataset_image_size,
              'threshold_source': evaluation.threshold_source,
+             'label_file': label_file(config),
              'labels': list(LABELS), **evaluation.report,
              'localization': localization, 'gallery': list(gallery)}
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
@@ -489,6 +496,7 @@ def main(argv=None):
           f'{evaluation.report["num_examples"]} images of '
           f'{evaluation.report["num_patients"]} patients; 95% CI: patient bootstrap; '
           'thresholds: Youden on validation')
+    print(f'labels: {label_file(config)}')
     print(format_auroc_table(evaluation.report))
     print(f'wrote {out_dir}')
   # The others wait here, not in JAX's shutdown barrier, whose timeout is short.

@@ -16,6 +16,7 @@ from ml_collections import config_flags
 from chexnet_jax import checkpoints
 from chexnet_jax import config_checks
 from chexnet_jax import distributed
+from chexnet_jax import imagenet_weights
 from chexnet_jax import train
 from input_pipeline import pipeline
 
@@ -28,7 +29,7 @@ flags.mark_flags_as_required(['config'])
 # Errors the user can fix: one clear sentence, no traceback.
 USER_ERRORS = (config_checks.ConfigError, checkpoints.RunMismatchError,
                train.NonFiniteLossError, pipeline.DatasetError,
-               FileNotFoundError)
+               FileNotFoundError, imagenet_weights.WeightsDownloadError)
 
 
 class _QuietLibraries(std_logging.Filter):

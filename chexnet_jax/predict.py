@@ -58,19 +58,20 @@ def _open_guarded(path):
       raise ImageLoadError(f'{path}: not a readable PNG/JPEG image ({e}).') from e
 
 
-def prepare(grey, dataset_image_size, image_size):
+def prepare(grey, dataset_image_size, image_size, eval_preprocess='center_crop'):
   """uint8 [H, W] -> uint8 [image_size, image_size, 1]: the dataset builder's
-  resize, then the evaluation pipeline's centre crop."""
+  resize, then the evaluation pipeline's view (config.eval_preprocess: 'resize'
+  the whole image or 'center_crop')."""
   stored = images_lib.resize_square(grey, dataset_image_size)
-  return pipeline.center_crop(stored, image_size)
+  return pipeline.eval_image(stored, image_size, eval_preprocess)
 
 
-def load_image(path, dataset_image_size, image_size):
+def load_image(path, dataset_image_size, image_size, eval_preprocess='center_crop'):
   """Reads one file -> (model input uint8 [S, S, 1], original (width, height))."""
   image = _open_guarded(path)
   # The dataset builder's conversion, so 16-bit and RGBA files match training.
   grey = images_lib.to_grey_uint8(image)
-  return prepare(grey, dataset_image_size, image_size), image.size
+  return prepare(grey, dataset_image_size, image_size, eval_preprocess), image.size
 
 
 # ----------------------------------------------------------------------------
@@ -95,7 +96,8 @@ def score_image(cam_fn, variables, config, path, top_k, heatmap_prefix):
 
   Raises ImageLoadError (naming the file) when the file is not a usable image.
   """
-  image, _ = load_image(path, config.dataset_image_size, config.image_size)
+  image, _ = load_image(path, config.dataset_image_size, config.image_size,
+                        config.get('eval_preprocess', 'center_crop'))
   probs, cams = cam_fn(variables, image[None])
   probs, cams = np.asarray(probs[0]), np.asarray(cams[0])
   findings = []

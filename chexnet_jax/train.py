@@ -28,6 +28,9 @@ import numpy as np
 import optax
 
 from chexnet_jax import distributed
+from chexnet_jax import imagenet_weights
+from chexnet_jax import losses
+from chexnet_jax import lr_scaling
 from chexnet_jax import metric_logging
 from chexnet_jax import models
 from chexnet_jax import preprocessing
@@ -85,18 +88,12 @@ def to_global(batch, mesh):
 # ---------------------------------------------------------------- optimizer --
 
 def scaled_learning_rate(config):
-  """Linear scaling rule: the configured rate holds at `lr_base_batch_size`."""
-  return config.learning_rate * config.batch_size / config.lr_base_batch_size
+  """config.learning_rate at the global batch (config.lr_scaling's rule)."""
+  return lr_scaling.peak_learning_rate(config)
 
 
 def create_optimizer(config, steps_per_epoch, total_steps):
-  peak = scaled_learning_rate(config)
-  if config.lr_schedule == 'warmup_cosine':
-    warmup_steps = int(config.warmup_epochs * steps_per_epoch)
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1))
-  else:  # 'plateau': constant, scaled down by `reduce_on_plateau` at epoch ends.
-    schedule = optax.constant_schedule(peak)
+  schedule = lr_scaling.make_schedule(config, steps_per_epoch, total_steps)
   tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.adam_eps,
                    weight_decay=config.weight_decay)
   return tx, schedule
@@ -153,12 +150,13 @@ def create_train_state(config, model, mesh, tx):
     return init_variables(config, model, jax.random.key(config.seed))
 
   on_mesh = replicated(mesh)
-  if not config.init_from:
+  init_from = imagenet_weights.init_path(config)  # 'imagenet': downloaded.
+  if init_from is None:
     return jax.jit(lambda: state_from(init()), out_shardings=on_mesh)()
   from chexnet_jax import weights  # Optional: needs h5py / torch.
   # Reading a file cannot be traced: initialise (for the head, which an
   # ImageNet file lacks), load on the host, then place on the mesh.
-  variables = weights.load_pretrained(config.init_from,
+  variables = weights.load_pretrained(init_from,
                                       jax.device_get(jax.jit(init)()))
   return jax.jit(state_from, out_shardings=on_mesh)(
       jax.device_put(variables, on_mesh))
@@ -166,34 +164,26 @@ def create_train_state(config, model, mesh, tx):
 
 # --------------------------------------------------------------------- loss --
 
-def bce_loss(logits, labels, pos_weight=None):
-  """Sigmoid cross-entropy averaged over labels; per-example, shape [B]."""
-  logits = logits.astype(jnp.float32)
-  if pos_weight is None:
-    losses = optax.sigmoid_binary_cross_entropy(logits, labels)
-  else:  # CheXNet's weighted BCE: positives weighted by negatives/positives.
-    log_p = jax.nn.log_sigmoid(logits)
-    log_not_p = jax.nn.log_sigmoid(-logits)
-    losses = -(pos_weight * labels * log_p + (1 - labels) * log_not_p)
-  return losses.mean(axis=-1)
+bce_loss = losses.bce_loss  # The loss lives in chexnet_jax/losses.py.
 
 
 # --------------------------------------------------------------- train step --
 
-def make_train_step(config, model, mesh, tx, schedule, pos_weight=None):
+def make_train_step(config, model, mesh, tx, schedule, loss_weights=None):
   """Returns jitted (state, global batch) -> (state, metrics). Donates state.
 
   `model` comes from `build_model(config, for_training=True)`, so that
   BatchNorm knows whether to synchronise over 'data'.
   """
   dtype = DTYPES[config.dtype]
-  pos_weight = None if pos_weight is None else jnp.asarray(pos_weight)
+  loss_weights = (None if loss_weights is None
+                  else tuple(jnp.asarray(w) for w in loss_weights))
 
   def loss_fn(params, batch_stats, images, labels, step):
     logits, updates = model.apply(
         {'params': params, 'batch_stats': batch_stats}, images, train=True,
         mutable=['batch_stats'])
-    loss = bce_loss(logits, labels, pos_weight).mean()
+    loss = bce_loss(logits, labels, loss_weights).mean()
     # Fault injection for the tests: a poisoned loss at one chosen step.
     loss = jnp.where(step == config.debug_nan_at_step, jnp.nan, loss)
     return loss, updates['batch_stats']
@@ -274,11 +264,14 @@ def score_split(batches, score, mesh):
   return scores[order], labels[order], indices[order]
 
 
-def evaluate_split(config, model, variables, mesh, split, predict=None):
+def evaluate_split(config, model, variables, mesh, split, predict=None,
+                   loss_weights=None):
   """One masked pass over `split`: every example scored exactly once.
 
   Returns (metrics, probs, labels, indices) with rows ordered by example index.
   Pass `predict` (from make_predict_fn) to reuse its compilation across calls.
+  metrics['loss'] is weighted by `loss_weights` like the training loss (the one
+  the plateau rule watches); metrics['bce'] is always unweighted.
   """
   from input_pipeline import pipeline  # Lazy: the benchmark needs no grain.
   from chexnet_jax import metrics as metrics_lib
@@ -293,7 +286,9 @@ def evaluate_split(config, model, variables, mesh, split, predict=None):
         mesh)
   probs = np.asarray(jax.nn.sigmoid(logits))
   auroc = metrics_lib.auroc_per_label(labels, probs)
-  result = {'loss': float(np.mean(bce_loss(jnp.asarray(logits), labels))),
+  result = {'loss': float(np.mean(bce_loss(jnp.asarray(logits), labels,
+                                           loss_weights))),
+            'bce': float(np.mean(bce_loss(jnp.asarray(logits), labels))),
             'auroc': auroc, 'mean_auroc': float(np.nanmean(list(auroc.values())))}
   return result, probs, labels, indices
 
@@ -409,12 +404,15 @@ class _Run:
     self.eval_model = build_model(config)
     self.predict = make_predict_fn(self.eval_model, DTYPES[config.dtype])
     self.state = create_train_state(config, model, self.mesh, tx)
+    self.loss_weights = losses.label_weights(
+        config.pos_weight, dataset_info['train_positive_fraction'])
     self.train_step = make_train_step(config, model, self.mesh, tx, schedule,
-                                      _pos_weight(config, dataset_info))
+                                      self.loss_weights)
     self.data = pipeline.create_train_iterator(
         config, process_index=jax.process_index(),
         process_count=jax.process_count())
-    self.manager = checkpoints.create_manager(workdir, config.keep_checkpoints)
+    self.manager = checkpoints.create_manager(workdir, config.keep_checkpoints,
+                                              config.best_metric)
     self._resume(workdir)
 
   def _resume(self, workdir):
@@ -469,7 +467,7 @@ class _Run:
   def _evaluate_and_save(self, writer, step):
     result, *_ = evaluate_split(self.config, self.eval_model,
                                 self.state.variables, self.mesh, 'validation',
-                                self.predict)
+                                self.predict, self.loss_weights)
     self.state = update_plateau(self.config, self.state, result['loss'])
     scalars = {'val_loss': result['loss'], 'val_mean_auroc': result['mean_auroc']}
     scalars.update({f'val_auroc/{k}': v for k, v in result['auroc'].items()})
@@ -496,12 +494,3 @@ def _keep_split_beside_run(split_file, workdir):
   if split_file and not os.path.exists(target):
     shutil.copyfile(split_file, f'{target}.tmp')
     os.replace(f'{target}.tmp', target)
-
-
-def _pos_weight(config, dataset_info):
-  """CheXNet's weighted BCE: negatives/positives per label over train."""
-  if not config.pos_weight:
-    return None
-  fraction = np.clip(np.asarray(dataset_info['train_positive_fraction']),
-                     1e-6, 1 - 1e-6)
-  return (1 - fraction) / fraction

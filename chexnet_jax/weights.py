@@ -23,13 +23,11 @@ on the root of an .h5) is mapped by name onto `label_names` (default: the
 canonical CheXNet order); a file without names is assumed to be in the canonical
 CheXNet order (Atelectasis ... Hernia), as arnoweng/CheXNet and its descendants are.
 """
-import hashlib
 import io
 import logging
 import os
 import pickle
 import re
-import urllib.request
 import zipfile
 
 from flax import traverse_util
@@ -377,27 +375,9 @@ def _label_rows(file_label_names, label_names, source):
 def download_imagenet_weights(dest, name='densenet121'):
   """Downloads torchvision's ImageNet `name` weights into directory `dest`.
 
-  Verifies the sha256 prefix in the file name (as torchvision does) and returns
-  the file's path; a verified file already there is reused.
+  Verifies the sha256 prefix in the file name (as torch.hub does), writes
+  atomically, and returns the file's path; a verified file already there is
+  reused. (`config.init_from='imagenet'` does this into the weights cache.)
   """
-  url = TORCHVISION_URLS[name]
-  path = os.path.join(dest, os.path.basename(url))
-  expected = re.search(r'-([a-f0-9]+)\.pth$', url).group(1)
-  if not (os.path.exists(path) and _sha256(path).startswith(expected)):
-    os.makedirs(dest, exist_ok=True)
-    urllib.request.urlretrieve(url, path + '.part')
-    digest = _sha256(path + '.part')
-    if not digest.startswith(expected):
-      os.remove(path + '.part')
-      raise ValueError(f'{url}: sha256 {digest} does not start with {expected}; '
-                       'download corrupted or tampered with.')
-    os.replace(path + '.part', path)
-  return path
-
-
-def _sha256(path):
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
+  from chexnet_jax import imagenet_weights  # pylint: disable=g-import-not-at-top
+  return imagenet_weights.fetch(TORCHVISION_URLS[name], dest)

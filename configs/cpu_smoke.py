@@ -8,6 +8,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
+  config.init_from = ''  # Offline: from scratch.
   config.dataset = 'synthetic'
   config.model = 'tiny'
   config.dataset_image_size = 40

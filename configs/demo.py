@@ -4,6 +4,7 @@ from configs import default
 
 def get_config():
   config = default.get_config()
+  config.init_from = ''  # Offline: from scratch.
   config.data_dir = 'data/demo_tfds'
   config.dataset_image_size = 128
   config.image_size = 112

@@ -157,6 +157,8 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
         'resample': images.RESAMPLE.name, 'patients': patients,
         'positives': positives,
         'inputs': {k: os.path.basename(v) for k, v in plan.files.items()},
+        # Which label file: NIH revised labels in 2020 (Data_Entry_2017_v2020.csv).
+        'label_file': label_file_description(plan.files['data_entry']),
         'skipped': plan.skipped})
     split_record = {'val_fraction': cfg.val_fraction, 'split_seed': cfg.split_seed,
                     'by': 'patient', 'splits': plan.splits, 'skipped': plan.skipped}
@@ -172,6 +174,15 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
         for name, image in pool.imap_unordered(_convert, window, chunksize=4):
           progress.update()
           yield name, _example(plan, name, image)
+
+
+def label_file_description(path: str) -> str:
+  """'Data_Entry_2017_v2020.csv (NIH's 2020 label revision)' or
+  'Data_Entry_2017.csv (the original 2017 labels)'."""
+  name = os.path.basename(path)
+  revision = ("NIH's 2020 label revision" if 'v2020' in name
+              else 'the original 2017 labels')
+  return f'{name} ({revision})'
 
 
 def _example(plan: nih.Plan, name: str, image: np.ndarray) -> dict:

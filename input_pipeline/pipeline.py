@@ -83,21 +83,27 @@ def get_source(config, split: str):
 
 def get_dataset_info(config) -> dict:
   """{'name', 'version', 'dataset_image_size', 'splits': {split: n},
-  'train_positive_fraction': [14 floats]}; DatasetError if the dataset is missing,
+  'train_positive_fraction': [14 floats], 'label_file': which Data_Entry CSV
+  (2017 or the v2020 revision) the labels came from}; DatasetError if the dataset is missing,
   or built at another size or with another validation cut."""
   if config.dataset == 'synthetic':
     return {'name': 'synthetic', 'version': '1.0.0',
             'dataset_image_size': config.dataset_image_size,
             'splits': synthetic.split_sizes(config),
-            'train_positive_fraction': [synthetic.PRESENT_PROBABILITY] * 14}
+            'train_positive_fraction': [synthetic.PRESENT_PROBABILITY] * 14,
+            'label_file': 'synthetic (input_pipeline/synthetic.py)'}
   builder = _tfds_builder(config)
   metadata = builder.info.metadata or {}
   _check_split_matches(config, metadata)  # Belt and braces.
   splits = {s: info.num_examples for s, info in builder.info.splits.items()}
   positives = np.asarray(metadata['positives']['train'], np.float64)
+  # Datasets built before 'label_file' was recorded still name the file.
+  label_file = metadata.get('label_file') or metadata.get('inputs', {}).get(
+      'data_entry', 'not recorded')
   return {'name': builder.info.name, 'version': str(builder.info.version),
           'dataset_image_size': config.dataset_image_size, 'splits': splits,
-          'train_positive_fraction': (positives / splits['train']).tolist()}
+          'train_positive_fraction': (positives / splits['train']).tolist(),
+          'label_file': label_file}
 
 
 def split_file(config):
@@ -257,10 +263,25 @@ def _random_crop(rng, image: np.ndarray, size: int) -> np.ndarray:
   return image[top:top + size, left:left + size]
 
 
+EVAL_PREPROCESS = ('resize', 'center_crop')
+
+
+def eval_image(image: np.ndarray, size: int, mode: str = 'resize') -> np.ndarray:
+  """The evaluation view of a stored image: 'resize' (CheXNet: the whole image,
+  resized to size) or 'center_crop' (its central size x size square)."""
+  if mode == 'resize':
+    return _resize(image, size)
+  if mode == 'center_crop':
+    return center_crop(image, size)
+  raise ValueError(f'config.eval_preprocess must be one of {EVAL_PREPROCESS}, got {mode!r}')
+
+
 def augment(image: np.ndarray, rng: np.random.Generator, config) -> np.ndarray:
   """uint8 [H, W, 1] -> uint8 [S, S, 1]: config.augment crop, then maybe a flip."""
   size = config.image_size
-  if config.augment == 'random_resized_crop':
+  if config.augment == 'resize':  # CheXNet: the whole image.
+    image = _resize(image, size)
+  elif config.augment == 'random_resized_crop':
     top, left, h, w = _crop_window(rng, *image.shape[:2], config.min_crop_area)
     image = _resize(image[top:top + h, left:left + w], size)
   elif config.augment == 'random_crop':
@@ -268,8 +289,8 @@ def augment(image: np.ndarray, rng: np.random.Generator, config) -> np.ndarray:
   elif config.augment == 'center_crop':
     image = center_crop(image, size)
   else:
-    raise ValueError(f"config.augment must be 'random_resized_crop', 'random_crop' or "
-                     f"'center_crop', got {config.augment!r}")
+    raise ValueError(f"config.augment must be 'resize', 'random_resized_crop', "
+                     f"'random_crop' or 'center_crop', got {config.augment!r}")
   if config.random_flip and rng.random() < 0.5:
     image = image[:, ::-1]
   return np.ascontiguousarray(image)
@@ -354,6 +375,7 @@ class _EvalExample:
 
   def __init__(self, source, config):
     self._source, self._size = source, config.image_size
+    self._mode = config.get('eval_preprocess', 'center_crop')  # Older runs cropped.
 
   def __call__(self, position):
     position = int(position)
@@ -361,7 +383,8 @@ class _EvalExample:
       blank = np.zeros((self._size, self._size, 1), np.uint8)
       return _element(blank, np.zeros(14, np.float32), -1, real=False)
     example = self._source[position]
-    return _element(center_crop(example['image'], self._size), example['labels'], position)
+    image = eval_image(example['image'], self._size, self._mode)
+    return _element(image, example['labels'], position)
 
 
 def eval_batches_per_process(config, num_examples: int, process_count: int) -> int:

@@ -201,3 +201,15 @@ def test_cam_of_trained_model_peaks_on_the_synthetic_patch():
   assert total >= 20
   assert peaks_inside / total >= 0.85, f'CAM peaked inside the patch in {peaks_inside}/{total}'
   assert hotter_inside / total >= 0.95, f'CAM hotter on the patch in {hotter_inside}/{total}'
+
+
+def test_original_box_maps_through_whole_image_resize():
+  """eval_preprocess='resize' (CheXNet): 1024 -> 256 -> 224, nothing cut away."""
+  box = cam.original_box_to_input((128, 256, 400, 200), (1024, 1024), 256, 224,
+                                  'resize')
+  assert box == pytest.approx((28, 56, 87.5, 43.75))
+  assert cam.original_box_to_input((0, 0, 40, 40), (1024, 1024), 256, 224,
+                                   'resize') == pytest.approx((0, 0, 8.75, 8.75))
+  # Non-square: 2048x1024 -> centre 1024 square -> 256 -> 128.
+  box = cam.original_box_to_input((1024, 0, 8, 8), (2048, 1024), 256, 128, 'resize')
+  assert box == pytest.approx((64, 0, 1, 1))

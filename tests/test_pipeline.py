@@ -3,6 +3,7 @@ sharding over 1, 2, 4 simulated processes, determinism, exact restore, eval padd
 
 import grain
 import numpy as np
+from PIL import Image
 import pytest
 
 from configs import default
@@ -131,13 +132,26 @@ def test_eval_labels_and_metadata_match_csv(config, nih_sample):
 
 
 def test_eval_center_crop_is_the_stored_image_centre(config):
+  config.eval_preprocess = 'center_crop'
   batch = next(iter(pipeline.create_eval_iterator(config, 'test', process_index=0,
                                                   process_count=1)))
   stored = pipeline.get_source(config, 'test')[0]['image']
   np.testing.assert_array_equal(batch['image'][0], stored[8:56, 8:56])
 
 
-@pytest.mark.parametrize('augment', ['random_resized_crop', 'random_crop', 'center_crop'])
+def test_eval_resize_is_the_whole_stored_image(config):
+  """The default (CheXNet): the whole image, resized to the model's size."""
+  assert config.eval_preprocess == 'resize'
+  batch = next(iter(pipeline.create_eval_iterator(config, 'test', process_index=0,
+                                                  process_count=1)))
+  stored = pipeline.get_source(config, 'test')[0]['image']
+  whole = np.asarray(Image.fromarray(stored[:, :, 0]).resize(
+      (48, 48), Image.Resampling.BILINEAR))
+  np.testing.assert_array_equal(batch['image'][0, :, :, 0], whole)
+
+
+@pytest.mark.parametrize('augment', ['resize', 'random_resized_crop', 'random_crop',
+                                     'center_crop'])
 def test_augment_modes(config, augment):
   config.augment = augment
   image = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64, 1).astype(np.uint8)
@@ -149,6 +163,10 @@ def test_augment_modes(config, augment):
   if augment == 'center_crop':
     assert pipeline.augment(image, np.random.default_rng(0), config).tobytes() == \
         image[8:56, 8:56].tobytes()
+  if augment == 'resize':  # CheXNet: the whole image, only flipped.
+    whole = Image.fromarray(image[:, :, 0]).resize((48, 48), Image.Resampling.BILINEAR)
+    assert {pipeline.augment(image, np.random.default_rng(s), config).tobytes()
+            for s in range(4)} == {np.asarray(whole).tobytes()}
 
 
 def test_bad_batch_sizes_explained(config):
@@ -222,3 +240,10 @@ def test_dataset_info_gives_positive_fractions_of_train(config):
   labels = np.stack([source[i]['labels'] for i in range(len(source))])
   np.testing.assert_allclose(info['train_positive_fraction'], labels.mean(0))
   assert info['splits']['train'] == len(source)
+
+
+def test_dataset_records_which_label_file_it_read(config):
+  """NIH revised the labels in 2020: the dataset says which file it was built from."""
+  info = pipeline.get_dataset_info(config)
+  assert info['label_file'].startswith('Data_Entry_2017_v2020.csv')
+  assert "NIH's 2020 label revision" in info['label_file']

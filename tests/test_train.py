@@ -79,9 +79,23 @@ def test_poisoned_step_yields_nan_loss():
   assert np.isfinite(losses[0]) and np.isnan(losses[1])
 
 
-def test_learning_rate_scales_linearly_with_global_batch():
-  config = _config(learning_rate=1e-3, lr_base_batch_size=64, batch_size=1024)
-  assert train.scaled_learning_rate(config) == pytest.approx(16e-3)
+@pytest.mark.parametrize('rule, expected', [('none', 1e-3), ('sqrt', 4e-3),
+                                           ('linear', 16e-3)])
+def test_learning_rate_scaling_rules(rule, expected):
+  config = _config(learning_rate=1e-3, lr_base_batch_size=64, batch_size=1024,
+                   lr_scaling=rule)
+  assert train.scaled_learning_rate(config) == pytest.approx(expected)
+
+
+def test_plateau_schedule_warms_up_from_the_unscaled_rate():
+  """Horovod's warmup: from lr / N (N = batch / base batch) to the peak."""
+  config = _config(learning_rate=1e-3, lr_base_batch_size=64, batch_size=1024,
+                   lr_scaling='none', warmup_epochs=2.0)
+  _, schedule = train.create_optimizer(config, steps_per_epoch=5, total_steps=50)
+  assert float(schedule(0)) == pytest.approx(1e-3 / 16, rel=1e-5)
+  assert float(schedule(5)) == pytest.approx((1e-3 / 16 + 1e-3) / 2, rel=1e-5)
+  assert float(schedule(10)) == pytest.approx(1e-3, rel=1e-5)
+  assert float(schedule(49)) == pytest.approx(1e-3, rel=1e-5)
 
 
 def test_warmup_cosine_schedule_warms_up_then_decays():
@@ -103,21 +117,3 @@ def test_plateau_cuts_learning_rate_after_patience_epochs():
     state = train.update_plateau(config, state, val_loss)
     scales.append(float(state.plateau.scale))
   assert scales == pytest.approx([1.0, 1.0, 1.0, 0.1])
-
-
-def test_weighted_bce_weights_positives():
-  logits = np.zeros((2, 14), np.float32)
-  labels = np.eye(2, 14, dtype=np.float32)
-  plain = train.bce_loss(logits, labels)
-  weighted = train.bce_loss(logits, labels, pos_weight=np.full(14, 3.0))
-  # One positive per row: its term is 3x, the 13 negatives unchanged.
-  np.testing.assert_allclose(weighted, plain * (13 + 3) / 14, rtol=1e-6)
-
-
-def test_pos_weight_is_negatives_over_positives_of_train():
-  config = _config(pos_weight=True)
-  fractions = [0.25] * 13 + [0.0]  # A label never seen is clipped, not inf.
-  weight = train._pos_weight(config, {'train_positive_fraction': fractions})  # pylint: disable=protected-access
-  np.testing.assert_allclose(weight[:13], 3.0)
-  assert np.isfinite(weight[13]) and weight[13] > 1e5
-  assert train._pos_weight(_config(), {'train_positive_fraction': fractions}) is None  # pylint: disable=protected-access

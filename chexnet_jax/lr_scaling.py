@@ -1,0 +1,55 @@
+"""The learning rate at a batch size, and its schedule (warmup, then plateau or cosine).
+
+`config.learning_rate` holds at `config.lr_base_batch_size` images per step;
+`config.lr_scaling` says how it changes with the global batch B:
+
+- 'none': the same rate at every batch (the reference trainer: Adam 1e-3 on 1 to
+  16 GPUs, i.e. batch 64 to 1024).
+- 'sqrt': rate x sqrt(B / base) (the usual rule for Adam-type optimizers).
+- 'linear': rate x B / base (Goyal et al. 2017's rule for SGD).
+
+Warmup (`config.warmup_epochs` > 0): the rate rises linearly from its value at
+the base batch without scaling-up, rate x base / B (Horovod's lr / N when every
+device holds the base batch), to the scaled peak. `lr_schedule='plateau'` then
+holds the peak (reduce_on_plateau cuts it at epoch ends); 'warmup_cosine' decays
+it to zero. The evidence for the rule the hardware configs use is in
+benchmarks/LARGE_BATCH.md.
+"""
+import math
+
+import optax
+
+RULES = ('none', 'sqrt', 'linear')
+
+
+def batch_ratio(config):
+  return config.batch_size / config.lr_base_batch_size
+
+
+def peak_learning_rate(config):
+  """config.learning_rate scaled from lr_base_batch_size to batch_size."""
+  rule = config.get('lr_scaling', 'linear')  # Runs from before the field: linear.
+  ratio = batch_ratio(config)
+  if rule == 'none':
+    return config.learning_rate
+  if rule == 'sqrt':
+    return config.learning_rate * math.sqrt(ratio)
+  if rule == 'linear':
+    return config.learning_rate * ratio
+  raise ValueError(f'config.lr_scaling={rule!r} is not one of {RULES}; set '
+                   '--config.lr_scaling to one of them.')
+
+
+def make_schedule(config, steps_per_epoch, total_steps):
+  """optax schedule: step -> learning rate (before any plateau cut)."""
+  peak = peak_learning_rate(config)
+  warmup_steps = int(config.warmup_epochs * steps_per_epoch)
+  if config.lr_schedule == 'warmup_cosine':
+    return optax.warmup_cosine_decay_schedule(
+        0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1))
+  if warmup_steps <= 0:
+    return optax.constant_schedule(peak)
+  start = min(peak, config.learning_rate / max(batch_ratio(config), 1.0))
+  return optax.join_schedules(
+      [optax.linear_schedule(start, peak, warmup_steps),
+       optax.constant_schedule(peak)], [warmup_steps])
