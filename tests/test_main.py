@@ -84,8 +84,6 @@ def test_resuming_with_another_model_is_refused(smoke_run):
      "config.model='densenet12' is not one of"),
     ('--config.dataset=chestxray14',
      'No complete chestxray14 dataset at 40px'),
-    ('--config.batchsize=64',
-     "unknown config field 'batchsize'. Did you mean batch_size"),
 ])
 def test_bad_config_stops_with_one_clear_sentence(tmp_path, override, message):
   env_workdir = tmp_path / 'run'
