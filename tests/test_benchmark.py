@@ -1,8 +1,8 @@
 """chexnet_jax.benchmark: runs on cpu_smoke and reports consistent numbers.
 
 The run happens in a subprocess where grain, TFDS, clu, array_record (and
-tensorboardX, h5py, keras) cannot be imported, as on the lent GPU machine, so
-these tests also guard the benchmark's import path. (ml_collections, pure
+tensorboardX, h5py, keras) cannot be imported, as on a bare GPU machine that
+benchmarks/gpu.sh sets up, so these tests also guard the benchmark's import path. (ml_collections, pure
 Python, is carried there as a wheel by benchmarks/gpu.sh.)
 """
 import json
