@@ -159,6 +159,7 @@ def relative_error(actual, expected):
   return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
+@pytest.mark.slow
 def test_keras_densenet121_converts_to_torchvision_keys(keras_densenet121):
   state_dict = keras_densenet121[0]
   # torchvision's densenet121 state dict: 727 keys, 121 of them num_batches_tracked.
@@ -170,6 +171,7 @@ def test_keras_densenet121_converts_to_torchvision_keys(keras_densenet121):
   assert {k: state_dict[k].shape for k in expected} == expected
 
 
+@pytest.mark.slow
 def test_densenet121_matches_keras(keras_densenet121):
   state_dict, x, keras_eval, keras_train = keras_densenet121
   model = models.create_model('densenet121').clone(

@@ -243,6 +243,7 @@ def reference(tmp_path_factory):
 
 # ------------------------------------------------------------- exact resume --
 
+@pytest.mark.slow
 def test_uninterrupted_run_uses_each_example_once_per_epoch(reference):
   _assert_each_example_once_per_epoch(_surviving_batches(reference))
 
@@ -250,6 +251,7 @@ def test_uninterrupted_run_uses_each_example_once_per_epoch(reference):
 @pytest.mark.parametrize('fault', ['sigkill_between_checkpoints',
                                    'sigkill_during_async_save',
                                    'sigterm_preemption'])
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(reference, tmp_path, fault):
   workdir = tmp_path / 'run'
   rng = _kill_step_rng(fault)
@@ -295,6 +297,7 @@ def test_interrupted_run_resumes_exactly(reference, tmp_path, fault):
 # ------------------------------------------------------- broken checkpoints --
 
 @pytest.mark.parametrize('torn', ['state', 'metrics'])
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_is_set_aside(reference, tmp_path, torn):
   workdir = tmp_path / 'run'
   shutil.copytree(reference, workdir)
@@ -312,6 +315,7 @@ def test_truncated_latest_checkpoint_is_set_aside(reference, tmp_path, torn):
   _assert_bitwise_equal_runs(workdir, reference)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   workdir = tmp_path / 'run'
   # state.step 23 is the 24th step: a checkpoint step, which must not be saved.
@@ -328,6 +332,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 # ------------------------------------------------ full disk, unwritable dir --
 
+@pytest.mark.slow
 def test_disk_full_at_a_checkpoint_is_one_error_and_resumable(reference,
                                                                tmp_path):
   workdir = tmp_path / 'run'
@@ -394,6 +399,7 @@ def _on_demo_data(data_dir):
   return ('--config.dataset=chestxray14', f'--config.data_dir={data_dir}')
 
 
+@pytest.mark.slow
 def test_run_on_real_data_keeps_its_patient_split(demo_dataset, tmp_path):
   workdir = tmp_path / 'run'
   code, log = _main(workdir, '--config.num_train_steps=2',
@@ -412,6 +418,7 @@ def test_run_on_real_data_keeps_its_patient_split(demo_dataset, tmp_path):
   assert not (patients['train'] | patients['validation']) & patients['test']
 
 
+@pytest.mark.slow
 def test_corrupt_record_names_the_shard_and_the_fix(demo_dataset, tmp_path):
   data_dir = tmp_path / 'tfds'
   shutil.copytree(demo_dataset, data_dir)
@@ -440,6 +447,7 @@ def test_dataset_of_another_image_size_is_named(demo_dataset, tmp_path):
   assert 'Traceback' not in log
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_label_set_is_refused(reference):
   code, log = _main(reference, *RUN_ARGS, '--config.num_classes=5')
   assert code == 1
