@@ -1,32 +1,40 @@
 # The two commands of the README: `make demo` and `make test`. Both set up
 # everything they need from scratch (a virtualenv in .venv; Slurm and munge
-# from Debian's packages for the cluster tests).
+# from Debian's packages for the cluster tests). `make test-fast` runs the
+# suite less its slow and Slurm tests (pytest markers, setup.cfg).
 PYTHON3 ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # PyTorch only reads torchvision .pth weights (in tests, and for users who
 # import them). This version is the CPU build these machines carry locally.
 TORCH ?= torch==2.13.0
+# Pins every package to the versions the suite passes with; `CONSTRAINTS=`
+# (empty) installs the newest versions setup.cfg allows instead.
+CONSTRAINTS ?= constraints.txt
+PIP_INSTALL = $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 DEMO_DATA := data/demo_tfds
 DEMO_RUN := runs/demo
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-fast demo clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml $(CONSTRAINTS)
 	$(PYTHON3) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e .
+	$(PIP_INSTALL) -e .
 	touch $@
 
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(PY) -m pip install -q '$(TORCH)'
-	$(PY) -m pip install -q -e '.[test]'
+	$(PIP_INSTALL) '$(TORCH)'
+	$(PIP_INSTALL) -e '.[test]'
 	touch $@
 
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q tests
+
+test-fast: $(VENV)/.test-installed
+	$(PY) -m pytest -q -m 'not slow and not slurm' tests
 
 demo: setup
 	$(PY) -m input_pipeline.build --manual_dir demo_data --data_dir $(DEMO_DATA) \

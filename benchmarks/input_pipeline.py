@@ -1,6 +1,9 @@
-"""Input throughput per CPU core on the real NIH sample (300 images, 1024x1024 PNG).
+"""Input throughput per CPU core on real NIH images (1024x1024 PNG).
 
-  python benchmarks/input_pipeline.py [--sample /work/shared/nih_sample] [--batches 40]
+  python benchmarks/input_pipeline.py --sample DIR [--batches 40]
+
+DIR holds images/*.png (full-size NIH PNGs; a few hundred are plenty), NIH's
+Data_Entry CSV (all rows or just these images') and BBox_List_2017.csv.
 
 Measures, each in one process on one core:
   conversion  decode the 1024 PNG + grey + resize to 256 (what the build does per image)
@@ -51,9 +54,10 @@ def reference_decode(data):
 def _manual_dir(sample, root):
   """The sample in NIH's layout, with patient-wise split lists."""
   os.makedirs(root)
-  for name in ('images', 'Data_Entry_2017_v2020.csv.gz', 'BBox_List_2017.csv'):
-    os.symlink(os.path.join(sample, name), os.path.join(root, name))
-  entries, _ = nih.read_data_entry(os.path.join(root, 'Data_Entry_2017_v2020.csv.gz'))
+  entry_csv = nih.find_file(sample, nih.DATA_ENTRY_NAMES)
+  for path in (os.path.join(sample, 'images'), entry_csv, os.path.join(sample, nih.BBOX_NAME)):
+    os.symlink(os.path.abspath(path), os.path.join(root, os.path.basename(path)))
+  entries, _ = nih.read_data_entry(entry_csv)
   names = sorted(os.listdir(os.path.join(sample, 'images')))
   make_demo_sample.write_split_lists(root, entries, names, seed=0)
   return root
@@ -80,7 +84,9 @@ def _cpu_model():
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--sample', default='/work/shared/nih_sample')
+  p.add_argument('--sample', required=True,
+                 help='folder with images/*.png (1024 px), the Data_Entry CSV and '
+                      'BBox_List_2017.csv')
   p.add_argument('--batches', type=int, default=40)
   args = p.parse_args()
   tfds.disable_progress_bar()

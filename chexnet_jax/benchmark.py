@@ -35,7 +35,7 @@ import numpy as np
 TRAIN_EXAMPLES = 77_872
 EPOCHS = 10
 
-# The reference (TF 1.12 + Horovod, V100, 256 px, batch 64 per GPU), DESIGN.md.
+# The reference's published throughput (TF 1.12 + Horovod, V100, 256 px, batch 64 per GPU).
 REFERENCE_IMAGES_PER_S = {1: 185.12, 2: 315.26, 4: 589.36, 8: 1116.99,
                           16: 1912.82}
 

@@ -1,6 +1,9 @@
-"""Regenerates demo_data/ (the bundled demo sample) from the 300-image NIH sample.
+"""Regenerates demo_data/ (the bundled demo sample) from full-size NIH images.
 
-  python -m input_pipeline.make_demo_sample --sample /work/shared/nih_sample --out demo_data
+  python -m input_pipeline.make_demo_sample --sample DIR --out demo_data
+
+DIR holds NIH's files for the chosen images: images/*.png (1024 px, as released),
+Data_Entry_2017_v2020.csv (or .csv.gz, or Data_Entry_2017.csv) and BBox_List_2017.csv.
 
 Images are shrunk to grey PNGs (the repository stays small); the CSVs keep NIH's
 header and only these images' rows; train_val_list.txt / test_list.txt are made by
@@ -75,7 +78,8 @@ def make_demo_sample(sample: str, out: str, size: int = 256, seed: int = 0):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--sample', default='/work/shared/nih_sample')
+  parser.add_argument('--sample', required=True,
+                      help='folder with images/*.png, the Data_Entry CSV and BBox_List_2017.csv')
   parser.add_argument('--out', default='demo_data')
   parser.add_argument('--size', type=int, default=256)
   args = parser.parse_args()

@@ -43,13 +43,20 @@ def tiny_run(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------
-# The real 300-image NIH sample, converted once per session (input pipeline).
+# Real NIH data, all in the repository: demo_data/ (300 images shrunk to 256 px)
+# and tests/fixtures/nih/ (NIH's full CSVs and a few full-size originals).
 
 import collections  # noqa: E402
 
-NIH_SAMPLE = '/work/shared/nih_sample'
+DEMO_DATA = os.path.join(REPO, 'demo_data')
+NIH_FIXTURES = os.path.join(REPO, 'tests', 'fixtures', 'nih')
 NihSample = collections.namedtuple(
-    'NihSample', 'manual_dir data_dir image_size sixteen_bit_image original_dir')
+    'NihSample', 'manual_dir data_dir image_size sixteen_bit_image names originals')
+
+
+def full_size_originals():
+  """Names of the full-size NIH originals in tests/fixtures/nih/images."""
+  return sorted(os.listdir(os.path.join(NIH_FIXTURES, 'images')))
 
 
 def _write_sixteen_bit(source_png, target_png):
@@ -61,32 +68,36 @@ def _write_sixteen_bit(source_png, target_png):
 
 
 def _nih_sample_manual_dir(root, sixteen_bit_image):
-  """NIH layout over the sample: images linked, one re-saved as 16-bit, CSVs linked,
-  split lists made by patient."""
+  """NIH layout over demo_data's 300 images, the full-size originals in place of
+  their shrunk copies, one image re-saved as 16-bit; NIH's full CSVs; split lists
+  made by patient."""
   from input_pipeline import make_demo_sample, nih
   images = root / 'images'
   images.mkdir(parents=True)
-  names = sorted(os.listdir(os.path.join(NIH_SAMPLE, 'images')))
+  names = sorted(os.listdir(os.path.join(DEMO_DATA, 'images')))
+  originals = set(full_size_originals())
   for name in names:
-    source = os.path.join(NIH_SAMPLE, 'images', name)
+    folder = NIH_FIXTURES if name in originals else DEMO_DATA
+    source = os.path.join(folder, 'images', name)
     if name == sixteen_bit_image:
       _write_sixteen_bit(source, images / name)
     else:
       (images / name).symlink_to(source)
   for name in ('Data_Entry_2017_v2020.csv.gz', 'BBox_List_2017.csv'):
-    (root / name).symlink_to(os.path.join(NIH_SAMPLE, name))
+    (root / name).symlink_to(os.path.join(NIH_FIXTURES, name))
   entries, _ = nih.read_data_entry(str(root / 'Data_Entry_2017_v2020.csv.gz'))
   make_demo_sample.write_split_lists(str(root), entries, names, seed=0)
-  return str(root)
+  return str(root), names
 
 
 @pytest.fixture(scope='session')
 def nih_sample(tmp_path_factory):
-  """The real NIH sample built into a TFDS dataset at 64 px (allow_subset)."""
+  """demo_data's 300 images (3 of them full-size originals, 1 made 16-bit) built
+  into a TFDS dataset at 64 px (allow_subset)."""
   from input_pipeline import build
   root = tmp_path_factory.mktemp('nih_sample')
   sixteen_bit_image = '00000129_000.png'
-  manual_dir = _nih_sample_manual_dir(root / 'manual', sixteen_bit_image)
+  manual_dir, names = _nih_sample_manual_dir(root / 'manual', sixteen_bit_image)
   data_dir = str(root / 'tfds')
   build.build(manual_dir, data_dir, 64, allow_subset=True, num_workers=2)
-  return NihSample(manual_dir, data_dir, 64, sixteen_bit_image, NIH_SAMPLE)
+  return NihSample(manual_dir, data_dir, 64, sixteen_bit_image, names, full_size_originals())

@@ -19,13 +19,15 @@ from input_pipeline import images
 from input_pipeline import labels
 from input_pipeline import nih
 
-SAMPLE = '/work/shared/nih_sample'
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')   # 300 real images, 256 px grey.
+FULL = os.path.join(REPO, 'tests', 'fixtures', 'nih')     # NIH's CSVs, full-size originals.
 HEADER = ('Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,'
           'View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n')
 
 
 def _sample_csv_rows():
-  with gzip.open(os.path.join(SAMPLE, 'Data_Entry_2017_v2020.csv.gz'), 'rt') as f:
+  with gzip.open(os.path.join(FULL, 'Data_Entry_2017_v2020.csv.gz'), 'rt') as f:
     return {line.split(',', 1)[0]: line for line in f}
 
 
@@ -46,7 +48,8 @@ def sample_examples(nih_sample):
 
 
 def test_sample_end_to_end(nih_sample, sample_examples):
-  names = set(os.listdir(os.path.join(SAMPLE, 'images')))
+  names = set(os.listdir(DEMO_IMAGES))
+  assert len(names) == 300
   found = [n for split in sample_examples.values() for n in split]
   assert sorted(found) == sorted(names)  # Each image once, in one split.
   with open(os.path.join(nih_sample.manual_dir, 'test_list.txt')) as f:
@@ -72,16 +75,19 @@ def _by_name(sample_examples, name):
   return next(split[name] for split in sample_examples.values() if name in split)
 
 
-def test_rgba_and_sixteen_bit_images(nih_sample, sample_examples):
-  rgba = Image.open(os.path.join(SAMPLE, 'images', '00001369_000.png'))
-  assert rgba.mode == 'RGBA'
-  expected = np.asarray(rgba.convert('L').resize((64, 64), images.RESAMPLE))
-  np.testing.assert_array_equal(_by_name(sample_examples, '00001369_000.png')['image'][..., 0],
-                                expected)
+def test_full_size_rgba_and_sixteen_bit_images(nih_sample, sample_examples):
+  modes = set()
+  for name in nih_sample.originals:  # 1024 px, built beside demo_data's 256 px images.
+    original = Image.open(os.path.join(FULL, 'images', name))
+    assert original.size == (1024, 1024)
+    modes.add(original.mode)
+    expected = np.asarray(original.convert('L').resize((64, 64), images.RESAMPLE))
+    np.testing.assert_array_equal(_by_name(sample_examples, name)['image'][..., 0], expected)
+  assert modes == {'RGBA', 'L'}
   # The 16-bit copy (1000 + 200 v) scales back by its range to the 8-bit original.
   sixteen = Image.open(os.path.join(nih_sample.manual_dir, 'images', nih_sample.sixteen_bit_image))
   assert sixteen.mode in ('I;16', 'I')
-  grey = np.asarray(Image.open(os.path.join(SAMPLE, 'images', nih_sample.sixteen_bit_image)),
+  grey = np.asarray(Image.open(os.path.join(DEMO_IMAGES, nih_sample.sixteen_bit_image)),
                     float)
   rescaled = np.round((grey - grey.min()) * 255 / (grey.max() - grey.min())).astype(np.uint8)
   expected = np.asarray(Image.fromarray(rescaled).resize((64, 64), images.RESAMPLE))
@@ -90,7 +96,7 @@ def test_rgba_and_sixteen_bit_images(nih_sample, sample_examples):
 
 
 def test_boxes_attached(sample_examples):
-  boxes, _ = nih.read_bbox_list(os.path.join(SAMPLE, 'BBox_List_2017.csv'))
+  boxes, _ = nih.read_bbox_list(os.path.join(FULL, 'BBox_List_2017.csv'))
   with_boxes = {name: ex for split in sample_examples.values() for name, ex in split.items()
                 if len(ex['boxes']['label'])}
   assert len(with_boxes) == 6 and set(with_boxes) <= set(boxes)
@@ -124,11 +130,11 @@ def _small_manual_dir(root, names, extra_rows=(), layout='flat'):
   os.makedirs(root / 'images')
   if layout == 'flat':
     for name in names:
-      shutil.copy(os.path.join(SAMPLE, 'images', name), root / 'images' / name)
+      shutil.copy(os.path.join(DEMO_IMAGES, name), root / 'images' / name)
   else:
     with tarfile.open(root / 'images_001.tar.gz', 'w:gz') as tar:
       for name in names:
-        tar.add(os.path.join(SAMPLE, 'images', name), arcname=f'images/{name}')
+        tar.add(os.path.join(DEMO_IMAGES, name), arcname=f'images/{name}')
   with open(root / 'Data_Entry_2017_v2020.csv', 'w') as f:
     f.write(HEADER + ''.join(rows[n] for n in names) + ''.join(extra_rows))
   listed = list(names) + [r.split(',', 1)[0] for r in extra_rows]
@@ -137,7 +143,7 @@ def _small_manual_dir(root, names, extra_rows=(), layout='flat'):
   return root
 
 
-GOOD = sorted(os.listdir(os.path.join(SAMPLE, 'images')))[:6]
+GOOD = sorted(os.listdir(DEMO_IMAGES))[:6]
 
 
 def _png_with_bad_pixels(path):
@@ -159,7 +165,7 @@ def bad_manual_dir(tmp_path):
            '00090003_000.png,Mass,0,90003,40,M\n']                            # malformed
   root = _small_manual_dir(tmp_path / 'nih', GOOD, extra)
   for name in ('00090002_000.png', '00090003_000.png'):
-    shutil.copy(os.path.join(SAMPLE, 'images', GOOD[0]), root / 'images' / name)
+    shutil.copy(os.path.join(DEMO_IMAGES, GOOD[0]), root / 'images' / name)
   truncated = root / 'images' / GOOD[1]
   truncated.write_bytes(truncated.read_bytes()[:5000])
   (root / 'images' / GOOD[2]).write_bytes(b'')
@@ -210,8 +216,10 @@ def test_interrupted_build_leaves_nothing_prepared(tmp_path):
   leftovers = [p for p in (out / 'chestxray14').rglob('*') if p.is_file()
                and not p.parent.name == '.config']
   assert leftovers == []
-  with pytest.raises(Exception):
-    tfds.builder_from_directory(str(out / 'chestxray14' / '32px' / chestxray14.VERSION))
+  version_dir = out / 'chestxray14' / '32px' / chestxray14.VERSION
+  with pytest.raises(tfds.core.dataset_info.DatasetInfoFileError,
+                     match=f'Could not read dataset info from {version_dir}/dataset_info.json'):
+    tfds.builder_from_directory(str(version_dir))
 
 
 def test_tarball_input_gives_same_dataset(tmp_path):

@@ -1,4 +1,5 @@
 """Config validation names the field, the value and the fix, before compiling."""
+import re
 import types
 
 import pytest
@@ -46,8 +47,19 @@ def test_each_bad_field_is_named(field, value, message):
     config_checks.validate(config, devices=cpus)
 
 
-def test_workdir_under_a_file_is_refused(tmp_path):
-  blocker = tmp_path / 'file'
-  blocker.write_text('not a directory')
-  with pytest.raises(config_checks.ConfigError, match='cannot be written'):
-    config_checks.prepare_workdir(str(blocker / 'run'))
+@pytest.mark.parametrize('blocked, reason', [
+    ('workdir_under_a_file', 'Not a directory'),
+    ('checkpoints_is_a_file', 'File exists'),
+])
+def test_unwritable_workdir_is_refused(tmp_path, blocked, reason):
+  if blocked == 'workdir_under_a_file':
+    (tmp_path / 'file').write_text('not a directory')
+    workdir = tmp_path / 'file' / 'run'
+  else:
+    workdir = tmp_path / 'run'
+    workdir.mkdir()
+    (workdir / 'checkpoints').write_text('not a directory')
+  with pytest.raises(config_checks.WorkdirError,
+                     match=rf'--workdir {re.escape(str(workdir))} cannot be written \(.*'
+                           rf'{reason}\); choose a writable directory'):
+    config_checks.prepare_workdir(str(workdir))

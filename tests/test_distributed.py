@@ -230,6 +230,7 @@ def _finish(procs, timeout):
         p.kill()
 
 
+@pytest.mark.slow
 def test_two_processes_sum_a_global_array():
   procs = _launch(2)
   outputs = _finish(procs, timeout=120)
@@ -240,6 +241,7 @@ def test_two_processes_sum_a_global_array():
 
 
 @pytest.mark.parametrize('victim', [1, 0], ids=['worker', 'coordinator'])
+@pytest.mark.slow
 def test_dead_peer_stops_survivors_within_heartbeat(victim):
   heartbeat = 4
   procs = _launch(2, heartbeat=heartbeat, victim=victim)

@@ -163,6 +163,7 @@ def _free_port():
     return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_score_alike_and_only_process_0_writes(evaluated, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(evaluated['workdir'], workdir, ignore=shutil.ignore_patterns('eval'))

@@ -72,14 +72,28 @@ def test_train_mode_updates_batch_stats_only(tiny):
   assert set(updates) == {'batch_stats'}
 
 
-def test_low_precision_keeps_float32_params_and_logits(tiny):
-  _, variables, x = tiny
-  model = models.create_model('tiny', dtype=jnp.bfloat16)
-  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
-  logits = model.apply(variables, x, train=False)
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_low_precision_computes_low_keeps_float32_params_and_logits(tiny, dtype):
+  _, _, x = tiny
+  model = models.create_model('tiny', dtype=dtype)
+  # Its own parameters and BN statistics are created float32.
+  variables = model.init(jax.random.key(0), x, train=False)
+  dtypes = {a.dtype for a in jax.tree.leaves(variables)}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  # Convolutions and BN compute in `dtype`; features and logits come out float32.
+  (logits, features), state = model.apply(variables, x, train=False, return_features=True,
+                                          capture_intermediates=True)
+  outputs = state['intermediates']
+  assert outputs['conv0']['__call__'][0].dtype == dtype
+  assert outputs['norm5']['__call__'][0].dtype == dtype
+  assert logits.dtype == features.dtype == jnp.float32
+  # Same weights as the float32 model: close, but not equal (it did compute in low precision).
   reference = models.create_model('tiny').apply(variables, x, train=False)
-  assert logits.dtype == jnp.float32
+  assert not np.array_equal(logits, reference)
   np.testing.assert_allclose(logits, reference, rtol=0.1, atol=0.1)
+  # A training step's BN statistics stay float32.
+  _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert {a.dtype for a in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
 
 
 def test_bn_axis_name_gives_global_batch_statistics(tiny):
@@ -145,6 +159,7 @@ def relative_error(actual, expected):
   return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
+@pytest.mark.slow
 def test_keras_densenet121_converts_to_torchvision_keys(keras_densenet121):
   state_dict = keras_densenet121[0]
   # torchvision's densenet121 state dict: 727 keys, 121 of them num_batches_tracked.
@@ -156,6 +171,7 @@ def test_keras_densenet121_converts_to_torchvision_keys(keras_densenet121):
   assert {k: state_dict[k].shape for k in expected} == expected
 
 
+@pytest.mark.slow
 def test_densenet121_matches_keras(keras_densenet121):
   state_dict, x, keras_eval, keras_train = keras_densenet121
   model = models.create_model('densenet121').clone(

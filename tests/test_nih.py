@@ -14,19 +14,21 @@ from input_pipeline import images
 from input_pipeline import labels
 from input_pipeline import nih
 
-SAMPLE = '/work/shared/nih_sample'
-RGBA_IMAGES = ('00000100_000.png', '00001369_000.png', '00002578_000.png', '00005224_000.png')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')   # 300 real images, 256 px grey.
+FULL = os.path.join(REPO, 'tests', 'fixtures', 'nih')     # NIH's CSVs, full-size originals.
+RGBA_IMAGES = ('00001369_000.png', '00002578_000.png')
 HEADER_2020 = ('Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,'
                'View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n')
 
 
 def sample_names(count=None):
-  return sorted(os.listdir(os.path.join(SAMPLE, 'images')))[:count]
+  return sorted(os.listdir(DEMO_IMAGES))[:count]
 
 
 @pytest.fixture(scope='module')
 def sample_entries():
-  entries, problems = nih.read_data_entry(os.path.join(SAMPLE, 'Data_Entry_2017_v2020.csv.gz'))
+  entries, problems = nih.read_data_entry(os.path.join(FULL, 'Data_Entry_2017_v2020.csv.gz'))
   assert problems == []
   return entries
 
@@ -52,7 +54,7 @@ def test_full_v2020_csv(sample_entries):
 
 def test_labels_equal_csv_for_every_sample_image(sample_entries):
   """Independent reading of the CSV with the csv module: same label vectors."""
-  with gzip.open(os.path.join(SAMPLE, 'Data_Entry_2017_v2020.csv.gz'), 'rt') as f:
+  with gzip.open(os.path.join(FULL, 'Data_Entry_2017_v2020.csv.gz'), 'rt') as f:
     findings = {row[0]: row[1] for row in csv.reader(f)}
   for name in sample_names():
     expected = [int(label in findings[name].split('|')) for label in labels.LABELS]
@@ -101,7 +103,7 @@ def test_wrong_csv_header_is_fatal(tmp_path):
 
 
 def test_bbox_list_with_infiltrate_alias():
-  boxes, problems = nih.read_bbox_list(os.path.join(SAMPLE, 'BBox_List_2017.csv'))
+  boxes, problems = nih.read_bbox_list(os.path.join(FULL, 'BBox_List_2017.csv'))
   assert problems == []
   assert sum(len(b) for b in boxes.values()) == 984 and len(boxes) == 880
   found = {labels.LABELS[b.label] for bs in boxes.values() for b in bs}
@@ -110,14 +112,17 @@ def test_bbox_list_with_infiltrate_alias():
   assert first.label == 0 and first.bbox[0] == pytest.approx(225.084745762712)
 
 
-def test_rgba_converted_to_grey():
-  for name in RGBA_IMAGES:
-    with open(os.path.join(SAMPLE, 'images', name), 'rb') as f:
+def test_full_size_rgba_and_grey_originals_converted_to_grey():
+  names = sorted(os.listdir(os.path.join(FULL, 'images')))
+  assert set(RGBA_IMAGES) < set(names)
+  for name in names:
+    with open(os.path.join(FULL, 'images', name), 'rb') as f:
       data = f.read()
-    rgba = Image.open(io.BytesIO(data))
-    assert rgba.mode == 'RGBA'
+    original = Image.open(io.BytesIO(data))
+    assert original.size == (1024, 1024)
+    assert original.mode == ('RGBA' if name in RGBA_IMAGES else 'L'), name
     converted = images.decode_and_resize(data, 64)
-    expected = np.asarray(rgba.convert('L').resize((64, 64), images.RESAMPLE))
+    expected = np.asarray(original.convert('L').resize((64, 64), images.RESAMPLE))
     assert converted.shape == (64, 64, 1) and converted.dtype == np.uint8
     np.testing.assert_array_equal(converted[:, :, 0], expected)
     assert converted.std() > 10  # A real X-ray, not a blank.
@@ -138,10 +143,10 @@ def _make_layouts(root, names):
   flat.mkdir(parents=True)
   kaggle.mkdir(parents=True)
   for name, folder in zip(names[:4], (flat, flat, kaggle, kaggle)):
-    shutil.copy(os.path.join(SAMPLE, 'images', name), folder / name)
+    shutil.copy(os.path.join(DEMO_IMAGES, name), folder / name)
   with tarfile.open(root / 'images_002.tar.gz', 'w:gz') as tar:
     for name in names[4:]:
-      tar.add(os.path.join(SAMPLE, 'images', name), arcname=f'images/{name}')
+      tar.add(os.path.join(DEMO_IMAGES, name), arcname=f'images/{name}')
 
 
 def test_scan_finds_flat_kaggle_and_tarball_images(tmp_path):
@@ -153,7 +158,7 @@ def test_scan_finds_flat_kaggle_and_tarball_images(tmp_path):
   assert 'not found' in problems[0].message
   assert refs[names[5]].member == f'images/{names[5]}'
   for name in names:  # Bytes from a tarball are the file's bytes.
-    with open(os.path.join(SAMPLE, 'images', name), 'rb') as f:
+    with open(os.path.join(DEMO_IMAGES, name), 'rb') as f:
       assert refs[name].read() == f.read()
 
 
@@ -163,7 +168,7 @@ def test_scan_finds_flat_kaggle_and_tarball_images(tmp_path):
     (lambda data: b'not a png at all', 'unreadable'),
 ])
 def test_image_problem(damage, message):
-  with open(os.path.join(SAMPLE, 'images', sample_names(1)[0]), 'rb') as f:
+  with open(os.path.join(DEMO_IMAGES, sample_names(1)[0]), 'rb') as f:
     data = f.read()
   assert nih.image_problem(data) == ''
   assert message in nih.image_problem(damage(data))

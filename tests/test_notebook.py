@@ -4,12 +4,15 @@ import os
 
 import nbclient
 import nbformat
+import pytest
 
 from chexnet_jax import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'notebooks', 'evaluate_checkpoint.ipynb')
 BOOTSTRAP = 40
+
+pytestmark = pytest.mark.slow
 
 
 def _stream_text(cell):

@@ -12,10 +12,9 @@ from chexnet_jax import predict
 from input_pipeline import labels as labels_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The real NIH sample (shared/), or the repository's bundled copy of it.
-SAMPLE_DIR = next(d for d in ('/work/shared/nih_sample/images',
-                              os.path.join(REPO, 'demo_data', 'images')) if os.path.isdir(d))
-RGBA_SAMPLE = os.path.join(SAMPLE_DIR, '00000100_000.png')
+DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')   # Real NIH images, 256 px grey.
+# A full-size NIH original (1024 px, RGBA).
+RGBA_SAMPLE = os.path.join(REPO, 'tests', 'fixtures', 'nih', 'images', '00001369_000.png')
 
 
 def _gradient(height=40, width=40):
@@ -133,8 +132,8 @@ def test_help_runs_without_a_run():
 
 # ------------------------------------------------ the CLI on the tiny run --
 
-SAMPLES = [os.path.join(SAMPLE_DIR, name)
-           for name in ('00000100_000.png', '00000129_000.png', '00001369_000.png')]
+SAMPLES = [os.path.join(DEMO_IMAGES, '00000100_000.png'),
+           os.path.join(DEMO_IMAGES, '00000129_000.png'), RGBA_SAMPLE]
 
 
 def test_predict_real_samples_with_a_corrupt_file_among_them(tiny_run, tmp_path):

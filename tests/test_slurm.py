@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slurm
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLUSTER = REPO / 'slurm' / 'local_cluster.sh'
 CPU_SCRIPT = 'slurm/train_cpu_local.sbatch'

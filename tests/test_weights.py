@@ -19,6 +19,8 @@ from chexnet_jax import weights
 from input_pipeline.labels import LABELS
 from tests.keras_helpers import randomize_keras_weights
 
+pytestmark = pytest.mark.slow
+
 SIZE = 32
 
 
