@@ -14,6 +14,7 @@ def get_config():
   config.dataset_image_size = 40
   config.image_size = 32
   config.augment = 'random_crop'
+  config.eval_preprocess = 'center_crop'  # Scored as trained: a crop, not the resized whole.
   config.synthetic_train_size = 512
   config.synthetic_eval_size = 128
   config.batch_size = 32
