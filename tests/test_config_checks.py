@@ -4,6 +4,7 @@ import types
 import pytest
 
 from chexnet_jax import config_checks
+from chexnet_jax import run_dir
 from configs import cpu_smoke
 
 
@@ -49,5 +50,5 @@ def test_each_bad_field_is_named(field, value, message):
 def test_workdir_under_a_file_is_refused(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')
-  with pytest.raises(config_checks.ConfigError, match='cannot be written'):
-    config_checks.prepare_workdir(str(blocker / 'run'))
+  with pytest.raises(run_dir.WorkdirError, match="cannot be written"):
+    run_dir.prepare_workdir(str(blocker / 'run'))

@@ -119,8 +119,8 @@ def run(tiny_run):
 
 
 def test_own_tta_loop_without_views_equals_evaluate_split(run):
-  plain = evaluate.predict_split(run, 'validation', 'none')
-  looped = evaluate.predict_with_tta(run, 'validation', 'none')
+  plain = evaluate.score_split(run, 'validation', 'none')
+  looped = evaluate.score_split_with_tta(run, 'validation', 'none')
   np.testing.assert_array_equal(plain.indices, looped.indices)
   np.testing.assert_array_equal(plain.labels, looped.labels)
   np.testing.assert_allclose(plain.probs, looped.probs, atol=1e-6)
@@ -128,8 +128,8 @@ def test_own_tta_loop_without_views_equals_evaluate_split(run):
 
 @pytest.mark.parametrize('tta', ['flip', 'tencrop'])
 def test_tta_scores_every_example_once(run, tta):
-  plain = evaluate.predict_split(run, 'validation', 'none')
-  augmented = evaluate.predict_split(run, 'validation', tta)
+  plain = evaluate.score_split(run, 'validation', 'none')
+  augmented = evaluate.score_split(run, 'validation', tta)
   np.testing.assert_array_equal(augmented.indices, np.arange(128))
   assert augmented.probs.shape == (128, 14)
   assert not np.allclose(augmented.probs, plain.probs)

@@ -5,7 +5,10 @@ from jax.sharding import Mesh
 import numpy as np
 import pytest
 
+from chexnet_jax import sharding
 from chexnet_jax import train
+from chexnet_jax import train_state
+from chexnet_jax import train_step
 from configs import cpu_smoke
 
 
@@ -29,14 +32,14 @@ def _batches(config, count, seed=0):
 
 def _train(config, devices, steps=3):
   """Runs `steps` steps on a mesh of `devices`; returns (params, losses)."""
-  mesh = Mesh(np.array(devices), (train.DATA_AXIS,))
-  tx, schedule = train.create_optimizer(config, steps, steps)
-  model = train.build_model(config, for_training=True)
-  state = train.create_train_state(config, model, mesh, tx)
-  step = train.make_train_step(config, model, mesh, tx, schedule)
+  mesh = Mesh(np.array(devices), (sharding.DATA_AXIS,))
+  tx, schedule = train_state.create_optimizer(config, steps, steps)
+  model = train_state.build_model(config, for_training=True)
+  state = train_state.create_train_state(config, model, mesh, tx)
+  step = train_step.make_train_step(config, model, mesh, tx, schedule)
   losses = []
   for batch in _batches(config, steps):
-    state, metrics = step(state, train.to_global(batch, mesh))
+    state, metrics = step(state, sharding.to_global(batch, mesh))
     losses.append(float(metrics['train_loss']))
   return jax.device_get(state), losses
 
@@ -81,13 +84,13 @@ def test_poisoned_step_yields_nan_loss():
 
 def test_learning_rate_scales_linearly_with_global_batch():
   config = _config(learning_rate=1e-3, lr_base_batch_size=64, batch_size=1024)
-  assert train.scaled_learning_rate(config) == pytest.approx(16e-3)
+  assert train_state.scaled_learning_rate(config) == pytest.approx(16e-3)
 
 
 def test_warmup_cosine_schedule_warms_up_then_decays():
   config = _config(lr_schedule='warmup_cosine', warmup_epochs=1.0)
-  _, schedule = train.create_optimizer(config, steps_per_epoch=10, total_steps=100)
-  peak = train.scaled_learning_rate(config)
+  _, schedule = train_state.create_optimizer(config, steps_per_epoch=10, total_steps=100)
+  peak = train_state.scaled_learning_rate(config)
   assert float(schedule(0)) == 0.0
   assert float(schedule(10)) == pytest.approx(peak)
   assert float(schedule(99)) < 0.01 * peak
@@ -95,12 +98,12 @@ def test_warmup_cosine_schedule_warms_up_then_decays():
 
 def test_plateau_cuts_learning_rate_after_patience_epochs():
   config = _config(plateau_patience=1, plateau_factor=0.1)
-  mesh = Mesh(np.array(jax.devices()[:1]), (train.DATA_AXIS,))
-  tx, _ = train.create_optimizer(config, 1, 1)
-  state = train.create_train_state(config, train.build_model(config), mesh, tx)
+  mesh = Mesh(np.array(jax.devices()[:1]), (sharding.DATA_AXIS,))
+  tx, _ = train_state.create_optimizer(config, 1, 1)
+  state = train_state.create_train_state(config, train_state.build_model(config), mesh, tx)
   scales = []
   for val_loss in (1.0, 0.9, 0.95, 0.96):  # Two bad epochs after the best.
-    state = train.update_plateau(config, state, val_loss)
+    state = train_state.update_plateau(config, state, val_loss)
     scales.append(float(state.plateau.scale))
   assert scales == pytest.approx([1.0, 1.0, 1.0, 0.1])
 
@@ -108,8 +111,8 @@ def test_plateau_cuts_learning_rate_after_patience_epochs():
 def test_weighted_bce_weights_positives():
   logits = np.zeros((2, 14), np.float32)
   labels = np.eye(2, 14, dtype=np.float32)
-  plain = train.bce_loss(logits, labels)
-  weighted = train.bce_loss(logits, labels, pos_weight=np.full(14, 3.0))
+  plain = train_step.bce_loss(logits, labels)
+  weighted = train_step.bce_loss(logits, labels, pos_weight=np.full(14, 3.0))
   # One positive per row: its term is 3x, the 13 negatives unchanged.
   np.testing.assert_allclose(weighted, plain * (13 + 3) / 14, rtol=1e-6)
 
