@@ -74,6 +74,10 @@ def make_train_step(config, model, mesh, tx, schedule, pos_weight=None):
     return new_state, metrics
 
   spec = jax.sharding.PartitionSpec
+  # check_vma=False: the step is written per device, as Horovod's is, with
+  # explicit pmeans. With the check on, JAX would treat the replicated params
+  # as device-invariant and sum their gradients over 'data' by itself in the
+  # backward pass, so the pmean above would average an already summed value.
   step_fn = jax.shard_map(local_step, mesh=mesh, in_specs=(spec(), spec(DATA_AXIS)),
                           out_specs=(spec(), spec()), check_vma=False)
   return jax.jit(step_fn, donate_argnums=0)
