@@ -257,15 +257,6 @@ def write_predictions_csv(path, evaluation):
                        *[int(y) for y in predictions.labels[row]]])
 
 
-def read_predictions_csv(path):
-  """(probs [N, 14], labels [N, 14], patients) back from predictions.csv."""
-  with open(path, newline='') as f:
-    rows = list(csv.DictReader(f))
-  probs = np.array([[float(r[f'prob_{n}']) for n in LABELS] for r in rows])
-  labels = np.array([[float(r[f'label_{n}']) for n in LABELS] for r in rows])
-  return probs, labels, [r['patient'] for r in rows]
-
-
 def roc_figure(evaluation):
   """matplotlib Figure: the ROC curve of every pathology, AUROC in the legend."""
   predictions, per_label = evaluation.predictions, evaluation.report['per_label']

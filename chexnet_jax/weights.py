@@ -200,12 +200,6 @@ def _keras3_layers(f):
   return [weights for _, _, weights in found]
 
 
-def keras_model_to_state_dict(model):
-  """torchvision-style state dict from a live Keras DenseNet (e.g. the seed's)."""
-  layers = [layer.get_weights() for layer in model.layers if layer.weights]
-  return keras_layers_to_state_dict(layers, source=f'Keras model {model.name}')
-
-
 def keras_layers_to_state_dict(layers, source='Keras model'):
   """torchvision-style state dict from Keras DenseNet layer weights in model order.
 

@@ -17,7 +17,7 @@ import torch
 from chexnet_jax import models
 from chexnet_jax import weights
 from input_pipeline.labels import LABELS
-from tests.keras_helpers import randomize_keras_weights
+from tests.keras_helpers import keras_model_to_state_dict, randomize_keras_weights
 
 SIZE = 32
 
@@ -46,7 +46,7 @@ def ours():
 
 @pytest.fixture(scope='module')
 def state_dict(keras_reference):
-  return weights.keras_model_to_state_dict(keras_reference[0])
+  return keras_model_to_state_dict(keras_reference[0])
 
 
 def assert_matches_keras(variables, ours, keras_reference):
