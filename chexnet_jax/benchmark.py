@@ -3,7 +3,7 @@
     python -m chexnet_jax.benchmark --config configs/cpu_smoke.py [--config.field=value ...]
         [--steps 20] [--warmup 3] [--data random|pipeline] [--json_out FILE]
 
-Runs the real train step (train.make_train_step: forward, backward, gradient
+Runs the real train step (train_step.make_train_step: forward, backward, gradient
 all-reduce, Adam) on all devices, excludes compilation and `--warmup` steps,
 then reports images/s, step time, host input time, peak device memory, MFU and
 the time 10 epochs of the official training set would take, in the reference's
@@ -26,8 +26,15 @@ import time
 
 from absl import app
 from absl import flags
+import jax
 from ml_collections import config_flags
 import numpy as np
+
+from chexnet_jax import distributed
+from chexnet_jax import sharding
+from chexnet_jax import train_state
+from chexnet_jax import train_step
+from input_pipeline import batching
 
 # Training-set size for the epoch estimate: the official train_val list has
 # 86,524 images; our validation is ~10% of it, carved by patient, leaving
@@ -75,7 +82,7 @@ def host_batches(config, data, local_batch):
   if data == 'random':
     pool = random_batches(config, local_batch)
     return (pool[i % len(pool)] for i in range(sys.maxsize))
-  import jax  # pylint: disable=g-import-not-at-top
+  # Imported here: --data random must run where grain is not installed.
   from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
   return iter(pipeline.create_train_iterator(
       config, process_index=jax.process_index(),
@@ -85,7 +92,7 @@ def host_batches(config, data, local_batch):
 def train_examples(config, data):
   """The real training-split size when reading real records, else 77,872."""
   if data == 'pipeline' and config.dataset == 'chestxray14':
-    from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
+    from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top  (grain)
     return pipeline.get_dataset_info(config)['splits']['train']
   return TRAIN_EXAMPLES
 
@@ -127,20 +134,18 @@ def step_flops(lowered):
 
 def build_step(config, mesh):
   """(state, compiled step fn) for `config`, via the trainer's own functions."""
-  from chexnet_jax import train  # pylint: disable=g-import-not-at-top
-  model = train.build_model(config, for_training=True)
-  tx, schedule = train.create_optimizer(config, steps_per_epoch=1,
-                                        total_steps=1_000_000)
-  state = train.create_train_state(config, model, mesh, tx)
-  step = train.make_train_step(config, model, mesh, tx, schedule)
+  model = train_state.build_model(config, for_training=True)
+  tx, schedule = train_state.create_optimizer(config, steps_per_epoch=1,
+                                              total_steps=1_000_000)
+  state = train_state.create_train_state(config, model, mesh, tx)
+  step = train_step.make_train_step(config, model, mesh, tx, schedule)
   return state, step
 
 
-def check_batch(config, device_count, process_count):
-  if config.batch_size % device_count:
-    raise ValueError(f'batch_size {config.batch_size} is not divisible by '
-                     f'{device_count} devices')
-  return config.batch_size // process_count
+def process_batch(config):
+  """This process's share of the global batch, which must split over devices."""
+  batching.split_batch(config.batch_size, jax.device_count(), unit='devices')
+  return batching.split_batch(config.batch_size, jax.process_count())
 
 
 def timed_steps(step, state, batches, to_global, steps):
@@ -151,7 +156,6 @@ def timed_steps(step, state, batches, to_global, steps):
   Also returns the process's CPU seconds per step (all threads): on a shared
   CPU it is steadier than wall time.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   step_times, input_times = [], []
   if steps < 1:
     return state, step_times, input_times, 0.0
@@ -173,12 +177,9 @@ def timed_steps(step, state, batches, to_global, steps):
 
 def run_benchmark(config, *, steps=20, warmup=3, data='random'):
   """Benchmarks the train step; returns a dict of plain numbers and strings."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from chexnet_jax import train  # pylint: disable=g-import-not-at-top
-  mesh = train.make_mesh()
-  local_batch = check_batch(config, jax.device_count(), jax.process_count())
-  batches = host_batches(config, data, local_batch)
-  to_global = lambda b: train.to_global(b, mesh)
+  mesh = sharding.make_mesh()
+  batches = host_batches(config, data, process_batch(config))
+  to_global = lambda b: sharding.to_global(b, mesh)
   state, step = build_step(config, mesh)
   t = time.perf_counter()
   lowered = step.lower(state, to_global(next(batches)))
@@ -193,7 +194,6 @@ def run_benchmark(config, *, steps=20, warmup=3, data='random'):
 
 def summarize(config, data, step_times, input_times, cpu_s, flops, compile_s):
   """Turns the raw timings into the reported numbers."""
-  import jax  # pylint: disable=g-import-not-at-top
   device = jax.local_devices()[0]
   n_dev = jax.device_count()
   median = statistics.median(step_times)
@@ -305,9 +305,9 @@ flags.mark_flags_as_required(['config'])
 
 def main(argv):
   del argv
+  distributed.quiet_backend_probe()
   result = run_benchmark(_CONFIG.value, steps=_STEPS.value,
                          warmup=_WARMUP.value, data=_DATA.value)
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_index() == 0:
     print(format_table(result), flush=True)
     if _JSON_OUT.value:

@@ -134,19 +134,6 @@ def box_to_mask(box, shape):
   return (cols >= x) & (cols < x + w) & (rows >= y) & (rows < y + h)
 
 
-def mask_iou(mask, true_box):
-  truth = box_to_mask(true_box, np.shape(mask))
-  union = np.logical_or(mask, truth).sum()
-  return float(np.logical_and(mask, truth).sum() / union) if union else 0.0
-
-
-def mask_iobb(mask, true_box):
-  """Intersection over the detected region's area (the mask's pixel count)."""
-  area = np.sum(mask)
-  truth = box_to_mask(true_box, np.shape(mask))
-  return float(np.logical_and(mask, truth).sum() / area) if area else 0.0
-
-
 def cam_to_mask(cam, threshold):
   """The connected region of normalise(cam) >= threshold that holds the peak.
 

@@ -1,10 +1,6 @@
 """Checkpoints: one orbax CheckpointManager for the train state and the input
-iterator, the run's identity beside it, and loading a run for evaluation.
-
-Layout of a workdir:
-  config.json      the config of the latest start (human reference)
-  run.json         identity: model, labels, image size, dataset (written once)
-  checkpoints/N/   orbax items 'state' (TrainState) and 'data' (grain state)
+iterator (WORKDIR/checkpoints/N/, items 'state' and 'data'), and loading a
+trained run for evaluation and prediction.
 
 orbax writes each step to a temporary directory and renames it when complete,
 so a save killed half-way never appears as a step; a step that is complete on
@@ -22,20 +18,18 @@ import time
 from typing import Any
 
 from absl import logging
+import grain
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from chexnet_jax import config_checks
-from chexnet_jax import train
+from chexnet_jax import run_dir
+from chexnet_jax import sharding
+from chexnet_jax import train_state
 
 BEST_METRIC = 'val_mean_auroc'  # Runs whose config predates config.best_metric.
 # config.best_metric -> +1 when higher is better, -1 when lower is.
 BEST_METRICS = {'val_loss': -1.0, 'val_mean_auroc': 1.0}
-
-
-class RunMismatchError(ValueError):
-  """The workdir holds a run of another model or dataset."""
 
 
 def _best_metric(metrics, name=BEST_METRIC):
@@ -48,11 +42,8 @@ def _best_metric(metrics, name=BEST_METRIC):
 
 def create_manager(workdir, keep, best_metric=BEST_METRIC):
   """Keeps the last `keep` steps and the best by `best_metric` (config.best_metric:
-  'val_loss', lowest wins, as CheXNet chose; or 'val_mean_auroc', highest wins)."""
-  if best_metric not in BEST_METRICS:
-    raise config_checks.ConfigError(
-        f'config.best_metric={best_metric!r} is not one of '
-        f'{tuple(BEST_METRICS)}; set --config.best_metric to one of them.')
+  'val_loss', lowest wins, as CheXNet chose; or 'val_mean_auroc', highest wins).
+  config_checks has refused any other name before this runs."""
   _best_metric_fn = lambda metrics: _best_metric(metrics, best_metric)  # pylint: disable=unnecessary-lambda-assignment
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(n=keep),
@@ -86,7 +77,6 @@ def _set_aside_torn_metrics(directory):
 
 def save(manager, state, data_iterator, metrics=None):
   """Starts an asynchronous save of `state` (and the iterator, if any)."""
-  import grain  # Lazy: evaluation-only users of this module need no grain.
   items = {'state': ocp.args.StandardSave(state)}
   if data_iterator is not None:
     items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -117,7 +107,7 @@ def _write_errors(manager):
     if reason is None:
       raise
     steps = _complete_steps(manager)
-    raise config_checks.WorkdirError(
+    raise run_dir.WorkdirError(
         f'Writing a checkpoint to {manager.directory} failed ({reason}). The '
         f'last complete checkpoint is step {steps[-1] if steps else "none"}; '
         'free space (or fix the directory), then run again to resume from it.'
@@ -148,7 +138,6 @@ def restore_latest(manager, state_template, data_iterator):
   The iterator, when given, is restored in place to the saved position. An
   unreadable step is moved aside, so that it is not taken for the latest.
   """
-  import grain
   _log_unfinished_saves(manager)
   for step in sorted(manager.all_steps(), reverse=True):
     items = {'state': ocp.args.StandardRestore(state_template)}
@@ -193,46 +182,11 @@ def _set_aside(directory, step, error):
     os.replace(path, f'{path}.unreadable-{int(time.time())}')
 
 
-# ----------------------------------------------------------------- identity --
-
-def run_identity(config, dataset_info):
-  """What a checkpoint is only meaningful with."""
-  from input_pipeline import labels  # Lazy: keeps benchmark imports lean.
-  return {'model': config.model, 'num_classes': config.num_classes,
-          'labels': list(labels.LABELS[:config.num_classes]),
-          'image_size': config.image_size, 'dataset': dataset_info}
-
-
-def write_json_atomic(path, obj):
-  """Write to a temporary name, then rename: never a half-written file."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def check_or_write_identity(workdir, identity):
-  """Refuses to resume a run of another model, label set or dataset."""
-  path = os.path.join(workdir, 'run.json')
-  if not os.path.exists(path):
-    if jax.process_index() == 0:
-      write_json_atomic(path, identity)
-    return
-  with open(path) as f:
-    saved = json.load(f)
-  different = sorted(k for k in identity if saved.get(k) != identity[k])
-  if different:
-    details = '; '.join(f'{k}: run has {saved.get(k)!r}, config asks for '
-                        f'{identity[k]!r}' for k in different)
-    raise RunMismatchError(
-        f'{workdir} holds a different run ({details}). Use a new --workdir, '
-        f'or change the config back to match {path}.')
-
-
 # ----------------------------------------------------------- loading a run --
 
 @dataclasses.dataclass
-class Run:
+class RestoredRun:
+  """A trained run's weights, ready to score with."""
   config: Any
   variables: Any       # {'params', 'batch_stats'}, replicated on the mesh.
   step: int
@@ -240,15 +194,13 @@ class Run:
   mesh: Any
 
 
-def load_config(workdir):
-  import ml_collections
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f'{path} not found: {workdir} is not a chexnet_jax run directory '
-        '(train one with python -m chexnet_jax.main --workdir ...).')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+def parse_selector(value):
+  """--checkpoint: 'best' | 'latest' | a step number, as load_run takes it."""
+  if value.isdigit():
+    return int(value)
+  if value in ('best', 'latest'):
+    return value
+  raise ValueError(f"--checkpoint={value}: give 'best', 'latest' or a step number.")
 
 
 def _pick_step(manager, which):
@@ -266,29 +218,20 @@ def _pick_step(manager, which):
 
 
 def load_run(workdir, which='best', config=None):
-  """Loads the variables of a trained run for evaluation or prediction."""
-  config = config or load_config(workdir)
-  mesh = train.make_mesh()
-  model = train.build_model(config)
-  tx, _ = train.create_optimizer(config, 1, 1)
-  template = _abstract_state(config, model, mesh, tx)
+  """Loads the variables of a trained run for evaluation or prediction.
+
+  `which` is what parse_selector returns; `config` defaults to the run's own.
+  """
+  config = config or run_dir.load_config(workdir)
+  mesh = sharding.make_mesh()
+  model = train_state.build_model(config)
+  tx, _ = train_state.create_optimizer(config, 1, 1)
+  template = train_state.abstract_train_state(config, model, mesh, tx)
   manager = create_manager(workdir, keep=config.keep_checkpoints,
                            best_metric=config.get('best_metric', BEST_METRIC))
   step = _pick_step(manager, which)
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(template)))
   manager.close()
-  return Run(config=config, variables=restored['state'].variables, step=step,
-             model=model, mesh=mesh)
-
-
-def _abstract_state(config, model, mesh, tx):
-  """Shapes and shardings of the train state, without computing it."""
-  no_init = config.copy_and_resolve_references()
-  no_init.init_from = ''  # Restoring overwrites the weights anyway.
-  shapes = jax.eval_shape(
-      lambda: train.create_train_state(no_init, model, mesh, tx))
-  sharding = train.replicated(mesh)
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-      shapes)
+  return RestoredRun(config=config, variables=restored['state'].variables,
+                     step=step, model=model, mesh=mesh)

@@ -4,24 +4,27 @@ Each problem stops the run with one sentence naming the field, the value and
 the fix: a typo found after a 45-second compile (or a queue wait) is an hour lost.
 """
 import os
-import tempfile
 
 import jax
 
+from chexnet_jax import checkpoints
 from chexnet_jax import imagenet_weights
 from chexnet_jax import losses
 from chexnet_jax import lr_scaling
 from chexnet_jax import models
-from chexnet_jax import train
+from input_pipeline import batching
+from input_pipeline import pipeline
 
 # The choices come from where they are implemented, so they cannot drift.
-MODELS = tuple(models.ARCHITECTURES)
-DTYPES = tuple(train.DTYPES)
-AUGMENTS = ('resize', 'random_resized_crop', 'random_crop', 'center_crop')
-EVAL_PREPROCESS = ('resize', 'center_crop')
-BEST_METRICS = ('val_loss', 'val_mean_auroc')
-SCHEDULES = ('plateau', 'warmup_cosine')
-DATASETS = ('chestxray14', 'synthetic')
+CHOICES = {'model': tuple(models.ARCHITECTURES),
+           'dtype': tuple(models.DTYPES),
+           'augment': tuple(pipeline.AUGMENTS),
+           'eval_preprocess': tuple(pipeline.EVAL_PREPROCESS),
+           'lr_schedule': lr_scaling.SCHEDULES,
+           'lr_scaling': lr_scaling.RULES,
+           'pos_weight': tuple(losses.POS_WEIGHTS),
+           'best_metric': tuple(checkpoints.BEST_METRICS),
+           'dataset': tuple(pipeline.DATASETS)}
 
 
 class ConfigError(ValueError):
@@ -36,12 +39,10 @@ def _check_choice(config, field, choices):
 
 
 def _check_divisible(config, field, devices):
-  value = config[field]
-  if value <= 0 or value % devices:
-    fix = max(devices, value - value % devices)
-    raise ConfigError(
-        f'config.{field}={value} does not divide over {devices} devices; '
-        f'set --config.{field} to a multiple of {devices} (e.g. {fix}).')
+  try:
+    batching.split_batch(config[field], devices, field=field, unit='devices')
+  except batching.BatchSizeError as error:
+    raise ConfigError(str(error)) from None
 
 
 def _check_precision(dtype, devices):
@@ -60,13 +61,7 @@ def _check_precision(dtype, devices):
 def validate(config, devices=None):
   """Raises ConfigError for the first field this machine cannot run."""
   devices = devices if devices is not None else jax.devices()
-  for field, choices in (('model', MODELS), ('dtype', DTYPES),
-                         ('augment', AUGMENTS), ('lr_schedule', SCHEDULES),
-                         ('dataset', DATASETS),
-                         ('eval_preprocess', EVAL_PREPROCESS),
-                         ('lr_scaling', lr_scaling.RULES),
-                         ('pos_weight', losses.POS_WEIGHTS),
-                         ('best_metric', BEST_METRICS)):
+  for field, choices in CHOICES.items():
     _check_choice(config, field, choices)
   for field in ('batch_size', 'eval_batch_size'):
     _check_divisible(config, field, len(devices))
@@ -106,25 +101,3 @@ def _check_init_from(config):
                       "path of a .pth, .h5, .weights.h5 or .keras file, 'imagenet' "
                       "or '' (from scratch).")
 
-
-class WorkdirError(ConfigError):
-  """The workdir cannot be written: not a directory, read-only or full."""
-
-
-def prepare_workdir(workdir):
-  """Creates the workdir and proves it is writable, before any long work.
-
-  Its checkpoints/ subdirectory too: orbax meets an unwritable one only at
-  the first save, and then waits 5 minutes before failing.
-  """
-  for path in (workdir, os.path.join(workdir, 'checkpoints')):
-    try:
-      os.makedirs(path, exist_ok=True)
-      with tempfile.NamedTemporaryFile(dir=path) as probe:
-        probe.write(b'x')  # A byte, flushed: a full disk fails here, not later.
-        probe.flush()
-        os.fsync(probe.fileno())
-    except OSError as error:
-      raise WorkdirError(
-          f'--workdir {workdir} cannot be written ({path}: {error.strerror}); '
-          'choose a writable directory with free space.') from error

@@ -33,6 +33,11 @@ _GPU_COUNT_VARS = ('SLURM_GPUS_ON_NODE', 'SLURM_GPUS_PER_NODE')  # Others: ids.
 _INIT_PARAMS = frozenset(inspect.signature(jax.distributed.initialize).parameters)
 
 
+def quiet_backend_probe() -> None:
+  """JAX logs at INFO that it found no TPU on every machine without one."""
+  logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
+
+
 def launch_mode(config, env: Mapping[str, str] = os.environ) -> str:
   """'slurm', 'explicit' or 'single': how this process joins the job."""
   if env.get('SLURM_JOB_ID') and int(env.get('SLURM_NTASKS', '1')) > 1:

@@ -1,7 +1,11 @@
 r"""Evaluates a trained run on a split and writes the report.
 
   python -m chexnet_jax.evaluate --workdir DIR [--checkpoint best|latest|STEP] \
-      [--split test|validation] [--tta none|flip|tencrop] [--bootstrap 1000]
+      [--split test|validation] [--tta none|flip|tencrop] [--bootstrap 1000] \
+      [--data_dir DIR]
+
+Works from any directory; --data_dir says where the run's dataset lives now, if
+it moved (or the run was trained on another machine).
 
 Writes DIR/eval/<split>/ (DIR/eval/<split>-<tta>/ with test-time augmentation):
   metrics.json      every number below, plus localisation scores where boxes exist
@@ -35,8 +39,11 @@ import numpy as np
 from chexnet_jax import cam as cam_lib
 from chexnet_jax import checkpoints
 from chexnet_jax import distributed
+from chexnet_jax import inference
 from chexnet_jax import metrics as metrics_lib
-from chexnet_jax import train
+from chexnet_jax import models
+from chexnet_jax import run_dir
+from chexnet_jax import sharding
 from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
@@ -84,32 +91,33 @@ def _tta_iteration_config(config, tta):
 
 
 def _to_global_images(images, mesh):
-  return train.to_global({'image': np.ascontiguousarray(images)}, mesh)['image']
+  return sharding.to_global({'image': np.ascontiguousarray(images)}, mesh)['image']
 
 
-def predict_with_tta(run, split, tta):
+def score_split_with_tta(run, split, tta):
   """One masked pass with `tta` views per image; mean of their probabilities."""
-  predict = train.make_predict_fn(run.model, train.DTYPES[run.config.dtype])
+  logits_fn = inference.make_logits_fn(run.model, models.DTYPES[run.config.dtype])
   config = _tta_iteration_config(run.config, tta)
 
   def mean_probs(batch):
     views = tta_views(batch['image'], tta, run.config.image_size)
-    return sum(jax.nn.sigmoid(predict(run.variables, _to_global_images(v, run.mesh)))
+    return sum(jax.nn.sigmoid(logits_fn(run.variables, _to_global_images(v, run.mesh)))
                for v in views) / len(views)
 
   batches = pipeline.create_eval_iterator(
       config, split, process_index=jax.process_index(), process_count=jax.process_count())
   with pipeline.reading(config, split):
-    return Predictions(*train.score_split(batches, mean_probs, run.mesh))
+    return Predictions(*inference.gather_scores(batches, mean_probs, run.mesh))
 
 
-def predict_split(run, split, tta='none'):
-  """Scores every example of `split` once; the plain pass is train.evaluate_split."""
+def score_split(run, split, tta='none'):
+  """Scores every example of `split` once; the plain pass is training's own
+  validation pass (inference.evaluate_split)."""
   if tta not in TTA_MODES:
     raise ValueError(f'chexnet_jax/evaluate.py: --tta={tta!r}; choose one of {TTA_MODES}.')
   if tta != 'none':
-    return predict_with_tta(run, split, tta)
-  result, probs, labels, indices = train.evaluate_split(
+    return score_split_with_tta(run, split, tta)
+  result, probs, labels, indices = inference.evaluate_split(
       run.config, run.model, run.variables, run.mesh, split)
   return Predictions(np.asarray(probs), np.asarray(labels), np.asarray(indices),
                      loss=result['loss'])
@@ -172,8 +180,8 @@ def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0):
   Collective: every process must call it. The report is built on process 0 only
   (the bootstrap is CPU work the others need not repeat); they return None.
   """
-  predictions = predict_split(run, split, tta)
-  validation = predictions if split == 'validation' else predict_split(run, 'validation', tta)
+  predictions = score_split(run, split, tta)
+  validation = predictions if split == 'validation' else score_split(run, 'validation', tta)
   if jax.process_index() != 0:
     return None
   thresholds = metrics_lib.youden_thresholds(validation.labels, validation.probs)
@@ -248,15 +256,6 @@ def write_predictions_csv(path, evaluation):
                        record['patient_id'],
                        *[f'{p:.9g}' for p in predictions.probs[row]],  # float32 round-trips.
                        *[int(y) for y in predictions.labels[row]]])
-
-
-def read_predictions_csv(path):
-  """(probs [N, 14], labels [N, 14], patients) back from predictions.csv."""
-  with open(path, newline='') as f:
-    rows = list(csv.DictReader(f))
-  probs = np.array([[float(r[f'prob_{n}']) for n in LABELS] for r in rows])
-  labels = np.array([[float(r[f'label_{n}']) for n in LABELS] for r in rows])
-  return probs, labels, [r['patient'] for r in rows]
 
 
 def roc_figure(evaluation):
@@ -350,7 +349,7 @@ def class_activation_maps(run, split, wanted_indices):
   Runs on process 0 with a local copy of the weights (cam.local_copy), so the other
   processes need not take part.
   """
-  cam_fn = cam_lib.make_cam_fn(run.model, train.DTYPES[run.config.dtype])
+  cam_fn = cam_lib.make_cam_fn(run.model, models.DTYPES[run.config.dtype])
   variables = cam_lib.local_copy(run.variables)
   pending = []
 
@@ -451,9 +450,11 @@ def parse_args(argv):
       description='Evaluate a trained chexnet_jax run: AUROC with patient-bootstrap '
                   'CIs, AUPRC, thresholds, ROC curves, heatmaps.')
   parser.add_argument('--workdir', required=True, help='the training run directory')
-  parser.add_argument('--checkpoint', default='best',
-                      type=lambda v: int(v) if v.isdigit() else v,
+  parser.add_argument('--checkpoint', default='best', type=checkpoints.parse_selector,
                       help="'best' (validation mean AUROC), 'latest', or a step")
+  parser.add_argument('--data_dir', default=None,
+                      help="where the run's dataset lives now (default: the data_dir "
+                           'it was trained with)')
   parser.add_argument('--split', default='test', choices=('test', 'validation'))
   parser.add_argument('--tta', default='none', choices=TTA_MODES,
                       help='test-time augmentation: none, flip, or tencrop')
@@ -470,7 +471,7 @@ def parse_args(argv):
 
 def _start_processes(args):
   """Joins the multi-process job (Slurm or explicit), like training does."""
-  config = checkpoints.load_config(args.workdir)
+  config = run_dir.load_config(args.workdir, args.data_dir)
   # The training job's own coordinator is not this job's: use the flags.
   config.coordinator_address = args.coordinator_address
   config.num_processes = args.num_processes

@@ -34,6 +34,8 @@ DEFAULT_URL = 'https://download.pytorch.org/models/densenet121-a639ec97.pth'
 _HASH_IN_NAME = re.compile(r'-([a-f0-9]{8,64})\.[^.]+$')
 _TIMEOUT_SECONDS = 60
 _NO_INIT = ('', 'none')
+# config.init_from values that name no file (not made absolute in a run's config).
+NOT_PATHS = _NO_INIT + ('imagenet',)
 
 
 class WeightsDownloadError(RuntimeError):

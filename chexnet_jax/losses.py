@@ -15,7 +15,7 @@ the numbers of positive and negative training images of a label (train split):
   it also scales the loss, by 1/f for a label with positive fraction f.
 
 The validation loss that drives the plateau rule and the best checkpoint uses
-the same weights as training (see train.evaluate_split), so the schedule
+the same weights as training (see inference.evaluate_split), so the schedule
 watches the loss the model is trained on.
 """
 import jax

@@ -20,6 +20,9 @@ import math
 import optax
 
 RULES = ('none', 'sqrt', 'linear')
+# config.lr_schedule: 'plateau' holds the peak (cut by reduce_on_plateau),
+# 'warmup_cosine' decays it to zero.
+SCHEDULES = ('plateau', 'warmup_cosine')
 
 
 def batch_ratio(config):

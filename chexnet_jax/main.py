@@ -13,11 +13,12 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from chexnet_jax import checkpoints
 from chexnet_jax import config_checks
 from chexnet_jax import distributed
 from chexnet_jax import imagenet_weights
+from chexnet_jax import run_dir
 from chexnet_jax import train
+from input_pipeline import batching
 from input_pipeline import pipeline
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (resumed if it '
@@ -27,9 +28,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 flags.mark_flags_as_required(['config'])
 
 # Errors the user can fix: one clear sentence, no traceback.
-USER_ERRORS = (config_checks.ConfigError, checkpoints.RunMismatchError,
-               train.NonFiniteLossError, pipeline.DatasetError,
-               FileNotFoundError, imagenet_weights.WeightsDownloadError)
+USER_ERRORS = (config_checks.ConfigError, run_dir.RunMismatchError,
+               run_dir.WorkdirError, train.NonFiniteLossError,
+               pipeline.DatasetError, batching.BatchSizeError, FileNotFoundError,
+               imagenet_weights.WeightsDownloadError)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -50,6 +52,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  distributed.quiet_backend_probe()
   config = _CONFIG.value
   try:
     distributed.initialize(config)

@@ -36,10 +36,6 @@ class MetricWriter:
     self._jsonl.write(json.dumps(record) + '\n')
     self._jsonl.flush()
 
-  def flush(self):
-    self._tensorboard.flush()
-    self._jsonl.flush()
-
   def close(self):
     self._tensorboard.close()
     self._jsonl.close()
@@ -50,9 +46,6 @@ class NullWriter:
 
   def write_scalars(self, step, scalars):
     del step, scalars
-
-  def flush(self):
-    pass
 
   def close(self):
     pass

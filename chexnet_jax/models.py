@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from input_pipeline import labels as labels_lib
+
 # torchvision's BatchNorm2d: momentum 0.1 (Flax counts the other way: 0.9),
 # epsilon 1e-5. Keras applications use epsilon 1.001e-5; the difference is
 # below float32 noise for trained weights, and parity tests set it exactly.
@@ -29,6 +31,10 @@ ARCHITECTURES = {
     # Compiles in seconds on 32-64 px images: for tests and smoke runs only.
     'tiny': ((2, 2), 16, 32),
 }
+
+# config.dtype -> compute dtype (parameters stay float32).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
+          'float16': jnp.float16}
 
 
 class DenseLayer(nn.Module):
@@ -83,7 +89,7 @@ class DenseNet(nn.Module):
   growth_rate: int = 32
   num_init_features: int = 64
   bn_size: int = 4
-  num_classes: int = 14
+  num_classes: int = labels_lib.NUM_CLASSES
   dtype: Any = jnp.float32
   bn_epsilon: float = TORCH_BN_EPSILON
   # Set under shard_map to average BN statistics over that mesh axis.
@@ -126,7 +132,7 @@ class DenseNet(nn.Module):
     return x
 
 
-def create_model(name, *, num_classes=14, dtype=jnp.float32, bn_axis_name=None):
+def create_model(name, *, num_classes=labels_lib.NUM_CLASSES, dtype=jnp.float32, bn_axis_name=None):
   """Returns the DenseNet called `name` (densenet121/169/201 or tiny).
 
   Apply with `model.apply(variables, x, train=..., mutable=['batch_stats'])`
@@ -141,3 +147,9 @@ def create_model(name, *, num_classes=14, dtype=jnp.float32, bn_axis_name=None):
   return DenseNet(block_sizes=block_sizes, growth_rate=growth_rate,
                   num_init_features=num_init_features, num_classes=num_classes,
                   dtype=dtype, bn_axis_name=bn_axis_name)
+
+
+def from_config(config, bn_axis_name=None):
+  """The configured model; `bn_axis_name` makes BatchNorm sync over that axis."""
+  return create_model(config.model, num_classes=config.num_classes,
+                      dtype=DTYPES[config.dtype], bn_axis_name=bn_axis_name)

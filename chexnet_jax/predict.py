@@ -21,7 +21,7 @@ from PIL import Image
 
 from chexnet_jax import cam as cam_lib
 from chexnet_jax import checkpoints
-from chexnet_jax import train
+from chexnet_jax import models
 from input_pipeline import images as images_lib
 from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
@@ -122,18 +122,13 @@ def format_table(results):
   return '\n'.join(lines)
 
 
-def parse_checkpoint(value):
-  """'best' | 'latest' | a step number, as checkpoints.load_run takes it."""
-  return int(value) if value.isdigit() else value
-
-
 def parse_args(argv):
   parser = argparse.ArgumentParser(
       prog='python -m chexnet_jax.predict',
       description='Score chest X-rays (PNG/JPEG) with a trained chexnet_jax run.')
   parser.add_argument('images', nargs='+', help='image files')
   parser.add_argument('--workdir', required=True, help='the training run directory')
-  parser.add_argument('--checkpoint', default='best', type=parse_checkpoint,
+  parser.add_argument('--checkpoint', default='best', type=checkpoints.parse_selector,
                       help="'best' (validation mean AUROC), 'latest', or a step")
   parser.add_argument('--top_k', type=int, default=3, help='heatmaps per image')
   parser.add_argument('--output_dir', default=None, help='default: WORKDIR/predict')
@@ -147,7 +142,7 @@ def main(argv=None):
   except (FileNotFoundError, ValueError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
-  cam_fn = cam_lib.make_cam_fn(run.model, train.DTYPES[run.config.dtype])
+  cam_fn = cam_lib.make_cam_fn(run.model, models.DTYPES[run.config.dtype])
   variables = cam_lib.local_copy(run.variables)
   output_dir = args.output_dir or os.path.join(args.workdir, 'predict')
   results, failures, seen_stems = [], [], set()

@@ -32,9 +32,10 @@ import zipfile
 
 from flax import traverse_util
 from flax.core import unfreeze
-import h5py
 import jax.numpy as jnp
 import numpy as np
+
+from input_pipeline import labels as labels_lib
 
 IMAGENET_CLASSES = 1000
 # torchvision's official ImageNet weights; the hex in the name is the sha256 prefix.
@@ -150,6 +151,9 @@ def read_keras_h5(path):
 
 
 def _open_h5(path):
+  # Imported here: only Keras files need h5py, and the benchmark's GPU machine
+  # (jax, flax, optax) has none, yet imports this module through train_state.
+  import h5py  # pylint: disable=g-import-not-at-top
   if not path.endswith('.keras'):
     return h5py.File(path, 'r')
   with zipfile.ZipFile(path) as archive:
@@ -181,7 +185,8 @@ def _keras3_layers(f):
   found = []
 
   def visit(name, obj):
-    if isinstance(obj, h5py.Group) and 'vars' in obj and len(obj['vars']):
+    is_group = hasattr(obj, 'keys')  # Datasets have no keys.
+    if is_group and 'vars' in obj and len(obj['vars']):
       layer = name.rsplit('/', 1)[-1]
       kind, _, count = re.fullmatch(r'(.*?)(_(\d+))?', layer).group(1, 2, 3)
       variables = obj['vars']
@@ -191,12 +196,6 @@ def _keras3_layers(f):
   f.visititems(visit)
   found.sort(key=lambda item: item[:2])
   return [weights for _, _, weights in found]
-
-
-def keras_model_to_state_dict(model):
-  """torchvision-style state dict from a live Keras DenseNet (e.g. the seed's)."""
-  layers = [layer.get_weights() for layer in model.layers if layer.weights]
-  return keras_layers_to_state_dict(layers, source=f'Keras model {model.name}')
 
 
 def keras_layers_to_state_dict(layers, source='Keras model'):
@@ -358,8 +357,7 @@ def _head_leaves(head, target, source, file_label_names, label_names):
 def _label_rows(file_label_names, label_names, source):
   """Row of the file's head for each of our labels, in our order."""
   if label_names is None:
-    from input_pipeline.labels import LABELS  # pylint: disable=g-import-not-at-top
-    label_names = LABELS
+    label_names = labels_lib.LABELS
   file_label_names = [str(n) for n in file_label_names]
   absent = [n for n in label_names if n not in file_label_names]
   if absent:

@@ -9,6 +9,13 @@ Durations: set `num_epochs` (or `num_train_steps` > 0 to override it); -1 means 
 """
 import ml_collections
 
+from input_pipeline import labels
+
+# The default validation cut; input_pipeline.chestxray14 names datasets built
+# with another one after it (e.g. 256px_val0.2_seed3).
+VAL_FRACTION = 0.1
+SPLIT_SEED = 0
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -30,8 +37,8 @@ def get_config():
   c.eval_preprocess = 'resize'       # CheXNet scores the whole image: 'resize' (the
                                      # whole record resized to image_size) or
                                      # 'center_crop' (its central image_size square).
-  c.val_fraction = 0.1               # Fraction of train_val PATIENTS cut out as validation;
-  c.split_seed = 0                   # with split_seed, fixed when the dataset is built
+  c.val_fraction = VAL_FRACTION      # Fraction of train_val PATIENTS cut out as validation;
+  c.split_seed = SPLIT_SEED          # with split_seed, fixed when the dataset is built
                                      # (input_pipeline.build); checked when it is read.
   c.grain_workers = 0                # grain worker processes per host (0 = in-process).
   c.prefetch_buffer = 2              # Batches prefetched per worker.
@@ -40,7 +47,7 @@ def get_config():
 
   # Model.
   c.model = 'densenet121'            # densenet121, densenet169, densenet201, tiny.
-  c.num_classes = 14
+  c.num_classes = labels.NUM_CLASSES
   c.dtype = 'float32'                # Compute dtype: float32, bfloat16, float16.
   c.bn_sync = False                  # True: BN statistics over the global batch.
   c.init_from = 'imagenet'           # CheXNet: ImageNet DenseNet121. 'imagenet'
@@ -54,7 +61,6 @@ def get_config():
   # Optimisation.
   c.batch_size = 64                  # Global batch. CheXNet: 16; the reference: 64 per GPU.
   c.eval_batch_size = 64             # Global eval batch.
-  c.optimizer = 'adam'
   c.learning_rate = 1e-3             # CheXNet: Adam, initial LR 0.001; holds at
   c.lr_base_batch_size = 64          # this batch, scaled to batch_size by:
   c.lr_scaling = 'linear'            # 'none' | 'sqrt' | 'linear' (chexnet_jax/lr_scaling.py;

@@ -18,8 +18,9 @@ from input_pipeline import chestxray14
 from input_pipeline import nih
 
 
-def build(manual_dir: str, data_dir: str, image_size: int = 256, *, val_fraction: float = 0.1,
-          split_seed: int = 0, allow_subset: bool = False, skip_bad: bool = False,
+def build(manual_dir: str, data_dir: str, image_size: int = 256, *,
+          val_fraction: float = chestxray14.DEFAULT_VAL_FRACTION,
+          split_seed: int = chestxray14.DEFAULT_SPLIT_SEED, allow_subset: bool = False, skip_bad: bool = False,
           num_workers: int | None = None) -> tfds.core.DatasetBuilder:
   """Builds (or finds already built) chestxray14/<image_size>px; returns the builder."""
   config = chestxray14.make_config(image_size, val_fraction, split_seed)

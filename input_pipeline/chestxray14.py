@@ -12,6 +12,7 @@ import dataclasses
 import inspect
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -21,6 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from configs import default as default_config
 from input_pipeline import images
 from input_pipeline import labels as labels_lib
 from input_pipeline import nih
@@ -33,9 +35,8 @@ SPLIT_FILE = 'split.json'  # Written beside the records: the exact split used.
 _WINDOW = 512
 
 
-# The default validation cut (configs/default.py has the same values).
-DEFAULT_VAL_FRACTION = 0.1
-DEFAULT_SPLIT_SEED = 0
+DEFAULT_VAL_FRACTION = default_config.VAL_FRACTION
+DEFAULT_SPLIT_SEED = default_config.SPLIT_SEED
 _NAME = re.compile(r'(\d+)px(?:_val([\d.]+)_seed(\d+))?')
 
 
@@ -63,6 +64,17 @@ def make_config(image_size: int, val_fraction: float = DEFAULT_VAL_FRACTION,
       val_fraction=val_fraction, split_seed=split_seed,
       description=f'{image_size}x{image_size} grey uint8, validation {val_fraction:g} of '
                   f'train_val patients (seed {split_seed})')
+
+
+class _NoCustomConfigWarning(logging.Filter):
+  """Any size but 224/256/512px is a 'custom data configuration' to TFDS,
+  which warns about it; here it is the ordinary way to ask for a size."""
+
+  def filter(self, record):
+    return not record.getMessage().startswith('Using custom data configuration')
+
+
+logging.getLogger('absl').addFilter(_NoCustomConfigWarning())
 
 
 class Chestxray14(tfds.core.GeneratorBasedBuilder):
@@ -102,6 +114,14 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
     self._allow_subset, self._skip_bad = allow_subset, skip_bad
     self._num_workers = num_workers or os.cpu_count()
     super().__init__(config=config, **kwargs)
+
+  def _log_download_bytes(self):
+    # TFDS's line ('Downloading and preparing dataset Unknown size') is wrong
+    # here: nothing downloads, the manual_dir is converted.
+    print(f'Converting {self.builder_config.name} into {self.data_dir}')
+
+  def _log_download_done(self):
+    pass  # input_pipeline.build prints a summary of what it wrote.
 
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size

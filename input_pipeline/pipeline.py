@@ -18,9 +18,11 @@ import types
 from absl import flags
 import grain
 import numpy as np
-from PIL import Image
 
+from input_pipeline import batching
 from input_pipeline import chestxray14
+from input_pipeline import images as images_lib
+from input_pipeline import labels as labels_lib
 from input_pipeline import synthetic
 
 # Inception-style random_resized_crop aspect ratios and attempts.
@@ -50,7 +52,9 @@ def _missing_dataset_error(config) -> DatasetError:
       f'{config.data_dir!r} (built there: {built or "none"}). Build it with: python -m '
       f'input_pipeline.build --manual_dir NIH_DIR --data_dir {config.data_dir} '
       f'--image_size {config.dataset_image_size} --val_fraction {config.val_fraction} '
-      f'--split_seed {config.split_seed}, or change the config to match a built one.')
+      f'--split_seed {config.split_seed}, or change the config to match a built one. '
+      'A run trained elsewhere: pass --data_dir (evaluate, the notebook: '
+      'CHEXNET_DATA_DIR) with the data_dir that holds its dataset here.')
 
 
 @functools.lru_cache(maxsize=8)
@@ -67,18 +71,24 @@ def _tfds_builder(config):
   return _builder(config.data_dir, config.dataset_image_size, _dataset_dir(config))
 
 
-def get_source(config, split: str):
-  """Random-access source of `split` (dicts like the TFDS features)."""
-  if config.dataset == 'synthetic':
-    return synthetic.source(config, split)
-  if config.dataset != 'chestxray14':
-    raise ValueError(f"config.dataset must be 'chestxray14' or 'synthetic', got "
-                     f'{config.dataset!r}')
+def _chestxray14_source(config, split: str):
   builder = _tfds_builder(config)
   if split not in builder.info.splits:
     raise DatasetError(f'No split {split!r} in {_dataset_dir(config)}; it has '
-                     f'{sorted(builder.info.splits)}')
+                       f'{sorted(builder.info.splits)}')
   return builder.as_data_source(split=split)
+
+
+# config.dataset -> (config, split) -> random-access source.
+DATASETS = {'chestxray14': _chestxray14_source, 'synthetic': synthetic.source}
+
+
+def get_source(config, split: str):
+  """Random-access source of `split` (dicts like the TFDS features)."""
+  if config.dataset not in DATASETS:
+    raise ValueError(f'config.dataset must be one of {tuple(DATASETS)}, got '
+                     f'{config.dataset!r}')
+  return DATASETS[config.dataset](config, split)
 
 
 def get_dataset_info(config) -> dict:
@@ -90,7 +100,7 @@ def get_dataset_info(config) -> dict:
     return {'name': 'synthetic', 'version': '1.0.0',
             'dataset_image_size': config.dataset_image_size,
             'splits': synthetic.split_sizes(config),
-            'train_positive_fraction': [synthetic.PRESENT_PROBABILITY] * 14,
+            'train_positive_fraction': [synthetic.PRESENT_PROBABILITY] * labels_lib.NUM_CLASSES,
             'label_file': 'synthetic (input_pipeline/synthetic.py)'}
   builder = _tfds_builder(config)
   metadata = builder.info.metadata or {}
@@ -207,15 +217,9 @@ def shard_bounds(num_examples: int, process_index: int, process_count: int) -> t
           num_examples * (process_index + 1) // process_count)
 
 
-def per_process_batch(global_batch: int, process_count: int) -> int:
-  if global_batch % process_count:
-    raise ValueError(f'batch size {global_batch} not divisible by {process_count} processes')
-  return global_batch // process_count
-
-
 def train_steps_per_epoch(config, num_train_examples: int, process_count: int) -> int:
   """Batches per epoch, the same on every process (the smallest shard decides)."""
-  batch = per_process_batch(config.batch_size, process_count)
+  batch = batching.split_batch(config.batch_size, process_count)
   steps = (num_train_examples // process_count) // batch
   if steps < 1:
     raise ValueError(f'{num_train_examples} training examples over {process_count} '
@@ -240,10 +244,8 @@ def _crop_window(rng, height, width, min_area):
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
-  if image.shape[0] == image.shape[1] == size:
-    return image
-  resized = Image.fromarray(image[:, :, 0], 'L').resize((size, size), Image.Resampling.BILINEAR)
-  return np.asarray(resized)[:, :, None]
+  """uint8 [H, W, 1] -> [size, size, 1], resampled as the dataset builder does."""
+  return images_lib.resize_square(image[:, :, 0], size)
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -255,7 +257,8 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
   return image[top:top + size, left:left + size]
 
 
-def _random_crop(rng, image: np.ndarray, size: int) -> np.ndarray:
+def _random_crop(rng, image: np.ndarray, config) -> np.ndarray:
+  size = config.image_size
   height, width = image.shape[:2]
   if height < size or width < size:
     return _resize(image, size)
@@ -276,21 +279,32 @@ def eval_image(image: np.ndarray, size: int, mode: str = 'resize') -> np.ndarray
   raise ValueError(f'config.eval_preprocess must be one of {EVAL_PREPROCESS}, got {mode!r}')
 
 
+def _whole_image(rng, image: np.ndarray, config) -> np.ndarray:
+  del rng  # CheXNet: the whole image, resized; only the flip is random.
+  return _resize(image, config.image_size)
+
+
+def _random_resized_crop(rng, image: np.ndarray, config) -> np.ndarray:
+  top, left, h, w = _crop_window(rng, *image.shape[:2], config.min_crop_area)
+  return _resize(image[top:top + h, left:left + w], config.image_size)
+
+
+def _center_crop(rng, image: np.ndarray, config) -> np.ndarray:
+  del rng  # The same crop every time.
+  return center_crop(image, config.image_size)
+
+
+# config.augment -> (rng, uint8 [H, W, 1], config) -> uint8 [S, S, 1].
+AUGMENTS = {'resize': _whole_image, 'random_resized_crop': _random_resized_crop,
+            'random_crop': _random_crop, 'center_crop': _center_crop}
+
+
 def augment(image: np.ndarray, rng: np.random.Generator, config) -> np.ndarray:
   """uint8 [H, W, 1] -> uint8 [S, S, 1]: config.augment crop, then maybe a flip."""
-  size = config.image_size
-  if config.augment == 'resize':  # CheXNet: the whole image.
-    image = _resize(image, size)
-  elif config.augment == 'random_resized_crop':
-    top, left, h, w = _crop_window(rng, *image.shape[:2], config.min_crop_area)
-    image = _resize(image[top:top + h, left:left + w], size)
-  elif config.augment == 'random_crop':
-    image = _random_crop(rng, image, size)
-  elif config.augment == 'center_crop':
-    image = center_crop(image, size)
-  else:
-    raise ValueError(f"config.augment must be 'resize', 'random_resized_crop', "
-                     f"'random_crop' or 'center_crop', got {config.augment!r}")
+  if config.augment not in AUGMENTS:
+    raise ValueError(f'config.augment must be one of {tuple(AUGMENTS)}, got '
+                     f'{config.augment!r}')
+  image = AUGMENTS[config.augment](rng, image, config)
   if config.random_flip and rng.random() < 0.5:
     image = image[:, ::-1]
   return np.ascontiguousarray(image)
@@ -336,7 +350,7 @@ def _shuffle_seed(seed: int, process_index: int) -> int:
 
 def _train_dataset(config, source, process_index, process_count) -> grain.MapDataset:
   """Infinite MapDataset of per-process batches, epoch after epoch."""
-  batch = per_process_batch(config.batch_size, process_count)
+  batch = batching.split_batch(config.batch_size, process_count)
   per_epoch = train_steps_per_epoch(config, len(source), process_count) * batch
   start, stop = shard_bounds(len(source), process_index, process_count)
   order = grain.MapDataset.range(start, stop).shuffle(_shuffle_seed(config.seed, process_index))
@@ -381,7 +395,7 @@ class _EvalExample:
     position = int(position)
     if position >= len(self._source):
       blank = np.zeros((self._size, self._size, 1), np.uint8)
-      return _element(blank, np.zeros(14, np.float32), -1, real=False)
+      return _element(blank, np.zeros(labels_lib.NUM_CLASSES, np.float32), -1, real=False)
     example = self._source[position]
     image = eval_image(example['image'], self._size, self._mode)
     return _element(image, example['labels'], position)
@@ -389,7 +403,7 @@ class _EvalExample:
 
 def eval_batches_per_process(config, num_examples: int, process_count: int) -> int:
   """Batches every process yields in one evaluation pass (the same on all)."""
-  per_process_batch(config.eval_batch_size, process_count)  # Checks divisibility.
+  batching.split_batch(config.eval_batch_size, process_count, field='eval_batch_size')
   return math.ceil(num_examples / config.eval_batch_size)
 
 
@@ -397,7 +411,8 @@ def create_eval_iterator(config, split: str, *, process_index: int, process_coun
   """Iterable over one pass of `split` for this process (iterate it again for another
   pass). Padded to whole global batches; padding has mask False and index -1."""
   source = get_source(config, split)
-  batch = per_process_batch(config.eval_batch_size, process_count)
+  batch = batching.split_batch(config.eval_batch_size, process_count,
+                               field='eval_batch_size')
   per_process = eval_batches_per_process(config, len(source), process_count) * batch
   start = process_index * per_process
   ds = grain.MapDataset.range(start, start + per_process).map(_EvalExample(source, config))

@@ -38,3 +38,15 @@ finish_or_requeue() {
   echo "=== $(date -Is) job ${SLURM_JOB_ID} step exited with ${rc}"
   exit "$rc"
 }
+
+# The body of every train_*.sbatch: trains CONFIG into $WORKDIR (default:
+# DEFAULT_WORKDIR), resuming from its latest checkpoint, with the script's
+# arguments passed on (--config.FIELD=VALUE ...); requeues after a preemption.
+train_and_requeue() {
+  local config="$1" default_workdir="$2"
+  shift 2
+  local rc=0
+  srun python -m chexnet_jax.main --config "$config" \
+    --workdir "${WORKDIR:-$default_workdir}" "$@" || rc=$?
+  finish_or_requeue "$rc"
+}

@@ -1,6 +1,8 @@
 """Shared by the Keras parity tests (models, weights)."""
 import numpy as np
 
+from chexnet_jax import weights
+
 
 def randomize_keras_weights(model, seed):
   """Random weights everywhere, BN moving statistics included."""
@@ -13,3 +15,9 @@ def randomize_keras_weights(model, seed):
     elif layer.weights:
       layer.set_weights([rng.normal(0, np.sqrt(2 / np.prod(w.shape[:-1])),
                                     w.shape) for w in layer.get_weights()])
+
+
+def keras_model_to_state_dict(model):
+  """torchvision-style state dict from a live Keras DenseNet."""
+  layers = [layer.get_weights() for layer in model.layers if layer.weights]
+  return weights.keras_layers_to_state_dict(layers, source=f'Keras model {model.name}')

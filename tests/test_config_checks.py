@@ -5,6 +5,7 @@ import types
 import pytest
 
 from chexnet_jax import config_checks
+from chexnet_jax import run_dir
 from configs import cpu_smoke
 
 
@@ -59,7 +60,7 @@ def test_unwritable_workdir_is_refused(tmp_path, blocked, reason):
     workdir = tmp_path / 'run'
     workdir.mkdir()
     (workdir / 'checkpoints').write_text('not a directory')
-  with pytest.raises(config_checks.WorkdirError,
+  with pytest.raises(run_dir.WorkdirError,
                      match=rf'--workdir {re.escape(str(workdir))} cannot be written \(.*'
                            rf'{reason}\); choose a writable directory'):
-    config_checks.prepare_workdir(str(workdir))
+    run_dir.prepare_workdir(str(workdir))

@@ -18,6 +18,16 @@ LABELS = labels_lib.LABELS
 BOOTSTRAP = 50
 
 
+def read_predictions_csv(path):
+  """(probs [N, 14], labels [N, 14], patients) back from predictions.csv."""
+  with open(path, newline='') as f:
+    rows = list(csv.DictReader(f))
+  names = labels_lib.LABELS
+  probs = np.array([[float(r[f'prob_{n}']) for n in names] for r in rows])
+  labels = np.array([[float(r[f'label_{n}']) for n in names] for r in rows])
+  return probs, labels, [r['patient'] for r in rows]
+
+
 def run_evaluate_cli(workdir, devices, *extra):
   """python -m chexnet_jax.evaluate in a fresh process with `devices` CPU devices."""
   env = dict(os.environ, JAX_PLATFORMS='cpu',
@@ -73,7 +83,7 @@ def test_prints_a_14_row_auroc_table(evaluated):
 
 def test_aurocs_equal_sklearn_on_its_own_predictions_csv(evaluated):
   out = evaluated['one_device']
-  probs, labels, patients = evaluate.read_predictions_csv(os.path.join(out, 'predictions.csv'))
+  probs, labels, patients = read_predictions_csv(os.path.join(out, 'predictions.csv'))
   assert probs.shape == labels.shape == (128, 14) and len(set(patients)) == 128
   table = _auroc_csv(os.path.join(out, 'auroc.csv'))
   with open(os.path.join(out, 'metrics.json')) as f:
@@ -96,9 +106,9 @@ def test_same_aurocs_on_1_and_4_devices(evaluated):
   four = _auroc_csv(os.path.join(evaluated['four_devices'], 'auroc.csv'))
   for name in (*LABELS, 'mean'):
     assert float(four[name]['auroc']) == pytest.approx(float(one[name]['auroc']), abs=1e-6)
-  probs_one, labels_one, _ = evaluate.read_predictions_csv(
+  probs_one, labels_one, _ = read_predictions_csv(
       os.path.join(evaluated['one_device'], 'predictions.csv'))
-  probs_four, labels_four, _ = evaluate.read_predictions_csv(
+  probs_four, labels_four, _ = read_predictions_csv(
       os.path.join(evaluated['four_devices'], 'predictions.csv'))
   np.testing.assert_array_equal(labels_one, labels_four)
   np.testing.assert_allclose(probs_one, probs_four, atol=1e-5)
@@ -119,8 +129,8 @@ def run(tiny_run):
 
 
 def test_own_tta_loop_without_views_equals_evaluate_split(run):
-  plain = evaluate.predict_split(run, 'validation', 'none')
-  looped = evaluate.predict_with_tta(run, 'validation', 'none')
+  plain = evaluate.score_split(run, 'validation', 'none')
+  looped = evaluate.score_split_with_tta(run, 'validation', 'none')
   np.testing.assert_array_equal(plain.indices, looped.indices)
   np.testing.assert_array_equal(plain.labels, looped.labels)
   np.testing.assert_allclose(plain.probs, looped.probs, atol=1e-6)
@@ -128,8 +138,8 @@ def test_own_tta_loop_without_views_equals_evaluate_split(run):
 
 @pytest.mark.parametrize('tta', ['flip', 'tencrop'])
 def test_tta_scores_every_example_once(run, tta):
-  plain = evaluate.predict_split(run, 'validation', 'none')
-  augmented = evaluate.predict_split(run, 'validation', tta)
+  plain = evaluate.score_split(run, 'validation', 'none')
+  augmented = evaluate.score_split(run, 'validation', tta)
   np.testing.assert_array_equal(augmented.indices, np.arange(128))
   assert augmented.probs.shape == (128, 14)
   assert not np.allclose(augmented.probs, plain.probs)

@@ -1,9 +1,14 @@
 """The loss weightings of config.pos_weight, each checked against its formula,
 and the validation loss the plateau rule watches."""
+import jax
 import numpy as np
 import pytest
 
+from chexnet_jax import inference
 from chexnet_jax import losses
+from chexnet_jax import sharding
+from chexnet_jax import train_state
+from configs import cpu_smoke
 
 
 def _bce(p, y):
@@ -64,17 +69,14 @@ def test_none_and_clipping_and_unknown():
 def test_validation_loss_uses_the_training_weights(monkeypatch):
   """evaluate_split's 'loss' (the plateau rule's input) is weighted like
   training; 'bce' stays the plain BCE."""
-  import jax
-  from chexnet_jax import train
-  from configs import cpu_smoke
   config = cpu_smoke.get_config()
   config.synthetic_eval_size, config.eval_batch_size = 64, 64
-  mesh = train.make_mesh()
-  model = train.build_model(config)
-  variables = train.init_variables(config, model, jax.random.key(0))
+  mesh = sharding.make_mesh()
+  model = train_state.build_model(config)
+  variables = train_state.init_variables(config, model, jax.random.key(0))
   weights = losses.label_weights('chexnet_paper', [0.25] * 14)
-  weighted, *_ = train.evaluate_split(config, model, variables, mesh,
-                                      'validation', loss_weights=weights)
-  plain, *_ = train.evaluate_split(config, model, variables, mesh, 'validation')
+  weighted, *_ = inference.evaluate_split(config, model, variables, mesh,
+                                          'validation', loss_weights=weights)
+  plain, *_ = inference.evaluate_split(config, model, variables, mesh, 'validation')
   assert weighted['bce'] == pytest.approx(plain['loss'], rel=1e-6)
   assert weighted['loss'] < 0.8 * plain['loss']  # Weights below 1 here.

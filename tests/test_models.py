@@ -15,7 +15,7 @@ import pytest
 from chexnet_jax import models
 from chexnet_jax import preprocessing
 from chexnet_jax import weights
-from tests.keras_helpers import randomize_keras_weights
+from tests.keras_helpers import keras_model_to_state_dict, randomize_keras_weights
 
 PARITY_SIZE = 64
 PARITY_RTOL = 1e-4
@@ -137,7 +137,7 @@ def keras_densenet121():
   x = np.random.default_rng(1).normal(size=(4, PARITY_SIZE, PARITY_SIZE, 3))
   x = x.astype(np.float32)
   eval_logits, train_logits = keras_logits_both_modes(model, x)
-  return weights.keras_model_to_state_dict(model), x, eval_logits, train_logits
+  return keras_model_to_state_dict(model), x, eval_logits, train_logits
 
 
 def keras_logits_both_modes(model, x):

@@ -171,7 +171,7 @@ def test_augment_modes(config, augment):
 
 def test_bad_batch_sizes_explained(config):
   config.batch_size = 6
-  with pytest.raises(ValueError, match='batch size 6 not divisible by 4'):
+  with pytest.raises(ValueError, match='config.batch_size=6 does not divide over 4 processes'):
     pipeline.create_train_iterator(config, process_index=0, process_count=4)
   config.batch_size = 512
   with pytest.raises(ValueError, match='cannot fill one batch of 512'):

@@ -163,16 +163,16 @@ def test_predict_real_samples_with_a_corrupt_file_among_them(tiny_run, tmp_path)
 
 
 def test_predict_probabilities_equal_the_eval_model(tiny_run):
-  """predict's probabilities are make_predict_fn's on the same prepared image."""
+  """predict's probabilities are make_logits_fn's on the same prepared image."""
   import jax
   from chexnet_jax import cam
   from chexnet_jax import checkpoints
-  from chexnet_jax import train
+  from chexnet_jax import inference
   run = checkpoints.load_run(tiny_run, 'latest')
   image, _ = predict.load_image(SAMPLES[0], run.config.dataset_image_size,
                                 run.config.image_size)
   probs, _ = cam.make_cam_fn(run.model)(cam.local_copy(run.variables), image[None])
-  logits = train.make_predict_fn(run.model)(cam.local_copy(run.variables), image[None])
+  logits = inference.make_logits_fn(run.model)(cam.local_copy(run.variables), image[None])
   np.testing.assert_allclose(probs, jax.nn.sigmoid(logits), atol=1e-6)
 
 

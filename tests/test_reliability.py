@@ -60,12 +60,12 @@ _DRIVER = r'''
 import json, os, resource, signal, sys
 import numpy as np
 from absl import app
-from chexnet_jax import checkpoints, main, train
+from chexnet_jax import checkpoints, main, train_step
 
 workdir = sys.argv[sys.argv.index('--workdir') + 1]
 kill_after_save = int(os.environ.get('TEST_KILL_AFTER_SAVE', -1))
 full_after_save = int(os.environ.get('TEST_DISK_FULL_AFTER_SAVE', -1))
-make_train_step, save = train.make_train_step, checkpoints.save
+make_train_step, save = train_step.make_train_step, checkpoints.save
 
 def recording_make_train_step(*args, **kwargs):
   step_fn = make_train_step(*args, **kwargs)
@@ -88,7 +88,7 @@ def faulty_save(manager, state, data_iterator, metrics=None):
                        (%d, resource.RLIM_INFINITY))
   return step
 
-train.make_train_step, checkpoints.save = recording_make_train_step, faulty_save
+train_step.make_train_step, checkpoints.save = recording_make_train_step, faulty_save
 app.run(main.main, flags_parser=main.parse_flags)
 ''' % DISK_FULL_BYTES
 

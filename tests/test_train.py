@@ -5,7 +5,10 @@ from jax.sharding import Mesh
 import numpy as np
 import pytest
 
-from chexnet_jax import train
+from chexnet_jax import lr_scaling
+from chexnet_jax import sharding
+from chexnet_jax import train_state
+from chexnet_jax import train_step
 from configs import cpu_smoke
 
 
@@ -29,14 +32,14 @@ def _batches(config, count, seed=0):
 
 def _train(config, devices, steps=3):
   """Runs `steps` steps on a mesh of `devices`; returns (params, losses)."""
-  mesh = Mesh(np.array(devices), (train.DATA_AXIS,))
-  tx, schedule = train.create_optimizer(config, steps, steps)
-  model = train.build_model(config, for_training=True)
-  state = train.create_train_state(config, model, mesh, tx)
-  step = train.make_train_step(config, model, mesh, tx, schedule)
+  mesh = Mesh(np.array(devices), (sharding.DATA_AXIS,))
+  tx, schedule = train_state.create_optimizer(config, steps, steps)
+  model = train_state.build_model(config, for_training=True)
+  state = train_state.create_train_state(config, model, mesh, tx)
+  step = train_step.make_train_step(config, model, mesh, tx, schedule)
   losses = []
   for batch in _batches(config, steps):
-    state, metrics = step(state, train.to_global(batch, mesh))
+    state, metrics = step(state, sharding.to_global(batch, mesh))
     losses.append(float(metrics['train_loss']))
   return jax.device_get(state), losses
 
@@ -84,14 +87,14 @@ def test_poisoned_step_yields_nan_loss():
 def test_learning_rate_scaling_rules(rule, expected):
   config = _config(learning_rate=1e-3, lr_base_batch_size=64, batch_size=1024,
                    lr_scaling=rule)
-  assert train.scaled_learning_rate(config) == pytest.approx(expected)
+  assert lr_scaling.peak_learning_rate(config) == pytest.approx(expected)
 
 
 def test_plateau_schedule_warms_up_from_the_unscaled_rate():
   """Horovod's warmup: from lr / N (N = batch / base batch) to the peak."""
   config = _config(learning_rate=1e-3, lr_base_batch_size=64, batch_size=1024,
                    lr_scaling='none', warmup_epochs=2.0)
-  _, schedule = train.create_optimizer(config, steps_per_epoch=5, total_steps=50)
+  _, schedule = train_state.create_optimizer(config, steps_per_epoch=5, total_steps=50)
   assert float(schedule(0)) == pytest.approx(1e-3 / 16, rel=1e-5)
   assert float(schedule(5)) == pytest.approx((1e-3 / 16 + 1e-3) / 2, rel=1e-5)
   assert float(schedule(10)) == pytest.approx(1e-3, rel=1e-5)
@@ -100,8 +103,8 @@ def test_plateau_schedule_warms_up_from_the_unscaled_rate():
 
 def test_warmup_cosine_schedule_warms_up_then_decays():
   config = _config(lr_schedule='warmup_cosine', warmup_epochs=1.0)
-  _, schedule = train.create_optimizer(config, steps_per_epoch=10, total_steps=100)
-  peak = train.scaled_learning_rate(config)
+  _, schedule = train_state.create_optimizer(config, steps_per_epoch=10, total_steps=100)
+  peak = lr_scaling.peak_learning_rate(config)
   assert float(schedule(0)) == 0.0
   assert float(schedule(10)) == pytest.approx(peak)
   assert float(schedule(99)) < 0.01 * peak
@@ -109,11 +112,11 @@ def test_warmup_cosine_schedule_warms_up_then_decays():
 
 def test_plateau_cuts_learning_rate_after_patience_epochs():
   config = _config(plateau_patience=1, plateau_factor=0.1)
-  mesh = Mesh(np.array(jax.devices()[:1]), (train.DATA_AXIS,))
-  tx, _ = train.create_optimizer(config, 1, 1)
-  state = train.create_train_state(config, train.build_model(config), mesh, tx)
+  mesh = Mesh(np.array(jax.devices()[:1]), (sharding.DATA_AXIS,))
+  tx, _ = train_state.create_optimizer(config, 1, 1)
+  state = train_state.create_train_state(config, train_state.build_model(config), mesh, tx)
   scales = []
   for val_loss in (1.0, 0.9, 0.95, 0.96):  # Two bad epochs after the best.
-    state = train.update_plateau(config, state, val_loss)
+    state = train_state.update_plateau(config, state, val_loss)
     scales.append(float(state.plateau.scale))
   assert scales == pytest.approx([1.0, 1.0, 1.0, 0.1])

@@ -17,7 +17,7 @@ import torch
 from chexnet_jax import models
 from chexnet_jax import weights
 from input_pipeline.labels import LABELS
-from tests.keras_helpers import randomize_keras_weights
+from tests.keras_helpers import keras_model_to_state_dict, randomize_keras_weights
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +48,7 @@ def ours():
 
 @pytest.fixture(scope='module')
 def state_dict(keras_reference):
-  return weights.keras_model_to_state_dict(keras_reference[0])
+  return keras_model_to_state_dict(keras_reference[0])
 
 
 def assert_matches_keras(variables, ours, keras_reference):
@@ -223,16 +223,16 @@ def test_train_state_starts_from_init_from(state_dict, ours, keras_reference,
                                           tmp_path):
   """config.init_from reaches the trainer: the replicated state on a 4-device
   mesh holds the file's weights, and the optimizer starts from them."""
-  from chexnet_jax import train  # pylint: disable=g-import-not-at-top
+  from chexnet_jax import sharding, train_state  # pylint: disable=g-import-not-at-top
   from configs import cpu_smoke  # pylint: disable=g-import-not-at-top
   config = cpu_smoke.get_config()
   config.init_from = str(save_torch(state_dict, tmp_path / 'w.pth'))
   config.image_size = SIZE
   model = models.DenseNet(block_sizes=(1, 1, 1, 1), num_classes=14,
                           bn_epsilon=models.KERAS_BN_EPSILON)
-  mesh = train.make_mesh()
-  tx, _ = train.create_optimizer(config, 1, 1)
-  state = train.create_train_state(config, model, mesh, tx)
+  mesh = sharding.make_mesh()
+  tx, _ = train_state.create_optimizer(config, 1, 1)
+  state = train_state.create_train_state(config, model, mesh, tx)
   assert state.params['conv0']['kernel'].sharding.is_fully_replicated
   assert len(state.params['conv0']['kernel'].sharding.device_set) == 4
   assert_matches_keras(jax.device_get(state.variables), ours, keras_reference)

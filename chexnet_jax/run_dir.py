@@ -1,0 +1,124 @@
+"""A run directory: what it is a run of, and the config it was trained with.
+
+Layout of a workdir:
+  config.json      the config of the latest start, its paths made absolute, so
+                   evaluate, predict and the notebook work from any directory
+  run.json         identity: model, labels, image size, dataset (written once)
+  split.json       the dataset's split (image names per split), chestxray14 only
+  checkpoints/N/   orbax items 'state' and 'data' (see checkpoints.py)
+"""
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import ml_collections
+
+from chexnet_jax import imagenet_weights
+from input_pipeline import labels as labels_lib
+
+CONFIG_FILE = 'config.json'
+IDENTITY_FILE = 'run.json'
+SPLIT_FILE = 'split.json'
+# Config fields that are file-system paths: made absolute when a run starts.
+PATH_FIELDS = ('data_dir', 'init_from')
+
+
+class RunMismatchError(ValueError):
+  """The workdir holds a run of another model or dataset."""
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot be written: not a directory, read-only or full."""
+
+
+def prepare_workdir(workdir):
+  """Creates the workdir and proves it is writable, before any long work.
+
+  Its checkpoints/ subdirectory too: orbax meets an unwritable one only at
+  the first save, and then waits 5 minutes before failing.
+  """
+  for path in (workdir, os.path.join(workdir, 'checkpoints')):
+    try:
+      os.makedirs(path, exist_ok=True)
+      with tempfile.NamedTemporaryFile(dir=path) as probe:
+        probe.write(b'x')  # A byte, flushed: a full disk fails here, not later.
+        probe.flush()
+        os.fsync(probe.fileno())
+    except OSError as error:
+      raise WorkdirError(
+          f'--workdir {workdir} cannot be written ({path}: {error.strerror}); '
+          'choose a writable directory with free space.') from error
+
+
+def with_absolute_paths(config):
+  """A copy of `config` whose paths no longer depend on the current directory."""
+  config = config.copy_and_resolve_references()
+  for field in PATH_FIELDS:
+    if config[field] and config[field].lower() not in imagenet_weights.NOT_PATHS:
+      config[field] = os.path.abspath(config[field])
+  return config
+
+
+def write_json_atomic(path, obj):
+  """Write to a temporary name, then rename: never a half-written file."""
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def run_identity(config, dataset_info):
+  """What a checkpoint is only meaningful with."""
+  return {'model': config.model, 'num_classes': config.num_classes,
+          'labels': list(labels_lib.LABELS[:config.num_classes]),
+          'image_size': config.image_size, 'dataset': dataset_info}
+
+
+def check_or_write_identity(workdir, identity):
+  """Refuses to resume a run of another model, label set or dataset."""
+  path = os.path.join(workdir, IDENTITY_FILE)
+  if not os.path.exists(path):
+    if jax.process_index() == 0:
+      write_json_atomic(path, identity)
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  different = sorted(k for k in identity if saved.get(k) != identity[k])
+  if different:
+    details = '; '.join(f'{k}: run has {saved.get(k)!r}, config asks for '
+                        f'{identity[k]!r}' for k in different)
+    raise RunMismatchError(
+        f'{workdir} holds a different run ({details}). Use a new --workdir, '
+        f'or change the config back to match {path}.')
+
+
+def record_start(workdir, config, split_file):
+  """Process 0 writes the config and keeps the dataset's split beside the run."""
+  if jax.process_index() != 0:
+    return
+  write_json_atomic(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+  target = os.path.join(workdir, SPLIT_FILE)
+  if split_file and not os.path.exists(target):  # A run's split is its result.
+    shutil.copyfile(split_file, f'{target}.tmp')
+    os.replace(f'{target}.tmp', target)
+
+
+def load_config(workdir, data_dir=None):
+  """The run's config; `data_dir` says where its dataset lives now.
+
+  Runs saved before paths were recorded absolute hold a data_dir relative to
+  the directory they were started from: `data_dir` (evaluate's --data_dir)
+  fixes those too.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{path} not found: {workdir} is not a chexnet_jax run directory '
+        '(train one with python -m chexnet_jax.main --workdir ...).')
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if data_dir:
+    config.data_dir = os.path.abspath(data_dir)
+  return config

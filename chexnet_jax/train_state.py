@@ -1,0 +1,118 @@
+"""The train state, the optimizer and its learning-rate schedules.
+
+The state is built directly on the mesh, replicated (`jax.eval_shape` for its
+shapes, `jax.jit(..., out_shardings=...)` to compute it), so no host ever holds
+a copy; `abstract_train_state` gives the same shapes for restoring a checkpoint.
+"""
+from typing import Any
+
+import flax
+from flax.training import dynamic_scale as dynamic_scale_lib
+import jax
+import jax.numpy as jnp
+import optax
+
+from chexnet_jax import imagenet_weights
+from chexnet_jax import lr_scaling
+from chexnet_jax import models
+from chexnet_jax import sharding
+from chexnet_jax import weights
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  plateau: Any           # optax.contrib.reduce_on_plateau state; .scale is used.
+  dynamic_scale: Any     # flax DynamicScale for float16, else None.
+
+  @property
+  def variables(self):
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+
+# ---------------------------------------------------------------- optimizer --
+
+def create_optimizer(config, steps_per_epoch, total_steps):
+  """Adam(W) with the configured schedule -> (optax transform, schedule).
+
+  The peak rate, its batch-scaling rule and warmup: chexnet_jax/lr_scaling.py.
+  """
+  schedule = lr_scaling.make_schedule(config, steps_per_epoch, total_steps)
+  tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.adam_eps,
+                   weight_decay=config.weight_decay)
+  return tx, schedule
+
+
+def create_plateau(config):
+  """CheXNet: LR x `plateau_factor` when validation loss stops improving.
+
+  `plateau_patience` has PyTorch's meaning (as in CheXNet): that many bad
+  epochs are tolerated and the next one cuts. optax cuts at the patience-th.
+  """
+  return optax.contrib.reduce_on_plateau(
+      factor=config.plateau_factor, patience=config.plateau_patience + 1)
+
+
+def update_plateau(config, state, val_loss):
+  """Feeds one epoch's validation loss to the plateau rule (host side)."""
+  if config.lr_schedule != 'plateau':
+    return state
+  _, plateau = create_plateau(config).update(
+      updates={}, state=state.plateau, value=jnp.asarray(val_loss))
+  return state.replace(plateau=plateau)
+
+
+# -------------------------------------------------------------------- state --
+
+def build_model(config, *, for_training=False):
+  """The configured model; for the train step BN syncs over 'data' if asked."""
+  bn_sync = for_training and config.bn_sync
+  return models.from_config(
+      config, bn_axis_name=sharding.DATA_AXIS if bn_sync else None)
+
+
+def init_variables(config, model, rng):
+  size = config.image_size
+  dummy = jnp.zeros((1, size, size, 3), models.DTYPES[config.dtype])
+  return model.init(rng, dummy, train=False)
+
+
+def create_train_state(config, model, mesh, tx):
+  """Initialises the replicated state directly on the mesh (no host copy)."""
+
+  def state_from(variables):
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=variables['params'],
+        batch_stats=variables['batch_stats'],
+        opt_state=tx.init(variables['params']),
+        plateau=create_plateau(config).init(variables['params']),
+        dynamic_scale=(dynamic_scale_lib.DynamicScale()
+                       if config.dtype == 'float16' else None))
+
+  def init():
+    return init_variables(config, model, jax.random.key(config.seed))
+
+  on_mesh = sharding.replicated(mesh)
+  init_from = imagenet_weights.init_path(config)  # 'imagenet': downloaded.
+  if init_from is None:
+    return jax.jit(lambda: state_from(init()), out_shardings=on_mesh)()
+  # Reading a file cannot be traced: initialise (for the head, which an
+  # ImageNet file lacks), load on the host, then place on the mesh.
+  variables = weights.load_pretrained(init_from,
+                                      jax.device_get(jax.jit(init)()))
+  return jax.jit(state_from, out_shardings=on_mesh)(
+      jax.device_put(variables, on_mesh))
+
+
+def abstract_train_state(config, model, mesh, tx):
+  """Shapes and shardings of the train state, without computing it."""
+  no_init = config.copy_and_resolve_references()
+  no_init.init_from = ''  # Restoring overwrites the weights anyway.
+  shapes = jax.eval_shape(
+      lambda: create_train_state(no_init, model, mesh, tx))
+  on_mesh = sharding.replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_mesh),
+      shapes)

@@ -1,0 +1,79 @@
+"""A run directory is a place: evaluate, predict and the notebook work on it from
+any directory, and find its dataset where it was, or where --data_dir says it is now."""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import nbclient
+import nbformat
+import pytest
+
+from chexnet_jax import evaluate
+from chexnet_jax import predict
+from chexnet_jax import run_dir
+from input_pipeline import build
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(REPO, 'notebooks', 'evaluate_checkpoint.ipynb')
+DEMO_DATA = os.path.join(REPO, 'demo_data')
+SIZE = 64
+
+
+@pytest.fixture(scope='module')
+def run_made_elsewhere(tmp_path_factory):
+  """A tiny run on the bundled NIH sample, trained from another directory with a
+  relative data_dir; its dataset then moves. Returns (workdir, new data_dir)."""
+  start = tmp_path_factory.mktemp('started_here')
+  build.build(DEMO_DATA, str(start / 'data'), SIZE, allow_subset=True, num_workers=1)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [REPO, *filter(None, [os.environ.get('PYTHONPATH')])]))
+  command = [sys.executable, '-m', 'chexnet_jax.main', '--config',
+             os.path.join(REPO, 'configs', 'cpu_smoke.py'), '--workdir', 'run',
+             '--config.dataset=chestxray14', '--config.data_dir=data',
+             f'--config.dataset_image_size={SIZE}', '--config.image_size=56',
+             '--config.num_train_steps=2', '--config.batch_size=16',
+             '--config.eval_batch_size=32']
+  result = subprocess.run(command, cwd=start, env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(start / 'run' / run_dir.CONFIG_FILE) as f:
+    assert json.load(f)['data_dir'] == str(start / 'data')  # Absolute.
+  moved = tmp_path_factory.mktemp('moved') / 'data'
+  shutil.move(str(start / 'data'), moved)
+  return str(start / 'run'), str(moved)
+
+
+def test_evaluate_from_another_directory_with_data_dir(run_made_elsewhere, tmp_path,
+                                                       monkeypatch, capsys):
+  workdir, data_dir = run_made_elsewhere
+  monkeypatch.chdir(tmp_path)
+  args = ['--workdir', workdir, '--bootstrap', '10', '--gallery', '1']
+  assert evaluate.main(args) == 1  # The dataset moved: the error says what to do.
+  assert '--data_dir' in capsys.readouterr().err
+  assert evaluate.main(args + ['--data_dir', data_dir]) == 0
+  assert os.path.isfile(os.path.join(workdir, 'eval', 'test', 'metrics.json'))
+
+
+def test_predict_from_another_directory(run_made_elsewhere, tmp_path, monkeypatch):
+  workdir, _ = run_made_elsewhere
+  monkeypatch.chdir(tmp_path)
+  image = sorted(glob.glob(os.path.join(DEMO_DATA, 'images', '*.png')))[0]
+  assert predict.main([image, '--workdir', workdir, '--top_k', '1']) == 0
+  with open(os.path.join(workdir, 'predict', 'predictions.json')) as f:
+    assert len(json.load(f)['results']) == 1
+
+
+def test_notebook_from_another_directory(run_made_elsewhere, tmp_path, monkeypatch):
+  workdir, data_dir = run_made_elsewhere
+  monkeypatch.setenv('CHEXNET_WORKDIR', workdir)
+  monkeypatch.setenv('CHEXNET_DATA_DIR', data_dir)
+  monkeypatch.setenv('CHEXNET_BOOTSTRAP', '10')
+  monkeypatch.setenv('CHEXNET_GALLERY', '1')
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  nbclient.NotebookClient(notebook, kernel_name='python3', timeout=300,
+                          resources={'metadata': {'path': str(tmp_path)}}).execute()
+  errors = [o for cell in notebook.cells if cell.cell_type == 'code'
+            for o in cell.outputs if o.output_type == 'error']
+  assert not errors
