@@ -25,7 +25,14 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-test: $(VENV)/.test-installed
+# The evaluation page is checked in headless Chromium (Debian's chromium and
+# chromium-driver), installed here when /usr/bin/chromium is absent.
+CHROMIUM := /usr/bin/chromium
+
+$(CHROMIUM):
+	sh tests/browser/install_chromium.sh
+
+test: $(VENV)/.test-installed $(CHROMIUM)
 	$(PY) -m pytest -q tests
 
 demo: setup
