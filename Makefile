@@ -27,7 +27,7 @@ $(VENV)/.test-installed: $(VENV)/.installed
 
 # The evaluation page is checked in headless Chromium (Debian's chromium and
 # chromium-driver), installed here when /usr/bin/chromium is absent.
-CHROMIUM := /usr/bin/chromium
+CHROMIUM := /usr/bin/chromium /usr/bin/chromedriver
 
 $(CHROMIUM):
 	sh tests/browser/install_chromium.sh
