@@ -10,7 +10,8 @@
   a colour bar. M_c is the class activation map (cam.py) and b_c the head's bias; since
   the image's logit is the spatial mean of M_c + b_c, a pixel's colour is the
   probability the model would give the image if every location looked like that one.
-  Red means a high probability on every heatmap, whichever image or finding. T is the
+  Bright yellow ('inferno') means a high probability on every heatmap, whichever image
+  or finding. T is the
   temperature (1 unless predict --calibrated). NIH's box (solid cyan) and the model's
   region (dashed white: the box around the connected region where the min-max
   normalised CAM is at least 0.5, the one IoU and IoBB are scored on) are named in a

@@ -172,7 +172,7 @@ table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;vertical-align:top}
 th{background:#f3f3f3}td.name,th.name{text-align:left}td.why{text-align:left;color:#8a4b00;
 max-width:26em}td.empty{background:#fff6e6}
-.note{color:#555;font-size:0.9em}.gallery{display:flex;flex-wrap:wrap;gap:12px}
+.scroll{overflow-x:auto}.note{color:#555;font-size:0.9em}.gallery{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;width:340px}figcaption{font-size:0.8em;color:#444}
 """
 
@@ -249,9 +249,9 @@ def localization_html(localization):
           f'(connected region where the min-max normalised map is at least '
           f'{localization["cam_threshold"]}, around its peak) reaches each IoU and IoBB '
           'threshold, as in Wang et al. 2017.</p>'
-          f'<table id="localization"><thead><tr><th class="name">Finding</th><th>Boxes</th>'
+          f'<div class="scroll"><table id="localization"><thead><tr><th class="name">Finding</th><th>Boxes</th>'
           f'<th>Mean IoU</th><th>Mean IoBB</th>{head}</tr></thead>'
-          f'<tbody>{"".join(body)}</tbody></table>')
+          f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def gallery_html(out_dir, gallery):
@@ -265,9 +265,10 @@ def gallery_html(out_dir, gallery):
     items.append(f'<figure>{_img(png, caption, 340)}<figcaption>{_esc(caption)}'
                  '</figcaption></figure>')
   return (f'<p class="note">The most confident true positive of each finding (an image '
-          'with an NIH box first). Colour: the class activation map on the model\'s '
-          f'probability scale, {_esc(figures.HEATMAP_SCALE)}; the colour bar is the same '
-          "on every image, so red always means a high probability. Solid cyan: NIH's "
+          f'with an NIH box first). Colour: the {_esc(figures.HEATMAP_SCALE)} (M_c: the '
+          "map, b_c: the head's bias, T: the temperature, 1 here); the colour bar is the same "
+          "on every image, so bright yellow always means a high probability and dark purple "
+          "a low one. Solid cyan: NIH's "
           "box (the annotation). Dashed white: the model's region, the box around the "
           'connected region where the normalised map is at least 50% of its range '
           '(what IoU and IoBB score).</p>'
