@@ -30,7 +30,14 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	$(PIP_INSTALL) -e '.[test]'
 	touch $@
 
-test: $(VENV)/.test-installed
+# The evaluation page is checked in headless Chromium (Debian's chromium and
+# chromium-driver), installed here when /usr/bin/chromium is absent.
+CHROMIUM := /usr/bin/chromium /usr/bin/chromedriver
+
+$(CHROMIUM):
+	sh tests/browser/install_chromium.sh
+
+test: $(VENV)/.test-installed $(CHROMIUM)
 	$(PY) -m pytest -q tests
 
 test-fast: $(VENV)/.test-installed

@@ -51,6 +51,26 @@ def head_kernel(params, num_features, num_classes):
   return matches[0][1]
 
 
+def head_bias(params, num_classes):
+  """The classifier's bias [num_classes] (zeros if it has none), beside its kernel.
+
+  figures.py adds it to a CAM to put the map on the model's probability scale.
+  """
+  kernels = [path for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+             if str(getattr(path[-1], 'key', '')) == 'kernel'
+             and getattr(leaf, 'ndim', 0) == 2 and leaf.shape[-1] == num_classes]
+  if len(kernels) != 1:
+    raise ValueError(
+        f'chexnet_jax/cam.py: expected one dense kernel with {num_classes} outputs (the '
+        f'classifier head) in params, found {len(kernels)}; CAM needs a model that ends '
+        'in global average pooling + one Dense layer.')
+  parent = params
+  for key in kernels[0][:-1]:
+    parent = parent[key.key]
+  bias = parent.get('bias') if hasattr(parent, 'get') else None
+  return np.zeros(num_classes, np.float32) if bias is None else np.asarray(bias, np.float32)
+
+
 def make_cam_fn(model, dtype=jnp.float32):
   """Returns jitted (variables, images_uint8 [B,H,W,1]) -> (probs [B,K], cams [B,K,H,W]).
 

@@ -12,7 +12,11 @@ Writes DIR/eval/<split>/ (DIR/eval/<split>-<tta>/ with test-time augmentation):
   auroc.csv         per pathology + mean: AUROC with 95% CI, AUPRC with 95% CI,
                     validation-chosen threshold, sensitivity, specificity
   predictions.csv   image, patient, 14 probabilities, 14 labels
-  roc_curves.png, gallery/*.png (class activation maps of confident true positives)
+  report.html       one self-contained page of all of it (chexnet_jax/report.py)
+  roc_curves.png, pr_curves.png, reliability.png (one panel per pathology),
+  gallery/*.png     class activation maps of confident true positives (figures.py)
+and DIR/eval/calibration.json, the temperature fitted on validation that
+`predict --calibrated` applies (calibration.py; written without TTA only),
 and prints the 14-row AUROC table. Confidence intervals resample patients (seeded).
 Thresholds maximise Youden's J on the validation split and are applied unchanged
 to the evaluated split.
@@ -32,16 +36,17 @@ from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
-from matplotlib import colormaps
-from matplotlib import figure as figure_lib
 import numpy as np
 
+from chexnet_jax import calibration as calibration_lib
 from chexnet_jax import cam as cam_lib
 from chexnet_jax import checkpoints
 from chexnet_jax import distributed
+from chexnet_jax import figures
 from chexnet_jax import inference
 from chexnet_jax import metrics as metrics_lib
 from chexnet_jax import models
+from chexnet_jax import report as report_lib
 from chexnet_jax import run_dir
 from chexnet_jax import sharding
 from input_pipeline import labels as labels_lib
@@ -191,9 +196,11 @@ def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0):
       predictions.labels, predictions.probs, patients, thresholds=thresholds,
       num_resamples=num_resamples, seed=seed)
   report['loss'] = predictions.loss
-  return Evaluation(split=split, tta=tta, step=int(run.step), report=report,
-                    predictions=predictions, records=records,
-                    threshold_source='validation', config=run.config)
+  evaluation = Evaluation(split=split, tta=tta, step=int(run.step), report=report,
+                          predictions=predictions, records=records,
+                          threshold_source='validation', config=run.config)
+  report_lib.calibrate(evaluation, validation)  # Temperature fitted on validation.
+  return evaluation
 
 
 def _fmt(value, digits=3):
@@ -259,22 +266,8 @@ def write_predictions_csv(path, evaluation):
 
 
 def roc_figure(evaluation):
-  """matplotlib Figure: the ROC curve of every pathology, AUROC in the legend."""
-  predictions, per_label = evaluation.predictions, evaluation.report['per_label']
-  curves = metrics_lib.roc_curves(predictions.labels, predictions.probs)
-  figure = figure_lib.Figure(figsize=(7, 7), dpi=100)
-  axes = figure.subplots()
-  colors = colormaps['tab20']
-  for k, (name, (fpr, tpr)) in enumerate(curves.items()):
-    axes.plot(fpr, tpr, color=colors(k), lw=1.5,
-              label=f'{name} {per_label[name]["auroc"]:.3f}')
-  axes.plot([0, 1], [0, 1], color='grey', lw=1, linestyle=':')
-  mean = evaluation.report['mean_auroc']
-  axes.set(xlabel='False positive rate', ylabel='True positive rate', xlim=(0, 1),
-           ylim=(0, 1), title=f'ROC, {evaluation.split} (step {evaluation.step}), '
-           f'mean AUROC {_fmt(mean)}')
-  axes.legend(loc='lower right', fontsize=7)
-  return figure
+  """matplotlib Figure: ROC small multiples, one panel per pathology with its band."""
+  return report_lib.curve_figures(evaluation)['roc']
 
 
 def plot_roc_curves(path, evaluation):
@@ -287,11 +280,10 @@ def label_file(config):
 
 
 def write_outputs(out_dir, evaluation, gallery=(), localization=None):
-  """metrics.json, auroc.csv, predictions.csv, roc_curves.png into out_dir."""
+  """metrics.json, auroc.csv, predictions.csv into out_dir (figures: report.write_report)."""
   os.makedirs(out_dir, exist_ok=True)
   write_auroc_csv(os.path.join(out_dir, 'auroc.csv'), evaluation.report)
   write_predictions_csv(os.path.join(out_dir, 'predictions.csv'), evaluation)
-  plot_roc_curves(os.path.join(out_dir, 'roc_curves.png'), evaluation)
   config = evaluation.config
   summary = {'split': evaluation.split, 'tta': evaluation.tta, 'step': evaluation.step,
              'model': config.model, 'dataset': config.dataset,
@@ -377,6 +369,7 @@ def draw_heatmaps(run, evaluation, out_dir, gallery_size=8, cam_threshold=0.5):
   IoU and IoBB of the box around the map's peak region (Wang et al. 2017).
   """
   gallery = gallery_choices(evaluation, gallery_size)
+  bias = cam_lib.head_bias(cam_lib.local_copy(run.variables)['params'], len(LABELS))
   boxes_by_row = {row: boxes_in_input(record, run.config)
                   for row, record in enumerate(evaluation.records)}
   rows = {row for row, _ in gallery} | {row for row, boxes in boxes_by_row.items() if boxes}
@@ -392,11 +385,11 @@ def draw_heatmaps(run, evaluation, out_dir, gallery_size=8, cam_threshold=0.5):
     for gallery_row, k in gallery:
       if gallery_row == row:
         gallery_maps[(row, k)] = (image, maps[k])
-  return (_write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold),
+  return (_write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold, bias),
           _localization(scores, cam_threshold))
 
 
-def _write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold):
+def _write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold, bias):
   shutil.rmtree(os.path.join(out_dir, 'gallery'), ignore_errors=True)  # No stale maps.
   entries = []
   for row, k in gallery:
@@ -407,9 +400,9 @@ def _write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold):
     prob = float(evaluation.predictions.probs[row, k])
     stem = os.path.splitext(os.path.basename(str(record['image_name'])))[0]
     path = os.path.join(out_dir, 'gallery', f'{stem}_{name}.png')
-    cam_lib.save_overlay(path, image, heat, title=f'{stem} {name} p={prob:.3f}',
-                         true_box=true_box,
-                         predicted_box=cam_lib.cam_to_box(heat, cam_threshold))
+    figures.save_heatmap(path, image, heat, bias[k], finding=name, probability=prob,
+                         image_name=stem, true_box=true_box,
+                         model_box=cam_lib.cam_to_box(heat, cam_threshold))
     entries.append({'image': str(record['image_name']), 'label': name,
                     'probability': prob, 'file': os.path.relpath(path, out_dir)})
   return entries
@@ -493,13 +486,23 @@ def main(argv=None):
     out_dir = output_dir(args.workdir, args.split, args.tta)
     gallery, localization = draw_heatmaps(run, evaluation, out_dir, args.gallery)
     write_outputs(out_dir, evaluation, gallery, localization)
+    report_path = report_lib.write_report(out_dir, evaluation, gallery, localization,
+                                          report_lib.run_name(args.workdir))
+    if args.tta == 'none':  # predict scores without TTA: its temperature must too.
+      calibration_lib.write_temperature(
+          args.workdir, evaluation.report['calibration']['temperature'], run.step, args.tta)
     print(f'{args.split} split, checkpoint step {run.step}, tta {args.tta}, '
           f'{evaluation.report["num_examples"]} images of '
           f'{evaluation.report["num_patients"]} patients; 95% CI: patient bootstrap; '
           'thresholds: Youden on validation')
     print(f'labels: {label_file(config)}')
     print(format_auroc_table(evaluation.report))
-    print(f'wrote {out_dir}')
+    for name in LABELS:  # Say why a cell of the table is blank.
+      for why in dict.fromkeys(report_lib.empty_cell_reasons(evaluation, name).values()):
+        print(f'  {name}: {why}')
+    print(f"calibration: temperature {evaluation.report['calibration']['temperature']:.3f} "
+          'fitted on validation')
+    print(f'wrote {out_dir} (open {report_path} in a browser)')
   # The others wait here, not in JAX's shutdown barrier, whose timeout is short.
   multihost_utils.sync_global_devices('chexnet_jax.evaluate: written')
   return 0

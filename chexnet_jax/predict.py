@@ -1,12 +1,15 @@
 r"""Scores chest X-ray images with a trained run and draws heatmaps of the top findings.
 
   python -m chexnet_jax.predict IMAGE [IMAGE ...] --workdir DIR \
-      [--checkpoint best|latest|STEP] [--top_k 3] [--output_dir OUT]
+      [--checkpoint best|latest|STEP] [--top_k 3] [--output_dir OUT] [--calibrated]
 
 Reads PNG/JPEG in grey, RGB, RGBA or 16-bit, prepares each image exactly like the
 dataset builder and the evaluation pipeline (resized to a config.dataset_image_size
 square, then a centre crop of config.image_size), prints the 14 probabilities per
-image and writes OUT/predictions.json and OUT/<image>_<finding>.png heatmaps (CAM).
+image and writes OUT/predictions.json and OUT/heatmaps/<image>_<finding>.png
+heatmaps (CAM on the probability scale, one 0-1 colour bar for all: see figures.py).
+--calibrated divides the logits by the temperature evaluate fitted on validation for
+this checkpoint (DIR/eval/calibration.json; see calibration.py).
 A file that cannot be read is reported and skipped; the others are still scored and
 the exit status is 1.
 """
@@ -19,8 +22,10 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from chexnet_jax import calibration as calibration_lib
 from chexnet_jax import cam as cam_lib
 from chexnet_jax import checkpoints
+from chexnet_jax import figures
 from chexnet_jax import models
 from input_pipeline import images as images_lib
 from input_pipeline import labels as labels_lib
@@ -91,8 +96,10 @@ def heatmap_stem(path, position, seen):
   return stem
 
 
-def score_image(cam_fn, variables, config, path, top_k, heatmap_prefix):
+def score_image(cam_fn, variables, config, path, top_k, heatmap_prefix, temperature=1.0):
   """Scores one file and writes heatmaps of its top findings -> result dict.
+
+  temperature != 1 rescales the probabilities (and the heatmaps) as calibration.py does.
 
   Raises ImageLoadError (naming the file) when the file is not a usable image.
   """
@@ -100,11 +107,15 @@ def score_image(cam_fn, variables, config, path, top_k, heatmap_prefix):
                         config.get('eval_preprocess', 'center_crop'))
   probs, cams = cam_fn(variables, image[None])
   probs, cams = np.asarray(probs[0]), np.asarray(cams[0])
+  if temperature != 1.0:
+    probs = calibration_lib.apply_temperature(probs, temperature)
+  bias = cam_lib.head_bias(variables['params'], len(probs))
   findings = []
   for label, k, prob in top_findings(probs, top_k):
     heatmap = f'{heatmap_prefix}_{label}.png'
-    cam_lib.save_overlay(heatmap, image, cams[k], title=f'{label} p={prob:.3f}',
-                         predicted_box=cam_lib.cam_to_box(cams[k]))
+    figures.save_heatmap(heatmap, image, cams[k], bias[k], finding=label, probability=prob,
+                         image_name=os.path.basename(path), temperature=temperature,
+                         model_box=cam_lib.cam_to_box(cams[k]))
     findings.append({'label': label, 'probability': prob, 'heatmap': heatmap})
   return {'image': path,
           'probabilities': dict(zip(labels_lib.LABELS, map(float, probs))),
@@ -132,6 +143,9 @@ def parse_args(argv):
                       help="'best' (validation mean AUROC), 'latest', or a step")
   parser.add_argument('--top_k', type=int, default=3, help='heatmaps per image')
   parser.add_argument('--output_dir', default=None, help='default: WORKDIR/predict')
+  parser.add_argument('--calibrated', action='store_true',
+                      help='apply the temperature that evaluate fitted on validation '
+                           'for this checkpoint (WORKDIR/eval/calibration.json)')
   return parser.parse_args(argv)
 
 
@@ -139,6 +153,8 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     run = checkpoints.load_run(args.workdir, args.checkpoint)
+    temperature = (calibration_lib.read_temperature(args.workdir, run.step)
+                   if args.calibrated else 1.0)
   except (FileNotFoundError, ValueError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
@@ -149,17 +165,20 @@ def main(argv=None):
   for position, path in enumerate(args.images):
     prefix = os.path.join(output_dir, 'heatmaps', heatmap_stem(path, position, seen_stems))
     try:
-      results.append(score_image(cam_fn, variables, run.config, path, args.top_k, prefix))
+      results.append(score_image(cam_fn, variables, run.config, path, args.top_k, prefix,
+                                 temperature))
     except ImageLoadError as error:  # Report it, and go on with the other files.
       failures.append({'image': path, 'error': str(error)})
       print(f'error: {error}', file=sys.stderr)
   if results:
-    print(f'checkpoint step {run.step} of {args.workdir}')
+    print(f'checkpoint step {run.step} of {args.workdir}'
+          + (f', calibrated with temperature {temperature:.3f}' if args.calibrated else ''))
     print(format_table(results))
   os.makedirs(output_dir, exist_ok=True)
   summary_path = os.path.join(output_dir, 'predictions.json')
   with open(summary_path, 'w') as f:
-    json.dump({'workdir': args.workdir, 'step': run.step, 'results': results,
+    json.dump({'workdir': args.workdir, 'step': run.step, 'temperature': temperature,
+               'calibrated': args.calibrated, 'results': results,
                'failures': failures}, f, indent=2)
   print(f'wrote {summary_path}')
   return 1 if failures else 0

@@ -1,0 +1,333 @@
+"""DIR/eval/<split>/report.html: one self-contained page per evaluation.
+
+It answers "how good is this checkpoint, where does it look, can I trust its
+probabilities": the run's identity; the per-label table (AUROC and AUPRC with 95%
+patient-bootstrap intervals, prevalence, sensitivity and specificity at the threshold
+chosen on validation, and why a cell is empty); ROC and precision-recall curves as
+small multiples with their bands; calibration (reliability diagrams, expected
+calibration error, temperature fitted on validation); the localisation table (IoU and
+IoBB accuracy at each threshold); and the heatmap gallery.
+
+Every image is embedded as a data: URI and a Content-Security-Policy forbids loading
+anything else, so the page can be mailed or archived and opens offline. Written by
+`python -m chexnet_jax.evaluate`; the notebook shows the same parts.
+"""
+import base64
+import html
+import os
+
+from chexnet_jax import calibration as calibration_lib
+from chexnet_jax import figures
+from input_pipeline import labels as labels_lib
+from input_pipeline import pipeline
+
+LABELS = labels_lib.LABELS
+REPORT_FILE = 'report.html'
+# Images only from data: URIs, styles only inline; nothing is fetched from anywhere.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+
+
+# ----------------------------------------------------------------------------
+# Content (plain data, shared by the page and the notebook).
+
+
+def _label_file(config):
+  try:
+    return pipeline.get_dataset_info(config).get('label_file', 'not recorded')
+  except (FileNotFoundError, OSError, ValueError):
+    return 'not recorded'
+
+
+def identity(evaluation, run_name=''):
+  """[(field, value)]: which run, checkpoint, data and split the page is about."""
+  config, report = evaluation.config, evaluation.report
+  rows = [('run', run_name or 'not given'),
+          ('model', config.model),
+          ('dataset', config.dataset),
+          ('label file', _label_file(config)),
+          ('checkpoint step', evaluation.step),
+          ('split', evaluation.split),
+          ('test-time augmentation', evaluation.tta),
+          ('images', report['num_examples']),
+          ('patients', report['num_patients']),
+          ('model input', f'{config.image_size} px '
+                          f'({config.get("eval_preprocess", "center_crop")} of the stored '
+                          f'{config.dataset_image_size} px image)'),
+          ('95% intervals', f'bootstrap over patients, '
+                            f'{report["bootstrap"]["num_resamples"]} resamples, '
+                            f'seed {report["bootstrap"]["seed"]}'),
+          ('thresholds', f"Youden's J, chosen on the {evaluation.threshold_source} split")]
+  return [(name, str(value)) for name, value in rows]
+
+
+def empty_cell_reasons(evaluation, name):
+  """{column: why it is empty} for one label's row of the table ({} when none is)."""
+  row, split = evaluation.report['per_label'][name], evaluation.split
+  column = evaluation.predictions.labels[:, LABELS.index(name)]
+  positives = int(column.sum())
+  reasons = {}
+  one_class = (f'the {split} split has no {"positive" if not positives else "negative"} '
+               f'{name} image')
+  if row['auroc'] is None:
+    reasons['auroc'] = reasons['auprc'] = f'{one_class}: the area is undefined'
+  if row['threshold'] is None:
+    reasons['threshold'] = reasons['sensitivity'] = reasons['specificity'] = (
+        f'no threshold: the {evaluation.threshold_source} split has only one class of '
+        f"{name}, so Youden's J cannot be chosen")
+  else:
+    if row['sensitivity'] is None:
+      reasons['sensitivity'] = f'no positive {name} image in the {split} split'
+    if row['specificity'] is None:
+      reasons['specificity'] = f'no negative {name} image in the {split} split'
+  return reasons
+
+
+def per_label_rows(evaluation):
+  """[dict] per label: the table's cells as text, and the reasons for empty ones."""
+  report, rows = evaluation.report, []
+  calibration = report.get('calibration') or {'per_label': {}}
+  for name in LABELS:
+    row = report['per_label'][name]
+    ece = calibration['per_label'].get(name, {})
+    reasons = empty_cell_reasons(evaluation, name)
+    rows.append({
+        'label': name,
+        'auroc': _with_interval(row['auroc'], row['auroc_ci']),
+        'auprc': _with_interval(row['auprc'], row['auprc_ci']),
+        'prevalence': f'{row["num_positive"] / report["num_examples"]:.1%} '
+                      f'({row["num_positive"]})',
+        'threshold': _number(row['threshold']),
+        'sensitivity': _number(row['sensitivity']),
+        'specificity': _number(row['specificity']),
+        'ece': f'{_number(ece.get("ece"))} / {_number(ece.get("ece_calibrated"))}',
+        'reasons': reasons})
+  return rows
+
+
+def _number(value, digits=3):
+  return '' if value is None else f'{value:.{digits}f}'
+
+
+def _with_interval(value, interval):
+  if value is None:
+    return ''
+  low, high = interval
+  return (f'{value:.3f} ({low:.3f}-{high:.3f})' if low is not None and high is not None
+          else f'{value:.3f}')
+
+
+def curve_figures(evaluation):
+  """{'roc': Figure, 'pr': Figure, 'reliability': Figure} of the evaluated split."""
+  predictions, report = evaluation.predictions, evaluation.report
+  patients = [str(r['patient_id']) for r in evaluation.records]
+  bands = figures.curve_bands(predictions.labels, predictions.probs, patients, LABELS,
+                              num_resamples=min(figures.BAND_RESAMPLES,
+                                                report['bootstrap']['num_resamples']),
+                              seed=report['bootstrap']['seed'])
+  title = f'{evaluation.split} split, step {evaluation.step}'
+  temperature = (report.get('calibration') or {}).get('temperature', 1.0)
+  return {
+      'roc': figures.roc_figure(predictions.labels, predictions.probs, patients, report,
+                                LABELS, f'ROC, {title}', bands=bands),
+      'pr': figures.pr_figure(predictions.labels, predictions.probs, patients, report,
+                              LABELS, f'Precision-recall, {title}', bands=bands),
+      'reliability': figures.reliability_figure(
+          predictions.labels, predictions.probs, temperature, LABELS,
+          f'Reliability, {title}')}
+
+
+def localization_rows(localization):
+  """[(label, boxes, mean IoU, mean IoBB, {T: acc IoU}, {T: acc IoBB})], 'all' last."""
+  if not localization:
+    return []
+  entries = [(name, localization['per_label'][name]) for name in LABELS
+             if name in localization['per_label']]
+  entries.append(('all', localization['all']))
+  return [(name, s['num_boxes'], s['mean_iou'], s['mean_iobb'], s['accuracy_iou'],
+           s['accuracy_iobb']) for name, s in entries]
+
+
+# ----------------------------------------------------------------------------
+# HTML.
+
+
+def data_uri(png_bytes):
+  return 'data:image/png;base64,' + base64.b64encode(png_bytes).decode('ascii')
+
+
+def _esc(value):
+  return html.escape(str(value), quote=True)
+
+
+def _img(png_bytes, alt, width=None):
+  size = f' style="max-width:{width}px;width:100%"' if width else ' style="max-width:100%"'
+  return f'<img src="{data_uri(png_bytes)}" alt="{_esc(alt)}"{size}>'
+
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em auto;
+max-width:1100px;padding:0 1em;color:#222;line-height:1.4}
+h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;margin-top:2em}
+table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;vertical-align:top}
+th{background:#f3f3f3}td.name,th.name{text-align:left}td.why{text-align:left;color:#8a4b00;
+max-width:26em}td.empty{background:#fff6e6}
+.scroll{overflow-x:auto}.note{color:#555;font-size:0.9em}.gallery{display:flex;flex-wrap:wrap;gap:12px}
+figure{margin:0;width:340px}figcaption{font-size:0.8em;color:#444}
+"""
+
+
+def _identity_html(rows):
+  body = ''.join(f'<tr><th class="name">{_esc(k)}</th><td class="name">{_esc(v)}</td></tr>'
+                 for k, v in rows)
+  return f'<table id="identity">{body}</table>'
+
+
+TABLE_COLUMNS = (('auroc', 'AUROC (95% CI)'), ('auprc', 'AUPRC (95% CI)'),
+                 ('prevalence', 'Prevalence (positives)'), ('threshold', 'Threshold'),
+                 ('sensitivity', 'Sensitivity'), ('specificity', 'Specificity'),
+                 ('ece', 'ECE raw / calibrated'))
+
+
+def per_label_table_html(rows):
+  """The per-label table, one <tr> per label in <tbody>, reasons in the last column."""
+  head = ''.join(f'<th>{_esc(title)}</th>' for _, title in TABLE_COLUMNS)
+  body = []
+  for row in rows:
+    cells = []
+    for key, _ in TABLE_COLUMNS:
+      why = row['reasons'].get(key)
+      if why:
+        cells.append(f'<td class="empty" title="{_esc(why)}">&mdash;</td>')
+      else:
+        cells.append(f'<td>{_esc(row[key])}</td>')
+    reasons = '; '.join(dict.fromkeys(row['reasons'].values()))  # Unique, in order.
+    body.append(f'<tr data-label="{_esc(row["label"])}"><td class="name">'
+                f'{_esc(row["label"])}</td>{"".join(cells)}'
+                f'<td class="why">{_esc(reasons)}</td></tr>')
+  return (f'<table id="per-label"><thead><tr><th class="name">Finding</th>{head}'
+          f'<th class="name">Why a cell is empty</th></tr></thead>'
+          f'<tbody>{"".join(body)}</tbody></table>')
+
+
+def _mean_html(report):
+  return (f'<p>Mean AUROC {_esc(_with_interval(report["mean_auroc"], report["mean_auroc_ci"]))}'
+          f', mean AUPRC {_esc(_with_interval(report["mean_auprc"], report["mean_auprc_ci"]))}'
+          ' (over the labels that have one).</p>')
+
+
+def calibration_html(calibration):
+  if not calibration:
+    return '<p>No calibration was computed.</p>'
+  ece, bce = calibration['ece'], calibration['bce']
+  return (
+      f'<p id="temperature">Temperature <b>T = {calibration["temperature"]:.3f}</b>, fitted '
+      f'on the {_esc(calibration["fitted_on"])} split (one T for all 14 labels: '
+      'p&prime; = sigmoid(logit / T); rankings and AUROCs are unchanged). On this split: '
+      f'mean expected calibration error {_number(ece["before"])} before, '
+      f'{_number(ece["after"])} after; cross-entropy {_number(bce["before"], 4)} before, '
+      f'{_number(bce["after"], 4)} after. ECE: {calibration["num_bins"]} equal-width bins, '
+      'weighted by their counts. Apply it to new images with '
+      '<code>python -m chexnet_jax.predict --calibrated</code>.</p>')
+
+
+def localization_html(localization):
+  rows = localization_rows(localization)
+  if not rows:
+    return ('<p id="no-localization">No box of this split falls in the model input, '
+            'so localisation is not scored.</p>')
+  thresholds = list(rows[0][4])
+  head = (''.join(f'<th>IoU&ge;{_esc(t)}</th>' for t in thresholds)
+          + ''.join(f'<th>IoBB&ge;{_esc(t)}</th>' for t in thresholds))
+  body = []
+  for name, boxes, mean_iou, mean_iobb, acc_iou, acc_iobb in rows:
+    cells = ''.join(f'<td>{_number(acc_iou[t], 2)}</td>' for t in thresholds)
+    cells += ''.join(f'<td>{_number(acc_iobb[t], 2)}</td>' for t in thresholds)
+    body.append(f'<tr><td class="name">{_esc(name)}</td><td>{boxes}</td>'
+                f'<td>{_number(mean_iou)}</td><td>{_number(mean_iobb)}</td>{cells}</tr>')
+  return (f'<p class="note">Fraction of NIH boxes whose class activation map region '
+          f'(connected region where the min-max normalised map is at least '
+          f'{localization["cam_threshold"]}, around its peak) reaches each IoU and IoBB '
+          'threshold, as in Wang et al. 2017.</p>'
+          f'<div class="scroll"><table id="localization"><thead><tr><th class="name">Finding</th><th>Boxes</th>'
+          f'<th>Mean IoU</th><th>Mean IoBB</th>{head}</tr></thead>'
+          f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+def gallery_html(out_dir, gallery):
+  if not gallery:
+    return '<p>No true positive in this split: no heatmap to show.</p>'
+  items = []
+  for entry in gallery:
+    with open(os.path.join(out_dir, entry['file']), 'rb') as f:
+      png = f.read()
+    caption = f'{entry["image"]}: {entry["label"]}, p = {entry["probability"]:.3f}'
+    items.append(f'<figure>{_img(png, caption, 340)}<figcaption>{_esc(caption)}'
+                 '</figcaption></figure>')
+  return (f'<p class="note">The most confident true positive of each finding (an image '
+          f'with an NIH box first). Colour: the {_esc(figures.HEATMAP_SCALE)} (M_c: the '
+          "map, b_c: the head's bias, T: the temperature, 1 here); the colour bar is the same "
+          "on every image, so bright yellow always means a high probability and dark purple "
+          "a low one. Solid cyan: NIH's "
+          "box (the annotation). Dashed white: the model's region, the box around the "
+          'connected region where the normalised map is at least 50% of its range '
+          '(what IoU and IoBB score).</p>'
+          f'<div class="gallery" id="gallery">{"".join(items)}</div>')
+
+
+def render(evaluation, out_dir, gallery, localization, pngs, run_name=''):
+  """The page's HTML; pngs = {'roc', 'pr', 'reliability'} PNG bytes."""
+  report = evaluation.report
+  title = f'chexnet_jax evaluation: {evaluation.split} split, step {evaluation.step}'
+  return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_esc(title)}</title><style>{STYLE}</style></head><body>
+<h1>{_esc(title)}</h1>
+<h2 id="run">Run</h2>{_identity_html(identity(evaluation, run_name))}
+<h2 id="performance">How good is it: per finding</h2>
+<p class="note">AUROC and AUPRC with 95% intervals (bootstrap over patients). Prevalence:
+share of the split's images with the finding. Sensitivity and specificity at the threshold
+chosen on the validation split (Youden's J) and applied unchanged here. A dash marks an
+empty cell; the last column says why.</p>
+{per_label_table_html(per_label_rows(evaluation))}{_mean_html(report)}
+<h2 id="roc">ROC curves</h2>{_img(pngs['roc'], 'ROC curves, one panel per finding')}
+<h2 id="pr">Precision-recall curves</h2>{_img(pngs['pr'], 'Precision-recall curves, one panel per finding')}
+<h2 id="calibration">Can I trust its probabilities: calibration</h2>
+{calibration_html(report.get('calibration'))}
+{_img(pngs['reliability'], 'Reliability diagrams, one panel per finding')}
+<h2 id="localisation">Where does it look: localisation</h2>{localization_html(localization)}
+<h2 id="heatmaps">Where does it look: heatmaps</h2>{gallery_html(out_dir, gallery)}
+</body></html>
+"""
+
+
+def write_report(out_dir, evaluation, gallery=(), localization=None, run_name=''):
+  """Writes roc_curves.png, pr_curves.png, reliability.png and report.html into out_dir."""
+  os.makedirs(out_dir, exist_ok=True)
+  pngs = {}
+  for key, figure in curve_figures(evaluation).items():
+    pngs[key] = figures.to_png(figure)
+    name = {'roc': 'roc_curves.png', 'pr': 'pr_curves.png',
+            'reliability': 'reliability.png'}[key]
+    with open(os.path.join(out_dir, name), 'wb') as f:
+      f.write(pngs[key])
+  path = os.path.join(out_dir, REPORT_FILE)
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(render(evaluation, out_dir, list(gallery), localization, pngs, run_name))
+  return path
+
+
+def calibrate(evaluation, validation):
+  """Adds report['calibration'] (temperature fitted on `validation` Predictions)."""
+  evaluation.report['calibration'] = calibration_lib.calibration_report(
+      evaluation.predictions.labels, evaluation.predictions.probs,
+      validation.labels, validation.probs, LABELS)
+  return evaluation.report['calibration']
+
+
+def run_name(workdir):
+  """The run directory's own name: the page names no absolute path of the machine."""
+  return os.path.basename(os.path.normpath(workdir))
+
