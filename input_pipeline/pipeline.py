@@ -232,7 +232,7 @@ def _metadata_of(example: dict) -> dict:
       'age': int(example['age']), 'sex': _text(example['sex']),
       'view_position': _text(example['view_position']),
       'follow_up': int(example['follow_up']),
-      'labels': np.asarray(example['labels'], np.float32),
+      'labels': labels_of(example),
       'boxes': [{'label': int(k), 'bbox': [float(v) for v in b]}
                 for k, b in zip(boxes['label'], boxes['bbox'])],
   }
@@ -358,6 +358,15 @@ def _element(image, labels, index: int, real: bool = True) -> dict:
           'mask': np.bool_(real), 'index': np.int32(index)}
 
 
+def labels_of(example: dict) -> np.ndarray:
+  """float32 [C]: the example's labels, -1 where its label_mask says unknown
+  (CheXpert's uncertain under U-Ignore); the loss and the metrics leave those out."""
+  labels = np.asarray(example['labels'], np.float32)
+  if 'label_mask' in example:
+    labels = np.where(np.asarray(example['label_mask']) > 0, labels, np.float32(-1))
+  return labels
+
+
 class _TrainExample:
   """(stream position, split index) -> augmented element; a class so it pickles."""
 
@@ -370,7 +379,7 @@ class _TrainExample:
     # Randomness from (seed, process, stream position): restoring is exact.
     rng = np.random.default_rng((*self._seed, position))
     example = self._source[int(index)]
-    return _element(augment(example['image'], rng, self._config), example['labels'], index)
+    return _element(augment(example['image'], rng, self._config), labels_of(example), index)
 
 
 class _EpochOrder:
@@ -439,7 +448,7 @@ class _EvalExample:
       return _element(blank, np.zeros(self._num_classes, np.float32), -1, real=False)
     example = self._source[position]
     image = eval_image(example['image'], self._size, self._mode)
-    return _element(image, example['labels'], position)
+    return _element(image, labels_of(example), position)
 
 
 def eval_batches_per_process(config, num_examples: int, process_count: int) -> int:
