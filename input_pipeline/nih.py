@@ -411,6 +411,10 @@ def plan_build(manual_dir: str, *, val_fraction: float, split_seed: int,
   train_val, test = _remove_names(train_val, bad), _remove_names(test, bad)
   train, validation = patient_split(train_val, entries, val_fraction, split_seed)
   splits = {'train': train, 'validation': validation, 'test': test}
-  assert_no_patient_overlap(splits, entries)
+  try:
+    assert_no_patient_overlap(splits, entries)
+  except AssertionError as e:  # Lists that put a patient in two splits: one error.
+    raise InvalidInputError([Problem('', f'{TRAIN_VAL_LIST} and {TEST_LIST}: {e}')],
+                            manual_dir) from None
   boxes = {n: b for n, b in boxes.items() if n in refs}
   return Plan(splits, entries, boxes, refs, skipped, files)
