@@ -35,6 +35,7 @@ from chexnet_jax import sharding
 from chexnet_jax import train_state
 from chexnet_jax import train_step
 from input_pipeline import batching
+from input_pipeline import labels as labels_lib
 
 # Training-set size for the epoch estimate: the official train_val list has
 # 86,524 images; our validation is ~10% of it, carved by patient, leaving
@@ -70,7 +71,7 @@ def random_batches(config, local_batch, count=2, seed=0):
   size = config.image_size
   return [{
       'image': rng.integers(0, 256, (local_batch, size, size, 1), np.uint8),
-      'labels': rng.integers(0, 2, (local_batch, config.num_classes)).astype(
+      'labels': rng.integers(0, 2, (local_batch, labels_lib.num_classes_of(config))).astype(
           np.float32),
       'mask': np.ones((local_batch,), bool),
       'index': np.arange(local_batch, dtype=np.int32),

@@ -23,8 +23,9 @@ CHOICES = {'model': tuple(models.ARCHITECTURES),
            'lr_schedule': lr_scaling.SCHEDULES,
            'lr_scaling': lr_scaling.RULES,
            'pos_weight': tuple(losses.POS_WEIGHTS),
-           'best_metric': tuple(checkpoints.BEST_METRICS),
-           'dataset': tuple(pipeline.DATASETS)}
+           'best_metric': tuple(checkpoints.BEST_METRICS)}
+# config.dataset is not a choice: any other name is a dataset built from a CSV
+# (a missing one stops with the built ones and the build command, pipeline.py).
 
 
 class ConfigError(ValueError):

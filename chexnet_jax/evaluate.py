@@ -53,7 +53,7 @@ from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
 TTA_MODES = ('none', 'flip', 'tencrop')
-LABELS = labels_lib.LABELS
+LABELS = labels_lib.LABELS  # NIH's; a run's own are labels_lib.names_of(run.config).
 
 
 @dataclasses.dataclass
@@ -189,12 +189,13 @@ def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0):
   validation = predictions if split == 'validation' else score_split(run, 'validation', tta)
   if jax.process_index() != 0:
     return None
-  thresholds = metrics_lib.youden_thresholds(validation.labels, validation.probs)
+  names = labels_lib.names_of(run.config)
+  thresholds = metrics_lib.youden_thresholds(validation.labels, validation.probs, names)
   records = split_records(run.config, split, predictions.indices)
   patients = [str(r['patient_id']) for r in records]
   report = metrics_lib.classification_report(
       predictions.labels, predictions.probs, patients, thresholds=thresholds,
-      num_resamples=num_resamples, seed=seed)
+      names=names, num_resamples=num_resamples, seed=seed)
   report['loss'] = predictions.loss
   evaluation = Evaluation(split=split, tta=tta, step=int(run.step), report=report,
                           predictions=predictions, records=records,
@@ -212,7 +213,7 @@ def format_auroc_table(report):
   header = (f'{"Pathology":<20}{"AUROC":>7}  {"95% CI":<15}{"AUPRC":>7}'
             f'{"Sens":>7}{"Spec":>7}{"Pos":>6}')
   lines = [header, '-' * len(header)]
-  for name in LABELS:
+  for name in report['per_label']:
     row = report['per_label'][name]
     low, high = row['auroc_ci']
     lines.append(f'{name:<20}{_fmt(row["auroc"]):>7}  {_fmt(low)}-{_fmt(high):<9}'
@@ -242,7 +243,7 @@ def write_auroc_csv(path, report):
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(AUROC_CSV_COLUMNS)
-    for name in LABELS:
+    for name in report['per_label']:
       row = report['per_label'][name]
       writer.writerow([name, *map(_csv_value, (
           row['auroc'], *row['auroc_ci'], row['auprc'], *row['auprc_ci'],
@@ -254,10 +255,11 @@ def write_auroc_csv(path, report):
 
 def write_predictions_csv(path, evaluation):
   predictions = evaluation.predictions
+  names = labels_lib.names_of(evaluation.config)
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
-    writer.writerow(['index', 'image', 'patient', *[f'prob_{n}' for n in LABELS],
-                     *[f'label_{n}' for n in LABELS]])
+    writer.writerow(['index', 'image', 'patient', *[f'prob_{n}' for n in names],
+                     *[f'label_{n}' for n in names]])
     for row, record in enumerate(evaluation.records):
       writer.writerow([int(predictions.indices[row]), record['image_name'],
                        record['patient_id'],
@@ -290,7 +292,7 @@ def write_outputs(out_dir, evaluation, gallery=(), localization=None):
              'image_size': config.image_size, 'dataset_image_size': config.dataset_image_size,
              'threshold_source': evaluation.threshold_source,
              'label_file': label_file(config),
-             'labels': list(LABELS), **evaluation.report,
+             'labels': list(labels_lib.names_of(config)), **evaluation.report,
              'localization': localization, 'gallery': list(gallery)}
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
     json.dump(summary, f, indent=2, allow_nan=False)
@@ -310,7 +312,7 @@ def gallery_choices(evaluation, size):
   boxed = {(row, k) for row, record in enumerate(evaluation.records)
            for k, _ in boxes_in_input(record, evaluation.config)}
   best = []
-  for k in range(len(LABELS)):
+  for k in range(len(labels_lib.names_of(evaluation.config))):
     positives = [row for row in np.flatnonzero(labels[:, k] > 0)]
     if positives:
       # Boxed first, then by probability: max over (has box, prob).
@@ -375,13 +377,14 @@ def draw_heatmaps(run, evaluation, out_dir, gallery_size=8, cam_threshold=0.5):
   rows = {row for row, _ in gallery} | {row for row, boxes in boxes_by_row.items() if boxes}
   row_of = {int(evaluation.predictions.indices[row]): row for row in rows}
   gallery_maps, scores = {}, {}
+  names = labels_lib.names_of(run.config)
   for index, image, maps in class_activation_maps(run, evaluation.split, row_of):
     row = row_of[index]
     for k, box in boxes_by_row[row]:
       result = cam_lib.localize(maps[k], box, cam_threshold=cam_threshold)
-      scores.setdefault(LABELS[k], {'iou': [], 'iobb': []})
-      scores[LABELS[k]]['iou'].append(result['iou'])
-      scores[LABELS[k]]['iobb'].append(result['iobb'])
+      scores.setdefault(names[k], {'iou': [], 'iobb': []})
+      scores[names[k]]['iou'].append(result['iou'])
+      scores[names[k]]['iobb'].append(result['iobb'])
     for gallery_row, k in gallery:
       if gallery_row == row:
         gallery_maps[(row, k)] = (image, maps[k])
@@ -394,7 +397,7 @@ def _write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold, bi
   entries = []
   for row, k in gallery:
     image, heat = gallery_maps[(row, k)]
-    record, name = evaluation.records[row], LABELS[k]
+    record, name = evaluation.records[row], labels_lib.names_of(evaluation.config)[k]
     true_box = next((box for label, box in boxes_in_input(record, evaluation.config)
                      if label == k), None)
     prob = float(evaluation.predictions.probs[row, k])
@@ -415,7 +418,7 @@ def _localization(scores, cam_threshold):
   every = {'iou': [s for v in scores.values() for s in v['iou']],
            'iobb': [s for v in scores.values() for s in v['iobb']]}
   return {'cam_threshold': cam_threshold,
-          'per_label': {name: _accuracies(scores[name]) for name in LABELS if name in scores},
+          'per_label': {name: _accuracies(scores[name]) for name in scores},
           'all': _accuracies(every)}
 
 

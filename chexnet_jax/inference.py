@@ -13,6 +13,7 @@ from chexnet_jax import metrics as metrics_lib
 from chexnet_jax import models
 from chexnet_jax import preprocessing
 from chexnet_jax import sharding
+from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
 
@@ -69,7 +70,7 @@ def evaluate_split(config, model, variables, mesh, split, logits_fn=None,
         lambda b: logits_fn(variables, sharding.to_global(b, mesh)['image']),
         mesh)
   probs = np.asarray(jax.nn.sigmoid(logits))
-  auroc = metrics_lib.auroc_per_label(labels, probs)
+  auroc = metrics_lib.auroc_per_label(labels, probs, labels_lib.names_of(config))
   logits = jnp.asarray(logits)
   result = {'loss': float(np.mean(losses.bce_loss(logits, labels, loss_weights))),
             'bce': float(np.mean(losses.bce_loss(logits, labels))), 'auroc': auroc,

@@ -30,16 +30,19 @@ def bce_loss(logits, labels, weights=None):
   """Sigmoid cross-entropy averaged over labels; per-example, shape [B].
 
   `weights`: None, or (w_pos, w_neg), each broadcastable to [C]: the loss of a
-  label is -(w_pos * y * log p + w_neg * (1 - y) * log(1 - p)).
+  label is -(w_pos * y * log p + w_neg * (1 - y) * log(1 - p)). A label below 0
+  is unknown (CheXpert's uncertain under U-Ignore): its term is 0.
   """
   logits = logits.astype(jnp.float32)
+  is_known = labels >= 0
+  labels = jnp.where(is_known, labels, 0)
   if weights is None:
     losses = optax.sigmoid_binary_cross_entropy(logits, labels)
   else:
     w_pos, w_neg = weights
     losses = -(w_pos * labels * jax.nn.log_sigmoid(logits)
                + w_neg * (1 - labels) * jax.nn.log_sigmoid(-logits))
-  return losses.mean(axis=-1)
+  return jnp.where(is_known, losses, 0).mean(axis=-1)
 
 
 def label_weights(pos_weight, positive_fraction):

@@ -33,13 +33,21 @@ def _has_both_classes(column, weights=None):
   return 0 < present.sum() < len(present)
 
 
+def known(labels, k):
+  """Rows whose label k is known: a label below 0 is unknown (masked out, e.g.
+  CheXpert's uncertain under U-Ignore) and is left out of every metric."""
+  return np.asarray(labels)[:, k] >= 0
+
+
 def _per_label(score_fn, labels, probs, names, weights=None):
   """Applies score_fn(y, p, sample_weight) to every column; nan where undefined."""
   labels, probs = _check_shapes(labels, probs, names)
   scores = {}
   for k, name in enumerate(names):
-    if _has_both_classes(labels[:, k], weights):
-      scores[name] = float(score_fn(labels[:, k], probs[:, k], sample_weight=weights))
+    rows = known(labels, k)
+    w = None if weights is None else np.asarray(weights)[rows]
+    if _has_both_classes(labels[rows, k], w):
+      scores[name] = float(score_fn(labels[rows, k], probs[rows, k], sample_weight=w))
     else:
       scores[name] = float('nan')
   return scores
@@ -142,11 +150,12 @@ def bootstrap_intervals(labels, probs, patients, *, names=labels_lib.LABELS,
   the same predictions always give the same intervals.
   """
   labels, probs = _check_shapes(labels, probs, names)
-  columns = [_RankedColumn(labels[:, k], probs[:, k]) for k in range(len(names))]
+  rows = [known(labels, k) for k in range(len(names))]
+  columns = [_RankedColumn(labels[rows[k], k], probs[rows[k], k]) for k in range(len(names))]
   samples = np.full((2, num_resamples, len(names)), np.nan)  # [metric, resample, label]
   for r, weights in enumerate(bootstrap_weights(patients, num_resamples, seed)):
     for k, column in enumerate(columns):
-      samples[:, r, k] = column.scores(weights)
+      samples[:, r, k] = column.scores(np.asarray(weights)[rows[k]])
   result = {}
   for m, metric in enumerate(('auroc', 'auprc')):
     per_label = {name: _percentile_interval(samples[m, :, k], confidence)
@@ -172,10 +181,11 @@ def youden_thresholds(labels, probs, names=labels_lib.LABELS):
   labels, probs = _check_shapes(labels, probs, names)
   thresholds = {}
   for k, name in enumerate(names):
-    if not _has_both_classes(labels[:, k]):
+    rows = known(labels, k)
+    if not _has_both_classes(labels[rows, k]):
       thresholds[name] = float('nan')
       continue
-    fpr, tpr, candidates = sk_metrics.roc_curve(labels[:, k], probs[:, k])
+    fpr, tpr, candidates = sk_metrics.roc_curve(labels[rows, k], probs[rows, k])
     # sklearn's first candidate is +inf (predict nothing positive); J is 0 there anyway.
     best = int(np.argmax(tpr - fpr))
     thresholds[name] = float(min(candidates[best], 1.0))
@@ -187,8 +197,9 @@ def sensitivity_specificity(labels, probs, thresholds, names=labels_lib.LABELS):
   labels, probs = _check_shapes(labels, probs, names)
   result = {}
   for k, name in enumerate(names):
-    truth = labels[:, k] > 0.5
-    predicted = probs[:, k] >= thresholds[name]
+    rows = known(labels, k)
+    truth = labels[rows, k] > 0.5
+    predicted = probs[rows, k] >= thresholds[name]
     sensitivity = predicted[truth].mean() if truth.any() else float('nan')
     specificity = (~predicted[~truth]).mean() if (~truth).any() else float('nan')
     if not np.isfinite(thresholds[name]):
@@ -202,8 +213,9 @@ def roc_curves(labels, probs, names=labels_lib.LABELS):
   labels, probs = _check_shapes(labels, probs, names)
   curves = {}
   for k, name in enumerate(names):
-    if _has_both_classes(labels[:, k]):
-      fpr, tpr, _ = sk_metrics.roc_curve(labels[:, k], probs[:, k])
+    rows = known(labels, k)
+    if _has_both_classes(labels[rows, k]):
+      fpr, tpr, _ = sk_metrics.roc_curve(labels[rows, k], probs[rows, k])
       curves[name] = (fpr, tpr)
   return curves
 
@@ -240,7 +252,7 @@ def classification_report(labels, probs, patients, *, thresholds,
         'threshold': _nan_to_none(thresholds[name]),
         'sensitivity': _nan_to_none(operating[name][0]),
         'specificity': _nan_to_none(operating[name][1]),
-        'num_positive': int(np.asarray(labels)[:, k].sum()),
+        'num_positive': int((np.asarray(labels)[:, k] > 0).sum()),
     }
   mean_ci, mean_pr_ci = intervals['auroc']['mean'], intervals['auprc']['mean']
   return {

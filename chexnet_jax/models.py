@@ -151,5 +151,5 @@ def create_model(name, *, num_classes=labels_lib.NUM_CLASSES, dtype=jnp.float32,
 
 def from_config(config, bn_axis_name=None):
   """The configured model; `bn_axis_name` makes BatchNorm sync over that axis."""
-  return create_model(config.model, num_classes=config.num_classes,
+  return create_model(config.model, num_classes=labels_lib.num_classes_of(config),
                       dtype=DTYPES[config.dtype], bn_axis_name=bn_axis_name)

@@ -3,11 +3,13 @@ r"""Scores chest X-ray images with a trained run and draws heatmaps of the top f
   python -m chexnet_jax.predict IMAGE [IMAGE ...] --workdir DIR \
       [--checkpoint best|latest|STEP] [--top_k 3] [--output_dir OUT] [--calibrated]
 
-Reads PNG/JPEG in grey, RGB, RGBA or 16-bit, prepares each image exactly like the
+Reads PNG/JPEG in grey, RGB, RGBA or 16-bit, and DICOM (input_pipeline.dicom),
+prepares each image exactly like the
 dataset builder and the evaluation pipeline (resized to a config.dataset_image_size
-square, then a centre crop of config.image_size), prints the 14 probabilities per
-image and writes OUT/predictions.json and OUT/heatmaps/<image>_<finding>.png
-heatmaps (CAM on the probability scale, one 0-1 colour bar for all: see figures.py).
+square, then a centre crop of config.image_size), prints the probability of each of
+the run's labels per image and writes OUT/predictions.json and
+OUT/heatmaps/<image>_<finding>.png heatmaps (CAM on the probability scale, one 0-1
+colour bar for all: see figures.py).
 --calibrated divides the logits by the temperature evaluate fitted on validation for
 this checkpoint (DIR/eval/calibration.json; see calibration.py).
 A file that cannot be read is reported and skipped; the others are still scored and
@@ -27,6 +29,7 @@ from chexnet_jax import cam as cam_lib
 from chexnet_jax import checkpoints
 from chexnet_jax import figures
 from chexnet_jax import models
+from input_pipeline import dicom
 from input_pipeline import images as images_lib
 from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
@@ -63,6 +66,14 @@ def _open_guarded(path):
       raise ImageLoadError(f'{path}: not a readable PNG/JPEG image ({e}).') from e
 
 
+def _is_dicom_file(path):
+  try:
+    with open(path, 'rb') as f:
+      return dicom.is_dicom(f.read(132))
+  except OSError:
+    return False  # _open_guarded reports it.
+
+
 def prepare(grey, dataset_image_size, image_size, eval_preprocess='center_crop'):
   """uint8 [H, W] -> uint8 [image_size, image_size, 1]: the dataset builder's
   resize, then the evaluation pipeline's view (config.eval_preprocess: 'resize'
@@ -73,6 +84,14 @@ def prepare(grey, dataset_image_size, image_size, eval_preprocess='center_crop')
 
 def load_image(path, dataset_image_size, image_size, eval_preprocess='center_crop'):
   """Reads one file -> (model input uint8 [S, S, 1], original (width, height))."""
+  if _is_dicom_file(path):
+    try:
+      with open(path, 'rb') as f:
+        grey = dicom.decode(f.read())
+    except dicom.DicomError as e:
+      raise ImageLoadError(f'{path}: {e}.') from e
+    return (prepare(grey, dataset_image_size, image_size, eval_preprocess),
+            (grey.shape[1], grey.shape[0]))
   image = _open_guarded(path)
   # The dataset builder's conversion, so 16-bit and RGBA files match training.
   grey = images_lib.to_grey_uint8(image)
@@ -83,9 +102,9 @@ def load_image(path, dataset_image_size, image_size, eval_preprocess='center_cro
 # Scoring.
 
 
-def top_findings(probs, top_k):
+def top_findings(probs, top_k, names=labels_lib.LABELS):
   order = np.argsort(-np.asarray(probs))[:top_k]
-  return [(labels_lib.LABELS[k], int(k), float(probs[k])) for k in order]
+  return [(names[k], int(k), float(probs[k])) for k in order]
 
 
 def heatmap_stem(path, position, seen):
@@ -111,14 +130,15 @@ def score_image(cam_fn, variables, config, path, top_k, heatmap_prefix, temperat
     probs = calibration_lib.apply_temperature(probs, temperature)
   bias = cam_lib.head_bias(variables['params'], len(probs))
   findings = []
-  for label, k, prob in top_findings(probs, top_k):
+  names = labels_lib.names_of(config)
+  for label, k, prob in top_findings(probs, top_k, names):
     heatmap = f'{heatmap_prefix}_{label}.png'
     figures.save_heatmap(heatmap, image, cams[k], bias[k], finding=label, probability=prob,
                          image_name=os.path.basename(path), temperature=temperature,
                          model_box=cam_lib.cam_to_box(cams[k]))
     findings.append({'label': label, 'probability': prob, 'heatmap': heatmap})
   return {'image': path,
-          'probabilities': dict(zip(labels_lib.LABELS, map(float, probs))),
+          'probabilities': dict(zip(names, map(float, probs))),
           'top_findings': findings}
 
 
@@ -127,7 +147,7 @@ def format_table(results):
   names = [os.path.basename(r['image']) for r in results]
   width = max([12, *map(len, names)])
   lines = [f'{"finding":<20}' + ''.join(f'{n:>{width + 2}}' for n in names)]
-  for label in labels_lib.LABELS:
+  for label in (results[0]['probabilities'] if results else ()):
     row = ''.join(f'{r["probabilities"][label]:>{width + 2}.3f}' for r in results)
     lines.append(f'{label:<20}{row}')
   return '\n'.join(lines)
@@ -136,7 +156,7 @@ def format_table(results):
 def parse_args(argv):
   parser = argparse.ArgumentParser(
       prog='python -m chexnet_jax.predict',
-      description='Score chest X-rays (PNG/JPEG) with a trained chexnet_jax run.')
+      description='Score chest X-rays (PNG/JPEG/DICOM) with a trained chexnet_jax run.')
   parser.add_argument('images', nargs='+', help='image files')
   parser.add_argument('--workdir', required=True, help='the training run directory')
   parser.add_argument('--checkpoint', default='best', type=checkpoints.parse_selector,

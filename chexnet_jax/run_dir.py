@@ -69,10 +69,21 @@ def write_json_atomic(path, obj):
   os.replace(tmp, path)
 
 
+def with_label_set(config, names):
+  """A copy of `config` carrying the dataset's label names (config.label_names) and,
+  unless set, their count (config.num_classes); evaluate, predict and the notebook
+  read them back from config.json."""
+  config = config.copy_and_resolve_references()
+  config.label_names = ','.join(names)
+  if config.num_classes <= 0:
+    config.num_classes = len(names)
+  return config
+
+
 def run_identity(config, dataset_info):
   """What a checkpoint is only meaningful with."""
-  return {'model': config.model, 'num_classes': config.num_classes,
-          'labels': list(labels_lib.LABELS[:config.num_classes]),
+  return {'model': config.model, 'num_classes': labels_lib.num_classes_of(config),
+          'labels': list(labels_lib.names_of(config)),
           'image_size': config.image_size, 'dataset': dataset_info}
 
 
@@ -80,6 +91,11 @@ def check_or_write_identity(workdir, identity):
   """Refuses to resume a run of another model, label set or dataset."""
   path = os.path.join(workdir, IDENTITY_FILE)
   if not os.path.exists(path):
+    if identity['num_classes'] != len(identity['labels']):
+      raise RunMismatchError(
+          f"config.num_classes={identity['num_classes']} but the dataset has "
+          f"{len(identity['labels'])} labels ({', '.join(identity['labels'])}); leave "
+          'num_classes at -1 (the dataset decides).')
     if jax.process_index() == 0:
       write_json_atomic(path, identity)
     return

@@ -109,6 +109,8 @@ def train_and_evaluate(config, workdir):
   config = run_dir.with_absolute_paths(config)  # The run works from anywhere.
   config_checks.validate(config)
   dataset_info = pipeline.get_dataset_info(config)
+  # The label set is the dataset's: the head, run.json and every output follow it.
+  config = run_dir.with_label_set(config, pipeline.get_label_names(config))
   run_dir.prepare_workdir(workdir)
   run_dir.check_or_write_identity(
       workdir, run_dir.run_identity(config, dataset_info))

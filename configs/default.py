@@ -9,7 +9,6 @@ Durations: set `num_epochs` (or `num_train_steps` > 0 to override it); -1 means 
 """
 import ml_collections
 
-from input_pipeline import labels
 
 # The default validation cut; input_pipeline.chestxray14 names datasets built
 # with another one after it (e.g. 256px_val0.2_seed3).
@@ -21,7 +20,9 @@ def get_config():
   c = ml_collections.ConfigDict()
 
   # Data.
-  c.dataset = 'chestxray14'          # 'chestxray14' (TFDS ArrayRecord) or 'synthetic'.
+  c.dataset = 'chestxray14'          # 'chestxray14' (TFDS ArrayRecord), 'synthetic', or
+                                     # the NAME of a dataset built from your own CSV
+                                     # (python -m input_pipeline.build --csv ... --name NAME).
   c.data_dir = 'data/tfds'           # TFDS data_dir holding the built dataset.
   c.dataset_image_size = 224         # Side of the stored (pre-resized) records. 224 =
                                      # the model's: the builder scales each whole 1024 px
@@ -47,7 +48,9 @@ def get_config():
 
   # Model.
   c.model = 'densenet121'            # densenet121, densenet169, densenet201, tiny.
-  c.num_classes = labels.NUM_CLASSES
+  c.num_classes = -1                 # -1: the dataset's label count (NIH: 14).
+  c.label_names = ''                 # Filled in from the dataset when training starts
+                                     # (comma-joined names; '' = NIH's 14); leave empty.
   c.dtype = 'float32'                # Compute dtype: float32, bfloat16, float16.
   c.bn_sync = False                  # True: BN statistics over the global batch.
   c.init_from = 'imagenet'           # CheXNet: ImageNet DenseNet121. 'imagenet'

@@ -1,7 +1,12 @@
-"""Converts NIH ChestX-ray14 into the TFDS ArrayRecord dataset the trainer reads.
+"""Converts NIH ChestX-ray14, or your own CSV of X-rays, into the TFDS ArrayRecord
+dataset the trainer reads.
 
   python -m input_pipeline.build --manual_dir NIH_DIR --data_dir OUT --image_size 256 \
       [--val_fraction 0.1 --split_seed 0 --allow_subset --skip_bad --num_workers N]
+  python -m input_pipeline.build --csv FILE --image_root DIR --labels A,B,C \
+      --patient_column COL --name NAME --data_dir OUT --image_size 256 \
+      [--split_column COL --format chexpert --uncertainty ignore|zeros|ones ...]
+      (input_pipeline/csv_dataset.py; train it with --config.dataset=NAME)
 
 Every input is checked before anything is written; problems are reported all at
 once. The dataset appears in OUT/chestxray14/<S>px/1.0.0 (<S>px_val<F>_seed<N> for a
@@ -15,6 +20,8 @@ import tensorflow_datasets as tfds
 
 from configs import default as default_config
 from input_pipeline import chestxray14
+from input_pipeline import chexpert
+from input_pipeline import csv_dataset
 from input_pipeline import nih
 
 
@@ -42,7 +49,7 @@ def _summary(builder) -> str:
 def parse_args(argv):
   defaults = default_config.get_config()  # One source for the split defaults.
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--manual_dir', required=True,
+  p.add_argument('--manual_dir', default='',
                  help='NIH download: CSVs, lists, images/ or images_0NN[.tar.gz]')
   p.add_argument('--data_dir', required=True, help='TFDS data_dir to write into')
   p.add_argument('--image_size', type=int, default=defaults.dataset_image_size,
@@ -56,12 +63,75 @@ def parse_args(argv):
   p.add_argument('--skip_bad', action='store_true',
                  help='leave bad inputs out (listed in metadata) instead of failing')
   p.add_argument('--num_workers', type=int, default=None, help='processes (default: all cores)')
-  return p.parse_args(argv)
+  own = p.add_argument_group('your own data (instead of --manual_dir)')
+  own.add_argument('--csv', action='append', default=[],
+                   help='CSV of image paths and labels (repeat for several, e.g. '
+                        "CheXpert's train.csv and valid.csv)")
+  own.add_argument('--image_root', default='', help='the CSV paths are relative to this')
+  own.add_argument('--name', default='', help='dataset name: --config.dataset=NAME')
+  own.add_argument('--labels', default='', help='comma-separated label columns '
+                   "(--format chexpert: default its 14 observations)")
+  own.add_argument('--path_column', default='path', help="image path column (default "
+                   "'path'; CheXpert: 'Path')")
+  own.add_argument('--patient_column', default='', help='patient id column')
+  own.add_argument('--no_patient_column_images_are_independent', action='store_true',
+                   help='no patient column: every image is of a different patient')
+  own.add_argument('--split_column', default='',
+                   help='column holding train/validation/test (else cut by patient)')
+  own.add_argument('--test_fraction', type=float, default=0.2,
+                   help='fraction of PATIENTS put in test (without a split column)')
+  own.add_argument('--format', default='generic', choices=csv_dataset.FORMATS)
+  own.add_argument('--uncertainty', default='ignore', choices=chexpert.UNCERTAINTY_POLICIES,
+                   help="CheXpert's -1: ignore (masked out), zeros or ones")
+  own.add_argument('--frontal_only', action='store_true', help='CheXpert: frontal views only')
+  own.add_argument('--overwrite', action='store_true',
+                   help='replace a dataset of that name built from other inputs')
+  args = p.parse_args(argv)
+  if bool(args.csv) == bool(args.manual_dir):
+    p.error('give either --manual_dir (NIH ChestX-ray14) or --csv (your own data)')
+  if args.csv and not (args.image_root and args.name):
+    p.error('--csv needs --image_root and --name')
+  return args
+
+
+def _csv_spec(args) -> csv_dataset.Spec:
+  return csv_dataset.Spec(
+      csv_paths=tuple(args.csv), image_root=args.image_root,
+      labels=tuple(n.strip() for n in args.labels.split(',')) if args.labels else (),
+      path_column=args.path_column, patient_column=args.patient_column,
+      split_column=args.split_column,
+      images_are_independent=args.no_patient_column_images_are_independent,
+      format=args.format, uncertainty=args.uncertainty, frontal_only=args.frontal_only,
+      val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+      split_seed=args.split_seed)
+
+
+def main_csv(args):
+  try:
+    builder, outcome = csv_dataset.build(
+        _csv_spec(args), name=args.name, data_dir=args.data_dir,
+        image_size=args.image_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
+        num_workers=args.num_workers)
+  except (nih.InvalidInputError, csv_dataset.ExistingDatasetError) as e:
+    sys.exit(f'Nothing was written. {e}')
+  for warning in builder.info.metadata.get('warnings') or []:
+    print(f'warning: {warning}', file=sys.stderr)
+  said = {'built': 'built', 'rebuilt': 'rebuilt (--overwrite: the inputs differed)',
+          'unchanged': 'already built from the same inputs; kept'}[outcome]
+  splits = ', '.join(f'{n} {i.num_examples:,}' for n, i in builder.info.splits.items())
+  metadata = builder.info.metadata
+  print(f'{builder.info.full_name} {said} in {builder.data_dir}: {splits}; labels '
+        f'{",".join(metadata["labels"])}; {metadata.get("num_skipped", 0)} input(s) '
+        f'skipped; split by {metadata["split_by"]}. Train it with '
+        f'--config.dataset={args.name} --config.data_dir={args.data_dir} '
+        f'--config.dataset_image_size={args.image_size}')
 
 
 def main(argv=None):
   args = parse_args(argv)
   tfds.disable_progress_bar()  # Ours (per split, in images) is the useful one.
+  if args.csv:
+    return main_csv(args)
   try:
     builder = build(args.manual_dir, args.data_dir, args.image_size,
                     val_fraction=args.val_fraction, split_seed=args.split_seed,

@@ -1,8 +1,10 @@
-"""Decoding an NIH PNG into the stored form: grey uint8, pre-resized, lossless."""
+"""Decoding an X-ray (PNG, JPEG or DICOM) into the stored form: grey uint8, pre-resized."""
 import io
 
 import numpy as np
 from PIL import Image
+
+from input_pipeline import dicom
 
 # Antialiased when shrinking (PIL filters over the whole footprint), like
 # torchvision's Resize; far cheaper than decoding, which dominates.
@@ -30,7 +32,14 @@ def resize_square(grey: np.ndarray, size: int) -> np.ndarray:
   return np.asarray(image, dtype=np.uint8)[:, :, None]
 
 
-def decode_and_resize(data: bytes, size: int) -> np.ndarray:
-  """PNG bytes -> uint8 [size, size, 1]."""
+def decode_grey(data: bytes) -> np.ndarray:
+  """PNG/JPEG or DICOM bytes -> uint8 [H, W] (input_pipeline.dicom for DICOM)."""
+  if dicom.is_dicom(data):
+    return dicom.decode(data)
   with Image.open(io.BytesIO(data)) as image:
-    return resize_square(to_grey_uint8(image), size)
+    return to_grey_uint8(image)
+
+
+def decode_and_resize(data: bytes, size: int) -> np.ndarray:
+  """PNG/JPEG or DICOM bytes -> uint8 [size, size, 1]."""
+  return resize_square(decode_grey(data), size)

@@ -35,3 +35,38 @@ def encode(finding_labels: str) -> np.ndarray:
   if finding_labels != NO_FINDING:
     vector[[label_index(n) for n in finding_labels.split('|')]] = 1
   return vector
+
+
+# ---------------------------------------------------------------- label sets
+# A run's label set is its dataset's: NIH's 14 by default, or the names a built
+# dataset records (input_pipeline.csv_dataset). The trainer writes them into the
+# config (`label_names`, comma-joined) so evaluate, predict and the notebook read
+# them from the run directory without the dataset.
+
+
+def names_of(config) -> tuple[str, ...]:
+  """The label names of a config: config.label_names (comma-joined), else NIH's 14."""
+  names = config.get('label_names', '') if hasattr(config, 'get') else ''
+  return tuple(n for n in names.split(',')) if names else LABELS
+
+
+def num_classes_of(config) -> int:
+  """config.num_classes, or (-1, the default) the size of the label set."""
+  num_classes = config.get('num_classes', -1) if hasattr(config, 'get') else -1
+  return num_classes if num_classes > 0 else len(names_of(config))
+
+
+def check_names(names) -> list[str]:
+  """Problems with a list of label names (empty, duplicated, a comma inside)."""
+  problems = []
+  if not names:
+    problems.append('no labels given')
+  for name in names:
+    if not name or name != name.strip():
+      problems.append(f'label {name!r} is empty or has surrounding spaces')
+    elif ',' in name:
+      problems.append(f'label {name!r} contains a comma')
+  duplicates = sorted({n for n in names if list(names).count(n) > 1})
+  if duplicates:
+    problems.append(f'labels {duplicates} are given twice')
+  return problems

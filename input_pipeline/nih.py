@@ -37,13 +37,36 @@ _FIX_HINT = ('Fix or remove these inputs, or build with --skip_bad to leave them
              '(they are then listed in the dataset metadata).')
 
 
+# At most this many problems are listed; the rest are counted (a partial download
+# can have 100,000 missing images: a list that long helps no one).
+_SHOWN = 20
+
+
 class InvalidInputError(ValueError):
-  """The NIH inputs have problems; the message lists every one of them."""
+  """The inputs have problems; the message lists them (the first _SHOWN, then counts)
+  and says which ones --skip_bad could leave out."""
 
   def __init__(self, problems, where):
-    lines = '\n  '.join(str(p) for p in problems)
-    super().__init__(f'{len(problems)} problem(s) in {where}:\n  {lines}\n{_FIX_HINT}')
-    self.problems = list(problems)
+    problems = list(problems)
+    lines = '\n  '.join(str(p) for p in problems[:_SHOWN])
+    if len(problems) > _SHOWN:
+      lines += f'\n  ... and {len(problems) - _SHOWN:,} more'
+    per_image = sum(1 for p in problems if getattr(p, 'image', ''))
+    general = len(problems) - per_image
+    if general and per_image:
+      hint = (f'{general} of them concern no single image and must be fixed; the other '
+              f'{per_image} can be fixed, or left out with --skip_bad (they are then '
+              'counted in the dataset metadata).')
+    elif general:
+      hint = 'Fix them and build again (--skip_bad cannot leave these out).'
+    else:
+      hint = _FIX_HINT
+    missing = sum(1 for p in problems if 'image not found' in str(p))
+    if missing > _SHOWN:
+      hint += (f' {missing:,} listed images are not on disk: to build from part of the '
+               'data, give lists (or a CSV) naming only the images you have.')
+    super().__init__(f'{len(problems)} problem(s) in {where}:\n  {lines}\n{hint}')
+    self.problems = problems
 
 
 class Problem(NamedTuple):
@@ -388,6 +411,10 @@ def plan_build(manual_dir: str, *, val_fraction: float, split_seed: int,
   train_val, test = _remove_names(train_val, bad), _remove_names(test, bad)
   train, validation = patient_split(train_val, entries, val_fraction, split_seed)
   splits = {'train': train, 'validation': validation, 'test': test}
-  assert_no_patient_overlap(splits, entries)
+  try:
+    assert_no_patient_overlap(splits, entries)
+  except AssertionError as e:  # Lists that put a patient in two splits: one error.
+    raise InvalidInputError([Problem('', f'{TRAIN_VAL_LIST} and {TEST_LIST}: {e}')],
+                            manual_dir) from None
   boxes = {n: b for n, b in boxes.items() if n in refs}
   return Plan(splits, entries, boxes, refs, skipped, files)

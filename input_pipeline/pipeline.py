@@ -21,6 +21,7 @@ import numpy as np
 
 from input_pipeline import batching
 from input_pipeline import chestxray14
+from input_pipeline import csv_dataset
 from input_pipeline import images as images_lib
 from input_pipeline import labels as labels_lib
 from input_pipeline import synthetic
@@ -37,12 +38,36 @@ class DatasetError(ValueError):
   """The configured dataset is missing or does not match the config."""
 
 
+def _is_own(config) -> bool:
+  """A dataset built from the user's CSV (input_pipeline.csv_dataset)."""
+  return config.dataset not in ('chestxray14', 'synthetic')
+
+
 def _dataset_dir(config) -> str:
+  if _is_own(config):
+    return csv_dataset.dataset_dir(config.data_dir, config.dataset, config.dataset_image_size)
   return chestxray14.dataset_dir(config.data_dir, config.dataset_image_size,
                                  config.val_fraction, config.split_seed)
 
 
+def _missing_own_dataset_error(config) -> DatasetError:
+  parent = os.path.join(config.data_dir, config.dataset)
+  built = sorted(b for b in os.listdir(parent) if not b.startswith('.')) if os.path.isdir(
+      parent) else []
+  others = sorted(d for d in os.listdir(config.data_dir) if not d.startswith('.')) if (
+      os.path.isdir(config.data_dir)) else []
+  return DatasetError(
+      f'No complete dataset {config.dataset!r} at {config.dataset_image_size}px in data_dir '
+      f'{config.data_dir!r} (sizes built: {built or "none"}; datasets there: '
+      f'{others or "none"}). Build it with: python -m input_pipeline.build --csv FILE '
+      f'--image_root DIR --labels A,B,C --patient_column COL --name {config.dataset} '
+      f'--data_dir {config.data_dir} --image_size {config.dataset_image_size}, or set '
+      '--config.dataset / --config.dataset_image_size to a built one (chestxray14 for NIH).')
+
+
 def _missing_dataset_error(config) -> DatasetError:
+  if _is_own(config):
+    return _missing_own_dataset_error(config)
   parent = os.path.join(config.data_dir, 'chestxray14')
   built = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
   built = [b for b in built if not b.startswith('.')]
@@ -79,16 +104,22 @@ def _chestxray14_source(config, split: str):
   return builder.as_data_source(split=split)
 
 
-# config.dataset -> (config, split) -> random-access source.
+# config.dataset -> (config, split) -> random-access source; any other name is a
+# dataset built from the user's CSV, read like chestxray14.
 DATASETS = {'chestxray14': _chestxray14_source, 'synthetic': synthetic.source}
 
 
 def get_source(config, split: str):
   """Random-access source of `split` (dicts like the TFDS features)."""
-  if config.dataset not in DATASETS:
-    raise ValueError(f'config.dataset must be one of {tuple(DATASETS)}, got '
-                     f'{config.dataset!r}')
-  return DATASETS[config.dataset](config, split)
+  return DATASETS.get(config.dataset, _chestxray14_source)(config, split)
+
+
+def get_label_names(config) -> tuple[str, ...]:
+  """The dataset's label names, in the order of its label vectors: NIH's 14 for
+  chestxray14 and synthetic, the recorded ones for a dataset built from a CSV."""
+  if not _is_own(config):
+    return labels_lib.LABELS
+  return tuple((_tfds_builder(config).info.metadata or {})['labels'])
 
 
 def get_dataset_info(config) -> dict:
@@ -104,9 +135,16 @@ def get_dataset_info(config) -> dict:
             'label_file': 'synthetic (input_pipeline/synthetic.py)'}
   builder = _tfds_builder(config)
   metadata = builder.info.metadata or {}
-  _check_split_matches(config, metadata)  # Belt and braces.
+  if not _is_own(config):  # Their split is fixed by the build (split.json).
+    _check_split_matches(config, metadata)  # Belt and braces.
   splits = {s: info.num_examples for s, info in builder.info.splits.items()}
   positives = np.asarray(metadata['positives']['train'], np.float64)
+  if 'known' in metadata:  # Labels masked out (CheXpert's U-Ignore) are not counted.
+    known = np.maximum(np.asarray(metadata['known']['train'], np.float64), 1)
+    return {'name': builder.info.name, 'version': str(builder.info.version),
+            'dataset_image_size': config.dataset_image_size, 'splits': splits,
+            'train_positive_fraction': (positives / known).tolist(),
+            'label_file': metadata.get('label_file', 'not recorded')}
   # Datasets built before 'label_file' was recorded still name the file.
   label_file = metadata.get('label_file') or metadata.get('inputs', {}).get(
       'data_entry', 'not recorded')
@@ -121,7 +159,7 @@ def split_file(config):
   for synthetic data. The trainer copies it beside every run."""
   if config.dataset == 'synthetic':
     return None
-  return os.path.join(_dataset_dir(config), chestxray14.SPLIT_FILE)
+  return os.path.join(_dataset_dir(config), chestxray14.SPLIT_FILE)  # Same name in both.
 
 
 def _check_split_matches(config, metadata):
@@ -158,12 +196,14 @@ def reading(config, split: str):
     pattern = os.path.join(_dataset_dir(config), f'*-{split}.array_record*')
     bad = [os.path.basename(p) for p in sorted(glob.glob(pattern))
            if not _shard_is_readable(p)]
+    rebuild = (f'--csv FILE ... --name {config.dataset}' if _is_own(config) else
+               f'--manual_dir NIH_DIR --val_fraction {config.val_fraction} '
+               f'--split_seed {config.split_seed}')
     raise DatasetError(
         f'Corrupt records in {", ".join(bad) or "a shard of the " + split + " split"} '
         f'in {_dataset_dir(config)}. Delete that directory and rebuild it: python -m '
-        f'input_pipeline.build --manual_dir NIH_DIR --data_dir {config.data_dir} '
-        f'--image_size {config.dataset_image_size} --val_fraction {config.val_fraction} '
-        f'--split_seed {config.split_seed}') from None
+        f'input_pipeline.build {rebuild} --data_dir {config.data_dir} '
+        f'--image_size {config.dataset_image_size}') from None
 
 
 # The config fields a source depends on (a ConfigDict is not hashable, so not a key).
@@ -192,7 +232,7 @@ def _metadata_of(example: dict) -> dict:
       'age': int(example['age']), 'sex': _text(example['sex']),
       'view_position': _text(example['view_position']),
       'follow_up': int(example['follow_up']),
-      'labels': np.asarray(example['labels'], np.float32),
+      'labels': labels_of(example),
       'boxes': [{'label': int(k), 'bbox': [float(v) for v in b]}
                 for k, b in zip(boxes['label'], boxes['bbox'])],
   }
@@ -318,6 +358,15 @@ def _element(image, labels, index: int, real: bool = True) -> dict:
           'mask': np.bool_(real), 'index': np.int32(index)}
 
 
+def labels_of(example: dict) -> np.ndarray:
+  """float32 [C]: the example's labels, -1 where its label_mask says unknown
+  (CheXpert's uncertain under U-Ignore); the loss and the metrics leave those out."""
+  labels = np.asarray(example['labels'], np.float32)
+  if 'label_mask' in example:
+    labels = np.where(np.asarray(example['label_mask']) > 0, labels, np.float32(-1))
+  return labels
+
+
 class _TrainExample:
   """(stream position, split index) -> augmented element; a class so it pickles."""
 
@@ -330,7 +379,7 @@ class _TrainExample:
     # Randomness from (seed, process, stream position): restoring is exact.
     rng = np.random.default_rng((*self._seed, position))
     example = self._source[int(index)]
-    return _element(augment(example['image'], rng, self._config), example['labels'], index)
+    return _element(augment(example['image'], rng, self._config), labels_of(example), index)
 
 
 class _EpochOrder:
@@ -390,15 +439,16 @@ class _EvalExample:
   def __init__(self, source, config):
     self._source, self._size = source, config.image_size
     self._mode = config.get('eval_preprocess', 'center_crop')  # Older runs cropped.
+    self._num_classes = labels_lib.num_classes_of(config)
 
   def __call__(self, position):
     position = int(position)
     if position >= len(self._source):
       blank = np.zeros((self._size, self._size, 1), np.uint8)
-      return _element(blank, np.zeros(labels_lib.NUM_CLASSES, np.float32), -1, real=False)
+      return _element(blank, np.zeros(self._num_classes, np.float32), -1, real=False)
     example = self._source[position]
     image = eval_image(example['image'], self._size, self._mode)
-    return _element(image, example['labels'], position)
+    return _element(image, labels_of(example), position)
 
 
 def eval_batches_per_process(config, num_examples: int, process_count: int) -> int:
