@@ -1,5 +1,5 @@
-"""4 nodes x 4 V100 32 GB: per-GPU batch 64 (global 1024), large-batch recipe
-(linear LR scaling, 1 warmup epoch, cosine decay)."""
+"""4 nodes x 4 V100 32 GB: per-GPU batch 64 (global 1024). The LR rule is the
+default's (linear scaling, 1 warmup epoch, plateau cuts): benchmarks/LARGE_BATCH.md."""
 from configs import v100x1
 
 
@@ -7,6 +7,4 @@ def get_config():
   config = v100x1.get_config()
   config.batch_size = 16 * 64
   config.eval_batch_size = 16 * 256
-  config.lr_schedule = 'warmup_cosine'
-  config.warmup_epochs = 1.0
   return config
