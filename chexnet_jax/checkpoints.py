@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import glob
 import json
-import math
 import os
 import re
 import time
@@ -24,27 +23,21 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from chexnet_jax import run_dir
+from chexnet_jax import run_weights
 from chexnet_jax import sharding
 from chexnet_jax import train_state
 
-BEST_METRIC = 'val_mean_auroc'  # Runs whose config predates config.best_metric.
-# config.best_metric -> +1 when higher is better, -1 when lower is.
-BEST_METRICS = {'val_loss': -1.0, 'val_mean_auroc': 1.0}
-
-
-def _best_metric(metrics, name=BEST_METRIC):
-  """A score to maximise: the metric, negated when lower is better."""
-  value = metrics.get(name)
-  if value is None or not math.isfinite(value):
-    return -math.inf
-  return BEST_METRICS[name] * value
+# The rule that picks a run's best step is run_weights' (which fine-tuning reads
+# a run's best checkpoint with, below train_state): one rule for both.
+BEST_METRIC = run_weights.BEST_METRIC
+BEST_METRICS = run_weights.BEST_METRICS
 
 
 def create_manager(workdir, keep, best_metric=BEST_METRIC):
   """Keeps the last `keep` steps and the best by `best_metric` (config.best_metric:
   'val_loss', lowest wins, as CheXNet chose; or 'val_mean_auroc', highest wins).
   config_checks has refused any other name before this runs."""
-  _best_metric_fn = lambda metrics: _best_metric(metrics, best_metric)  # pylint: disable=unnecessary-lambda-assignment
+  _best_metric_fn = lambda metrics: run_weights.best_score(metrics, best_metric)  # pylint: disable=unnecessary-lambda-assignment
   policy = ocp.checkpoint_managers.AnyPreservationPolicy([
       ocp.checkpoint_managers.LatestN(n=keep),
       ocp.checkpoint_managers.BestN(get_metric_fn=_best_metric_fn, n=1,

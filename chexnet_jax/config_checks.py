@@ -12,6 +12,7 @@ from chexnet_jax import imagenet_weights
 from chexnet_jax import losses
 from chexnet_jax import lr_scaling
 from chexnet_jax import models
+from chexnet_jax import run_weights
 from input_pipeline import batching
 from input_pipeline import pipeline
 
@@ -97,8 +98,14 @@ def _check_init_from(config):
           'set it to torchvision\'s file for the model (e.g. https://download.'
           f'pytorch.org/models/{config.model}-<hash>.pth) or change config.model.')
     return
+  if os.path.isdir(init_from):  # A trained run, to fine-tune.
+    try:
+      run_weights.check_source(init_from, config.model)
+    except run_weights.FineTuneError as error:
+      raise ConfigError(str(error)) from None
+    return
   if not os.path.isfile(init_from):
     raise ConfigError(f'config.init_from={init_from!r} is not a file; give the '
-                      "path of a .pth, .h5, .weights.h5 or .keras file, 'imagenet' "
-                      "or '' (from scratch).")
+                      "path of a .pth, .h5, .weights.h5 or .keras file, a run "
+                      "directory (fine-tuning), 'imagenet' or '' (from scratch).")
 

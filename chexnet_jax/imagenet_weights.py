@@ -63,7 +63,7 @@ def init_path(config):
 
   '' or 'none': None (train from scratch). 'imagenet': torchvision's ImageNet
   file from config.imagenet_weights_url, cached and verified. Anything else is
-  a path, returned as is.
+  a path, returned as is: a weights file, or a run directory to fine-tune from.
   """
   init_from = config.init_from
   if init_from.lower() in _NO_INIT:

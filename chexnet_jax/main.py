@@ -17,6 +17,7 @@ from chexnet_jax import config_checks
 from chexnet_jax import distributed
 from chexnet_jax import imagenet_weights
 from chexnet_jax import run_dir
+from chexnet_jax import run_weights
 from chexnet_jax import train
 from input_pipeline import batching
 from input_pipeline import pipeline
@@ -31,7 +32,7 @@ flags.mark_flags_as_required(['config'])
 USER_ERRORS = (config_checks.ConfigError, run_dir.RunMismatchError,
                run_dir.WorkdirError, train.NonFiniteLossError,
                pipeline.DatasetError, batching.BatchSizeError, FileNotFoundError,
-               imagenet_weights.WeightsDownloadError)
+               imagenet_weights.WeightsDownloadError, run_weights.FineTuneError)
 
 
 class _QuietLibraries(std_logging.Filter):

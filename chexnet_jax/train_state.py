@@ -3,6 +3,8 @@
 The state is built directly on the mesh, replicated (`jax.eval_shape` for its
 shapes, `jax.jit(..., out_shardings=...)` to compute it), so no host ever holds
 a copy; `abstract_train_state` gives the same shapes for restoring a checkpoint.
+`config.init_from` starts it from ImageNet or another weights file
+(weights.py), or from a trained run's best checkpoint (run_weights.py: fine-tuning).
 """
 from typing import Any
 
@@ -15,8 +17,10 @@ import optax
 from chexnet_jax import imagenet_weights
 from chexnet_jax import lr_scaling
 from chexnet_jax import models
+from chexnet_jax import run_weights
 from chexnet_jax import sharding
 from chexnet_jax import weights
+from input_pipeline import labels as labels_lib
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -98,10 +102,15 @@ def create_train_state(config, model, mesh, tx):
   init_from = imagenet_weights.init_path(config)  # 'imagenet': downloaded.
   if init_from is None:
     return jax.jit(lambda: state_from(init()), out_shardings=on_mesh)()
-  # Reading a file cannot be traced: initialise (for the head, which an
-  # ImageNet file lacks), load on the host, then place on the mesh.
-  variables = weights.load_pretrained(init_from,
-                                      jax.device_get(jax.jit(init)()))
+  # Reading files cannot be traced: initialise (for the head, which an ImageNet
+  # file lacks, and a new label's row), load on the host, then place on the mesh.
+  fresh = jax.device_get(jax.jit(init)())
+  names = labels_lib.names_of(config)
+  if run_weights.is_run(init_from):  # A trained run: fine-tune it.
+    variables = run_weights.fine_tune_variables(
+        init_from, fresh, model=config.model, label_names=names)
+  else:
+    variables = weights.load_pretrained(init_from, fresh, label_names=names)
   return jax.jit(state_from, out_shardings=on_mesh)(
       jax.device_put(variables, on_mesh))
 

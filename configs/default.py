@@ -56,7 +56,9 @@ def get_config():
   c.init_from = 'imagenet'           # CheXNet: ImageNet DenseNet121. 'imagenet'
                                      # downloads imagenet_weights_url once (verified,
                                      # cached); '' or 'none': from scratch; or a path
-                                     # (.pth, .h5, .weights.h5, .keras).
+                                     # (.pth, .h5, .weights.h5, .keras); or a run
+                                     # directory: fine-tune its best checkpoint (head
+                                     # rows mapped by label name, new labels fresh).
   c.imagenet_weights_url = (         # torchvision's file; the hex in its name is the
       'https://download.pytorch.org/models/densenet121-a639ec97.pth')  # sha256 prefix.
   c.weights_cache_dir = ''           # '' = $XDG_CACHE_HOME/chexnet_jax (~/.cache/...).

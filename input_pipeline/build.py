@@ -2,7 +2,8 @@
 dataset the trainer reads.
 
   python -m input_pipeline.build --manual_dir NIH_DIR --data_dir OUT --image_size 256 \
-      [--val_fraction 0.1 --split_seed 0 --allow_subset --skip_bad --num_workers N]
+      [--val_fraction 0.1 --split_seed 0 --allow_subset --skip_bad --overwrite
+       --num_workers N]
   python -m input_pipeline.build --csv FILE --image_root DIR --labels A,B,C \
       --patient_column COL --name NAME --data_dir OUT --image_size 256 \
       [--split_column COL --format chexpert --uncertainty ignore|zeros|ones ...]
@@ -12,8 +13,11 @@ Every input is checked before anything is written; problems are reported all at
 once. The dataset appears in OUT/chestxray14/<S>px/1.0.0 (<S>px_val<F>_seed<N> for a
 non-default validation cut) only when complete, with
 split.json (the image names of each split, fraction and seed) beside the records.
+Building again into the same place keeps a dataset built from the same inputs and
+refuses one built from other inputs unless --overwrite (input_pipeline/fingerprints.py).
 """
 import argparse
+import os
 import sys
 
 import tensorflow_datasets as tfds
@@ -22,27 +26,51 @@ from configs import default as default_config
 from input_pipeline import chestxray14
 from input_pipeline import chexpert
 from input_pipeline import csv_dataset
+from input_pipeline import fingerprints
 from input_pipeline import nih
 
 
 def build(manual_dir: str, data_dir: str, image_size: int = 256, *,
           val_fraction: float = chestxray14.DEFAULT_VAL_FRACTION,
           split_seed: int = chestxray14.DEFAULT_SPLIT_SEED, allow_subset: bool = False, skip_bad: bool = False,
-          num_workers: int | None = None) -> tfds.core.DatasetBuilder:
-  """Builds (or finds already built) chestxray14/<image_size>px; returns the builder."""
+          num_workers: int | None = None, overwrite: bool = False) -> tfds.core.DatasetBuilder:
+  """Builds (or finds built from the same inputs) chestxray14/<image_size>px; returns
+  the builder. See `prepare`."""
+  return prepare(manual_dir, data_dir, image_size, val_fraction=val_fraction,
+                 split_seed=split_seed, allow_subset=allow_subset, skip_bad=skip_bad,
+                 num_workers=num_workers, overwrite=overwrite)[0]
+
+
+def prepare(manual_dir: str, data_dir: str, image_size: int = 256, *,
+            val_fraction: float = chestxray14.DEFAULT_VAL_FRACTION,
+            split_seed: int = chestxray14.DEFAULT_SPLIT_SEED, allow_subset: bool = False,
+            skip_bad: bool = False, num_workers: int | None = None, overwrite: bool = False):
+  """(builder, 'built' | 'unchanged' | 'rebuilt'): every input is read and checked
+  first, and its fingerprint compared with a dataset already there; one built from
+  other inputs raises fingerprints.ExistingDatasetError unless `overwrite`."""
   config = chestxray14.make_config(image_size, val_fraction, split_seed)
+  plan = nih.plan_build(manual_dir, val_fraction=val_fraction, split_seed=split_seed,
+                        allow_subset=allow_subset, skip_bad=skip_bad,
+                        num_workers=num_workers or os.cpu_count())
+  mode, outcome = fingerprints.reuse_or_rebuild(
+      chestxray14.dataset_dir(data_dir, image_size, val_fraction, split_seed),
+      chestxray14.fingerprint(plan, config), overwrite)
   builder = chestxray14.Chestxray14(
       data_dir=data_dir, config=config, file_format='array_record',
-      allow_subset=allow_subset, skip_bad=skip_bad, num_workers=num_workers)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  return builder
+      allow_subset=allow_subset, skip_bad=skip_bad, num_workers=num_workers, plan=plan)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, download_mode=mode))
+  return builder, outcome
 
 
-def _summary(builder) -> str:
+_SAID = {'built': 'built', 'rebuilt': 'rebuilt (--overwrite: the inputs differed)',
+         'unchanged': 'already built from the same inputs; kept'}
+
+
+def _summary(builder, outcome='built') -> str:
   splits = ', '.join(f'{name} {info.num_examples:,}' for name, info in builder.info.splits.items())
   skipped = builder.info.metadata.get('skipped') or {}
-  return (f'{builder.info.full_name} in {builder.data_dir}: {splits}; '
+  return (f'{builder.info.full_name} {_SAID[outcome]} in {builder.data_dir}: {splits}; '
           f'{len(skipped)} input(s) skipped; split in {chestxray14.SPLIT_FILE}')
 
 
@@ -63,6 +91,8 @@ def parse_args(argv):
   p.add_argument('--skip_bad', action='store_true',
                  help='leave bad inputs out (listed in metadata) instead of failing')
   p.add_argument('--num_workers', type=int, default=None, help='processes (default: all cores)')
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace a dataset there built from other inputs (else refused)')
   own = p.add_argument_group('your own data (instead of --manual_dir)')
   own.add_argument('--csv', action='append', default=[],
                    help='CSV of image paths and labels (repeat for several, e.g. '
@@ -84,8 +114,6 @@ def parse_args(argv):
   own.add_argument('--uncertainty', default='ignore', choices=chexpert.UNCERTAINTY_POLICIES,
                    help="CheXpert's -1: ignore (masked out), zeros or ones")
   own.add_argument('--frontal_only', action='store_true', help='CheXpert: frontal views only')
-  own.add_argument('--overwrite', action='store_true',
-                   help='replace a dataset of that name built from other inputs')
   args = p.parse_args(argv)
   if bool(args.csv) == bool(args.manual_dir):
     p.error('give either --manual_dir (NIH ChestX-ray14) or --csv (your own data)')
@@ -112,12 +140,11 @@ def main_csv(args):
         _csv_spec(args), name=args.name, data_dir=args.data_dir,
         image_size=args.image_size, skip_bad=args.skip_bad, overwrite=args.overwrite,
         num_workers=args.num_workers)
-  except (nih.InvalidInputError, csv_dataset.ExistingDatasetError) as e:
+  except (nih.InvalidInputError, fingerprints.ExistingDatasetError) as e:
     sys.exit(f'Nothing was written. {e}')
   for warning in builder.info.metadata.get('warnings') or []:
     print(f'warning: {warning}', file=sys.stderr)
-  said = {'built': 'built', 'rebuilt': 'rebuilt (--overwrite: the inputs differed)',
-          'unchanged': 'already built from the same inputs; kept'}[outcome]
+  said = _SAID[outcome]
   splits = ', '.join(f'{n} {i.num_examples:,}' for n, i in builder.info.splits.items())
   metadata = builder.info.metadata
   print(f'{builder.info.full_name} {said} in {builder.data_dir}: {splits}; labels '
@@ -133,13 +160,14 @@ def main(argv=None):
   if args.csv:
     return main_csv(args)
   try:
-    builder = build(args.manual_dir, args.data_dir, args.image_size,
-                    val_fraction=args.val_fraction, split_seed=args.split_seed,
-                    allow_subset=args.allow_subset, skip_bad=args.skip_bad,
-                    num_workers=args.num_workers)
-  except (nih.InvalidInputError, FileNotFoundError) as e:
+    builder, outcome = prepare(
+        args.manual_dir, args.data_dir, args.image_size, val_fraction=args.val_fraction,
+        split_seed=args.split_seed, allow_subset=args.allow_subset,
+        skip_bad=args.skip_bad, num_workers=args.num_workers, overwrite=args.overwrite)
+  except (nih.InvalidInputError, FileNotFoundError,
+          fingerprints.ExistingDatasetError) as e:
     sys.exit(f'Nothing was written. {e}')
-  print(_summary(builder))
+  print(_summary(builder, outcome))
 
 
 if __name__ == '__main__':

@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from configs import default as default_config
+from input_pipeline import fingerprints
 from input_pipeline import images
 from input_pipeline import labels as labels_lib
 from input_pipeline import nih
@@ -100,9 +101,11 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
     return epath.Path(inspect.getfile(cls))
 
   def __init__(self, *, config=None, allow_subset: bool = False, skip_bad: bool = False,
-               num_workers: int | None = None, **kwargs):
+               num_workers: int | None = None, plan: nih.Plan | None = None, **kwargs):
     """allow_subset: accept fewer images than NIH's full release (the lists name the
-    subset). skip_bad: leave bad inputs out (listed in metadata) instead of failing."""
+    subset). skip_bad: leave bad inputs out (listed in metadata) instead of failing.
+    plan: the checked inputs, when the caller already read them (input_pipeline.build
+    does, to compare their fingerprint with a dataset already there)."""
     predefined = {c.name for c in self.BUILDER_CONFIGS}  # TFDS wants those by name.
     if isinstance(config, Chestxray14Config) and config.name in predefined:
       config = config.name
@@ -111,7 +114,7 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
       size, fraction, seed = match.groups()  # Any '<N>px[_val<F>_seed<S>]' is valid.
       config = make_config(int(size), float(fraction or DEFAULT_VAL_FRACTION),
                            int(seed or DEFAULT_SPLIT_SEED))
-    self._allow_subset, self._skip_bad = allow_subset, skip_bad
+    self._allow_subset, self._skip_bad, self._plan = allow_subset, skip_bad, plan
     self._num_workers = num_workers or os.cpu_count()
     super().__init__(config=config, **kwargs)
 
@@ -152,7 +155,7 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
-    plan = nih.plan_build(
+    plan = self._plan or nih.plan_build(
         os.fspath(dl_manager.manual_dir), val_fraction=cfg.val_fraction,
         split_seed=cfg.split_seed, allow_subset=self._allow_subset, skip_bad=self._skip_bad,
         num_workers=self._num_workers)
@@ -179,7 +182,7 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
         'inputs': {k: os.path.basename(v) for k, v in plan.files.items()},
         # Which label file: NIH revised labels in 2020 (Data_Entry_2017_v2020.csv).
         'label_file': label_file_description(plan.files['data_entry']),
-        'skipped': plan.skipped})
+        'skipped': plan.skipped, 'fingerprint': fingerprint(plan, cfg)})
     split_record = {'val_fraction': cfg.val_fraction, 'split_seed': cfg.split_seed,
                     'by': 'patient', 'splits': plan.splits, 'skipped': plan.skipped}
     (self.data_path / SPLIT_FILE).write_text(json.dumps(split_record, indent=1))
@@ -194,6 +197,20 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
         for name, image in pool.imap_unordered(_convert, window, chunksize=4):
           progress.update()
           yield name, _example(plan, name, image)
+
+
+def fingerprint(plan: nih.Plan, config: Chestxray14Config) -> str:
+  """The inputs a build reads (CSVs, lists, each kept image's name and size) and
+  its settings; the rule is input_pipeline/fingerprints.py's, shared with the CSV
+  builder. --allow_subset and --skip_bad are left out: what they change shows in
+  the images kept."""
+  files = [plan.files[k] for k in ('data_entry', 'bbox', 'train_val', 'test')
+           if plan.files.get(k)]
+  settings = {'dataset': 'chestxray14', 'image_size': config.image_size,
+              'val_fraction': config.val_fraction, 'split_seed': config.split_seed}
+  kept = {n for names in plan.splits.values() for n in names}
+  return fingerprints.inputs_fingerprint(
+      files, settings, {n: plan.refs[n].size for n in kept})
 
 
 def label_file_description(path: str) -> str:

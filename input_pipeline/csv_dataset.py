@@ -22,7 +22,6 @@ the inputs: rebuilding with other inputs is refused unless --overwrite.
 """
 import csv
 import dataclasses
-import hashlib
 import inspect
 import itertools
 import json
@@ -39,6 +38,7 @@ import tqdm
 
 from input_pipeline import chexpert
 from input_pipeline import dicom
+from input_pipeline import fingerprints
 from input_pipeline import images
 from input_pipeline import labels as labels_lib
 from input_pipeline import nih
@@ -311,16 +311,12 @@ def overlap_problems(splits, rows) -> list[Problem]:
 
 
 def fingerprint(spec: Spec, image_size: int, sizes: dict[str, int]) -> str:
-  """sha256 of the CSVs' bytes, every option, and each image's name and size."""
-  digest = hashlib.sha256()
-  for path in spec.csv_paths:
-    with open(path, 'rb') as f:
-      digest.update(f.read())
+  """The CSVs' bytes, every option, and each image's name and size (the rule:
+  input_pipeline/fingerprints.py, shared with the NIH builder)."""
   options = dataclasses.asdict(spec)
   options.pop('csv_paths'), options.pop('image_root')  # Where they are does not matter.
-  digest.update(json.dumps({'options': options, 'image_size': image_size,
-                            'images': sorted(sizes.items())}, sort_keys=True).encode())
-  return digest.hexdigest()
+  return fingerprints.inputs_fingerprint(
+      spec.csv_paths, {'options': options, 'image_size': image_size}, sizes)
 
 
 def plan_build(spec: Spec, *, image_size: int, skip_bad: bool, num_workers: int) -> Plan:
@@ -535,18 +531,10 @@ logging.getLogger('absl').addFilter(_NoCustomConfigWarning())
 
 def built_fingerprint(data_dir: str, name: str, image_size: int) -> str | None:
   """The fingerprint of the dataset already there, None if there is none."""
-  where = dataset_dir(data_dir, name, image_size)
-  if not os.path.isfile(os.path.join(where, 'dataset_info.json')):
-    return None  # Written last, on the rename: present <=> complete.
-  try:
-    with open(os.path.join(where, 'metadata.json')) as f:
-      return json.load(f).get('fingerprint', '')
-  except OSError:
-    return ''
+  return fingerprints.built_fingerprint(dataset_dir(data_dir, name, image_size))
 
 
-class ExistingDatasetError(ValueError):
-  """A dataset built from other inputs is already under that name."""
+ExistingDatasetError = fingerprints.ExistingDatasetError
 
 
 def build(spec: Spec, *, name: str, data_dir: str, image_size: int, skip_bad: bool = False,
@@ -557,19 +545,9 @@ def build(spec: Spec, *, name: str, data_dir: str, image_size: int, skip_bad: bo
     raise InvalidInputError([Problem('', why)], '--name')
   plan = plan_build(spec, image_size=image_size, skip_bad=skip_bad,
                     num_workers=num_workers or os.cpu_count())
-  existing = built_fingerprint(data_dir, name, image_size)
-  mode = tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
-  outcome = 'built'
-  if existing is not None:
-    if existing == plan.fingerprint:
-      outcome = 'unchanged'
-    elif not overwrite:
-      raise ExistingDatasetError(
-          f'{dataset_dir(data_dir, name, image_size)} holds a dataset built from other '
-          'inputs (its fingerprint differs: another CSV, options or images); it was kept. '
-          'Pass --overwrite to replace it, or choose another --name or --data_dir.')
-    else:
-      mode, outcome = tfds.download.GenerateMode.FORCE_REDOWNLOAD, 'rebuilt'
+  mode, outcome = fingerprints.reuse_or_rebuild(
+      dataset_dir(data_dir, name, image_size), plan.fingerprint, overwrite,
+      elsewhere='another --name or --data_dir')
   builder = builder_class(name)(plan=plan, spec=spec, image_size=image_size,
                                 skip_bad=skip_bad, num_workers=num_workers,
                                 data_dir=data_dir, file_format='array_record')

@@ -102,9 +102,11 @@ class Box:
 
 
 class ImageRef(NamedTuple):
-  """Where an image lives: a PNG file, or a member of an images_0NN.tar.gz."""
+  """Where an image lives: a PNG file, or a member of an images_0NN.tar.gz; its
+  size in bytes (for the build's fingerprint)."""
   path: str
   member: str = ''
+  size: int = 0
 
   def read(self) -> bytes:
     if not self.member:
@@ -160,6 +162,8 @@ def _parse_entry(row: list[str]) -> Entry:
   if len(row) != _ENTRY_FIELDS:
     raise ValueError(f'expected {_ENTRY_FIELDS} fields, got {len(row)}')
   name, findings, follow_up, patient, age, sex, view = (f.strip() for f in row[:7])
+  if why := path_escape(name):
+    raise ValueError(f'Image Index {why}')
   if not name.endswith('.png'):
     raise ValueError(f'Image Index {name!r} is not a .png name')
   if sex not in ('M', 'F') or view not in ('PA', 'AP'):
@@ -222,6 +226,16 @@ def read_bbox_list(path: str) -> tuple[dict[str, list[Box]], list[Problem]]:
   return boxes, problems
 
 
+def path_escape(name: str) -> str:
+  """Why `name` is not a bare image file name ('' if it is): NIH's CSV and lists
+  name files like 00000001_000.png, never paths (a '../' would point outside the
+  image directories)."""
+  if name in ('.', '..') or '/' in name or '\\' in name:
+    return (f'{name!r} is a path, not an image file name: a path escape (NIH names '
+            'bare files like 00000001_000.png)')
+  return ''
+
+
 def read_image_list(path: str) -> list[str]:
   """NIH's train_val_list.txt / test_list.txt: one image name per line."""
   with _open_text(path) as f:
@@ -256,11 +270,12 @@ def iter_tar_pngs(tar_path: str) -> Iterator[tuple[str, str, bytes]]:
 
 def _scan_file(path: str) -> list[tuple[str, ImageRef, str]]:
   with open(path, 'rb') as f:
-    return [(os.path.basename(path), ImageRef(path), image_problem(f.read()))]
+    data = f.read()
+  return [(os.path.basename(path), ImageRef(path, '', len(data)), image_problem(data))]
 
 
 def _scan_tar(path: str) -> list[tuple[str, ImageRef, str]]:
-  return [(name, ImageRef(path, member), image_problem(data))
+  return [(name, ImageRef(path, member, len(data)), image_problem(data))
           for name, member, data in iter_tar_pngs(path)]
 
 
@@ -352,9 +367,13 @@ def list_problems(train_val: list[str], test: list[str], entries: dict[str, Entr
       seen.add(name)
   for name in sorted(set(train_val) & set(test)):
     problems.append(Problem('', f'{name} is in both {TRAIN_VAL_LIST} and {TEST_LIST}'))
-  for name in train_val + test:
-    if name not in entries and name not in bad_rows:
-      problems.append(Problem(name, f'{name}: listed but has no valid row in the data-entry CSV'))
+  for list_name, names in ((TRAIN_VAL_LIST, train_val), (TEST_LIST, test)):
+    for row, name in enumerate(names, start=1):
+      if why := path_escape(name):
+        problems.append(Problem(name, f'{list_name} entry {row}: {why}'))
+      elif name not in entries and name not in bad_rows:
+        problems.append(Problem(name, f'{name}: listed but has no valid row in the '
+                                'data-entry CSV'))
   return problems
 
 
@@ -405,7 +424,8 @@ def plan_build(manual_dir: str, *, val_fraction: float, split_seed: int,
   if not allow_subset:
     problems += count_problems(num_rows, entries, train_val, test)
   problems += list_problems(train_val, test, entries, {p.image for p in problems})
-  refs, image_problems = scan_images(manual_dir, set(train_val + test), num_workers)
+  wanted = {n for n in train_val + test if not path_escape(n)}  # Escapes: reported.
+  refs, image_problems = scan_images(manual_dir, wanted, num_workers)
   skipped = _split_problems(problems + image_problems, skip_bad, manual_dir)
   bad = set(skipped)
   train_val, test = _remove_names(train_val, bad), _remove_names(test, bad)

@@ -259,3 +259,57 @@ def test_predefined_size_by_name_or_config():
   for config in ('256px', chestxray14.make_config(256)):
     builder = chestxray14.Chestxray14(data_dir='/nonexistent', config=config)
     assert builder.builder_config.name == '256px'
+
+
+# ---------------------------------------------------------------- rebuilding, lists
+
+
+def _main(root, out, *extra):
+  build.main(['--manual_dir', str(root), '--data_dir', str(out), '--image_size', '32',
+              '--allow_subset', '--num_workers', '1', *extra])
+
+
+def test_rebuild_from_other_inputs_is_refused_unless_overwrite(tmp_path, capsys):
+  root, out = _small_manual_dir(tmp_path / 'nih', GOOD), tmp_path / 'out'
+  _main(root, out)
+  _main(root, out)
+  assert 'already built from the same inputs; kept' in capsys.readouterr().out
+  (root / 'train_val_list.txt').write_text('\n'.join(GOOD[2:-1]) + '\n')  # One image fewer.
+  with pytest.raises(SystemExit) as error:
+    _main(root, out)
+  message = str(error.value.code)
+  assert message.startswith('Nothing was written.') and 'built from other inputs' in message
+  assert '--overwrite' in message and '\n' not in message
+  assert sum(i.num_examples for i in _dataset(out, 32).info.splits.values()) == len(GOOD)
+  _main(root, out, '--overwrite')
+  assert 'rebuilt (--overwrite: the inputs differed)' in capsys.readouterr().out
+  assert sum(i.num_examples for i in _dataset(out, 32).info.splits.values()) == len(GOOD) - 1
+  assert _dataset(out, 32).info.metadata['fingerprint']
+
+
+def test_list_row_with_a_path_is_a_path_escape(tmp_path):
+  root = _small_manual_dir(tmp_path / 'nih', GOOD)
+  with open(root / 'train_val_list.txt', 'a') as f:
+    f.write('../secret.png\n')
+  with pytest.raises(SystemExit) as error:
+    _main(root, tmp_path / 'out')
+  message = str(error.value.code)
+  assert message.startswith('Nothing was written. 1 problem(s)')
+  assert (f"train_val_list.txt entry {len(GOOD) - 1}: '../secret.png' is a path, not an "
+          'image file name: a path escape') in message
+  assert 'no valid row' not in message and 'image not found' not in message
+
+
+def test_patient_in_two_splits_is_one_sentence(tmp_path, capsys):
+  """The lists put patient 100's second image in train_val, the first in test."""
+  assert GOOD[0] == '00000100_000.png'
+  extra = ['00000100_001.png,No Finding,1,100,58,M,PA,2048,2048,0.14,0.14\n']
+  root = _small_manual_dir(tmp_path / 'nih', GOOD, extra)
+  shutil.copy(os.path.join(DEMO_IMAGES, GOOD[1]), root / 'images' / '00000100_001.png')
+  with pytest.raises(SystemExit) as error:
+    _main(root, tmp_path / 'out')
+  message = str(error.value.code)
+  assert message.startswith('Nothing was written. 1 problem(s)')
+  assert 'train_val_list.txt and test_list.txt: 1 patient(s) in both' in message
+  assert '[100]' in message and 'the split must be by patient' in message
+  assert 'AssertionError' not in message + capsys.readouterr().err

@@ -1,0 +1,130 @@
+"""Fine-tuning a trained run: `--config.init_from=RUN_DIR`.
+
+The source is the session's tiny synthetic run (tests/conftest.py tiny_run, NIH's
+14 labels); the fine-tuned state is read before any step, in process.
+"""
+import json
+import logging
+import os
+import subprocess
+import sys
+
+from flax import traverse_util
+import jax
+import numpy as np
+import pytest
+
+from chexnet_jax import checkpoints
+from chexnet_jax import config_checks
+from chexnet_jax import run_weights
+from chexnet_jax import sharding
+from chexnet_jax import train_state
+from configs import cpu_smoke
+from input_pipeline import labels as labels_lib
+from tests.conftest import REPO
+from tests import test_own_data
+
+
+def _config(init_from, **overrides):
+  config = cpu_smoke.get_config()
+  config.init_from = init_from
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def _initial_variables(config):
+  """The train state's variables before the first step, on the host."""
+  mesh = sharding.make_mesh()
+  model = train_state.build_model(config, for_training=True)
+  tx, _ = train_state.create_optimizer(config, 1, 1)
+  state = train_state.create_train_state(config, model, mesh, tx)
+  assert int(state.step) == 0
+  return jax.device_get(state.variables)
+
+
+def _flat(variables):
+  return traverse_util.flatten_dict(jax.device_get(variables))
+
+
+def _best(run):
+  restored = checkpoints.load_run(run, 'best')
+  return _flat(restored.variables), restored.step
+
+
+def test_same_labels_start_exactly_from_the_best_checkpoint(tiny_run):
+  best, _ = _best(tiny_run)
+  start = _flat(_initial_variables(_config(tiny_run)))
+  assert set(start) == set(best)
+  for key in best:
+    np.testing.assert_array_equal(start[key], best[key], err_msg='/'.join(key))
+
+
+def test_read_best_is_the_run_s_best_step(tiny_run):
+  best, step = _best(tiny_run)
+  variables, read_step = run_weights.read_best(tiny_run)
+  assert read_step == step
+  for key, value in _flat(variables).items():
+    np.testing.assert_array_equal(value, best[key])
+
+
+def test_new_label_set_keeps_backbone_and_maps_head_by_name(tiny_run, caplog):
+  best, _ = _best(tiny_run)
+  names = ('Hernia', 'Fresh finding', 'Effusion')  # Reordered subset + a new one.
+  config = _config(tiny_run, label_names=','.join(names))
+  fresh = _flat(_initial_variables(_config('', label_names=','.join(names))))
+  with caplog.at_level(logging.INFO):
+    start = _flat(_initial_variables(config))
+  head_kernel, head_bias = ('params', 'classifier', 'kernel'), ('params', 'classifier', 'bias')
+  assert start[head_kernel].shape[1] == 3
+  for key in best:
+    if key not in (head_kernel, head_bias):
+      np.testing.assert_array_equal(start[key], best[key], err_msg='/'.join(key))
+  for column, name in ((0, 'Hernia'), (2, 'Effusion')):
+    row = labels_lib.LABELS.index(name)
+    np.testing.assert_array_equal(start[head_kernel][:, column], best[head_kernel][:, row])
+    assert start[head_bias][column] == best[head_bias][row]
+  # The new label starts as the model initialises it (from scratch, same seed).
+  np.testing.assert_array_equal(start[head_kernel][:, 1], fresh[head_kernel][:, 1])
+  assert start[head_bias][1] == fresh[head_bias][1]
+  assert ('labels carried over: Hernia, Effusion; starting fresh: Fresh finding'
+          in caplog.text)
+
+
+def test_other_architecture_or_not_a_run_is_one_sentence(tiny_run, tmp_path):
+  with pytest.raises(config_checks.ConfigError) as error:
+    config_checks.validate(_config(tiny_run, model='densenet121'))
+  message = str(error.value)
+  assert 'is a tiny run' in message and "config.model='densenet121'" in message
+  assert '\n' not in message
+  with pytest.raises(config_checks.ConfigError, match='not a chexnet_jax run'):
+    config_checks.validate(_config(str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_fine_tune_onto_an_own_dataset_end_to_end(tiny_run, tmp_path):
+  """From the synthetic NIH-label run onto a CSV dataset with one new label."""
+  labels = ('Effusion', 'Atelectasis', 'Nodule plus')
+  rows = []
+  for r in test_own_data._demo_rows():
+    findings = r[1].split('|')
+    rows.append([f'images/{r[0]}', r[3], int('Effusion' in findings),
+                 int('Atelectasis' in findings), int('Nodule' in findings)])
+  path = test_own_data.write_csv(tmp_path / 'own.csv', rows, header=('path', 'patient', *labels))
+  data_dir, workdir = str(tmp_path / 'd'), str(tmp_path / 'run')
+  test_own_data._run(
+      '-m', 'input_pipeline.build', '--csv', path, '--image_root', test_own_data.DEMO,
+      '--labels', ','.join(labels), '--patient_column', 'patient', '--name', 'own3',
+      '--data_dir', data_dir, '--image_size', '40', '--num_workers', '2')
+  result = subprocess.run(
+      [sys.executable, '-m', 'chexnet_jax.main', *test_own_data.SMOKE, '--workdir', workdir,
+       '--config.dataset=own3', f'--config.data_dir={data_dir}',
+       f'--config.init_from={os.path.relpath(tiny_run, REPO)}'],
+      cwd=REPO, capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': REPO})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert ('labels carried over: Effusion, Atelectasis; starting fresh: Nodule plus'
+          in result.stderr)
+  run = json.loads(open(os.path.join(workdir, 'run.json')).read())
+  assert run['labels'] == list(labels)
+  config = json.loads(open(os.path.join(workdir, 'config.json')).read())
+  assert config['init_from'] == os.path.abspath(tiny_run)
