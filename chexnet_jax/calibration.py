@@ -5,11 +5,15 @@ predicted probability; a calibrated model's positives make up, in each bin, abou
 bin's mean prediction. Expected calibration error (ECE, Guo et al. 2017) is the
 example-weighted mean of |observed frequency - mean prediction| over the bins.
 
-Temperature scaling (Guo et al. 2017): one temperature T > 0, shared by the 14 labels,
-divides every logit: p' = sigmoid(logit / T). It is fitted on the validation split by
-minimising the binary cross-entropy of all 14 labels, so the ranking of the images, and
-with it every AUROC, is unchanged; only the probabilities move. T > 1 softens
-over-confident probabilities, T < 1 sharpens timid ones.
+Temperature scaling (Guo et al. 2017): one temperature T > 0, shared by the run's
+labels, divides every logit: p' = sigmoid(logit / T). It is fitted on the validation
+split by minimising the binary cross-entropy of all the run's labels at once, so the
+ranking of the images, and with it every AUROC, is unchanged; only the probabilities
+move. T > 1 softens over-confident probabilities, T < 1 sharpens timid ones.
+
+Unknown labels (below 0: CheXpert's uncertain under U-Ignore, masked out of the loss
+and metrics.py) are left out everywhere here: of the fit, the cross-entropy, the bins
+and the ECE, exactly as if their entries were not in the data.
 
 evaluate writes the fitted temperature to DIR/eval/calibration.json (with the
 checkpoint step it belongs to); `python -m chexnet_jax.predict --calibrated` applies it.
@@ -36,23 +40,38 @@ def apply_temperature(probs, temperature):
   return 1 / (1 + np.exp(-logits_from_probs(probs) / float(temperature)))
 
 
-def binary_cross_entropy(labels, probs):
-  probs = np.clip(np.asarray(probs, dtype=np.float64), EPSILON, 1 - EPSILON)
+def known_entries(labels, values):
+  """(labels, values) of the known entries only, both flattened: a label below 0 is
+  unknown (masked, e.g. CheXpert's uncertain under U-Ignore) and is dropped."""
   labels = np.asarray(labels, dtype=np.float64)
+  values = np.asarray(values, dtype=np.float64)
+  if labels.shape != values.shape:
+    raise ValueError(f'chexnet_jax/calibration.py: labels {labels.shape} and probabilities '
+                     f'{values.shape} must have the same shape.')
+  known = labels.ravel() >= 0
+  return labels.ravel()[known], values.ravel()[known]
+
+
+def binary_cross_entropy(labels, probs):
+  """Mean BCE over the known entries (nan if there is none)."""
+  labels, probs = known_entries(labels, probs)
+  if labels.size == 0:
+    return float('nan')
+  probs = np.clip(probs, EPSILON, 1 - EPSILON)
   return float(-np.mean(labels * np.log(probs) + (1 - labels) * np.log1p(-probs)))
 
 
 def fit_temperature(labels, probs, bounds=(0.05, 20.0)):
-  """The temperature minimising the cross-entropy of all labels at once.
+  """The temperature minimising the cross-entropy of all known labels at once.
 
-  labels, probs: [N, L] (or [N]); returns a float in `bounds`. Searched on log T,
-  which the loss is smooth in.
+  labels, probs: [N, L] (or [N]); entries whose label is below 0 (unknown) are left
+  out. Returns a float in `bounds`. Searched on log T, which the loss is smooth in.
   """
-  labels = np.asarray(labels, dtype=np.float64).ravel()
-  logits = logits_from_probs(probs).ravel()
+  labels, probs = known_entries(labels, probs)
+  logits = logits_from_probs(probs)
   if labels.size == 0:
-    raise ValueError('chexnet_jax/calibration.py: no predictions to fit a temperature on; '
-                     'evaluate a split with images in it.')
+    raise ValueError('chexnet_jax/calibration.py: no known label to fit a temperature on; '
+                     'evaluate a split with images (and labels that are not all unknown).')
 
   def loss(log_t):
     scaled = logits / np.exp(log_t)
@@ -68,11 +87,11 @@ def fit_temperature(labels, probs, bounds=(0.05, 20.0)):
 def reliability_bins(labels, probs, num_bins=NUM_BINS):
   """Per equal-width bin of one label's predictions: count, mean prediction, frequency.
 
-  Returns {'edges': [num_bins + 1], 'count': [num_bins], 'mean_predicted': [...],
-  'observed': [...]}; empty bins have nan mean and frequency.
+  Entries whose label is below 0 (unknown) are left out. Returns {'edges':
+  [num_bins + 1], 'count': [num_bins], 'mean_predicted': [...], 'observed': [...]};
+  empty bins have nan mean and frequency.
   """
-  labels = np.asarray(labels, dtype=np.float64).ravel()
-  probs = np.asarray(probs, dtype=np.float64).ravel()
+  labels, probs = known_entries(labels, probs)
   edges = np.linspace(0.0, 1.0, num_bins + 1)
   # Bin b holds edges[b] <= p < edges[b+1]; p == 1 goes in the last bin.
   which = np.clip(np.searchsorted(edges, probs, side='right') - 1, 0, num_bins - 1)
@@ -85,7 +104,10 @@ def reliability_bins(labels, probs, num_bins=NUM_BINS):
 
 
 def expected_calibration_error(labels, probs, num_bins=NUM_BINS):
-  """sum_b (n_b / N) |observed_b - mean_predicted_b|, over the non-empty bins."""
+  """sum_b (n_b / N) |observed_b - mean_predicted_b|, over the non-empty bins.
+
+  N counts the known entries only; nan when there is none.
+  """
   bins = reliability_bins(labels, probs, num_bins)
   filled = bins['count'] > 0
   if not filled.any():
@@ -102,10 +124,15 @@ def calibration_report(labels, probs, validation_labels, validation_probs, names
                        num_bins=NUM_BINS):
   """Temperature fitted on validation and the ECE it gives on the evaluated split.
 
-  JSON-ready: {'temperature', 'fitted_on', 'num_bins', 'ece': {'before', 'after'} (mean
-  over labels), 'per_label': {name: {'ece', 'ece_calibrated'}}, 'bce': {...}}.
+  `names`: the run's label names, one per column. Unknown entries (label below 0) are
+  left out of the fit, the ECE and the cross-entropy. JSON-ready: {'temperature',
+  'fitted_on', 'num_bins', 'ece': {'before', 'after'} (mean over the labels that have
+  one), 'per_label': {name: {'ece', 'ece_calibrated'}}, 'bce': {...}}.
   """
   labels, probs = np.asarray(labels), np.asarray(probs)
+  if labels.ndim != 2 or labels.shape[1] != len(names):
+    raise ValueError(f'chexnet_jax/calibration.py: labels {labels.shape} but {len(names)} '
+                     'label names; pass the run\'s names (labels_lib.names_of(config)).')
   temperature = fit_temperature(validation_labels, validation_probs)
   calibrated = apply_temperature(probs, temperature)
   per_label = {}
@@ -121,8 +148,8 @@ def calibration_report(labels, probs, validation_labels, validation_probs, names
 
   return {'temperature': temperature, 'fitted_on': 'validation', 'num_bins': num_bins,
           'ece': {'before': mean('ece'), 'after': mean('ece_calibrated')},
-          'bce': {'before': binary_cross_entropy(labels, probs),
-                  'after': binary_cross_entropy(labels, calibrated)},
+          'bce': {'before': _none_if_nan(binary_cross_entropy(labels, probs)),
+                  'after': _none_if_nan(binary_cross_entropy(labels, calibrated))},
           'per_label': per_label}
 
 

@@ -7,19 +7,24 @@ r"""Evaluates a trained run on a split and writes the report.
 Works from any directory; --data_dir says where the run's dataset lives now, if
 it moved (or the run was trained on another machine).
 
-Writes DIR/eval/<split>/ (DIR/eval/<split>-<tta>/ with test-time augmentation):
+Everything is per label of the run: its dataset's names and count
+(labels_lib.names_of(config): NIH's 14, or the labels a built CSV/CheXpert dataset
+records). Writes DIR/eval/<split>/ (DIR/eval/<split>-<tta>/ with test-time augmentation):
   metrics.json      every number below, plus localisation scores where boxes exist
-  auroc.csv         per pathology + mean: AUROC with 95% CI, AUPRC with 95% CI,
-                    validation-chosen threshold, sensitivity, specificity
-  predictions.csv   image, patient, 14 probabilities, 14 labels
+  auroc.csv         per label + mean: AUROC with 95% CI, AUPRC with 95% CI,
+                    validation-chosen threshold, sensitivity, specificity, positives,
+                    known labels
+  predictions.csv   index, image, patient, prob_<label> per label, label_<label> per
+                    label (1, 0, or -1 for an unknown label, e.g. uncertain)
   report.html       one self-contained page of all of it (chexnet_jax/report.py)
-  roc_curves.png, pr_curves.png, reliability.png (one panel per pathology),
+  roc_curves.png, pr_curves.png, reliability.png (one panel per label),
   gallery/*.png     class activation maps of confident true positives (figures.py)
 and DIR/eval/calibration.json, the temperature fitted on validation that
 `predict --calibrated` applies (calibration.py; written without TTA only),
-and prints the 14-row AUROC table. Confidence intervals resample patients (seeded).
-Thresholds maximise Youden's J on the validation split and are applied unchanged
-to the evaluated split.
+and prints the AUROC table, one row per label. Confidence intervals resample patients
+(seeded). Thresholds maximise Youden's J on the validation split and are applied
+unchanged to the evaluated split. An unknown label (below 0: CheXpert's uncertain
+under U-Ignore) is left out of every number, curve and calibration fit of its label.
 
 Multi-process: start it like training (srun, or --coordinator_address with
 --num_processes/--process_id on each process); every process scores its shard,
@@ -53,14 +58,13 @@ from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
 TTA_MODES = ('none', 'flip', 'tencrop')
-LABELS = labels_lib.LABELS  # NIH's; a run's own are labels_lib.names_of(run.config).
 
 
 @dataclasses.dataclass
 class Predictions:
   """Per-example outputs of one pass over a split, rows ordered by example index."""
-  probs: np.ndarray      # float32 [N, 14]
-  labels: np.ndarray     # float32 [N, 14]
+  probs: np.ndarray      # float32 [N, L], L = the run's number of labels
+  labels: np.ndarray     # float32 [N, L]: 1, 0, or -1 (unknown, masked)
   indices: np.ndarray    # int [N]
   loss: Any = None       # BCE of the un-augmented pass (None with TTA).
 
@@ -209,20 +213,25 @@ def _fmt(value, digits=3):
 
 
 def format_auroc_table(report):
-  """The 14-row AUROC table (plus the mean) printed by evaluate and the notebook."""
-  header = (f'{"Pathology":<20}{"AUROC":>7}  {"95% CI":<15}{"AUPRC":>7}'
-            f'{"Sens":>7}{"Spec":>7}{"Pos":>6}')
+  """The AUROC table printed by evaluate and the notebook: one row per label of the
+  run (report['per_label'], in the run's order), then the mean. Pos counts positives;
+  Unk, shown when some label is unknown (-1), the entries left out."""
+  width = max([20, *(len(name) + 2 for name in report['per_label'])])
+  show_unknown = any(row.get('num_unknown') for row in report['per_label'].values())
+  header = (f'{"Pathology":<{width}}{"AUROC":>7}  {"95% CI":<15}{"AUPRC":>7}'
+            f'{"Sens":>7}{"Spec":>7}{"Pos":>6}' + (f'{"Unk":>6}' if show_unknown else ''))
   lines = [header, '-' * len(header)]
   for name in report['per_label']:
     row = report['per_label'][name]
     low, high = row['auroc_ci']
-    lines.append(f'{name:<20}{_fmt(row["auroc"]):>7}  {_fmt(low)}-{_fmt(high):<9}'
+    lines.append(f'{name:<{width}}{_fmt(row["auroc"]):>7}  {_fmt(low)}-{_fmt(high):<9}'
                  f'{_fmt(row["auprc"]):>7}{_fmt(row["sensitivity"]):>7}'
-                 f'{_fmt(row["specificity"]):>7}{row["num_positive"]:>6}')
+                 f'{_fmt(row["specificity"]):>7}{row["num_positive"]:>6}'
+                 + (f'{row.get("num_unknown", 0):>6}' if show_unknown else ''))
   low, high = report['mean_auroc_ci']
   lines.append('-' * len(header))
-  lines.append(f'{"Mean":<20}{_fmt(report["mean_auroc"]):>7}  {_fmt(low)}-{_fmt(high):<9}'
-               f'{_fmt(report["mean_auprc"]):>7}')
+  lines.append(f'{"Mean":<{width}}{_fmt(report["mean_auroc"]):>7}  '
+               f'{_fmt(low)}-{_fmt(high):<9}{_fmt(report["mean_auprc"]):>7}')
   return '\n'.join(lines)
 
 
@@ -232,7 +241,7 @@ def format_auroc_table(report):
 
 AUROC_CSV_COLUMNS = ('pathology', 'auroc', 'auroc_ci_low', 'auroc_ci_high', 'auprc',
                      'auprc_ci_low', 'auprc_ci_high', 'threshold', 'sensitivity',
-                     'specificity', 'num_positive')
+                     'specificity', 'num_positive', 'num_known')
 
 
 def _csv_value(value):
@@ -247,13 +256,16 @@ def write_auroc_csv(path, report):
       row = report['per_label'][name]
       writer.writerow([name, *map(_csv_value, (
           row['auroc'], *row['auroc_ci'], row['auprc'], *row['auprc_ci'],
-          row['threshold'], row['sensitivity'], row['specificity'], row['num_positive']))])
+          row['threshold'], row['sensitivity'], row['specificity'], row['num_positive'],
+          row.get('num_known', report['num_examples'])))])
     writer.writerow(['mean', *map(_csv_value, (
         report['mean_auroc'], *report['mean_auroc_ci'], report['mean_auprc'],
-        *report['mean_auprc_ci'])), '', '', '', ''])
+        *report['mean_auprc_ci'])), '', '', '', '', ''])
 
 
 def write_predictions_csv(path, evaluation):
+  """One row per image: index, image, patient, prob_<label> for each of the run's
+  labels, then label_<label> (1 positive, 0 negative, -1 unknown)."""
   predictions = evaluation.predictions
   names = labels_lib.names_of(evaluation.config)
   with open(path, 'w', newline='') as f:
@@ -268,7 +280,7 @@ def write_predictions_csv(path, evaluation):
 
 
 def roc_figure(evaluation):
-  """matplotlib Figure: ROC small multiples, one panel per pathology with its band."""
+  """matplotlib Figure: ROC small multiples, one panel per label with its band."""
   return report_lib.curve_figures(evaluation)['roc']
 
 
@@ -303,10 +315,10 @@ def write_outputs(out_dir, evaluation, gallery=(), localization=None):
 
 
 def gallery_choices(evaluation, size):
-  """[(row, label index)]: the most confident true positive of each pathology.
+  """[(row, label index)]: the most confident true positive of each of the run's labels.
 
-  One per pathology, most confident first; an example with a box for that
-  pathology is preferred, so the gallery shows the NIH annotation where it can.
+  One per label (an unknown label, -1, is never a positive), most confident first; an example with a box for that
+  label is preferred, so the gallery shows the NIH annotation where it can.
   """
   probs, labels = evaluation.predictions.probs, evaluation.predictions.labels
   boxed = {(row, k) for row, record in enumerate(evaluation.records)
@@ -322,7 +334,7 @@ def gallery_choices(evaluation, size):
   return best[:size]
 
 
-CAM_BATCH = 16  # Images per CAM call: maps are [B, 14, S, S] float32, so keep B small.
+CAM_BATCH = 16  # Images per CAM call: maps are [B, L, S, S] float32, so keep B small.
 
 
 def _selected_images(config, split, wanted_indices):
@@ -338,7 +350,7 @@ def _selected_images(config, split, wanted_indices):
 
 
 def class_activation_maps(run, split, wanted_indices):
-  """Yields (index, image, maps [14, S, S]) for the wanted examples, CAM_BATCH at a time.
+  """Yields (index, image, maps [L, S, S]) for the wanted examples, CAM_BATCH at a time.
 
   Runs on process 0 with a local copy of the weights (cam.local_copy), so the other
   processes need not take part.
@@ -367,20 +379,24 @@ def class_activation_maps(run, split, wanted_indices):
 def draw_heatmaps(run, evaluation, out_dir, gallery_size=8, cam_threshold=0.5):
   """Writes the gallery and scores localisation; returns (gallery, localization).
 
-  Localisation: every box of the split against the CAM of its pathology, scored as
-  IoU and IoBB of the box around the map's peak region (Wang et al. 2017).
+  Localisation: every box of the split against the CAM of its label, scored as
+  IoU and IoBB of the box around the map's peak region (Wang et al. 2017). A box
+  whose label is unknown (-1) for its image is not scored, like every other number.
   """
   gallery = gallery_choices(evaluation, gallery_size)
-  bias = cam_lib.head_bias(cam_lib.local_copy(run.variables)['params'], len(LABELS))
+  names = labels_lib.names_of(run.config)
+  bias = cam_lib.head_bias(cam_lib.local_copy(run.variables)['params'], len(names))
   boxes_by_row = {row: boxes_in_input(record, run.config)
                   for row, record in enumerate(evaluation.records)}
   rows = {row for row, _ in gallery} | {row for row, boxes in boxes_by_row.items() if boxes}
   row_of = {int(evaluation.predictions.indices[row]): row for row in rows}
   gallery_maps, scores = {}, {}
-  names = labels_lib.names_of(run.config)
+  labels = np.asarray(evaluation.predictions.labels)
   for index, image, maps in class_activation_maps(run, evaluation.split, row_of):
     row = row_of[index]
     for k, box in boxes_by_row[row]:
+      if k >= labels.shape[1] or labels[row, k] < 0:
+        continue
       result = cam_lib.localize(maps[k], box, cam_threshold=cam_threshold)
       scores.setdefault(names[k], {'iou': [], 'iobb': []})
       scores[names[k]]['iou'].append(result['iou'])
@@ -412,7 +428,7 @@ def _write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold, bi
 
 
 def _localization(scores, cam_threshold):
-  """Wang et al.'s accuracy at T(IoU) and T(IoBB) per pathology; None without boxes."""
+  """Wang et al.'s accuracy at T(IoU) and T(IoBB) per label; None without boxes."""
   if not scores:
     return None
   every = {'iou': [s for v in scores.values() for s in v['iou']],
@@ -500,7 +516,7 @@ def main(argv=None):
           'thresholds: Youden on validation')
     print(f'labels: {label_file(config)}')
     print(format_auroc_table(evaluation.report))
-    for name in LABELS:  # Say why a cell of the table is blank.
+    for name in labels_lib.names_of(evaluation.config):  # Why a cell of the table is blank.
       for why in dict.fromkeys(report_lib.empty_cell_reasons(evaluation, name).values()):
         print(f'  {name}: {why}')
     print(f"calibration: temperature {evaluation.report['calibration']['temperature']:.3f} "

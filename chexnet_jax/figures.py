@@ -1,10 +1,10 @@
 """Figures of an evaluation that cannot be misread.
 
-* ROC and precision-recall curves as small multiples: one panel per pathology (no
-  legend of 14 look-alike colours), each with its 95% patient-bootstrap band, the
+* ROC and precision-recall curves as small multiples: one panel per label of the run
+  (no legend of look-alike colours), each with its 95% patient-bootstrap band, the
   AUROC/AUPRC with its interval in the panel's title, and the operating point of the
   threshold chosen on validation.
-* Reliability diagrams, one panel per pathology, before and after temperature scaling.
+* Reliability diagrams, one panel per label, before and after temperature scaling.
 * Heatmaps (class activation maps) on ONE scale for every image: the CAM converted to
   the model's probability scale, sigmoid((M_c(x, y) + b_c) / T), drawn from 0 to 1 with
   a colour bar. M_c is the class activation map (cam.py) and b_c the head's bias; since
@@ -16,6 +16,11 @@
   region (dashed white: the box around the connected region where the min-max
   normalised CAM is at least 0.5, the one IoU and IoBB are scored on) are named in a
   legend, and the title gives the finding and its probability.
+
+`names` is always the run's label names, one per column of labels/probs
+(labels_lib.names_of(config)). An entry whose label is below 0 is unknown (masked,
+e.g. CheXpert's uncertain under U-Ignore) and is left out of that label's curve, band,
+prevalence line and reliability bins, as metrics.py leaves it out of the numbers.
 
 Bare matplotlib Figures (no pyplot): no global backend state, headless and notebook-safe.
 """
@@ -92,19 +97,29 @@ class _Curve:
     return roc, pr
 
 
+def known_rows(labels, k):
+  """Rows whose label k is known (not below 0); the same rule as metrics.known."""
+  return np.asarray(labels)[:, k] >= 0
+
+
 def curve_bands(labels, probs, patients, names, num_resamples=BAND_RESAMPLES, seed=0):
   """{name: {'roc': (mid, low, high), 'pr': (mid, low, high)}} on GRID; 95% bands.
 
-  Resamples patients like metrics.bootstrap_intervals; labels with one class are
-  left out.
+  Resamples patients like metrics.bootstrap_intervals; each label's curve uses only
+  its known rows; labels with one class (among those) are left out.
   """
   from chexnet_jax import metrics as metrics_lib
   labels, probs = np.asarray(labels), np.asarray(probs)
-  curves = {name: _Curve(labels[:, k], probs[:, k]) for k, name in enumerate(names)}
+  if labels.ndim != 2 or labels.shape != probs.shape or labels.shape[1] != len(names):
+    raise ValueError(f'chexnet_jax/figures.py: labels {labels.shape}, probs {probs.shape} '
+                     f'and {len(names)} names do not match; pass the run\'s label names.')
+  rows = {name: known_rows(labels, k) for k, name in enumerate(names)}
+  curves = {name: _Curve(labels[rows[name], k], probs[rows[name], k])
+            for k, name in enumerate(names) if rows[name].any()}
   samples = {name: ([], []) for name in names}
   for weights in metrics_lib.bootstrap_weights(patients, num_resamples, seed):
     for name, curve in curves.items():
-      grid = curve.on_grid(weights)
+      grid = curve.on_grid(np.asarray(weights)[rows[name]])
       if grid is not None:
         samples[name][0].append(grid[0])
         samples[name][1].append(grid[1])
@@ -123,10 +138,12 @@ def curve_bands(labels, probs, patients, names, num_resamples=BAND_RESAMPLES, se
 
 
 def _grid_axes(count, panel=2.2):
-  rows = -(-count // COLUMNS)
-  figure = figure_lib.Figure(figsize=(COLUMNS * panel, rows * panel + 0.4),
+  """One panel per label, COLUMNS a row (fewer when the run has fewer labels)."""
+  columns = max(1, min(COLUMNS, count))
+  rows = max(1, -(-count // columns))
+  figure = figure_lib.Figure(figsize=(max(columns, 3) * panel, rows * panel + 0.4),
                              layout='constrained')
-  axes = figure.subplots(rows, COLUMNS, squeeze=False).ravel()
+  axes = figure.subplots(rows, columns, squeeze=False).ravel()
   for extra in axes[count:]:
     extra.axis('off')
   return figure, axes[:count]
@@ -135,6 +152,13 @@ def _grid_axes(count, panel=2.2):
 def _interval(values):
   low, high = values
   return '' if low is None or high is None else f' [{low:.2f}-{high:.2f}]'
+
+
+def _no_curve(labels, k, what):
+  """Why label k has no curve: all its labels unknown, or one class among the known."""
+  if not known_rows(labels, k).any():
+    return f'no {what}: every label\nis unknown in this split'
+  return f'no {what}: only one class\nknown in this split'
 
 
 def _empty_panel(axes, name, why):
@@ -148,11 +172,12 @@ def _empty_panel(axes, name, why):
 def roc_figure(labels, probs, patients, report, names, title, bands=None):
   """ROC small multiples: curve, 95% band, chance line, validation-threshold point."""
   bands = bands if bands is not None else curve_bands(labels, probs, patients, names)
+  labels = np.asarray(labels)
   figure, axes_list = _grid_axes(len(names))
-  for name, axes in zip(names, axes_list):
+  for k, (name, axes) in enumerate(zip(names, axes_list)):
     row = report['per_label'][name]
     if name not in bands:
-      _empty_panel(axes, name, 'no ROC: only one class\nin this split')
+      _empty_panel(axes, name, _no_curve(labels, k, 'ROC'))
       continue
     mid, low, high = bands[name]['roc']
     axes.fill_between(GRID, low, high, color='tab:blue', alpha=0.25, lw=0)
@@ -170,19 +195,21 @@ def roc_figure(labels, probs, patients, report, names, title, bands=None):
 
 
 def pr_figure(labels, probs, patients, report, names, title, bands=None):
-  """Precision-recall small multiples with 95% band and the prevalence (chance) line."""
+  """Precision-recall small multiples with 95% band and the prevalence (chance) line,
+  the share of positives among the label's known entries."""
   bands = bands if bands is not None else curve_bands(labels, probs, patients, names)
   labels = np.asarray(labels)
   figure, axes_list = _grid_axes(len(names))
   for k, (name, axes) in enumerate(zip(names, axes_list)):
     row = report['per_label'][name]
     if name not in bands:
-      _empty_panel(axes, name, 'no PR curve: only one\nclass in this split')
+      _empty_panel(axes, name, _no_curve(labels, k, 'PR curve'))
       continue
     mid, low, high = bands[name]['pr']
     axes.fill_between(GRID, low, high, color='tab:green', alpha=0.25, lw=0)
     axes.plot(GRID, mid, color='tab:green', lw=1.2)
-    axes.axhline(labels[:, k].mean(), color='grey', lw=0.8, linestyle=':')
+    axes.axhline(labels[known_rows(labels, k), k].mean(), color='grey', lw=0.8,
+                 linestyle=':')
     axes.set_title(f'{name}\nAUPRC {row["auprc"]:.3f}{_interval(row["auprc_ci"])}',
                    fontsize=8)
     axes.set(xlim=(0, 1), ylim=(0, 1), aspect='equal')
@@ -194,11 +221,17 @@ def pr_figure(labels, probs, patients, report, names, title, bands=None):
 
 def reliability_figure(labels, probs, temperature, names, title,
                        num_bins=calibration_lib.NUM_BINS):
-  """Reliability diagrams per pathology: raw (blue) and temperature-scaled (orange)."""
+  """Reliability diagrams per label: raw (blue) and temperature-scaled (orange).
+
+  calibration.py leaves the unknown entries (label below 0) out of bins and ECE.
+  """
   labels, probs = np.asarray(labels), np.asarray(probs)
   scaled = calibration_lib.apply_temperature(probs, temperature)
   figure, axes_list = _grid_axes(len(names))
   for k, (name, axes) in enumerate(zip(names, axes_list)):
+    if not known_rows(labels, k).any():
+      _empty_panel(axes, name, f'no reliability: every {name}\nlabel of the split is unknown')
+      continue
     axes.plot([0, 1], [0, 1], color='grey', lw=0.8, linestyle=':')
     eces = []
     for values, color, marker in ((probs[:, k], 'tab:blue', 'o'),

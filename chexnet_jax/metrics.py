@@ -1,4 +1,4 @@
-"""Classification metrics for the 14 ChestX-ray14 labels.
+"""Classification metrics per label of a run (NIH's 14 or a dataset's own).
 
 AUROC and AUPRC per label (scikit-learn), patient-resampled bootstrap confidence
 intervals, and operating thresholds chosen on validation (Youden's J) with the
@@ -115,7 +115,7 @@ def _percentile_interval(samples, confidence):
 class _RankedColumn:
   """One label's scores sorted once, so each bootstrap resample costs O(N), not a sort.
 
-  scikit-learn re-sorts on every call: 1000 resamples x 14 labels x 2 metrics on
+  scikit-learn re-sorts on every call: 1000 resamples x NIH's 14 labels x 2 metrics on
   the 25,596-image test set took ~5 minutes; this takes seconds. Equal to
   sklearn's roc_auc_score / average_precision_score with sample_weight (tested).
   """
@@ -128,6 +128,8 @@ class _RankedColumn:
 
   def scores(self, weights):
     """(AUROC, average precision) under per-example weights; nan if a class is absent."""
+    if not len(self.order):  # Every label of this column unknown.
+      return float('nan'), float('nan')
     weights = weights[self.order]
     true_pos = np.cumsum(weights * self.positive)[self.ends]
     false_pos = np.cumsum(weights * ~self.positive)[self.ends]
@@ -235,6 +237,8 @@ def classification_report(labels, probs, patients, *, thresholds,
   `thresholds` ({name: float}) should come from youden_thresholds on validation.
   Returns {'per_label': {name: {...}}, 'mean_auroc', 'mean_auroc_ci', 'mean_auprc',
   'mean_auprc_ci', 'num_examples', 'num_patients'}; nan becomes None (JSON null).
+  Per label, num_positive counts its positives and num_known / num_unknown its known
+  and unknown (below 0, left out of every number) entries.
   """
   aurocs = auroc_per_label(labels, probs, names)
   auprcs = auprc_per_label(labels, probs, names)
@@ -253,6 +257,8 @@ def classification_report(labels, probs, patients, *, thresholds,
         'sensitivity': _nan_to_none(operating[name][0]),
         'specificity': _nan_to_none(operating[name][1]),
         'num_positive': int((np.asarray(labels)[:, k] > 0).sum()),
+        'num_known': int(known(labels, k).sum()),
+        'num_unknown': int((~known(labels, k)).sum()),
     }
   mean_ci, mean_pr_ci = intervals['auroc']['mean'], intervals['auprc']['mean']
   return {

@@ -1,12 +1,15 @@
 """DIR/eval/<split>/report.html: one self-contained page per evaluation.
 
 It answers "how good is this checkpoint, where does it look, can I trust its
-probabilities": the run's identity; the per-label table (AUROC and AUPRC with 95%
+probabilities" for the run's own labels (its dataset's names and count,
+labels_lib.names_of(evaluation.config)): the run's identity; the per-label table (AUROC and AUPRC with 95%
 patient-bootstrap intervals, prevalence, sensitivity and specificity at the threshold
 chosen on validation, and why a cell is empty); ROC and precision-recall curves as
 small multiples with their bands; calibration (reliability diagrams, expected
 calibration error, temperature fitted on validation); the localisation table (IoU and
-IoBB accuracy at each threshold); and the heatmap gallery.
+IoBB accuracy at each threshold); and the heatmap gallery. An unknown label (below 0,
+e.g. CheXpert's uncertain under U-Ignore) is left out of that label's numbers, curves,
+prevalence and calibration, as metrics.py does; the table says how many there were.
 
 Every image is embedded as a data: URI and a Content-Security-Policy forbids loading
 anything else, so the page can be mailed or archived and opens offline. Written by
@@ -16,12 +19,13 @@ import base64
 import html
 import os
 
+import numpy as np
+
 from chexnet_jax import calibration as calibration_lib
 from chexnet_jax import figures
 from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
-LABELS = labels_lib.LABELS
 REPORT_FILE = 'report.html'
 # Images only from data: URIs, styles only inline; nothing is fetched from anywhere.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -29,6 +33,11 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 # ----------------------------------------------------------------------------
 # Content (plain data, shared by the page and the notebook).
+
+
+def label_names(evaluation):
+  """The run's label names, in the order of the prediction columns."""
+  return labels_lib.names_of(evaluation.config)
 
 
 def _label_file(config):
@@ -45,6 +54,8 @@ def identity(evaluation, run_name=''):
           ('model', config.model),
           ('dataset', config.dataset),
           ('label file', _label_file(config)),
+          ('labels', f'{len(label_names(evaluation))}: '
+                     f'{", ".join(label_names(evaluation))}'),
           ('checkpoint step', evaluation.step),
           ('split', evaluation.split),
           ('test-time augmentation', evaluation.tta),
@@ -61,41 +72,57 @@ def identity(evaluation, run_name=''):
 
 
 def empty_cell_reasons(evaluation, name):
-  """{column: why it is empty} for one label's row of the table ({} when none is)."""
+  """{column: why it is empty} for one label's row of the table ({} when none is).
+
+  Unknown labels (below 0) are not images of either class: a label whose known
+  entries are all of one class has no AUROC, one with no known entry has no number.
+  """
   row, split = evaluation.report['per_label'][name], evaluation.split
-  column = evaluation.predictions.labels[:, LABELS.index(name)]
-  positives = int(column.sum())
+  column = np.asarray(evaluation.predictions.labels)[:, label_names(evaluation).index(name)]
+  known = column[column >= 0]
+  known_words = ' with a known label' if len(known) < len(column) else ''
   reasons = {}
-  one_class = (f'the {split} split has no {"positive" if not positives else "negative"} '
-               f'{name} image')
   if row['auroc'] is None:
-    reasons['auroc'] = reasons['auprc'] = f'{one_class}: the area is undefined'
+    missing = 'negative' if (known > 0).any() else 'positive'
+    reasons['auroc'] = reasons['auprc'] = (
+        f'the {split} split has no {missing} {name} image{known_words}: '
+        'the area is undefined')
   if row['threshold'] is None:
     reasons['threshold'] = reasons['sensitivity'] = reasons['specificity'] = (
         f'no threshold: the {evaluation.threshold_source} split has only one class of '
-        f"{name}, so Youden's J cannot be chosen")
+        f"{name} (among its known labels), so Youden's J cannot be chosen")
   else:
     if row['sensitivity'] is None:
-      reasons['sensitivity'] = f'no positive {name} image in the {split} split'
+      reasons['sensitivity'] = f'no positive {name} image{known_words} in the {split} split'
     if row['specificity'] is None:
-      reasons['specificity'] = f'no negative {name} image in the {split} split'
+      reasons['specificity'] = f'no negative {name} image{known_words} in the {split} split'
+  if not known.size:
+    why = f'every {name} label of the {split} split is unknown'
+    for key in ('auroc', 'auprc', 'prevalence', 'sensitivity', 'specificity', 'ece'):
+      reasons[key] = why
   return reasons
 
 
 def per_label_rows(evaluation):
-  """[dict] per label: the table's cells as text, and the reasons for empty ones."""
+  """[dict] per label of the run: the table's cells as text, and the reasons for empty
+  ones. Prevalence is the share of positives among the label's known entries."""
   report, rows = evaluation.report, []
   calibration = report.get('calibration') or {'per_label': {}}
-  for name in LABELS:
+  labels = np.asarray(evaluation.predictions.labels)
+  for k, name in enumerate(label_names(evaluation)):
     row = report['per_label'][name]
     ece = calibration['per_label'].get(name, {})
     reasons = empty_cell_reasons(evaluation, name)
+    num_known = int((labels[:, k] >= 0).sum())
+    num_positive = int((labels[:, k] > 0).sum())
+    unknown = len(labels) - num_known
     rows.append({
         'label': name,
         'auroc': _with_interval(row['auroc'], row['auroc_ci']),
         'auprc': _with_interval(row['auprc'], row['auprc_ci']),
-        'prevalence': f'{row["num_positive"] / report["num_examples"]:.1%} '
-                      f'({row["num_positive"]})',
+        'prevalence': (f'{num_positive / num_known:.1%} ({num_positive}'
+                       + (f' of {num_known} known; {unknown} unknown' if unknown else '')
+                       + ')') if num_known else '',
         'threshold': _number(row['threshold']),
         'sensitivity': _number(row['sensitivity']),
         'specificity': _number(row['specificity']),
@@ -120,7 +147,8 @@ def curve_figures(evaluation):
   """{'roc': Figure, 'pr': Figure, 'reliability': Figure} of the evaluated split."""
   predictions, report = evaluation.predictions, evaluation.report
   patients = [str(r['patient_id']) for r in evaluation.records]
-  bands = figures.curve_bands(predictions.labels, predictions.probs, patients, LABELS,
+  names = label_names(evaluation)
+  bands = figures.curve_bands(predictions.labels, predictions.probs, patients, names,
                               num_resamples=min(figures.BAND_RESAMPLES,
                                                 report['bootstrap']['num_resamples']),
                               seed=report['bootstrap']['seed'])
@@ -128,20 +156,24 @@ def curve_figures(evaluation):
   temperature = (report.get('calibration') or {}).get('temperature', 1.0)
   return {
       'roc': figures.roc_figure(predictions.labels, predictions.probs, patients, report,
-                                LABELS, f'ROC, {title}', bands=bands),
+                                names, f'ROC, {title}', bands=bands),
       'pr': figures.pr_figure(predictions.labels, predictions.probs, patients, report,
-                              LABELS, f'Precision-recall, {title}', bands=bands),
+                              names, f'Precision-recall, {title}', bands=bands),
       'reliability': figures.reliability_figure(
-          predictions.labels, predictions.probs, temperature, LABELS,
+          predictions.labels, predictions.probs, temperature, names,
           f'Reliability, {title}')}
 
 
-def localization_rows(localization):
-  """[(label, boxes, mean IoU, mean IoBB, {T: acc IoU}, {T: acc IoBB})], 'all' last."""
+def localization_rows(localization, names=()):
+  """[(label, boxes, mean IoU, mean IoBB, {T: acc IoU}, {T: acc IoBB})], 'all' last.
+
+  In the order of `names` (the run's labels); a scored label not among them follows.
+  """
   if not localization:
     return []
-  entries = [(name, localization['per_label'][name]) for name in LABELS
-             if name in localization['per_label']]
+  scored = localization['per_label']
+  order = [n for n in names if n in scored] + [n for n in scored if n not in names]
+  entries = [(name, scored[name]) for name in order]
   entries.append(('all', localization['all']))
   return [(name, s['num_boxes'], s['mean_iou'], s['mean_iobb'], s['accuracy_iou'],
            s['accuracy_iobb']) for name, s in entries]
@@ -222,8 +254,10 @@ def calibration_html(calibration):
   ece, bce = calibration['ece'], calibration['bce']
   return (
       f'<p id="temperature">Temperature <b>T = {calibration["temperature"]:.3f}</b>, fitted '
-      f'on the {_esc(calibration["fitted_on"])} split (one T for all 14 labels: '
-      'p&prime; = sigmoid(logit / T); rankings and AUROCs are unchanged). On this split: '
+      f'on the {_esc(calibration["fitted_on"])} split (one T for all '
+      f'{len(calibration["per_label"])} labels of the run: '
+      'p&prime; = sigmoid(logit / T); rankings and AUROCs are unchanged; unknown labels '
+      'are left out of the fit and of every number here). On this split: '
       f'mean expected calibration error {_number(ece["before"])} before, '
       f'{_number(ece["after"])} after; cross-entropy {_number(bce["before"], 4)} before, '
       f'{_number(bce["after"], 4)} after. ECE: {calibration["num_bins"]} equal-width bins, '
@@ -231,8 +265,8 @@ def calibration_html(calibration):
       '<code>python -m chexnet_jax.predict --calibrated</code>.</p>')
 
 
-def localization_html(localization):
-  rows = localization_rows(localization)
+def localization_html(localization, names=()):
+  rows = localization_rows(localization, names)
   if not rows:
     return ('<p id="no-localization">No box of this split falls in the model input, '
             'so localisation is not scored.</p>')
@@ -287,8 +321,10 @@ def render(evaluation, out_dir, gallery, localization, pngs, run_name=''):
 <h1>{_esc(title)}</h1>
 <h2 id="run">Run</h2>{_identity_html(identity(evaluation, run_name))}
 <h2 id="performance">How good is it: per finding</h2>
-<p class="note">AUROC and AUPRC with 95% intervals (bootstrap over patients). Prevalence:
-share of the split's images with the finding. Sensitivity and specificity at the threshold
+<p class="note">{_esc(len(label_names(evaluation)))} labels, the run's own. AUROC and AUPRC
+with 95% intervals (bootstrap over patients). Prevalence: share of the split's images
+with the finding, among those whose label is known (an unknown label, e.g. uncertain,
+is left out of every number and curve). Sensitivity and specificity at the threshold
 chosen on the validation split (Youden's J) and applied unchanged here. A dash marks an
 empty cell; the last column says why.</p>
 {per_label_table_html(per_label_rows(evaluation))}{_mean_html(report)}
@@ -297,7 +333,7 @@ empty cell; the last column says why.</p>
 <h2 id="calibration">Can I trust its probabilities: calibration</h2>
 {calibration_html(report.get('calibration'))}
 {_img(pngs['reliability'], 'Reliability diagrams, one panel per finding')}
-<h2 id="localisation">Where does it look: localisation</h2>{localization_html(localization)}
+<h2 id="localisation">Where does it look: localisation</h2>{localization_html(localization, label_names(evaluation))}
 <h2 id="heatmaps">Where does it look: heatmaps</h2>{gallery_html(out_dir, gallery)}
 </body></html>
 """
@@ -323,7 +359,7 @@ def calibrate(evaluation, validation):
   """Adds report['calibration'] (temperature fitted on `validation` Predictions)."""
   evaluation.report['calibration'] = calibration_lib.calibration_report(
       evaluation.predictions.labels, evaluation.predictions.probs,
-      validation.labels, validation.probs, LABELS)
+      validation.labels, validation.probs, label_names(evaluation))
   return evaluation.report['calibration']
 
 

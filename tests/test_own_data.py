@@ -348,26 +348,39 @@ SMOKE = ('--config', 'configs/cpu_smoke.py', '--config.num_train_steps=12',
          '--config.eval_every_epochs=1', '--config.dataset_image_size=40')
 
 
-@pytest.mark.slow
-def test_custom_three_label_csv_end_to_end(tmp_path):
-  path = write_csv(tmp_path / 'own.csv', own_rows())
-  data_dir, workdir = str(tmp_path / 'd'), str(tmp_path / 'run')
+@pytest.fixture(scope='module')
+def own3_run(tmp_path_factory):
+  """The 3-label custom CSV dataset built, a run trained on it and evaluated on test
+  (by the command lines): {'workdir', 'stdout' (evaluate's)}. Shared by the tests below."""
+  root = tmp_path_factory.mktemp('own3')
+  path = write_csv(root / 'own.csv', own_rows())
+  data_dir, workdir = str(root / 'd'), str(root / 'run')
   _run('-m', 'input_pipeline.build', '--csv', path, '--image_root', DEMO, '--labels',
        ','.join(LABELS3), '--patient_column', 'patient', '--name', 'own3', '--data_dir',
        data_dir, '--image_size', '40', '--num_workers', '2')
   _run('-m', 'chexnet_jax.main', *SMOKE, '--workdir', workdir, '--config.dataset=own3',
        f'--config.data_dir={data_dir}')
+  stdout = _run('-m', 'chexnet_jax.evaluate', '--workdir', workdir, '--bootstrap', '20',
+                '--gallery', '2')
+  return {'workdir': workdir, 'stdout': stdout}
+
+
+@pytest.mark.slow
+def test_custom_three_label_csv_end_to_end(own3_run, tmp_path):
+  workdir, out = own3_run['workdir'], own3_run['stdout']
   run = json.loads(open(os.path.join(workdir, 'run.json')).read())
   assert run['labels'] == list(LABELS3) and run['num_classes'] == 3
-  out = _run('-m', 'chexnet_jax.evaluate', '--workdir', workdir, '--bootstrap', '20',
-             '--gallery', '2')
   table = out[out.index('Pathology'):]
   assert [line.split()[0] for line in table.splitlines()[2:5]] == list(LABELS3)
+  assert table.splitlines()[5].startswith('---')  # Three rows, then the mean.
   metrics_json = json.loads(open(os.path.join(workdir, 'eval/test/metrics.json')).read())
   assert list(metrics_json['per_label']) == list(LABELS3)
+  assert list(metrics_json['calibration']['per_label']) == list(LABELS3)
   with open(os.path.join(workdir, 'eval/test/predictions.csv')) as f:
     header = next(csv.reader(f))
   assert header[3:] == [f'prob_{n}' for n in LABELS3] + [f'label_{n}' for n in LABELS3]
+  with open(os.path.join(workdir, 'eval/test/auroc.csv')) as f:
+    assert [r['pathology'] for r in csv.DictReader(f)] == [*LABELS3, 'mean']
   name = own_rows(1)[0][0]
   grey = np.asarray(Image.open(os.path.join(DEMO, name)).convert('L'))
   dcm = write_dicom(str(tmp_path / 'x.dcm'), grey)
@@ -376,6 +389,52 @@ def test_custom_three_label_csv_end_to_end(tmp_path):
   results = json.loads((tmp_path / 'p/predictions.json').read_text())['results']
   assert list(results[0]['probabilities']) == list(LABELS3)
   assert results[0]['probabilities'] == results[1]['probabilities']
+
+
+def _evaluation_from_files(workdir):
+  """evaluate.Evaluation of the test split rebuilt from what evaluate wrote (no model)."""
+  from chexnet_jax import evaluate
+  from chexnet_jax import run_dir
+  out = os.path.join(workdir, 'eval', 'test')
+  summary = json.loads(open(os.path.join(out, 'metrics.json')).read())
+  with open(os.path.join(out, 'predictions.csv'), newline='') as f:
+    rows = list(csv.DictReader(f))
+  probs = np.array([[float(r[f'prob_{n}']) for n in LABELS3] for r in rows], np.float32)
+  labels = np.array([[float(r[f'label_{n}']) for n in LABELS3] for r in rows], np.float32)
+  predictions = evaluate.Predictions(probs, labels, np.array([int(r['index']) for r in rows]))
+  records = [{'image_name': r['image'], 'patient_id': r['patient']} for r in rows]
+  return evaluate.Evaluation(split='test', tta='none', step=summary['step'], report=summary,
+                             predictions=predictions, records=records,
+                             threshold_source='validation',
+                             config=run_dir.load_config(workdir))
+
+
+@pytest.mark.slow
+def test_report_of_the_three_label_run_has_its_labels_and_loads_in_chromium(own3_run):
+  from chexnet_jax import report
+  from input_pipeline import labels as labels_lib
+  from tests.browser import chromium
+  why = chromium.missing()
+  if why:
+    pytest.fail(why)
+  workdir = own3_run['workdir']
+  path = os.path.join(workdir, 'eval', 'test', 'report.html')
+  page = chromium.inspect(path)
+  assert page['console'] == []
+  assert page['rows'] == list(LABELS3)            # Exactly the dataset's 3, in its order.
+  summary = json.loads(open(os.path.join(workdir, 'eval/test/metrics.json')).read())
+  assert len(page['images']) == 3 + len(summary['gallery'])  # ROC, PR, reliability.
+  for image in page['images']:
+    assert image['complete'] and image['width'] > 0 and image['scheme'] == 'data', image
+  assert page['resources'] == []
+  assert 'one T for all 3 labels' in page['text'] and 'all 14' not in page['text']
+  for nih_only in set(labels_lib.LABELS) - set(LABELS3):
+    assert nih_only not in page['text'], nih_only
+  # One panel per label in each figure, titled with the dataset's names.
+  figures = report.curve_figures(_evaluation_from_files(workdir))
+  for key in ('roc', 'pr', 'reliability'):
+    panels = [a for a in figures[key].axes if a.axison]
+    assert [a.get_title().split('\n')[0] for a in panels] == list(LABELS3), key
 
 
 @pytest.mark.slow

@@ -108,12 +108,15 @@ def test_curve_bands_hold_the_curve():
 
 # ------------------------------------------------- the page, without a model --
 
-def _fake_evaluation(labels, probs, thresholds):
+def _fake_evaluation(labels, probs, thresholds, names=None):
+  """A report without a model; `names` (a dataset's own labels) go in the config."""
   patients = [str(i) for i in range(len(labels))]
   result = metrics.classification_report(labels, probs, patients, thresholds=thresholds,
-                                         num_resamples=20)
+                                         names=names or LABELS, num_resamples=20)
+  settings = {'label_names': ','.join(names)} if names else {}
   config = types.SimpleNamespace(model='tiny', dataset='synthetic', image_size=32,
-                                 dataset_image_size=40, get=lambda k, d=None: d)
+                                 dataset_image_size=40,
+                                 get=lambda k, d=None: settings.get(k, d))
   evaluation = types.SimpleNamespace(
       split='test', tta='none', step=7, report=result, threshold_source='validation',
       predictions=types.SimpleNamespace(labels=labels, probs=probs),
@@ -138,6 +141,96 @@ def test_empty_cells_say_why():
   table = report.per_label_table_html(list(rows.values()))
   assert table.count('<tr data-label=') == 14
   assert 'no positive Hernia image' in table
+
+
+def _with_unknowns(seed=0, n=400, num_labels=3, unknown=0.2):
+  """labels [n, L] in {1, 0, -1} (a fifth unknown), informative probs, patients."""
+  rng = np.random.default_rng(seed)
+  truth = (rng.random((n, num_labels)) < 0.3).astype(float)
+  probs = np.clip(truth * 0.35 + rng.random((n, num_labels)) * 0.65, 0, 1)
+  labels = np.where(rng.random((n, num_labels)) < unknown, -1.0, truth)
+  return labels, probs, np.arange(n) // 2
+
+
+def test_calibration_leaves_unknown_entries_out():
+  labels, probs, _ = _with_unknowns()
+  known = labels >= 0
+  # The temperature: fitted as if the unknown entries were not there.
+  assert calibration.fit_temperature(labels, probs) == pytest.approx(
+      calibration.fit_temperature(labels[known], probs[known]), rel=1e-9)
+  assert calibration.binary_cross_entropy(labels, probs) == pytest.approx(
+      calibration.binary_cross_entropy(labels[known], probs[known]), rel=1e-12)
+  for k in range(labels.shape[1]):
+    rows = known[:, k]
+    assert calibration.expected_calibration_error(labels[:, k], probs[:, k]) == pytest.approx(
+        calibration.expected_calibration_error(labels[rows, k], probs[rows, k]), rel=1e-12)
+    ours = calibration.reliability_bins(labels[:, k], probs[:, k])
+    theirs = calibration.reliability_bins(labels[rows, k], probs[rows, k])
+    for key in ours:
+      np.testing.assert_array_equal(ours[key], theirs[key])
+  names = ('a', 'b', 'c')
+  result = calibration.calibration_report(labels, probs, labels, probs, names)
+  for k, name in enumerate(names):
+    rows = known[:, k]
+    scaled = calibration.apply_temperature(probs[rows, k], result['temperature'])
+    assert result['per_label'][name]['ece_calibrated'] == pytest.approx(
+        calibration.expected_calibration_error(labels[rows, k], scaled), rel=1e-9)
+  # An unknown entry's probability changes nothing.
+  moved = np.where(known, probs, 1 - probs)
+  assert calibration.calibration_report(labels, moved, labels, moved, names) == result
+  with pytest.raises(ValueError, match='no known label'):
+    calibration.fit_temperature(np.full((4, 2), -1.0), np.full((4, 2), 0.5))
+
+
+def test_curves_leave_unknown_entries_out():
+  labels, probs, patients = _with_unknowns(seed=3)
+  known = labels >= 0
+  names = ('a', 'b', 'c')
+  bands = figures.curve_bands(labels, probs, patients, names, num_resamples=30)
+  for k, name in enumerate(names):
+    rows = known[:, k]
+    alone = figures.curve_bands(labels[rows, k:k + 1], probs[rows, k:k + 1], patients[rows],
+                                [name], num_resamples=30)
+    for key in ('roc', 'pr'):  # The curve itself: that of the data without those rows.
+      np.testing.assert_array_equal(bands[name][key][0], alone[name][key][0])
+  # The bands (same resamples of patients): blind to what an unknown entry holds.
+  moved = np.where(known, probs, 1 - probs)
+  again = figures.curve_bands(labels, moved, patients, names, num_resamples=30)
+  for name in names:
+    for key in ('roc', 'pr'):
+      for ours, theirs in zip(bands[name][key], again[name][key]):
+        np.testing.assert_array_equal(ours, theirs)
+  # A label whose every entry is unknown has no curve, and no exception.
+  labels[:, 2] = -1
+  assert set(figures.curve_bands(labels, probs, patients, names, num_resamples=5)) == {'a', 'b'}
+
+
+def test_report_of_a_dataset_with_unknown_labels():
+  names = ('Effusion', 'Edema', 'Pleural Other')
+  labels, probs, _ = _with_unknowns(seed=5, n=120)
+  labels[:, 2] = -1                                     # Every 'Pleural Other' unknown.
+  thresholds = metrics.youden_thresholds(labels, probs, names)
+  thresholds['Pleural Other'] = 0.5                     # As if validation had both classes.
+  evaluation = _fake_evaluation(labels, probs, thresholds, names)
+  rows = report.per_label_rows(evaluation)
+  assert [row['label'] for row in rows] == list(names)
+  known = int((labels[:, 0] >= 0).sum())
+  positives = int((labels[:, 0] > 0).sum())
+  assert rows[0]['prevalence'] == (f'{positives / known:.1%} ({positives} of {known} known; '
+                                   f'{len(labels) - known} unknown)')
+  assert rows[0]['reasons'] == {}
+  assert set(rows[2]['reasons']) >= {'auroc', 'prevalence', 'sensitivity', 'ece'}
+  assert 'unknown' in rows[2]['reasons']['auroc']
+  table = report.per_label_table_html(rows)
+  assert table.count('<tr data-label=') == 3 and 'Hernia' not in table
+  assert evaluation.report['per_label']['Effusion']['num_unknown'] == len(labels) - known
+  # Prevalence line of the PR panel: among the known entries.
+  figure = report.curve_figures(evaluation)
+  panels = [a for a in figure['pr'].axes if a.axison]
+  assert [a.get_title().split('\n')[0] for a in panels] == list(names)
+  prevalence_line = panels[0].lines[-1].get_ydata()
+  assert prevalence_line[0] == pytest.approx(positives / known)
+  assert 'all 3 labels' in report.calibration_html(evaluation.report['calibration'])
 
 
 # ----------------------------------------------- the page, in a real browser --
