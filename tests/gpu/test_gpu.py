@@ -13,7 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from chexnet_jax import train
+from chexnet_jax import sharding
+from chexnet_jax import train_state
+from chexnet_jax import train_step
 from configs import default
 from tests.conftest import REPO
 
@@ -52,14 +54,16 @@ class _Trainer:
 
   def __init__(self, config, platform, initial_state=None):
     self.mesh = _mesh(platform)
-    model = train.build_model(config, for_training=True)
-    tx, schedule = train.create_optimizer(config, steps_per_epoch=1, total_steps=100)
-    state = initial_state or train.create_train_state(config, model, _mesh('cpu'), tx)
-    self.state = jax.device_put(jax.device_get(state), train.replicated(self.mesh))
-    self.step_fn = train.make_train_step(config, model, self.mesh, tx, schedule)
+    model = train_state.build_model(config, for_training=True)
+    tx, schedule = train_state.create_optimizer(config, steps_per_epoch=1, total_steps=100)
+    state = initial_state
+    if state is None:
+      state = train_state.create_train_state(config, model, _mesh('cpu'), tx)
+    self.state = jax.device_put(jax.device_get(state), sharding.replicated(self.mesh))
+    self.step_fn = train_step.make_train_step(config, model, self.mesh, tx, schedule)
 
   def step(self, batch):
-    self.state, metrics = self.step_fn(self.state, train.to_global(batch, self.mesh))
+    self.state, metrics = self.step_fn(self.state, sharding.to_global(batch, self.mesh))
     return float(metrics['train_loss'])
 
 
