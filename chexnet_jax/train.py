@@ -12,6 +12,7 @@ import time
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 
 from chexnet_jax import checkpoints
 from chexnet_jax import config_checks
@@ -24,6 +25,7 @@ from chexnet_jax import run_dir
 from chexnet_jax import sharding
 from chexnet_jax import train_state
 from chexnet_jax import train_step
+from chexnet_jax import workdir_lock
 from input_pipeline import pipeline
 
 # 128 + SIGTERM: the conventional code of a process ended by SIGTERM, which
@@ -105,23 +107,70 @@ def check_finite(step, loss, manager):
 
 
 def train_and_evaluate(config, workdir):
-  """Trains, evaluates every `eval_every_epochs`, checkpoints, resumes."""
+  """Trains, evaluates every `eval_every_epochs`, checkpoints, resumes.
+
+  Everything the config alone can be checked for is checked before the workdir
+  is touched; the workdir's lock is then taken before anything is written in it.
+  """
   config = run_dir.with_absolute_paths(config)  # The run works from anywhere.
   config_checks.validate(config)
   dataset_info = pipeline.get_dataset_info(config)
-  run_dir.prepare_workdir(workdir)
-  run_dir.check_or_write_identity(
-      workdir, run_dir.run_identity(config, dataset_info))
-  run_dir.record_start(workdir, config, pipeline.split_file(config))
-  trainer = _Trainer(config, workdir, dataset_info)
-  writer = (metric_logging.MetricWriter(workdir) if jax.process_index() == 0
-            else metric_logging.NullWriter())
+  config_checks.check_splits(config, dataset_info)
+  lock = _lock_workdir(workdir)
   try:
-    return trainer.loop(writer)
-  finally:
+    run_dir.prepare_workdir(workdir)
+    run_dir.check_or_write_identity(
+        workdir, run_dir.run_identity(config, dataset_info))
+    run_dir.record_start(workdir, config, pipeline.split_file(config))
+    trainer = _Trainer(config, workdir, dataset_info)
+    writer = (metric_logging.MetricWriter(workdir) if jax.process_index() == 0
+              else metric_logging.NullWriter())
+    try:
+      result = trainer.loop(writer)
+    except BaseException:
+      _close_quietly(trainer.manager, writer)  # The real error goes on.
+      raise
     checkpoints.wait_until_finished(trainer.manager)  # A failed write: one sentence.
-    trainer.manager.close()
-    writer.close()
+    _close_quietly(trainer.manager, writer)
+    return result
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _lock_workdir(workdir):
+  """Process 0 takes WORKDIR/run.lock (workdir_lock.py); every process learns
+  whether it did, so a refused job stops everywhere in one sentence."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      run_dir.make_workdir(workdir)
+      lock = workdir_lock.WorkdirLock(workdir).acquire()
+    except OSError as e:
+      error = run_dir.unwritable_error(workdir, workdir, e)
+    except workdir_lock.WorkdirBusyError as e:
+      error = e
+  if jax.process_count() > 1:
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if int(failed) and error is None:
+      if lock is not None:
+        lock.release()
+      raise workdir_lock.WorkdirBusyError(
+          f'process 0 could not take the lock of {workdir} (its error says why).')
+  if error is not None:
+    raise error
+  return lock
+
+
+def _close_quietly(manager, writer):
+  """Cleanup that cannot replace the error that ended the run: a failure to
+  close is logged in one line."""
+  for close in (manager.close, writer.close):
+    try:
+      close()
+    except Exception as error:  # pylint: disable=broad-except
+      logging.warning('While closing (%s): %s: %s', getattr(close, '__qualname__', close),
+                      type(error).__name__, str(error).splitlines()[0][:200])
 
 
 class _Trainer:
@@ -145,21 +194,29 @@ class _Trainer:
         config.pos_weight, dataset_info['train_positive_fraction'])
     self.train_step = train_step.make_train_step(
         config, model, self.mesh, tx, schedule, self.loss_weights)
-    self.data = pipeline.create_train_iterator(
-        config, process_index=jax.process_index(),
-        process_count=jax.process_count())
     self.manager = checkpoints.create_manager(workdir, config.keep_checkpoints,
                                               config.best_metric)
-    self._resume(workdir)
+    start_step = self._resume(workdir)
+    self.data = pipeline.create_train_iterator(
+        config, process_index=jax.process_index(),
+        process_count=jax.process_count(), start_step=start_step)
 
   def _resume(self, workdir):
-    restored, step = checkpoints.restore_latest(
-        self.manager, self.state, self.data)
+    """Restores the newest intact checkpoint; returns the global step to go on from."""
+    restored, step, data = checkpoints.restore_latest(self.manager, self.state)
     if restored is None:
       logging.info('Starting a new run in %s.', workdir)
-      return
+      return 0
     self.state = restored
     logging.info('Resuming from checkpoint step %d in %s.', step, workdir)
+    _log_topology_change(self.config, step, data)
+    return step
+
+  def data_position(self, step):
+    """What fixes the input stream at `step`, whatever the topology (see save)."""
+    return {'global_step': step, 'batch_size': self.config.batch_size,
+            'seed': self.config.seed, 'process_count': jax.process_count(),
+            'device_count': jax.device_count()}
 
   def loop(self, writer):
     config, step = self.config, int(jax.device_get(self.state.step))
@@ -188,7 +245,7 @@ class _Trainer:
         timer.reset()  # Throughput is of training steps only.
       elif step % config.checkpoint_every_steps == 0:
         check_finite(*previous, self.manager)
-        checkpoints.save(self.manager, self.state, self.data)
+        checkpoints.save(self.manager, self.state, self.data_position(step))
       if preemption.reached(step):
         return self._save_for_preemption(step, previous)
     return self.state
@@ -214,18 +271,45 @@ class _Trainer:
     writer.write_scalars(step, scalars)
     logging.info('step %d: validation loss %.4f, mean AUROC %.4f', step,
                  result['loss'], result['mean_auroc'])
-    checkpoints.save(self.manager, self.state, self.data,
-                          metrics={'val_mean_auroc': result['mean_auroc'],
+    checkpoints.save(self.manager, self.state, self.data_position(step),
+                     metrics={'val_mean_auroc': result['mean_auroc'],
                                    'val_loss': result['loss']})
 
   def _save_for_preemption(self, step, previous):
     check_finite(*previous, self.manager)
     if step not in self.manager.all_steps():
-      checkpoints.save(self.manager, self.state, self.data)
+      checkpoints.save(self.manager, self.state, self.data_position(step))
     checkpoints.wait_until_finished(self.manager)
     logging.warning('Preempted: saved step %d; exiting with code %d so the job '
                     'can be requeued.', step, PREEMPTED_EXIT_CODE)
     raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+def _log_topology_change(config, step, data):
+  """One line when a run resumes on another topology or input setting."""
+  if jax.process_index() != 0:
+    return
+  if data is None:
+    logging.warning('Checkpoint step %d holds an older per-process iterator '
+                    'state; the input stream goes on from global step %d.', step, step)
+    return
+  if (data.get('batch_size'), data.get('seed')) != (config.batch_size, config.seed):
+    logging.warning(
+        'Checkpoint step %d was trained with batch_size %s, seed %s; this run has '
+        '%d, %d: the input order from here is that of the new setting, so within '
+        'the current epoch some examples may repeat or be skipped.', step,
+        data.get('batch_size'), data.get('seed'), config.batch_size, config.seed)
+  saved = (data.get('process_count'), data.get('device_count'))
+  now = (jax.process_count(), jax.device_count())
+  if saved == now:
+    return
+  same = ('the same device count: it continues exactly as it would have'
+          if saved[1] == now[1] else
+          'another device count: the same examples in the same order, but each '
+          'device\'s share (and its BatchNorm statistics) changes, so the numbers '
+          'differ slightly from an uninterrupted run')
+  logging.info('Checkpoint step %d was saved on %s process(es) x %s device(s); '
+               'resuming on %d x %d, %s.', step, saved[0], saved[1], *now, same)
 
 
 def _log_compiling(step):
