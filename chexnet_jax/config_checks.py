@@ -92,6 +92,8 @@ _NUMBERS = {
     'warmup_epochs': (lambda v: v >= 0, '0 or more'),
     'prefetch_buffer': (lambda v: v >= 0, '0 or more'),
     'grain_workers': (lambda v: v >= 0, '0 or more'),
+    'step_timeout_factor': (lambda v: v > 1, 'more than 1 (e.g. 20)'),
+    'step_timeout_min_seconds': (lambda v: v >= 0, '0 (no watchdog) or more'),
 }
 
 

@@ -4,9 +4,14 @@ The top of the module graph: main.py calls `train_and_evaluate`; the pieces it
 puts together live in leaf modules (sharding, train_state, train_step,
 inference, checkpoints, run_dir), which nothing here is imported back into.
 """
+import contextlib
 import functools
 import math
+import os
 import signal
+import statistics
+import sys
+import threading
 import time
 
 from absl import logging
@@ -94,6 +99,73 @@ class StepTimer:
             'data_wait_ms': 1e3 * self._data_wait / steps}
 
 
+class StepWatchdog:
+  """Ends the process when a training step takes far longer than the recent
+  ones: a collective waiting on a hung peer blocks forever otherwise, keeping
+  the whole Slurm job RUNNING until its time limit.
+
+  A daemon thread; `beat(step)` after each step, `paused()` around evaluation,
+  saves and the first (compiling) step. It fires when the current step has run
+  longer than max(factor x median of the last `window` steps, min_seconds):
+  one sentence on stderr, then exit code STEP_TIMEOUT_EXIT_CODE.
+  """
+  STEP_TIMEOUT_EXIT_CODE = 124
+
+  def __init__(self, factor, min_seconds, window=50, poll_seconds=1.0):
+    self._factor, self._min_seconds = factor, min_seconds
+    self._window, self._poll = window, poll_seconds
+    self._durations, self._lock = [], threading.Lock()
+    self._last, self._step, self._armed = None, 0, False
+    self._stop = threading.Event()
+    if min_seconds > 0:
+      threading.Thread(target=self._watch, daemon=True,
+                       name='step-watchdog').start()
+
+  def beat(self, step):
+    now = time.monotonic()
+    with self._lock:
+      if self._armed and self._last is not None:
+        self._durations = (self._durations + [now - self._last])[-self._window:]
+      self._last, self._step, self._armed = now, step, True
+
+  @contextlib.contextmanager
+  def paused(self):
+    with self._lock:
+      self._armed = False
+    try:
+      yield
+    finally:
+      with self._lock:
+        self._last, self._armed = time.monotonic(), True
+
+  def limit(self):
+    """Seconds a step may take now."""
+    median = statistics.median(self._durations) if self._durations else 0.0
+    return max(self._factor * median, self._min_seconds)
+
+  def stop(self):
+    self._stop.set()
+
+  def _watch(self):
+    while not self._stop.wait(self._poll):
+      with self._lock:
+        if not self._armed or self._last is None:
+          continue
+        waited, limit = time.monotonic() - self._last, self.limit()
+        median = statistics.median(self._durations) if self._durations else 0.0
+        step = self._step + 1
+      if waited > limit:
+        sys.stderr.write(
+            f'error: training step {step} has taken {waited:.0f} s, more than '
+            f'{self._factor:g} x the median step ({median:.2f} s) and at least '
+            f'config.step_timeout_min_seconds={self._min_seconds:g}: a process '
+            'of the job hangs (a stopped or stuck peer, a hung collective); '
+            f'process {jax.process_index()} exits so that the job ends, and a '
+            'rerun resumes from the last checkpoint.\n')
+        sys.stderr.flush()
+        os._exit(self.STEP_TIMEOUT_EXIT_CODE)  # The main thread is blocked.
+
+
 def check_finite(step, loss, manager):
   """Stops the run on a NaN/inf loss, keeping the last good checkpoint."""
   loss = float(loss)
@@ -127,12 +199,10 @@ def train_and_evaluate(config, workdir):
               else metric_logging.NullWriter())
     try:
       result = trainer.loop(writer)
-    except BaseException:
-      _close_quietly(trainer.manager, writer)  # The real error goes on.
-      raise
-    checkpoints.wait_until_finished(trainer.manager)  # A failed write: one sentence.
-    _close_quietly(trainer.manager, writer)
-    return result
+      checkpoints.wait_until_finished(trainer.manager)  # A failed write: one sentence.
+      return result
+    finally:
+      _close_quietly(trainer.manager, writer)  # Cannot replace the real error.
   finally:
     if lock is not None:
       lock.release()
@@ -223,31 +293,44 @@ class _Trainer:
     eval_every = eval_interval_steps(config, self.steps_per_epoch)
     reading_train = functools.partial(pipeline.reading, config, 'train')
     timer, preemption = StepTimer(config.batch_size), Preemption()
+    watchdog = StepWatchdog(config.get('step_timeout_factor', 20.0),
+                            config.get('step_timeout_min_seconds', 0.0))
     previous = None  # (step, loss) checked one step late: keeps dispatch async.
-    while step < self.total_steps:
-      wait_start = time.perf_counter()
-      with reading_train():
-        batch = next(self.data)
-      timer.add(time.perf_counter() - wait_start)
-      if previous is None:
-        _log_compiling(step)
-      self.state, metrics = self.train_step(
-          self.state, sharding.to_global(batch, self.mesh))
-      step += 1
-      if previous:
-        check_finite(*previous, self.manager)
-      previous = (step, metrics['train_loss'])
-      if step % config.log_every_steps == 0 or step == self.total_steps:
-        self._log(writer, step, metrics, timer)
-      if step % eval_every == 0 or step == self.total_steps:
-        check_finite(*previous, self.manager)
-        self._evaluate_and_save(writer, step)
-        timer.reset()  # Throughput is of training steps only.
-      elif step % config.checkpoint_every_steps == 0:
-        check_finite(*previous, self.manager)
-        checkpoints.save(self.manager, self.state, self.data_position(step))
-      if preemption.reached(step):
-        return self._save_for_preemption(step, previous)
+    try:
+      while step < self.total_steps:
+        wait_start = time.perf_counter()
+        with reading_train():
+          batch = next(self.data)
+        timer.add(time.perf_counter() - wait_start)
+        if previous is None:
+          _log_compiling(step)
+          with watchdog.paused():  # Compiling: minutes, not a hang.
+            self.state, metrics = self.train_step(
+                self.state, sharding.to_global(batch, self.mesh))
+            jax.block_until_ready(metrics['train_loss'])
+        else:
+          self.state, metrics = self.train_step(
+              self.state, sharding.to_global(batch, self.mesh))
+        step += 1
+        if previous:
+          check_finite(*previous, self.manager)
+        watchdog.beat(step)
+        previous = (step, metrics['train_loss'])
+        if step % config.log_every_steps == 0 or step == self.total_steps:
+          self._log(writer, step, metrics, timer)
+        if step % eval_every == 0 or step == self.total_steps:
+          check_finite(*previous, self.manager)
+          with watchdog.paused():
+            self._evaluate_and_save(writer, step)
+          timer.reset()  # Throughput is of training steps only.
+        elif step % config.checkpoint_every_steps == 0:
+          check_finite(*previous, self.manager)
+          with watchdog.paused():
+            checkpoints.save(self.manager, self.state, self.data_position(step))
+        if preemption.reached(step):
+          return self._save_for_preemption(step, previous)
+    finally:
+      watchdog.stop()
     return self.state
 
   def _log(self, writer, step, metrics, timer):

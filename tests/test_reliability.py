@@ -65,6 +65,7 @@ from chexnet_jax import checkpoints, main, train_step
 workdir = sys.argv[sys.argv.index('--workdir') + 1]
 kill_after_save = int(os.environ.get('TEST_KILL_AFTER_SAVE', -1))
 full_after_save = int(os.environ.get('TEST_DISK_FULL_AFTER_SAVE', -1))
+hang_at_step = int(os.environ.get('TEST_HANG_AT_STEP', -1))
 make_train_step, save = train_step.make_train_step, checkpoints.save
 
 def recording_make_train_step(*args, **kwargs):
@@ -76,6 +77,8 @@ def recording_make_train_step(*args, **kwargs):
               'index': np.concatenate(rows).tolist()}
     with open(os.path.join(workdir, 'steps.jsonl'), 'a') as f:
       f.write(json.dumps(record) + '\n')
+    if record['step'] == hang_at_step:  # Like a collective waiting on a hung peer.
+      import time; time.sleep(3600)
     return step_fn(state, batch)
   return step
 
@@ -581,6 +584,20 @@ def test_second_run_on_a_workdir_is_refused(tmp_path):
   assert f'Taking over {workdir}/run.lock from pid {first.pid} on ' in log, _tail(log)
   assert 'no longer runs' in log
   assert not (workdir / 'run.lock').exists()  # Freed when the run ended.
+
+
+@pytest.mark.slow
+def test_hung_step_ends_the_run_in_one_sentence(tmp_path):
+  workdir = tmp_path / 'run'
+  start = time.monotonic()
+  code, log = _drive(workdir, *RUN_ARGS, '--config.step_timeout_min_seconds=3',
+                     env=_env(TEST_HANG_AT_STEP=12))
+  assert code == 124, _tail(log)
+  assert time.monotonic() - start < 120
+  line = _last_error_line(log)
+  assert line.startswith('error: training step 12 has taken ') and \
+      'a process of the job hangs' in line, line
+  assert 'Traceback' not in log
 
 
 # ------------------------------------------------ resume on another topology --
