@@ -225,7 +225,10 @@ def _os_error(error):
 
 def _complete_steps(manager):
   """Finalised steps on disk (orbax lists a step as soon as its save starts)."""
-  names = os.listdir(manager.directory)
+  try:
+    names = os.listdir(manager.directory)
+  except OSError:  # The directory vanished.
+    return []
   return sorted(int(n) for n in names if n.isdigit())
 
 

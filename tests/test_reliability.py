@@ -66,6 +66,7 @@ workdir = sys.argv[sys.argv.index('--workdir') + 1]
 kill_after_save = int(os.environ.get('TEST_KILL_AFTER_SAVE', -1))
 full_after_save = int(os.environ.get('TEST_DISK_FULL_AFTER_SAVE', -1))
 hang_at_step = int(os.environ.get('TEST_HANG_AT_STEP', -1))
+vanish_after_save = int(os.environ.get('TEST_VANISH_AFTER_SAVE', -1))
 make_train_step, save = train_step.make_train_step, checkpoints.save
 
 def recording_make_train_step(*args, **kwargs):
@@ -86,6 +87,10 @@ def faulty_save(manager, state, data_iterator, metrics=None):
   step = save(manager, state, data_iterator, metrics)
   if step == kill_after_save:  # Its files are still being written.
     os.kill(os.getpid(), signal.SIGKILL)
+  if step == vanish_after_save:  # Someone deletes the checkpoints directory.
+    import shutil
+    checkpoints.wait_until_finished(manager)
+    shutil.rmtree(manager.directory)
   if step == full_after_save:  # The disk fills up after this save.
     checkpoints.wait_until_finished(manager)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Writes fail with EFBIG.
@@ -351,12 +356,27 @@ def test_disk_full_at_a_checkpoint_is_one_error_and_resumable(reference,
       f'error: Writing a checkpoint to {workdir}/checkpoints failed (File too '
       'large). The last complete checkpoint is step 8; free space (or fix the '
       'directory), then run again to resume from it.')
+  assert 'Traceback' not in log, _tail(log)
   # The failed save is left as orbax's temporary directory, never a step.
   assert _steps_on_disk(workdir) == ['16.orbax-checkpoint-tmp', '8']
   code, log = _drive(workdir, *RUN_ARGS)  # Space freed: resume.
   assert code == 0, _tail(log)
   assert _resumed_from(log) == CHECKPOINT_EVERY
   _assert_bitwise_equal_runs(workdir, reference)
+
+
+@pytest.mark.slow
+def test_vanished_checkpoint_directory_is_one_sentence_at_the_next_save(tmp_path):
+  workdir = tmp_path / 'run'
+  code, log = _drive(workdir, *RUN_ARGS,
+                     env=_env(TEST_VANISH_AFTER_SAVE=CHECKPOINT_EVERY))
+  assert code == 1, _tail(log)
+  assert _last_error_line(log) == (
+      f'error: Writing a checkpoint to {workdir}/checkpoints failed (No such file '
+      'or directory). The last complete checkpoint is step none; free space (or '
+      'fix the directory), then run again to resume from it.')
+  assert 'Traceback' not in log, _tail(log)
+  assert _recorded_steps(workdir) == 2 * CHECKPOINT_EVERY  # Stopped at that save.
 
 
 def test_disk_full_at_start_stops_before_training(tmp_path):
