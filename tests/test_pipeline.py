@@ -258,3 +258,16 @@ def test_dataset_records_which_label_file_it_read(config):
   info = pipeline.get_dataset_info(config)
   assert info['label_file'].startswith('Data_Entry_2017_v2020.csv')
   assert "NIH's 2020 label revision" in info['label_file']
+
+
+def test_eval_batch_is_rounded_up_to_the_device_count(config):
+  """64 over 3 processes stopped evaluate; now it is padded to 66."""
+  config.eval_batch_size = 64
+  assert pipeline.global_eval_batch(config, 3) == 66
+  assert pipeline.global_eval_batch(config, 4) == 64
+  batches = list(pipeline.create_eval_iterator(config, 'test', process_index=2,
+                                               process_count=3))
+  assert {b['image'].shape[0] for b in batches} == {22}
+  one = list(pipeline.create_eval_iterator(config, 'test', process_index=0,
+                                           process_count=1, device_count=3))
+  assert {b['image'].shape[0] for b in one} == {66}
