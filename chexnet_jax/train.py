@@ -171,7 +171,7 @@ def check_finite(step, loss, manager):
   loss = float(loss)
   if math.isfinite(loss):
     return
-  manager.wait_until_finished()
+  checkpoints.wait_until_finished(manager)  # Checksummed too.
   raise NonFiniteLossError(
       f'Training loss is {loss} at step {step}; the run stopped. The last '
       f'good checkpoint is step {manager.latest_step()} in {manager.directory}.'
@@ -218,7 +218,7 @@ def _lock_workdir(workdir):
       lock = workdir_lock.WorkdirLock(workdir).acquire()
     except OSError as e:
       error = run_dir.unwritable_error(workdir, workdir, e)
-    except workdir_lock.WorkdirBusyError as e:
+    except (run_dir.WorkdirError, workdir_lock.WorkdirBusyError) as e:
       error = e
   if jax.process_count() > 1:
     failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
@@ -226,7 +226,7 @@ def _lock_workdir(workdir):
       if lock is not None:
         lock.release()
       raise workdir_lock.WorkdirBusyError(
-          f'process 0 could not take the lock of {workdir} (its error says why).')
+          f'process 0 could not take the lock of {workdir} (its error line says why).')
   if error is not None:
     raise error
   return lock
