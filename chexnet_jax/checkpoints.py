@@ -1,15 +1,25 @@
 """Checkpoints: one orbax CheckpointManager for the train state and the input
-iterator (WORKDIR/checkpoints/N/, items 'state' and 'data'), and loading a
+position (WORKDIR/checkpoints/N/, items 'state' and 'data'), and loading a
 trained run for evaluation and prediction.
 
+'data' is topology-free JSON: the global step, batch size and seed fix the
+input stream (input_pipeline/pipeline.py), plus the process and device counts
+it was saved on, so that a run resumes on any number of processes.
+
 orbax writes each step to a temporary directory and renames it when complete,
-so a save killed half-way never appears as a step; a step that is complete on
-disk but unreadable (a truncated file) is moved aside to
-<step>.unreadable-<time>, with the reason logged, and the previous one used.
+so a save killed half-way never appears as a step. Once a save has completed,
+process 0 writes N/checksums.json: the sha256 of every file of the step. A
+restore verifies them first: a step whose files differ (a flipped bit, a
+truncated or missing file, anywhere: arrays, 'data', metadata) is "corrupt",
+one that orbax cannot read is "unreadable"; either is moved aside to
+<step>.corrupt-<time> or <step>.unreadable-<time>, with one log line, and the
+previous step is used. A step without checksums.json (the run stopped between
+the save and its checksums) is restored unverified, with a log line.
 """
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import re
@@ -17,7 +27,6 @@ import time
 from typing import Any
 
 from absl import logging
-import grain
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
@@ -31,6 +40,19 @@ from chexnet_jax import train_state
 # a run's best checkpoint with, below train_state): one rule for both.
 BEST_METRIC = run_weights.BEST_METRIC
 BEST_METRICS = run_weights.BEST_METRICS
+CHECKSUM_FILE = 'checksums.json'
+# Bounds orbax's wait for a background write (its default: 5 minutes and more
+# on a directory turned read-only); a save of DenseNet121 takes seconds.
+SAVE_TIMEOUT_SECONDS = 120
+# Steps whose save this process started and whose checksums are not yet written,
+# by checkpoint directory.
+_UNSUMMED = {}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint chosen for evaluation or prediction is corrupt or unreadable."""
+
+
 
 
 def create_manager(workdir, keep, best_metric=BEST_METRIC):
@@ -45,7 +67,8 @@ def create_manager(workdir, keep, best_metric=BEST_METRIC):
   ])
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, best_fn=_best_metric_fn, best_mode='max',
-      enable_async_checkpointing=True, create=True)
+      enable_async_checkpointing=True, create=True,
+      async_options=ocp.AsyncOptions(timeout_secs=SAVE_TIMEOUT_SECONDS))
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   _set_aside_torn_metrics(directory)
   return ocp.CheckpointManager(directory, options=options,
@@ -63,27 +86,100 @@ def _set_aside_torn_metrics(directory):
         json.load(f)
     except (OSError, ValueError) as error:
       if step.isdigit():
-        _set_aside(directory, int(step), error)
+        _set_aside(directory, int(step), f'metrics: {type(error).__name__}')
   if jax.process_count() > 1:  # None may open the directory before it moved.
     multihost_utils.sync_global_devices('checkpoint metrics checked')
 
 
-def save(manager, state, data_iterator, metrics=None):
-  """Starts an asynchronous save of `state` (and the iterator, if any)."""
+def save(manager, state, data=None, metrics=None):
+  """Starts an asynchronous save of `state` and the input position `data` (a
+  JSON-able dict, see module doc). First waits for the previous save, writes
+  its checksums, and proves the directory still takes a write: a full disk or
+  a read-only directory is reported at this save, in one sentence."""
   items = {'state': ocp.args.StandardSave(state)}
-  if data_iterator is not None:
-    items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+  if data is not None:
+    items['data'] = ocp.args.JsonSave(data)
   step = int(jax.device_get(state.step))
   with _write_errors(manager):  # Also reports the previous save's failure.
+    _finish_previous(manager)
+    _probe_writable(manager.directory)
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
                  force=True)
+  _UNSUMMED.setdefault(str(manager.directory), set()).add(step)
   return step
 
 
 def wait_until_finished(manager):
-  """Waits for the asynchronous save; a failed write is one clear error."""
+  """Waits for the asynchronous save and checksums it; a failed write is one
+  clear error."""
   with _write_errors(manager):
-    manager.wait_until_finished()
+    _finish_previous(manager)
+
+
+def _finish_previous(manager):
+  manager.wait_until_finished()
+  pending = _UNSUMMED.pop(str(manager.directory), set())
+  if jax.process_index() != 0:
+    return
+  for step in sorted(pending):
+    path = os.path.join(manager.directory, str(step))
+    if os.path.isdir(path):  # Not already deleted by the preservation policy.
+      run_dir.write_json_atomic(os.path.join(path, CHECKSUM_FILE),
+                                {'sha256': _file_digests(path)})
+
+
+def _probe_writable(directory):
+  """A byte written and flushed: a full disk or read-only directory fails here."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(directory, f'.write-probe-{os.getpid()}')
+  try:
+    with open(path, 'wb') as probe:
+      probe.write(b'x')
+      probe.flush()
+      os.fsync(probe.fileno())
+  finally:
+    with contextlib.suppress(OSError):
+      os.remove(path)
+
+
+def _file_digests(path):
+  """{relative path: sha256} of every file under `path` but the checksum file."""
+  digests = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      full = os.path.join(root, name)
+      relative = os.path.relpath(full, path)
+      if relative == CHECKSUM_FILE:
+        continue
+      with open(full, 'rb') as f:
+        digests[relative] = hashlib.file_digest(f, 'sha256').hexdigest()
+  return digests
+
+
+def verify(path):
+  """None if step directory `path` matches its checksums; 'unverified' when it
+  has none; else a short reason (which file differs)."""
+  checksum_path = os.path.join(path, CHECKSUM_FILE)
+  try:
+    with open(checksum_path) as f:
+      expected = json.load(f)['sha256']
+  except FileNotFoundError:
+    return 'unverified'
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    return f'{CHECKSUM_FILE} unreadable: {type(error).__name__}'
+  try:
+    actual = _file_digests(path)
+  except OSError as error:
+    return f'a file unreadable: {error.strerror}'
+  for name in sorted(set(expected) | set(actual)):
+    if name not in actual:
+      return f'{name} missing'
+    if name not in expected:
+      return f'{name} not in {CHECKSUM_FILE}'
+    if actual[name] != expected[name]:
+      return f'{name} does not match its checksum'
+  return None
 
 
 @contextlib.contextmanager
@@ -97,6 +193,9 @@ def _write_errors(manager):
     yield
   except Exception as error:  # pylint: disable=broad-except
     reason = _os_error(error)
+    if reason is None and isinstance(error, TimeoutError):
+      reason = (f'no write finished within {SAVE_TIMEOUT_SECONDS} s: the file '
+                'system hangs, is read-only or vanished')
     if reason is None:
       raise
     steps = _complete_steps(manager)
@@ -121,30 +220,57 @@ def _os_error(error):
 
 def _complete_steps(manager):
   """Finalised steps on disk (orbax lists a step as soon as its save starts)."""
-  names = os.listdir(manager.directory)
+  try:
+    names = os.listdir(manager.directory)
+  except OSError:  # The directory vanished.
+    return []
   return sorted(int(n) for n in names if n.isdigit())
 
 
-def restore_latest(manager, state_template, data_iterator):
-  """Restores the newest readable step; returns (state, step) or (None, None).
+def restore_latest(manager, state_template):
+  """Restores the newest intact step: (state, step, data) or (None, None, None).
 
-  The iterator, when given, is restored in place to the saved position. An
+  `data` is the step's input position (see `save`), or None for a step saved
+  by an older chexnet_jax (grain's per-process iterator state). A corrupt or
   unreadable step is moved aside, so that it is not taken for the latest.
   """
   _log_unfinished_saves(manager)
   for step in sorted(manager.all_steps(), reverse=True):
-    items = {'state': ocp.args.StandardRestore(state_template)}
-    if data_iterator is not None:
-      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as error:  # pylint: disable=broad-except
-      _set_aside(manager.directory, step, error)
+    problem = verify(os.path.join(manager.directory, str(step)))
+    if problem == 'unverified':
+      logging.warning('Checkpoint step %d in %s has no %s (the run stopped '
+                      'right after saving it); restoring it unverified.', step,
+                      manager.directory, CHECKSUM_FILE)
+    elif problem:
+      _set_aside(manager.directory, step, problem, 'corrupt')
       continue
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(state_template)))
+    except Exception as error:  # pylint: disable=broad-except
+      _set_aside(manager.directory, step, f'{type(error).__name__}: '
+                 f'{_first_line(error)}', 'unreadable')
+      continue
+    data = _restore_data(manager, step)
     _reload(manager)
-    return restored['state'], step
+    return restored['state'], step, data
   _reload(manager)
-  return None, None
+  return None, None, None
+
+
+def _restore_data(manager, step):
+  if not os.path.exists(os.path.join(manager.directory, str(step), 'data')):
+    return None
+  try:
+    return dict(manager.restore(step, args=ocp.args.Composite(
+        data=ocp.args.JsonRestore()))['data'])
+  except Exception:  # pylint: disable=broad-except
+    return None  # Saved by an older chexnet_jax: grain's per-process state.
+
+
+def _first_line(error):
+  text = str(error).strip()
+  return text.splitlines()[0][:200] if text else ''
 
 
 def _reload(manager):
@@ -161,18 +287,20 @@ def _log_unfinished_saves(manager):
                       'stopped while writing it).', name, manager.directory)
 
 
-def _set_aside(directory, step, error):
-  """Renames an unreadable step to <step>.unreadable-<time> (for inspection).
+def _set_aside(directory, step, reason, kind='unreadable'):
+  """Renames a bad step to <step>.<kind>-<time> (for inspection), kind being
+  'corrupt' (checksums differ) or 'unreadable' (orbax or JSON cannot read it).
 
   Left in place, it would still be the manager's latest step (for load_run)
   and the resumed run would fail to save that step again ("already exists").
   """
-  logging.warning('Checkpoint step %d in %s is unreadable (%s: %s); moving it '
-                  'to %d.unreadable-*; trying the previous one.', step,
-                  directory, type(error).__name__, error, step)
+  logging.warning('Checkpoint step %d in %s is %s (%s); moving it to %d.%s-*; '
+                  'trying the previous one.', step, directory, kind, reason,
+                  step, kind)
   if jax.process_index() == 0:  # The others may not see it any more.
     path = os.path.join(directory, str(step))
-    os.replace(path, f'{path}.unreadable-{int(time.time())}')
+    with contextlib.suppress(FileNotFoundError):
+      os.replace(path, f'{path}.{kind}-{int(time.time())}')
 
 
 # ----------------------------------------------------------- loading a run --
@@ -223,6 +351,12 @@ def load_run(workdir, which='best', config=None):
   manager = create_manager(workdir, keep=config.keep_checkpoints,
                            best_metric=config.get('best_metric', BEST_METRIC))
   step = _pick_step(manager, which)
+  problem = verify(os.path.join(manager.directory, str(step)))
+  if problem and problem != 'unverified':
+    manager.close()
+    raise CheckpointError(
+        f'Checkpoint step {step} in {manager.directory} is corrupt ({problem}); '
+        f'choose another with --checkpoint (steps: {sorted(manager.all_steps())}).')
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(template)))
   manager.close()

@@ -1,8 +1,11 @@
-"""Checks a config against the machine before anything compiles.
+"""Checks a config against the machine before anything compiles or is written.
 
 Each problem stops the run with one sentence naming the field, the value and
 the fix: a typo found after a 45-second compile (or a queue wait) is an hour lost.
+`validate` needs only the config and the devices; `check_splits` the dataset's
+split sizes too. train.py calls both before the workdir is touched.
 """
+import math
 import os
 
 import jax
@@ -65,8 +68,10 @@ def validate(config, devices=None):
   devices = devices if devices is not None else jax.devices()
   for field, choices in CHOICES.items():
     _check_choice(config, field, choices)
-  for field in ('batch_size', 'eval_batch_size'):
-    _check_divisible(config, field, len(devices))
+  _check_numbers(config)
+  _check_divisible(config, 'batch_size', len(devices))
+  # config.eval_batch_size is rounded up to a multiple of the device count
+  # (pipeline.global_eval_batch): any number of processes evaluates.
   if config.image_size > config.dataset_image_size:
     raise ConfigError(
         f'config.image_size={config.image_size} is larger than the stored '
@@ -74,6 +79,63 @@ def validate(config, devices=None):
         'smaller or build the dataset at a larger --image_size.')
   _check_init_from(config)
   _check_precision(config.dtype, devices)
+
+
+# field -> (test, what it must be). Durations and intervals: a zero or negative
+# one trained one step and exited 0, or divided by zero after the workdir was written.
+_NUMBERS = {
+    'learning_rate': (lambda v: v > 0, 'a positive number (e.g. 1e-3)'),
+    'eval_every_epochs': (lambda v: v > 0, 'a positive number of epochs (e.g. 1)'),
+    'checkpoint_every_steps': (lambda v: v >= 1, 'a whole number of steps >= 1'),
+    'log_every_steps': (lambda v: v >= 1, 'a whole number of steps >= 1'),
+    'keep_checkpoints': (lambda v: v >= 1, 'at least 1'),
+    'batch_size': (lambda v: v >= 1, 'at least 1'),
+    'eval_batch_size': (lambda v: v >= 1, 'at least 1'),
+    'warmup_epochs': (lambda v: v >= 0, '0 or more'),
+    'prefetch_buffer': (lambda v: v >= 0, '0 or more'),
+    'grain_workers': (lambda v: v >= 0, '0 or more'),
+    'step_timeout_factor': (lambda v: v > 1, 'more than 1 (e.g. 20)'),
+    'step_timeout_min_seconds': (lambda v: v >= 0, '0 (no watchdog) or more'),
+}
+
+
+def _check_numbers(config):
+  for field, (ok, wanted) in _NUMBERS.items():
+    if field not in config:
+      continue
+    value = config[field]
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+      raise ConfigError(f'config.{field}={value!r} must be {wanted}; set '
+                        f'--config.{field} to one.')
+  if config.num_train_steps > 0:
+    return  # It overrides num_epochs.
+  if config.num_train_steps != -1 and config.num_train_steps != 0:
+    raise ConfigError(
+        f'config.num_train_steps={config.num_train_steps} must be > 0, or -1 to '
+        'train config.num_epochs; set --config.num_train_steps to one.')
+  epochs = config.num_epochs
+  if not isinstance(epochs, (int, float)) or not math.isfinite(epochs) or epochs <= 0:
+    raise ConfigError(
+        f'config.num_epochs={epochs!r} must be a positive number of epochs (or '
+        'set --config.num_train_steps=N > 0 instead); set --config.num_epochs to one.')
+
+
+def check_splits(config, dataset_info):
+  """Each split must hold what a run needs: the train split one global batch,
+  validation and test at least one example each."""
+  splits = dataset_info['splits']
+  train = splits.get('train', 0)
+  if train < config.batch_size:
+    where = ('config.synthetic_train_size' if config.dataset == 'synthetic'
+             else 'the dataset')
+    raise ConfigError(
+        f'The train split has {train} examples, fewer than one global batch '
+        f'(config.batch_size={config.batch_size}); lower config.batch_size or '
+        f'enlarge {where}.')
+  if splits.get('validation', 0) < 1:
+    raise ConfigError('The validation split is empty; validation runs every '
+                      'config.eval_every_epochs, so give it examples '
+                      '(config.val_fraction, or config.synthetic_eval_size).')
 
 
 def _check_init_from(config):

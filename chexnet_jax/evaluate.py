@@ -114,7 +114,8 @@ def score_split_with_tta(run, split, tta):
                for v in views) / len(views)
 
   batches = pipeline.create_eval_iterator(
-      config, split, process_index=jax.process_index(), process_count=jax.process_count())
+      config, split, process_index=jax.process_index(), process_count=jax.process_count(),
+      device_count=jax.device_count())
   with pipeline.reading(config, split):
     return Predictions(*inference.gather_scores(batches, mean_probs, run.mesh))
 

@@ -63,7 +63,7 @@ def evaluate_split(config, model, variables, mesh, split, logits_fn=None,
   logits_fn = logits_fn or make_logits_fn(model, models.DTYPES[config.dtype])
   batches = pipeline.create_eval_iterator(
       config, split, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), device_count=jax.device_count())
   with pipeline.reading(config, split):
     logits, labels, indices = gather_scores(
         batches,

@@ -5,6 +5,7 @@ Any config field can be changed on the command line: `--config.batch_size=128`.
 Running again with the same --workdir resumes from its latest checkpoint.
 """
 import logging as std_logging
+import os
 import re
 import sys
 
@@ -13,12 +14,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from chexnet_jax import checkpoints
 from chexnet_jax import config_checks
 from chexnet_jax import distributed
 from chexnet_jax import imagenet_weights
 from chexnet_jax import run_dir
 from chexnet_jax import run_weights
 from chexnet_jax import train
+from chexnet_jax import workdir_lock
 from input_pipeline import batching
 from input_pipeline import pipeline
 
@@ -32,7 +35,8 @@ flags.mark_flags_as_required(['config'])
 USER_ERRORS = (config_checks.ConfigError, run_dir.RunMismatchError,
                run_dir.WorkdirError, train.NonFiniteLossError,
                pipeline.DatasetError, batching.BatchSizeError, FileNotFoundError,
-               imagenet_weights.WeightsDownloadError, run_weights.FineTuneError)
+               imagenet_weights.WeightsDownloadError, run_weights.FineTuneError,
+               workdir_lock.WorkdirBusyError, checkpoints.CheckpointError)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -63,15 +67,38 @@ def main(argv):
     sys.exit(1)
 
 
+def _config_file(argv):
+  """The --config file named in argv (without ml_collections' ':args'), or None."""
+  for i, arg in enumerate(argv):
+    if arg in ('--config', '-config') and i + 1 < len(argv):
+      return argv[i + 1].split(':')[0]
+    if arg.startswith(('--config=', '-config=')):
+      return arg.split('=', 1)[1].split(':')[0]
+  return None
+
+
 def parse_flags(argv):
-  """absl's parser, with a config typo (--config.batchsize=) made one sentence."""
+  """absl's parser, with a config typo (--config.batchsize=), a value that does
+  not parse (--config.batch_size=abc) or a missing config file made one sentence."""
+  path = _config_file(argv)
+  if path is not None and not os.path.isfile(path):
+    sys.exit(f'error: --config {path}: no such file; give a config file such as '
+             'configs/cpu_smoke.py.')
   try:
-    return flags.FLAGS(argv)
+    parsed = flags.FLAGS(argv)
   except AttributeError as error:  # ml_collections: no such field.
     words = re.sub(r"\\n|\n|\\'|['\"]", ' ', str(error)).split()
     sys.exit(f'error: unknown config field {words[0]!r}. '
              f'{" ".join(words[1:])} Every field is declared in '
              'configs/default.py.'.replace('  ', ' '))
+  except flags.Error as error:  # A value of the wrong type, a missing flag.
+    sys.exit(f'error: {str(error).splitlines()[0]}; run with --helpfull for the '
+             'flags, and see configs/default.py for the config fields.')
+  try:
+    _CONFIG.value  # pylint: disable=pointless-statement
+  except (OSError, ImportError, SyntaxError, AttributeError) as error:
+    sys.exit(f'error: --config {path} could not be loaded ({str(error).splitlines()[0]}).')
+  return parsed
 
 
 if __name__ == '__main__':

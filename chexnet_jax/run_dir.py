@@ -3,6 +3,7 @@
 Layout of a workdir:
   config.json      the config of the latest start, its paths made absolute, so
                    evaluate, predict and the notebook work from any directory
+  run.lock         held by the run in progress (workdir_lock.py)
   run.json         identity: model, labels, image size, dataset (written once)
   split.json       the dataset's split (image names per split), chestxray14 only
   checkpoints/N/   orbax items 'state' and 'data' (see checkpoints.py)
@@ -33,6 +34,20 @@ class WorkdirError(ValueError):
   """The workdir cannot be written: not a directory, read-only or full."""
 
 
+def unwritable_error(workdir, path, error):
+  return WorkdirError(
+      f'--workdir {workdir} cannot be written ({path}: {error.strerror}); '
+      'choose a writable directory with free space.')
+
+
+def make_workdir(workdir):
+  """Creates the workdir (only the directory: the lock comes next)."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as error:
+    raise unwritable_error(workdir, workdir, error) from error
+
+
 def prepare_workdir(workdir):
   """Creates the workdir and proves it is writable, before any long work.
 
@@ -47,9 +62,7 @@ def prepare_workdir(workdir):
         probe.flush()
         os.fsync(probe.fileno())
     except OSError as error:
-      raise WorkdirError(
-          f'--workdir {workdir} cannot be written ({path}: {error.strerror}); '
-          'choose a writable directory with free space.') from error
+      raise unwritable_error(workdir, path, error) from error
 
 
 def with_absolute_paths(config):

@@ -4,14 +4,20 @@ The top of the module graph: main.py calls `train_and_evaluate`; the pieces it
 puts together live in leaf modules (sharding, train_state, train_step,
 inference, checkpoints, run_dir), which nothing here is imported back into.
 """
+import contextlib
 import functools
 import math
+import os
 import signal
+import statistics
+import sys
+import threading
 import time
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 
 from chexnet_jax import checkpoints
 from chexnet_jax import config_checks
@@ -24,6 +30,7 @@ from chexnet_jax import run_dir
 from chexnet_jax import sharding
 from chexnet_jax import train_state
 from chexnet_jax import train_step
+from chexnet_jax import workdir_lock
 from input_pipeline import pipeline
 
 # 128 + SIGTERM: the conventional code of a process ended by SIGTERM, which
@@ -92,12 +99,79 @@ class StepTimer:
             'data_wait_ms': 1e3 * self._data_wait / steps}
 
 
+class StepWatchdog:
+  """Ends the process when a training step takes far longer than the recent
+  ones: a collective waiting on a hung peer blocks forever otherwise, keeping
+  the whole Slurm job RUNNING until its time limit.
+
+  A daemon thread; `beat(step)` after each step, `paused()` around evaluation,
+  saves and the first (compiling) step. It fires when the current step has run
+  longer than max(factor x median of the last `window` steps, min_seconds):
+  one sentence on stderr, then exit code STEP_TIMEOUT_EXIT_CODE.
+  """
+  STEP_TIMEOUT_EXIT_CODE = 124
+
+  def __init__(self, factor, min_seconds, window=50, poll_seconds=1.0):
+    self._factor, self._min_seconds = factor, min_seconds
+    self._window, self._poll = window, poll_seconds
+    self._durations, self._lock = [], threading.Lock()
+    self._last, self._step, self._armed = None, 0, False
+    self._stop = threading.Event()
+    if min_seconds > 0:
+      threading.Thread(target=self._watch, daemon=True,
+                       name='step-watchdog').start()
+
+  def beat(self, step):
+    now = time.monotonic()
+    with self._lock:
+      if self._armed and self._last is not None:
+        self._durations = (self._durations + [now - self._last])[-self._window:]
+      self._last, self._step, self._armed = now, step, True
+
+  @contextlib.contextmanager
+  def paused(self):
+    with self._lock:
+      self._armed = False
+    try:
+      yield
+    finally:
+      with self._lock:
+        self._last, self._armed = time.monotonic(), True
+
+  def limit(self):
+    """Seconds a step may take now."""
+    median = statistics.median(self._durations) if self._durations else 0.0
+    return max(self._factor * median, self._min_seconds)
+
+  def stop(self):
+    self._stop.set()
+
+  def _watch(self):
+    while not self._stop.wait(self._poll):
+      with self._lock:
+        if not self._armed or self._last is None:
+          continue
+        waited, limit = time.monotonic() - self._last, self.limit()
+        median = statistics.median(self._durations) if self._durations else 0.0
+        step = self._step + 1
+      if waited > limit:
+        sys.stderr.write(
+            f'error: training step {step} has taken {waited:.0f} s, more than '
+            f'{self._factor:g} x the median step ({median:.2f} s) and at least '
+            f'config.step_timeout_min_seconds={self._min_seconds:g}: a process '
+            'of the job hangs (a stopped or stuck peer, a hung collective); '
+            f'process {jax.process_index()} exits so that the job ends, and a '
+            'rerun resumes from the last checkpoint.\n')
+        sys.stderr.flush()
+        os._exit(self.STEP_TIMEOUT_EXIT_CODE)  # The main thread is blocked.
+
+
 def check_finite(step, loss, manager):
   """Stops the run on a NaN/inf loss, keeping the last good checkpoint."""
   loss = float(loss)
   if math.isfinite(loss):
     return
-  manager.wait_until_finished()
+  checkpoints.wait_until_finished(manager)  # Checksummed too.
   raise NonFiniteLossError(
       f'Training loss is {loss} at step {step}; the run stopped. The last '
       f'good checkpoint is step {manager.latest_step()} in {manager.directory}.'
@@ -105,25 +179,70 @@ def check_finite(step, loss, manager):
 
 
 def train_and_evaluate(config, workdir):
-  """Trains, evaluates every `eval_every_epochs`, checkpoints, resumes."""
+  """Trains, evaluates every `eval_every_epochs`, checkpoints, resumes.
+
+  Everything the config alone can be checked for is checked before the workdir
+  is touched; the workdir's lock is then taken before anything is written in it.
+  """
   config = run_dir.with_absolute_paths(config)  # The run works from anywhere.
   config_checks.validate(config)
   dataset_info = pipeline.get_dataset_info(config)
   # The label set is the dataset's: the head, run.json and every output follow it.
   config = run_dir.with_label_set(config, pipeline.get_label_names(config))
-  run_dir.prepare_workdir(workdir)
-  run_dir.check_or_write_identity(
-      workdir, run_dir.run_identity(config, dataset_info))
-  run_dir.record_start(workdir, config, pipeline.split_file(config))
-  trainer = _Trainer(config, workdir, dataset_info)
-  writer = (metric_logging.MetricWriter(workdir) if jax.process_index() == 0
-            else metric_logging.NullWriter())
+  config_checks.check_splits(config, dataset_info)
+  lock = _lock_workdir(workdir)
   try:
-    return trainer.loop(writer)
+    run_dir.prepare_workdir(workdir)
+    run_dir.check_or_write_identity(
+        workdir, run_dir.run_identity(config, dataset_info))
+    run_dir.record_start(workdir, config, pipeline.split_file(config))
+    trainer = _Trainer(config, workdir, dataset_info)
+    writer = (metric_logging.MetricWriter(workdir) if jax.process_index() == 0
+              else metric_logging.NullWriter())
+    try:
+      result = trainer.loop(writer)
+      checkpoints.wait_until_finished(trainer.manager)  # A failed write: one sentence.
+      return result
+    finally:
+      _close_quietly(trainer.manager, writer)  # Cannot replace the real error.
   finally:
-    checkpoints.wait_until_finished(trainer.manager)  # A failed write: one sentence.
-    trainer.manager.close()
-    writer.close()
+    if lock is not None:
+      lock.release()
+
+
+def _lock_workdir(workdir):
+  """Process 0 takes WORKDIR/run.lock (workdir_lock.py); every process learns
+  whether it did, so a refused job stops everywhere in one sentence."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      run_dir.make_workdir(workdir)
+      lock = workdir_lock.WorkdirLock(workdir).acquire()
+    except OSError as e:
+      error = run_dir.unwritable_error(workdir, workdir, e)
+    except (run_dir.WorkdirError, workdir_lock.WorkdirBusyError) as e:
+      error = e
+  if jax.process_count() > 1:
+    failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+    if int(failed) and error is None:
+      if lock is not None:
+        lock.release()
+      raise workdir_lock.WorkdirBusyError(
+          f'process 0 could not take the lock of {workdir} (its error line says why).')
+  if error is not None:
+    raise error
+  return lock
+
+
+def _close_quietly(manager, writer):
+  """Cleanup that cannot replace the error that ended the run: a failure to
+  close is logged in one line."""
+  for close in (manager.close, writer.close):
+    try:
+      close()
+    except Exception as error:  # pylint: disable=broad-except
+      logging.warning('While closing (%s): %s: %s', getattr(close, '__qualname__', close),
+                      type(error).__name__, str(error).splitlines()[0][:200])
 
 
 class _Trainer:
@@ -147,52 +266,73 @@ class _Trainer:
         config.pos_weight, dataset_info['train_positive_fraction'])
     self.train_step = train_step.make_train_step(
         config, model, self.mesh, tx, schedule, self.loss_weights)
-    self.data = pipeline.create_train_iterator(
-        config, process_index=jax.process_index(),
-        process_count=jax.process_count())
     self.manager = checkpoints.create_manager(workdir, config.keep_checkpoints,
                                               config.best_metric)
-    self._resume(workdir)
+    start_step = self._resume(workdir)
+    self.data = pipeline.create_train_iterator(
+        config, process_index=jax.process_index(),
+        process_count=jax.process_count(), start_step=start_step)
 
   def _resume(self, workdir):
-    restored, step = checkpoints.restore_latest(
-        self.manager, self.state, self.data)
+    """Restores the newest intact checkpoint; returns the global step to go on from."""
+    restored, step, data = checkpoints.restore_latest(self.manager, self.state)
     if restored is None:
       logging.info('Starting a new run in %s.', workdir)
-      return
+      return 0
     self.state = restored
     logging.info('Resuming from checkpoint step %d in %s.', step, workdir)
+    _log_topology_change(self.config, step, data)
+    return step
+
+  def data_position(self, step):
+    """What fixes the input stream at `step`, whatever the topology (see save)."""
+    return {'global_step': step, 'batch_size': self.config.batch_size,
+            'seed': self.config.seed, 'process_count': jax.process_count(),
+            'device_count': jax.device_count()}
 
   def loop(self, writer):
     config, step = self.config, int(jax.device_get(self.state.step))
     eval_every = eval_interval_steps(config, self.steps_per_epoch)
     reading_train = functools.partial(pipeline.reading, config, 'train')
     timer, preemption = StepTimer(config.batch_size), Preemption()
+    watchdog = StepWatchdog(config.get('step_timeout_factor', 20.0),
+                            config.get('step_timeout_min_seconds', 0.0))
     previous = None  # (step, loss) checked one step late: keeps dispatch async.
-    while step < self.total_steps:
-      wait_start = time.perf_counter()
-      with reading_train():
-        batch = next(self.data)
-      timer.add(time.perf_counter() - wait_start)
-      if previous is None:
-        _log_compiling(step)
-      self.state, metrics = self.train_step(
-          self.state, sharding.to_global(batch, self.mesh))
-      step += 1
-      if previous:
-        check_finite(*previous, self.manager)
-      previous = (step, metrics['train_loss'])
-      if step % config.log_every_steps == 0 or step == self.total_steps:
-        self._log(writer, step, metrics, timer)
-      if step % eval_every == 0 or step == self.total_steps:
-        check_finite(*previous, self.manager)
-        self._evaluate_and_save(writer, step)
-        timer.reset()  # Throughput is of training steps only.
-      elif step % config.checkpoint_every_steps == 0:
-        check_finite(*previous, self.manager)
-        checkpoints.save(self.manager, self.state, self.data)
-      if preemption.reached(step):
-        return self._save_for_preemption(step, previous)
+    try:
+      while step < self.total_steps:
+        wait_start = time.perf_counter()
+        with reading_train():
+          batch = next(self.data)
+        timer.add(time.perf_counter() - wait_start)
+        if previous is None:
+          _log_compiling(step)
+          with watchdog.paused():  # Compiling: minutes, not a hang.
+            self.state, metrics = self.train_step(
+                self.state, sharding.to_global(batch, self.mesh))
+            jax.block_until_ready(metrics['train_loss'])
+        else:
+          self.state, metrics = self.train_step(
+              self.state, sharding.to_global(batch, self.mesh))
+        step += 1
+        if previous:
+          check_finite(*previous, self.manager)
+        watchdog.beat(step)
+        previous = (step, metrics['train_loss'])
+        if step % config.log_every_steps == 0 or step == self.total_steps:
+          self._log(writer, step, metrics, timer)
+        if step % eval_every == 0 or step == self.total_steps:
+          check_finite(*previous, self.manager)
+          with watchdog.paused():
+            self._evaluate_and_save(writer, step)
+          timer.reset()  # Throughput is of training steps only.
+        elif step % config.checkpoint_every_steps == 0:
+          check_finite(*previous, self.manager)
+          with watchdog.paused():
+            checkpoints.save(self.manager, self.state, self.data_position(step))
+        if preemption.reached(step):
+          return self._save_for_preemption(step, previous)
+    finally:
+      watchdog.stop()
     return self.state
 
   def _log(self, writer, step, metrics, timer):
@@ -216,18 +356,45 @@ class _Trainer:
     writer.write_scalars(step, scalars)
     logging.info('step %d: validation loss %.4f, mean AUROC %.4f', step,
                  result['loss'], result['mean_auroc'])
-    checkpoints.save(self.manager, self.state, self.data,
-                          metrics={'val_mean_auroc': result['mean_auroc'],
+    checkpoints.save(self.manager, self.state, self.data_position(step),
+                     metrics={'val_mean_auroc': result['mean_auroc'],
                                    'val_loss': result['loss']})
 
   def _save_for_preemption(self, step, previous):
     check_finite(*previous, self.manager)
     if step not in self.manager.all_steps():
-      checkpoints.save(self.manager, self.state, self.data)
+      checkpoints.save(self.manager, self.state, self.data_position(step))
     checkpoints.wait_until_finished(self.manager)
     logging.warning('Preempted: saved step %d; exiting with code %d so the job '
                     'can be requeued.', step, PREEMPTED_EXIT_CODE)
     raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+def _log_topology_change(config, step, data):
+  """One line when a run resumes on another topology or input setting."""
+  if jax.process_index() != 0:
+    return
+  if data is None:
+    logging.warning('Checkpoint step %d holds an older per-process iterator '
+                    'state; the input stream goes on from global step %d.', step, step)
+    return
+  if (data.get('batch_size'), data.get('seed')) != (config.batch_size, config.seed):
+    logging.warning(
+        'Checkpoint step %d was trained with batch_size %s, seed %s; this run has '
+        '%d, %d: the input order from here is that of the new setting, so within '
+        'the current epoch some examples may repeat or be skipped.', step,
+        data.get('batch_size'), data.get('seed'), config.batch_size, config.seed)
+  saved = (data.get('process_count'), data.get('device_count'))
+  now = (jax.process_count(), jax.device_count())
+  if saved == now:
+    return
+  same = ('the same device count: it continues exactly as it would have'
+          if saved[1] == now[1] else
+          'another device count: the same examples in the same order, but each '
+          'device\'s share (and its BatchNorm statistics) changes, so the numbers '
+          'differ slightly from an uninterrupted run')
+  logging.info('Checkpoint step %d was saved on %s process(es) x %s device(s); '
+               'resuming on %d x %d, %s.', step, saved[0], saved[1], *now, same)
 
 
 def _log_compiling(step):

@@ -106,4 +106,10 @@ def get_config():
   c.num_processes = -1
   c.process_id = -1
   c.heartbeat_timeout_seconds = 60
+  # Step watchdog (train.py): a step that takes more than factor x the median of
+  # the recent ones, and at least min_seconds, is a hung collective (a stopped
+  # or stuck peer that the heartbeat does not catch): the process exits with
+  # one sentence naming the step, and srun --kill-on-bad-exit ends the job.
+  c.step_timeout_factor = 20.0
+  c.step_timeout_min_seconds = 600.0  # 0: no watchdog.
   return c

@@ -1,12 +1,16 @@
 """Per-process grain input pipelines: uint8 batches for training and evaluation.
 
-Each process reads a disjoint shard. Training: an infinite stream of per-process
-batches, reshuffled every epoch, with exactly `train_steps_per_epoch` batches per
-epoch on every process (the remainder of each shard is dropped, a different one
-each epoch), so no process runs a step more than the others. Every random choice is
-a function of (seed, process, position in the stream), so an iterator restored from
-its state continues exactly. Evaluation: one pass, padded to whole global batches;
-padding has mask False and index -1, so each example is scored exactly once.
+Training: one stream of GLOBAL batches, a function of (seed, global step) alone.
+Global batch k holds the examples at positions k*B .. (k+1)*B-1 of the stream
+(B = config.batch_size); the stream is the train split reshuffled every epoch,
+`train_steps_per_epoch` global batches an epoch (the remainder, a different one
+each epoch, is dropped). Process p of P reads rows p*B/P .. (p+1)*B/P-1 of each
+global batch, the rows its devices hold in the global array. So the data a run
+sees does not depend on the number of processes or devices, and a resumed run
+needs only the global step to continue exactly (`start_step`), on any topology.
+Crops and flips are drawn from (seed, stream position): restoring is exact.
+Evaluation: one pass, padded to whole global batches; padding has mask False and
+index -1, so each example is scored exactly once.
 """
 import contextlib
 import functools
@@ -248,23 +252,15 @@ def split_metadata(config, split: str) -> list[dict]:
 # ---------------------------------------------------------------- sharding
 
 
-def shard_bounds(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
-  """[start, stop) of this process's contiguous shard; shards are disjoint, cover the
-  split and differ in size by at most one."""
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
-  return (num_examples * process_index // process_count,
-          num_examples * (process_index + 1) // process_count)
-
-
-def train_steps_per_epoch(config, num_train_examples: int, process_count: int) -> int:
-  """Batches per epoch, the same on every process (the smallest shard decides)."""
-  batch = batching.split_batch(config.batch_size, process_count)
-  steps = (num_train_examples // process_count) // batch
+def train_steps_per_epoch(config, num_train_examples: int, process_count: int = 1) -> int:
+  """Global batches per epoch: num_train_examples // batch_size, on any topology
+  (`process_count` only checks that the batch divides over the processes)."""
+  batching.split_batch(config.batch_size, process_count)
+  steps = num_train_examples // config.batch_size
   if steps < 1:
-    raise ValueError(f'{num_train_examples} training examples over {process_count} '
-                     f'processes cannot fill one batch of {config.batch_size}; lower '
-                     'config.batch_size')
+    raise DatasetError(f'The train split has {num_train_examples} examples, which '
+                       f'cannot fill one batch of {config.batch_size}; lower '
+                       'config.batch_size or use a larger split.')
   return steps
 
 
@@ -368,44 +364,49 @@ def labels_of(example: dict) -> np.ndarray:
 
 
 class _TrainExample:
-  """(stream position, split index) -> augmented element; a class so it pickles."""
+  """Index i of this process's element stream -> augmented element.
 
-  def __init__(self, source, config, process_index):
-    self._source, self._config = source, config
-    self._seed = (config.seed, process_index)
+  i -> global step k = start_step + i // b and row r = p*b + i % b of that global
+  batch (b = B / P) -> stream position g = k*B + r -> (epoch, position in it) ->
+  split index via the epoch's shuffle. A class, so it pickles (grain workers).
+  """
 
-  def __call__(self, position_and_index):
-    position, index = position_and_index
-    # Randomness from (seed, process, stream position): restoring is exact.
-    rng = np.random.default_rng((*self._seed, position))
+  def __init__(self, source, config, order, per_epoch, start_step, process_index,
+               process_count):
+    self._source, self._config, self._order = source, config, order
+    self._per_epoch, self._start_step = per_epoch, start_step
+    self._global_batch = config.batch_size
+    self._local_batch = batching.split_batch(config.batch_size, process_count)
+    self._first_row = process_index * self._local_batch
+
+  def position(self, i: int) -> int:
+    """The stream position of this process's i-th element."""
+    step = self._start_step + i // self._local_batch
+    return step * self._global_batch + self._first_row + i % self._local_batch
+
+  def __call__(self, i, _):
+    position = self.position(i)
+    epoch, j = divmod(position, self._per_epoch)
+    index = self._order[epoch * len(self._order) + j]  # grain reshuffles per epoch.
+    # Randomness from (seed, stream position): the same on any topology.
+    rng = np.random.default_rng((self._config.seed, position))
     example = self._source[int(index)]
     return _element(augment(example['image'], rng, self._config), labels_of(example), index)
 
 
-class _EpochOrder:
-  """(stream position i, position j in its epoch) -> (i, split index); order[e * shard
-  + j] is the j-th example of epoch e (grain reshuffles per epoch)."""
-
-  def __init__(self, order: grain.MapDataset, per_epoch: int):
-    self._order, self._per_epoch = order, per_epoch
-
-  def __call__(self, i, j):
-    return i, self._order[(i // self._per_epoch) * len(self._order) + j]
+def _shuffle_seed(seed: int) -> int:
+  return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
-def _shuffle_seed(seed: int, process_index: int) -> int:
-  return int(np.random.SeedSequence((seed, process_index)).generate_state(1)[0])
-
-
-def _train_dataset(config, source, process_index, process_count) -> grain.MapDataset:
-  """Infinite MapDataset of per-process batches, epoch after epoch."""
+def _train_dataset(config, source, process_index, process_count,
+                   start_step=0) -> grain.MapDataset:
+  """Infinite MapDataset of this process's rows of global batches start_step, ..."""
   batch = batching.split_batch(config.batch_size, process_count)
-  per_epoch = train_steps_per_epoch(config, len(source), process_count) * batch
-  start, stop = shard_bounds(len(source), process_index, process_count)
-  order = grain.MapDataset.range(start, stop).shuffle(_shuffle_seed(config.seed, process_index))
-  ds = grain.MapDataset.range(per_epoch).repeat(None)  # Element = position within epoch.
-  ds = ds.map_with_index(_EpochOrder(order, per_epoch))
-  ds = ds.map(_TrainExample(source, config, process_index))
+  per_epoch = train_steps_per_epoch(config, len(source), process_count) * config.batch_size
+  order = grain.MapDataset.range(len(source)).shuffle(_shuffle_seed(config.seed))
+  ds = grain.MapDataset.range(batch).repeat(None)  # Elements: only their index counts.
+  ds = ds.map_with_index(_TrainExample(source, config, order, per_epoch, start_step,
+                                       process_index, process_count))
   return ds.batch(batch, drop_remainder=True)
 
 
@@ -424,12 +425,14 @@ def _to_iter_dataset(config, ds: grain.MapDataset) -> grain.IterDataset:
   return ds
 
 
-def create_train_iterator(config, *, process_index: int, process_count: int):
-  """Infinite, checkpointable grain DatasetIterator over this process's train batches:
+def create_train_iterator(config, *, process_index: int, process_count: int,
+                          start_step: int = 0):
+  """Infinite grain DatasetIterator over this process's rows of the global batches
+  of steps start_step+1, start_step+2, ...:
   {'image' uint8 [b,S,S,1], 'labels' float32 [b,14], 'mask' bool [b], 'index' int32 [b]}
   with b = config.batch_size // process_count."""
   source = get_source(config, 'train')
-  ds = _train_dataset(config, source, process_index, process_count)
+  ds = _train_dataset(config, source, process_index, process_count, start_step)
   return iter(_to_iter_dataset(config, ds))
 
 
@@ -451,19 +454,34 @@ class _EvalExample:
     return _element(image, labels_of(example), position)
 
 
-def eval_batches_per_process(config, num_examples: int, process_count: int) -> int:
+def global_eval_batch(config, device_count: int) -> int:
+  """config.eval_batch_size rounded up to a multiple of `device_count`, so that
+  evaluation runs on any number of processes and devices (the extra rows are
+  masked padding)."""
+  if config.eval_batch_size < 1:
+    raise batching.BatchSizeError(
+        f'config.eval_batch_size={config.eval_batch_size} must be at least 1.')
+  return -(-config.eval_batch_size // device_count) * device_count
+
+
+def eval_batches_per_process(config, num_examples: int, process_count: int,
+                             device_count: int | None = None) -> int:
   """Batches every process yields in one evaluation pass (the same on all)."""
-  batching.split_batch(config.eval_batch_size, process_count, field='eval_batch_size')
-  return math.ceil(num_examples / config.eval_batch_size)
+  return math.ceil(num_examples / global_eval_batch(config, device_count or process_count))
 
 
-def create_eval_iterator(config, split: str, *, process_index: int, process_count: int):
+def create_eval_iterator(config, split: str, *, process_index: int, process_count: int,
+                         device_count: int | None = None):
   """Iterable over one pass of `split` for this process (iterate it again for another
-  pass). Padded to whole global batches; padding has mask False and index -1."""
+  pass). Padded to whole global batches; padding has mask False and index -1.
+  `device_count` (default: process_count) is that of the whole job: the global
+  batch is config.eval_batch_size rounded up to a multiple of it."""
   source = get_source(config, split)
-  batch = batching.split_batch(config.eval_batch_size, process_count,
+  device_count = device_count or process_count
+  batch = batching.split_batch(global_eval_batch(config, device_count), process_count,
                                field='eval_batch_size')
-  per_process = eval_batches_per_process(config, len(source), process_count) * batch
+  per_process = eval_batches_per_process(config, len(source), process_count,
+                                         device_count) * batch
   start = process_index * per_process
   ds = grain.MapDataset.range(start, start + per_process).map(_EvalExample(source, config))
   return _to_iter_dataset(config, ds.batch(batch))

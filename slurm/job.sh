@@ -39,6 +39,10 @@ finish_or_requeue() {
   exit "$rc"
 }
 
+# Every srun in slurm/ passes --kill-on-bad-exit=1: when one task fails (a
+# dead peer, the step watchdog, an error), Slurm ends the others, including one
+# that hangs or is stopped, instead of leaving the job RUNNING until its limit.
+
 # The body of every train_*.sbatch: trains CONFIG into $WORKDIR (default:
 # DEFAULT_WORKDIR), resuming from its latest checkpoint, with the script's
 # arguments passed on (--config.FIELD=VALUE ...); requeues after a preemption.
@@ -46,7 +50,7 @@ train_and_requeue() {
   local config="$1" default_workdir="$2"
   shift 2
   local rc=0
-  srun python -m chexnet_jax.main --config "$config" \
+  srun --kill-on-bad-exit=1 python -m chexnet_jax.main --config "$config" \
     --workdir "${WORKDIR:-$default_workdir}" "$@" || rc=$?
   finish_or_requeue "$rc"
 }

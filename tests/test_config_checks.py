@@ -32,7 +32,17 @@ def test_bfloat16_on_h100_and_float16_on_v100_are_accepted():
 
 
 @pytest.mark.parametrize('field, value, message', [
-    ('eval_batch_size', 66, 'config.eval_batch_size=66 does not divide over 4 devices'),
+    ('batch_size', 66, 'config.batch_size=66 does not divide over 4 devices'),
+    ('learning_rate', -0.01, 'config.learning_rate=-0.01 must be a positive number'),
+    ('learning_rate', float('nan'), 'config.learning_rate=nan must be a positive'),
+    ('num_epochs', 0.0, 'config.num_epochs=0.0 must be a positive number of epochs'),
+    ('num_epochs', -3.0, 'config.num_epochs=-3.0 must be a positive number of epochs'),
+    ('num_train_steps', -5, 'config.num_train_steps=-5 must be > 0, or -1'),
+    ('checkpoint_every_steps', 0, 'config.checkpoint_every_steps=0 must be a whole'),
+    ('log_every_steps', 0, 'config.log_every_steps=0 must be a whole number'),
+    ('eval_every_epochs', 0.0, 'config.eval_every_epochs=0.0 must be a positive'),
+    ('keep_checkpoints', 0, 'config.keep_checkpoints=0 must be at least 1'),
+    ('eval_batch_size', 0, 'config.eval_batch_size=0 must be at least 1'),
     ('dtype', 'float8', "config.dtype='float8' is not one of"),
     ('augment', 'mixup', "config.augment='mixup' is not one of"),
     ('lr_schedule', 'step', "config.lr_schedule='step' is not one of"),
@@ -46,6 +56,24 @@ def test_each_bad_field_is_named(field, value, message):
   with pytest.raises(config_checks.ConfigError, match=message.replace('.', r'\.')
                      .replace('(', r'\(').replace(')', r'\)')):
     config_checks.validate(config, devices=cpus)
+
+
+def test_eval_batch_need_not_divide_the_devices():
+  config = cpu_smoke.get_config()
+  config.eval_batch_size = 66  # Rounded up to 68 for 4 devices: padding.
+  config_checks.validate(config, devices=[types.SimpleNamespace(
+      platform='cpu', device_kind='cpu')] * 4)
+
+
+def test_train_split_smaller_than_one_batch_is_refused():
+  config = cpu_smoke.get_config()
+  info = {'splits': {'train': 16, 'validation': 128, 'test': 128}}
+  with pytest.raises(config_checks.ConfigError,
+                     match=r'The train split has 16 examples, fewer than one global '
+                           r'batch \(config.batch_size=32\).*synthetic_train_size'):
+    config_checks.check_splits(config, info)
+  info['splits']['train'] = 32
+  config_checks.check_splits(config, info)
 
 
 @pytest.mark.parametrize('blocked, reason', [

@@ -65,15 +65,21 @@ from chexnet_jax import checkpoints, main, train_step
 workdir = sys.argv[sys.argv.index('--workdir') + 1]
 kill_after_save = int(os.environ.get('TEST_KILL_AFTER_SAVE', -1))
 full_after_save = int(os.environ.get('TEST_DISK_FULL_AFTER_SAVE', -1))
+hang_at_step = int(os.environ.get('TEST_HANG_AT_STEP', -1))
+vanish_after_save = int(os.environ.get('TEST_VANISH_AFTER_SAVE', -1))
 make_train_step, save = train_step.make_train_step, checkpoints.save
 
 def recording_make_train_step(*args, **kwargs):
   step_fn = make_train_step(*args, **kwargs)
   def step(state, batch):
-    record = {'step': int(state.step) + 1,
-              'index': np.asarray(batch['index']).tolist()}
+    shards = sorted(batch['index'].addressable_shards, key=lambda s: s.index[0].start or 0)
+    rows = [np.asarray(s.data) for s in shards]
+    record = {'step': int(state.step) + 1,  # This process's rows (all, alone).
+              'index': np.concatenate(rows).tolist()}
     with open(os.path.join(workdir, 'steps.jsonl'), 'a') as f:
       f.write(json.dumps(record) + '\n')
+    if record['step'] == hang_at_step:  # Like a collective waiting on a hung peer.
+      import time; time.sleep(3600)
     return step_fn(state, batch)
   return step
 
@@ -81,6 +87,10 @@ def faulty_save(manager, state, data_iterator, metrics=None):
   step = save(manager, state, data_iterator, metrics)
   if step == kill_after_save:  # Its files are still being written.
     os.kill(os.getpid(), signal.SIGKILL)
+  if step == vanish_after_save:  # Someone deletes the checkpoints directory.
+    import shutil
+    checkpoints.wait_until_finished(manager)
+    shutil.rmtree(manager.directory)
   if step == full_after_save:  # The disk fills up after this save.
     checkpoints.wait_until_finished(manager)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Writes fail with EFBIG.
@@ -308,10 +318,13 @@ def test_truncated_latest_checkpoint_is_set_aside(reference, tmp_path, torn):
   os.truncate(largest, os.path.getsize(largest) // 2)  # A torn write.
   code, log = _drive(workdir, *RUN_ARGS)
   assert code == 0, _tail(log)
-  assert f'Checkpoint step {STEPS} in' in log and 'is unreadable' in log
+  # A torn array file fails its checksum; a torn metrics file is met first,
+  # when the manager opens the directory.
+  kind = {'state': 'corrupt', 'metrics': 'unreadable'}[torn]
+  assert f'Checkpoint step {STEPS} in' in log and f'is {kind}' in log
   assert _resumed_from(log) == STEPS - CHECKPOINT_EVERY
   # Kept for inspection under another name; the step was redone and saved.
-  assert any(s.startswith(f'{STEPS}.unreadable') for s in _steps_on_disk(workdir))
+  assert any(s.startswith(f'{STEPS}.{kind}') for s in _steps_on_disk(workdir))
   _assert_bitwise_equal_runs(workdir, reference)
 
 
@@ -343,12 +356,27 @@ def test_disk_full_at_a_checkpoint_is_one_error_and_resumable(reference,
       f'error: Writing a checkpoint to {workdir}/checkpoints failed (File too '
       'large). The last complete checkpoint is step 8; free space (or fix the '
       'directory), then run again to resume from it.')
+  assert 'Traceback' not in log, _tail(log)
   # The failed save is left as orbax's temporary directory, never a step.
   assert _steps_on_disk(workdir) == ['16.orbax-checkpoint-tmp', '8']
   code, log = _drive(workdir, *RUN_ARGS)  # Space freed: resume.
   assert code == 0, _tail(log)
   assert _resumed_from(log) == CHECKPOINT_EVERY
   _assert_bitwise_equal_runs(workdir, reference)
+
+
+@pytest.mark.slow
+def test_vanished_checkpoint_directory_is_one_sentence_at_the_next_save(tmp_path):
+  workdir = tmp_path / 'run'
+  code, log = _drive(workdir, *RUN_ARGS,
+                     env=_env(TEST_VANISH_AFTER_SAVE=CHECKPOINT_EVERY))
+  assert code == 1, _tail(log)
+  assert _last_error_line(log) == (
+      f'error: Writing a checkpoint to {workdir}/checkpoints failed (No such file '
+      'or directory). The last complete checkpoint is step none; free space (or '
+      'fix the directory), then run again to resume from it.')
+  assert 'Traceback' not in log, _tail(log)
+  assert _recorded_steps(workdir) == 2 * CHECKPOINT_EVERY  # Stopped at that save.
 
 
 def test_disk_full_at_start_stops_before_training(tmp_path):
@@ -462,6 +490,182 @@ def test_config_typo_is_one_sentence(tmp_path):
   assert code == 1
   assert "unknown config field 'batchsize'. Did you mean batch_size" in log, _tail(log)
   assert 'Traceback' not in log and not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('field, value, message', [
+    ('learning_rate', '-0.01', 'config.learning_rate=-0.01 must be a positive number'),
+    ('num_epochs', '0', 'config.num_epochs=0.0 must be a positive number of epochs'),
+    ('checkpoint_every_steps', '0', 'config.checkpoint_every_steps=0 must be'),
+    ('log_every_steps', '0', 'config.log_every_steps=0 must be'),
+    ('batch_size', 'abc', "flag --config.batch_size=abc: invalid literal for int()"),
+    ('synthetic_train_size', '16', 'The train split has 16 examples, fewer than one'),
+])
+def test_bad_config_values_are_one_sentence_before_the_workdir(tmp_path, field, value,
+                                                               message):
+  code, log = _main(tmp_path / 'run', f'--config.{field}={value}')
+  assert code == 1, _tail(log)
+  assert message in _last_error_line(log), _tail(log)
+  assert 'Traceback' not in log and not (tmp_path / 'run').exists()
+
+
+def test_missing_config_file_is_one_sentence(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'chexnet_jax.main', '--config', 'configs/nope.py',
+       '--workdir', str(tmp_path / 'run')], cwd=REPO, env=_env(),
+      capture_output=True, text=True, timeout=TIMEOUT)
+  assert result.returncode == 1
+  assert result.stderr.strip() == ('error: --config configs/nope.py: no such file; '
+                                   'give a config file such as configs/cpu_smoke.py.')
+  assert not (tmp_path / 'run').exists()
+
+
+# --------------------------------------------------- checksums, one run/dir --
+
+def _flip_bit(path, offset=None):
+  with open(path, 'r+b') as f:
+    data = bytearray(f.read())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0x10
+    f.seek(0)
+    f.write(data)
+
+
+def _largest_file(directory):
+  files = [f for f in glob.glob(os.path.join(directory, '**', '*'), recursive=True)
+           if os.path.isfile(f)]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.slow
+def test_flipped_bits_in_checkpoints_are_caught(reference, tmp_path):
+  """A bit flipped in the array data of step 40, the input position of step 32
+  edited: both "corrupt", set aside; the run resumes from 24 and ends as the
+  run that was never damaged, bit for bit."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  checkpoints_dir = workdir / 'checkpoints'
+  _flip_bit(_largest_file(checkpoints_dir / str(STEPS) / 'state'))
+  data_file = checkpoints_dir / str(STEPS - 8) / 'data' / 'metadata'
+  data_file.write_text(data_file.read_text().replace(
+      f'"global_step": {STEPS - 8}', f'"global_step": {STEPS - 9}'))
+  code, log = _drive(workdir, *RUN_ARGS)
+  assert code == 0, _tail(log)
+  for step, what in ((STEPS, 'state/'), (STEPS - 8, 'data/metadata')):
+    line, = [l for l in log.splitlines() if f'Checkpoint step {step} in' in l]
+    assert 'is corrupt (' + what in line and 'does not match its checksum' in line, line
+  assert _resumed_from(log) == STEPS - 16
+  assert 'Traceback' not in log
+  names = _steps_on_disk(workdir)
+  assert any(n.startswith(f'{STEPS}.corrupt-') for n in names), names
+  assert any(n.startswith(f'{STEPS - 8}.corrupt-') for n in names), names
+  _assert_bitwise_equal_runs(workdir, reference)
+
+
+@pytest.mark.slow
+def test_metadata_bit_flip_is_caught_and_load_run_refuses(reference, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  step_dir = workdir / 'checkpoints' / str(STEPS)
+  assert checkpoints.verify(str(step_dir)) is None
+  _flip_bit(step_dir / '_CHECKPOINT_METADATA', offset=3)
+  assert checkpoints.verify(str(step_dir)) == (
+      '_CHECKPOINT_METADATA does not match its checksum')
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=rf'Checkpoint step {STEPS} in .* is corrupt'):
+    checkpoints.load_run(str(workdir), 'latest')
+  os.remove(step_dir / 'checksums.json')  # A save cut short before its checksums.
+  assert checkpoints.verify(str(step_dir)) == 'unverified'
+
+
+def test_second_run_on_a_workdir_is_refused(tmp_path):
+  workdir = tmp_path / 'run'
+  first = _start(workdir, '--config.num_train_steps=100000')
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    while _recorded_steps(workdir) < 1:
+      assert first.poll() is None and time.monotonic() < deadline, 'first run ended'
+      time.sleep(0.1)
+    with open(workdir / 'config.json') as f:
+      config_before = f.read()
+    code, log = _main(workdir, '--config.learning_rate=0.5')
+    assert first.poll() is None  # Still training, untouched.
+  finally:
+    first.kill()
+    first.wait()
+  assert code == 1, _tail(log)
+  line = _last_error_line(log)
+  assert f'error: {workdir} is in use by another run (pid {first.pid} on ' in line, line
+  assert 'Traceback' not in log and 'Starting a new run' not in log
+  with open(workdir / 'config.json') as f:
+    assert f.read() == config_before  # The second run wrote nothing.
+  # The first run died (kill -9): its lock is recognised as stale and taken over.
+  code, log = _main(workdir, '--config.num_train_steps=1')
+  assert code == 0, _tail(log)
+  assert f'Taking over {workdir}/run.lock from pid {first.pid} on ' in log, _tail(log)
+  assert 'no longer runs' in log
+  assert not (workdir / 'run.lock').exists()  # Freed when the run ended.
+
+
+@pytest.mark.slow
+def test_hung_step_ends_the_run_in_one_sentence(tmp_path):
+  workdir = tmp_path / 'run'
+  start = time.monotonic()
+  code, log = _drive(workdir, *RUN_ARGS, '--config.step_timeout_min_seconds=3',
+                     env=_env(TEST_HANG_AT_STEP=12))
+  assert code == 124, _tail(log)
+  assert time.monotonic() - start < 120
+  line = _last_error_line(log)
+  assert line.startswith('error: training step 12 has taken ') and \
+      'a process of the job hangs' in line, line
+  assert 'Traceback' not in log
+
+
+# ------------------------------------------------ resume on another topology --
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_run_on_two_processes_resumed_on_one_equals_an_uninterrupted_run(tmp_path):
+  """2 processes x 1 device, killed after a checkpoint, resumed on 1 process x
+  2 devices: the same global batches, so bit for bit the run never stopped."""
+  two_devices = _env(XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  reference = tmp_path / 'reference'
+  code, log = _drive(reference, *RUN_ARGS, env=two_devices)
+  assert code == 0, _tail(log)
+
+  workdir = tmp_path / 'run'
+  os.makedirs(workdir)
+  address = f'127.0.0.1:{_free_port()}'
+  processes = []
+  for i in range(2):
+    log_file = open(f'{workdir}.{i}.log', 'w')  # pylint: disable=consider-using-with
+    processes.append(subprocess.Popen(
+        _command(workdir, (*RUN_ARGS, f'--config.coordinator_address={address}',
+                           '--config.num_processes=2', f'--config.process_id={i}'),
+                 driver=True),
+        cwd=REPO, env=_env(), stdout=log_file, stderr=log_file))
+  try:
+    deadline = time.monotonic() + TIMEOUT
+    while not (workdir / 'checkpoints' / str(2 * CHECKPOINT_EVERY)).exists():
+      assert all(p.poll() is None for p in processes), open(f'{workdir}.0.log').read()[-3000:]
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+  finally:
+    for p in processes:
+      p.kill()
+      p.wait()
+  code, log = _drive(workdir, *RUN_ARGS, env=two_devices)
+  assert code == 0, _tail(log)
+  resumed = _resumed_from(log)
+  assert resumed >= 2 * CHECKPOINT_EVERY, _tail(log)
+  assert f'Checkpoint step {resumed} was saved on 2 process(es) x 2 device(s); resuming ' \
+         'on 1 x 2, the same device count' in log, _tail(log)
+  _assert_bitwise_equal_runs(workdir, reference)
 
 
 # ----------------------------------------------------------------- security --

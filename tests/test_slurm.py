@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slurm
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLUSTER = REPO / 'slurm' / 'local_cluster.sh'
 CPU_SCRIPT = 'slurm/train_cpu_local.sbatch'
+TWO_BY_TWO = ('--nodes=2', '--ntasks-per-node=2')  # 4 processes on 2 nodes.
 STEPS = 24            # 1.5 epochs of cpu_smoke (16 steps per epoch).
 EXACT_STEPS = 8       # Steps compared at float32 tolerance (see below).
 HEARTBEAT_S = 5       # config.heartbeat_timeout_seconds in the peer-failure test.
@@ -59,9 +60,11 @@ class Cluster:
     self.env.update(CHEXNET_ENV=str(env_file), JAX_PLATFORMS='cpu',
                     SLURM_CONF=_cluster_conf())
 
-  def sbatch(self, script, *args, wait=False, env=None, timeout=300):
-    """Submits from the repository root; returns the job id."""
-    cmd = ['sbatch', '--parsable', f'--output={self.tmp}/%x-%j.out']
+  def sbatch(self, script, *args, wait=False, env=None, timeout=300,
+             topology=()):
+    """Submits from the repository root; returns the job id. `topology`:
+    sbatch options (the CPU script takes its shape from the command line)."""
+    cmd = ['sbatch', '--parsable', f'--output={self.tmp}/%x-%j.out', *topology]
     cmd += ['--wait'] if wait else []
     result = _run(cmd + [str(script), *args], cwd=REPO, timeout=timeout,
                   env=dict(self.env, **(env or {})))
@@ -236,7 +239,7 @@ def four_process_run(cluster):
       text=True)
   try:
     job_id = cluster.sbatch(CPU_SCRIPT, *TRAIN_ARGS, wait=True,
-                            env={'WORKDIR': str(ours)})
+                            env={'WORKDIR': str(ours)}, topology=TWO_BY_TWO)
     ref_out = ref.communicate(timeout=300)[0]
   finally:
     ref.kill()
@@ -306,7 +309,8 @@ def _wait_for_step(cluster, job_id, workdir, step, timeout=240):
 def test_sigterm_checkpoints_requeues_and_finishes_like_uninterrupted(
     cluster, four_process_run):
   workdir = cluster.tmp / 'preempted'
-  job_id = cluster.sbatch(CPU_SCRIPT, *TRAIN_ARGS, env={'WORKDIR': str(workdir)})
+  job_id = cluster.sbatch(CPU_SCRIPT, *TRAIN_ARGS, env={'WORKDIR': str(workdir)},
+                          topology=TWO_BY_TWO)
   _wait_for_step(cluster, job_id, workdir, 2)
   # What Slurm does --signal=TERM@120 before the time limit, or on preemption.
   _run(['scancel', '--signal=TERM', job_id], env=cluster.env, check=True)
@@ -345,7 +349,8 @@ def _task_pid(workdir, procid):
 def test_dead_peer_stops_the_others_and_resubmission_resumes(cluster):
   workdir = cluster.tmp / 'peer_failure'
   args = (*TRAIN_ARGS, f'--config.heartbeat_timeout_seconds={HEARTBEAT_S}')
-  job_id = cluster.sbatch(CPU_SCRIPT, *args, env={'WORKDIR': str(workdir)})
+  job_id = cluster.sbatch(CPU_SCRIPT, *args, env={'WORKDIR': str(workdir)},
+                          topology=TWO_BY_TWO)
   _wait_for_step(cluster, job_id, workdir, 9)  # Step 8 is checkpointed.
   pid = _task_pid(workdir, 2)
   assert pid, 'task 2 not found'
@@ -359,7 +364,7 @@ def test_dead_peer_stops_the_others_and_resubmission_resumes(cluster):
   assert elapsed < HEARTBEAT_S + 25, (elapsed, log[-3000:])
   # Resubmitting the same script with the same workdir resumes.
   job_id = cluster.sbatch(CPU_SCRIPT, *args, wait=True,
-                          env={'WORKDIR': str(workdir)})
+                          env={'WORKDIR': str(workdir)}, topology=TWO_BY_TWO)
   log = cluster.log(job_id)
   assert re.search(r'Resuming from checkpoint step (8|16)', log), log[-3000:]
   assert cluster.job(job_id)['JobState'] == 'COMPLETED', log[-3000:]
@@ -393,6 +398,19 @@ def test_evaluation_under_1_2_4_processes_gives_the_same_aurocs(
       assert row['auroc'] == pytest.approx(
           reports[0]['per_label'][name]['auroc'], abs=1e-6), name
     assert report['mean_auroc'] == pytest.approx(reports[0]['mean_auroc'], abs=1e-6)
+
+
+def test_every_srun_kills_the_job_when_a_task_fails():
+  """--kill-on-bad-exit=1: a hung or stopped task cannot keep a failed job
+  RUNNING until its time limit once the others have exited."""
+  scripts = [*sorted((REPO / 'slurm').glob('*.sbatch')), REPO / 'slurm' / 'job.sh']
+  lines = [(p.name, line) for p in scripts for line in p.read_text().splitlines()
+           if re.match(r'\s*srun\b', line)]
+  assert len(lines) >= 3
+  for name, line in lines:
+    assert '--kill-on-bad-exit=1' in line, (name, line)
+  local = (REPO / CPU_SCRIPT).read_text()
+  assert not re.search(r'#SBATCH --(nodes|ntasks)', local)  # From the command line.
 
 
 def test_requeue_exit_code_matches_the_trainer():
