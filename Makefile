@@ -15,7 +15,7 @@ PIP_INSTALL = $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 DEMO_DATA := data/demo_tfds
 DEMO_RUN := runs/demo
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup lint test test-fast demo clean
 
 setup: $(VENV)/.installed
 
@@ -37,7 +37,12 @@ CHROMIUM := /usr/bin/chromium /usr/bin/chromedriver
 $(CHROMIUM):
 	sh tests/browser/install_chromium.sh
 
-test: $(VENV)/.test-installed $(CHROMIUM)
+# The style gate (pyproject.toml [tool.ruff]) runs first: it takes seconds.
+lint: $(VENV)/.test-installed
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+test: lint $(CHROMIUM)
 	$(PY) -m pytest -q tests
 
 test-fast: $(VENV)/.test-installed

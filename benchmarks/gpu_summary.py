@@ -5,12 +5,13 @@
 Writes RESULTS_DIR/gpu_summary.json (one row per measured shape; null where a
 number was not measured) and RESULTS_DIR/summary.md, and prints the table.
 """
+
 import argparse
 import json
 import pathlib
 import statistics
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def load(path):
@@ -36,8 +37,10 @@ def end_to_end(res):
   rows = [r for r in rows if 'images_per_second' in r][1:]
   if not rows:
     return None, None
-  return (statistics.median(r['images_per_second'] for r in rows),
-          statistics.median(r['data_wait_ms'] for r in rows))
+  return (
+    statistics.median(r['images_per_second'] for r in rows),
+    statistics.median(r['data_wait_ms'] for r in rows),
+  )
 
 
 def e2e_shape(res):
@@ -62,26 +65,35 @@ def rows(res, command):
     jax_r = load(path)
     eager, compiled = (load(res / f'torch-{m}-{key}.json') for m in ('eager', 'compile'))
     mem = jax_r.get('peak_memory_bytes')
-    out.append({
+    out.append(
+      {
         'card': jax_r.get('device_kind'),
-        'px': int(px), 'batch': int(batch), 'dtype': dtype,
+        'px': int(px),
+        'batch': int(batch),
+        'dtype': dtype,
         'jax_images_per_s': images_per_s(jax_r),
         'torch_eager_images_per_s': images_per_s(eager),
         'torch_compile_images_per_s': images_per_s(compiled),
-        'end_to_end_images_per_s': (
-            e2e_rate if e2e_at == (int(px), int(batch), dtype) else None),
+        'end_to_end_images_per_s': (e2e_rate if e2e_at == (int(px), int(batch), dtype) else None),
         'mfu': jax_r.get('mfu'),
         'peak_memory_gib': mem / GIB if mem else None,
-        'torch_eager_peak_memory_gib': (eager['peak_memory_bytes'] / GIB
-                                        if eager.get('peak_memory_bytes') else None),
+        'torch_eager_peak_memory_gib': (
+          eager['peak_memory_bytes'] / GIB if eager.get('peak_memory_bytes') else None
+        ),
         'compile_s': jax_r.get('compile_s'),
-        'step_time_p10_p90_s': ([jax_r['step_time_p10_s'], jax_r['step_time_p90_s']]
-                                if 'step_time_p10_s' in jax_r else None),
-        'status': {'jax': jax_r.get('status', 'ok' if jax_r else 'not run'),
-                   'torch_eager': eager.get('status', 'not run'),
-                   'torch_compile': compiled.get('status', 'not run')},
+        'step_time_p10_p90_s': (
+          [jax_r['step_time_p10_s'], jax_r['step_time_p90_s']]
+          if 'step_time_p10_s' in jax_r
+          else None
+        ),
+        'status': {
+          'jax': jax_r.get('status', 'ok' if jax_r else 'not run'),
+          'torch_eager': eager.get('status', 'not run'),
+          'torch_compile': compiled.get('status', 'not run'),
+        },
         'command': command,
-    })
+      }
+    )
   return out
 
 
@@ -95,18 +107,21 @@ def ratio(a, b):
 
 def table(summary, res):
   wait = end_to_end(res)[1]
-  lines = ['| card | px | batch | dtype | JAX img/s | torch eager | torch.compile | '
-           'JAX/eager | JAX/compile | end to end | MFU | JAX peak GiB | compile s |',
-           '| --- ' * 13 + '|']
+  lines = [
+    '| card | px | batch | dtype | JAX img/s | torch eager | torch.compile | '
+    'JAX/eager | JAX/compile | end to end | MFU | JAX peak GiB | compile s |',
+    '| --- ' * 13 + '|',
+  ]
   for r in summary:
     j = r['jax_images_per_s']
     lines.append(
-        f"| {r['card']} | {r['px']} | {r['batch']} | {r['dtype']} | {fmt(j)} | "
-        f"{fmt(r['torch_eager_images_per_s'])} | {fmt(r['torch_compile_images_per_s'])} | "
-        f"{ratio(j, r['torch_eager_images_per_s'])} | "
-        f"{ratio(j, r['torch_compile_images_per_s'])} | "
-        f"{fmt(r['end_to_end_images_per_s'])} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}% | "
-        f"{fmt(r['peak_memory_gib'], '.1f')} | {fmt(r['compile_s'], '.0f')} |")
+      f'| {r["card"]} | {r["px"]} | {r["batch"]} | {r["dtype"]} | {fmt(j)} | '
+      f'{fmt(r["torch_eager_images_per_s"])} | {fmt(r["torch_compile_images_per_s"])} | '
+      f'{ratio(j, r["torch_eager_images_per_s"])} | '
+      f'{ratio(j, r["torch_compile_images_per_s"])} | '
+      f'{fmt(r["end_to_end_images_per_s"])} | {fmt(r["mfu"] and 100 * r["mfu"], ".1f")}% | '
+      f'{fmt(r["peak_memory_gib"], ".1f")} | {fmt(r["compile_s"], ".0f")} |'
+    )
   if wait is not None:
     lines.append(f'\nEnd to end: median data wait {wait:.1f} ms per step.')
   tests = res / 'tests.txt'
@@ -114,8 +129,10 @@ def table(summary, res):
     lines.append(f'GPU tests: {tests.read_text().strip()}')
   tune = sorted(res.glob('tune-*.json'))
   if tune:
-    lines.append('\nTuning (same shape, same call): ' + ', '.join(
-        f"{p.stem}: {fmt(images_per_s(load(p)))}" for p in tune))
+    lines.append(
+      '\nTuning (same shape, same call): '
+      + ', '.join(f'{p.stem}: {fmt(images_per_s(load(p)))}' for p in tune)
+    )
   return '\n'.join(lines)
 
 

@@ -12,6 +12,7 @@ number of epochs (same images, same compute), starts from Adam 1e-3 at batch 64
 images. Prints a Markdown table: final and best validation mean AUROC, the
 largest training loss after the first epoch (stability) and wall time.
 """
+
 import argparse
 import json
 import os
@@ -25,12 +26,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> (global batch, devices, config overrides)
 RUNS = {
-    'b64': (64, 1, {}),
-    'b1024_none_warmup': (1024, 16, {'lr_scaling': 'none', 'warmup_epochs': 1.0}),
-    'b1024_sqrt_warmup': (1024, 16, {'lr_scaling': 'sqrt', 'warmup_epochs': 1.0}),
-    'b1024_linear_warmup': (1024, 16, {'lr_scaling': 'linear', 'warmup_epochs': 1.0}),
-    'b1024_linear': (1024, 16, {'lr_scaling': 'linear', 'warmup_epochs': 0.0}),
-    'b1024_sqrt': (1024, 16, {'lr_scaling': 'sqrt', 'warmup_epochs': 0.0}),
+  'b64': (64, 1, {}),
+  'b1024_none_warmup': (1024, 16, {'lr_scaling': 'none', 'warmup_epochs': 1.0}),
+  'b1024_sqrt_warmup': (1024, 16, {'lr_scaling': 'sqrt', 'warmup_epochs': 1.0}),
+  'b1024_linear_warmup': (1024, 16, {'lr_scaling': 'linear', 'warmup_epochs': 1.0}),
+  'b1024_linear': (1024, 16, {'lr_scaling': 'linear', 'warmup_epochs': 0.0}),
+  'b1024_sqrt': (1024, 16, {'lr_scaling': 'sqrt', 'warmup_epochs': 0.0}),
 }
 
 
@@ -38,21 +39,38 @@ def run(name, args, root):
   batch, devices, overrides = RUNS[name]
   workdir = os.path.join(root, name)
   settings = {
-      'batch_size': batch, 'eval_batch_size': 1024, 'learning_rate': 1e-3,
-      'lr_base_batch_size': 64, 'lr_schedule': 'plateau',
-      'synthetic_train_size': args.train_size, 'synthetic_eval_size': 1024,
-      'num_epochs': args.epochs, 'eval_every_epochs': 1.0,
-      'log_every_steps': max(1, args.train_size // batch // 4),
-      'checkpoint_every_steps': 10 ** 6, 'seed': args.seed, **overrides}
-  command = [sys.executable, '-m', 'chexnet_jax.main', '--config',
-             os.path.join(REPO, 'configs', 'cpu_smoke.py'), '--workdir', workdir]
+    'batch_size': batch,
+    'eval_batch_size': 1024,
+    'learning_rate': 1e-3,
+    'lr_base_batch_size': 64,
+    'lr_schedule': 'plateau',
+    'synthetic_train_size': args.train_size,
+    'synthetic_eval_size': 1024,
+    'num_epochs': args.epochs,
+    'eval_every_epochs': 1.0,
+    'log_every_steps': max(1, args.train_size // batch // 4),
+    'checkpoint_every_steps': 10**6,
+    'seed': args.seed,
+    **overrides,
+  }
+  command = [
+    sys.executable,
+    '-m',
+    'chexnet_jax.main',
+    '--config',
+    os.path.join(REPO, 'configs', 'cpu_smoke.py'),
+    '--workdir',
+    workdir,
+  ]
   command += [f'--config.{k}={v}' for k, v in settings.items()]
-  env = dict(os.environ, XLA_FLAGS=(
-      f'--xla_force_host_platform_device_count={devices}'),
-             PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
+  env = dict(
+    os.environ,
+    XLA_FLAGS=(f'--xla_force_host_platform_device_count={devices}'),
+    PYTHONPATH=REPO,
+    JAX_PLATFORMS='cpu',
+  )
   start = time.perf_counter()
-  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True,
-                          text=True, check=False)
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, check=False)
   seconds = time.perf_counter() - start
   if result.returncode:
     return {'name': name, 'failed': result.stderr.strip().splitlines()[-1:]}
@@ -60,15 +78,21 @@ def run(name, args, root):
     records = [json.loads(line) for line in f]
   steps_per_epoch = args.train_size // batch
   evals = [r['val_mean_auroc'] for r in records if 'val_mean_auroc' in r]
-  losses = [r['train_loss'] for r in records
-            if 'train_loss' in r and r['step'] > steps_per_epoch]
+  losses = [r['train_loss'] for r in records if 'train_loss' in r and r['step'] > steps_per_epoch]
   peak_lr = max(r['learning_rate'] for r in records if 'learning_rate' in r)
-  return {'name': name, 'batch': batch, 'devices': devices,
-          'rule': overrides.get('lr_scaling', '-'),
-          'warmup': overrides.get('warmup_epochs', 0.0), 'peak_lr': peak_lr,
-          'final': evals[-1], 'best': max(evals), 'evals': evals,
-          'max_loss_after_epoch1': max(losses) if losses else float('nan'),
-          'seconds': seconds}
+  return {
+    'name': name,
+    'batch': batch,
+    'devices': devices,
+    'rule': overrides.get('lr_scaling', '-'),
+    'warmup': overrides.get('warmup_epochs', 0.0),
+    'peak_lr': peak_lr,
+    'final': evals[-1],
+    'best': max(evals),
+    'evals': evals,
+    'max_loss_after_epoch1': max(losses) if losses else float('nan'),
+    'seconds': seconds,
+  }
 
 
 def main():
@@ -76,8 +100,9 @@ def main():
   parser.add_argument('--epochs', type=int, default=8)
   parser.add_argument('--train_size', type=int, default=8192)
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--runs', default='all', help='comma-separated names of '
-                      f'{list(RUNS)}, or all')
+  parser.add_argument(
+    '--runs', default='all', help=f'comma-separated names of {list(RUNS)}, or all'
+  )
   parser.add_argument('--json', help='also write the results here')
   args = parser.parse_args()
   names = list(RUNS) if args.runs == 'all' else args.runs.split(',')
@@ -89,24 +114,29 @@ def main():
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(results, f, indent=1)
-  base = next((r['final'] for r in results if r['name'] == 'b64'
-               and 'final' in r), None)
-  print(f'\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; '
-        f'{args.epochs} epochs of {args.train_size} synthetic images, seed '
-        f'{args.seed}\n')
-  print('| run | global batch | devices | LR rule | warmup epochs | peak LR | '
-        'val mean AUROC (final) | best | final - batch 64 | max train loss '
-        'after epoch 1 | wall s |')
+  base = next((r['final'] for r in results if r['name'] == 'b64' and 'final' in r), None)
+  print(
+    f'\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores; '
+    f'{args.epochs} epochs of {args.train_size} synthetic images, seed '
+    f'{args.seed}\n'
+  )
+  print(
+    '| run | global batch | devices | LR rule | warmup epochs | peak LR | '
+    'val mean AUROC (final) | best | final - batch 64 | max train loss '
+    'after epoch 1 | wall s |'
+  )
   print('|' + ' --- |' * 11)
   for r in results:
     if 'failed' in r:
-      print(f"| {r['name']} | failed: {r['failed']} |")
+      print(f'| {r["name"]} | failed: {r["failed"]} |')
       continue
-    delta = '' if base is None else f"{r['final'] - base:+.4f}"
-    print(f"| {r['name']} | {r['batch']} | {r['devices']} | {r['rule']} | "
-          f"{r['warmup']:g} | {r['peak_lr']:.2e} | {r['final']:.4f} | "
-          f"{r['best']:.4f} | {delta} | {r['max_loss_after_epoch1']:.4f} | "
-          f"{r['seconds']:.0f} |")
+    delta = '' if base is None else f'{r["final"] - base:+.4f}'
+    print(
+      f'| {r["name"]} | {r["batch"]} | {r["devices"]} | {r["rule"]} | '
+      f'{r["warmup"]:g} | {r["peak_lr"]:.2e} | {r["final"]:.4f} | '
+      f'{r["best"]:.4f} | {delta} | {r["max_loss_after_epoch1"]:.4f} | '
+      f'{r["seconds"]:.0f} |'
+    )
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ unless `--standin` is given: then a self-contained DenseNet121 (same layers and 
 torchvision's, written below) is used. The stand-in exists ONLY for the CPU comparison on machines
 where torchvision cannot be installed; its rows are labelled 'standin'.
 """
+
 import argparse
 import json
 import statistics
@@ -45,10 +46,10 @@ class _DenseLayer(nn.Module):
 
 
 class _Transition(nn.Sequential):
-
   def __init__(self, in_ch, out_ch):
-    super().__init__(nn.BatchNorm2d(in_ch), nn.ReLU(), nn.Conv2d(in_ch, out_ch, 1, bias=False),
-                     nn.AvgPool2d(2, 2))
+    super().__init__(
+      nn.BatchNorm2d(in_ch), nn.ReLU(), nn.Conv2d(in_ch, out_ch, 1, bias=False), nn.AvgPool2d(2, 2)
+    )
 
 
 class StandinDenseNet121(nn.Module):
@@ -57,8 +58,12 @@ class StandinDenseNet121(nn.Module):
   def __init__(self, num_classes=NUM_CLASSES, growth=32, blocks=(6, 12, 24, 16), bn_size=4):
     super().__init__()
     ch = 2 * growth
-    layers = [nn.Conv2d(3, ch, 7, 2, 3, bias=False), nn.BatchNorm2d(ch), nn.ReLU(),
-              nn.MaxPool2d(3, 2, 1)]
+    layers = [
+      nn.Conv2d(3, ch, 7, 2, 3, bias=False),
+      nn.BatchNorm2d(ch),
+      nn.ReLU(),
+      nn.MaxPool2d(3, 2, 1),
+    ]
     for i, n in enumerate(blocks):
       for _ in range(n):
         layers.append(_DenseLayer(ch, growth, bn_size))
@@ -79,6 +84,7 @@ def build_model(standin):
   """Returns (model, source) or (None, reason) when torchvision is missing and no stand-in."""
   try:
     import torchvision  # pylint: disable=g-import-not-at-top
+
     return torchvision.models.densenet121(weights=None, num_classes=NUM_CLASSES), 'torchvision'
   except Exception:  # ImportError, or a torchvision built for another torch.
     if not standin:
@@ -145,8 +151,14 @@ def random_batches(n, batch, size, device):
 
 def run(args):
   """Returns a result dict (status 'ok' or the reason it did not run)."""
-  row = {'framework': 'torch', 'torch': torch.__version__, 'mode': args.mode,
-         'image_size': args.image_size, 'batch_size': args.batch_size, 'dtype': args.dtype}
+  row = {
+    'framework': 'torch',
+    'torch': torch.__version__,
+    'mode': args.mode,
+    'image_size': args.image_size,
+    'batch_size': args.batch_size,
+    'dtype': args.dtype,
+  }
   model, source = build_model(args.standin)
   row['model_source'] = source
   if model is None:
@@ -170,11 +182,17 @@ def run(args):
   batches = random_batches(2, args.batch_size, args.image_size, device)
   times, warmup_s, cpu_s = time_steps(step, batches, device, args.warmup, args.steps)
   med = statistics.median(times)
-  row.update(status='ok', params=sum(p.numel() for p in model.parameters()),
-             warmup_s=warmup_s, step_time_median_s=med, step_time_min_s=min(times),
-             step_time_max_s=max(times), images_per_s=args.batch_size / med,
-             host_cpu_s_per_step=cpu_s,
-             threads=torch.get_num_threads())
+  row.update(
+    status='ok',
+    params=sum(p.numel() for p in model.parameters()),
+    warmup_s=warmup_s,
+    step_time_median_s=med,
+    step_time_min_s=min(times),
+    step_time_max_s=max(times),
+    images_per_s=args.batch_size / med,
+    host_cpu_s_per_step=cpu_s,
+    threads=torch.get_num_threads(),
+  )
   if device.type == 'cuda':
     row['peak_memory_bytes'] = torch.cuda.max_memory_allocated(device)
   return row
@@ -189,10 +207,14 @@ def parse_args(argv):
   p.add_argument('--steps', type=int, default=20)
   p.add_argument('--warmup', type=int, default=5)
   p.add_argument('--device', default='', help="default: 'cuda' when available, else 'cpu'")
-  p.add_argument('--threads', type=int, default=0,
-                 help='CPU intra-op threads (0: torch default, one per core)')
-  p.add_argument('--standin', action='store_true',
-                 help='use the self-contained DenseNet121 if torchvision is missing (CPU only)')
+  p.add_argument(
+    '--threads', type=int, default=0, help='CPU intra-op threads (0: torch default, one per core)'
+  )
+  p.add_argument(
+    '--standin',
+    action='store_true',
+    help='use the self-contained DenseNet121 if torchvision is missing (CPU only)',
+  )
   p.add_argument('--json', action='store_true', help='print one JSON line instead of text')
   return p.parse_args(argv)
 

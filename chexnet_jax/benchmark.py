@@ -18,6 +18,8 @@ Needs only jax, flax, optax and ml_collections (pure Python; benchmarks/device_c
 installs it from carried wheels on a machine without network): with
 `--data random` nothing imports grain, TFDS or array_record.
 """
+
+import functools
 import json
 import os
 import statistics
@@ -44,38 +46,42 @@ TRAIN_EXAMPLES = 77_872
 EPOCHS = 10
 
 # The reference's published throughput (TF 1.12 + Horovod, V100, 256 px, batch 64 per GPU).
-REFERENCE_IMAGES_PER_S = {1: 185.12, 2: 315.26, 4: 589.36, 8: 1116.99,
-                          16: 1912.82}
+REFERENCE_IMAGES_PER_S = {1: 185.12, 2: 315.26, 4: 589.36, 8: 1116.99, 16: 1912.82}
 
 # Peak dense FLOP/s per device from NVIDIA datasheets (no sparsity).
 # 'float32' is the rate XLA reaches with its default precision: TF32 tensor
 # cores on A100/H100/H200, plain FP32 on V100 (no TF32, no bf16 tensor cores).
 # Order matters: the first key found in device_kind wins.
 PEAK_FLOPS = (
-    ('H200 NVL', {'bfloat16': 835e12, 'float16': 835e12, 'float32': 418e12}),
-    ('H200', {'bfloat16': 989e12, 'float16': 989e12, 'float32': 495e12}),
-    ('H100 NVL', {'bfloat16': 835e12, 'float16': 835e12, 'float32': 418e12}),
-    ('H100 PCIe', {'bfloat16': 756e12, 'float16': 756e12, 'float32': 378e12}),
-    ('H100', {'bfloat16': 989e12, 'float16': 989e12, 'float32': 495e12}),
-    ('A100', {'bfloat16': 312e12, 'float16': 312e12, 'float32': 156e12}),
-    ('V100-PCIE', {'float16': 112e12, 'float32': 14e12}),
-    ('V100', {'float16': 125e12, 'float32': 15.7e12}),
+  ('H200 NVL', {'bfloat16': 835e12, 'float16': 835e12, 'float32': 418e12}),
+  ('H200', {'bfloat16': 989e12, 'float16': 989e12, 'float32': 495e12}),
+  ('H100 NVL', {'bfloat16': 835e12, 'float16': 835e12, 'float32': 418e12}),
+  ('H100 PCIe', {'bfloat16': 756e12, 'float16': 756e12, 'float32': 378e12}),
+  ('H100', {'bfloat16': 989e12, 'float16': 989e12, 'float32': 495e12}),
+  ('A100', {'bfloat16': 312e12, 'float16': 312e12, 'float32': 156e12}),
+  ('V100-PCIE', {'float16': 112e12, 'float32': 14e12}),
+  ('V100', {'float16': 125e12, 'float32': 15.7e12}),
 )
 
 
 # -------------------------------------------------------------------- data --
 
+
 def random_batches(config, local_batch, count=2, seed=0):
   """`count` host batches of the contract's element spec (uint8 images)."""
   rng = np.random.default_rng(seed)
   size = config.image_size
-  return [{
+  return [
+    {
       'image': rng.integers(0, 256, (local_batch, size, size, 1), np.uint8),
       'labels': rng.integers(0, 2, (local_batch, labels_lib.num_classes_of(config))).astype(
-          np.float32),
+        np.float32
+      ),
       'mask': np.ones((local_batch,), bool),
       'index': np.arange(local_batch, dtype=np.int32),
-  } for _ in range(count)]
+    }
+    for _ in range(count)
+  ]
 
 
 def host_batches(config, data, local_batch):
@@ -85,20 +91,25 @@ def host_batches(config, data, local_batch):
     return (pool[i % len(pool)] for i in range(sys.maxsize))
   # Imported here: --data random must run where grain is not installed.
   from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top
-  return iter(pipeline.create_train_iterator(
-      config, process_index=jax.process_index(),
-      process_count=jax.process_count()))
+
+  return iter(
+    pipeline.create_train_iterator(
+      config, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+  )
 
 
 def train_examples(config, data):
   """The real training-split size when reading real records, else 77,872."""
   if data == 'pipeline' and config.dataset == 'chestxray14':
     from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top  (grain)
+
     return pipeline.get_dataset_info(config)['splits']['train']
   return TRAIN_EXAMPLES
 
 
 # ------------------------------------------------------------------ device --
+
 
 def peak_flops(device_kind, dtype):
   for key, table in PEAK_FLOPS:
@@ -133,11 +144,11 @@ def step_flops(lowered):
 
 # ---------------------------------------------------------------- the run --
 
+
 def build_step(config, mesh):
   """(state, compiled step fn) for `config`, via the trainer's own functions."""
   model = train_state.build_model(config, for_training=True)
-  tx, schedule = train_state.create_optimizer(config, steps_per_epoch=1,
-                                              total_steps=1_000_000)
+  tx, schedule = train_state.create_optimizer(config, steps_per_epoch=1, total_steps=1_000_000)
   state = train_state.create_train_state(config, model, mesh, tx)
   step = train_step.make_train_step(config, model, mesh, tx, schedule)
   return state, step
@@ -180,17 +191,15 @@ def run_benchmark(config, *, steps=20, warmup=3, data='random'):
   """Benchmarks the train step; returns a dict of plain numbers and strings."""
   mesh = sharding.make_mesh()
   batches = host_batches(config, data, process_batch(config))
-  to_global = lambda b: sharding.to_global(b, mesh)
+  to_global = functools.partial(sharding.to_global, mesh=mesh)
   state, step = build_step(config, mesh)
   t = time.perf_counter()
   lowered = step.lower(state, to_global(next(batches)))
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t
   state = timed_steps(compiled, state, batches, to_global, warmup)[0]
-  _, step_times, input_times, cpu_s = timed_steps(compiled, state, batches,
-                                                  to_global, steps)
-  return summarize(config, data, step_times, input_times, cpu_s,
-                   step_flops(lowered), compile_s)
+  _, step_times, input_times, cpu_s = timed_steps(compiled, state, batches, to_global, steps)
+  return summarize(config, data, step_times, input_times, cpu_s, step_flops(lowered), compile_s)
 
 
 def summarize(config, data, step_times, input_times, cpu_s, flops, compile_s):
@@ -202,35 +211,42 @@ def summarize(config, data, step_times, input_times, cpu_s, flops, compile_s):
   peak = peak_flops(device.device_kind, config.dtype)
   n_train = train_examples(config, data)
   return {
-      'model': config.model, 'image_size': config.image_size,
-      'dtype': config.dtype, 'bn_sync': bool(config.bn_sync), 'data': data,
-      'platform': device.platform, 'device_kind': device.device_kind,
-      'devices': n_dev, 'processes': jax.process_count(),
-      'jax': jax.__version__,
-      'global_batch': config.batch_size,
-      'per_device_batch': config.batch_size // n_dev,
-      'steps': len(step_times),
-      'compile_s': compile_s,
-      'step_time_median_s': median,
-      'step_time_p10_s': float(np.percentile(step_times, 10)),
-      'step_time_p90_s': float(np.percentile(step_times, 90)),
-      'step_time_min_s': min(step_times), 'step_time_max_s': max(step_times),
-      'input_time_median_s': statistics.median(input_times),
-      'host_cpu_s_per_step': cpu_s,
-      'images_per_s': images_per_s,
-      'images_per_s_per_device': images_per_s / n_dev,
-      'peak_memory_bytes': peak_memory_bytes(device),
-      'flops_per_step_per_device': flops,
-      'tflops_per_s_per_device': flops / median / 1e12 if flops else None,
-      'peak_flops_per_device': peak,
-      'mfu': flops / median / peak if (flops and peak) else None,
-      'train_examples': n_train,
-      'epoch_s': n_train / images_per_s,
-      'ten_epochs_s': EPOCHS * n_train / images_per_s,
+    'model': config.model,
+    'image_size': config.image_size,
+    'dtype': config.dtype,
+    'bn_sync': bool(config.bn_sync),
+    'data': data,
+    'platform': device.platform,
+    'device_kind': device.device_kind,
+    'devices': n_dev,
+    'processes': jax.process_count(),
+    'jax': jax.__version__,
+    'global_batch': config.batch_size,
+    'per_device_batch': config.batch_size // n_dev,
+    'steps': len(step_times),
+    'compile_s': compile_s,
+    'step_time_median_s': median,
+    'step_time_p10_s': float(np.percentile(step_times, 10)),
+    'step_time_p90_s': float(np.percentile(step_times, 90)),
+    'step_time_min_s': min(step_times),
+    'step_time_max_s': max(step_times),
+    'input_time_median_s': statistics.median(input_times),
+    'host_cpu_s_per_step': cpu_s,
+    'images_per_s': images_per_s,
+    'images_per_s_per_device': images_per_s / n_dev,
+    'peak_memory_bytes': peak_memory_bytes(device),
+    'flops_per_step_per_device': flops,
+    'tflops_per_s_per_device': flops / median / 1e12 if flops else None,
+    'peak_flops_per_device': peak,
+    'mfu': flops / median / peak if (flops and peak) else None,
+    'train_examples': n_train,
+    'epoch_s': n_train / images_per_s,
+    'ten_epochs_s': EPOCHS * n_train / images_per_s,
   }
 
 
 # ------------------------------------------------------------------ output --
+
 
 def hms(seconds):
   seconds = int(round(seconds))
@@ -243,24 +259,26 @@ def fmt(value, spec, unit=''):
 
 def format_table(r):
   """The reference's table, then the details."""
-  gpus = 'GPUs' if r['platform'] == 'gpu' else f"devices ({r['platform']})"
+  gpus = 'GPUs' if r['platform'] == 'gpu' else f'devices ({r["platform"]})'
   ref = REFERENCE_IMAGES_PER_S.get(r['devices'])
   lines = [
-      f"chexnet_jax train step: {r['model']}, {r['image_size']} px, "
-      f"{r['dtype']}, bn_sync={r['bn_sync']}, global batch {r['global_batch']}"
-      f" ({r['per_device_batch']} per device), data={r['data']}",
-      f"{r['devices']} x {r['device_kind']}, {r['processes']} process(es), "
-      f"jax {r['jax']}, {r['steps']} timed steps after warm-up",
-      '',
-      f'| {gpus} | images/s | time to train {EPOCHS} epochs |',
-      '| --- | --- | --- |',
-      f"| {r['devices']} | {r['images_per_s']:.2f} | "
-      f"{r['ten_epochs_s']:.1f} s ({hms(r['ten_epochs_s'])}) |",
+    f'chexnet_jax train step: {r["model"]}, {r["image_size"]} px, '
+    f'{r["dtype"]}, bn_sync={r["bn_sync"]}, global batch {r["global_batch"]}'
+    f' ({r["per_device_batch"]} per device), data={r["data"]}',
+    f'{r["devices"]} x {r["device_kind"]}, {r["processes"]} process(es), '
+    f'jax {r["jax"]}, {r["steps"]} timed steps after warm-up',
+    '',
+    f'| {gpus} | images/s | time to train {EPOCHS} epochs |',
+    '| --- | --- | --- |',
+    f'| {r["devices"]} | {r["images_per_s"]:.2f} | '
+    f'{r["ten_epochs_s"]:.1f} s ({hms(r["ten_epochs_s"])}) |',
   ]
   if ref:
-    lines.append(f"| {r['devices']} (reference: TF 1.12 + Horovod, V100, "
-                 f'256 px, batch 64/GPU) | {ref:.2f} | '
-                 f'{EPOCHS * 77_824 / ref:.1f} s ({EPOCHS} x 77,824 images) |')
+    lines.append(
+      f'| {r["devices"]} (reference: TF 1.12 + Horovod, V100, '
+      f'256 px, batch 64/GPU) | {ref:.2f} | '
+      f'{EPOCHS * 77_824 / ref:.1f} s ({EPOCHS} x 77,824 images) |'
+    )
   lines += ['', '| metric | value |', '| --- | --- |']
   lines += [f'| {k} | {v} |' for k, v in detail_rows(r)]
   return '\n'.join(lines)
@@ -269,51 +287,48 @@ def format_table(r):
 def detail_rows(r):
   mem = r['peak_memory_bytes']
   return [
-      ('images/s (global)', f"{r['images_per_s']:.2f}"),
-      ('images/s per device', f"{r['images_per_s_per_device']:.2f}"),
-      ('step time median (s)', f"{r['step_time_median_s']:.4f}"),
-      ('step time p10 / p90 (s)',
-       f"{r['step_time_p10_s']:.4f} / {r['step_time_p90_s']:.4f}"),
-      ('step time min / max (s)',
-       f"{r['step_time_min_s']:.4f} / {r['step_time_max_s']:.4f}"),
-      ('host input time per step, median (s)',
-       f"{r['input_time_median_s']:.4f}"),
-      ('host CPU time per step, all threads (s)',
-       f"{r['host_cpu_s_per_step']:.4f}"),
-      ('peak device memory', fmt(mem and mem / 2**30, '.2f', ' GiB')),
-      ('FLOPs per step per device (XLA cost analysis)',
-       fmt(r['flops_per_step_per_device'], '.3e')),
-      ('achieved TFLOP/s per device', fmt(r['tflops_per_s_per_device'], '.2f')),
-      (f"MFU vs {r['dtype']} peak of {r['device_kind']}",
-       fmt(r['mfu'] and 100 * r['mfu'], '.1f', ' %')),
-      ('compile time (s)', f"{r['compile_s']:.1f}"),
-      (f"one epoch of {r['train_examples']:,} images",
-       f"{r['epoch_s']:.1f} s ({hms(r['epoch_s'])})"),
+    ('images/s (global)', f'{r["images_per_s"]:.2f}'),
+    ('images/s per device', f'{r["images_per_s_per_device"]:.2f}'),
+    ('step time median (s)', f'{r["step_time_median_s"]:.4f}'),
+    ('step time p10 / p90 (s)', f'{r["step_time_p10_s"]:.4f} / {r["step_time_p90_s"]:.4f}'),
+    ('step time min / max (s)', f'{r["step_time_min_s"]:.4f} / {r["step_time_max_s"]:.4f}'),
+    ('host input time per step, median (s)', f'{r["input_time_median_s"]:.4f}'),
+    ('host CPU time per step, all threads (s)', f'{r["host_cpu_s_per_step"]:.4f}'),
+    ('peak device memory', fmt(mem and mem / 2**30, '.2f', ' GiB')),
+    ('FLOPs per step per device (XLA cost analysis)', fmt(r['flops_per_step_per_device'], '.3e')),
+    ('achieved TFLOP/s per device', fmt(r['tflops_per_s_per_device'], '.2f')),
+    (
+      f'MFU vs {r["dtype"]} peak of {r["device_kind"]}',
+      fmt(r['mfu'] and 100 * r['mfu'], '.1f', ' %'),
+    ),
+    ('compile time (s)', f'{r["compile_s"]:.1f}'),
+    (f'one epoch of {r["train_examples"]:,} images', f'{r["epoch_s"]:.1f} s ({hms(r["epoch_s"])})'),
   ]
 
 
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps.', lower_bound=1)
-_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.',
-                               lower_bound=0)
-_DATA = flags.DEFINE_enum('data', 'random', ['random', 'pipeline'],
-                          'random: in-memory uint8 batches; pipeline: '
-                          'config.dataset through input_pipeline (grain).')
+_WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps after compilation.', lower_bound=0)
+_DATA = flags.DEFINE_enum(
+  'data',
+  'random',
+  ['random', 'pipeline'],
+  'random: in-memory uint8 batches; pipeline: config.dataset through input_pipeline (grain).',
+)
 _JSON_OUT = flags.DEFINE_string('json_out', '', 'Also write the result here.')
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file, e.g. configs/h100x1.py.', lock_config=True)
+  'config', None, 'Config file, e.g. configs/h100x1.py.', lock_config=True
+)
 flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
   del argv
   distributed.quiet_backend_probe()
-  result = run_benchmark(_CONFIG.value, steps=_STEPS.value,
-                         warmup=_WARMUP.value, data=_DATA.value)
+  result = run_benchmark(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value, data=_DATA.value)
   if jax.process_index() == 0:
     print(format_table(result), flush=True)
     if _JSON_OUT.value:
-      os.makedirs(os.path.dirname(os.path.abspath(_JSON_OUT.value)),
-                  exist_ok=True)
+      os.makedirs(os.path.dirname(os.path.abspath(_JSON_OUT.value)), exist_ok=True)
       with open(_JSON_OUT.value, 'w') as f:
         json.dump(result, f, indent=1)
 

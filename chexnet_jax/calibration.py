@@ -18,6 +18,7 @@ and the ECE, exactly as if their entries were not in the data.
 evaluate writes the fitted temperature to DIR/eval/calibration.json (with the
 checkpoint step it belongs to); `python -m chexnet_jax.predict --calibrated` applies it.
 """
+
 import json
 import os
 
@@ -46,8 +47,10 @@ def known_entries(labels, values):
   labels = np.asarray(labels, dtype=np.float64)
   values = np.asarray(values, dtype=np.float64)
   if labels.shape != values.shape:
-    raise ValueError(f'chexnet_jax/calibration.py: labels {labels.shape} and probabilities '
-                     f'{values.shape} must have the same shape.')
+    raise ValueError(
+      f'chexnet_jax/calibration.py: labels {labels.shape} and probabilities '
+      f'{values.shape} must have the same shape.'
+    )
   known = labels.ravel() >= 0
   return labels.ravel()[known], values.ravel()[known]
 
@@ -70,17 +73,21 @@ def fit_temperature(labels, probs, bounds=(0.05, 20.0)):
   labels, probs = known_entries(labels, probs)
   logits = logits_from_probs(probs)
   if labels.size == 0:
-    raise ValueError('chexnet_jax/calibration.py: no known label to fit a temperature on; '
-                     'evaluate a split with images (and labels that are not all unknown).')
+    raise ValueError(
+      'chexnet_jax/calibration.py: no known label to fit a temperature on; '
+      'evaluate a split with images (and labels that are not all unknown).'
+    )
 
   def loss(log_t):
     scaled = logits / np.exp(log_t)
     # log(1 + exp(-|z|)) form of the BCE on logits: stable for large |z|.
-    return float(np.mean(np.maximum(scaled, 0) - scaled * labels
-                         + np.log1p(np.exp(-np.abs(scaled)))))
+    return float(
+      np.mean(np.maximum(scaled, 0) - scaled * labels + np.log1p(np.exp(-np.abs(scaled))))
+    )
 
-  result = optimize.minimize_scalar(loss, bounds=np.log(bounds), method='bounded',
-                                    options={'xatol': 1e-6})
+  result = optimize.minimize_scalar(
+    loss, bounds=np.log(bounds), method='bounded', options={'xatol': 1e-6}
+  )
   return float(np.exp(result.x))
 
 
@@ -99,8 +106,7 @@ def reliability_bins(labels, probs, num_bins=NUM_BINS):
   with np.errstate(invalid='ignore', divide='ignore'):
     mean_predicted = np.bincount(which, probs, minlength=num_bins) / count
     observed = np.bincount(which, labels, minlength=num_bins) / count
-  return {'edges': edges, 'count': count, 'mean_predicted': mean_predicted,
-          'observed': observed}
+  return {'edges': edges, 'count': count, 'mean_predicted': mean_predicted, 'observed': observed}
 
 
 def expected_calibration_error(labels, probs, num_bins=NUM_BINS):
@@ -120,8 +126,9 @@ def _none_if_nan(value):
   return None if value is None or not np.isfinite(value) else float(value)
 
 
-def calibration_report(labels, probs, validation_labels, validation_probs, names,
-                       num_bins=NUM_BINS):
+def calibration_report(
+  labels, probs, validation_labels, validation_probs, names, num_bins=NUM_BINS
+):
   """Temperature fitted on validation and the ECE it gives on the evaluated split.
 
   `names`: the run's label names, one per column. Unknown entries (label below 0) are
@@ -131,26 +138,36 @@ def calibration_report(labels, probs, validation_labels, validation_probs, names
   """
   labels, probs = np.asarray(labels), np.asarray(probs)
   if labels.ndim != 2 or labels.shape[1] != len(names):
-    raise ValueError(f'chexnet_jax/calibration.py: labels {labels.shape} but {len(names)} '
-                     'label names; pass the run\'s names (labels_lib.names_of(config)).')
+    raise ValueError(
+      f'chexnet_jax/calibration.py: labels {labels.shape} but {len(names)} '
+      "label names; pass the run's names (labels_lib.names_of(config))."
+    )
   temperature = fit_temperature(validation_labels, validation_probs)
   calibrated = apply_temperature(probs, temperature)
   per_label = {}
   for k, name in enumerate(names):
     per_label[name] = {
-        'ece': _none_if_nan(expected_calibration_error(labels[:, k], probs[:, k], num_bins)),
-        'ece_calibrated': _none_if_nan(
-            expected_calibration_error(labels[:, k], calibrated[:, k], num_bins))}
+      'ece': _none_if_nan(expected_calibration_error(labels[:, k], probs[:, k], num_bins)),
+      'ece_calibrated': _none_if_nan(
+        expected_calibration_error(labels[:, k], calibrated[:, k], num_bins)
+      ),
+    }
 
   def mean(key):
     values = [v[key] for v in per_label.values() if v[key] is not None]
     return float(np.mean(values)) if values else None
 
-  return {'temperature': temperature, 'fitted_on': 'validation', 'num_bins': num_bins,
-          'ece': {'before': mean('ece'), 'after': mean('ece_calibrated')},
-          'bce': {'before': _none_if_nan(binary_cross_entropy(labels, probs)),
-                  'after': _none_if_nan(binary_cross_entropy(labels, calibrated))},
-          'per_label': per_label}
+  return {
+    'temperature': temperature,
+    'fitted_on': 'validation',
+    'num_bins': num_bins,
+    'ece': {'before': mean('ece'), 'after': mean('ece_calibrated')},
+    'bce': {
+      'before': _none_if_nan(binary_cross_entropy(labels, probs)),
+      'after': _none_if_nan(binary_cross_entropy(labels, calibrated)),
+    },
+    'per_label': per_label,
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -166,8 +183,11 @@ def write_temperature(workdir, temperature, step, tta):
   path = calibration_path(workdir)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, 'w') as f:
-    json.dump({'temperature': float(temperature), 'step': int(step), 'tta': tta,
-               'fitted_on': 'validation'}, f, indent=2)
+    json.dump(
+      {'temperature': float(temperature), 'step': int(step), 'tta': tta, 'fitted_on': 'validation'},
+      f,
+      indent=2,
+    )
   return path
 
 
@@ -179,13 +199,15 @@ def read_temperature(workdir, step):
   path = calibration_path(workdir)
   if not os.path.exists(path):
     raise FileNotFoundError(
-        f'{path} does not exist; run `python -m chexnet_jax.evaluate --workdir {workdir}` '
-        'with the same --checkpoint first, it fits the temperature on validation.')
+      f'{path} does not exist; run `python -m chexnet_jax.evaluate --workdir {workdir}` '
+      'with the same --checkpoint first, it fits the temperature on validation.'
+    )
   with open(path) as f:
     saved = json.load(f)
   if int(saved.get('step', -1)) != int(step):
     raise ValueError(
-        f'{path} holds the temperature of checkpoint step {saved.get("step")}, not of step '
-        f'{step}; run `python -m chexnet_jax.evaluate --workdir {workdir} --checkpoint '
-        f'{step}` to fit it for this checkpoint.')
+      f'{path} holds the temperature of checkpoint step {saved.get("step")}, not of step '
+      f'{step}; run `python -m chexnet_jax.evaluate --workdir {workdir} --checkpoint '
+      f'{step}` to fit it for this checkpoint.'
+    )
   return float(saved['temperature'])

@@ -13,6 +13,7 @@ Boxes are (x, y, w, h) in pixels, as in NIH's BBox_List_2017.csv. Localisation f
 Wang et al. 2017 (ChestX-ray8): IoU, and IoBB = intersection over the area of the
 *detected* box, counted as correct at thresholds T in 0.1..0.7.
 """
+
 import os
 
 import jax
@@ -38,16 +39,17 @@ def head_kernel(params, num_features, num_classes):
   models.py calls its head; exactly one match is required.
   """
   matches = [
-      (jax.tree_util.keystr(path), leaf)
-      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-      if str(getattr(path[-1], 'key', '')) == 'kernel'
-      and leaf.shape == (num_features, num_classes)]
+    (jax.tree_util.keystr(path), leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    if str(getattr(path[-1], 'key', '')) == 'kernel' and leaf.shape == (num_features, num_classes)
+  ]
   if len(matches) != 1:
     raise ValueError(
-        'chexnet_jax/cam.py: expected one dense kernel of shape '
-        f'{(num_features, num_classes)} (the classifier head) in params, found '
-        f'{[name for name, _ in matches]}; CAM needs a model that ends in global '
-        'average pooling + one Dense layer.')
+      'chexnet_jax/cam.py: expected one dense kernel of shape '
+      f'{(num_features, num_classes)} (the classifier head) in params, found '
+      f'{[name for name, _ in matches]}; CAM needs a model that ends in global '
+      'average pooling + one Dense layer.'
+    )
   return matches[0][1]
 
 
@@ -56,14 +58,19 @@ def head_bias(params, num_classes):
 
   figures.py adds it to a CAM to put the map on the model's probability scale.
   """
-  kernels = [path for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-             if str(getattr(path[-1], 'key', '')) == 'kernel'
-             and getattr(leaf, 'ndim', 0) == 2 and leaf.shape[-1] == num_classes]
+  kernels = [
+    path
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    if str(getattr(path[-1], 'key', '')) == 'kernel'
+    and getattr(leaf, 'ndim', 0) == 2
+    and leaf.shape[-1] == num_classes
+  ]
   if len(kernels) != 1:
     raise ValueError(
-        f'chexnet_jax/cam.py: expected one dense kernel with {num_classes} outputs (the '
-        f'classifier head) in params, found {len(kernels)}; CAM needs a model that ends '
-        'in global average pooling + one Dense layer.')
+      f'chexnet_jax/cam.py: expected one dense kernel with {num_classes} outputs (the '
+      f'classifier head) in params, found {len(kernels)}; CAM needs a model that ends '
+      'in global average pooling + one Dense layer.'
+    )
   parent = params
   for key in kernels[0][:-1]:
     parent = parent[key.key]
@@ -98,8 +105,10 @@ def local_copy(variables):
   CAMs are drawn on process 0 only; a jit over arrays that span every process
   would wait there for the others, so CAM functions get a local copy instead.
   """
+
   def to_host(x):
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
   return jax.tree.map(to_host, variables)
 
 
@@ -171,8 +180,12 @@ def mask_to_box(mask):
   rows, cols = np.nonzero(mask)
   if rows.size == 0:
     return None
-  return (int(cols.min()), int(rows.min()),
-          int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1))
+  return (
+    int(cols.min()),
+    int(rows.min()),
+    int(cols.max() - cols.min() + 1),
+    int(rows.max() - rows.min() + 1),
+  )
 
 
 def cam_to_box(cam, threshold=0.5):
@@ -195,8 +208,9 @@ def center_crop_offset(size, crop):
   return (size - crop) // 2
 
 
-def original_box_to_input(box, original_size, dataset_image_size, image_size,
-                          eval_preprocess='center_crop'):
+def original_box_to_input(
+  box, original_size, dataset_image_size, image_size, eval_preprocess='center_crop'
+):
   """Maps an (x, y, w, h) box on the original image into model-input pixels.
 
   Follows the eval preprocessing: resize the shorter side to dataset_image_size,
@@ -228,16 +242,18 @@ def localize(cam, true_box, thresholds=IOU_THRESHOLDS, cam_threshold=0.5):
   predicted = cam_to_box(cam, cam_threshold)
   if predicted is None:
     return {'iou': 0.0, 'iobb': 0.0, 'predicted_box': None}
-  return {'iou': iou(predicted, true_box), 'iobb': iobb(predicted, true_box),
-          'predicted_box': list(predicted)}
+  return {
+    'iou': iou(predicted, true_box),
+    'iobb': iobb(predicted, true_box),
+    'predicted_box': list(predicted),
+  }
 
 
 # ----------------------------------------------------------------------------
 # Pictures.
 
 
-def save_overlay(path, image, cam, *, title='', true_box=None, predicted_box=None,
-                 alpha=0.4):
+def save_overlay(path, image, cam, *, title='', true_box=None, predicted_box=None, alpha=0.4):
   """Writes a PNG: the grey image, the normalised CAM in 'jet' on top, boxes if given.
 
   true_box (NIH's, green) and predicted_box (from the CAM, red dashed) are in the
@@ -253,8 +269,11 @@ def save_overlay(path, image, cam, *, title='', true_box=None, predicted_box=Non
   for box, color, style in ((true_box, 'lime', '-'), (predicted_box, 'red', '--')):
     if box is not None:
       x, y, w, h = box
-      axes.add_patch(patches.Rectangle((x - 0.5, y - 0.5), w, h, fill=False,
-                                       edgecolor=color, linestyle=style, linewidth=2))
+      axes.add_patch(
+        patches.Rectangle(
+          (x - 0.5, y - 0.5), w, h, fill=False, edgecolor=color, linestyle=style, linewidth=2
+        )
+      )
   axes.set_title(title, fontsize=9)
   axes.axis('off')
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -16,8 +16,10 @@ one that orbax cannot read is "unreadable"; either is moved aside to
 previous step is used. A step without checksums.json (the run stopped between
 the save and its checksums) is restored unverified, with a log line.
 """
+
 import contextlib
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -53,33 +55,36 @@ class CheckpointError(ValueError):
   """A checkpoint chosen for evaluation or prediction is corrupt or unreadable."""
 
 
-
-
 def create_manager(workdir, keep, best_metric=BEST_METRIC):
   """Keeps the last `keep` steps and the best by `best_metric` (config.best_metric:
   'val_loss', lowest wins, as CheXNet chose; or 'val_mean_auroc', highest wins).
   config_checks has refused any other name before this runs."""
-  _best_metric_fn = lambda metrics: run_weights.best_score(metrics, best_metric)  # pylint: disable=unnecessary-lambda-assignment
-  policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+  _best_metric_fn = functools.partial(run_weights.best_score, name=best_metric)
+  policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+    [
       ocp.checkpoint_managers.LatestN(n=keep),
-      ocp.checkpoint_managers.BestN(get_metric_fn=_best_metric_fn, n=1,
-                                    keep_checkpoints_without_metrics=False),
-  ])
+      ocp.checkpoint_managers.BestN(
+        get_metric_fn=_best_metric_fn, n=1, keep_checkpoints_without_metrics=False
+      ),
+    ]
+  )
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, best_fn=_best_metric_fn, best_mode='max',
-      enable_async_checkpointing=True, create=True,
-      async_options=ocp.AsyncOptions(timeout_secs=SAVE_TIMEOUT_SECONDS))
+    preservation_policy=policy,
+    best_fn=_best_metric_fn,
+    best_mode='max',
+    enable_async_checkpointing=True,
+    create=True,
+    async_options=ocp.AsyncOptions(timeout_secs=SAVE_TIMEOUT_SECONDS),
+  )
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   _set_aside_torn_metrics(directory)
-  return ocp.CheckpointManager(directory, options=options,
-                               item_names=('state', 'data'))
+  return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data'))
 
 
 def _set_aside_torn_metrics(directory):
   """orbax reads every step's metrics when it opens the directory: a torn
   metrics file would stop every tool with a JSONDecodeError."""
-  for path in sorted(glob.glob(os.path.join(directory, '*', 'metrics',
-                                            'metrics'))):
+  for path in sorted(glob.glob(os.path.join(directory, '*', 'metrics', 'metrics'))):
     step = os.path.basename(os.path.dirname(os.path.dirname(path)))
     try:
       with open(path) as f:
@@ -103,8 +108,7 @@ def save(manager, state, data=None, metrics=None):
   with _write_errors(manager):  # Also reports the previous save's failure.
     _finish_previous(manager)
     _probe_writable(manager.directory)
-    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics,
-                 force=True)
+    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
   _UNSUMMED.setdefault(str(manager.directory), set()).add(step)
   return step
 
@@ -124,8 +128,7 @@ def _finish_previous(manager):
   for step in sorted(pending):
     path = os.path.join(manager.directory, str(step))
     if os.path.isdir(path):  # Not already deleted by the preservation policy.
-      run_dir.write_json_atomic(os.path.join(path, CHECKSUM_FILE),
-                                {'sha256': _file_digests(path)})
+      run_dir.write_json_atomic(os.path.join(path, CHECKSUM_FILE), {'sha256': _file_digests(path)})
 
 
 def _probe_writable(directory):
@@ -194,15 +197,17 @@ def _write_errors(manager):
   except Exception as error:  # pylint: disable=broad-except
     reason = _os_error(error)
     if reason is None and isinstance(error, TimeoutError):
-      reason = (f'no write finished within {SAVE_TIMEOUT_SECONDS} s: the file '
-                'system hangs, is read-only or vanished')
+      reason = (
+        f'no write finished within {SAVE_TIMEOUT_SECONDS} s: the file '
+        'system hangs, is read-only or vanished'
+      )
     if reason is None:
       raise
     steps = _complete_steps(manager)
     raise run_dir.WorkdirError(
-        f'Writing a checkpoint to {manager.directory} failed ({reason}). The '
-        f'last complete checkpoint is step {steps[-1] if steps else "none"}; '
-        'free space (or fix the directory), then run again to resume from it.'
+      f'Writing a checkpoint to {manager.directory} failed ({reason}). The '
+      f'last complete checkpoint is step {steps[-1] if steps else "none"}; '
+      'free space (or fix the directory), then run again to resume from it.'
     ) from error
 
 
@@ -238,18 +243,24 @@ def restore_latest(manager, state_template):
   for step in sorted(manager.all_steps(), reverse=True):
     problem = verify(os.path.join(manager.directory, str(step)))
     if problem == 'unverified':
-      logging.warning('Checkpoint step %d in %s has no %s (the run stopped '
-                      'right after saving it); restoring it unverified.', step,
-                      manager.directory, CHECKSUM_FILE)
+      logging.warning(
+        'Checkpoint step %d in %s has no %s (the run stopped '
+        'right after saving it); restoring it unverified.',
+        step,
+        manager.directory,
+        CHECKSUM_FILE,
+      )
     elif problem:
       _set_aside(manager.directory, step, problem, 'corrupt')
       continue
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(state_template)))
+      restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(state_template))
+      )
     except Exception as error:  # pylint: disable=broad-except
-      _set_aside(manager.directory, step, f'{type(error).__name__}: '
-                 f'{_first_line(error)}', 'unreadable')
+      _set_aside(
+        manager.directory, step, f'{type(error).__name__}: {_first_line(error)}', 'unreadable'
+      )
       continue
     data = _restore_data(manager, step)
     _reload(manager)
@@ -262,8 +273,7 @@ def _restore_data(manager, step):
   if not os.path.exists(os.path.join(manager.directory, str(step), 'data')):
     return None
   try:
-    return dict(manager.restore(step, args=ocp.args.Composite(
-        data=ocp.args.JsonRestore()))['data'])
+    return dict(manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))['data'])
   except Exception:  # pylint: disable=broad-except
     return None  # Saved by an older chexnet_jax: grain's per-process state.
 
@@ -283,8 +293,11 @@ def _reload(manager):
 def _log_unfinished_saves(manager):
   for name in sorted(os.listdir(manager.directory)):
     if name.endswith('.orbax-checkpoint-tmp'):
-      logging.warning('Ignoring %s in %s: a save that never finished (the run '
-                      'stopped while writing it).', name, manager.directory)
+      logging.warning(
+        'Ignoring %s in %s: a save that never finished (the run stopped while writing it).',
+        name,
+        manager.directory,
+      )
 
 
 def _set_aside(directory, step, reason, kind='unreadable'):
@@ -294,9 +307,15 @@ def _set_aside(directory, step, reason, kind='unreadable'):
   Left in place, it would still be the manager's latest step (for load_run)
   and the resumed run would fail to save that step again ("already exists").
   """
-  logging.warning('Checkpoint step %d in %s is %s (%s); moving it to %d.%s-*; '
-                  'trying the previous one.', step, directory, kind, reason,
-                  step, kind)
+  logging.warning(
+    'Checkpoint step %d in %s is %s (%s); moving it to %d.%s-*; trying the previous one.',
+    step,
+    directory,
+    kind,
+    reason,
+    step,
+    kind,
+  )
   if jax.process_index() == 0:  # The others may not see it any more.
     path = os.path.join(directory, str(step))
     with contextlib.suppress(FileNotFoundError):
@@ -305,11 +324,13 @@ def _set_aside(directory, step, reason, kind='unreadable'):
 
 # ----------------------------------------------------------- loading a run --
 
+
 @dataclasses.dataclass
 class RestoredRun:
   """A trained run's weights, ready to score with."""
+
   config: Any
-  variables: Any       # {'params', 'batch_stats'}, replicated on the mesh.
+  variables: Any  # {'params', 'batch_stats'}, replicated on the mesh.
   step: int
   model: Any
   mesh: Any
@@ -333,8 +354,9 @@ def _pick_step(manager, which):
   if which == 'latest':
     return manager.latest_step()
   if int(which) not in steps:
-    raise ValueError(f'--checkpoint={which}: no such step in '
-                     f'{manager.directory}; available: {sorted(steps)}.')
+    raise ValueError(
+      f'--checkpoint={which}: no such step in {manager.directory}; available: {sorted(steps)}.'
+    )
   return int(which)
 
 
@@ -348,17 +370,21 @@ def load_run(workdir, which='best', config=None):
   model = train_state.build_model(config)
   tx, _ = train_state.create_optimizer(config, 1, 1)
   template = train_state.abstract_train_state(config, model, mesh, tx)
-  manager = create_manager(workdir, keep=config.keep_checkpoints,
-                           best_metric=config.get('best_metric', BEST_METRIC))
+  manager = create_manager(
+    workdir, keep=config.keep_checkpoints, best_metric=config.get('best_metric', BEST_METRIC)
+  )
   step = _pick_step(manager, which)
   problem = verify(os.path.join(manager.directory, str(step)))
   if problem and problem != 'unverified':
     manager.close()
     raise CheckpointError(
-        f'Checkpoint step {step} in {manager.directory} is corrupt ({problem}); '
-        f'choose another with --checkpoint (steps: {sorted(manager.all_steps())}).')
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(template)))
+      f'Checkpoint step {step} in {manager.directory} is corrupt ({problem}); '
+      f'choose another with --checkpoint (steps: {sorted(manager.all_steps())}).'
+    )
+  restored = manager.restore(
+    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
+  )
   manager.close()
-  return RestoredRun(config=config, variables=restored['state'].variables,
-                     step=step, model=model, mesh=mesh)
+  return RestoredRun(
+    config=config, variables=restored['state'].variables, step=step, model=model, mesh=mesh
+  )

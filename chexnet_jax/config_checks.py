@@ -5,6 +5,7 @@ the fix: a typo found after a 45-second compile (or a queue wait) is an hour los
 `validate` needs only the config and the devices; `check_splits` the dataset's
 split sizes too. train.py calls both before the workdir is touched.
 """
+
 import math
 import os
 
@@ -20,14 +21,16 @@ from input_pipeline import batching
 from input_pipeline import pipeline
 
 # The choices come from where they are implemented, so they cannot drift.
-CHOICES = {'model': tuple(models.ARCHITECTURES),
-           'dtype': tuple(models.DTYPES),
-           'augment': tuple(pipeline.AUGMENTS),
-           'eval_preprocess': tuple(pipeline.EVAL_PREPROCESS),
-           'lr_schedule': lr_scaling.SCHEDULES,
-           'lr_scaling': lr_scaling.RULES,
-           'pos_weight': tuple(losses.POS_WEIGHTS),
-           'best_metric': tuple(checkpoints.BEST_METRICS)}
+CHOICES = {
+  'model': tuple(models.ARCHITECTURES),
+  'dtype': tuple(models.DTYPES),
+  'augment': tuple(pipeline.AUGMENTS),
+  'eval_preprocess': tuple(pipeline.EVAL_PREPROCESS),
+  'lr_schedule': lr_scaling.SCHEDULES,
+  'lr_scaling': lr_scaling.RULES,
+  'pos_weight': tuple(losses.POS_WEIGHTS),
+  'best_metric': tuple(checkpoints.BEST_METRICS),
+}
 # config.dataset is not a choice: any other name is a dataset built from a CSV
 # (a missing one stops with the built ones and the build command, pipeline.py).
 
@@ -39,8 +42,9 @@ class ConfigError(ValueError):
 def _check_choice(config, field, choices):
   value = config[field]
   if value not in choices:
-    raise ConfigError(f'config.{field}={value!r} is not one of {choices}; '
-                      f'set --config.{field} to one of them.')
+    raise ConfigError(
+      f'config.{field}={value!r} is not one of {choices}; set --config.{field} to one of them.'
+    )
 
 
 def _check_divisible(config, field, devices):
@@ -58,9 +62,10 @@ def _check_precision(dtype, devices):
     capability = getattr(device, 'compute_capability', None)
     if device.platform == 'gpu' and capability and float(capability) < 8.0:
       raise ConfigError(
-          f'config.dtype=bfloat16 but {device.device_kind} (compute capability '
-          f'{capability}) has no bfloat16 tensor cores; use '
-          '--config.dtype=float16 (dynamic loss scaling) or float32.')
+        f'config.dtype=bfloat16 but {device.device_kind} (compute capability '
+        f'{capability}) has no bfloat16 tensor cores; use '
+        '--config.dtype=float16 (dynamic loss scaling) or float32.'
+      )
 
 
 def validate(config, devices=None):
@@ -74,9 +79,10 @@ def validate(config, devices=None):
   # (pipeline.global_eval_batch): any number of processes evaluates.
   if config.image_size > config.dataset_image_size:
     raise ConfigError(
-        f'config.image_size={config.image_size} is larger than the stored '
-        f'images (config.dataset_image_size={config.dataset_image_size}); crop '
-        'smaller or build the dataset at a larger --image_size.')
+      f'config.image_size={config.image_size} is larger than the stored '
+      f'images (config.dataset_image_size={config.dataset_image_size}); crop '
+      'smaller or build the dataset at a larger --image_size.'
+    )
   _check_init_from(config)
   _check_precision(config.dtype, devices)
 
@@ -84,18 +90,18 @@ def validate(config, devices=None):
 # field -> (test, what it must be). Durations and intervals: a zero or negative
 # one trained one step and exited 0, or divided by zero after the workdir was written.
 _NUMBERS = {
-    'learning_rate': (lambda v: v > 0, 'a positive number (e.g. 1e-3)'),
-    'eval_every_epochs': (lambda v: v > 0, 'a positive number of epochs (e.g. 1)'),
-    'checkpoint_every_steps': (lambda v: v >= 1, 'a whole number of steps >= 1'),
-    'log_every_steps': (lambda v: v >= 1, 'a whole number of steps >= 1'),
-    'keep_checkpoints': (lambda v: v >= 1, 'at least 1'),
-    'batch_size': (lambda v: v >= 1, 'at least 1'),
-    'eval_batch_size': (lambda v: v >= 1, 'at least 1'),
-    'warmup_epochs': (lambda v: v >= 0, '0 or more'),
-    'prefetch_buffer': (lambda v: v >= 0, '0 or more'),
-    'grain_workers': (lambda v: v >= 0, '0 or more'),
-    'step_timeout_factor': (lambda v: v > 1, 'more than 1 (e.g. 20)'),
-    'step_timeout_min_seconds': (lambda v: v >= 0, '0 (no watchdog) or more'),
+  'learning_rate': (lambda v: v > 0, 'a positive number (e.g. 1e-3)'),
+  'eval_every_epochs': (lambda v: v > 0, 'a positive number of epochs (e.g. 1)'),
+  'checkpoint_every_steps': (lambda v: v >= 1, 'a whole number of steps >= 1'),
+  'log_every_steps': (lambda v: v >= 1, 'a whole number of steps >= 1'),
+  'keep_checkpoints': (lambda v: v >= 1, 'at least 1'),
+  'batch_size': (lambda v: v >= 1, 'at least 1'),
+  'eval_batch_size': (lambda v: v >= 1, 'at least 1'),
+  'warmup_epochs': (lambda v: v >= 0, '0 or more'),
+  'prefetch_buffer': (lambda v: v >= 0, '0 or more'),
+  'grain_workers': (lambda v: v >= 0, '0 or more'),
+  'step_timeout_factor': (lambda v: v > 1, 'more than 1 (e.g. 20)'),
+  'step_timeout_min_seconds': (lambda v: v >= 0, '0 (no watchdog) or more'),
 }
 
 
@@ -105,19 +111,20 @@ def _check_numbers(config):
       continue
     value = config[field]
     if not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-      raise ConfigError(f'config.{field}={value!r} must be {wanted}; set '
-                        f'--config.{field} to one.')
+      raise ConfigError(f'config.{field}={value!r} must be {wanted}; set --config.{field} to one.')
   if config.num_train_steps > 0:
     return  # It overrides num_epochs.
   if config.num_train_steps != -1 and config.num_train_steps != 0:
     raise ConfigError(
-        f'config.num_train_steps={config.num_train_steps} must be > 0, or -1 to '
-        'train config.num_epochs; set --config.num_train_steps to one.')
+      f'config.num_train_steps={config.num_train_steps} must be > 0, or -1 to '
+      'train config.num_epochs; set --config.num_train_steps to one.'
+    )
   epochs = config.num_epochs
   if not isinstance(epochs, (int, float)) or not math.isfinite(epochs) or epochs <= 0:
     raise ConfigError(
-        f'config.num_epochs={epochs!r} must be a positive number of epochs (or '
-        'set --config.num_train_steps=N > 0 instead); set --config.num_epochs to one.')
+      f'config.num_epochs={epochs!r} must be a positive number of epochs (or '
+      'set --config.num_train_steps=N > 0 instead); set --config.num_epochs to one.'
+    )
 
 
 def check_splits(config, dataset_info):
@@ -126,16 +133,18 @@ def check_splits(config, dataset_info):
   splits = dataset_info['splits']
   train = splits.get('train', 0)
   if train < config.batch_size:
-    where = ('config.synthetic_train_size' if config.dataset == 'synthetic'
-             else 'the dataset')
+    where = 'config.synthetic_train_size' if config.dataset == 'synthetic' else 'the dataset'
     raise ConfigError(
-        f'The train split has {train} examples, fewer than one global batch '
-        f'(config.batch_size={config.batch_size}); lower config.batch_size or '
-        f'enlarge {where}.')
+      f'The train split has {train} examples, fewer than one global batch '
+      f'(config.batch_size={config.batch_size}); lower config.batch_size or '
+      f'enlarge {where}.'
+    )
   if splits.get('validation', 0) < 1:
-    raise ConfigError('The validation split is empty; validation runs every '
-                      'config.eval_every_epochs, so give it examples '
-                      '(config.val_fraction, or config.synthetic_eval_size).')
+    raise ConfigError(
+      'The validation split is empty; validation runs every '
+      'config.eval_every_epochs, so give it examples '
+      '(config.val_fraction, or config.synthetic_eval_size).'
+    )
 
 
 def _check_init_from(config):
@@ -147,18 +156,21 @@ def _check_init_from(config):
     name = os.path.basename(url)
     if config.model not in models.ARCHITECTURES or config.model == 'tiny':
       raise ConfigError(
-          f"config.init_from='imagenet' but config.model={config.model!r} has no "
-          "ImageNet weights; set --config.init_from='' to train it from scratch.")
+        f"config.init_from='imagenet' but config.model={config.model!r} has no "
+        "ImageNet weights; set --config.init_from='' to train it from scratch."
+      )
     if imagenet_weights.expected_hash_prefix(url) is None:
       raise ConfigError(
-          f'config.imagenet_weights_url={url!r} has no sha256 prefix in its file '
-          'name (like densenet121-a639ec97.pth), so the download could not be '
-          'verified; download it yourself and set config.init_from to its path.')
+        f'config.imagenet_weights_url={url!r} has no sha256 prefix in its file '
+        'name (like densenet121-a639ec97.pth), so the download could not be '
+        'verified; download it yourself and set config.init_from to its path.'
+      )
     if not name.startswith(config.model + '-'):
       raise ConfigError(
-          f'config.imagenet_weights_url names {name}, not {config.model} weights; '
-          'set it to torchvision\'s file for the model (e.g. https://download.'
-          f'pytorch.org/models/{config.model}-<hash>.pth) or change config.model.')
+        f'config.imagenet_weights_url names {name}, not {config.model} weights; '
+        "set it to torchvision's file for the model (e.g. https://download."
+        f'pytorch.org/models/{config.model}-<hash>.pth) or change config.model.'
+      )
     return
   if os.path.isdir(init_from):  # A trained run, to fine-tune.
     try:
@@ -167,7 +179,8 @@ def _check_init_from(config):
       raise ConfigError(str(error)) from None
     return
   if not os.path.isfile(init_from):
-    raise ConfigError(f'config.init_from={init_from!r} is not a file; give the '
-                      "path of a .pth, .h5, .weights.h5 or .keras file, a run "
-                      "directory (fine-tuning), 'imagenet' or '' (from scratch).")
-
+    raise ConfigError(
+      f'config.init_from={init_from!r} is not a file; give the '
+      'path of a .pth, .h5, .weights.h5 or .keras file, a run '
+      "directory (fine-tuning), 'imagenet' or '' (from scratch)."
+    )

@@ -14,6 +14,7 @@ Most failures of a multi-node job show up as a hang or an opaque gRPC/XLA error
 much later. The checks here turn the common ones into an error that names the
 setting, its value and the fix, before JAX starts.
 """
+
 import inspect
 import logging
 import os
@@ -26,8 +27,13 @@ import jax
 # Values Slurm or CUDA use for "no GPU"; anything else in these variables means
 # the job was given GPUs and must see them.
 _NO_GPU_VALUES = ('', '-1', 'NoDevFiles', 'none')
-_GPU_ENV_VARS = ('SLURM_GPUS_ON_NODE', 'SLURM_STEP_GPUS', 'SLURM_JOB_GPUS',
-                 'SLURM_GPUS_PER_NODE', 'CUDA_VISIBLE_DEVICES')
+_GPU_ENV_VARS = (
+  'SLURM_GPUS_ON_NODE',
+  'SLURM_STEP_GPUS',
+  'SLURM_JOB_GPUS',
+  'SLURM_GPUS_PER_NODE',
+  'CUDA_VISIBLE_DEVICES',
+)
 _GPU_COUNT_VARS = ('SLURM_GPUS_ON_NODE', 'SLURM_GPUS_PER_NODE')  # Others: ids.
 # Keyword names differ between JAX versions; pass only those this one takes.
 _INIT_PARAMS = frozenset(inspect.signature(jax.distributed.initialize).parameters)
@@ -69,23 +75,28 @@ def explicit_args(config) -> dict:
   """coordinator_address/num_processes/process_id from config, validated."""
   if config.num_processes < 1:
     raise ValueError(
-        f'config.coordinator_address={config.coordinator_address!r} needs '
-        f'config.num_processes >= 1 (got {config.num_processes}). Fix: pass '
-        '--config.num_processes=N --config.process_id=I on every process, or '
-        'leave coordinator_address empty under srun.')
+      f'config.coordinator_address={config.coordinator_address!r} needs '
+      f'config.num_processes >= 1 (got {config.num_processes}). Fix: pass '
+      '--config.num_processes=N --config.process_id=I on every process, or '
+      'leave coordinator_address empty under srun.'
+    )
   if not 0 <= config.process_id < config.num_processes:
     raise ValueError(
-        f'config.process_id={config.process_id} is outside [0, '
-        f'{config.num_processes}) (config.num_processes). Fix: give each '
-        'process a distinct --config.process_id from 0 to num_processes-1.')
+      f'config.process_id={config.process_id} is outside [0, '
+      f'{config.num_processes}) (config.num_processes). Fix: give each '
+      'process a distinct --config.process_id from 0 to num_processes-1.'
+    )
   if ':' not in config.coordinator_address:
     raise ValueError(
-        f'config.coordinator_address={config.coordinator_address!r} has no '
-        "port. Fix: use 'host:port' with the host of process 0, e.g. "
-        "'node001:12345'.")
-  return dict(coordinator_address=config.coordinator_address,
-              num_processes=config.num_processes,
-              process_id=config.process_id)
+      f'config.coordinator_address={config.coordinator_address!r} has no '
+      "port. Fix: use 'host:port' with the host of process 0, e.g. "
+      "'node001:12345'."
+    )
+  return dict(
+    coordinator_address=config.coordinator_address,
+    num_processes=config.num_processes,
+    process_id=config.process_id,
+  )
 
 
 def timeout_kwargs(config) -> dict:
@@ -98,12 +109,15 @@ def timeout_kwargs(config) -> dict:
   seconds = int(config.heartbeat_timeout_seconds)
   if seconds <= 0:
     raise ValueError(
-        f'config.heartbeat_timeout_seconds={seconds} must be > 0: it bounds '
-        'how long live processes wait for a dead peer. Fix: e.g. 60.')
-  wanted = dict(heartbeat_timeout_seconds=seconds,
-                # A process that exits waits this long for the others at the
-                # final barrier; a dead peer must not stretch that to 5 min.
-                shutdown_timeout_seconds=seconds)
+      f'config.heartbeat_timeout_seconds={seconds} must be > 0: it bounds '
+      'how long live processes wait for a dead peer. Fix: e.g. 60.'
+    )
+  wanted = dict(
+    heartbeat_timeout_seconds=seconds,
+    # A process that exits waits this long for the others at the
+    # final barrier; a dead peer must not stretch that to 5 min.
+    shutdown_timeout_seconds=seconds,
+  )
   return {k: v for k, v in wanted.items() if k in _INIT_PARAMS}
 
 
@@ -112,16 +126,18 @@ def check_slurm_env(env: Mapping[str, str] = os.environ) -> None:
   ntasks = env.get('SLURM_NTASKS')
   if not env.get('SLURM_STEP_ID') and not env.get('SLURM_STEP_NODELIST'):
     raise RuntimeError(
-        f'SLURM_NTASKS={ntasks} but this process is not a task of `srun` (it '
-        'runs in the batch script itself, so the other processes never '
-        'start). Fix: launch with `srun python -m chexnet_jax.main ...`.')
+      f'SLURM_NTASKS={ntasks} but this process is not a task of `srun` (it '
+      'runs in the batch script itself, so the other processes never '
+      'start). Fix: launch with `srun python -m chexnet_jax.main ...`.'
+    )
   if env.get('SLURM_GPUS_PER_TASK'):
     raise RuntimeError(
-        f"SLURM_GPUS_PER_TASK={env['SLURM_GPUS_PER_TASK']} (from "
-        '--gpus-per-task): then each task sees only its own GPU, but JAX\'s '
-        'Slurm detection opens GPU number SLURM_LOCALID, which does not exist '
-        'for tasks 1.. of a node. Fix: request --gpus-per-node=N (or '
-        '--gres=gpu:N) with --ntasks-per-node=N, one task per GPU.')
+      f'SLURM_GPUS_PER_TASK={env["SLURM_GPUS_PER_TASK"]} (from '
+      "--gpus-per-task): then each task sees only its own GPU, but JAX's "
+      'Slurm detection opens GPU number SLURM_LOCALID, which does not exist '
+      'for tasks 1.. of a node. Fix: request --gpus-per-node=N (or '
+      '--gres=gpu:N) with --ntasks-per-node=N, one task per GPU.'
+    )
   _check_gpus_per_task(env)
 
 
@@ -133,11 +149,12 @@ def _check_gpus_per_task(env: Mapping[str, str]) -> None:
   tasks = tasks_on_this_node(env)
   if tasks is not None and tasks != int(gpus):
     raise RuntimeError(
-        f'This node has SLURM_GPUS_ON_NODE={gpus} GPUs but runs {tasks} tasks '
-        f"(SLURM_STEP_TASKS_PER_NODE={env.get('SLURM_STEP_TASKS_PER_NODE')}). "
-        "JAX's Slurm detection gives each task the one GPU numbered "
-        'SLURM_LOCALID, so the counts must match. Fix: '
-        f'--ntasks-per-node={gpus} with --gpus-per-node={gpus}.')
+      f'This node has SLURM_GPUS_ON_NODE={gpus} GPUs but runs {tasks} tasks '
+      f'(SLURM_STEP_TASKS_PER_NODE={env.get("SLURM_STEP_TASKS_PER_NODE")}). '
+      "JAX's Slurm detection gives each task the one GPU numbered "
+      'SLURM_LOCALID, so the counts must match. Fix: '
+      f'--ntasks-per-node={gpus} with --gpus-per-node={gpus}.'
+    )
 
 
 def tasks_on_this_node(env: Mapping[str, str]) -> Optional[int]:
@@ -172,20 +189,26 @@ def check_port_free(port: int, mode: str) -> None:
   try:
     sock.bind(('', port))
   except OSError as e:
-    raise RuntimeError(f'Coordinator port {port} on {socket.gethostname()} is '
-                       f'in use ({e.strerror}). Fix: {_port_fix(mode)}') from e
+    raise RuntimeError(
+      f'Coordinator port {port} on {socket.gethostname()} is '
+      f'in use ({e.strerror}). Fix: {_port_fix(mode)}'
+    ) from e
   finally:
     sock.close()
 
 
 def _port_fix(mode: str) -> str:
   if mode == 'explicit':
-    return ('pick a free port in --config.coordinator_address=host:PORT (same '
-            'on every process), or stop the process holding it (`ss -ltnp`).')
-  return ('another job on this node derives the same port from its job id, or '
-          'a stale process holds it (`ss -ltnp`). Set JAX_COORDINATOR_PORT to '
-          'a free port in the sbatch script, e.g. '
-          '`export JAX_COORDINATOR_PORT=$((20000 + SLURM_JOB_ID % 20000))`.')
+    return (
+      'pick a free port in --config.coordinator_address=host:PORT (same '
+      'on every process), or stop the process holding it (`ss -ltnp`).'
+    )
+  return (
+    'another job on this node derives the same port from its job id, or '
+    'a stale process holds it (`ss -ltnp`). Set JAX_COORDINATOR_PORT to '
+    'a free port in the sbatch script, e.g. '
+    '`export JAX_COORDINATOR_PORT=$((20000 + SLURM_JOB_ID % 20000))`.'
+  )
 
 
 def _process_id(mode: str, config, env: Mapping[str, str]) -> int:
@@ -215,26 +238,29 @@ def gpus_expected(env: Mapping[str, str] = os.environ) -> Optional[str]:
   return None
 
 
-def check_devices(mode: str, env: Mapping[str, str], platform: str,
-                  local_device_count: int) -> None:
+def check_devices(
+  mode: str, env: Mapping[str, str], platform: str, local_device_count: int
+) -> None:
   """Raises if GPUs were allocated but JAX does not see them as expected."""
   reason = gpus_expected(env)
   if reason is None:
     return
   if platform != 'gpu':
     raise RuntimeError(
-        f'Process {env.get("SLURM_PROCID", 0)} on {socket.gethostname()} was '
-        f'given GPUs ({reason}) but JAX sees only {platform} devices: the '
-        'CUDA plugin is missing or failed to load. Fix: install the CUDA '
-        "extra (`pip install -U 'jax[cuda12]'`; V100 needs CUDA 12), check "
-        "`srun python -c 'import jax; print(jax.devices())'`, or set "
-        'JAX_PLATFORMS=cpu to run on CPU on purpose.')
+      f'Process {env.get("SLURM_PROCID", 0)} on {socket.gethostname()} was '
+      f'given GPUs ({reason}) but JAX sees only {platform} devices: the '
+      'CUDA plugin is missing or failed to load. Fix: install the CUDA '
+      "extra (`pip install -U 'jax[cuda12]'`; V100 needs CUDA 12), check "
+      "`srun python -c 'import jax; print(jax.devices())'`, or set "
+      'JAX_PLATFORMS=cpu to run on CPU on purpose.'
+    )
   if mode == 'slurm' and local_device_count != 1:
     raise RuntimeError(
-        f'Process {env.get("SLURM_PROCID")} sees {local_device_count} GPUs; '
-        "under srun JAX's Slurm detection expects exactly 1 per task "
-        f'({reason}). Fix: one task per GPU: --ntasks-per-node=N with '
-        '--gpus-per-node=N, and no --gpus-per-task.')
+      f'Process {env.get("SLURM_PROCID")} sees {local_device_count} GPUs; '
+      "under srun JAX's Slurm detection expects exactly 1 per task "
+      f'({reason}). Fix: one task per GPU: --ntasks-per-node=N with '
+      '--gpus-per-node=N, and no --gpus-per-task.'
+    )
 
 
 def _check_devices(mode: str, env: Mapping[str, str]) -> None:
@@ -248,7 +274,11 @@ def log_topology(mesh) -> None:
     return
   devices = jax.devices()
   logging.info(
-      'Topology: %d processes, %d local / %d global %s devices (%s), mesh %s',
-      jax.process_count(), jax.local_device_count(),
-      jax.device_count(), devices[0].platform, devices[0].device_kind,
-      dict(mesh.shape))
+    'Topology: %d processes, %d local / %d global %s devices (%s), mesh %s',
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    devices[0].platform,
+    devices[0].device_kind,
+    dict(mesh.shape),
+  )

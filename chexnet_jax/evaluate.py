@@ -30,6 +30,7 @@ Multi-process: start it like training (srun, or --coordinator_address with
 --num_processes/--process_id on each process); every process scores its shard,
 only process 0 writes.
 """
+
 import argparse
 import csv
 import dataclasses
@@ -63,10 +64,11 @@ TTA_MODES = ('none', 'flip', 'tencrop')
 @dataclasses.dataclass
 class Predictions:
   """Per-example outputs of one pass over a split, rows ordered by example index."""
-  probs: np.ndarray      # float32 [N, L], L = the run's number of labels
-  labels: np.ndarray     # float32 [N, L]: 1, 0, or -1 (unknown, masked)
-  indices: np.ndarray    # int [N]
-  loss: Any = None       # BCE of the un-augmented pass (None with TTA).
+
+  probs: np.ndarray  # float32 [N, L], L = the run's number of labels
+  labels: np.ndarray  # float32 [N, L]: 1, 0, or -1 (unknown, masked)
+  indices: np.ndarray  # int [N]
+  loss: Any = None  # BCE of the un-augmented pass (None with TTA).
 
 
 # ----------------------------------------------------------------------------
@@ -87,7 +89,7 @@ def tta_views(images, tta, image_size):
   last = size - image_size
   middle = last // 2
   corners = [(0, 0), (0, last), (last, 0), (last, last), (middle, middle)]
-  crops = [images[:, y:y + image_size, x:x + image_size] for y, x in corners]
+  crops = [images[:, y : y + image_size, x : x + image_size] for y, x in corners]
   return crops + [crop[:, :, ::-1] for crop in crops]
 
 
@@ -110,12 +112,17 @@ def score_split_with_tta(run, split, tta):
 
   def mean_probs(batch):
     views = tta_views(batch['image'], tta, run.config.image_size)
-    return sum(jax.nn.sigmoid(logits_fn(run.variables, _to_global_images(v, run.mesh)))
-               for v in views) / len(views)
+    return sum(
+      jax.nn.sigmoid(logits_fn(run.variables, _to_global_images(v, run.mesh))) for v in views
+    ) / len(views)
 
   batches = pipeline.create_eval_iterator(
-      config, split, process_index=jax.process_index(), process_count=jax.process_count(),
-      device_count=jax.device_count())
+    config,
+    split,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    device_count=jax.device_count(),
+  )
   with pipeline.reading(config, split):
     return Predictions(*inference.gather_scores(batches, mean_probs, run.mesh))
 
@@ -128,9 +135,11 @@ def score_split(run, split, tta='none'):
   if tta != 'none':
     return score_split_with_tta(run, split, tta)
   result, probs, labels, indices = inference.evaluate_split(
-      run.config, run.model, run.variables, run.mesh, split)
-  return Predictions(np.asarray(probs), np.asarray(labels), np.asarray(indices),
-                     loss=result['loss'])
+    run.config, run.model, run.variables, run.mesh, split
+  )
+  return Predictions(
+    np.asarray(probs), np.asarray(labels), np.asarray(indices), loss=result['loss']
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -142,9 +151,10 @@ def split_records(config, split, indices):
   metadata = pipeline.split_metadata(config, split)
   if len(metadata) < len(indices) or (len(indices) and max(indices) >= len(metadata)):
     raise ValueError(
-        f'chexnet_jax/evaluate.py: split {split!r} has {len(metadata)} metadata rows '
-        f'but predictions reach index {max(indices)}; the dataset changed since '
-        'the run was trained. Rebuild it, or evaluate with the matching data_dir.')
+      f'chexnet_jax/evaluate.py: split {split!r} has {len(metadata)} metadata rows '
+      f'but predictions reach index {max(indices)}; the dataset changed since '
+      'the run was trained. Rebuild it, or evaluate with the matching data_dir.'
+    )
   return [metadata[i] for i in indices]
 
 
@@ -160,8 +170,12 @@ def boxes_in_input(record, config):
   boxes = []
   for box in record.get('boxes', ()):
     mapped = cam_lib.original_box_to_input(
-        box['bbox'], BOX_FRAME, config.dataset_image_size, config.image_size,
-        config.get('eval_preprocess', 'center_crop'))
+      box['bbox'],
+      BOX_FRAME,
+      config.dataset_image_size,
+      config.image_size,
+      config.get('eval_preprocess', 'center_crop'),
+    )
     if mapped is not None:
       boxes.append((int(box['label']), mapped))
   return boxes
@@ -174,14 +188,15 @@ def boxes_in_input(record, config):
 @dataclasses.dataclass
 class Evaluation:
   """Everything evaluate() computed; written by write_outputs()."""
+
   split: str
   tta: str
   step: int
-  report: dict                 # metrics.classification_report(...)
+  report: dict  # metrics.classification_report(...)
   predictions: Predictions
-  records: list                # split_metadata rows, aligned with predictions
+  records: list  # split_metadata rows, aligned with predictions
   threshold_source: str
-  config: Any                  # The run's config.
+  config: Any  # The run's config.
 
 
 def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0):
@@ -199,12 +214,25 @@ def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0):
   records = split_records(run.config, split, predictions.indices)
   patients = [str(r['patient_id']) for r in records]
   report = metrics_lib.classification_report(
-      predictions.labels, predictions.probs, patients, thresholds=thresholds,
-      names=names, num_resamples=num_resamples, seed=seed)
+    predictions.labels,
+    predictions.probs,
+    patients,
+    thresholds=thresholds,
+    names=names,
+    num_resamples=num_resamples,
+    seed=seed,
+  )
   report['loss'] = predictions.loss
-  evaluation = Evaluation(split=split, tta=tta, step=int(run.step), report=report,
-                          predictions=predictions, records=records,
-                          threshold_source='validation', config=run.config)
+  evaluation = Evaluation(
+    split=split,
+    tta=tta,
+    step=int(run.step),
+    report=report,
+    predictions=predictions,
+    records=records,
+    threshold_source='validation',
+    config=run.config,
+  )
   report_lib.calibrate(evaluation, validation)  # Temperature fitted on validation.
   return evaluation
 
@@ -219,20 +247,26 @@ def format_auroc_table(report):
   Unk, shown when some label is unknown (-1), the entries left out."""
   width = max([20, *(len(name) + 2 for name in report['per_label'])])
   show_unknown = any(row.get('num_unknown') for row in report['per_label'].values())
-  header = (f'{"Pathology":<{width}}{"AUROC":>7}  {"95% CI":<15}{"AUPRC":>7}'
-            f'{"Sens":>7}{"Spec":>7}{"Pos":>6}' + (f'{"Unk":>6}' if show_unknown else ''))
+  header = (
+    f'{"Pathology":<{width}}{"AUROC":>7}  {"95% CI":<15}{"AUPRC":>7}'
+    f'{"Sens":>7}{"Spec":>7}{"Pos":>6}' + (f'{"Unk":>6}' if show_unknown else '')
+  )
   lines = [header, '-' * len(header)]
   for name in report['per_label']:
     row = report['per_label'][name]
     low, high = row['auroc_ci']
-    lines.append(f'{name:<{width}}{_fmt(row["auroc"]):>7}  {_fmt(low)}-{_fmt(high):<9}'
-                 f'{_fmt(row["auprc"]):>7}{_fmt(row["sensitivity"]):>7}'
-                 f'{_fmt(row["specificity"]):>7}{row["num_positive"]:>6}'
-                 + (f'{row.get("num_unknown", 0):>6}' if show_unknown else ''))
+    lines.append(
+      f'{name:<{width}}{_fmt(row["auroc"]):>7}  {_fmt(low)}-{_fmt(high):<9}'
+      f'{_fmt(row["auprc"]):>7}{_fmt(row["sensitivity"]):>7}'
+      f'{_fmt(row["specificity"]):>7}{row["num_positive"]:>6}'
+      + (f'{row.get("num_unknown", 0):>6}' if show_unknown else '')
+    )
   low, high = report['mean_auroc_ci']
   lines.append('-' * len(header))
-  lines.append(f'{"Mean":<{width}}{_fmt(report["mean_auroc"]):>7}  '
-               f'{_fmt(low)}-{_fmt(high):<9}{_fmt(report["mean_auprc"]):>7}')
+  lines.append(
+    f'{"Mean":<{width}}{_fmt(report["mean_auroc"]):>7}  '
+    f'{_fmt(low)}-{_fmt(high):<9}{_fmt(report["mean_auprc"]):>7}'
+  )
   return '\n'.join(lines)
 
 
@@ -240,9 +274,20 @@ def format_auroc_table(report):
 # Files (process 0 only).
 
 
-AUROC_CSV_COLUMNS = ('pathology', 'auroc', 'auroc_ci_low', 'auroc_ci_high', 'auprc',
-                     'auprc_ci_low', 'auprc_ci_high', 'threshold', 'sensitivity',
-                     'specificity', 'num_positive', 'num_known')
+AUROC_CSV_COLUMNS = (
+  'pathology',
+  'auroc',
+  'auroc_ci_low',
+  'auroc_ci_high',
+  'auprc',
+  'auprc_ci_low',
+  'auprc_ci_high',
+  'threshold',
+  'sensitivity',
+  'specificity',
+  'num_positive',
+  'num_known',
+)
 
 
 def _csv_value(value):
@@ -255,13 +300,44 @@ def write_auroc_csv(path, report):
     writer.writerow(AUROC_CSV_COLUMNS)
     for name in report['per_label']:
       row = report['per_label'][name]
-      writer.writerow([name, *map(_csv_value, (
-          row['auroc'], *row['auroc_ci'], row['auprc'], *row['auprc_ci'],
-          row['threshold'], row['sensitivity'], row['specificity'], row['num_positive'],
-          row.get('num_known', report['num_examples'])))])
-    writer.writerow(['mean', *map(_csv_value, (
-        report['mean_auroc'], *report['mean_auroc_ci'], report['mean_auprc'],
-        *report['mean_auprc_ci'])), '', '', '', '', ''])
+      writer.writerow(
+        [
+          name,
+          *map(
+            _csv_value,
+            (
+              row['auroc'],
+              *row['auroc_ci'],
+              row['auprc'],
+              *row['auprc_ci'],
+              row['threshold'],
+              row['sensitivity'],
+              row['specificity'],
+              row['num_positive'],
+              row.get('num_known', report['num_examples']),
+            ),
+          ),
+        ]
+      )
+    writer.writerow(
+      [
+        'mean',
+        *map(
+          _csv_value,
+          (
+            report['mean_auroc'],
+            *report['mean_auroc_ci'],
+            report['mean_auprc'],
+            *report['mean_auprc_ci'],
+          ),
+        ),
+        '',
+        '',
+        '',
+        '',
+        '',
+      ]
+    )
 
 
 def write_predictions_csv(path, evaluation):
@@ -271,13 +347,19 @@ def write_predictions_csv(path, evaluation):
   names = labels_lib.names_of(evaluation.config)
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
-    writer.writerow(['index', 'image', 'patient', *[f'prob_{n}' for n in names],
-                     *[f'label_{n}' for n in names]])
+    writer.writerow(
+      ['index', 'image', 'patient', *[f'prob_{n}' for n in names], *[f'label_{n}' for n in names]]
+    )
     for row, record in enumerate(evaluation.records):
-      writer.writerow([int(predictions.indices[row]), record['image_name'],
-                       record['patient_id'],
-                       *[f'{p:.9g}' for p in predictions.probs[row]],  # float32 round-trips.
-                       *[int(y) for y in predictions.labels[row]]])
+      writer.writerow(
+        [
+          int(predictions.indices[row]),
+          record['image_name'],
+          record['patient_id'],
+          *[f'{p:.9g}' for p in predictions.probs[row]],  # float32 round-trips.
+          *[int(y) for y in predictions.labels[row]],
+        ]
+      )
 
 
 def roc_figure(evaluation):
@@ -300,13 +382,21 @@ def write_outputs(out_dir, evaluation, gallery=(), localization=None):
   write_auroc_csv(os.path.join(out_dir, 'auroc.csv'), evaluation.report)
   write_predictions_csv(os.path.join(out_dir, 'predictions.csv'), evaluation)
   config = evaluation.config
-  summary = {'split': evaluation.split, 'tta': evaluation.tta, 'step': evaluation.step,
-             'model': config.model, 'dataset': config.dataset,
-             'image_size': config.image_size, 'dataset_image_size': config.dataset_image_size,
-             'threshold_source': evaluation.threshold_source,
-             'label_file': label_file(config),
-             'labels': list(labels_lib.names_of(config)), **evaluation.report,
-             'localization': localization, 'gallery': list(gallery)}
+  summary = {
+    'split': evaluation.split,
+    'tta': evaluation.tta,
+    'step': evaluation.step,
+    'model': config.model,
+    'dataset': config.dataset,
+    'image_size': config.image_size,
+    'dataset_image_size': config.dataset_image_size,
+    'threshold_source': evaluation.threshold_source,
+    'label_file': label_file(config),
+    'labels': list(labels_lib.names_of(config)),
+    **evaluation.report,
+    'localization': localization,
+    'gallery': list(gallery),
+  }
   with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
     json.dump(summary, f, indent=2, allow_nan=False)
 
@@ -318,12 +408,16 @@ def write_outputs(out_dir, evaluation, gallery=(), localization=None):
 def gallery_choices(evaluation, size):
   """[(row, label index)]: the most confident true positive of each of the run's labels.
 
-  One per label (an unknown label, -1, is never a positive), most confident first; an example with a box for that
-  label is preferred, so the gallery shows the NIH annotation where it can.
+  One per label (an unknown label, -1, is never a positive), most confident first;
+  an example with a box for that label is preferred, so the gallery shows the NIH
+  annotation where it can.
   """
   probs, labels = evaluation.predictions.probs, evaluation.predictions.labels
-  boxed = {(row, k) for row, record in enumerate(evaluation.records)
-           for k, _ in boxes_in_input(record, evaluation.config)}
+  boxed = {
+    (row, k)
+    for row, record in enumerate(evaluation.records)
+    for k, _ in boxes_in_input(record, evaluation.config)
+  }
   best = []
   for k in range(len(labels_lib.names_of(evaluation.config))):
     positives = [row for row in np.flatnonzero(labels[:, k] > 0)]
@@ -362,8 +456,9 @@ def class_activation_maps(run, split, wanted_indices):
 
   def flush():
     images = np.stack([image for _, image in pending])
-    padded = np.concatenate([images, np.zeros_like(images[:1]).repeat(
-        CAM_BATCH - len(pending), axis=0)])  # One shape, one compilation.
+    padded = np.concatenate(
+      [images, np.zeros_like(images[:1]).repeat(CAM_BATCH - len(pending), axis=0)]
+    )  # One shape, one compilation.
     maps = np.asarray(cam_fn(variables, padded)[1])
     done = [(index, image, maps[j]) for j, (index, image) in enumerate(pending)]
     pending.clear()
@@ -387,8 +482,9 @@ def draw_heatmaps(run, evaluation, out_dir, gallery_size=8, cam_threshold=0.5):
   gallery = gallery_choices(evaluation, gallery_size)
   names = labels_lib.names_of(run.config)
   bias = cam_lib.head_bias(cam_lib.local_copy(run.variables)['params'], len(names))
-  boxes_by_row = {row: boxes_in_input(record, run.config)
-                  for row, record in enumerate(evaluation.records)}
+  boxes_by_row = {
+    row: boxes_in_input(record, run.config) for row, record in enumerate(evaluation.records)
+  }
   rows = {row for row, _ in gallery} | {row for row, boxes in boxes_by_row.items() if boxes}
   row_of = {int(evaluation.predictions.indices[row]): row for row in rows}
   gallery_maps, scores = {}, {}
@@ -405,8 +501,10 @@ def draw_heatmaps(run, evaluation, out_dir, gallery_size=8, cam_threshold=0.5):
     for gallery_row, k in gallery:
       if gallery_row == row:
         gallery_maps[(row, k)] = (image, maps[k])
-  return (_write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold, bias),
-          _localization(scores, cam_threshold))
+  return (
+    _write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold, bias),
+    _localization(scores, cam_threshold),
+  )
 
 
 def _write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold, bias):
@@ -415,16 +513,31 @@ def _write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold, bi
   for row, k in gallery:
     image, heat = gallery_maps[(row, k)]
     record, name = evaluation.records[row], labels_lib.names_of(evaluation.config)[k]
-    true_box = next((box for label, box in boxes_in_input(record, evaluation.config)
-                     if label == k), None)
+    true_box = next(
+      (box for label, box in boxes_in_input(record, evaluation.config) if label == k), None
+    )
     prob = float(evaluation.predictions.probs[row, k])
     stem = os.path.splitext(os.path.basename(str(record['image_name'])))[0]
     path = os.path.join(out_dir, 'gallery', f'{stem}_{name}.png')
-    figures.save_heatmap(path, image, heat, bias[k], finding=name, probability=prob,
-                         image_name=stem, true_box=true_box,
-                         model_box=cam_lib.cam_to_box(heat, cam_threshold))
-    entries.append({'image': str(record['image_name']), 'label': name,
-                    'probability': prob, 'file': os.path.relpath(path, out_dir)})
+    figures.save_heatmap(
+      path,
+      image,
+      heat,
+      bias[k],
+      finding=name,
+      probability=prob,
+      image_name=stem,
+      true_box=true_box,
+      model_box=cam_lib.cam_to_box(heat, cam_threshold),
+    )
+    entries.append(
+      {
+        'image': str(record['image_name']),
+        'label': name,
+        'probability': prob,
+        'file': os.path.relpath(path, out_dir),
+      }
+    )
   return entries
 
 
@@ -432,21 +545,25 @@ def _localization(scores, cam_threshold):
   """Wang et al.'s accuracy at T(IoU) and T(IoBB) per label; None without boxes."""
   if not scores:
     return None
-  every = {'iou': [s for v in scores.values() for s in v['iou']],
-           'iobb': [s for v in scores.values() for s in v['iobb']]}
-  return {'cam_threshold': cam_threshold,
-          'per_label': {name: _accuracies(scores[name]) for name in scores},
-          'all': _accuracies(every)}
+  every = {
+    'iou': [s for v in scores.values() for s in v['iou']],
+    'iobb': [s for v in scores.values() for s in v['iobb']],
+  }
+  return {
+    'cam_threshold': cam_threshold,
+    'per_label': {name: _accuracies(scores[name]) for name in scores},
+    'all': _accuracies(every),
+  }
 
 
 def _accuracies(scores):
-  return {'num_boxes': len(scores['iou']),
-          'mean_iou': float(np.mean(scores['iou'])),
-          'mean_iobb': float(np.mean(scores['iobb'])),
-          'accuracy_iou': {str(t): v for t, v in
-                           cam_lib.localization_accuracy(scores['iou']).items()},
-          'accuracy_iobb': {str(t): v for t, v in
-                            cam_lib.localization_accuracy(scores['iobb']).items()}}
+  return {
+    'num_boxes': len(scores['iou']),
+    'mean_iou': float(np.mean(scores['iou'])),
+    'mean_iobb': float(np.mean(scores['iobb'])),
+    'accuracy_iou': {str(t): v for t, v in cam_lib.localization_accuracy(scores['iou']).items()},
+    'accuracy_iobb': {str(t): v for t, v in cam_lib.localization_accuracy(scores['iobb']).items()},
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -459,24 +576,37 @@ def output_dir(workdir, split, tta):
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(
-      prog='python -m chexnet_jax.evaluate',
-      description='Evaluate a trained chexnet_jax run: AUROC with patient-bootstrap '
-                  'CIs, AUPRC, thresholds, ROC curves, heatmaps.')
+    prog='python -m chexnet_jax.evaluate',
+    description='Evaluate a trained chexnet_jax run: AUROC with patient-bootstrap '
+    'CIs, AUPRC, thresholds, ROC curves, heatmaps.',
+  )
   parser.add_argument('--workdir', required=True, help='the training run directory')
-  parser.add_argument('--checkpoint', default='best', type=checkpoints.parse_selector,
-                      help="'best' (validation mean AUROC), 'latest', or a step")
-  parser.add_argument('--data_dir', default=None,
-                      help="where the run's dataset lives now (default: the data_dir "
-                           'it was trained with)')
+  parser.add_argument(
+    '--checkpoint',
+    default='best',
+    type=checkpoints.parse_selector,
+    help="'best' (validation mean AUROC), 'latest', or a step",
+  )
+  parser.add_argument(
+    '--data_dir',
+    default=None,
+    help="where the run's dataset lives now (default: the data_dir it was trained with)",
+  )
   parser.add_argument('--split', default='test', choices=('test', 'validation'))
-  parser.add_argument('--tta', default='none', choices=TTA_MODES,
-                      help='test-time augmentation: none, flip, or tencrop')
-  parser.add_argument('--bootstrap', type=int, default=1000,
-                      help='patient-level bootstrap resamples for the 95%% CIs')
+  parser.add_argument(
+    '--tta',
+    default='none',
+    choices=TTA_MODES,
+    help='test-time augmentation: none, flip, or tencrop',
+  )
+  parser.add_argument(
+    '--bootstrap', type=int, default=1000, help='patient-level bootstrap resamples for the 95%% CIs'
+  )
   parser.add_argument('--seed', type=int, default=0, help='bootstrap seed')
   parser.add_argument('--gallery', type=int, default=8, help='heatmaps in the gallery')
-  parser.add_argument('--coordinator_address', default='',
-                      help='host:port of process 0 (multi-process without Slurm)')
+  parser.add_argument(
+    '--coordinator_address', default='', help='host:port of process 0 (multi-process without Slurm)'
+  )
   parser.add_argument('--num_processes', type=int, default=-1)
   parser.add_argument('--process_id', type=int, default=-1)
   return parser.parse_args(argv)
@@ -506,22 +636,28 @@ def main(argv=None):
     out_dir = output_dir(args.workdir, args.split, args.tta)
     gallery, localization = draw_heatmaps(run, evaluation, out_dir, args.gallery)
     write_outputs(out_dir, evaluation, gallery, localization)
-    report_path = report_lib.write_report(out_dir, evaluation, gallery, localization,
-                                          report_lib.run_name(args.workdir))
+    report_path = report_lib.write_report(
+      out_dir, evaluation, gallery, localization, report_lib.run_name(args.workdir)
+    )
     if args.tta == 'none':  # predict scores without TTA: its temperature must too.
       calibration_lib.write_temperature(
-          args.workdir, evaluation.report['calibration']['temperature'], run.step, args.tta)
-    print(f'{args.split} split, checkpoint step {run.step}, tta {args.tta}, '
-          f'{evaluation.report["num_examples"]} images of '
-          f'{evaluation.report["num_patients"]} patients; 95% CI: patient bootstrap; '
-          'thresholds: Youden on validation')
+        args.workdir, evaluation.report['calibration']['temperature'], run.step, args.tta
+      )
+    print(
+      f'{args.split} split, checkpoint step {run.step}, tta {args.tta}, '
+      f'{evaluation.report["num_examples"]} images of '
+      f'{evaluation.report["num_patients"]} patients; 95% CI: patient bootstrap; '
+      'thresholds: Youden on validation'
+    )
     print(f'labels: {label_file(config)}')
     print(format_auroc_table(evaluation.report))
     for name in labels_lib.names_of(evaluation.config):  # Why a cell of the table is blank.
       for why in dict.fromkeys(report_lib.empty_cell_reasons(evaluation, name).values()):
         print(f'  {name}: {why}')
-    print(f"calibration: temperature {evaluation.report['calibration']['temperature']:.3f} "
-          'fitted on validation')
+    print(
+      f'calibration: temperature {evaluation.report["calibration"]["temperature"]:.3f} '
+      'fitted on validation'
+    )
     print(f'wrote {out_dir} (open {report_path} in a browser)')
   # The others wait here, not in JAX's shutdown barrier, whose timeout is short.
   multihost_utils.sync_global_devices('chexnet_jax.evaluate: written')

@@ -24,6 +24,7 @@ prevalence line and reliability bins, as metrics.py leaves it out of the numbers
 
 Bare matplotlib Figures (no pyplot): no global backend state, headless and notebook-safe.
 """
+
 import io
 import os
 
@@ -35,11 +36,12 @@ import numpy as np
 from chexnet_jax import calibration as calibration_lib
 
 HEATMAP_COLORMAP = 'inferno'
-HEATMAP_SCALE = ('class activation map on the probability scale, '
-                 'sigmoid((M_c + b_c) / T), 0 to 1 on every image')
+HEATMAP_SCALE = (
+  'class activation map on the probability scale, sigmoid((M_c + b_c) / T), 0 to 1 on every image'
+)
 NIH_BOX_STYLE = {'edgecolor': 'cyan', 'linestyle': '-', 'linewidth': 2}
 MODEL_BOX_STYLE = {'edgecolor': 'white', 'linestyle': '--', 'linewidth': 2}
-BAND_RESAMPLES = 200     # Bootstrap resamples for the curve bands (cost: O(N) each).
+BAND_RESAMPLES = 200  # Bootstrap resamples for the curve bands (cost: O(N) each).
 GRID = np.linspace(0, 1, 101)
 COLUMNS = 5
 
@@ -80,8 +82,7 @@ class _Curve:
     if true_pos[-1] == 0 or false_pos[-1] == 0:
       return None
     predicted = true_pos + false_pos
-    precision = np.divide(true_pos, predicted, out=np.ones_like(true_pos),
-                          where=predicted > 0)
+    precision = np.divide(true_pos, predicted, out=np.ones_like(true_pos), where=predicted > 0)
     return false_pos / false_pos[-1], true_pos / true_pos[-1], precision
 
   def on_grid(self, weights=None):
@@ -109,13 +110,19 @@ def curve_bands(labels, probs, patients, names, num_resamples=BAND_RESAMPLES, se
   its known rows; labels with one class (among those) are left out.
   """
   from chexnet_jax import metrics as metrics_lib
+
   labels, probs = np.asarray(labels), np.asarray(probs)
   if labels.ndim != 2 or labels.shape != probs.shape or labels.shape[1] != len(names):
-    raise ValueError(f'chexnet_jax/figures.py: labels {labels.shape}, probs {probs.shape} '
-                     f'and {len(names)} names do not match; pass the run\'s label names.')
+    raise ValueError(
+      f'chexnet_jax/figures.py: labels {labels.shape}, probs {probs.shape} '
+      f"and {len(names)} names do not match; pass the run's label names."
+    )
   rows = {name: known_rows(labels, k) for k, name in enumerate(names)}
-  curves = {name: _Curve(labels[rows[name], k], probs[rows[name], k])
-            for k, name in enumerate(names) if rows[name].any()}
+  curves = {
+    name: _Curve(labels[rows[name], k], probs[rows[name], k])
+    for k, name in enumerate(names)
+    if rows[name].any()
+  }
   samples = {name: ([], []) for name in names}
   for weights in metrics_lib.bootstrap_weights(patients, num_resamples, seed):
     for name, curve in curves.items():
@@ -141,8 +148,9 @@ def _grid_axes(count, panel=2.2):
   """One panel per label, COLUMNS a row (fewer when the run has fewer labels)."""
   columns = max(1, min(COLUMNS, count))
   rows = max(1, -(-count // columns))
-  figure = figure_lib.Figure(figsize=(max(columns, 3) * panel, rows * panel + 0.4),
-                             layout='constrained')
+  figure = figure_lib.Figure(
+    figsize=(max(columns, 3) * panel, rows * panel + 0.4), layout='constrained'
+  )
   axes = figure.subplots(rows, columns, squeeze=False).ravel()
   for extra in axes[count:]:
     extra.axis('off')
@@ -162,8 +170,9 @@ def _no_curve(labels, k, what):
 
 
 def _empty_panel(axes, name, why):
-  axes.text(0.5, 0.5, why, ha='center', va='center', fontsize=7, wrap=True,
-            transform=axes.transAxes)
+  axes.text(
+    0.5, 0.5, why, ha='center', va='center', fontsize=7, wrap=True, transform=axes.transAxes
+  )
   axes.set_title(name, fontsize=8)
   axes.set_xticks([])
   axes.set_yticks([])
@@ -185,12 +194,14 @@ def roc_figure(labels, probs, patients, report, names, title, bands=None):
     axes.plot([0, 1], [0, 1], color='grey', lw=0.8, linestyle=':')
     if row['sensitivity'] is not None and row['specificity'] is not None:
       axes.plot(1 - row['specificity'], row['sensitivity'], 'o', color='tab:red', ms=4)
-    axes.set_title(f'{name}\nAUROC {row["auroc"]:.3f}{_interval(row["auroc_ci"])}',
-                   fontsize=8)
+    axes.set_title(f'{name}\nAUROC {row["auroc"]:.3f}{_interval(row["auroc_ci"])}', fontsize=8)
     axes.set(xlim=(0, 1), ylim=(0, 1), aspect='equal')
     axes.tick_params(labelsize=6)
-  figure.suptitle(f'{title}. x: false positive rate, y: sensitivity; band: 95% patient '
-                  'bootstrap; dot: threshold chosen on validation', fontsize=9)
+  figure.suptitle(
+    f'{title}. x: false positive rate, y: sensitivity; band: 95% patient '
+    'bootstrap; dot: threshold chosen on validation',
+    fontsize=9,
+  )
   return figure
 
 
@@ -208,19 +219,19 @@ def pr_figure(labels, probs, patients, report, names, title, bands=None):
     mid, low, high = bands[name]['pr']
     axes.fill_between(GRID, low, high, color='tab:green', alpha=0.25, lw=0)
     axes.plot(GRID, mid, color='tab:green', lw=1.2)
-    axes.axhline(labels[known_rows(labels, k), k].mean(), color='grey', lw=0.8,
-                 linestyle=':')
-    axes.set_title(f'{name}\nAUPRC {row["auprc"]:.3f}{_interval(row["auprc_ci"])}',
-                   fontsize=8)
+    axes.axhline(labels[known_rows(labels, k), k].mean(), color='grey', lw=0.8, linestyle=':')
+    axes.set_title(f'{name}\nAUPRC {row["auprc"]:.3f}{_interval(row["auprc_ci"])}', fontsize=8)
     axes.set(xlim=(0, 1), ylim=(0, 1), aspect='equal')
     axes.tick_params(labelsize=6)
-  figure.suptitle(f'{title}. x: recall (sensitivity), y: precision; band: 95% patient '
-                  'bootstrap; dotted: prevalence', fontsize=9)
+  figure.suptitle(
+    f'{title}. x: recall (sensitivity), y: precision; band: 95% patient '
+    'bootstrap; dotted: prevalence',
+    fontsize=9,
+  )
   return figure
 
 
-def reliability_figure(labels, probs, temperature, names, title,
-                       num_bins=calibration_lib.NUM_BINS):
+def reliability_figure(labels, probs, temperature, names, title, num_bins=calibration_lib.NUM_BINS):
   """Reliability diagrams per label: raw (blue) and temperature-scaled (orange).
 
   calibration.py leaves the unknown entries (label below 0) out of bins and ECE.
@@ -234,24 +245,46 @@ def reliability_figure(labels, probs, temperature, names, title,
       continue
     axes.plot([0, 1], [0, 1], color='grey', lw=0.8, linestyle=':')
     eces = []
-    for values, color, marker in ((probs[:, k], 'tab:blue', 'o'),
-                                  (scaled[:, k], 'tab:orange', 's')):
+    for values, color, marker in (
+      (probs[:, k], 'tab:blue', 'o'),
+      (scaled[:, k], 'tab:orange', 's'),
+    ):
       bins = calibration_lib.reliability_bins(labels[:, k], values, num_bins)
       filled = bins['count'] > 0
-      axes.plot(bins['mean_predicted'][filled], bins['observed'][filled], marker=marker,
-                color=color, ms=3, lw=1)
+      axes.plot(
+        bins['mean_predicted'][filled],
+        bins['observed'][filled],
+        marker=marker,
+        color=color,
+        ms=3,
+        lw=1,
+      )
       eces.append(calibration_lib.expected_calibration_error(labels[:, k], values, num_bins))
     axes.set_title(f'{name}\nECE {eces[0]:.3f} -> {eces[1]:.3f}', fontsize=8)
     axes.set(xlim=(0, 1), ylim=(0, 1), aspect='equal')
     axes.tick_params(labelsize=6)
-  figure.legend(handles=[
+  figure.legend(
+    handles=[
       lines_lib.Line2D([], [], color='tab:blue', marker='o', ms=3, label='as predicted'),
-      lines_lib.Line2D([], [], color='tab:orange', marker='s', ms=3,
-                       label=f'temperature T={temperature:.2f} (fitted on validation)'),
-      lines_lib.Line2D([], [], color='grey', linestyle=':', label='perfect calibration')],
-      loc='outside lower center', ncols=3, fontsize=7)
-  figure.suptitle(f'{title}. x: mean predicted probability in a bin of width '
-                  f'{1 / num_bins:.1f}, y: fraction positive', fontsize=9)
+      lines_lib.Line2D(
+        [],
+        [],
+        color='tab:orange',
+        marker='s',
+        ms=3,
+        label=f'temperature T={temperature:.2f} (fitted on validation)',
+      ),
+      lines_lib.Line2D([], [], color='grey', linestyle=':', label='perfect calibration'),
+    ],
+    loc='outside lower center',
+    ncols=3,
+    fontsize=7,
+  )
+  figure.suptitle(
+    f'{title}. x: mean predicted probability in a bin of width '
+    f'{1 / num_bins:.1f}, y: fraction positive',
+    fontsize=9,
+  )
   return figure
 
 
@@ -265,32 +298,55 @@ def probability_map(cam, bias, temperature=1.0):
   return (1 / (1 + np.exp(-logits))).astype(np.float32)
 
 
-def heatmap_figure(image, cam, bias, *, finding, probability, image_name='',
-                   true_box=None, model_box=None, temperature=1.0, alpha=0.5):
+def heatmap_figure(
+  image,
+  cam,
+  bias,
+  *,
+  finding,
+  probability,
+  image_name='',
+  true_box=None,
+  model_box=None,
+  temperature=1.0,
+  alpha=0.5,
+):
   """The grey image, the probability-scale CAM (0-1, colour bar), both boxes, a legend."""
   image = np.asarray(image)
   image = image[..., 0] if image.ndim == 3 else image
   figure = figure_lib.Figure(figsize=(4.6, 4.4), dpi=100, layout='constrained')
   axes = figure.subplots()
   axes.imshow(image, cmap='gray', vmin=0, vmax=255)
-  shown = axes.imshow(probability_map(cam, bias, temperature), cmap=HEATMAP_COLORMAP,
-                      alpha=alpha, vmin=0, vmax=1)
+  shown = axes.imshow(
+    probability_map(cam, bias, temperature), cmap=HEATMAP_COLORMAP, alpha=alpha, vmin=0, vmax=1
+  )
   colorbar = figure.colorbar(shown, ax=axes, fraction=0.046, pad=0.02)
   colorbar.set_label('probability scale of the map (same 0-1 on every image)', fontsize=7)
   colorbar.ax.tick_params(labelsize=7)
   handles = []
-  for box, style, label in ((true_box, NIH_BOX_STYLE, "NIH's box (annotation)"),
-                            (model_box, MODEL_BOX_STYLE,
-                             "model's region (map >= 50% of its range)")):
+  for box, style, label in (
+    (true_box, NIH_BOX_STYLE, "NIH's box (annotation)"),
+    (model_box, MODEL_BOX_STYLE, "model's region (map >= 50% of its range)"),
+  ):
     if box is not None:
       x, y, w, h = box
       axes.add_patch(patches.Rectangle((x - 0.5, y - 0.5), w, h, fill=False, **style))
-      handles.append(lines_lib.Line2D([], [], color=style['edgecolor'],
-                                      linestyle=style['linestyle'], lw=2, label=label))
+      handles.append(
+        lines_lib.Line2D(
+          [], [], color=style['edgecolor'], linestyle=style['linestyle'], lw=2, label=label
+        )
+      )
   if handles:
-    axes.legend(handles=handles, loc='upper center', bbox_to_anchor=(0.5, -0.01),
-                fontsize=7, ncols=1, facecolor='0.3', framealpha=1,
-                labelcolor='white')  # Dark, so the white dashes show.
+    axes.legend(
+      handles=handles,
+      loc='upper center',
+      bbox_to_anchor=(0.5, -0.01),
+      fontsize=7,
+      ncols=1,
+      facecolor='0.3',
+      framealpha=1,
+      labelcolor='white',
+    )  # Dark, so the white dashes show.
   name = f'{image_name}\n' if image_name else ''
   calibrated = f', T={temperature:.2f}' if temperature != 1.0 else ''
   axes.set_title(f'{name}{finding}: p = {probability:.3f}{calibrated}', fontsize=9)

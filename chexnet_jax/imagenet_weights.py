@@ -16,6 +16,7 @@ the renames are atomic.
 
 Nothing here imports torch: the file is read later by chexnet_jax.weights.
 """
+
 import contextlib
 import fcntl
 import hashlib
@@ -47,8 +48,7 @@ def cache_dir(config=None):
   configured = config.get('weights_cache_dir', '') if config is not None else ''
   if configured:
     return os.path.expanduser(configured)
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
-      os.path.expanduser('~'), '.cache')
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
   return os.path.join(base, 'chexnet_jax')
 
 
@@ -69,8 +69,7 @@ def init_path(config):
   if init_from.lower() in _NO_INIT:
     return None
   if init_from.lower() == 'imagenet':
-    return fetch(config.get('imagenet_weights_url', DEFAULT_URL),
-                 cache_dir(config))
+    return fetch(config.get('imagenet_weights_url', DEFAULT_URL), cache_dir(config))
   return init_from
 
 
@@ -79,23 +78,25 @@ def fetch(url, directory, *, timeout=_TIMEOUT_SECONDS):
   expected = expected_hash_prefix(url)
   if expected is None:
     raise WeightsDownloadError(
-        f'{url} has no sha256 prefix in its file name (like densenet121-a639ec97'
-        '.pth), so its download cannot be verified; download it yourself and '
-        'set config.init_from to its path.')
+      f'{url} has no sha256 prefix in its file name (like densenet121-a639ec97'
+      '.pth), so its download cannot be verified; download it yourself and '
+      'set config.init_from to its path.'
+    )
   path = os.path.join(directory, os.path.basename(url))
   try:
     os.makedirs(directory, exist_ok=True)
   except OSError as error:
     raise WeightsDownloadError(
-        f'Cannot create the weights cache {directory} ({error.strerror}); set '
-        'config.weights_cache_dir (or XDG_CACHE_HOME) to a writable directory.'
+      f'Cannot create the weights cache {directory} ({error.strerror}); set '
+      'config.weights_cache_dir (or XDG_CACHE_HOME) to a writable directory.'
     ) from None
   with _exclusive(path + '.lock'):
     if os.path.exists(path):
       if sha256_of(path).startswith(expected):
         return path
-      logging.warning('%s does not match the sha256 prefix %s of its name; '
-                      'downloading it again.', path, expected)
+      logging.warning(
+        '%s does not match the sha256 prefix %s of its name; downloading it again.', path, expected
+      )
       os.remove(path)
     _download_verified(url, path, expected, timeout)
   return path
@@ -103,9 +104,9 @@ def fetch(url, directory, *, timeout=_TIMEOUT_SECONDS):
 
 def _download_verified(url, path, expected, timeout):
   logging.info('Downloading %s to %s.', url, path)
-  fd, partial = tempfile.mkstemp(dir=os.path.dirname(path),
-                                 prefix=os.path.basename(path) + '.',
-                                 suffix='.partial')
+  fd, partial = tempfile.mkstemp(
+    dir=os.path.dirname(path), prefix=os.path.basename(path) + '.', suffix='.partial'
+  )
   try:
     with os.fdopen(fd, 'wb') as out:
       try:
@@ -114,15 +115,17 @@ def _download_verified(url, path, expected, timeout):
       except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, 'reason', None) or error
         raise WeightsDownloadError(
-            f'Could not download {url} ({reason}); with no network, put that '
-            f'file at {path} by hand (or set config.init_from to a local '
-            "weights file, or '' to train from scratch).") from None
+          f'Could not download {url} ({reason}); with no network, put that '
+          f'file at {path} by hand (or set config.init_from to a local '
+          "weights file, or '' to train from scratch)."
+        ) from None
     digest = sha256_of(partial)
     if not digest.startswith(expected):
       raise WeightsDownloadError(
-          f'The download of {url} has sha256 {digest[:16]}..., not the prefix '
-          f'{expected} its name promises (corrupted or tampered with); it was '
-          f'deleted. Try again, or put the genuine file at {path} by hand.')
+        f'The download of {url} has sha256 {digest[:16]}..., not the prefix '
+        f'{expected} its name promises (corrupted or tampered with); it was '
+        f'deleted. Try again, or put the genuine file at {path} by hand.'
+      )
     os.replace(partial, path)
   finally:
     if os.path.exists(partial):
@@ -146,8 +149,7 @@ def _exclusive(lock_path, poll_seconds=0.5):
         break
       except BlockingIOError:
         if not waited:
-          logging.info('Waiting for another process to download %s.',
-                       lock_path[:-len('.lock')])
+          logging.info('Waiting for another process to download %s.', lock_path[: -len('.lock')])
           waited = True
         time.sleep(poll_seconds)
       except OSError:  # Locks unsupported here.

@@ -3,6 +3,7 @@
 Evaluation batches are padded to whole global batches; padding has mask False,
 so each example of a split is scored exactly once, on any number of processes.
 """
+
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -25,8 +26,9 @@ def make_logits_fn(model, dtype=jnp.float32):
 
   @jax.jit
   def logits(variables, images):
-    return model.apply(variables, preprocessing.normalize(images, dtype),
-                       train=False).astype(jnp.float32)
+    return model.apply(variables, preprocessing.normalize(images, dtype), train=False).astype(
+      jnp.float32
+    )
 
   return logits
 
@@ -39,10 +41,10 @@ def gather_scores(batches, score, mesh):
   """
   scores, labels, indices = [], [], []
   for batch in batches:
-    rest = sharding.to_global(
-        {k: batch[k] for k in ('labels', 'mask', 'index')}, mesh)
+    rest = sharding.to_global({k: batch[k] for k in ('labels', 'mask', 'index')}, mesh)
     gathered = multihost_utils.process_allgather(
-        (score(batch), rest['labels'], rest['mask'], rest['index']), tiled=True)
+      (score(batch), rest['labels'], rest['mask'], rest['index']), tiled=True
+    )
     keep = np.asarray(gathered[2])
     for rows, part in zip((scores, labels, indices), gathered[:2] + gathered[3:]):
       rows.append(np.asarray(part)[keep])
@@ -51,8 +53,7 @@ def gather_scores(batches, score, mesh):
   return scores[order], labels[order], indices[order]
 
 
-def evaluate_split(config, model, variables, mesh, split, logits_fn=None,
-                   loss_weights=None):
+def evaluate_split(config, model, variables, mesh, split, logits_fn=None, loss_weights=None):
   """One masked pass over `split`: every example scored exactly once.
 
   Returns (metrics, probs, labels, indices) with rows ordered by example index.
@@ -62,17 +63,23 @@ def evaluate_split(config, model, variables, mesh, split, logits_fn=None,
   """
   logits_fn = logits_fn or make_logits_fn(model, models.DTYPES[config.dtype])
   batches = pipeline.create_eval_iterator(
-      config, split, process_index=jax.process_index(),
-      process_count=jax.process_count(), device_count=jax.device_count())
+    config,
+    split,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    device_count=jax.device_count(),
+  )
   with pipeline.reading(config, split):
     logits, labels, indices = gather_scores(
-        batches,
-        lambda b: logits_fn(variables, sharding.to_global(b, mesh)['image']),
-        mesh)
+      batches, lambda b: logits_fn(variables, sharding.to_global(b, mesh)['image']), mesh
+    )
   probs = np.asarray(jax.nn.sigmoid(logits))
   auroc = metrics_lib.auroc_per_label(labels, probs, labels_lib.names_of(config))
   logits = jnp.asarray(logits)
-  result = {'loss': float(np.mean(losses.bce_loss(logits, labels, loss_weights))),
-            'bce': float(np.mean(losses.bce_loss(logits, labels))), 'auroc': auroc,
-            'mean_auroc': float(np.nanmean(list(auroc.values())))}
+  result = {
+    'loss': float(np.mean(losses.bce_loss(logits, labels, loss_weights))),
+    'bce': float(np.mean(losses.bce_loss(logits, labels))),
+    'auroc': auroc,
+    'mean_auroc': float(np.nanmean(list(auroc.values()))),
+  }
   return result, probs, labels, indices

@@ -18,6 +18,7 @@ The validation loss that drives the plateau rule and the best checkpoint uses
 the same weights as training (see inference.evaluate_split), so the schedule
 watches the loss the model is trained on.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,8 +41,10 @@ def bce_loss(logits, labels, weights=None):
     losses = optax.sigmoid_binary_cross_entropy(logits, labels)
   else:
     w_pos, w_neg = weights
-    losses = -(w_pos * labels * jax.nn.log_sigmoid(logits)
-               + w_neg * (1 - labels) * jax.nn.log_sigmoid(-logits))
+    losses = -(
+      w_pos * labels * jax.nn.log_sigmoid(logits)
+      + w_neg * (1 - labels) * jax.nn.log_sigmoid(-logits)
+    )
   return jnp.where(is_known, losses, 0).mean(axis=-1)
 
 
@@ -58,6 +61,8 @@ def label_weights(pos_weight, positive_fraction):
   elif pos_weight == 'negatives_over_positives':
     w_pos, w_neg = (1 - fraction) / fraction, np.ones_like(fraction)
   else:
-    raise ValueError(f'config.pos_weight={pos_weight!r} is not one of '
-                     f'{POS_WEIGHTS}; set --config.pos_weight to one of them.')
+    raise ValueError(
+      f'config.pos_weight={pos_weight!r} is not one of '
+      f'{POS_WEIGHTS}; set --config.pos_weight to one of them.'
+    )
   return w_pos.astype(np.float32), w_neg.astype(np.float32)

@@ -15,6 +15,7 @@ holds the peak (reduce_on_plateau cuts it at epoch ends); 'warmup_cosine' decays
 it to zero. The evidence for the rule the hardware configs use is in
 benchmarks/LARGE_BATCH.md.
 """
+
 import math
 
 import optax
@@ -39,8 +40,9 @@ def peak_learning_rate(config):
     return config.learning_rate * math.sqrt(ratio)
   if rule == 'linear':
     return config.learning_rate * ratio
-  raise ValueError(f'config.lr_scaling={rule!r} is not one of {RULES}; set '
-                   '--config.lr_scaling to one of them.')
+  raise ValueError(
+    f'config.lr_scaling={rule!r} is not one of {RULES}; set --config.lr_scaling to one of them.'
+  )
 
 
 def make_schedule(config, steps_per_epoch, total_steps):
@@ -49,10 +51,12 @@ def make_schedule(config, steps_per_epoch, total_steps):
   warmup_steps = int(config.warmup_epochs * steps_per_epoch)
   if config.lr_schedule == 'warmup_cosine':
     return optax.warmup_cosine_decay_schedule(
-        0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1))
+      0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1)
+    )
   if warmup_steps <= 0:
     return optax.constant_schedule(peak)
   start = min(peak, config.learning_rate / max(batch_ratio(config), 1.0))
   return optax.join_schedules(
-      [optax.linear_schedule(start, peak, warmup_steps),
-       optax.constant_schedule(peak)], [warmup_steps])
+    [optax.linear_schedule(start, peak, warmup_steps), optax.constant_schedule(peak)],
+    [warmup_steps],
+  )

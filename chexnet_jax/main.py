@@ -4,6 +4,7 @@ Thin on purpose: flags, distributed start-up, then `train.train_and_evaluate`.
 Any config field can be changed on the command line: `--config.batch_size=128`.
 Running again with the same --workdir resumes from its latest checkpoint.
 """
+
 import logging as std_logging
 import os
 import re
@@ -25,18 +26,28 @@ from chexnet_jax import workdir_lock
 from input_pipeline import batching
 from input_pipeline import pipeline
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (resumed if it '
-                               'holds checkpoints).', required=True)
+_WORKDIR = flags.DEFINE_string(
+  'workdir', None, 'Run directory (resumed if it holds checkpoints).', required=True
+)
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file, e.g. configs/cpu_smoke.py.', lock_config=True)
+  'config', None, 'Config file, e.g. configs/cpu_smoke.py.', lock_config=True
+)
 flags.mark_flags_as_required(['config'])
 
 # Errors the user can fix: one clear sentence, no traceback.
-USER_ERRORS = (config_checks.ConfigError, run_dir.RunMismatchError,
-               run_dir.WorkdirError, train.NonFiniteLossError,
-               pipeline.DatasetError, batching.BatchSizeError, FileNotFoundError,
-               imagenet_weights.WeightsDownloadError, run_weights.FineTuneError,
-               workdir_lock.WorkdirBusyError, checkpoints.CheckpointError)
+USER_ERRORS = (
+  config_checks.ConfigError,
+  run_dir.RunMismatchError,
+  run_dir.WorkdirError,
+  train.NonFiniteLossError,
+  pipeline.DatasetError,
+  batching.BatchSizeError,
+  FileNotFoundError,
+  imagenet_weights.WeightsDownloadError,
+  run_weights.FineTuneError,
+  workdir_lock.WorkdirBusyError,
+  checkpoints.CheckpointError,
+)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -49,8 +60,9 @@ class _QuietLibraries(std_logging.Filter):
     # A failed save is reported by us in one sentence; orbax's tracebacks of
     # each of its threads would bury it.
     record.exc_info, record.exc_text = None, None
-    return (record.levelno >= std_logging.WARNING
-            and 'did not provide metrics' not in record.getMessage())
+    return (
+      record.levelno >= std_logging.WARNING and 'did not provide metrics' not in record.getMessage()
+    )
 
 
 def main(argv):
@@ -82,18 +94,23 @@ def parse_flags(argv):
   not parse (--config.batch_size=abc) or a missing config file made one sentence."""
   path = _config_file(argv)
   if path is not None and not os.path.isfile(path):
-    sys.exit(f'error: --config {path}: no such file; give a config file such as '
-             'configs/cpu_smoke.py.')
+    sys.exit(
+      f'error: --config {path}: no such file; give a config file such as configs/cpu_smoke.py.'
+    )
   try:
     parsed = flags.FLAGS(argv)
   except AttributeError as error:  # ml_collections: no such field.
     words = re.sub(r"\\n|\n|\\'|['\"]", ' ', str(error)).split()
-    sys.exit(f'error: unknown config field {words[0]!r}. '
-             f'{" ".join(words[1:])} Every field is declared in '
-             'configs/default.py.'.replace('  ', ' '))
+    sys.exit(
+      f'error: unknown config field {words[0]!r}. '
+      f'{" ".join(words[1:])} Every field is declared in '
+      'configs/default.py.'.replace('  ', ' ')
+    )
   except flags.Error as error:  # A value of the wrong type, a missing flag.
-    sys.exit(f'error: {str(error).splitlines()[0]}; run with --helpfull for the '
-             'flags, and see configs/default.py for the config fields.')
+    sys.exit(
+      f'error: {str(error).splitlines()[0]}; run with --helpfull for the '
+      'flags, and see configs/default.py for the config fields.'
+    )
   try:
     _CONFIG.value  # pylint: disable=pointless-statement
   except (OSError, ImportError, SyntaxError, AttributeError) as error:

@@ -4,6 +4,7 @@ clu's metric writers would be the natural choice, but importing any of
 `clu.metric_writers` imports TensorFlow (its package __init__ does), which we
 keep out of the dependencies. tensorboardX writes the same event files.
 """
+
 import json
 import math
 import os
@@ -24,6 +25,7 @@ class MetricWriter:
 
   def __init__(self, workdir):
     from tensorboardX import SummaryWriter  # Heavy import, process 0 only.
+
     self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
     self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
 
@@ -53,8 +55,10 @@ class NullWriter:
 
 def progress_line(step, total_steps, scalars):
   """One line a human can follow: step, loss, throughput, input wait."""
-  return (f'step {step}/{total_steps}  loss {scalars["train_loss"]:.4f}  '
-          f'lr {scalars["learning_rate"]:.2e}  '
-          f'{scalars["images_per_second"]:.1f} img/s  '
-          f'step {scalars["step_time_ms"]:.0f} ms  '
-          f'data wait {scalars["data_wait_ms"]:.0f} ms')
+  return (
+    f'step {step}/{total_steps}  loss {scalars["train_loss"]:.4f}  '
+    f'lr {scalars["learning_rate"]:.2e}  '
+    f'{scalars["images_per_second"]:.1f} img/s  '
+    f'step {scalars["step_time_ms"]:.0f} ms  '
+    f'data wait {scalars["data_wait_ms"]:.0f} ms'
+  )

@@ -8,6 +8,7 @@ Conventions: `labels` and `probs` are [N, L] arrays (L = len(names)); a label wi
 only one class present has no AUROC and gets nan, never an exception, because a
 small validation split can easily lack e.g. Hernia positives.
 """
+
 import dataclasses
 import warnings
 
@@ -20,11 +21,15 @@ from input_pipeline import labels as labels_lib
 def _check_shapes(labels, probs, names):
   labels, probs = np.asarray(labels), np.asarray(probs)
   if labels.shape != probs.shape or labels.ndim != 2:
-    raise ValueError(f'chexnet_jax/metrics.py: labels {labels.shape} and probs {probs.shape} '
-                     'must both be [num_examples, num_labels].')
+    raise ValueError(
+      f'chexnet_jax/metrics.py: labels {labels.shape} and probs {probs.shape} '
+      'must both be [num_examples, num_labels].'
+    )
   if labels.shape[1] != len(names):
-    raise ValueError(f'chexnet_jax/metrics.py: {labels.shape[1]} label columns but '
-                     f'{len(names)} names; pass names= matching the columns.')
+    raise ValueError(
+      f'chexnet_jax/metrics.py: {labels.shape[1]} label columns but '
+      f'{len(names)} names; pass names= matching the columns.'
+    )
   return labels, probs
 
 
@@ -144,8 +149,9 @@ class _RankedColumn:
     return auroc, average_precision
 
 
-def bootstrap_intervals(labels, probs, patients, *, names=labels_lib.LABELS,
-                        num_resamples=1000, seed=0, confidence=0.95):
+def bootstrap_intervals(
+  labels, probs, patients, *, names=labels_lib.LABELS, num_resamples=1000, seed=0, confidence=0.95
+):
   """Percentile bootstrap CIs of AUROC and AUPRC per label and of their means.
 
   Returns {'auroc': {name: Interval, 'mean': Interval}, 'auprc': {...}}. Seeded, so
@@ -160,8 +166,9 @@ def bootstrap_intervals(labels, probs, patients, *, names=labels_lib.LABELS,
       samples[:, r, k] = column.scores(np.asarray(weights)[rows[k]])
   result = {}
   for m, metric in enumerate(('auroc', 'auprc')):
-    per_label = {name: _percentile_interval(samples[m, :, k], confidence)
-                 for k, name in enumerate(names)}
+    per_label = {
+      name: _percentile_interval(samples[m, :, k], confidence) for k, name in enumerate(names)
+    }
     with np.errstate(all='ignore'), warnings.catch_warnings():
       warnings.simplefilter('ignore', RuntimeWarning)  # All-nan resamples: skipped below.
       means = np.nanmean(samples[m], axis=1)
@@ -230,8 +237,9 @@ def _nan_to_none(value):
   return None if value is None or not np.isfinite(value) else float(value)
 
 
-def classification_report(labels, probs, patients, *, thresholds,
-                          names=labels_lib.LABELS, num_resamples=1000, seed=0):
+def classification_report(
+  labels, probs, patients, *, thresholds, names=labels_lib.LABELS, num_resamples=1000, seed=0
+):
   """JSON-ready per-label and mean metrics with 95% patient-bootstrap intervals.
 
   `thresholds` ({name: float}) should come from youden_thresholds on validation.
@@ -242,33 +250,38 @@ def classification_report(labels, probs, patients, *, thresholds,
   """
   aurocs = auroc_per_label(labels, probs, names)
   auprcs = auprc_per_label(labels, probs, names)
-  intervals = bootstrap_intervals(labels, probs, patients, names=names,
-                                  num_resamples=num_resamples, seed=seed)
+  intervals = bootstrap_intervals(
+    labels, probs, patients, names=names, num_resamples=num_resamples, seed=seed
+  )
   operating = sensitivity_specificity(labels, probs, thresholds, names)
   per_label = {}
   for k, name in enumerate(names):
     ci, pr_ci = intervals['auroc'][name], intervals['auprc'][name]
     per_label[name] = {
-        'auroc': _nan_to_none(aurocs[name]),
-        'auroc_ci': [_nan_to_none(ci.low), _nan_to_none(ci.high)],
-        'auprc': _nan_to_none(auprcs[name]),
-        'auprc_ci': [_nan_to_none(pr_ci.low), _nan_to_none(pr_ci.high)],
-        'threshold': _nan_to_none(thresholds[name]),
-        'sensitivity': _nan_to_none(operating[name][0]),
-        'specificity': _nan_to_none(operating[name][1]),
-        'num_positive': int((np.asarray(labels)[:, k] > 0).sum()),
-        'num_known': int(known(labels, k).sum()),
-        'num_unknown': int((~known(labels, k)).sum()),
+      'auroc': _nan_to_none(aurocs[name]),
+      'auroc_ci': [_nan_to_none(ci.low), _nan_to_none(ci.high)],
+      'auprc': _nan_to_none(auprcs[name]),
+      'auprc_ci': [_nan_to_none(pr_ci.low), _nan_to_none(pr_ci.high)],
+      'threshold': _nan_to_none(thresholds[name]),
+      'sensitivity': _nan_to_none(operating[name][0]),
+      'specificity': _nan_to_none(operating[name][1]),
+      'num_positive': int((np.asarray(labels)[:, k] > 0).sum()),
+      'num_known': int(known(labels, k).sum()),
+      'num_unknown': int((~known(labels, k)).sum()),
     }
   mean_ci, mean_pr_ci = intervals['auroc']['mean'], intervals['auprc']['mean']
   return {
-      'per_label': per_label,
-      'mean_auroc': _nan_to_none(mean_score(aurocs)),
-      'mean_auroc_ci': [_nan_to_none(mean_ci.low), _nan_to_none(mean_ci.high)],
-      'mean_auprc': _nan_to_none(mean_score(auprcs)),
-      'mean_auprc_ci': [_nan_to_none(mean_pr_ci.low), _nan_to_none(mean_pr_ci.high)],
-      'num_examples': int(len(labels)),
-      'num_patients': int(len(np.unique(np.asarray(patients)))),
-      'bootstrap': {'num_resamples': num_resamples, 'seed': seed, 'unit': 'patient',
-                    'confidence': 0.95},
+    'per_label': per_label,
+    'mean_auroc': _nan_to_none(mean_score(aurocs)),
+    'mean_auroc_ci': [_nan_to_none(mean_ci.low), _nan_to_none(mean_ci.high)],
+    'mean_auprc': _nan_to_none(mean_score(auprcs)),
+    'mean_auprc_ci': [_nan_to_none(mean_pr_ci.low), _nan_to_none(mean_pr_ci.high)],
+    'num_examples': int(len(labels)),
+    'num_patients': int(len(np.unique(np.asarray(patients)))),
+    'bootstrap': {
+      'num_resamples': num_resamples,
+      'seed': seed,
+      'unit': 'patient',
+      'confidence': 0.95,
+    },
   }

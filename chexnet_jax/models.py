@@ -8,6 +8,7 @@ Parameters and BatchNorm statistics are float32; `dtype` only sets the compute
 dtype of convolutions and normalisation. Pooling and the head run in float32, so
 logits (and the CAM features) are always float32.
 """
+
 import functools
 from typing import Any, Sequence
 
@@ -25,20 +26,20 @@ KERAS_BN_EPSILON = 1.001e-5
 
 # name -> (block sizes, growth rate, initial features).
 ARCHITECTURES = {
-    'densenet121': ((6, 12, 24, 16), 32, 64),
-    'densenet169': ((6, 12, 32, 32), 32, 64),
-    'densenet201': ((6, 12, 48, 32), 32, 64),
-    # Compiles in seconds on 32-64 px images: for tests and smoke runs only.
-    'tiny': ((2, 2), 16, 32),
+  'densenet121': ((6, 12, 24, 16), 32, 64),
+  'densenet169': ((6, 12, 32, 32), 32, 64),
+  'densenet201': ((6, 12, 48, 32), 32, 64),
+  # Compiles in seconds on 32-64 px images: for tests and smoke runs only.
+  'tiny': ((2, 2), 16, 32),
 }
 
 # config.dtype -> compute dtype (parameters stay float32).
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
-          'float16': jnp.float16}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 class DenseLayer(nn.Module):
   """Bottleneck layer: BN-ReLU-1x1 conv (4k) - BN-ReLU-3x3 conv (k), concatenated."""
+
   growth_rate: int
   bn_size: int
   conv: Any
@@ -49,13 +50,13 @@ class DenseLayer(nn.Module):
     y = nn.relu(self.norm(name='norm1')(x))
     y = self.conv(self.bn_size * self.growth_rate, (1, 1), name='conv1')(y)
     y = nn.relu(self.norm(name='norm2')(y))
-    y = self.conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)),
-                  name='conv2')(y)
+    y = self.conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
     return jnp.concatenate([x, y], axis=-1)
 
 
 class DenseBlock(nn.Module):
   """`num_layers` DenseLayers, each adding `growth_rate` channels."""
+
   num_layers: int
   growth_rate: int
   bn_size: int
@@ -65,13 +66,13 @@ class DenseBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     for i in range(1, self.num_layers + 1):
-      x = DenseLayer(self.growth_rate, self.bn_size, self.conv, self.norm,
-                     name=f'denselayer{i}')(x)
+      x = DenseLayer(self.growth_rate, self.bn_size, self.conv, self.norm, name=f'denselayer{i}')(x)
     return x
 
 
 class Transition(nn.Module):
   """BN-ReLU-1x1 conv (halves the channels) - 2x2 average pool."""
+
   features: int
   conv: Any
   norm: Any
@@ -85,6 +86,7 @@ class Transition(nn.Module):
 
 class DenseNet(nn.Module):
   """DenseNet-BC classifier returning logits (no sigmoid)."""
+
   block_sizes: Sequence[int]
   growth_rate: int = 32
   num_init_features: int = 64
@@ -98,33 +100,45 @@ class DenseNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool, return_features: bool = False):
     # He-normal like torchvision's kaiming_normal_ (from-scratch training only).
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32,
-                             kernel_init=nn.initializers.he_normal())
+    conv = functools.partial(
+      nn.Conv,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      kernel_init=nn.initializers.he_normal(),
+    )
     norm = functools.partial(
-        nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-        epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32,
-        axis_name=self.bn_axis_name)
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=BN_MOMENTUM,
+      epsilon=self.bn_epsilon,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      axis_name=self.bn_axis_name,
+    )
 
     x = x.astype(self.dtype)
-    x = conv(self.num_init_features, (7, 7), strides=(2, 2),
-             padding=((3, 3), (3, 3)), name='conv0')(x)
+    x = conv(
+      self.num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='conv0'
+    )(x)
     x = nn.relu(norm(name='norm0')(x))
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     x = self._dense_blocks(x, conv, norm)
     features = nn.relu(norm(name='norm5')(x)).astype(jnp.float32)
 
     pooled = jnp.mean(features, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, dtype=jnp.float32,
-                      param_dtype=jnp.float32, name='classifier')(pooled)
+    logits = nn.Dense(
+      self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name='classifier'
+    )(pooled)
     return (logits, features) if return_features else logits
 
   def _dense_blocks(self, x, conv, norm):
     channels = self.num_init_features
     last = len(self.block_sizes)
     for b, num_layers in enumerate(self.block_sizes, start=1):
-      x = DenseBlock(num_layers, self.growth_rate, self.bn_size, conv, norm,
-                     name=f'denseblock{b}')(x)
+      x = DenseBlock(num_layers, self.growth_rate, self.bn_size, conv, norm, name=f'denseblock{b}')(
+        x
+      )
       channels += num_layers * self.growth_rate
       if b < last:
         channels //= 2
@@ -141,15 +155,25 @@ def create_model(name, *, num_classes=labels_lib.NUM_CLASSES, dtype=jnp.float32,
   `feats @ variables['params']['classifier']['kernel']`.
   """
   if name not in ARCHITECTURES:
-    raise ValueError(f'Unknown model {name!r} (config.model); choose one of '
-                     f'{sorted(ARCHITECTURES)}.')
+    raise ValueError(
+      f'Unknown model {name!r} (config.model); choose one of {sorted(ARCHITECTURES)}.'
+    )
   block_sizes, growth_rate, num_init_features = ARCHITECTURES[name]
-  return DenseNet(block_sizes=block_sizes, growth_rate=growth_rate,
-                  num_init_features=num_init_features, num_classes=num_classes,
-                  dtype=dtype, bn_axis_name=bn_axis_name)
+  return DenseNet(
+    block_sizes=block_sizes,
+    growth_rate=growth_rate,
+    num_init_features=num_init_features,
+    num_classes=num_classes,
+    dtype=dtype,
+    bn_axis_name=bn_axis_name,
+  )
 
 
 def from_config(config, bn_axis_name=None):
   """The configured model; `bn_axis_name` makes BatchNorm sync over that axis."""
-  return create_model(config.model, num_classes=labels_lib.num_classes_of(config),
-                      dtype=DTYPES[config.dtype], bn_axis_name=bn_axis_name)
+  return create_model(
+    config.model,
+    num_classes=labels_lib.num_classes_of(config),
+    dtype=DTYPES[config.dtype],
+    bn_axis_name=bn_axis_name,
+  )

@@ -15,6 +15,7 @@ this checkpoint (DIR/eval/calibration.json; see calibration.py).
 A file that cannot be read is reported and skipped; the others are still scored and
 the exit status is 1.
 """
+
 import argparse
 import json
 import os
@@ -57,9 +58,10 @@ def _open_guarded(path):
       return image
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
       raise ImageLoadError(
-          f'{path}: refused, more pixels than PIL.Image.MAX_IMAGE_PIXELS='
-          f'{Image.MAX_IMAGE_PIXELS} (a possible decompression bomb: {e}). Downscale '
-          'the image first, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it.') from e
+        f'{path}: refused, more pixels than PIL.Image.MAX_IMAGE_PIXELS='
+        f'{Image.MAX_IMAGE_PIXELS} (a possible decompression bomb: {e}). Downscale '
+        'the image first, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it.'
+      ) from e
     except FileNotFoundError as e:
       raise ImageLoadError(f'{path}: no such file.') from e
     except (OSError, ValueError, SyntaxError) as e:
@@ -90,8 +92,10 @@ def load_image(path, dataset_image_size, image_size, eval_preprocess='center_cro
         grey = dicom.decode(f.read())
     except dicom.DicomError as e:
       raise ImageLoadError(f'{path}: {e}.') from e
-    return (prepare(grey, dataset_image_size, image_size, eval_preprocess),
-            (grey.shape[1], grey.shape[0]))
+    return (
+      prepare(grey, dataset_image_size, image_size, eval_preprocess),
+      (grey.shape[1], grey.shape[0]),
+    )
   image = _open_guarded(path)
   # The dataset builder's conversion, so 16-bit and RGBA files match training.
   grey = images_lib.to_grey_uint8(image)
@@ -122,8 +126,9 @@ def score_image(cam_fn, variables, config, path, top_k, heatmap_prefix, temperat
 
   Raises ImageLoadError (naming the file) when the file is not a usable image.
   """
-  image, _ = load_image(path, config.dataset_image_size, config.image_size,
-                        config.get('eval_preprocess', 'center_crop'))
+  image, _ = load_image(
+    path, config.dataset_image_size, config.image_size, config.get('eval_preprocess', 'center_crop')
+  )
   probs, cams = cam_fn(variables, image[None])
   probs, cams = np.asarray(probs[0]), np.asarray(cams[0])
   if temperature != 1.0:
@@ -133,13 +138,23 @@ def score_image(cam_fn, variables, config, path, top_k, heatmap_prefix, temperat
   names = labels_lib.names_of(config)
   for label, k, prob in top_findings(probs, top_k, names):
     heatmap = f'{heatmap_prefix}_{label}.png'
-    figures.save_heatmap(heatmap, image, cams[k], bias[k], finding=label, probability=prob,
-                         image_name=os.path.basename(path), temperature=temperature,
-                         model_box=cam_lib.cam_to_box(cams[k]))
+    figures.save_heatmap(
+      heatmap,
+      image,
+      cams[k],
+      bias[k],
+      finding=label,
+      probability=prob,
+      image_name=os.path.basename(path),
+      temperature=temperature,
+      model_box=cam_lib.cam_to_box(cams[k]),
+    )
     findings.append({'label': label, 'probability': prob, 'heatmap': heatmap})
-  return {'image': path,
-          'probabilities': dict(zip(names, map(float, probs))),
-          'top_findings': findings}
+  return {
+    'image': path,
+    'probabilities': dict(zip(names, map(float, probs))),
+    'top_findings': findings,
+  }
 
 
 def format_table(results):
@@ -147,7 +162,7 @@ def format_table(results):
   names = [os.path.basename(r['image']) for r in results]
   width = max([12, *map(len, names)])
   lines = [f'{"finding":<20}' + ''.join(f'{n:>{width + 2}}' for n in names)]
-  for label in (results[0]['probabilities'] if results else ()):
+  for label in results[0]['probabilities'] if results else ():
     row = ''.join(f'{r["probabilities"][label]:>{width + 2}.3f}' for r in results)
     lines.append(f'{label:<20}{row}')
   return '\n'.join(lines)
@@ -155,17 +170,25 @@ def format_table(results):
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(
-      prog='python -m chexnet_jax.predict',
-      description='Score chest X-rays (PNG/JPEG/DICOM) with a trained chexnet_jax run.')
+    prog='python -m chexnet_jax.predict',
+    description='Score chest X-rays (PNG/JPEG/DICOM) with a trained chexnet_jax run.',
+  )
   parser.add_argument('images', nargs='+', help='image files')
   parser.add_argument('--workdir', required=True, help='the training run directory')
-  parser.add_argument('--checkpoint', default='best', type=checkpoints.parse_selector,
-                      help="'best' (validation mean AUROC), 'latest', or a step")
+  parser.add_argument(
+    '--checkpoint',
+    default='best',
+    type=checkpoints.parse_selector,
+    help="'best' (validation mean AUROC), 'latest', or a step",
+  )
   parser.add_argument('--top_k', type=int, default=3, help='heatmaps per image')
   parser.add_argument('--output_dir', default=None, help='default: WORKDIR/predict')
-  parser.add_argument('--calibrated', action='store_true',
-                      help='apply the temperature that evaluate fitted on validation '
-                           'for this checkpoint (WORKDIR/eval/calibration.json)')
+  parser.add_argument(
+    '--calibrated',
+    action='store_true',
+    help='apply the temperature that evaluate fitted on validation '
+    'for this checkpoint (WORKDIR/eval/calibration.json)',
+  )
   return parser.parse_args(argv)
 
 
@@ -173,8 +196,9 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     run = checkpoints.load_run(args.workdir, args.checkpoint)
-    temperature = (calibration_lib.read_temperature(args.workdir, run.step)
-                   if args.calibrated else 1.0)
+    temperature = (
+      calibration_lib.read_temperature(args.workdir, run.step) if args.calibrated else 1.0
+    )
   except (FileNotFoundError, ValueError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
@@ -185,21 +209,33 @@ def main(argv=None):
   for position, path in enumerate(args.images):
     prefix = os.path.join(output_dir, 'heatmaps', heatmap_stem(path, position, seen_stems))
     try:
-      results.append(score_image(cam_fn, variables, run.config, path, args.top_k, prefix,
-                                 temperature))
+      results.append(
+        score_image(cam_fn, variables, run.config, path, args.top_k, prefix, temperature)
+      )
     except ImageLoadError as error:  # Report it, and go on with the other files.
       failures.append({'image': path, 'error': str(error)})
       print(f'error: {error}', file=sys.stderr)
   if results:
-    print(f'checkpoint step {run.step} of {args.workdir}'
-          + (f', calibrated with temperature {temperature:.3f}' if args.calibrated else ''))
+    print(
+      f'checkpoint step {run.step} of {args.workdir}'
+      + (f', calibrated with temperature {temperature:.3f}' if args.calibrated else '')
+    )
     print(format_table(results))
   os.makedirs(output_dir, exist_ok=True)
   summary_path = os.path.join(output_dir, 'predictions.json')
   with open(summary_path, 'w') as f:
-    json.dump({'workdir': args.workdir, 'step': run.step, 'temperature': temperature,
-               'calibrated': args.calibrated, 'results': results,
-               'failures': failures}, f, indent=2)
+    json.dump(
+      {
+        'workdir': args.workdir,
+        'step': run.step,
+        'temperature': temperature,
+        'calibrated': args.calibrated,
+        'results': results,
+        'failures': failures,
+      },
+      f,
+      indent=2,
+    )
   print(f'wrote {summary_path}')
   return 1 if failures else 0
 

@@ -4,6 +4,7 @@ Images travel host -> device as uint8 grey; CheXNet converts the grey X-rays to
 RGB (three equal channels) and normalises with the ImageNet statistics its
 pretrained DenseNet expects. Shared by train, eval, predict and CAM.
 """
+
 import jax.numpy as jnp
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -17,9 +18,11 @@ def normalize(images, dtype=jnp.float32):
   float16 inputs to the model differ from float32 by one rounding only.
   """
   if images.ndim != 4 or images.shape[-1] != 1:
-    raise ValueError(f'normalize expects grey images [B, H, W, 1], got shape '
-                     f'{images.shape}; batches carry `image` as uint8 '
-                     '[b, S, S, 1].')
+    raise ValueError(
+      f'normalize expects grey images [B, H, W, 1], got shape '
+      f'{images.shape}; batches carry `image` as uint8 '
+      '[b, S, S, 1].'
+    )
   grey = images.astype(jnp.float32) / 255.0
   rgb = jnp.broadcast_to(grey, grey.shape[:-1] + (3,))
   mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)

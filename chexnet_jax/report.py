@@ -2,19 +2,21 @@
 
 It answers "how good is this checkpoint, where does it look, can I trust its
 probabilities" for the run's own labels (its dataset's names and count,
-labels_lib.names_of(evaluation.config)): the run's identity; the per-label table (AUROC and AUPRC with 95%
-patient-bootstrap intervals, prevalence, sensitivity and specificity at the threshold
-chosen on validation, and why a cell is empty); ROC and precision-recall curves as
-small multiples with their bands; calibration (reliability diagrams, expected
-calibration error, temperature fitted on validation); the localisation table (IoU and
-IoBB accuracy at each threshold); and the heatmap gallery. An unknown label (below 0,
-e.g. CheXpert's uncertain under U-Ignore) is left out of that label's numbers, curves,
-prevalence and calibration, as metrics.py does; the table says how many there were.
+labels_lib.names_of(evaluation.config)): the run's identity; the per-label table
+(AUROC and AUPRC with 95% patient-bootstrap intervals, prevalence, sensitivity and
+specificity at the threshold chosen on validation, and why a cell is empty); ROC and
+precision-recall curves as small multiples with their bands; calibration (reliability
+diagrams, expected calibration error, temperature fitted on validation); the
+localisation table (IoU and IoBB accuracy at each threshold); and the heatmap gallery.
+An unknown label (below 0, e.g. CheXpert's uncertain under U-Ignore) is left out of
+that label's numbers, curves, prevalence and calibration, as metrics.py does; the
+table says how many there were.
 
 Every image is embedded as a data: URI and a Content-Security-Policy forbids loading
 anything else, so the page can be mailed or archived and opens offline. Written by
 `python -m chexnet_jax.evaluate`; the notebook shows the same parts.
 """
+
 import base64
 import html
 import os
@@ -50,24 +52,31 @@ def _label_file(config):
 def identity(evaluation, run_name=''):
   """[(field, value)]: which run, checkpoint, data and split the page is about."""
   config, report = evaluation.config, evaluation.report
-  rows = [('run', run_name or 'not given'),
-          ('model', config.model),
-          ('dataset', config.dataset),
-          ('label file', _label_file(config)),
-          ('labels', f'{len(label_names(evaluation))}: '
-                     f'{", ".join(label_names(evaluation))}'),
-          ('checkpoint step', evaluation.step),
-          ('split', evaluation.split),
-          ('test-time augmentation', evaluation.tta),
-          ('images', report['num_examples']),
-          ('patients', report['num_patients']),
-          ('model input', f'{config.image_size} px '
-                          f'({config.get("eval_preprocess", "center_crop")} of the stored '
-                          f'{config.dataset_image_size} px image)'),
-          ('95% intervals', f'bootstrap over patients, '
-                            f'{report["bootstrap"]["num_resamples"]} resamples, '
-                            f'seed {report["bootstrap"]["seed"]}'),
-          ('thresholds', f"Youden's J, chosen on the {evaluation.threshold_source} split")]
+  rows = [
+    ('run', run_name or 'not given'),
+    ('model', config.model),
+    ('dataset', config.dataset),
+    ('label file', _label_file(config)),
+    ('labels', f'{len(label_names(evaluation))}: {", ".join(label_names(evaluation))}'),
+    ('checkpoint step', evaluation.step),
+    ('split', evaluation.split),
+    ('test-time augmentation', evaluation.tta),
+    ('images', report['num_examples']),
+    ('patients', report['num_patients']),
+    (
+      'model input',
+      f'{config.image_size} px '
+      f'({config.get("eval_preprocess", "center_crop")} of the stored '
+      f'{config.dataset_image_size} px image)',
+    ),
+    (
+      '95% intervals',
+      f'bootstrap over patients, '
+      f'{report["bootstrap"]["num_resamples"]} resamples, '
+      f'seed {report["bootstrap"]["seed"]}',
+    ),
+    ('thresholds', f"Youden's J, chosen on the {evaluation.threshold_source} split"),
+  ]
   return [(name, str(value)) for name, value in rows]
 
 
@@ -85,12 +94,13 @@ def empty_cell_reasons(evaluation, name):
   if row['auroc'] is None:
     missing = 'negative' if (known > 0).any() else 'positive'
     reasons['auroc'] = reasons['auprc'] = (
-        f'the {split} split has no {missing} {name} image{known_words}: '
-        'the area is undefined')
+      f'the {split} split has no {missing} {name} image{known_words}: the area is undefined'
+    )
   if row['threshold'] is None:
     reasons['threshold'] = reasons['sensitivity'] = reasons['specificity'] = (
-        f'no threshold: the {evaluation.threshold_source} split has only one class of '
-        f"{name} (among its known labels), so Youden's J cannot be chosen")
+      f'no threshold: the {evaluation.threshold_source} split has only one class of '
+      f"{name} (among its known labels), so Youden's J cannot be chosen"
+    )
   else:
     if row['sensitivity'] is None:
       reasons['sensitivity'] = f'no positive {name} image{known_words} in the {split} split'
@@ -116,18 +126,25 @@ def per_label_rows(evaluation):
     num_known = int((labels[:, k] >= 0).sum())
     num_positive = int((labels[:, k] > 0).sum())
     unknown = len(labels) - num_known
-    rows.append({
+    rows.append(
+      {
         'label': name,
         'auroc': _with_interval(row['auroc'], row['auroc_ci']),
         'auprc': _with_interval(row['auprc'], row['auprc_ci']),
-        'prevalence': (f'{num_positive / num_known:.1%} ({num_positive}'
-                       + (f' of {num_known} known; {unknown} unknown' if unknown else '')
-                       + ')') if num_known else '',
+        'prevalence': (
+          f'{num_positive / num_known:.1%} ({num_positive}'
+          + (f' of {num_known} known; {unknown} unknown' if unknown else '')
+          + ')'
+        )
+        if num_known
+        else '',
         'threshold': _number(row['threshold']),
         'sensitivity': _number(row['sensitivity']),
         'specificity': _number(row['specificity']),
         'ece': f'{_number(ece.get("ece"))} / {_number(ece.get("ece_calibrated"))}',
-        'reasons': reasons})
+        'reasons': reasons,
+      }
+    )
   return rows
 
 
@@ -139,8 +156,11 @@ def _with_interval(value, interval):
   if value is None:
     return ''
   low, high = interval
-  return (f'{value:.3f} ({low:.3f}-{high:.3f})' if low is not None and high is not None
-          else f'{value:.3f}')
+  return (
+    f'{value:.3f} ({low:.3f}-{high:.3f})'
+    if low is not None and high is not None
+    else f'{value:.3f}'
+  )
 
 
 def curve_figures(evaluation):
@@ -148,20 +168,33 @@ def curve_figures(evaluation):
   predictions, report = evaluation.predictions, evaluation.report
   patients = [str(r['patient_id']) for r in evaluation.records]
   names = label_names(evaluation)
-  bands = figures.curve_bands(predictions.labels, predictions.probs, patients, names,
-                              num_resamples=min(figures.BAND_RESAMPLES,
-                                                report['bootstrap']['num_resamples']),
-                              seed=report['bootstrap']['seed'])
+  bands = figures.curve_bands(
+    predictions.labels,
+    predictions.probs,
+    patients,
+    names,
+    num_resamples=min(figures.BAND_RESAMPLES, report['bootstrap']['num_resamples']),
+    seed=report['bootstrap']['seed'],
+  )
   title = f'{evaluation.split} split, step {evaluation.step}'
   temperature = (report.get('calibration') or {}).get('temperature', 1.0)
   return {
-      'roc': figures.roc_figure(predictions.labels, predictions.probs, patients, report,
-                                names, f'ROC, {title}', bands=bands),
-      'pr': figures.pr_figure(predictions.labels, predictions.probs, patients, report,
-                              names, f'Precision-recall, {title}', bands=bands),
-      'reliability': figures.reliability_figure(
-          predictions.labels, predictions.probs, temperature, names,
-          f'Reliability, {title}')}
+    'roc': figures.roc_figure(
+      predictions.labels, predictions.probs, patients, report, names, f'ROC, {title}', bands=bands
+    ),
+    'pr': figures.pr_figure(
+      predictions.labels,
+      predictions.probs,
+      patients,
+      report,
+      names,
+      f'Precision-recall, {title}',
+      bands=bands,
+    ),
+    'reliability': figures.reliability_figure(
+      predictions.labels, predictions.probs, temperature, names, f'Reliability, {title}'
+    ),
+  }
 
 
 def localization_rows(localization, names=()):
@@ -175,8 +208,10 @@ def localization_rows(localization, names=()):
   order = [n for n in names if n in scored] + [n for n in scored if n not in names]
   entries = [(name, scored[name]) for name in order]
   entries.append(('all', localization['all']))
-  return [(name, s['num_boxes'], s['mean_iou'], s['mean_iobb'], s['accuracy_iou'],
-           s['accuracy_iobb']) for name, s in entries]
+  return [
+    (name, s['num_boxes'], s['mean_iou'], s['mean_iobb'], s['accuracy_iou'], s['accuracy_iobb'])
+    for name, s in entries
+  ]
 
 
 # ----------------------------------------------------------------------------
@@ -210,15 +245,21 @@ figure{margin:0;width:340px}figcaption{font-size:0.8em;color:#444}
 
 
 def _identity_html(rows):
-  body = ''.join(f'<tr><th class="name">{_esc(k)}</th><td class="name">{_esc(v)}</td></tr>'
-                 for k, v in rows)
+  body = ''.join(
+    f'<tr><th class="name">{_esc(k)}</th><td class="name">{_esc(v)}</td></tr>' for k, v in rows
+  )
   return f'<table id="identity">{body}</table>'
 
 
-TABLE_COLUMNS = (('auroc', 'AUROC (95% CI)'), ('auprc', 'AUPRC (95% CI)'),
-                 ('prevalence', 'Prevalence (positives)'), ('threshold', 'Threshold'),
-                 ('sensitivity', 'Sensitivity'), ('specificity', 'Specificity'),
-                 ('ece', 'ECE raw / calibrated'))
+TABLE_COLUMNS = (
+  ('auroc', 'AUROC (95% CI)'),
+  ('auprc', 'AUPRC (95% CI)'),
+  ('prevalence', 'Prevalence (positives)'),
+  ('threshold', 'Threshold'),
+  ('sensitivity', 'Sensitivity'),
+  ('specificity', 'Specificity'),
+  ('ece', 'ECE raw / calibrated'),
+)
 
 
 def per_label_table_html(rows):
@@ -234,18 +275,24 @@ def per_label_table_html(rows):
       else:
         cells.append(f'<td>{_esc(row[key])}</td>')
     reasons = '; '.join(dict.fromkeys(row['reasons'].values()))  # Unique, in order.
-    body.append(f'<tr data-label="{_esc(row["label"])}"><td class="name">'
-                f'{_esc(row["label"])}</td>{"".join(cells)}'
-                f'<td class="why">{_esc(reasons)}</td></tr>')
-  return (f'<table id="per-label"><thead><tr><th class="name">Finding</th>{head}'
-          f'<th class="name">Why a cell is empty</th></tr></thead>'
-          f'<tbody>{"".join(body)}</tbody></table>')
+    body.append(
+      f'<tr data-label="{_esc(row["label"])}"><td class="name">'
+      f'{_esc(row["label"])}</td>{"".join(cells)}'
+      f'<td class="why">{_esc(reasons)}</td></tr>'
+    )
+  return (
+    f'<table id="per-label"><thead><tr><th class="name">Finding</th>{head}'
+    f'<th class="name">Why a cell is empty</th></tr></thead>'
+    f'<tbody>{"".join(body)}</tbody></table>'
+  )
 
 
 def _mean_html(report):
-  return (f'<p>Mean AUROC {_esc(_with_interval(report["mean_auroc"], report["mean_auroc_ci"]))}'
-          f', mean AUPRC {_esc(_with_interval(report["mean_auprc"], report["mean_auprc_ci"]))}'
-          ' (over the labels that have one).</p>')
+  return (
+    f'<p>Mean AUROC {_esc(_with_interval(report["mean_auroc"], report["mean_auroc_ci"]))}'
+    f', mean AUPRC {_esc(_with_interval(report["mean_auprc"], report["mean_auprc_ci"]))}'
+    ' (over the labels that have one).</p>'
+  )
 
 
 def calibration_html(calibration):
@@ -253,39 +300,48 @@ def calibration_html(calibration):
     return '<p>No calibration was computed.</p>'
   ece, bce = calibration['ece'], calibration['bce']
   return (
-      f'<p id="temperature">Temperature <b>T = {calibration["temperature"]:.3f}</b>, fitted '
-      f'on the {_esc(calibration["fitted_on"])} split (one T for all '
-      f'{len(calibration["per_label"])} labels of the run: '
-      'p&prime; = sigmoid(logit / T); rankings and AUROCs are unchanged; unknown labels '
-      'are left out of the fit and of every number here). On this split: '
-      f'mean expected calibration error {_number(ece["before"])} before, '
-      f'{_number(ece["after"])} after; cross-entropy {_number(bce["before"], 4)} before, '
-      f'{_number(bce["after"], 4)} after. ECE: {calibration["num_bins"]} equal-width bins, '
-      'weighted by their counts. Apply it to new images with '
-      '<code>python -m chexnet_jax.predict --calibrated</code>.</p>')
+    f'<p id="temperature">Temperature <b>T = {calibration["temperature"]:.3f}</b>, fitted '
+    f'on the {_esc(calibration["fitted_on"])} split (one T for all '
+    f'{len(calibration["per_label"])} labels of the run: '
+    'p&prime; = sigmoid(logit / T); rankings and AUROCs are unchanged; unknown labels '
+    'are left out of the fit and of every number here). On this split: '
+    f'mean expected calibration error {_number(ece["before"])} before, '
+    f'{_number(ece["after"])} after; cross-entropy {_number(bce["before"], 4)} before, '
+    f'{_number(bce["after"], 4)} after. ECE: {calibration["num_bins"]} equal-width bins, '
+    'weighted by their counts. Apply it to new images with '
+    '<code>python -m chexnet_jax.predict --calibrated</code>.</p>'
+  )
 
 
 def localization_html(localization, names=()):
   rows = localization_rows(localization, names)
   if not rows:
-    return ('<p id="no-localization">No box of this split falls in the model input, '
-            'so localisation is not scored.</p>')
+    return (
+      '<p id="no-localization">No box of this split falls in the model input, '
+      'so localisation is not scored.</p>'
+    )
   thresholds = list(rows[0][4])
-  head = (''.join(f'<th>IoU&ge;{_esc(t)}</th>' for t in thresholds)
-          + ''.join(f'<th>IoBB&ge;{_esc(t)}</th>' for t in thresholds))
+  head = ''.join(f'<th>IoU&ge;{_esc(t)}</th>' for t in thresholds) + ''.join(
+    f'<th>IoBB&ge;{_esc(t)}</th>' for t in thresholds
+  )
   body = []
   for name, boxes, mean_iou, mean_iobb, acc_iou, acc_iobb in rows:
     cells = ''.join(f'<td>{_number(acc_iou[t], 2)}</td>' for t in thresholds)
     cells += ''.join(f'<td>{_number(acc_iobb[t], 2)}</td>' for t in thresholds)
-    body.append(f'<tr><td class="name">{_esc(name)}</td><td>{boxes}</td>'
-                f'<td>{_number(mean_iou)}</td><td>{_number(mean_iobb)}</td>{cells}</tr>')
-  return (f'<p class="note">Fraction of NIH boxes whose class activation map region '
-          f'(connected region where the min-max normalised map is at least '
-          f'{localization["cam_threshold"]}, around its peak) reaches each IoU and IoBB '
-          'threshold, as in Wang et al. 2017.</p>'
-          f'<div class="scroll"><table id="localization"><thead><tr><th class="name">Finding</th><th>Boxes</th>'
-          f'<th>Mean IoU</th><th>Mean IoBB</th>{head}</tr></thead>'
-          f'<tbody>{"".join(body)}</tbody></table></div>')
+    body.append(
+      f'<tr><td class="name">{_esc(name)}</td><td>{boxes}</td>'
+      f'<td>{_number(mean_iou)}</td><td>{_number(mean_iobb)}</td>{cells}</tr>'
+    )
+  return (
+    f'<p class="note">Fraction of NIH boxes whose class activation map region '
+    f'(connected region where the min-max normalised map is at least '
+    f'{localization["cam_threshold"]}, around its peak) reaches each IoU and IoBB '
+    'threshold, as in Wang et al. 2017.</p>'
+    '<div class="scroll"><table id="localization"><thead><tr>'
+    '<th class="name">Finding</th><th>Boxes</th>'
+    f'<th>Mean IoU</th><th>Mean IoBB</th>{head}</tr></thead>'
+    f'<tbody>{"".join(body)}</tbody></table></div>'
+  )
 
 
 def gallery_html(out_dir, gallery):
@@ -296,17 +352,20 @@ def gallery_html(out_dir, gallery):
     with open(os.path.join(out_dir, entry['file']), 'rb') as f:
       png = f.read()
     caption = f'{entry["image"]}: {entry["label"]}, p = {entry["probability"]:.3f}'
-    items.append(f'<figure>{_img(png, caption, 340)}<figcaption>{_esc(caption)}'
-                 '</figcaption></figure>')
-  return (f'<p class="note">The most confident true positive of each finding (an image '
-          f'with an NIH box first). Colour: the {_esc(figures.HEATMAP_SCALE)} (M_c: the '
-          "map, b_c: the head's bias, T: the temperature, 1 here); the colour bar is the same "
-          "on every image, so bright yellow always means a high probability and dark purple "
-          "a low one. Solid cyan: NIH's "
-          "box (the annotation). Dashed white: the model's region, the box around the "
-          'connected region where the normalised map is at least 50% of its range '
-          '(what IoU and IoBB score).</p>'
-          f'<div class="gallery" id="gallery">{"".join(items)}</div>')
+    items.append(
+      f'<figure>{_img(png, caption, 340)}<figcaption>{_esc(caption)}</figcaption></figure>'
+    )
+  return (
+    f'<p class="note">The most confident true positive of each finding (an image '
+    f'with an NIH box first). Colour: the {_esc(figures.HEATMAP_SCALE)} (M_c: the '
+    "map, b_c: the head's bias, T: the temperature, 1 here); the colour bar is the same "
+    'on every image, so bright yellow always means a high probability and dark purple '
+    "a low one. Solid cyan: NIH's "
+    "box (the annotation). Dashed white: the model's region, the box around the "
+    'connected region where the normalised map is at least 50% of its range '
+    '(what IoU and IoBB score).</p>'
+    f'<div class="gallery" id="gallery">{"".join(items)}</div>'
+  )
 
 
 def render(evaluation, out_dir, gallery, localization, pngs, run_name=''):
@@ -329,11 +388,13 @@ chosen on the validation split (Youden's J) and applied unchanged here. A dash m
 empty cell; the last column says why.</p>
 {per_label_table_html(per_label_rows(evaluation))}{_mean_html(report)}
 <h2 id="roc">ROC curves</h2>{_img(pngs['roc'], 'ROC curves, one panel per finding')}
-<h2 id="pr">Precision-recall curves</h2>{_img(pngs['pr'], 'Precision-recall curves, one panel per finding')}
+<h2 id="pr">Precision-recall curves</h2>
+{_img(pngs['pr'], 'Precision-recall curves, one panel per finding')}
 <h2 id="calibration">Can I trust its probabilities: calibration</h2>
 {calibration_html(report.get('calibration'))}
 {_img(pngs['reliability'], 'Reliability diagrams, one panel per finding')}
-<h2 id="localisation">Where does it look: localisation</h2>{localization_html(localization, label_names(evaluation))}
+<h2 id="localisation">Where does it look: localisation</h2>
+{localization_html(localization, label_names(evaluation))}
 <h2 id="heatmaps">Where does it look: heatmaps</h2>{gallery_html(out_dir, gallery)}
 </body></html>
 """
@@ -345,8 +406,7 @@ def write_report(out_dir, evaluation, gallery=(), localization=None, run_name=''
   pngs = {}
   for key, figure in curve_figures(evaluation).items():
     pngs[key] = figures.to_png(figure)
-    name = {'roc': 'roc_curves.png', 'pr': 'pr_curves.png',
-            'reliability': 'reliability.png'}[key]
+    name = {'roc': 'roc_curves.png', 'pr': 'pr_curves.png', 'reliability': 'reliability.png'}[key]
     with open(os.path.join(out_dir, name), 'wb') as f:
       f.write(pngs[key])
   path = os.path.join(out_dir, REPORT_FILE)
@@ -358,12 +418,15 @@ def write_report(out_dir, evaluation, gallery=(), localization=None, run_name=''
 def calibrate(evaluation, validation):
   """Adds report['calibration'] (temperature fitted on `validation` Predictions)."""
   evaluation.report['calibration'] = calibration_lib.calibration_report(
-      evaluation.predictions.labels, evaluation.predictions.probs,
-      validation.labels, validation.probs, label_names(evaluation))
+    evaluation.predictions.labels,
+    evaluation.predictions.probs,
+    validation.labels,
+    validation.probs,
+    label_names(evaluation),
+  )
   return evaluation.report['calibration']
 
 
 def run_name(workdir):
   """The run directory's own name: the page names no absolute path of the machine."""
   return os.path.basename(os.path.normpath(workdir))
-

@@ -8,6 +8,7 @@ Layout of a workdir:
   split.json       the dataset's split (image names per split), chestxray14 only
   checkpoints/N/   orbax items 'state' and 'data' (see checkpoints.py)
 """
+
 import json
 import os
 import shutil
@@ -36,8 +37,9 @@ class WorkdirError(ValueError):
 
 def unwritable_error(workdir, path, error):
   return WorkdirError(
-      f'--workdir {workdir} cannot be written ({path}: {error.strerror}); '
-      'choose a writable directory with free space.')
+    f'--workdir {workdir} cannot be written ({path}: {error.strerror}); '
+    'choose a writable directory with free space.'
+  )
 
 
 def make_workdir(workdir):
@@ -95,9 +97,13 @@ def with_label_set(config, names):
 
 def run_identity(config, dataset_info):
   """What a checkpoint is only meaningful with."""
-  return {'model': config.model, 'num_classes': labels_lib.num_classes_of(config),
-          'labels': list(labels_lib.names_of(config)),
-          'image_size': config.image_size, 'dataset': dataset_info}
+  return {
+    'model': config.model,
+    'num_classes': labels_lib.num_classes_of(config),
+    'labels': list(labels_lib.names_of(config)),
+    'image_size': config.image_size,
+    'dataset': dataset_info,
+  }
 
 
 def check_or_write_identity(workdir, identity):
@@ -106,9 +112,10 @@ def check_or_write_identity(workdir, identity):
   if not os.path.exists(path):
     if identity['num_classes'] != len(identity['labels']):
       raise RunMismatchError(
-          f"config.num_classes={identity['num_classes']} but the dataset has "
-          f"{len(identity['labels'])} labels ({', '.join(identity['labels'])}); leave "
-          'num_classes at -1 (the dataset decides).')
+        f'config.num_classes={identity["num_classes"]} but the dataset has '
+        f'{len(identity["labels"])} labels ({", ".join(identity["labels"])}); leave '
+        'num_classes at -1 (the dataset decides).'
+      )
     if jax.process_index() == 0:
       write_json_atomic(path, identity)
     return
@@ -116,11 +123,13 @@ def check_or_write_identity(workdir, identity):
     saved = json.load(f)
   different = sorted(k for k in identity if saved.get(k) != identity[k])
   if different:
-    details = '; '.join(f'{k}: run has {saved.get(k)!r}, config asks for '
-                        f'{identity[k]!r}' for k in different)
+    details = '; '.join(
+      f'{k}: run has {saved.get(k)!r}, config asks for {identity[k]!r}' for k in different
+    )
     raise RunMismatchError(
-        f'{workdir} holds a different run ({details}). Use a new --workdir, '
-        f'or change the config back to match {path}.')
+      f'{workdir} holds a different run ({details}). Use a new --workdir, '
+      f'or change the config back to match {path}.'
+    )
 
 
 def record_start(workdir, config, split_file):
@@ -144,8 +153,9 @@ def load_config(workdir, data_dir=None):
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
-        f'{path} not found: {workdir} is not a chexnet_jax run directory '
-        '(train one with python -m chexnet_jax.main --workdir ...).')
+      f'{path} not found: {workdir} is not a chexnet_jax run directory '
+      '(train one with python -m chexnet_jax.main --workdir ...).'
+    )
   with open(path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   if data_dir:

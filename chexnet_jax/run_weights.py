@@ -12,6 +12,7 @@ A leaf of the module graph, below train_state (which calls it) and checkpoints
 run's best checkpoint (BEST_METRICS, best_score) lives here, and checkpoints.py
 uses it from here, so both pick the same step.
 """
+
 import json
 import math
 import os
@@ -58,19 +59,23 @@ def check_source(path, model):
   """run.json of the run at `path`, after checking it can start `model`."""
   if not is_run(path):
     raise FineTuneError(
-        f'config.init_from={path} is a directory but not a chexnet_jax run (no '
-        f'{run_dir.IDENTITY_FILE}); give a run directory, a weights file, '
-        "'imagenet' or '' (from scratch).")
+      f'config.init_from={path} is a directory but not a chexnet_jax run (no '
+      f'{run_dir.IDENTITY_FILE}); give a run directory, a weights file, '
+      "'imagenet' or '' (from scratch)."
+    )
   with open(os.path.join(path, run_dir.IDENTITY_FILE)) as f:
     identity = json.load(f)
   if identity.get('model') != model:
     raise FineTuneError(
-        f"config.init_from={path} is a {identity.get('model')} run but "
-        f'config.model={model!r}; fine-tuning keeps the backbone, so set '
-        f"--config.model={identity.get('model')} or start from a {model} run.")
+      f'config.init_from={path} is a {identity.get("model")} run but '
+      f'config.model={model!r}; fine-tuning keeps the backbone, so set '
+      f'--config.model={identity.get("model")} or start from a {model} run.'
+    )
   if not _steps(os.path.join(path, 'checkpoints')):
-    raise FineTuneError(f'config.init_from={path} is a run without any checkpoint '
-                        'yet; train it first or start from another run.')
+    raise FineTuneError(
+      f'config.init_from={path} is a run without any checkpoint '
+      'yet; train it first or start from another run.'
+    )
   return identity
 
 
@@ -90,25 +95,32 @@ def read_best(path):
   config = run_dir.load_config(path)
   metric = config.get('best_metric', BEST_METRIC)
   options = ocp.CheckpointManagerOptions(
-      create=False, best_fn=lambda metrics: best_score(metrics, metric),
-      best_mode='max')
+    create=False, best_fn=lambda metrics: best_score(metrics, metric), best_mode='max'
+  )
   directory = os.path.join(os.path.abspath(path), 'checkpoints')
   with ocp.CheckpointManager(
-      directory, options=options,
-      item_handlers={'state': ocp.PyTreeCheckpointHandler()}) as manager:
+    directory, options=options, item_handlers={'state': ocp.PyTreeCheckpointHandler()}
+  ) as manager:
     step = manager.best_step()
     if step is None:
       step = manager.latest_step()
-      logging.warning('%s has no checkpoint with validation metrics; fine-tuning '
-                      'from its latest, step %d.', path, step)
+      logging.warning(
+        '%s has no checkpoint with validation metrics; fine-tuning from its latest, step %d.',
+        path,
+        step,
+      )
     tree = manager.item_metadata(step)['state']
     wanted = {'params': tree['params'], 'batch_stats': tree['batch_stats']}
-    restored = manager.restore(step, args=ocp.args.Composite(
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
-            item=jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), wanted),
-            restore_args=jax.tree.map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
-            partial_restore=True)))
+          item=jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), wanted),
+          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
+          partial_restore=True,
+        )
+      ),
+    )
   return restored['state'], step
 
 
@@ -135,21 +147,29 @@ def fine_tune_variables(path, variables, *, model, label_names):
     bias[column] = old[_HEAD + ('bias',)][row]
   out[_HEAD + ('kernel',)], out[_HEAD + ('bias',)] = kernel, bias
   fresh = [n for n in label_names if n not in old_labels]
-  logging.info('Fine-tuning from %s (step %d): labels carried over: %s; '
-               'starting fresh: %s.', path, step, ', '.join(carried) or 'none',
-               ', '.join(fresh) or 'none')
+  logging.info(
+    'Fine-tuning from %s (step %d): labels carried over: %s; starting fresh: %s.',
+    path,
+    step,
+    ', '.join(carried) or 'none',
+    ', '.join(fresh) or 'none',
+  )
   return traverse_util.unflatten_dict(out)
 
 
 def _check_same_backbone(old, new, path, old_model, model):
   """Same variables, same shapes, head aside; else one sentence naming both."""
   differ = sorted('/'.join(k) for k in set(old) ^ set(new) if k[:2] != _HEAD)
-  differ += sorted('/'.join(k) for k in set(old) & set(new)
-                   if k[:2] != _HEAD and np.shape(old[k]) != np.shape(new[k]))
+  differ += sorted(
+    '/'.join(k)
+    for k in set(old) & set(new)
+    if k[:2] != _HEAD and np.shape(old[k]) != np.shape(new[k])
+  )
   width = (np.shape(old[_HEAD + ('kernel',)])[0], np.shape(new[_HEAD + ('kernel',)])[0])
   if differ or width[0] != width[1]:
     raise FineTuneError(
-        f'config.init_from={path} holds a {old_model} model whose variables do '
-        f'not fit config.model={model!r} (first difference: '
-        f"{differ[0] if differ else 'classifier input width %d vs %d' % width}); "
-        'train with the same architecture or start from another run.')
+      f'config.init_from={path} holds a {old_model} model whose variables do '
+      f'not fit config.model={model!r} (first difference: '
+      f'{differ[0] if differ else "classifier input width %d vs %d" % width}); '
+      'train with the same architecture or start from another run.'
+    )

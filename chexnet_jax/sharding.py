@@ -3,6 +3,7 @@
 The batch is split over 'data'; parameters, optimizer state and BatchNorm
 statistics are replicated.
 """
+
 import jax
 
 DATA_AXIS = 'data'
@@ -10,8 +11,9 @@ DATA_AXIS = 'data'
 
 def make_mesh():
   """A 1-D mesh over every device of every process."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh(
+    (jax.device_count(),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,)
+  )
 
 
 def replicated(mesh):
@@ -25,5 +27,4 @@ def data_sharded(mesh):
 def to_global(batch, mesh):
   """Process-local numpy batch -> global jax.Arrays sharded over 'data'."""
   sharding = data_sharded(mesh)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

@@ -4,6 +4,7 @@ The top of the module graph: main.py calls `train_and_evaluate`; the pieces it
 puts together live in leaf modules (sharding, train_state, train_step,
 inference, checkpoints, run_dir), which nothing here is imported back into.
 """
+
 import contextlib
 import functools
 import math
@@ -43,6 +44,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 # --------------------------------------------------------------------- loop --
+
 
 def total_train_steps(config, steps_per_epoch):
   """Durations are written once: `num_train_steps` if > 0, else epochs."""
@@ -94,9 +96,11 @@ class StepTimer:
   def summary(self):
     elapsed = time.perf_counter() - self._start
     steps = max(self._steps, 1)
-    return {'images_per_second': self._global_batch * steps / elapsed,
-            'step_time_ms': 1e3 * elapsed / steps,
-            'data_wait_ms': 1e3 * self._data_wait / steps}
+    return {
+      'images_per_second': self._global_batch * steps / elapsed,
+      'step_time_ms': 1e3 * elapsed / steps,
+      'data_wait_ms': 1e3 * self._data_wait / steps,
+    }
 
 
 class StepWatchdog:
@@ -109,6 +113,7 @@ class StepWatchdog:
   longer than max(factor x median of the last `window` steps, min_seconds):
   one sentence on stderr, then exit code STEP_TIMEOUT_EXIT_CODE.
   """
+
   STEP_TIMEOUT_EXIT_CODE = 124
 
   def __init__(self, factor, min_seconds, window=50, poll_seconds=1.0):
@@ -118,14 +123,13 @@ class StepWatchdog:
     self._last, self._step, self._armed = None, 0, False
     self._stop = threading.Event()
     if min_seconds > 0:
-      threading.Thread(target=self._watch, daemon=True,
-                       name='step-watchdog').start()
+      threading.Thread(target=self._watch, daemon=True, name='step-watchdog').start()
 
   def beat(self, step):
     now = time.monotonic()
     with self._lock:
       if self._armed and self._last is not None:
-        self._durations = (self._durations + [now - self._last])[-self._window:]
+        self._durations = (self._durations + [now - self._last])[-self._window :]
       self._last, self._step, self._armed = now, step, True
 
   @contextlib.contextmanager
@@ -156,12 +160,13 @@ class StepWatchdog:
         step = self._step + 1
       if waited > limit:
         sys.stderr.write(
-            f'error: training step {step} has taken {waited:.0f} s, more than '
-            f'{self._factor:g} x the median step ({median:.2f} s) and at least '
-            f'config.step_timeout_min_seconds={self._min_seconds:g}: a process '
-            'of the job hangs (a stopped or stuck peer, a hung collective); '
-            f'process {jax.process_index()} exits so that the job ends, and a '
-            'rerun resumes from the last checkpoint.\n')
+          f'error: training step {step} has taken {waited:.0f} s, more than '
+          f'{self._factor:g} x the median step ({median:.2f} s) and at least '
+          f'config.step_timeout_min_seconds={self._min_seconds:g}: a process '
+          'of the job hangs (a stopped or stuck peer, a hung collective); '
+          f'process {jax.process_index()} exits so that the job ends, and a '
+          'rerun resumes from the last checkpoint.\n'
+        )
         sys.stderr.flush()
         os._exit(self.STEP_TIMEOUT_EXIT_CODE)  # The main thread is blocked.
 
@@ -173,9 +178,10 @@ def check_finite(step, loss, manager):
     return
   checkpoints.wait_until_finished(manager)  # Checksummed too.
   raise NonFiniteLossError(
-      f'Training loss is {loss} at step {step}; the run stopped. The last '
-      f'good checkpoint is step {manager.latest_step()} in {manager.directory}.'
-      ' Lower config.learning_rate, or use float32, and run again to resume.')
+    f'Training loss is {loss} at step {step}; the run stopped. The last '
+    f'good checkpoint is step {manager.latest_step()} in {manager.directory}.'
+    ' Lower config.learning_rate, or use float32, and run again to resume.'
+  )
 
 
 def train_and_evaluate(config, workdir):
@@ -193,12 +199,14 @@ def train_and_evaluate(config, workdir):
   lock = _lock_workdir(workdir)
   try:
     run_dir.prepare_workdir(workdir)
-    run_dir.check_or_write_identity(
-        workdir, run_dir.run_identity(config, dataset_info))
+    run_dir.check_or_write_identity(workdir, run_dir.run_identity(config, dataset_info))
     run_dir.record_start(workdir, config, pipeline.split_file(config))
     trainer = _Trainer(config, workdir, dataset_info)
-    writer = (metric_logging.MetricWriter(workdir) if jax.process_index() == 0
-              else metric_logging.NullWriter())
+    writer = (
+      metric_logging.MetricWriter(workdir)
+      if jax.process_index() == 0
+      else metric_logging.NullWriter()
+    )
     try:
       result = trainer.loop(writer)
       checkpoints.wait_until_finished(trainer.manager)  # A failed write: one sentence.
@@ -228,7 +236,8 @@ def _lock_workdir(workdir):
       if lock is not None:
         lock.release()
       raise workdir_lock.WorkdirBusyError(
-          f'process 0 could not take the lock of {workdir} (its error line says why).')
+        f'process 0 could not take the lock of {workdir} (its error line says why).'
+      )
   if error is not None:
     raise error
   return lock
@@ -241,8 +250,12 @@ def _close_quietly(manager, writer):
     try:
       close()
     except Exception as error:  # pylint: disable=broad-except
-      logging.warning('While closing (%s): %s: %s', getattr(close, '__qualname__', close),
-                      type(error).__name__, str(error).splitlines()[0][:200])
+      logging.warning(
+        'While closing (%s): %s: %s',
+        getattr(close, '__qualname__', close),
+        type(error).__name__,
+        str(error).splitlines()[0][:200],
+      )
 
 
 class _Trainer:
@@ -253,25 +266,28 @@ class _Trainer:
     self.mesh = sharding.make_mesh()
     distributed.log_topology(self.mesh)
     self.steps_per_epoch = pipeline.train_steps_per_epoch(
-        config, dataset_info['splits']['train'], jax.process_count())
+      config, dataset_info['splits']['train'], jax.process_count()
+    )
     self.total_steps = total_train_steps(config, self.steps_per_epoch)
-    tx, schedule = train_state.create_optimizer(
-        config, self.steps_per_epoch, self.total_steps)
+    tx, schedule = train_state.create_optimizer(config, self.steps_per_epoch, self.total_steps)
     model = train_state.build_model(config, for_training=True)
     self.eval_model = train_state.build_model(config)
-    self.logits_fn = inference.make_logits_fn(
-        self.eval_model, models.DTYPES[config.dtype])
+    self.logits_fn = inference.make_logits_fn(self.eval_model, models.DTYPES[config.dtype])
     self.state = train_state.create_train_state(config, model, self.mesh, tx)
     self.loss_weights = losses.label_weights(
-        config.pos_weight, dataset_info['train_positive_fraction'])
+      config.pos_weight, dataset_info['train_positive_fraction']
+    )
     self.train_step = train_step.make_train_step(
-        config, model, self.mesh, tx, schedule, self.loss_weights)
-    self.manager = checkpoints.create_manager(workdir, config.keep_checkpoints,
-                                              config.best_metric)
+      config, model, self.mesh, tx, schedule, self.loss_weights
+    )
+    self.manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
     start_step = self._resume(workdir)
     self.data = pipeline.create_train_iterator(
-        config, process_index=jax.process_index(),
-        process_count=jax.process_count(), start_step=start_step)
+      config,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      start_step=start_step,
+    )
 
   def _resume(self, workdir):
     """Restores the newest intact checkpoint; returns the global step to go on from."""
@@ -286,17 +302,22 @@ class _Trainer:
 
   def data_position(self, step):
     """What fixes the input stream at `step`, whatever the topology (see save)."""
-    return {'global_step': step, 'batch_size': self.config.batch_size,
-            'seed': self.config.seed, 'process_count': jax.process_count(),
-            'device_count': jax.device_count()}
+    return {
+      'global_step': step,
+      'batch_size': self.config.batch_size,
+      'seed': self.config.seed,
+      'process_count': jax.process_count(),
+      'device_count': jax.device_count(),
+    }
 
   def loop(self, writer):
     config, step = self.config, int(jax.device_get(self.state.step))
     eval_every = eval_interval_steps(config, self.steps_per_epoch)
     reading_train = functools.partial(pipeline.reading, config, 'train')
     timer, preemption = StepTimer(config.batch_size), Preemption()
-    watchdog = StepWatchdog(config.get('step_timeout_factor', 20.0),
-                            config.get('step_timeout_min_seconds', 0.0))
+    watchdog = StepWatchdog(
+      config.get('step_timeout_factor', 20.0), config.get('step_timeout_min_seconds', 0.0)
+    )
     previous = None  # (step, loss) checked one step late: keeps dispatch async.
     try:
       while step < self.total_steps:
@@ -307,12 +328,10 @@ class _Trainer:
         if previous is None:
           _log_compiling(step)
           with watchdog.paused():  # Compiling: minutes, not a hang.
-            self.state, metrics = self.train_step(
-                self.state, sharding.to_global(batch, self.mesh))
+            self.state, metrics = self.train_step(self.state, sharding.to_global(batch, self.mesh))
             jax.block_until_ready(metrics['train_loss'])
         else:
-          self.state, metrics = self.train_step(
-              self.state, sharding.to_global(batch, self.mesh))
+          self.state, metrics = self.train_step(self.state, sharding.to_global(batch, self.mesh))
         step += 1
         if previous:
           check_finite(*previous, self.manager)
@@ -341,32 +360,43 @@ class _Trainer:
     scalars['epoch'] = step / self.steps_per_epoch
     writer.write_scalars(step, scalars)
     if jax.process_index() == 0:
-      logging.info('%s', metric_logging.progress_line(
-          step, self.total_steps, scalars))
+      logging.info('%s', metric_logging.progress_line(step, self.total_steps, scalars))
     timer.reset()
 
   def _evaluate_and_save(self, writer, step):
     result, *_ = inference.evaluate_split(
-        self.config, self.eval_model, self.state.variables, self.mesh,
-        'validation', self.logits_fn, self.loss_weights)
-    self.state = train_state.update_plateau(self.config, self.state,
-                                            result['loss'])
+      self.config,
+      self.eval_model,
+      self.state.variables,
+      self.mesh,
+      'validation',
+      self.logits_fn,
+      self.loss_weights,
+    )
+    self.state = train_state.update_plateau(self.config, self.state, result['loss'])
     scalars = {'val_loss': result['loss'], 'val_mean_auroc': result['mean_auroc']}
     scalars.update({f'val_auroc/{k}': v for k, v in result['auroc'].items()})
     writer.write_scalars(step, scalars)
-    logging.info('step %d: validation loss %.4f, mean AUROC %.4f', step,
-                 result['loss'], result['mean_auroc'])
-    checkpoints.save(self.manager, self.state, self.data_position(step),
-                     metrics={'val_mean_auroc': result['mean_auroc'],
-                                   'val_loss': result['loss']})
+    logging.info(
+      'step %d: validation loss %.4f, mean AUROC %.4f', step, result['loss'], result['mean_auroc']
+    )
+    checkpoints.save(
+      self.manager,
+      self.state,
+      self.data_position(step),
+      metrics={'val_mean_auroc': result['mean_auroc'], 'val_loss': result['loss']},
+    )
 
   def _save_for_preemption(self, step, previous):
     check_finite(*previous, self.manager)
     if step not in self.manager.all_steps():
       checkpoints.save(self.manager, self.state, self.data_position(step))
     checkpoints.wait_until_finished(self.manager)
-    logging.warning('Preempted: saved step %d; exiting with code %d so the job '
-                    'can be requeued.', step, PREEMPTED_EXIT_CODE)
+    logging.warning(
+      'Preempted: saved step %d; exiting with code %d so the job can be requeued.',
+      step,
+      PREEMPTED_EXIT_CODE,
+    )
     raise SystemExit(PREEMPTED_EXIT_CODE)
 
 
@@ -375,31 +405,48 @@ def _log_topology_change(config, step, data):
   if jax.process_index() != 0:
     return
   if data is None:
-    logging.warning('Checkpoint step %d holds an older per-process iterator '
-                    'state; the input stream goes on from global step %d.', step, step)
+    logging.warning(
+      'Checkpoint step %d holds an older per-process iterator '
+      'state; the input stream goes on from global step %d.',
+      step,
+      step,
+    )
     return
   if (data.get('batch_size'), data.get('seed')) != (config.batch_size, config.seed):
     logging.warning(
-        'Checkpoint step %d was trained with batch_size %s, seed %s; this run has '
-        '%d, %d: the input order from here is that of the new setting, so within '
-        'the current epoch some examples may repeat or be skipped.', step,
-        data.get('batch_size'), data.get('seed'), config.batch_size, config.seed)
+      'Checkpoint step %d was trained with batch_size %s, seed %s; this run has '
+      '%d, %d: the input order from here is that of the new setting, so within '
+      'the current epoch some examples may repeat or be skipped.',
+      step,
+      data.get('batch_size'),
+      data.get('seed'),
+      config.batch_size,
+      config.seed,
+    )
   saved = (data.get('process_count'), data.get('device_count'))
   now = (jax.process_count(), jax.device_count())
   if saved == now:
     return
-  same = ('the same device count: it continues exactly as it would have'
-          if saved[1] == now[1] else
-          'another device count: the same examples in the same order, but each '
-          'device\'s share (and its BatchNorm statistics) changes, so the numbers '
-          'differ slightly from an uninterrupted run')
-  logging.info('Checkpoint step %d was saved on %s process(es) x %s device(s); '
-               'resuming on %d x %d, %s.', step, saved[0], saved[1], *now, same)
+  same = (
+    'the same device count: it continues exactly as it would have'
+    if saved[1] == now[1]
+    else 'another device count: the same examples in the same order, but each '
+    "device's share (and its BatchNorm statistics) changes, so the numbers "
+    'differ slightly from an uninterrupted run'
+  )
+  logging.info(
+    'Checkpoint step %d was saved on %s process(es) x %s device(s); resuming on %d x %d, %s.',
+    step,
+    saved[0],
+    saved[1],
+    *now,
+    same,
+  )
 
 
 def _log_compiling(step):
   """The first step compiles: say so, or a silent minute looks like a hang."""
   if jax.process_index() == 0:
-    logging.info('Compiling the train step (first step, %d); DenseNet121 takes '
-                 'a minute or more...', step + 1)
-
+    logging.info(
+      'Compiling the train step (first step, %d); DenseNet121 takes a minute or more...', step + 1
+    )

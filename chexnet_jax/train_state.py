@@ -6,6 +6,7 @@ a copy; `abstract_train_state` gives the same shapes for restoring a checkpoint.
 `config.init_from` starts it from ImageNet or another weights file
 (weights.py), or from a trained run's best checkpoint (run_weights.py: fine-tuning).
 """
+
 from typing import Any
 
 import flax
@@ -28,8 +29,8 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   batch_stats: Any
   opt_state: Any
-  plateau: Any           # optax.contrib.reduce_on_plateau state; .scale is used.
-  dynamic_scale: Any     # flax DynamicScale for float16, else None.
+  plateau: Any  # optax.contrib.reduce_on_plateau state; .scale is used.
+  dynamic_scale: Any  # flax DynamicScale for float16, else None.
 
   @property
   def variables(self):
@@ -38,14 +39,16 @@ class TrainState(flax.struct.PyTreeNode):
 
 # ---------------------------------------------------------------- optimizer --
 
+
 def create_optimizer(config, steps_per_epoch, total_steps):
   """Adam(W) with the configured schedule -> (optax transform, schedule).
 
   The peak rate, its batch-scaling rule and warmup: chexnet_jax/lr_scaling.py.
   """
   schedule = lr_scaling.make_schedule(config, steps_per_epoch, total_steps)
-  tx = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.adam_eps,
-                   weight_decay=config.weight_decay)
+  tx = optax.adamw(
+    schedule, b1=config.b1, b2=config.b2, eps=config.adam_eps, weight_decay=config.weight_decay
+  )
   return tx, schedule
 
 
@@ -56,7 +59,8 @@ def create_plateau(config):
   epochs are tolerated and the next one cuts. optax cuts at the patience-th.
   """
   return optax.contrib.reduce_on_plateau(
-      factor=config.plateau_factor, patience=config.plateau_patience + 1)
+    factor=config.plateau_factor, patience=config.plateau_patience + 1
+  )
 
 
 def update_plateau(config, state, val_loss):
@@ -64,17 +68,18 @@ def update_plateau(config, state, val_loss):
   if config.lr_schedule != 'plateau':
     return state
   _, plateau = create_plateau(config).update(
-      updates={}, state=state.plateau, value=jnp.asarray(val_loss))
+    updates={}, state=state.plateau, value=jnp.asarray(val_loss)
+  )
   return state.replace(plateau=plateau)
 
 
 # -------------------------------------------------------------------- state --
 
+
 def build_model(config, *, for_training=False):
   """The configured model; for the train step BN syncs over 'data' if asked."""
   bn_sync = for_training and config.bn_sync
-  return models.from_config(
-      config, bn_axis_name=sharding.DATA_AXIS if bn_sync else None)
+  return models.from_config(config, bn_axis_name=sharding.DATA_AXIS if bn_sync else None)
 
 
 def init_variables(config, model, rng):
@@ -88,12 +93,13 @@ def create_train_state(config, model, mesh, tx):
 
   def state_from(variables):
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=variables['params'],
-        batch_stats=variables['batch_stats'],
-        opt_state=tx.init(variables['params']),
-        plateau=create_plateau(config).init(variables['params']),
-        dynamic_scale=(dynamic_scale_lib.DynamicScale()
-                       if config.dtype == 'float16' else None))
+      step=jnp.zeros((), jnp.int32),
+      params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      opt_state=tx.init(variables['params']),
+      plateau=create_plateau(config).init(variables['params']),
+      dynamic_scale=(dynamic_scale_lib.DynamicScale() if config.dtype == 'float16' else None),
+    )
 
   def init():
     return init_variables(config, model, jax.random.key(config.seed))
@@ -108,20 +114,17 @@ def create_train_state(config, model, mesh, tx):
   names = labels_lib.names_of(config)
   if run_weights.is_run(init_from):  # A trained run: fine-tune it.
     variables = run_weights.fine_tune_variables(
-        init_from, fresh, model=config.model, label_names=names)
+      init_from, fresh, model=config.model, label_names=names
+    )
   else:
     variables = weights.load_pretrained(init_from, fresh, label_names=names)
-  return jax.jit(state_from, out_shardings=on_mesh)(
-      jax.device_put(variables, on_mesh))
+  return jax.jit(state_from, out_shardings=on_mesh)(jax.device_put(variables, on_mesh))
 
 
 def abstract_train_state(config, model, mesh, tx):
   """Shapes and shardings of the train state, without computing it."""
   no_init = config.copy_and_resolve_references()
   no_init.init_from = ''  # Restoring overwrites the weights anyway.
-  shapes = jax.eval_shape(
-      lambda: create_train_state(no_init, model, mesh, tx))
+  shapes = jax.eval_shape(lambda: create_train_state(no_init, model, mesh, tx))
   on_mesh = sharding.replicated(mesh)
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_mesh),
-      shapes)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_mesh), shapes)

@@ -8,6 +8,7 @@ axis name and so global-batch statistics. Gradients, loss and BN running
 statistics are averaged over the axis, so the state stays replicated and
 identical.
 """
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -26,13 +27,12 @@ def make_train_step(config, model, mesh, tx, schedule, loss_weights=None):
   """
   dtype = models.DTYPES[config.dtype]
   # (w_pos, w_neg) per label from losses.label_weights, or None: plain BCE.
-  loss_weights = (None if loss_weights is None
-                  else tuple(jnp.asarray(w) for w in loss_weights))
+  loss_weights = None if loss_weights is None else tuple(jnp.asarray(w) for w in loss_weights)
 
   def loss_fn(params, batch_stats, images, labels, step):
     logits, updates = model.apply(
-        {'params': params, 'batch_stats': batch_stats}, images, train=True,
-        mutable=['batch_stats'])
+      {'params': params, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats']
+    )
     loss = losses.bce_loss(logits, labels, loss_weights).mean()
     # Fault injection for the tests: a poisoned loss at one chosen step.
     loss = jnp.where(step == config.debug_nan_at_step, jnp.nan, loss)
@@ -42,26 +42,29 @@ def make_train_step(config, model, mesh, tx, schedule, loss_weights=None):
     images = preprocessing.normalize(batch['image'], dtype)
     args = (state.batch_stats, images, batch['labels'], state.step)
     if state.dynamic_scale is None:
-      (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state.params, *args)
+      (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *args)
       grads = jax.lax.pmean(grads, DATA_AXIS)
       dynamic_scale, grads_finite = None, jnp.bool_(True)
     else:
-      dynamic_scale, grads_finite, (loss, batch_stats), grads = (
-          state.dynamic_scale.value_and_grad(
-              loss_fn, has_aux=True, axis_name=DATA_AXIS)(state.params, *args))
+      dynamic_scale, grads_finite, (loss, batch_stats), grads = state.dynamic_scale.value_and_grad(
+        loss_fn, has_aux=True, axis_name=DATA_AXIS
+      )(state.params, *args)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: u * state.plateau.scale, updates)
     new_state = state.replace(
-        step=state.step + 1, params=optax.apply_updates(state.params, updates),
-        opt_state=opt_state,
-        batch_stats=jax.lax.pmean(batch_stats, DATA_AXIS),
-        dynamic_scale=dynamic_scale)
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, updates),
+      opt_state=opt_state,
+      batch_stats=jax.lax.pmean(batch_stats, DATA_AXIS),
+      dynamic_scale=dynamic_scale,
+    )
     # float16: an overflowing step is skipped (the loss scale backs off).
     new_state = _keep_if_finite(grads_finite, new_state, state)
-    metrics = {'train_loss': jax.lax.pmean(loss, DATA_AXIS),
-               'learning_rate': schedule(state.step) * state.plateau.scale,
-               'grads_finite': grads_finite}
+    metrics = {
+      'train_loss': jax.lax.pmean(loss, DATA_AXIS),
+      'learning_rate': schedule(state.step) * state.plateau.scale,
+      'grads_finite': grads_finite,
+    }
     return new_state, metrics
 
   spec = jax.sharding.PartitionSpec
@@ -69,15 +72,21 @@ def make_train_step(config, model, mesh, tx, schedule, loss_weights=None):
   # explicit pmeans. With the check on, JAX would treat the replicated params
   # as device-invariant and sum their gradients over 'data' by itself in the
   # backward pass, so the pmean above would average an already summed value.
-  step_fn = jax.shard_map(local_step, mesh=mesh, in_specs=(spec(), spec(DATA_AXIS)),
-                          out_specs=(spec(), spec()), check_vma=False)
+  step_fn = jax.shard_map(
+    local_step,
+    mesh=mesh,
+    in_specs=(spec(), spec(DATA_AXIS)),
+    out_specs=(spec(), spec()),
+    check_vma=False,
+  )
   return jax.jit(step_fn, donate_argnums=0)
 
 
 def _keep_if_finite(is_finite, new_state, old_state):
   """Keeps every leaf of `new_state` except on a non-finite float16 step."""
-  kept = jax.tree.map(lambda new, old: jnp.where(is_finite, new, old),
-                      new_state.replace(dynamic_scale=None),
-                      old_state.replace(dynamic_scale=None))
-  return kept.replace(step=new_state.step,
-                      dynamic_scale=new_state.dynamic_scale)
+  kept = jax.tree.map(
+    lambda new, old: jnp.where(is_finite, new, old),
+    new_state.replace(dynamic_scale=None),
+    old_state.replace(dynamic_scale=None),
+  )
+  return kept.replace(step=new_state.step, dynamic_scale=new_state.dynamic_scale)

@@ -23,6 +23,7 @@ on the root of an .h5) is mapped by name onto `label_names` (default: the
 canonical CheXNet order); a file without names is assumed to be in the canonical
 CheXNet order (Atelectasis ... Hernia), as arnoweng/CheXNet and its descendants are.
 """
+
 import io
 import logging
 import os
@@ -40,13 +41,15 @@ from input_pipeline import labels as labels_lib
 IMAGENET_CLASSES = 1000
 # torchvision's official ImageNet weights; the hex in the name is the sha256 prefix.
 TORCHVISION_URLS = {
-    'densenet121': 'https://download.pytorch.org/models/densenet121-a639ec97.pth',
-    'densenet169': 'https://download.pytorch.org/models/densenet169-b2777c0a.pth',
-    'densenet201': 'https://download.pytorch.org/models/densenet201-c1103571.pth',
+  'densenet121': 'https://download.pytorch.org/models/densenet121-a639ec97.pth',
+  'densenet169': 'https://download.pytorch.org/models/densenet169-b2777c0a.pth',
+  'densenet201': 'https://download.pytorch.org/models/densenet201-c1103571.pth',
 }
 # torchvision's remap of the old key style ('denselayer1.norm.1.weight').
-_OLD_KEY = re.compile(r'^(.*denselayer\d+\.(?:norm|relu|conv))\.'
-                      r'((?:[12])\.(?:weight|bias|running_mean|running_var))$')
+_OLD_KEY = re.compile(
+  r'^(.*denselayer\d+\.(?:norm|relu|conv))\.'
+  r'((?:[12])\.(?:weight|bias|running_mean|running_var))$'
+)
 _STEM_KEY = 'features.conv0.weight'
 _MAX_LISTED = 12
 
@@ -64,9 +67,9 @@ def load_pretrained(path, variables, *, label_names=None):
     state_dict, file_labels = read_keras_h5(path)
   else:
     state_dict, file_labels = read_torch_file(path)
-  return state_dict_to_variables(state_dict, variables, source=path,
-                                 file_label_names=file_labels,
-                                 label_names=label_names)
+  return state_dict_to_variables(
+    state_dict, variables, source=path, file_label_names=file_labels, label_names=label_names
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -78,32 +81,34 @@ def read_torch_file(path):
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(f'Reading {path} needs PyTorch: pip install '
-                      '"chexnet_jax[torch]" (or convert it to .h5).') from e
+    raise ImportError(
+      f'Reading {path} needs PyTorch: pip install "chexnet_jax[torch]" (or convert it to .h5).'
+    ) from e
   try:
     checkpoint = torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
     raise ValueError(
-        f'Refusing to load {path}: it holds pickled Python objects, not just '
-        'tensors, and unpickling them could run arbitrary code. Re-save it with '
-        'trusted code as a plain state dict: torch.save(model.state_dict(), '
-        f'...). (torch: {_unsupported_global(e)})') from e
+      f'Refusing to load {path}: it holds pickled Python objects, not just '
+      'tensors, and unpickling them could run arbitrary code. Re-save it with '
+      'trusted code as a plain state dict: torch.save(model.state_dict(), '
+      f'...). (torch: {_unsupported_global(e)})'
+    ) from e
   state_dict, label_names = _unwrap_checkpoint(checkpoint, path)
-  arrays = {k: v.detach().float().numpy() for k, v in state_dict.items()
-            if hasattr(v, 'detach')}
+  arrays = {k: v.detach().float().numpy() for k, v in state_dict.items() if hasattr(v, 'detach')}
   return normalize_torch_keys(arrays, path), label_names
 
 
 def _unsupported_global(error):
   """The line of torch's long weights_only message that names the culprit."""
   lines = str(error).splitlines()
-  return next((l.strip() for l in lines if 'GLOBAL' in l), lines[0])
+  return next((line.strip() for line in lines if 'GLOBAL' in line), lines[0])
 
 
 def _unwrap_checkpoint(checkpoint, path):
   if not isinstance(checkpoint, dict):
-    raise ValueError(f'{path} holds a {type(checkpoint).__name__}, expected a '
-                     'state dict (dict of tensors).')
+    raise ValueError(
+      f'{path} holds a {type(checkpoint).__name__}, expected a state dict (dict of tensors).'
+    )
   label_names = checkpoint.get('label_names')
   for key in ('state_dict', 'model_state_dict', 'model'):
     if isinstance(checkpoint.get(key), dict):
@@ -115,16 +120,19 @@ def normalize_torch_keys(state_dict, source='state dict'):
   """Strips wrapper prefixes ('module.', 'densenet121.'), remaps old-style keys."""
   stems = [k for k in state_dict if k.endswith(_STEM_KEY)]
   if len(stems) != 1:
-    raise ValueError(f'{source}: expected exactly one key ending in '
-                     f'{_STEM_KEY!r}, found {stems or "none"}; is this a '
-                     f'DenseNet? First keys: {list(state_dict)[:5]}')
-  prefix = stems[0][:-len(_STEM_KEY)]
+    raise ValueError(
+      f'{source}: expected exactly one key ending in '
+      f'{_STEM_KEY!r}, found {stems or "none"}; is this a '
+      f'DenseNet? First keys: {list(state_dict)[:5]}'
+    )
+  prefix = stems[0][: -len(_STEM_KEY)]
   out = {}
   for key, value in state_dict.items():
     if not key.startswith(prefix):
-      raise ValueError(f'{source}: key {key!r} lacks the prefix {prefix!r} '
-                       'shared by the DenseNet keys.')
-    key = _OLD_KEY.sub(r'\1\2', key[len(prefix):])
+      raise ValueError(
+        f'{source}: key {key!r} lacks the prefix {prefix!r} shared by the DenseNet keys.'
+      )
+    key = _OLD_KEY.sub(r'\1\2', key[len(prefix) :])
     out[key.replace('classifier.0.', 'classifier.')] = value
   return out
 
@@ -154,12 +162,15 @@ def _open_h5(path):
   # Imported here: only Keras files need h5py, and the benchmark's GPU machine
   # (jax, flax, optax) has none, yet imports this module through train_state.
   import h5py  # pylint: disable=g-import-not-at-top
+
   if not path.endswith('.keras'):
     return h5py.File(path, 'r')
   with zipfile.ZipFile(path) as archive:
     if 'model.weights.h5' not in archive.namelist():
-      raise ValueError(f'{path}: no model.weights.h5 inside; not a Keras 3 '
-                       f'.keras file (it holds {archive.namelist()}).')
+      raise ValueError(
+        f'{path}: no model.weights.h5 inside; not a Keras 3 '
+        f'.keras file (it holds {archive.namelist()}).'
+      )
     return h5py.File(io.BytesIO(archive.read('model.weights.h5')), 'r')
 
 
@@ -170,8 +181,10 @@ def _as_str(name):
 def _legacy_h5_layers(group):
   """Layer weight lists in model order (the 'layer_names' attribute)."""
   if 'layer_names' not in group.attrs:
-    raise ValueError(f'{group.file.filename}: no "layer_names" attribute; not '
-                     'a Keras weights file (Keras 3 files end in .weights.h5).')
+    raise ValueError(
+      f'{group.file.filename}: no "layer_names" attribute; not '
+      'a Keras weights file (Keras 3 files end in .weights.h5).'
+    )
   layers = []
   for layer in map(_as_str, group.attrs['layer_names']):
     names = [_as_str(n) for n in group[layer].attrs['weight_names']]
@@ -208,17 +221,24 @@ def keras_layers_to_state_dict(layers, source='Keras model'):
   """
   convs, norms, heads = _split_by_kind(layers, source)
   if len(heads) > 1 or len(norms) != len(convs) + 1:
-    raise ValueError(f'{source}: {len(convs)} convolutions, {len(norms)} batch '
-                     f'norms and {len(heads)} dense layers do not form a DenseNet.')
+    raise ValueError(
+      f'{source}: {len(convs)} convolutions, {len(norms)} batch '
+      f'norms and {len(heads)} dense layers do not form a DenseNet.'
+    )
   names = _torchvision_module_names(convs, source)
   state_dict = {}
   # Keras order: conv0, norm0, then (norm, conv) pairs, then the final norm5.
   for module, kernel in zip(names['conv'], convs):
     state_dict[f'{module}.weight'] = np.transpose(kernel, (3, 2, 0, 1))
   for module, (gamma, beta, mean, var) in zip(names['norm'], norms):
-    state_dict.update({f'{module}.weight': gamma, f'{module}.bias': beta,
-                       f'{module}.running_mean': mean,
-                       f'{module}.running_var': var})
+    state_dict.update(
+      {
+        f'{module}.weight': gamma,
+        f'{module}.bias': beta,
+        f'{module}.running_mean': mean,
+        f'{module}.running_var': var,
+      }
+    )
   if heads:
     kernel, bias = heads[0]
     state_dict['classifier.weight'] = kernel.T
@@ -237,8 +257,10 @@ def _split_by_kind(layers, source):
     elif len(weights) == 2 and len(shapes[0]) == 2:
       heads.append([np.asarray(w) for w in weights])
     else:
-      raise ValueError(f'{source}: a layer with weight shapes {shapes} is not '
-                       'part of a DenseNet (bias-free conv, BN, dense head).')
+      raise ValueError(
+        f'{source}: a layer with weight shapes {shapes} is not '
+        'part of a DenseNet (bias-free conv, BN, dense head).'
+      )
   return convs, norms, heads
 
 
@@ -263,8 +285,10 @@ def _torchvision_module_names(convs, source):
       norm_names.append(f'features.transition{block}.norm')
       block, layer, i = block + 1, 0, i + 1
     else:
-      raise ValueError(f'{source}: convolution {i} (kernel {convs[i].shape}) '
-                       'does not fit the DenseNet layer pattern.')
+      raise ValueError(
+        f'{source}: convolution {i} (kernel {convs[i].shape}) '
+        'does not fit the DenseNet layer pattern.'
+      )
   return {'conv': conv_names, 'norm': norm_names + ['features.norm5']}
 
 
@@ -272,12 +296,12 @@ def _torchvision_module_names(convs, source):
 # state dict -> Flax variables
 
 
-def state_dict_to_variables(state_dict, variables, *, source='state dict',
-                            file_label_names=None, label_names=None):
+def state_dict_to_variables(
+  state_dict, variables, *, source='state dict', file_label_names=None, label_names=None
+):
   """Copies a torchvision-style DenseNet state dict (numpy) onto `variables`."""
   state_dict = dict(state_dict)
-  head = {k: state_dict.pop(k) for k in ('classifier.weight', 'classifier.bias')
-          if k in state_dict}
+  head = {k: state_dict.pop(k) for k in ('classifier.weight', 'classifier.bias') if k in state_dict}
   target = traverse_util.flatten_dict(unfreeze(variables))
   converted = {}
   for key, value in state_dict.items():
@@ -313,17 +337,26 @@ def _check_against_model(converted, target, source):
   body = {p for p in target if p[1] != 'classifier'}
   unexpected = [key for p, (key, _) in converted.items() if p not in target]
   missing = ['/'.join(p) for p in sorted(body - set(converted))]
-  misshapen = [f'{key}: file {np.shape(v)} vs model {_file_shape(key, target[p])}'
-               for p, (key, v) in converted.items()
-               if p in target and np.shape(v) != _file_shape(key, target[p])]
-  problems = [(title, keys) for title, keys in
-              (('unexpected keys', unexpected), ('model variables missing from '
-               'the file', missing), ('shape mismatches', misshapen)) if keys]
+  misshapen = [
+    f'{key}: file {np.shape(v)} vs model {_file_shape(key, target[p])}'
+    for p, (key, v) in converted.items()
+    if p in target and np.shape(v) != _file_shape(key, target[p])
+  ]
+  problems = [
+    (title, keys)
+    for title, keys in (
+      ('unexpected keys', unexpected),
+      ('model variables missing from the file', missing),
+      ('shape mismatches', misshapen),
+    )
+    if keys
+  ]
   if problems:
-    lines = [f'{title} ({len(keys)}): {keys[:_MAX_LISTED]}'
-             for title, keys in problems]
-    raise ValueError(f'{source} does not match the model (check config.model, '
-                     'e.g. densenet121 vs densenet169):\n  ' + '\n  '.join(lines))
+    lines = [f'{title} ({len(keys)}): {keys[:_MAX_LISTED]}' for title, keys in problems]
+    raise ValueError(
+      f'{source} does not match the model (check config.model, '
+      'e.g. densenet121 vs densenet169):\n  ' + '\n  '.join(lines)
+    )
 
 
 def _file_shape(key, leaf):
@@ -347,11 +380,14 @@ def _head_leaves(head, target, source, file_label_names, label_names):
     weight, bias = weight[rows], bias[rows]
   if weight.shape != (num_classes, num_features):
     raise ValueError(
-        f'{source}: classifier.weight has shape {weight.shape}, the model needs '
-        f'({num_classes}, {num_features}) (config.num_classes={num_classes}); '
-        'only 1000-way ImageNet heads are dropped automatically.')
-  return {('params', 'classifier', 'kernel'): jnp.asarray(weight.T),
-          ('params', 'classifier', 'bias'): jnp.asarray(bias)}
+      f'{source}: classifier.weight has shape {weight.shape}, the model needs '
+      f'({num_classes}, {num_features}) (config.num_classes={num_classes}); '
+      'only 1000-way ImageNet heads are dropped automatically.'
+    )
+  return {
+    ('params', 'classifier', 'kernel'): jnp.asarray(weight.T),
+    ('params', 'classifier', 'bias'): jnp.asarray(bias),
+  }
 
 
 def _label_rows(file_label_names, label_names, source):
@@ -361,8 +397,7 @@ def _label_rows(file_label_names, label_names, source):
   file_label_names = [str(n) for n in file_label_names]
   absent = [n for n in label_names if n not in file_label_names]
   if absent:
-    raise ValueError(f'{source}: its head lacks labels {absent}; it has '
-                     f'{file_label_names}.')
+    raise ValueError(f'{source}: its head lacks labels {absent}; it has {file_label_names}.')
   return [file_label_names.index(n) for n in label_names]
 
 
@@ -378,4 +413,5 @@ def download_imagenet_weights(dest, name='densenet121'):
   reused. (`config.init_from='imagenet'` does this into the weights cache.)
   """
   from chexnet_jax import imagenet_weights  # pylint: disable=g-import-not-at-top
+
   return imagenet_weights.fetch(TORCHVISION_URLS[name], dest)

@@ -17,6 +17,7 @@ succeeds for one taker only), then created anew. A live one stops the second
 run with one sentence naming the holder. Multi-process jobs: process 0 takes
 the lock, and every process learns whether it did.
 """
+
 import json
 import os
 import socket
@@ -38,14 +39,19 @@ class WorkdirBusyError(RuntimeError):
 class WorkdirLock:
   """Held from `acquire` to `release`; refreshed in the background meanwhile."""
 
-  def __init__(self, workdir, stale_seconds=STALE_SECONDS,
-               heartbeat_seconds=HEARTBEAT_SECONDS, env=os.environ):
+  def __init__(
+    self, workdir, stale_seconds=STALE_SECONDS, heartbeat_seconds=HEARTBEAT_SECONDS, env=os.environ
+  ):
     self.path = os.path.join(workdir, LOCK_FILE)
     self._stale_seconds, self._heartbeat_seconds = stale_seconds, heartbeat_seconds
     self._token = uuid.uuid4().hex
-    self._holder = {'host': socket.gethostname(), 'pid': os.getpid(),
-                    'slurm_job_id': env.get('SLURM_JOB_ID', ''),
-                    'started': time.time(), 'token': self._token}
+    self._holder = {
+      'host': socket.gethostname(),
+      'pid': os.getpid(),
+      'slurm_job_id': env.get('SLURM_JOB_ID', ''),
+      'started': time.time(),
+      'token': self._token,
+    }
     self._stop = threading.Event()
     self._thread = None
 
@@ -62,8 +68,7 @@ class WorkdirLock:
       if reason is None:
         raise WorkdirBusyError(_busy_sentence(self.path, holder, age))
       if self._set_aside():
-        logging.warning('Taking over %s from %s: %s.', self.path,
-                        describe(holder), reason)
+        logging.warning('Taking over %s from %s: %s.', self.path, describe(holder), reason)
     raise WorkdirBusyError(_busy_sentence(self.path, *self._read()))
 
   def release(self):
@@ -113,8 +118,7 @@ class WorkdirLock:
 
   def _stale_reason(self, holder, age):
     me = self._holder
-    if (holder.get('host') == me['host'] and holder.get('pid')
-        and not _pid_alive(holder['pid'])):
+    if holder.get('host') == me['host'] and holder.get('pid') and not _pid_alive(holder['pid']):
       return f'process {holder["pid"]} no longer runs'
     if holder.get('slurm_job_id') and holder['slurm_job_id'] == me['slurm_job_id']:
       return f'an earlier run of this Slurm job ({holder["slurm_job_id"]}), now requeued'
@@ -137,8 +141,7 @@ class WorkdirLock:
     return True
 
   def _start_heartbeat(self):
-    self._thread = threading.Thread(target=self._beat, daemon=True,
-                                    name='workdir-lock-heartbeat')
+    self._thread = threading.Thread(target=self._beat, daemon=True, name='workdir-lock-heartbeat')
     self._thread.start()
 
   def _beat(self):
@@ -151,8 +154,9 @@ class WorkdirLock:
 
 def _stale_copies(path):
   directory, name = os.path.split(path)
-  return sorted(os.path.join(directory, n) for n in os.listdir(directory)
-                if n.startswith(name + '.stale-'))
+  return sorted(
+    os.path.join(directory, n) for n in os.listdir(directory) if n.startswith(name + '.stale-')
+  )
 
 
 def _pid_alive(pid):
@@ -177,10 +181,11 @@ def describe(holder):
 def _busy_sentence(path, holder, age):
   since = ''
   if holder and holder.get('started'):
-    since = time.strftime(', running since %Y-%m-%d %H:%M:%S',
-                          time.localtime(holder['started']))
+    since = time.strftime(', running since %Y-%m-%d %H:%M:%S', time.localtime(holder['started']))
   refreshed = f', lock refreshed {age:.0f} s ago' if age is not None else ''
-  return (f'{os.path.dirname(path)} is in use by another run ({describe(holder)}'
-          f'{since}{refreshed}); wait for it to end, stop it, or choose another '
-          f'--workdir (the lock of a run that died is taken over at once on its host or '
-          f'Slurm job, elsewhere after {STALE_SECONDS / 60:.0f} minutes).')
+  return (
+    f'{os.path.dirname(path)} is in use by another run ({describe(holder)}'
+    f'{since}{refreshed}); wait for it to end, stop it, or choose another '
+    f'--workdir (the lock of a run that died is taken over at once on its host or '
+    f'Slurm job, elsewhere after {STALE_SECONDS / 60:.0f} minutes).'
+  )

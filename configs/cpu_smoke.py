@@ -3,6 +3,7 @@
 The tiny model learns the synthetic labels to a validation mean AUROC above
 0.9 by the end (tests/test_main.py holds it to that).
 """
+
 from configs import default
 
 
@@ -20,7 +21,7 @@ def get_config():
   config.batch_size = 32
   config.eval_batch_size = 64
   config.learning_rate = 4e-3  # At batch 64; the tiny model likes it high.
-  config.num_epochs = 20       # 16 steps an epoch: 320 steps.
+  config.num_epochs = 20  # 16 steps an epoch: 320 steps.
   config.eval_every_epochs = 4
   config.log_every_steps = 16
   config.checkpoint_every_steps = 32

@@ -7,6 +7,7 @@ README.md tabulates them against the paper and the reference trainer.
 Durations: set `num_epochs` (or `num_train_steps` > 0 to override it); -1 means "derive it".
 `batch_size` is the GLOBAL batch (all processes, all devices).
 """
+
 import ml_collections
 
 
@@ -20,77 +21,78 @@ def get_config():
   c = ml_collections.ConfigDict()
 
   # Data.
-  c.dataset = 'chestxray14'          # 'chestxray14' (TFDS ArrayRecord), 'synthetic', or
-                                     # the NAME of a dataset built from your own CSV
-                                     # (python -m input_pipeline.build --csv ... --name NAME).
-  c.data_dir = 'data/tfds'           # TFDS data_dir holding the built dataset.
-  c.dataset_image_size = 224         # Side of the stored (pre-resized) records. 224 =
-                                     # the model's: the builder scales each whole 1024 px
-                                     # image to 224 once (CheXNet: "downscale the images
-                                     # to 224x224"), so training reads it as is
-                                     # (benchmarks/RESULTS.md has the input cost).
-  c.image_size = 224                 # Side of the model input (CheXNet: 224).
-  c.augment = 'resize'               # CheXNet: the whole image (resized to image_size
-                                     # if the records are larger) + random flip. Options:
-                                     # 'random_resized_crop', 'random_crop', 'center_crop'.
-  c.random_flip = True               # CheXNet: "random horizontal flipping".
-  c.min_crop_area = 0.08             # Lower bound of random_resized_crop's area fraction.
-  c.eval_preprocess = 'resize'       # CheXNet scores the whole image: 'resize' (the
-                                     # whole record resized to image_size) or
-                                     # 'center_crop' (its central image_size square).
-  c.val_fraction = VAL_FRACTION      # Fraction of train_val PATIENTS cut out as validation;
-  c.split_seed = SPLIT_SEED          # with split_seed, fixed when the dataset is built
-                                     # (input_pipeline.build); checked when it is read.
-  c.grain_workers = 0                # grain worker processes per host (0 = in-process).
-  c.prefetch_buffer = 2              # Batches prefetched per worker.
-  c.synthetic_train_size = 2048      # Synthetic split sizes (dataset='synthetic').
+  c.dataset = 'chestxray14'  # 'chestxray14' (TFDS ArrayRecord), 'synthetic', or
+  # the NAME of a dataset built from your own CSV
+  # (python -m input_pipeline.build --csv ... --name NAME).
+  c.data_dir = 'data/tfds'  # TFDS data_dir holding the built dataset.
+  c.dataset_image_size = 224  # Side of the stored (pre-resized) records. 224 =
+  # the model's: the builder scales each whole 1024 px
+  # image to 224 once (CheXNet: "downscale the images
+  # to 224x224"), so training reads it as is
+  # (benchmarks/RESULTS.md has the input cost).
+  c.image_size = 224  # Side of the model input (CheXNet: 224).
+  c.augment = 'resize'  # CheXNet: the whole image (resized to image_size
+  # if the records are larger) + random flip. Options:
+  # 'random_resized_crop', 'random_crop', 'center_crop'.
+  c.random_flip = True  # CheXNet: "random horizontal flipping".
+  c.min_crop_area = 0.08  # Lower bound of random_resized_crop's area fraction.
+  c.eval_preprocess = 'resize'  # CheXNet scores the whole image: 'resize' (the
+  # whole record resized to image_size) or
+  # 'center_crop' (its central image_size square).
+  c.val_fraction = VAL_FRACTION  # Fraction of train_val PATIENTS cut out as validation;
+  c.split_seed = SPLIT_SEED  # with split_seed, fixed when the dataset is built
+  # (input_pipeline.build); checked when it is read.
+  c.grain_workers = 0  # grain worker processes per host (0 = in-process).
+  c.prefetch_buffer = 2  # Batches prefetched per worker.
+  c.synthetic_train_size = 2048  # Synthetic split sizes (dataset='synthetic').
   c.synthetic_eval_size = 512
 
   # Model.
-  c.model = 'densenet121'            # densenet121, densenet169, densenet201, tiny.
-  c.num_classes = -1                 # -1: the dataset's label count (NIH: 14).
-  c.label_names = ''                 # Filled in from the dataset when training starts
-                                     # (comma-joined names; '' = NIH's 14); leave empty.
-  c.dtype = 'float32'                # Compute dtype: float32, bfloat16, float16.
-  c.bn_sync = False                  # True: BN statistics over the global batch.
-  c.init_from = 'imagenet'           # CheXNet: ImageNet DenseNet121. 'imagenet'
-                                     # downloads imagenet_weights_url once (verified,
-                                     # cached); '' or 'none': from scratch; or a path
-                                     # (.pth, .h5, .weights.h5, .keras); or a run
-                                     # directory: fine-tune its best checkpoint (head
-                                     # rows mapped by label name, new labels fresh).
-  c.imagenet_weights_url = (         # torchvision's file; the hex in its name is the
-      'https://download.pytorch.org/models/densenet121-a639ec97.pth')  # sha256 prefix.
-  c.weights_cache_dir = ''           # '' = $XDG_CACHE_HOME/chexnet_jax (~/.cache/...).
+  c.model = 'densenet121'  # densenet121, densenet169, densenet201, tiny.
+  c.num_classes = -1  # -1: the dataset's label count (NIH: 14).
+  c.label_names = ''  # Filled in from the dataset when training starts
+  # (comma-joined names; '' = NIH's 14); leave empty.
+  c.dtype = 'float32'  # Compute dtype: float32, bfloat16, float16.
+  c.bn_sync = False  # True: BN statistics over the global batch.
+  c.init_from = 'imagenet'  # CheXNet: ImageNet DenseNet121. 'imagenet'
+  # downloads imagenet_weights_url once (verified,
+  # cached); '' or 'none': from scratch; or a path
+  # (.pth, .h5, .weights.h5, .keras); or a run
+  # directory: fine-tune its best checkpoint (head
+  # rows mapped by label name, new labels fresh).
+  c.imagenet_weights_url = (  # torchvision's file; the hex in its name is the
+    'https://download.pytorch.org/models/densenet121-a639ec97.pth'
+  )  # sha256 prefix.
+  c.weights_cache_dir = ''  # '' = $XDG_CACHE_HOME/chexnet_jax (~/.cache/...).
 
   # Optimisation.
-  c.batch_size = 64                  # Global batch. CheXNet: 16; the reference: 64 per GPU.
-  c.eval_batch_size = 64             # Global eval batch.
-  c.learning_rate = 1e-3             # CheXNet: Adam, initial LR 0.001; holds at
-  c.lr_base_batch_size = 64          # this batch, scaled to batch_size by:
-  c.lr_scaling = 'linear'            # 'none' | 'sqrt' | 'linear' (chexnet_jax/lr_scaling.py).
-                                     # Linear + 1 warmup epoch kept batch 1024 within 0.02
-                                     # AUROC of batch 64; fixed and sqrt did not
-                                     # (benchmarks/LARGE_BATCH.md).
-  c.b1 = 0.9                         # CheXNet: "standard parameters" 0.9, 0.999.
+  c.batch_size = 64  # Global batch. CheXNet: 16; the reference: 64 per GPU.
+  c.eval_batch_size = 64  # Global eval batch.
+  c.learning_rate = 1e-3  # CheXNet: Adam, initial LR 0.001; holds at
+  c.lr_base_batch_size = 64  # this batch, scaled to batch_size by:
+  c.lr_scaling = 'linear'  # 'none' | 'sqrt' | 'linear' (chexnet_jax/lr_scaling.py).
+  # Linear + 1 warmup epoch kept batch 1024 within 0.02
+  # AUROC of batch 64; fixed and sqrt did not
+  # (benchmarks/LARGE_BATCH.md).
+  c.b1 = 0.9  # CheXNet: "standard parameters" 0.9, 0.999.
   c.b2 = 0.999
-  c.adam_eps = 1e-8                  # PyTorch's default (Keras uses 1e-7).
+  c.adam_eps = 1e-8  # PyTorch's default (Keras uses 1e-7).
   c.weight_decay = 0.0
-  c.lr_schedule = 'plateau'          # CheXNet: LR /10 "each time the validation loss
-                                     # plateaus after an epoch". Or 'warmup_cosine'.
-  c.warmup_epochs = 1.0              # Linear warmup from lr * base / batch (lr_scaling.py);
-                                     # a no-op at the base batch (64).
+  c.lr_schedule = 'plateau'  # CheXNet: LR /10 "each time the validation loss
+  # plateaus after an epoch". Or 'warmup_cosine'.
+  c.warmup_epochs = 1.0  # Linear warmup from lr * base / batch (lr_scaling.py);
+  # a no-op at the base batch (64).
   c.plateau_factor = 0.1
-  c.plateau_patience = 1             # Bad epochs tolerated before a cut (PyTorch's
-                                     # meaning; the paper does not give its patience).
-  c.pos_weight = 'none'              # CheXNet's 14-label loss: the unweighted BCE. Or
-                                     # 'chexnet_paper' (w+ = N/(P+N), w- = P/(P+N)) or
-                                     # 'negatives_over_positives' (PyTorch's N/P form);
-                                     # chexnet_jax/losses.py.
-  c.best_metric = 'val_loss'         # CheXNet: "pick the model with the lowest
-                                     # validation loss". Or 'val_mean_auroc'.
+  c.plateau_patience = 1  # Bad epochs tolerated before a cut (PyTorch's
+  # meaning; the paper does not give its patience).
+  c.pos_weight = 'none'  # CheXNet's 14-label loss: the unweighted BCE. Or
+  # 'chexnet_paper' (w+ = N/(P+N), w- = P/(P+N)) or
+  # 'negatives_over_positives' (PyTorch's N/P form);
+  # chexnet_jax/losses.py.
+  c.best_metric = 'val_loss'  # CheXNet: "pick the model with the lowest
+  # validation loss". Or 'val_mean_auroc'.
   c.num_epochs = 10.0
-  c.num_train_steps = -1             # > 0 overrides num_epochs.
+  c.num_train_steps = -1  # > 0 overrides num_epochs.
 
   # Bookkeeping.
   c.seed = 0
@@ -98,8 +100,8 @@ def get_config():
   c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
-  c.debug_nan_at_step = -1           # Tests: poison the loss of the step that
-                                     # starts at this step count (logged as N+1).
+  c.debug_nan_at_step = -1  # Tests: poison the loss of the step that
+  # starts at this step count (logged as N+1).
 
   # Distributed (leave empty under Slurm: JAX detects it).
   c.coordinator_address = ''

@@ -1,4 +1,5 @@
 """`make demo`: DenseNet121 on the bundled real NIH sample, CPU, minutes."""
+
 from configs import default
 
 

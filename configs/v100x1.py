@@ -1,5 +1,6 @@
 """One V100: CheXNet's recipe at the reference's per-GPU batch (64, Adam 1e-3),
 float16 with dynamic loss scaling (V100 lacks bfloat16)."""
+
 from configs import default
 
 

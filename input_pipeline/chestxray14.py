@@ -8,6 +8,7 @@ CLI:     python -m input_pipeline.build --manual_dir NIH_DIR --data_dir OUT
 run here; the builder itself, and input_pipeline.build, need no TensorFlow.)
 Any '<N>px' (or '<N>px_val<F>_seed<S>') config name works; 224/256/512px are predefined.
 """
+
 import dataclasses
 import inspect
 import itertools
@@ -44,13 +45,15 @@ _NAME = re.compile(r'(\d+)px(?:_val([\d.]+)_seed(\d+))?')
 @dataclasses.dataclass(kw_only=True)
 class Chestxray14Config(tfds.core.BuilderConfig):
   """One stored image size, plus how train_val is cut into train/validation."""
+
   image_size: int = 256
   val_fraction: float = DEFAULT_VAL_FRACTION
   split_seed: int = DEFAULT_SPLIT_SEED
 
 
-def config_name(image_size: int, val_fraction: float = DEFAULT_VAL_FRACTION,
-                split_seed: int = DEFAULT_SPLIT_SEED) -> str:
+def config_name(
+  image_size: int, val_fraction: float = DEFAULT_VAL_FRACTION, split_seed: int = DEFAULT_SPLIT_SEED
+) -> str:
   """'256px' for the default validation cut, else e.g. '256px_val0.2_seed3': another
   cut is another dataset, in its own directory."""
   if (val_fraction, split_seed) == (DEFAULT_VAL_FRACTION, DEFAULT_SPLIT_SEED):
@@ -58,13 +61,17 @@ def config_name(image_size: int, val_fraction: float = DEFAULT_VAL_FRACTION,
   return f'{image_size}px_val{val_fraction:g}_seed{split_seed}'
 
 
-def make_config(image_size: int, val_fraction: float = DEFAULT_VAL_FRACTION,
-                split_seed: int = DEFAULT_SPLIT_SEED) -> Chestxray14Config:
+def make_config(
+  image_size: int, val_fraction: float = DEFAULT_VAL_FRACTION, split_seed: int = DEFAULT_SPLIT_SEED
+) -> Chestxray14Config:
   return Chestxray14Config(
-      name=config_name(image_size, val_fraction, split_seed), image_size=image_size,
-      val_fraction=val_fraction, split_seed=split_seed,
-      description=f'{image_size}x{image_size} grey uint8, validation {val_fraction:g} of '
-                  f'train_val patients (seed {split_seed})')
+    name=config_name(image_size, val_fraction, split_seed),
+    image_size=image_size,
+    val_fraction=val_fraction,
+    split_seed=split_seed,
+    description=f'{image_size}x{image_size} grey uint8, validation {val_fraction:g} of '
+    f'train_val patients (seed {split_seed})',
+  )
 
 
 class _NoCustomConfigWarning(logging.Filter):
@@ -100,8 +107,16 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
     # live in a package; the file path is all it needs (for checksums.tsv).
     return epath.Path(inspect.getfile(cls))
 
-  def __init__(self, *, config=None, allow_subset: bool = False, skip_bad: bool = False,
-               num_workers: int | None = None, plan: nih.Plan | None = None, **kwargs):
+  def __init__(
+    self,
+    *,
+    config=None,
+    allow_subset: bool = False,
+    skip_bad: bool = False,
+    num_workers: int | None = None,
+    plan: nih.Plan | None = None,
+    **kwargs,
+  ):
     """allow_subset: accept fewer images than NIH's full release (the lists name the
     subset). skip_bad: leave bad inputs out (listed in metadata) instead of failing.
     plan: the checked inputs, when the caller already read them (input_pipeline.build
@@ -109,11 +124,11 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
     predefined = {c.name for c in self.BUILDER_CONFIGS}  # TFDS wants those by name.
     if isinstance(config, Chestxray14Config) and config.name in predefined:
       config = config.name
-    if isinstance(config, str) and config not in predefined and (
-        match := _NAME.fullmatch(config)):
+    if isinstance(config, str) and config not in predefined and (match := _NAME.fullmatch(config)):
       size, fraction, seed = match.groups()  # Any '<N>px[_val<F>_seed<S>]' is valid.
-      config = make_config(int(size), float(fraction or DEFAULT_VAL_FRACTION),
-                           int(seed or DEFAULT_SPLIT_SEED))
+      config = make_config(
+        int(size), float(fraction or DEFAULT_VAL_FRACTION), int(seed or DEFAULT_SPLIT_SEED)
+      )
     self._allow_subset, self._skip_bad, self._plan = allow_subset, skip_bad, plan
     self._num_workers = num_workers or os.cpu_count()
     super().__init__(config=config, **kwargs)
@@ -129,70 +144,95 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            # Raw bytes, no PNG: decoding PNG in the input pipeline is ~45x slower.
-            # encoding='bytes': without it TFDS stores uint8 as an int64 list, ~10x
-            # slower to parse without TensorFlow.
-            'image': tfds.features.Tensor(shape=(size, size, 1), dtype=np.uint8,
-                                          encoding=tfds.features.Encoding.BYTES),
-            'labels': tfds.features.Tensor(shape=(labels_lib.NUM_CLASSES,), dtype=np.uint8),
-            'image_name': tfds.features.Text(),
-            'patient_id': tfds.features.Scalar(dtype=np.int32),
-            'age': tfds.features.Scalar(dtype=np.int32),
-            'sex': tfds.features.Text(),
-            'view_position': tfds.features.Text(),
-            'follow_up': tfds.features.Scalar(dtype=np.int32),
-            # Original 1024-pixel x, y, w, h; label is an index into LABELS.
-            'boxes': tfds.features.Sequence({
-                'label': tfds.features.Scalar(dtype=np.int32),
-                'bbox': tfds.features.Tensor(shape=(4,), dtype=np.float32),
-            }),
-        }),
-        metadata=tfds.core.MetadataDict(),
-        homepage='https://nihcc.app.box.com/v/ChestXray-NIHCC',
-        citation='Wang et al., ChestX-ray8, CVPR 2017.',
+      features=tfds.features.FeaturesDict(
+        {
+          # Raw bytes, no PNG: decoding PNG in the input pipeline is ~45x slower.
+          # encoding='bytes': without it TFDS stores uint8 as an int64 list, ~10x
+          # slower to parse without TensorFlow.
+          'image': tfds.features.Tensor(
+            shape=(size, size, 1), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+          ),
+          'labels': tfds.features.Tensor(shape=(labels_lib.NUM_CLASSES,), dtype=np.uint8),
+          'image_name': tfds.features.Text(),
+          'patient_id': tfds.features.Scalar(dtype=np.int32),
+          'age': tfds.features.Scalar(dtype=np.int32),
+          'sex': tfds.features.Text(),
+          'view_position': tfds.features.Text(),
+          'follow_up': tfds.features.Scalar(dtype=np.int32),
+          # Original 1024-pixel x, y, w, h; label is an index into LABELS.
+          'boxes': tfds.features.Sequence(
+            {
+              'label': tfds.features.Scalar(dtype=np.int32),
+              'bbox': tfds.features.Tensor(shape=(4,), dtype=np.float32),
+            }
+          ),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
+      homepage='https://nihcc.app.box.com/v/ChestXray-NIHCC',
+      citation='Wang et al., ChestX-ray8, CVPR 2017.',
     )
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
     plan = self._plan or nih.plan_build(
-        os.fspath(dl_manager.manual_dir), val_fraction=cfg.val_fraction,
-        split_seed=cfg.split_seed, allow_subset=self._allow_subset, skip_bad=self._skip_bad,
-        num_workers=self._num_workers)
+      os.fspath(dl_manager.manual_dir),
+      val_fraction=cfg.val_fraction,
+      split_seed=cfg.split_seed,
+      allow_subset=self._allow_subset,
+      skip_bad=self._skip_bad,
+      num_workers=self._num_workers,
+    )
     self._record_split(plan)
     # TFDS cannot write an empty split (e.g. val_fraction=0): such a split is absent.
-    return {split: self._generate_examples(plan, split) for split in SPLITS
-            if plan.splits[split]}
+    return {split: self._generate_examples(plan, split) for split in SPLITS if plan.splits[split]}
 
   def _record_split(self, plan: nih.Plan):
     """Split and skipped inputs go into metadata.json; image names into split.json
     (self.data_path is TFDS's temporary dir here, so both appear atomically)."""
     cfg = self.builder_config
-    patients = {s: len({plan.entries[n].patient_id for n in names})
-                for s, names in plan.splits.items()}
+    patients = {
+      s: len({plan.entries[n].patient_id for n in names}) for s, names in plan.splits.items()
+    }
     # Positives per label and split: the trainer's weighted BCE reads them.
-    positives = {s: np.sum([plan.entries[n].labels for n in names], axis=0,
-                           dtype=np.int64).tolist()
-                 for s, names in plan.splits.items() if names}
-    self.info.metadata.update({
-        'val_fraction': cfg.val_fraction, 'split_seed': cfg.split_seed,
-        'image_size': cfg.image_size, 'allow_subset': self._allow_subset,
-        'resample': images.RESAMPLE.name, 'patients': patients,
+    positives = {
+      s: np.sum([plan.entries[n].labels for n in names], axis=0, dtype=np.int64).tolist()
+      for s, names in plan.splits.items()
+      if names
+    }
+    self.info.metadata.update(
+      {
+        'val_fraction': cfg.val_fraction,
+        'split_seed': cfg.split_seed,
+        'image_size': cfg.image_size,
+        'allow_subset': self._allow_subset,
+        'resample': images.RESAMPLE.name,
+        'patients': patients,
         'positives': positives,
         'inputs': {k: os.path.basename(v) for k, v in plan.files.items()},
         # Which label file: NIH revised labels in 2020 (Data_Entry_2017_v2020.csv).
         'label_file': label_file_description(plan.files['data_entry']),
-        'skipped': plan.skipped, 'fingerprint': fingerprint(plan, cfg)})
-    split_record = {'val_fraction': cfg.val_fraction, 'split_seed': cfg.split_seed,
-                    'by': 'patient', 'splits': plan.splits, 'skipped': plan.skipped}
+        'skipped': plan.skipped,
+        'fingerprint': fingerprint(plan, cfg),
+      }
+    )
+    split_record = {
+      'val_fraction': cfg.val_fraction,
+      'split_seed': cfg.split_seed,
+      'by': 'patient',
+      'splits': plan.splits,
+      'skipped': plan.skipped,
+    }
     (self.data_path / SPLIT_FILE).write_text(json.dumps(split_record, indent=1))
 
   def _generate_examples(self, plan: nih.Plan, split: str):
     names = plan.splits[split]
     size = self.builder_config.image_size
     tasks = _conversion_tasks(plan, names, size)
-    with multiprocessing.Pool(self._num_workers) as pool, tqdm.tqdm(
-        total=len(names), desc=f'Converting {split}', unit='img') as progress:
+    with (
+      multiprocessing.Pool(self._num_workers) as pool,
+      tqdm.tqdm(total=len(names), desc=f'Converting {split}', unit='img') as progress,
+    ):
       while window := list(itertools.islice(tasks, _WINDOW)):
         for name, image in pool.imap_unordered(_convert, window, chunksize=4):
           progress.update()
@@ -204,21 +244,22 @@ def fingerprint(plan: nih.Plan, config: Chestxray14Config) -> str:
   its settings; the rule is input_pipeline/fingerprints.py's, shared with the CSV
   builder. --allow_subset and --skip_bad are left out: what they change shows in
   the images kept."""
-  files = [plan.files[k] for k in ('data_entry', 'bbox', 'train_val', 'test')
-           if plan.files.get(k)]
-  settings = {'dataset': 'chestxray14', 'image_size': config.image_size,
-              'val_fraction': config.val_fraction, 'split_seed': config.split_seed}
+  files = [plan.files[k] for k in ('data_entry', 'bbox', 'train_val', 'test') if plan.files.get(k)]
+  settings = {
+    'dataset': 'chestxray14',
+    'image_size': config.image_size,
+    'val_fraction': config.val_fraction,
+    'split_seed': config.split_seed,
+  }
   kept = {n for names in plan.splits.values() for n in names}
-  return fingerprints.inputs_fingerprint(
-      files, settings, {n: plan.refs[n].size for n in kept})
+  return fingerprints.inputs_fingerprint(files, settings, {n: plan.refs[n].size for n in kept})
 
 
 def label_file_description(path: str) -> str:
   """'Data_Entry_2017_v2020.csv (NIH's 2020 label revision)' or
   'Data_Entry_2017.csv (the original 2017 labels)'."""
   name = os.path.basename(path)
-  revision = ("NIH's 2020 label revision" if 'v2020' in name
-              else 'the original 2017 labels')
+  revision = "NIH's 2020 label revision" if 'v2020' in name else 'the original 2017 labels'
   return f'{name} ({revision})'
 
 
@@ -226,11 +267,18 @@ def _example(plan: nih.Plan, name: str, image: np.ndarray) -> dict:
   entry = plan.entries[name]
   boxes = plan.boxes.get(name, [])
   return {
-      'image': image, 'labels': entry.labels, 'image_name': name,
-      'patient_id': entry.patient_id, 'age': entry.age, 'sex': entry.sex,
-      'view_position': entry.view_position, 'follow_up': entry.follow_up,
-      'boxes': {'label': np.array([b.label for b in boxes], np.int32),
-                'bbox': np.array([b.bbox for b in boxes], np.float32).reshape(-1, 4)},
+    'image': image,
+    'labels': entry.labels,
+    'image_name': name,
+    'patient_id': entry.patient_id,
+    'age': entry.age,
+    'sex': entry.sex,
+    'view_position': entry.view_position,
+    'follow_up': entry.follow_up,
+    'boxes': {
+      'label': np.array([b.label for b in boxes], np.int32),
+      'bbox': np.array([b.bbox for b in boxes], np.float32).reshape(-1, 4),
+    },
   }
 
 
@@ -259,18 +307,29 @@ def _convert(task) -> tuple[str, np.ndarray]:
   except Exception as e:
     # Passed the pre-check but fails to decode (e.g. corrupt pixel data): stop
     # the build; TFDS removes its temporary dir, so nothing reads as prepared.
-    raise RuntimeError(f'{path or name}: cannot decode ({type(e).__name__}: {e}); '
-                       'the build was aborted and nothing was written.') from None
+    raise RuntimeError(
+      f'{path or name}: cannot decode ({type(e).__name__}: {e}); '
+      'the build was aborted and nothing was written.'
+    ) from None
 
 
-def dataset_dir(data_dir: str, image_size: int, val_fraction: float = DEFAULT_VAL_FRACTION,
-                split_seed: int = DEFAULT_SPLIT_SEED) -> str:
+def dataset_dir(
+  data_dir: str,
+  image_size: int,
+  val_fraction: float = DEFAULT_VAL_FRACTION,
+  split_seed: int = DEFAULT_SPLIT_SEED,
+) -> str:
   """Where a built dataset lives (records, dataset_info.json, split.json)."""
-  return os.path.join(data_dir, 'chestxray14', config_name(image_size, val_fraction, split_seed),
-                      VERSION)
+  return os.path.join(
+    data_dir, 'chestxray14', config_name(image_size, val_fraction, split_seed), VERSION
+  )
 
 
-def split_file(data_dir: str, image_size: int, val_fraction: float = DEFAULT_VAL_FRACTION,
-               split_seed: int = DEFAULT_SPLIT_SEED) -> str:
+def split_file(
+  data_dir: str,
+  image_size: int,
+  val_fraction: float = DEFAULT_VAL_FRACTION,
+  split_seed: int = DEFAULT_SPLIT_SEED,
+) -> str:
   """Path of the split.json written beside a built dataset."""
   return os.path.join(dataset_dir(data_dir, image_size, val_fraction, split_seed), SPLIT_FILE)

@@ -10,14 +10,27 @@ a policy (the paper's names):
   zeros   U-Zeros: read as negative
   ones    U-Ones: read as positive
 """
+
 import re
 
 import numpy as np
 
 OBSERVATIONS = (
-    'No Finding', 'Enlarged Cardiomediastinum', 'Cardiomegaly', 'Lung Opacity',
-    'Lung Lesion', 'Edema', 'Consolidation', 'Pneumonia', 'Atelectasis', 'Pneumothorax',
-    'Pleural Effusion', 'Pleural Other', 'Fracture', 'Support Devices')
+  'No Finding',
+  'Enlarged Cardiomediastinum',
+  'Cardiomegaly',
+  'Lung Opacity',
+  'Lung Lesion',
+  'Edema',
+  'Consolidation',
+  'Pneumonia',
+  'Atelectasis',
+  'Pneumothorax',
+  'Pleural Effusion',
+  'Pleural Other',
+  'Fracture',
+  'Support Devices',
+)
 PATH_COLUMN = 'Path'
 FRONTAL_COLUMN = 'Frontal/Lateral'
 VIEW_COLUMN = 'AP/PA'

@@ -20,6 +20,7 @@ complete, with split.json beside it. Its metadata holds the label names (the
 trainer's head, evaluate, predict and the notebook use them) and a fingerprint of
 the inputs: rebuilding with other inputs is refused unless --overwrite.
 """
+
 import csv
 import dataclasses
 import inspect
@@ -49,8 +50,14 @@ SPLIT_FILE = 'split.json'
 FORMATS = ('generic', 'chexpert')
 RESERVED_NAMES = ('chestxray14', 'synthetic')
 _NAME = re.compile(r'[a-z][a-z0-9_]*')
-_SPLIT_VALUES = {'train': 'train', 'training': 'train', 'validation': 'validation',
-                 'valid': 'validation', 'val': 'validation', 'test': 'test'}
+_SPLIT_VALUES = {
+  'train': 'train',
+  'training': 'train',
+  'validation': 'validation',
+  'valid': 'validation',
+  'val': 'validation',
+  'test': 'test',
+}
 _WINDOW = 512
 _SKIPPED_KEPT = 100  # Skipped inputs named in the metadata; the rest are counted.
 
@@ -61,6 +68,7 @@ Problem = nih.Problem
 @dataclasses.dataclass(frozen=True)
 class Spec:
   """What to read and how: the build's inputs, all of which the fingerprint covers."""
+
   csv_paths: tuple[str, ...]
   image_root: str
   labels: tuple[str, ...] = ()
@@ -80,18 +88,21 @@ class Spec:
     if self.format != 'chexpert':
       return self
     return dataclasses.replace(
-        self, labels=self.labels or chexpert.OBSERVATIONS,
-        path_column=chexpert.PATH_COLUMN if self.path_column == 'path' else self.path_column)
+      self,
+      labels=self.labels or chexpert.OBSERVATIONS,
+      path_column=chexpert.PATH_COLUMN if self.path_column == 'path' else self.path_column,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
   """One usable CSV row."""
-  image: str         # The path as the CSV writes it (relative to image_root).
+
+  image: str  # The path as the CSV writes it (relative to image_root).
   patient: str
   labels: np.ndarray  # uint8 [C]
-  mask: np.ndarray    # uint8 [C]: 0 where the label is unknown (U-Ignore).
-  split: str          # '' when the split is cut by patient.
+  mask: np.ndarray  # uint8 [C]: 0 where the label is unknown (U-Ignore).
+  split: str  # '' when the split is cut by patient.
   sex: str = ''
   age: int = 0
   view: str = ''
@@ -139,9 +150,11 @@ def _header_problems(path, header, spec) -> list[str]:
   missing = [c for c in needed if c not in header]
   if not missing:
     return []
-  return [f'{path} line 1: no column {", ".join(map(repr, missing))}; the header has '
-          f'{header}. Name the columns with --path_column, --labels, --patient_column '
-          'and --split_column.']
+  return [
+    f'{path} line 1: no column {", ".join(map(repr, missing))}; the header has '
+    f'{header}. Name the columns with --path_column, --labels, --patient_column '
+    'and --split_column.'
+  ]
 
 
 def _parse_row(row: dict, spec: Spec) -> Row:
@@ -155,13 +168,16 @@ def _parse_row(row: dict, spec: Spec) -> Row:
       labels, mask = chexpert.encode(values, spec.uncertainty)
     except ValueError:
       bad = next(n for n, v in zip(spec.labels, values) if not _is_chexpert_value(v))
-      raise ValueError(f'column {bad!r} holds {row.get(bad)!r}; CheXpert label columns '
-                       'hold 1, 0, -1 or blank') from None
+      raise ValueError(
+        f'column {bad!r} holds {row.get(bad)!r}; CheXpert label columns hold 1, 0, -1 or blank'
+      ) from None
   else:
     bad = [n for n, v in zip(spec.labels, values) if v.strip() not in ('0', '1', '0.0', '1.0')]
     if bad:
-      raise ValueError(f'column {bad[0]!r} holds {row.get(bad[0])!r}; label columns hold '
-                       '1 or 0 (CheXpert-style -1/blank: --format chexpert)')
+      raise ValueError(
+        f'column {bad[0]!r} holds {row.get(bad[0])!r}; label columns hold '
+        '1 or 0 (CheXpert-style -1/blank: --format chexpert)'
+      )
     labels = np.array([int(float(v)) for v in values], np.uint8)
     mask = np.ones(len(values), np.uint8)
   if spec.patient_column:
@@ -178,8 +194,9 @@ def _parse_row(row: dict, spec: Spec) -> Row:
   if spec.split_column:
     text = (row.get(spec.split_column) or '').strip().lower()
     if text not in _SPLIT_VALUES:
-      raise ValueError(f'split column {spec.split_column!r} holds {text!r}; use train, '
-                       'validation or test')
+      raise ValueError(
+        f'split column {spec.split_column!r} holds {text!r}; use train, validation or test'
+      )
     split = _SPLIT_VALUES[text]
   elif spec.format == 'chexpert':
     split = chexpert.split_of(rel)
@@ -220,8 +237,11 @@ def read_rows(spec: Spec) -> tuple[dict[str, Row], list[Problem], int]:
         for line, row in enumerate(reader, start=2):
           rel = (row.get(spec.path_column) or '').strip()
           where = f'{path} line {line} ({rel or "no path"})'
-          if (spec.format == 'chexpert' and spec.frontal_only and
-              (row.get(chexpert.FRONTAL_COLUMN) or '').strip() != 'Frontal'):
+          if (
+            spec.format == 'chexpert'
+            and spec.frontal_only
+            and (row.get(chexpert.FRONTAL_COLUMN) or '').strip() != 'Frontal'
+          ):
             laterals += 1
             continue
           try:
@@ -259,8 +279,12 @@ def scan_images(spec: Spec, names: list[str], num_workers: int):
   problems, sizes = [], {}
   tasks = [(n, os.path.join(spec.image_root, n)) for n in names]
   with multiprocessing.Pool(num_workers) as pool:
-    for rel, why, size in tqdm.tqdm(pool.imap(_check_image, tasks, chunksize=16),
-                                    total=len(tasks), desc='Checking images', unit='file'):
+    for rel, why, size in tqdm.tqdm(
+      pool.imap(_check_image, tasks, chunksize=16),
+      total=len(tasks),
+      desc='Checking images',
+      unit='file',
+    ):
       if why:
         problems.append(Problem(rel, why))
       sizes[rel] = size
@@ -276,8 +300,10 @@ def patient_split(names, rows, val_fraction, test_fraction, seed):
     if not 0.0 <= value < 1.0:
       raise ValueError(f'--{label} must be in [0, 1), got {value}')
   if val_fraction + test_fraction >= 1.0:
-    raise ValueError(f'--val_fraction + --test_fraction = {val_fraction + test_fraction}'
-                     ' leaves no patients to train on; lower them')
+    raise ValueError(
+      f'--val_fraction + --test_fraction = {val_fraction + test_fraction}'
+      ' leaves no patients to train on; lower them'
+    )
   patients = sorted({rows[n].patient for n in names})
   shuffled = np.random.default_rng(seed).permutation(len(patients))
   order = [patients[i] for i in shuffled]
@@ -286,9 +312,10 @@ def patient_split(names, rows, val_fraction, test_fraction, seed):
     return max(round(fraction * len(patients)), int(fraction > 0 and len(patients) > 2))
 
   num_test, num_val = count(test_fraction), count(val_fraction)
-  test_p, val_p = set(order[:num_test]), set(order[num_test:num_test + num_val])
-  split_of = {p: 'test' if p in test_p else 'validation' if p in val_p else 'train'
-              for p in patients}
+  test_p, val_p = set(order[:num_test]), set(order[num_test : num_test + num_val])
+  split_of = {
+    p: 'test' if p in test_p else 'validation' if p in val_p else 'train' for p in patients
+  }
   splits = {s: [] for s in SPLITS}
   for n in names:
     splits[split_of[rows[n].patient]].append(n)
@@ -301,10 +328,16 @@ def overlap_problems(splits, rows) -> list[Problem]:
   for split, names in splits.items():
     for n in names:
       where.setdefault(rows[n].patient, {}).setdefault(split, n)
-  return [Problem('', f'patient {p!r} is in {" and ".join(sorted(s))} (e.g. '
-                  f'{", ".join(s[k] for k in sorted(s))}); a patient\'s images must all '
-                  'be in one split: fix the split column')
-          for p, s in sorted(where.items()) if len(s) > 1]
+  return [
+    Problem(
+      '',
+      f'patient {p!r} is in {" and ".join(sorted(s))} (e.g. '
+      f"{', '.join(s[k] for k in sorted(s))}); a patient's images must all "
+      'be in one split: fix the split column',
+    )
+    for p, s in sorted(where.items())
+    if len(s) > 1
+  ]
 
 
 # ---------------------------------------------------------------- plan
@@ -316,7 +349,8 @@ def fingerprint(spec: Spec, image_size: int, sizes: dict[str, int]) -> str:
   options = dataclasses.asdict(spec)
   options.pop('csv_paths'), options.pop('image_root')  # Where they are does not matter.
   return fingerprints.inputs_fingerprint(
-      spec.csv_paths, {'options': options, 'image_size': image_size}, sizes)
+    spec.csv_paths, {'options': options, 'image_size': image_size}, sizes
+  )
 
 
 def plan_build(spec: Spec, *, image_size: int, skip_bad: bool, num_workers: int) -> Plan:
@@ -327,18 +361,30 @@ def plan_build(spec: Spec, *, image_size: int, skip_bad: bool, num_workers: int)
   if name_problems := labels_lib.check_names(list(spec.labels)):
     raise InvalidInputError([Problem('', f'--labels: {m}') for m in name_problems], where)
   if spec.format not in FORMATS:
-    raise InvalidInputError([Problem('', f'--format {spec.format!r} is not one of {FORMATS}')],
-                            where)
+    raise InvalidInputError(
+      [Problem('', f'--format {spec.format!r} is not one of {FORMATS}')], where
+    )
   if not (spec.patient_column or spec.format == 'chexpert' or spec.images_are_independent):
-    raise InvalidInputError([Problem('', (
-        'no --patient_column: images of one patient could land in two splits and leak '
-        'labels. Name the column that identifies the patient, or pass '
-        '--no_patient_column_images_are_independent if every image is of a different '
-        'patient'))], where)
+    raise InvalidInputError(
+      [
+        Problem(
+          '',
+          (
+            'no --patient_column: images of one patient could land in two splits and leak '
+            'labels. Name the column that identifies the patient, or pass '
+            '--no_patient_column_images_are_independent if every image is of a different '
+            'patient'
+          ),
+        )
+      ],
+      where,
+    )
   warnings = []
   if not spec.patient_column and spec.format != 'chexpert':
-    warnings.append('No patient column: each image is treated as its own patient, so if '
-                    'a patient has several images the split may leak.')
+    warnings.append(
+      'No patient column: each image is treated as its own patient, so if '
+      'a patient has several images the split may leak.'
+    )
   rows, problems, laterals = read_rows(spec)
   if laterals:
     warnings.append(f'{laterals} lateral image(s) left out (--frontal_only).')
@@ -358,9 +404,17 @@ def plan_build(spec: Spec, *, image_size: int, skip_bad: bool, num_workers: int)
     raise InvalidInputError([Problem('', 'no usable rows are left')], where)
   given = [n for n in names if rows[n].split]
   if given and len(given) != len(names):
-    raise InvalidInputError([Problem('', f'{len(names) - len(given)} row(s) have no split '
-                                     f'(e.g. {next(n for n in names if not rows[n].split)}); '
-                                     'give every row one, or none')], where)
+    raise InvalidInputError(
+      [
+        Problem(
+          '',
+          f'{len(names) - len(given)} row(s) have no split '
+          f'(e.g. {next(n for n in names if not rows[n].split)}); '
+          'give every row one, or none',
+        )
+      ],
+      where,
+    )
   try:
     if given:
       splits = {s: [n for n in names if rows[n].split == s] for s in SPLITS}
@@ -370,8 +424,7 @@ def plan_build(spec: Spec, *, image_size: int, skip_bad: bool, num_workers: int)
         splits['train'], splits['test'] = cut['train'], cut['test']
       split_by = 'given' if not spec.format == 'chexpert' else 'given (CheXpert paths)'
     else:
-      splits = patient_split(names, rows, spec.val_fraction, spec.test_fraction,
-                             spec.split_seed)
+      splits = patient_split(names, rows, spec.val_fraction, spec.test_fraction, spec.split_seed)
       split_by = 'patient' if spec.patient_column else 'image (no patient column)'
   except ValueError as e:
     raise InvalidInputError([Problem('', str(e))], where) from None
@@ -380,8 +433,15 @@ def plan_build(spec: Spec, *, image_size: int, skip_bad: bool, num_workers: int)
   if not splits['train']:
     raise InvalidInputError([Problem('', 'the train split is empty')], where)
   patients = sorted({rows[n].patient for n in names})
-  return Plan(splits, rows, {p: i for i, p in enumerate(patients)}, skipped, split_by,
-              fingerprint(spec, image_size, sizes), warnings)
+  return Plan(
+    splits,
+    rows,
+    {p: i for i, p in enumerate(patients)},
+    skipped,
+    split_by,
+    fingerprint(spec, image_size, sizes),
+    warnings,
+  )
 
 
 # ---------------------------------------------------------------- the TFDS builder
@@ -399,8 +459,10 @@ def dataset_dir(data_dir: str, name: str, image_size: int) -> str:
 def check_name(name: str) -> str:
   """'' if `name` can name a dataset, else why not."""
   if not _NAME.fullmatch(name or ''):
-    return (f'--name {name!r}: use lower-case letters, digits and _, starting with a '
-            'letter (it becomes a directory and --config.dataset)')
+    return (
+      f'--name {name!r}: use lower-case letters, digits and _, starting with a '
+      'letter (it becomes a directory and --config.dataset)'
+    )
   if name in RESERVED_NAMES:
     return f'--name {name!r} is taken by a built-in dataset; choose another'
   return ''
@@ -417,12 +479,21 @@ class CsvDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def code_path(cls):
     return epath.Path(inspect.getfile(CsvDataset))
 
-  def __init__(self, *, plan: Plan, spec: Spec, image_size: int, skip_bad: bool = False,
-               num_workers: int | None = None, **kwargs):
+  def __init__(
+    self,
+    *,
+    plan: Plan,
+    spec: Spec,
+    image_size: int,
+    skip_bad: bool = False,
+    num_workers: int | None = None,
+    **kwargs,
+  ):
     self._plan, self._spec, self._skip_bad = plan, spec.resolved(), skip_bad
     self._num_workers = num_workers or os.cpu_count()
-    config = tfds.core.BuilderConfig(name=config_name(image_size),
-                                     description=f'{image_size}x{image_size} grey uint8')
+    config = tfds.core.BuilderConfig(
+      name=config_name(image_size), description=f'{image_size}x{image_size} grey uint8'
+    )
     self._image_size = image_size
     super().__init__(config=config, **kwargs)
 
@@ -435,25 +506,30 @@ class CsvDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     size, num = self._image_size, len(self._spec.labels)
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Tensor(shape=(size, size, 1), dtype=np.uint8,
-                                          encoding=tfds.features.Encoding.BYTES),
-            'labels': tfds.features.Tensor(shape=(num,), dtype=np.uint8),
-            # 0 where a label is unknown (CheXpert's uncertain under U-Ignore).
-            'label_mask': tfds.features.Tensor(shape=(num,), dtype=np.uint8),
-            'image_name': tfds.features.Text(),
-            'patient_id': tfds.features.Scalar(dtype=np.int32),
-            'age': tfds.features.Scalar(dtype=np.int32),
-            'sex': tfds.features.Text(),
-            'view_position': tfds.features.Text(),
-            'follow_up': tfds.features.Scalar(dtype=np.int32),
-            'boxes': tfds.features.Sequence({
-                'label': tfds.features.Scalar(dtype=np.int32),
-                'bbox': tfds.features.Tensor(shape=(4,), dtype=np.float32),
-            }),
-        }),
-        metadata=tfds.core.MetadataDict(),
-        description=f'Built from {", ".join(os.path.basename(p) for p in self._spec.csv_paths)}',
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Tensor(
+            shape=(size, size, 1), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+          ),
+          'labels': tfds.features.Tensor(shape=(num,), dtype=np.uint8),
+          # 0 where a label is unknown (CheXpert's uncertain under U-Ignore).
+          'label_mask': tfds.features.Tensor(shape=(num,), dtype=np.uint8),
+          'image_name': tfds.features.Text(),
+          'patient_id': tfds.features.Scalar(dtype=np.int32),
+          'age': tfds.features.Scalar(dtype=np.int32),
+          'sex': tfds.features.Text(),
+          'view_position': tfds.features.Text(),
+          'follow_up': tfds.features.Scalar(dtype=np.int32),
+          'boxes': tfds.features.Sequence(
+            {
+              'label': tfds.features.Scalar(dtype=np.int32),
+              'bbox': tfds.features.Tensor(shape=(4,), dtype=np.float32),
+            }
+          ),
+        }
+      ),
+      metadata=tfds.core.MetadataDict(),
+      description=f'Built from {", ".join(os.path.basename(p) for p in self._spec.csv_paths)}',
     )
 
   def _split_generators(self, dl_manager):
@@ -464,34 +540,57 @@ class CsvDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _record_split(self):
     plan, spec = self._plan, self._spec
     rows = plan.rows
-    positives = {s: np.sum([rows[n].labels & rows[n].mask for n in names], axis=0,
-                           dtype=np.int64).tolist() for s, names in plan.splits.items() if names}
-    known = {s: np.sum([rows[n].mask for n in names], axis=0, dtype=np.int64).tolist()
-             for s, names in plan.splits.items() if names}
+    positives = {
+      s: np.sum([rows[n].labels & rows[n].mask for n in names], axis=0, dtype=np.int64).tolist()
+      for s, names in plan.splits.items()
+      if names
+    }
+    known = {
+      s: np.sum([rows[n].mask for n in names], axis=0, dtype=np.int64).tolist()
+      for s, names in plan.splits.items()
+      if names
+    }
     skipped = dict(itertools.islice(sorted(plan.skipped.items()), _SKIPPED_KEPT))
-    self.info.metadata.update({
-        'labels': list(spec.labels), 'format': spec.format,
+    self.info.metadata.update(
+      {
+        'labels': list(spec.labels),
+        'format': spec.format,
         'uncertainty': spec.uncertainty if spec.format == 'chexpert' else None,
-        'frontal_only': spec.frontal_only, 'split_by': plan.split_by,
-        'val_fraction': spec.val_fraction, 'test_fraction': spec.test_fraction,
-        'split_seed': spec.split_seed, 'image_size': self._image_size,
+        'frontal_only': spec.frontal_only,
+        'split_by': plan.split_by,
+        'val_fraction': spec.val_fraction,
+        'test_fraction': spec.test_fraction,
+        'split_seed': spec.split_seed,
+        'image_size': self._image_size,
         'resample': images.RESAMPLE.name,
-        'patients': {s: len({rows[n].patient for n in names})
-                     for s, names in plan.splits.items()},
-        'positives': positives, 'known': known,
+        'patients': {s: len({rows[n].patient for n in names}) for s, names in plan.splits.items()},
+        'positives': positives,
+        'known': known,
         'label_file': ', '.join(os.path.basename(p) for p in spec.csv_paths),
-        'fingerprint': plan.fingerprint, 'warnings': plan.warnings,
-        'num_skipped': len(plan.skipped), 'skipped': skipped})
-    record = {'by': plan.split_by, 'val_fraction': spec.val_fraction,
-              'test_fraction': spec.test_fraction, 'split_seed': spec.split_seed,
-              'splits': plan.splits, 'num_skipped': len(plan.skipped), 'skipped': skipped}
+        'fingerprint': plan.fingerprint,
+        'warnings': plan.warnings,
+        'num_skipped': len(plan.skipped),
+        'skipped': skipped,
+      }
+    )
+    record = {
+      'by': plan.split_by,
+      'val_fraction': spec.val_fraction,
+      'test_fraction': spec.test_fraction,
+      'split_seed': spec.split_seed,
+      'splits': plan.splits,
+      'num_skipped': len(plan.skipped),
+      'skipped': skipped,
+    }
     (self.data_path / SPLIT_FILE).write_text(json.dumps(record, indent=1))
 
   def _generate_examples(self, split):
     names = self._plan.splits[split]
     tasks = ((n, os.path.join(self._spec.image_root, n), self._image_size) for n in names)
-    with multiprocessing.Pool(self._num_workers) as pool, tqdm.tqdm(
-        total=len(names), desc=f'Converting {split}', unit='img') as progress:
+    with (
+      multiprocessing.Pool(self._num_workers) as pool,
+      tqdm.tqdm(total=len(names), desc=f'Converting {split}', unit='img') as progress,
+    ):
       while window := list(itertools.islice(tasks, _WINDOW)):
         for name, image in pool.imap_unordered(_convert, window, chunksize=4):
           progress.update()
@@ -499,10 +598,18 @@ class CsvDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _example(self, name, image):
     row = self._plan.rows[name]
-    return {'image': image, 'labels': row.labels, 'label_mask': row.mask, 'image_name': name,
-            'patient_id': self._plan.patient_index[row.patient], 'age': row.age,
-            'sex': row.sex, 'view_position': row.view, 'follow_up': 0,
-            'boxes': {'label': np.zeros((0,), np.int32), 'bbox': np.zeros((0, 4), np.float32)}}
+    return {
+      'image': image,
+      'labels': row.labels,
+      'label_mask': row.mask,
+      'image_name': name,
+      'patient_id': self._plan.patient_index[row.patient],
+      'age': row.age,
+      'sex': row.sex,
+      'view_position': row.view,
+      'follow_up': 0,
+      'boxes': {'label': np.zeros((0,), np.int32), 'bbox': np.zeros((0, 4), np.float32)},
+    }
 
 
 def _convert(task):
@@ -511,14 +618,20 @@ def _convert(task):
     with open(path, 'rb') as f:
       return name, images.decode_and_resize(f.read(), size)
   except Exception as e:
-    raise RuntimeError(f'{path}: cannot decode ({type(e).__name__}: {e}); the build was '
-                       'aborted and nothing was written.') from None
+    raise RuntimeError(
+      f'{path}: cannot decode ({type(e).__name__}: {e}); the build was '
+      'aborted and nothing was written.'
+    ) from None
 
 
 def builder_class(name: str):
   """A CsvDataset subclass named `name` (TFDS takes the directory from the class)."""
-  return types.new_class(f'CsvDataset_{name}', (CsvDataset,), {'skip_registration': True},
-                         lambda ns: ns.update({'name': name, '__module__': __name__}))
+  return types.new_class(
+    f'CsvDataset_{name}',
+    (CsvDataset,),
+    {'skip_registration': True},
+    lambda ns: ns.update({'name': name, '__module__': __name__}),
+  )
 
 
 class _NoCustomConfigWarning(logging.Filter):
@@ -537,20 +650,37 @@ def built_fingerprint(data_dir: str, name: str, image_size: int) -> str | None:
 ExistingDatasetError = fingerprints.ExistingDatasetError
 
 
-def build(spec: Spec, *, name: str, data_dir: str, image_size: int, skip_bad: bool = False,
-          overwrite: bool = False, num_workers: int | None = None):
+def build(
+  spec: Spec,
+  *,
+  name: str,
+  data_dir: str,
+  image_size: int,
+  skip_bad: bool = False,
+  overwrite: bool = False,
+  num_workers: int | None = None,
+):
   """Builds data_dir/name/<S>px; returns (builder, what happened: 'built', 'rebuilt'
   or 'unchanged')."""
   if why := check_name(name):
     raise InvalidInputError([Problem('', why)], '--name')
-  plan = plan_build(spec, image_size=image_size, skip_bad=skip_bad,
-                    num_workers=num_workers or os.cpu_count())
+  plan = plan_build(
+    spec, image_size=image_size, skip_bad=skip_bad, num_workers=num_workers or os.cpu_count()
+  )
   mode, outcome = fingerprints.reuse_or_rebuild(
-      dataset_dir(data_dir, name, image_size), plan.fingerprint, overwrite,
-      elsewhere='another --name or --data_dir')
-  builder = builder_class(name)(plan=plan, spec=spec, image_size=image_size,
-                                skip_bad=skip_bad, num_workers=num_workers,
-                                data_dir=data_dir, file_format='array_record')
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      download_mode=mode))
+    dataset_dir(data_dir, name, image_size),
+    plan.fingerprint,
+    overwrite,
+    elsewhere='another --name or --data_dir',
+  )
+  builder = builder_class(name)(
+    plan=plan,
+    spec=spec,
+    image_size=image_size,
+    skip_bad=skip_bad,
+    num_workers=num_workers,
+    data_dir=data_dir,
+    file_format='array_record',
+  )
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
   return builder, outcome

@@ -13,6 +13,7 @@ Compressed transfer syntaxes are decoded when pydicom has a decoder for them
 syntax and what to install. No tag is ever copied out of a file: errors name the
 file and the technical field only, never a patient-identifying tag.
 """
+
 import io
 
 import numpy as np
@@ -30,7 +31,7 @@ class DicomError(ValueError):
 
 def is_dicom(data: bytes) -> bool:
   """True for a DICOM Part 10 file (128-byte preamble, then 'DICM')."""
-  return data[_PREAMBLE:_PREAMBLE + len(_MAGIC)] == _MAGIC
+  return data[_PREAMBLE : _PREAMBLE + len(_MAGIC)] == _MAGIC
 
 
 def _read(data: bytes):
@@ -49,8 +50,9 @@ def _decoded(ds) -> np.ndarray:
     if decoder is None or not decoder.is_available:
       missing = '; '.join(decoder.missing_dependencies) if decoder else 'no decoder known'
       raise DicomError(
-          f'compressed transfer syntax {syntax.name} ({syntax}) cannot be decoded here: '
-          f'install a decoder ({missing}) or convert the file to an uncompressed syntax')
+        f'compressed transfer syntax {syntax.name} ({syntax}) cannot be decoded here: '
+        f'install a decoder ({missing}) or convert the file to an uncompressed syntax'
+      )
   if 'PixelData' not in ds:
     raise DicomError('no Pixel Data element (not an image)')
   if int(ds.get('NumberOfFrames', 1) or 1) != 1:
@@ -58,15 +60,17 @@ def _decoded(ds) -> np.ndarray:
   try:
     return ds.pixel_array
   except Exception as e:
-    raise DicomError(f'pixel data of transfer syntax {syntax.name} ({syntax}) could not '
-                     f'be decoded ({type(e).__name__}: {e})') from None
+    raise DicomError(
+      f'pixel data of transfer syntax {syntax.name} ({syntax}) could not '
+      f'be decoded ({type(e).__name__}: {e})'
+    ) from None
 
 
 def _stored_range(ds) -> np.ndarray:
   bits = int(ds.BitsStored)
   if int(ds.get('PixelRepresentation', 0)) == 1:  # Two's complement.
     return np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1], np.float64)
-  return np.array([0, 2 ** bits - 1], np.float64)
+  return np.array([0, 2**bits - 1], np.float64)
 
 
 def _has_voi(ds) -> bool:
@@ -82,8 +86,10 @@ def to_grey_uint8(ds) -> np.ndarray:
   elif photometric == 'RGB' and values.ndim == 3:
     values = values[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
   else:
-    raise DicomError(f'Photometric Interpretation {photometric or "missing"!r} is not '
-                     'MONOCHROME1, MONOCHROME2 or RGB')
+    raise DicomError(
+      f'Photometric Interpretation {photometric or "missing"!r} is not '
+      'MONOCHROME1, MONOCHROME2 or RGB'
+    )
   if values.ndim != 2:
     raise DicomError(f'pixel array has shape {values.shape}, expected rows x columns')
   if photometric == 'RGB':  # Colour images carry no modality or VOI transform.

@@ -8,6 +8,7 @@ tarballs) checks out. The tarballs need not be extracted. NIH serves the CSVs an
 split lists only through its web page: fetch those by hand from NIH_PAGE (or give
 --mirror, a URL prefix that serves every file by name).
 """
+
 import argparse
 import hashlib
 import os
@@ -19,22 +20,30 @@ NIH_PAGE = 'https://nihcc.app.box.com/v/ChestXray-NIHCC'
 _BOX = 'https://nihcc.box.com/shared/static/'
 # NIH's batch_download_zips.py links; MD5s from NIH's published checksum file.
 IMAGE_TARBALLS = tuple(
-    (f'images_{i + 1:03d}.tar.gz', _BOX + key + '.gz', md5) for i, (key, md5) in enumerate((
-        ('vfk49d74nhbxq3nqjg0900w5nvkorp5c', 'fe8ed0a6961412fddcbb3603c11b3698'),
-        ('i28rlmbvmfjbl8p2n3ril0pptcmcu9d1', 'ab07a2d7cbe6f65ddd97b4ed7bde10bf'),
-        ('f1t00wrtdk94satdfb9olcolqx20z2jp', '2301d03bde4c246388bad3876965d574'),
-        ('0aowwzs5lhjrceb3qp67ahp0rd1l1etg', '9f1b7f5aae01b13f4bc8e2c44a4b8ef6'),
-        ('v5e3goj22zr6h8tzualxfsqlqaygfbsn', '1861f3cd0ef7734df8104f2b0309023b'),
-        ('asi7ikud9jwnkrnkj99jnpfkjdes7l6l', '456b53a8b351afd92a35bc41444c58c8'),
-        ('jn1b4mw4n6lnh74ovmcjb8y48h8xj07n', '1075121ea20a137b87f290d6a4a5965e'),
-        ('tvpxmn7qyrgl0w8wfh9kqfjskv6nmm1j', 'b61f34cec3aa69f295fbb593cbd9d443'),
-        ('upyy3ml7qdumlgk2rfcvlb9k6gvqq2pj', '442a3caa61ae9b64e61c561294d1e183'),
-        ('l6nilvfa9cg3s28tqv1qc1olm3gnz54p', '09ec81c4c31e32858ad8cf965c494b74'),
-        ('hhq8fkdgvcari67vfhs7ppg2w6ni4jze', '499aefc67207a5a97692424cf5dbeed5'),
-        ('ioqwiy20ihqwyr8pf4c24eazhh281pbu', 'dc9fda1757c2de0032b63347a7d2895c'),
-    )))
-METADATA_FILES = ('Data_Entry_2017_v2020.csv', 'BBox_List_2017.csv', 'train_val_list.txt',
-                  'test_list.txt')
+  (f'images_{i + 1:03d}.tar.gz', _BOX + key + '.gz', md5)
+  for i, (key, md5) in enumerate(
+    (
+      ('vfk49d74nhbxq3nqjg0900w5nvkorp5c', 'fe8ed0a6961412fddcbb3603c11b3698'),
+      ('i28rlmbvmfjbl8p2n3ril0pptcmcu9d1', 'ab07a2d7cbe6f65ddd97b4ed7bde10bf'),
+      ('f1t00wrtdk94satdfb9olcolqx20z2jp', '2301d03bde4c246388bad3876965d574'),
+      ('0aowwzs5lhjrceb3qp67ahp0rd1l1etg', '9f1b7f5aae01b13f4bc8e2c44a4b8ef6'),
+      ('v5e3goj22zr6h8tzualxfsqlqaygfbsn', '1861f3cd0ef7734df8104f2b0309023b'),
+      ('asi7ikud9jwnkrnkj99jnpfkjdes7l6l', '456b53a8b351afd92a35bc41444c58c8'),
+      ('jn1b4mw4n6lnh74ovmcjb8y48h8xj07n', '1075121ea20a137b87f290d6a4a5965e'),
+      ('tvpxmn7qyrgl0w8wfh9kqfjskv6nmm1j', 'b61f34cec3aa69f295fbb593cbd9d443'),
+      ('upyy3ml7qdumlgk2rfcvlb9k6gvqq2pj', '442a3caa61ae9b64e61c561294d1e183'),
+      ('l6nilvfa9cg3s28tqv1qc1olm3gnz54p', '09ec81c4c31e32858ad8cf965c494b74'),
+      ('hhq8fkdgvcari67vfhs7ppg2w6ni4jze', '499aefc67207a5a97692424cf5dbeed5'),
+      ('ioqwiy20ihqwyr8pf4c24eazhh281pbu', 'dc9fda1757c2de0032b63347a7d2895c'),
+    )
+  )
+)
+METADATA_FILES = (
+  'Data_Entry_2017_v2020.csv',
+  'BBox_List_2017.csv',
+  'train_val_list.txt',
+  'test_list.txt',
+)
 _CHUNK = 1 << 20
 
 
@@ -65,8 +74,10 @@ def _total_size(response, offset: int, resumed: bool) -> int | None:
 
 
 def _stream(response, part: str, offset: int, total: int | None, name: str):
-  with open(part, 'ab' if offset else 'wb') as f, tqdm.tqdm(
-      total=total, initial=offset, unit='B', unit_scale=True, desc=name) as progress:
+  with (
+    open(part, 'ab' if offset else 'wb') as f,
+    tqdm.tqdm(total=total, initial=offset, unit='B', unit_scale=True, desc=name) as progress,
+  ):
     while chunk := response.read(_CHUNK):
       f.write(chunk)
       progress.update(len(chunk))
@@ -113,8 +124,13 @@ def download_nih(dest: str, *, tarballs=range(1, 13), mirror: str = '') -> list[
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--dir', required=True, help='where to put the files (the manual_dir)')
-  p.add_argument('--only', type=int, nargs='*', default=list(range(1, 13)),
-                 help='tarball numbers to fetch (default: all 12)')
+  p.add_argument(
+    '--only',
+    type=int,
+    nargs='*',
+    default=list(range(1, 13)),
+    help='tarball numbers to fetch (default: all 12)',
+  )
   p.add_argument('--mirror', default='', help='URL prefix serving every file by name')
   args = p.parse_args(argv)
   missing = download_nih(args.dir, tarballs=args.only, mirror=args.mirror)

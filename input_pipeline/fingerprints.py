@@ -7,6 +7,7 @@ Building again into the same directory keeps a dataset built from the same input
 ('unchanged'), refuses one built from other inputs (ExistingDatasetError), or, with
 --overwrite, rebuilds it ('rebuilt'). One rule, here, for both.
 """
+
 import hashlib
 import json
 import os
@@ -26,8 +27,7 @@ def inputs_fingerprint(files, settings: dict, sizes: dict[str, int]) -> str:
   for path in files:
     with open(path, 'rb') as f:
       digest.update(f.read())
-  digest.update(json.dumps({**settings, 'images': sorted(sizes.items())},
-                           sort_keys=True).encode())
+  digest.update(json.dumps({**settings, 'images': sorted(sizes.items())}, sort_keys=True).encode())
   return digest.hexdigest()
 
 
@@ -43,8 +43,9 @@ def built_fingerprint(dataset_dir: str) -> str | None:
     return ''
 
 
-def reuse_or_rebuild(dataset_dir: str, fingerprint: str, overwrite: bool, *,
-                     elsewhere: str = 'another --data_dir'):
+def reuse_or_rebuild(
+  dataset_dir: str, fingerprint: str, overwrite: bool, *, elsewhere: str = 'another --data_dir'
+):
   """(TFDS download mode, outcome: 'built', 'unchanged' or 'rebuilt') for building
   `fingerprint` into `dataset_dir`; ExistingDatasetError, in one sentence, when
   other inputs built it and `overwrite` is not set."""
@@ -55,10 +56,13 @@ def reuse_or_rebuild(dataset_dir: str, fingerprint: str, overwrite: bool, *,
     return tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS, 'unchanged'
   if overwrite:
     return tfds.download.GenerateMode.FORCE_REDOWNLOAD, 'rebuilt'
-  why = ('built from other inputs (its fingerprint differs: other files, options or '
-         'images)' if existing else
-         'built before input fingerprints were recorded, so whether its inputs were '
-         'the same is unknown')
+  why = (
+    'built from other inputs (its fingerprint differs: other files, options or images)'
+    if existing
+    else 'built before input fingerprints were recorded, so whether its inputs were '
+    'the same is unknown'
+  )
   raise ExistingDatasetError(
-      f'{dataset_dir} holds a dataset {why}; it was kept. Pass --overwrite to '
-      f'replace it, or choose {elsewhere}.')
+    f'{dataset_dir} holds a dataset {why}; it was kept. Pass --overwrite to '
+    f'replace it, or choose {elsewhere}.'
+  )

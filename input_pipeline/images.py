@@ -1,4 +1,5 @@
 """Decoding an X-ray (PNG, JPEG or DICOM) into the stored form: grey uint8, pre-resized."""
+
 import io
 
 import numpy as np

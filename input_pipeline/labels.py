@@ -1,10 +1,23 @@
 """The 14 ChestX-ray14 pathologies in CheXNet's canonical order, and label encoding."""
+
 import numpy as np
 
 LABELS = (
-    'Atelectasis', 'Cardiomegaly', 'Effusion', 'Infiltration', 'Mass', 'Nodule',
-    'Pneumonia', 'Pneumothorax', 'Consolidation', 'Edema', 'Emphysema', 'Fibrosis',
-    'Pleural_Thickening', 'Hernia')
+  'Atelectasis',
+  'Cardiomegaly',
+  'Effusion',
+  'Infiltration',
+  'Mass',
+  'Nodule',
+  'Pneumonia',
+  'Pneumothorax',
+  'Consolidation',
+  'Edema',
+  'Emphysema',
+  'Fibrosis',
+  'Pleural_Thickening',
+  'Hernia',
+)
 NUM_CLASSES = len(LABELS)
 NO_FINDING = 'No Finding'
 # BBox_List_2017.csv spells one label differently from Data_Entry_2017.csv.

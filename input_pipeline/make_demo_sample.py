@@ -9,6 +9,7 @@ Images are shrunk to grey PNGs (the repository stays small); the CSVs keep NIH's
 header and only these images' rows; train_val_list.txt / test_list.txt are made by
 patient, in NIH's format, with NIH's test proportion.
 """
+
 import argparse
 import gzip
 import os
@@ -38,7 +39,7 @@ def _copy_rows(src: str, dst: str, names: set[str]):
   opener = gzip.open if src.endswith('.gz') else open
   with opener(src, 'rt', newline='') as f:
     lines = f.read().splitlines(keepends=True)
-  kept = [lines[0]] + [l for l in lines[1:] if l.split(',', 1)[0] in names]
+  kept = [lines[0]] + [line for line in lines[1:] if line.split(',', 1)[0] in names]
   out_opener = gzip.open if dst.endswith('.gz') else open
   with out_opener(dst, 'wt', newline='') as f:
     f.writelines(kept)
@@ -48,7 +49,7 @@ def write_split_lists(out: str, entries: dict, names: list[str], seed: int):
   """train_val/test lists by patient, sorted like NIH's."""
   patients = sorted({entries[n].patient_id for n in names})
   shuffled = np.random.default_rng(seed).permutation(patients)
-  test_patients = set(shuffled[:round(TEST_FRACTION * len(patients))].tolist())
+  test_patients = set(shuffled[: round(TEST_FRACTION * len(patients))].tolist())
   for list_name, in_test in ((nih.TRAIN_VAL_LIST, False), (nih.TEST_LIST, True)):
     chosen = [n for n in names if (entries[n].patient_id in test_patients) == in_test]
     with open(os.path.join(out, list_name), 'w') as f:
@@ -78,8 +79,11 @@ def make_demo_sample(sample: str, out: str, size: int = 256, seed: int = 0):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--sample', required=True,
-                      help='folder with images/*.png, the Data_Entry CSV and BBox_List_2017.csv')
+  parser.add_argument(
+    '--sample',
+    required=True,
+    help='folder with images/*.png, the Data_Entry CSV and BBox_List_2017.csv',
+  )
   parser.add_argument('--out', default='demo_data')
   parser.add_argument('--size', type=int, default=256)
   args = parser.parse_args()

@@ -3,6 +3,7 @@
 Everything here collects problems instead of stopping at the first one, so a build
 can report every offending file and row at once (see `InvalidInputError`).
 """
+
 import csv
 import dataclasses
 import glob
@@ -26,15 +27,24 @@ BBOX_NAME = 'BBox_List_2017.csv'
 TRAIN_VAL_LIST = 'train_val_list.txt'
 TEST_LIST = 'test_list.txt'
 # The first seven columns; 2017 says 'Patient Gender', some copies 'Patient Sex'.
-_ENTRY_COLUMNS = ('Image Index', 'Finding Labels', 'Follow-up #', 'Patient ID',
-                  'Patient Age', ('Patient Gender', 'Patient Sex'), 'View Position')
+_ENTRY_COLUMNS = (
+  'Image Index',
+  'Finding Labels',
+  'Follow-up #',
+  'Patient ID',
+  'Patient Age',
+  ('Patient Gender', 'Patient Sex'),
+  'View Position',
+)
 # csv splits the bracketed names 'OriginalImage[Width,Height]' and
 # 'OriginalImagePixelSpacing[x,y]' in two each: 11 fields (the 2017 file adds a
 # trailing empty 12th).
 _ENTRY_FIELDS = 11
 SUPPORTED_MODES = ('L', 'LA', 'RGB', 'RGBA', 'I;16', 'I;16B', 'I;16L', 'I')
-_FIX_HINT = ('Fix or remove these inputs, or build with --skip_bad to leave them out '
-             '(they are then listed in the dataset metadata).')
+_FIX_HINT = (
+  'Fix or remove these inputs, or build with --skip_bad to leave them out '
+  '(they are then listed in the dataset metadata).'
+)
 
 
 # At most this many problems are listed; the rest are counted (a partial download
@@ -54,23 +64,28 @@ class InvalidInputError(ValueError):
     per_image = sum(1 for p in problems if getattr(p, 'image', ''))
     general = len(problems) - per_image
     if general and per_image:
-      hint = (f'{general} of them concern no single image and must be fixed; the other '
-              f'{per_image} can be fixed, or left out with --skip_bad (they are then '
-              'counted in the dataset metadata).')
+      hint = (
+        f'{general} of them concern no single image and must be fixed; the other '
+        f'{per_image} can be fixed, or left out with --skip_bad (they are then '
+        'counted in the dataset metadata).'
+      )
     elif general:
       hint = 'Fix them and build again (--skip_bad cannot leave these out).'
     else:
       hint = _FIX_HINT
     missing = sum(1 for p in problems if 'image not found' in str(p))
     if missing > _SHOWN:
-      hint += (f' {missing:,} listed images are not on disk: to build from part of the '
-               'data, give lists (or a CSV) naming only the images you have.')
+      hint += (
+        f' {missing:,} listed images are not on disk: to build from part of the '
+        'data, give lists (or a CSV) naming only the images you have.'
+      )
     super().__init__(f'{len(problems)} problem(s) in {where}:\n  {lines}\n{hint}')
     self.problems = problems
 
 
 class Problem(NamedTuple):
   """One bad input. `image` names the image it disqualifies ('' = fatal)."""
+
   image: str
   message: str
 
@@ -81,6 +96,7 @@ class Problem(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One row of Data_Entry_2017*.csv."""
+
   image_name: str
   finding_labels: str
   follow_up: int
@@ -97,6 +113,7 @@ class Entry:
 @dataclasses.dataclass(frozen=True)
 class Box:
   """One row of BBox_List_2017.csv: x, y, w, h in the original 1024 pixels."""
+
   label: int
   bbox: tuple[float, float, float, float]
 
@@ -104,6 +121,7 @@ class Box:
 class ImageRef(NamedTuple):
   """Where an image lives: a PNG file, or a member of an images_0NN.tar.gz; its
   size in bytes (for the build's fingerprint)."""
+
   path: str
   member: str = ''
   size: int = 0
@@ -135,9 +153,10 @@ def find_file(manual_dir: str, names, required: bool = True) -> str:
         return path
   if required:
     raise FileNotFoundError(
-        f'None of {list(names)} (plain or .gz) in {manual_dir}. Download them from '
-        'https://nihcc.app.box.com/v/ChestXray-NIHCC (or `python -m '
-        'input_pipeline.download`).')
+      f'None of {list(names)} (plain or .gz) in {manual_dir}. Download them from '
+      'https://nihcc.app.box.com/v/ChestXray-NIHCC (or `python -m '
+      'input_pipeline.download`).'
+    )
   return ''
 
 
@@ -145,8 +164,10 @@ def _header_problem(path: str, header: list[str]) -> str:
   for i, expected in enumerate(_ENTRY_COLUMNS):
     options = expected if isinstance(expected, tuple) else (expected,)
     if i >= len(header) or header[i].strip() not in options:
-      return (f'{path} line 1: column {i + 1} should be {" or ".join(options)!r}, '
-              f'header is {header}. Is this NIH\'s Data_Entry_2017(_v2020).csv?')
+      return (
+        f'{path} line 1: column {i + 1} should be {" or ".join(options)!r}, '
+        f"header is {header}. Is this NIH's Data_Entry_2017(_v2020).csv?"
+      )
   return ''
 
 
@@ -171,8 +192,9 @@ def _parse_entry(row: list[str]) -> Entry:
   try:
     return Entry(name, findings, int(follow_up), int(patient), _parse_age(age), sex, view)
   except ValueError:
-    raise ValueError(f'Follow-up # {follow_up!r}, Patient ID {patient!r} and '
-                     f'Patient Age {age!r} must be integers') from None
+    raise ValueError(
+      f'Follow-up # {follow_up!r}, Patient ID {patient!r} and Patient Age {age!r} must be integers'
+    ) from None
 
 
 def read_data_entry(path: str) -> tuple[dict[str, Entry], list[Problem]]:
@@ -188,12 +210,18 @@ def read_data_entry(path: str) -> tuple[dict[str, Entry], list[Problem]]:
       try:
         entry = _parse_entry(row)
       except ValueError as e:
-        problems.append(Problem(name, f'{path} line {line} ({name or "no name"}): '
-                                f'malformed row: {e}: {row}'))
+        problems.append(
+          Problem(name, f'{path} line {line} ({name or "no name"}): malformed row: {e}: {row}')
+        )
         continue
       if unknown := labels_lib.unknown_labels(entry.finding_labels):
-        problems.append(Problem(name, f'{path} line {line} ({name}): unknown label(s) '
-                                f'{unknown}; known: No Finding, {", ".join(labels_lib.LABELS)}'))
+        problems.append(
+          Problem(
+            name,
+            f'{path} line {line} ({name}): unknown label(s) '
+            f'{unknown}; known: No Finding, {", ".join(labels_lib.LABELS)}',
+          )
+        )
       elif name in entries:
         problems.append(Problem(name, f'{path} line {line}: {name} appears twice'))
       else:
@@ -231,8 +259,10 @@ def path_escape(name: str) -> str:
   name files like 00000001_000.png, never paths (a '../' would point outside the
   image directories)."""
   if name in ('.', '..') or '/' in name or '\\' in name:
-    return (f'{name!r} is a path, not an image file name: a path escape (NIH names '
-            'bare files like 00000001_000.png)')
+    return (
+      f'{name!r} is a path, not an image file name: a path escape (NIH names '
+      'bare files like 00000001_000.png)'
+    )
   return ''
 
 
@@ -275,8 +305,10 @@ def _scan_file(path: str) -> list[tuple[str, ImageRef, str]]:
 
 
 def _scan_tar(path: str) -> list[tuple[str, ImageRef, str]]:
-  return [(name, ImageRef(path, member, len(data)), image_problem(data))
-          for name, member, data in iter_tar_pngs(path)]
+  return [
+    (name, ImageRef(path, member, len(data)), image_problem(data))
+    for name, member, data in iter_tar_pngs(path)
+  ]
 
 
 def _scan(task: tuple[str, str]):
@@ -287,14 +319,17 @@ def _scan(task: tuple[str, str]):
 def image_sources(manual_dir: str) -> list[tuple[str, str]]:
   """('file' | 'tar', path) for every PNG and tarball in the layouts NIH users have:
   images/*.png, Kaggle's images_0NN/images/*.png, and images_0NN.tar.gz."""
-  files = sorted(glob.glob(os.path.join(manual_dir, 'images', '*.png')) +
-                 glob.glob(os.path.join(manual_dir, 'images_*', 'images', '*.png')))
+  files = sorted(
+    glob.glob(os.path.join(manual_dir, 'images', '*.png'))
+    + glob.glob(os.path.join(manual_dir, 'images_*', 'images', '*.png'))
+  )
   tars = sorted(glob.glob(os.path.join(manual_dir, 'images_*.tar.gz')))
   return [('file', p) for p in files] + [('tar', p) for p in tars]
 
 
-def scan_images(manual_dir: str, wanted: set[str], num_workers: int
-                ) -> tuple[dict[str, ImageRef], list[Problem]]:
+def scan_images(
+  manual_dir: str, wanted: set[str], num_workers: int
+) -> tuple[dict[str, ImageRef], list[Problem]]:
   """Locates and checks (in parallel) every wanted image: (refs, problems)."""
   refs, problems = {}, []
   sources = image_sources(manual_dir)
@@ -306,19 +341,26 @@ def scan_images(manual_dir: str, wanted: set[str], num_workers: int
           continue
         refs[name] = ref
         if problem:
-          problems.append(Problem(name, f'{ref.path}{":" + ref.member if ref.member else ""}: '
-                                  f'{problem}'))
+          problems.append(
+            Problem(name, f'{ref.path}{":" + ref.member if ref.member else ""}: {problem}')
+          )
   for name in sorted(wanted - refs.keys()):
-    problems.append(Problem(name, f'{name}: image not found under {manual_dir} (looked in '
-                            'images/, images_0NN/images/ and images_0NN.tar.gz)'))
+    problems.append(
+      Problem(
+        name,
+        f'{name}: image not found under {manual_dir} (looked in '
+        'images/, images_0NN/images/ and images_0NN.tar.gz)',
+      )
+    )
   return refs, problems
 
 
 # ---------------------------------------------------------------- splits
 
 
-def patient_split(names: list[str], entries: dict[str, Entry], val_fraction: float,
-                  seed: int) -> tuple[list[str], list[str]]:
+def patient_split(
+  names: list[str], entries: dict[str, Entry], val_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
   """Splits train_val names into (train, validation) by patient, reproducibly."""
   if not 0.0 <= val_fraction < 1.0:
     raise ValueError(f'val_fraction must be in [0, 1), got {val_fraction}')
@@ -337,25 +379,39 @@ def assert_no_patient_overlap(splits: dict[str, list[str]], entries: dict[str, E
   patients = {s: {entries[n].patient_id for n in names} for s, names in splits.items()}
   split_names = sorted(patients)
   for i, a in enumerate(split_names):
-    for b in split_names[i + 1:]:
+    for b in split_names[i + 1 :]:
       shared = patients[a] & patients[b]
       if shared:
-        raise AssertionError(f'{len(shared)} patient(s) in both {a} and {b}, e.g. '
-                             f'{sorted(shared)[:10]}; the split must be by patient.')
+        raise AssertionError(
+          f'{len(shared)} patient(s) in both {a} and {b}, e.g. '
+          f'{sorted(shared)[:10]}; the split must be by patient.'
+        )
 
 
-def count_problems(num_rows: int, entries: dict[str, Entry], train_val: list[str],
-                   test: list[str]) -> list[Problem]:
+def count_problems(
+  num_rows: int, entries: dict[str, Entry], train_val: list[str], test: list[str]
+) -> list[Problem]:
   """Differences from NIH's full release (a partial download or a wrong file)."""
-  found = {'images': num_rows, 'patients': len({e.patient_id for e in entries.values()}),
-           'train_val': len(train_val), 'test': len(test)}
-  return [Problem('', f'expected {want:,} {key} (NIH\'s full release), found {found[key]:,}; '
-                  'pass --allow_subset if you mean to build from part of the data')
-          for key, want in NIH_COUNTS.items() if found[key] != want]
+  found = {
+    'images': num_rows,
+    'patients': len({e.patient_id for e in entries.values()}),
+    'train_val': len(train_val),
+    'test': len(test),
+  }
+  return [
+    Problem(
+      '',
+      f"expected {want:,} {key} (NIH's full release), found {found[key]:,}; "
+      'pass --allow_subset if you mean to build from part of the data',
+    )
+    for key, want in NIH_COUNTS.items()
+    if found[key] != want
+  ]
 
 
-def list_problems(train_val: list[str], test: list[str], entries: dict[str, Entry],
-                  bad_rows: set[str] = frozenset()) -> list[Problem]:
+def list_problems(
+  train_val: list[str], test: list[str], entries: dict[str, Entry], bad_rows: set[str] = frozenset()
+) -> list[Problem]:
   """Names listed twice, in both lists, or without a data-entry row (those whose row
   is already reported as bad, `bad_rows`, are not reported twice)."""
   problems = []
@@ -372,8 +428,7 @@ def list_problems(train_val: list[str], test: list[str], entries: dict[str, Entr
       if why := path_escape(name):
         problems.append(Problem(name, f'{list_name} entry {row}: {why}'))
       elif name not in entries and name not in bad_rows:
-        problems.append(Problem(name, f'{name}: listed but has no valid row in the '
-                                'data-entry CSV'))
+        problems.append(Problem(name, f'{name}: listed but has no valid row in the data-entry CSV'))
   return problems
 
 
@@ -395,6 +450,7 @@ def _split_problems(problems: list[Problem], skip_bad: bool, where: str) -> dict
 @dataclasses.dataclass
 class Plan:
   """What a build will write: split -> image names, and where everything is."""
+
   splits: dict[str, list[str]]
   entries: dict[str, Entry]
   boxes: dict[str, list[Box]]
@@ -404,18 +460,27 @@ class Plan:
 
 
 def _read_metadata_files(manual_dir: str):
-  files = {'data_entry': find_file(manual_dir, DATA_ENTRY_NAMES),
-           'bbox': find_file(manual_dir, (BBOX_NAME,), required=False),
-           'train_val': find_file(manual_dir, (TRAIN_VAL_LIST,)),
-           'test': find_file(manual_dir, (TEST_LIST,))}
+  files = {
+    'data_entry': find_file(manual_dir, DATA_ENTRY_NAMES),
+    'bbox': find_file(manual_dir, (BBOX_NAME,), required=False),
+    'train_val': find_file(manual_dir, (TRAIN_VAL_LIST,)),
+    'test': find_file(manual_dir, (TEST_LIST,)),
+  }
   entries, problems = read_data_entry(files['data_entry'])
   num_rows = len(entries) + len(problems)
   boxes, box_problems = read_bbox_list(files['bbox']) if files['bbox'] else ({}, [])
   return files, entries, num_rows, boxes, problems + box_problems
 
 
-def plan_build(manual_dir: str, *, val_fraction: float, split_seed: int,
-               allow_subset: bool, skip_bad: bool, num_workers: int) -> Plan:
+def plan_build(
+  manual_dir: str,
+  *,
+  val_fraction: float,
+  split_seed: int,
+  allow_subset: bool,
+  skip_bad: bool,
+  num_workers: int,
+) -> Plan:
   """Reads and checks ALL inputs, then splits; raises InvalidInputError listing every
   problem before anything is written."""
   files, entries, num_rows, boxes, problems = _read_metadata_files(manual_dir)
@@ -434,7 +499,8 @@ def plan_build(manual_dir: str, *, val_fraction: float, split_seed: int,
   try:
     assert_no_patient_overlap(splits, entries)
   except AssertionError as e:  # Lists that put a patient in two splits: one error.
-    raise InvalidInputError([Problem('', f'{TRAIN_VAL_LIST} and {TEST_LIST}: {e}')],
-                            manual_dir) from None
+    raise InvalidInputError(
+      [Problem('', f'{TRAIN_VAL_LIST} and {TEST_LIST}: {e}')], manual_dir
+    ) from None
   boxes = {n: b for n, b in boxes.items() if n in refs}
   return Plan(splits, entries, boxes, refs, skipped, files)

@@ -12,6 +12,7 @@ Crops and flips are drawn from (seed, stream position): restoring is exact.
 Evaluation: one pass, padded to whole global batches; padding has mask False and
 index -1, so each example is scored exactly once.
 """
+
 import contextlib
 import functools
 import glob
@@ -50,23 +51,29 @@ def _is_own(config) -> bool:
 def _dataset_dir(config) -> str:
   if _is_own(config):
     return csv_dataset.dataset_dir(config.data_dir, config.dataset, config.dataset_image_size)
-  return chestxray14.dataset_dir(config.data_dir, config.dataset_image_size,
-                                 config.val_fraction, config.split_seed)
+  return chestxray14.dataset_dir(
+    config.data_dir, config.dataset_image_size, config.val_fraction, config.split_seed
+  )
 
 
 def _missing_own_dataset_error(config) -> DatasetError:
   parent = os.path.join(config.data_dir, config.dataset)
-  built = sorted(b for b in os.listdir(parent) if not b.startswith('.')) if os.path.isdir(
-      parent) else []
-  others = sorted(d for d in os.listdir(config.data_dir) if not d.startswith('.')) if (
-      os.path.isdir(config.data_dir)) else []
+  built = (
+    sorted(b for b in os.listdir(parent) if not b.startswith('.')) if os.path.isdir(parent) else []
+  )
+  others = (
+    sorted(d for d in os.listdir(config.data_dir) if not d.startswith('.'))
+    if (os.path.isdir(config.data_dir))
+    else []
+  )
   return DatasetError(
-      f'No complete dataset {config.dataset!r} at {config.dataset_image_size}px in data_dir '
-      f'{config.data_dir!r} (sizes built: {built or "none"}; datasets there: '
-      f'{others or "none"}). Build it with: python -m input_pipeline.build --csv FILE '
-      f'--image_root DIR --labels A,B,C --patient_column COL --name {config.dataset} '
-      f'--data_dir {config.data_dir} --image_size {config.dataset_image_size}, or set '
-      '--config.dataset / --config.dataset_image_size to a built one (chestxray14 for NIH).')
+    f'No complete dataset {config.dataset!r} at {config.dataset_image_size}px in data_dir '
+    f'{config.data_dir!r} (sizes built: {built or "none"}; datasets there: '
+    f'{others or "none"}). Build it with: python -m input_pipeline.build --csv FILE '
+    f'--image_root DIR --labels A,B,C --patient_column COL --name {config.dataset} '
+    f'--data_dir {config.data_dir} --image_size {config.dataset_image_size}, or set '
+    '--config.dataset / --config.dataset_image_size to a built one (chestxray14 for NIH).'
+  )
 
 
 def _missing_dataset_error(config) -> DatasetError:
@@ -76,20 +83,22 @@ def _missing_dataset_error(config) -> DatasetError:
   built = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
   built = [b for b in built if not b.startswith('.')]
   return DatasetError(
-      f'No complete chestxray14 dataset at {config.dataset_image_size}px (val_fraction '
-      f'{config.val_fraction}, split_seed {config.split_seed}) in data_dir '
-      f'{config.data_dir!r} (built there: {built or "none"}). Build it with: python -m '
-      f'input_pipeline.build --manual_dir NIH_DIR --data_dir {config.data_dir} '
-      f'--image_size {config.dataset_image_size} --val_fraction {config.val_fraction} '
-      f'--split_seed {config.split_seed}, or change the config to match a built one. '
-      'A run trained elsewhere: pass --data_dir (evaluate, the notebook: '
-      'CHEXNET_DATA_DIR) with the data_dir that holds its dataset here.')
+    f'No complete chestxray14 dataset at {config.dataset_image_size}px (val_fraction '
+    f'{config.val_fraction}, split_seed {config.split_seed}) in data_dir '
+    f'{config.data_dir!r} (built there: {built or "none"}). Build it with: python -m '
+    f'input_pipeline.build --manual_dir NIH_DIR --data_dir {config.data_dir} '
+    f'--image_size {config.dataset_image_size} --val_fraction {config.val_fraction} '
+    f'--split_seed {config.split_seed}, or change the config to match a built one. '
+    'A run trained elsewhere: pass --data_dir (evaluate, the notebook: '
+    'CHEXNET_DATA_DIR) with the data_dir that holds its dataset here.'
+  )
 
 
 @functools.lru_cache(maxsize=8)
 def _builder(data_dir: str, image_size: int, dataset_dir: str):
   del data_dir, image_size  # Part of the cache key only.
   import tensorflow_datasets as tfds  # Heavy; synthetic runs never need it.
+
   return tfds.builder_from_directory(dataset_dir)
 
 
@@ -103,8 +112,9 @@ def _tfds_builder(config):
 def _chestxray14_source(config, split: str):
   builder = _tfds_builder(config)
   if split not in builder.info.splits:
-    raise DatasetError(f'No split {split!r} in {_dataset_dir(config)}; it has '
-                       f'{sorted(builder.info.splits)}')
+    raise DatasetError(
+      f'No split {split!r} in {_dataset_dir(config)}; it has {sorted(builder.info.splits)}'
+    )
   return builder.as_data_source(split=split)
 
 
@@ -132,11 +142,14 @@ def get_dataset_info(config) -> dict:
   (2017 or the v2020 revision) the labels came from}; DatasetError if the dataset is missing,
   or built at another size or with another validation cut."""
   if config.dataset == 'synthetic':
-    return {'name': 'synthetic', 'version': '1.0.0',
-            'dataset_image_size': config.dataset_image_size,
-            'splits': synthetic.split_sizes(config),
-            'train_positive_fraction': [synthetic.PRESENT_PROBABILITY] * labels_lib.NUM_CLASSES,
-            'label_file': 'synthetic (input_pipeline/synthetic.py)'}
+    return {
+      'name': 'synthetic',
+      'version': '1.0.0',
+      'dataset_image_size': config.dataset_image_size,
+      'splits': synthetic.split_sizes(config),
+      'train_positive_fraction': [synthetic.PRESENT_PROBABILITY] * labels_lib.NUM_CLASSES,
+      'label_file': 'synthetic (input_pipeline/synthetic.py)',
+    }
   builder = _tfds_builder(config)
   metadata = builder.info.metadata or {}
   if not _is_own(config):  # Their split is fixed by the build (split.json).
@@ -145,17 +158,26 @@ def get_dataset_info(config) -> dict:
   positives = np.asarray(metadata['positives']['train'], np.float64)
   if 'known' in metadata:  # Labels masked out (CheXpert's U-Ignore) are not counted.
     known = np.maximum(np.asarray(metadata['known']['train'], np.float64), 1)
-    return {'name': builder.info.name, 'version': str(builder.info.version),
-            'dataset_image_size': config.dataset_image_size, 'splits': splits,
-            'train_positive_fraction': (positives / known).tolist(),
-            'label_file': metadata.get('label_file', 'not recorded')}
+    return {
+      'name': builder.info.name,
+      'version': str(builder.info.version),
+      'dataset_image_size': config.dataset_image_size,
+      'splits': splits,
+      'train_positive_fraction': (positives / known).tolist(),
+      'label_file': metadata.get('label_file', 'not recorded'),
+    }
   # Datasets built before 'label_file' was recorded still name the file.
   label_file = metadata.get('label_file') or metadata.get('inputs', {}).get(
-      'data_entry', 'not recorded')
-  return {'name': builder.info.name, 'version': str(builder.info.version),
-          'dataset_image_size': config.dataset_image_size, 'splits': splits,
-          'train_positive_fraction': (positives / splits['train']).tolist(),
-          'label_file': label_file}
+    'data_entry', 'not recorded'
+  )
+  return {
+    'name': builder.info.name,
+    'version': str(builder.info.version),
+    'dataset_image_size': config.dataset_image_size,
+    'splits': splits,
+    'train_positive_fraction': (positives / splits['train']).tolist(),
+    'label_file': label_file,
+  }
 
 
 def split_file(config):
@@ -170,13 +192,15 @@ def _check_split_matches(config, metadata):
   built = (metadata.get('val_fraction'), metadata.get('split_seed'))
   if built != (config.val_fraction, config.split_seed):
     raise DatasetError(
-        f'{_dataset_dir(config)} was built with val_fraction, split_seed = {built}, but '
-        f'the config says ({config.val_fraction}, {config.split_seed}). Change the config '
-        'or rebuild into another data_dir with --val_fraction/--split_seed.')
+      f'{_dataset_dir(config)} was built with val_fraction, split_seed = {built}, but '
+      f'the config says ({config.val_fraction}, {config.split_seed}). Change the config '
+      'or rebuild into another data_dir with --val_fraction/--split_seed.'
+    )
 
 
 def _shard_is_readable(path: str) -> bool:
   from array_record.python import array_record_module  # Only on this error path.
+
   try:
     reader = array_record_module.ArrayRecordReader(path)
     for start in range(0, reader.num_records(), 256):  # Bounded memory.
@@ -198,21 +222,31 @@ def reading(config, split: str):
     if 'Corrupted' not in str(error) or config.dataset == 'synthetic':
       raise
     pattern = os.path.join(_dataset_dir(config), f'*-{split}.array_record*')
-    bad = [os.path.basename(p) for p in sorted(glob.glob(pattern))
-           if not _shard_is_readable(p)]
-    rebuild = (f'--csv FILE ... --name {config.dataset}' if _is_own(config) else
-               f'--manual_dir NIH_DIR --val_fraction {config.val_fraction} '
-               f'--split_seed {config.split_seed}')
+    bad = [os.path.basename(p) for p in sorted(glob.glob(pattern)) if not _shard_is_readable(p)]
+    rebuild = (
+      f'--csv FILE ... --name {config.dataset}'
+      if _is_own(config)
+      else f'--manual_dir NIH_DIR --val_fraction {config.val_fraction} '
+      f'--split_seed {config.split_seed}'
+    )
     raise DatasetError(
-        f'Corrupt records in {", ".join(bad) or "a shard of the " + split + " split"} '
-        f'in {_dataset_dir(config)}. Delete that directory and rebuild it: python -m '
-        f'input_pipeline.build {rebuild} --data_dir {config.data_dir} '
-        f'--image_size {config.dataset_image_size}') from None
+      f'Corrupt records in {", ".join(bad) or "a shard of the " + split + " split"} '
+      f'in {_dataset_dir(config)}. Delete that directory and rebuild it: python -m '
+      f'input_pipeline.build {rebuild} --data_dir {config.data_dir} '
+      f'--image_size {config.dataset_image_size}'
+    ) from None
 
 
 # The config fields a source depends on (a ConfigDict is not hashable, so not a key).
-_SOURCE_FIELDS = ('dataset', 'data_dir', 'dataset_image_size', 'val_fraction', 'split_seed',
-                  'synthetic_train_size', 'synthetic_eval_size')
+_SOURCE_FIELDS = (
+  'dataset',
+  'data_dir',
+  'dataset_image_size',
+  'val_fraction',
+  'split_seed',
+  'synthetic_train_size',
+  'synthetic_eval_size',
+)
 
 
 @functools.lru_cache(maxsize=8)
@@ -232,13 +266,17 @@ def _text(value) -> str:
 def _metadata_of(example: dict) -> dict:
   boxes = example['boxes']
   return {
-      'image_name': _text(example['image_name']), 'patient_id': int(example['patient_id']),
-      'age': int(example['age']), 'sex': _text(example['sex']),
-      'view_position': _text(example['view_position']),
-      'follow_up': int(example['follow_up']),
-      'labels': labels_of(example),
-      'boxes': [{'label': int(k), 'bbox': [float(v) for v in b]}
-                for k, b in zip(boxes['label'], boxes['bbox'])],
+    'image_name': _text(example['image_name']),
+    'patient_id': int(example['patient_id']),
+    'age': int(example['age']),
+    'sex': _text(example['sex']),
+    'view_position': _text(example['view_position']),
+    'follow_up': int(example['follow_up']),
+    'labels': labels_of(example),
+    'boxes': [
+      {'label': int(k), 'bbox': [float(v) for v in b]}
+      for k, b in zip(boxes['label'], boxes['bbox'])
+    ],
   }
 
 
@@ -258,9 +296,11 @@ def train_steps_per_epoch(config, num_train_examples: int, process_count: int = 
   batching.split_batch(config.batch_size, process_count)
   steps = num_train_examples // config.batch_size
   if steps < 1:
-    raise DatasetError(f'The train split has {num_train_examples} examples, which '
-                       f'cannot fill one batch of {config.batch_size}; lower '
-                       'config.batch_size or use a larger split.')
+    raise DatasetError(
+      f'The train split has {num_train_examples} examples, which '
+      f'cannot fill one batch of {config.batch_size}; lower '
+      'config.batch_size or use a larger split.'
+    )
   return steps
 
 
@@ -290,7 +330,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
   if height < size or width < size:
     return _resize(image, size)
   top, left = (height - size) // 2, (width - size) // 2
-  return image[top:top + size, left:left + size]
+  return image[top : top + size, left : left + size]
 
 
 def _random_crop(rng, image: np.ndarray, config) -> np.ndarray:
@@ -299,7 +339,7 @@ def _random_crop(rng, image: np.ndarray, config) -> np.ndarray:
   if height < size or width < size:
     return _resize(image, size)
   top, left = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
-  return image[top:top + size, left:left + size]
+  return image[top : top + size, left : left + size]
 
 
 EVAL_PREPROCESS = ('resize', 'center_crop')
@@ -322,7 +362,7 @@ def _whole_image(rng, image: np.ndarray, config) -> np.ndarray:
 
 def _random_resized_crop(rng, image: np.ndarray, config) -> np.ndarray:
   top, left, h, w = _crop_window(rng, *image.shape[:2], config.min_crop_area)
-  return _resize(image[top:top + h, left:left + w], config.image_size)
+  return _resize(image[top : top + h, left : left + w], config.image_size)
 
 
 def _center_crop(rng, image: np.ndarray, config) -> np.ndarray:
@@ -331,15 +371,18 @@ def _center_crop(rng, image: np.ndarray, config) -> np.ndarray:
 
 
 # config.augment -> (rng, uint8 [H, W, 1], config) -> uint8 [S, S, 1].
-AUGMENTS = {'resize': _whole_image, 'random_resized_crop': _random_resized_crop,
-            'random_crop': _random_crop, 'center_crop': _center_crop}
+AUGMENTS = {
+  'resize': _whole_image,
+  'random_resized_crop': _random_resized_crop,
+  'random_crop': _random_crop,
+  'center_crop': _center_crop,
+}
 
 
 def augment(image: np.ndarray, rng: np.random.Generator, config) -> np.ndarray:
   """uint8 [H, W, 1] -> uint8 [S, S, 1]: config.augment crop, then maybe a flip."""
   if config.augment not in AUGMENTS:
-    raise ValueError(f'config.augment must be one of {tuple(AUGMENTS)}, got '
-                     f'{config.augment!r}')
+    raise ValueError(f'config.augment must be one of {tuple(AUGMENTS)}, got {config.augment!r}')
   image = AUGMENTS[config.augment](rng, image, config)
   if config.random_flip and rng.random() < 0.5:
     image = image[:, ::-1]
@@ -350,8 +393,12 @@ def augment(image: np.ndarray, rng: np.random.Generator, config) -> np.ndarray:
 
 
 def _element(image, labels, index: int, real: bool = True) -> dict:
-  return {'image': image, 'labels': np.asarray(labels, np.float32),
-          'mask': np.bool_(real), 'index': np.int32(index)}
+  return {
+    'image': image,
+    'labels': np.asarray(labels, np.float32),
+    'mask': np.bool_(real),
+    'index': np.int32(index),
+  }
 
 
 def labels_of(example: dict) -> np.ndarray:
@@ -371,8 +418,7 @@ class _TrainExample:
   split index via the epoch's shuffle. A class, so it pickles (grain workers).
   """
 
-  def __init__(self, source, config, order, per_epoch, start_step, process_index,
-               process_count):
+  def __init__(self, source, config, order, per_epoch, start_step, process_index, process_count):
     self._source, self._config, self._order = source, config, order
     self._per_epoch, self._start_step = per_epoch, start_step
     self._global_batch = config.batch_size
@@ -398,15 +444,15 @@ def _shuffle_seed(seed: int) -> int:
   return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
-def _train_dataset(config, source, process_index, process_count,
-                   start_step=0) -> grain.MapDataset:
+def _train_dataset(config, source, process_index, process_count, start_step=0) -> grain.MapDataset:
   """Infinite MapDataset of this process's rows of global batches start_step, ..."""
   batch = batching.split_batch(config.batch_size, process_count)
   per_epoch = train_steps_per_epoch(config, len(source), process_count) * config.batch_size
   order = grain.MapDataset.range(len(source)).shuffle(_shuffle_seed(config.seed))
   ds = grain.MapDataset.range(batch).repeat(None)  # Elements: only their index counts.
-  ds = ds.map_with_index(_TrainExample(source, config, order, per_epoch, start_step,
-                                       process_index, process_count))
+  ds = ds.map_with_index(
+    _TrainExample(source, config, order, per_epoch, start_step, process_index, process_count)
+  )
   return ds.batch(batch, drop_remainder=True)
 
 
@@ -420,13 +466,15 @@ def _to_iter_dataset(config, ds: grain.MapDataset) -> grain.IterDataset:
     # are unparsed, so take their defaults.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=config.grain_workers, per_worker_buffer_size=max(1, buffer)))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=config.grain_workers, per_worker_buffer_size=max(1, buffer)
+      )
+    )
   return ds
 
 
-def create_train_iterator(config, *, process_index: int, process_count: int,
-                          start_step: int = 0):
+def create_train_iterator(config, *, process_index: int, process_count: int, start_step: int = 0):
   """Infinite grain DatasetIterator over this process's rows of the global batches
   of steps start_step+1, start_step+2, ...:
   {'image' uint8 [b,S,S,1], 'labels' float32 [b,14], 'mask' bool [b], 'index' int32 [b]}
@@ -460,28 +508,31 @@ def global_eval_batch(config, device_count: int) -> int:
   masked padding)."""
   if config.eval_batch_size < 1:
     raise batching.BatchSizeError(
-        f'config.eval_batch_size={config.eval_batch_size} must be at least 1.')
+      f'config.eval_batch_size={config.eval_batch_size} must be at least 1.'
+    )
   return -(-config.eval_batch_size // device_count) * device_count
 
 
-def eval_batches_per_process(config, num_examples: int, process_count: int,
-                             device_count: int | None = None) -> int:
+def eval_batches_per_process(
+  config, num_examples: int, process_count: int, device_count: int | None = None
+) -> int:
   """Batches every process yields in one evaluation pass (the same on all)."""
   return math.ceil(num_examples / global_eval_batch(config, device_count or process_count))
 
 
-def create_eval_iterator(config, split: str, *, process_index: int, process_count: int,
-                         device_count: int | None = None):
+def create_eval_iterator(
+  config, split: str, *, process_index: int, process_count: int, device_count: int | None = None
+):
   """Iterable over one pass of `split` for this process (iterate it again for another
   pass). Padded to whole global batches; padding has mask False and index -1.
   `device_count` (default: process_count) is that of the whole job: the global
   batch is config.eval_batch_size rounded up to a multiple of it."""
   source = get_source(config, split)
   device_count = device_count or process_count
-  batch = batching.split_batch(global_eval_batch(config, device_count), process_count,
-                               field='eval_batch_size')
-  per_process = eval_batches_per_process(config, len(source), process_count,
-                                         device_count) * batch
+  batch = batching.split_batch(
+    global_eval_batch(config, device_count), process_count, field='eval_batch_size'
+  )
+  per_process = eval_batches_per_process(config, len(source), process_count, device_count) * batch
   start = process_index * per_process
   ds = grain.MapDataset.range(start, start + per_process).map(_EvalExample(source, config))
   return _to_iter_dataset(config, ds.batch(batch))

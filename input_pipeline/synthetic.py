@@ -1,26 +1,27 @@
 """A learnable stand-in for ChestX-ray14: pure numpy, random access, same element spec.
 
-Pathology k is present <=> a bright square is drawn in grid cell k (a 4x4 grid,
-cells 0..13 row by row) on a noisy background. Each class's square carries its
-own texture (stripes of one orientation and period, or a checkerboard): a
-convolutional network with global pooling sees what is drawn, not where, so
-the texture is what makes the labels learnable in a few hundred steps. `patch_box(k, size)` says where, so
-class-activation-map tests can check localisation. Every example is a pure function
-of (split, index): no files, no state, picklable for grain workers.
+Pathology k is present <=> a bright square is drawn in grid cell k (a 4x4 grid, cells
+0..13 row by row) on a noisy background. Each class's square carries its own texture
+(stripes of one orientation and period, or a checkerboard): a convolutional network
+with global pooling sees what is drawn, not where, so the texture is what makes the
+labels learnable in a few hundred steps. `patch_box(k, size)` says where, so class-
+activation-map tests can check localisation. Every example is a pure function of
+(split, index): no files, no state, picklable for grain workers.
 """
+
 import numpy as np
 
 from input_pipeline import labels as labels_lib
 
 SPLITS = ('train', 'validation', 'test')
-_GRID = 4              # 4x4 cells; the first 14 hold the 14 classes.
+_GRID = 4  # 4x4 cells; the first 14 hold the 14 classes.
 _PATCH_FRACTION = 0.75  # Patch side as a fraction of the cell side.
 # Class k's texture: stripes along one of 4 directions with period 2, 4 or 6
 # pixels (12 classes), then checkerboards of cell 2 and 3 (2 classes).
 _DIRECTIONS = ((1, 0), (0, 1), (1, 1), (1, -1))
 _PERIODS = (3, 4, 6)
 PRESENT_PROBABILITY = 0.25
-_BOX_FRAME = 1024      # Boxes use NIH's original 1024-pixel frame, like the real data.
+_BOX_FRAME = 1024  # Boxes use NIH's original 1024-pixel frame, like the real data.
 
 
 def patch_box(class_index: int, image_size: int) -> tuple[int, int, int, int]:
@@ -49,8 +50,11 @@ def texture(class_index: int, height: int, width: int) -> np.ndarray:
 
 
 def split_sizes(config) -> dict[str, int]:
-  return {'train': config.synthetic_train_size, 'validation': config.synthetic_eval_size,
-          'test': config.synthetic_eval_size}
+  return {
+    'train': config.synthetic_train_size,
+    'validation': config.synthetic_eval_size,
+    'test': config.synthetic_eval_size,
+  }
 
 
 class SyntheticSource:
@@ -75,14 +79,19 @@ class SyntheticSource:
     labels = (rng.random(labels_lib.NUM_CLASSES) < PRESENT_PROBABILITY).astype(np.uint8)
     present = np.flatnonzero(labels)
     return {
-        'image': self._draw(rng, present), 'labels': labels,
-        'image_name': f'synthetic_{self._split}_{index:06d}.png'.encode(),
-        # One patient per image, distinct across splits (no patient overlap).
-        'patient_id': SPLITS.index(self._split) * 10_000_000 + index,
-        'age': int(rng.integers(20, 90)), 'sex': b'MF'[index % 2:index % 2 + 1],
-        'view_position': b'PA', 'follow_up': 0,
-        'boxes': {'label': [np.int32(k) for k in present],
-                  'bbox': [np.array(patch_box(k, _BOX_FRAME), np.float32) for k in present]},
+      'image': self._draw(rng, present),
+      'labels': labels,
+      'image_name': f'synthetic_{self._split}_{index:06d}.png'.encode(),
+      # One patient per image, distinct across splits (no patient overlap).
+      'patient_id': SPLITS.index(self._split) * 10_000_000 + index,
+      'age': int(rng.integers(20, 90)),
+      'sex': b'MF'[index % 2 : index % 2 + 1],
+      'view_position': b'PA',
+      'follow_up': 0,
+      'boxes': {
+        'label': [np.int32(k) for k in present],
+        'bbox': [np.array(patch_box(k, _BOX_FRAME), np.float32) for k in present],
+      },
     }
 
   def _draw(self, rng: np.random.Generator, present: np.ndarray) -> np.ndarray:
@@ -90,8 +99,9 @@ class SyntheticSource:
     image = rng.integers(0, 90, (size, size), dtype=np.uint8)
     for k in present:
       x, y, w, h = patch_box(int(k), size)
-      image[y:y + h, x:x + w] = texture(int(k), h, w) - rng.integers(
-          0, 20, (h, w), dtype=np.uint8)
+      image[y : y + h, x : x + w] = texture(int(k), h, w) - rng.integers(
+        0, 20, (h, w), dtype=np.uint8
+      )
     return image[:, :, None]
 
 

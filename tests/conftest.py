@@ -3,6 +3,7 @@
 XLA reads the flag when JAX initialises its backend, so it is set here, before
 any test module imports jax.
 """
+
 import os
 import sys
 
@@ -33,12 +34,21 @@ TINY_RUN_STEPS = 48
 def tiny_run(tmp_path_factory):
   """Path of a workdir holding a cpu_smoke run trained for TINY_RUN_STEPS steps."""
   workdir = str(tmp_path_factory.mktemp('tiny_run') / 'run')
-  command = [sys.executable, '-m', 'chexnet_jax.main', '--config', 'configs/cpu_smoke.py',
-             '--workdir', workdir, f'--config.num_train_steps={TINY_RUN_STEPS}']
+  command = [
+    sys.executable,
+    '-m',
+    'chexnet_jax.main',
+    '--config',
+    'configs/cpu_smoke.py',
+    '--workdir',
+    workdir,
+    f'--config.num_train_steps={TINY_RUN_STEPS}',
+  ]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
   if result.returncode != 0:
-    raise RuntimeError(f'tests/conftest.py tiny_run: training failed ({" ".join(command)}):\n'
-                       f'{result.stderr[-3000:]}')
+    raise RuntimeError(
+      f'tests/conftest.py tiny_run: training failed ({" ".join(command)}):\n{result.stderr[-3000:]}'
+    )
   return workdir
 
 
@@ -51,7 +61,8 @@ import collections  # noqa: E402
 DEMO_DATA = os.path.join(REPO, 'demo_data')
 NIH_FIXTURES = os.path.join(REPO, 'tests', 'fixtures', 'nih')
 NihSample = collections.namedtuple(
-    'NihSample', 'manual_dir data_dir image_size sixteen_bit_image names originals')
+  'NihSample', 'manual_dir data_dir image_size sixteen_bit_image names originals'
+)
 
 
 def full_size_originals():
@@ -63,6 +74,7 @@ def _write_sixteen_bit(source_png, target_png):
   """A 16-bit ('I;16') copy of an 8-bit X-ray: value v -> 1000 + 200 v."""
   import numpy as np
   from PIL import Image
+
   grey = np.asarray(Image.open(source_png).convert('L'), np.uint16)
   Image.fromarray(1000 + 200 * grey).save(target_png)
 
@@ -72,6 +84,7 @@ def _nih_sample_manual_dir(root, sixteen_bit_image):
   their shrunk copies, one image re-saved as 16-bit; NIH's full CSVs; split lists
   made by patient."""
   from input_pipeline import make_demo_sample, nih
+
   images = root / 'images'
   images.mkdir(parents=True)
   names = sorted(os.listdir(os.path.join(DEMO_DATA, 'images')))
@@ -95,6 +108,7 @@ def nih_sample(tmp_path_factory):
   """demo_data's 300 images (3 of them full-size originals, 1 made 16-bit) built
   into a TFDS dataset at 64 px (allow_subset)."""
   from input_pipeline import build
+
   root = tmp_path_factory.mktemp('nih_sample')
   sixteen_bit_image = '00000129_000.png'
   manual_dir, names = _nih_sample_manual_dir(root / 'manual', sixteen_bit_image)

@@ -4,6 +4,7 @@ The run happens in a subprocess where grain, TFDS, clu, array_record (and
 tensorboardX, h5py, keras) cannot be imported, as on a bare GPU machine, so
 these tests also guard the benchmark's import path.
 """
+
 import json
 import os
 import subprocess
@@ -36,9 +37,20 @@ runpy.run_module('chexnet_jax.benchmark', run_name='__main__')
 def smoke_result(tmp_path_factory):
   """(stdout, result dict) of a short benchmark of configs/cpu_smoke.py."""
   out = str(tmp_path_factory.mktemp('benchmark') / 'result.json')
-  command = [sys.executable, '-c', BLOCKED_RUNNER, '--config', 'configs/cpu_smoke.py',
-             '--config.batch_size=64', '--steps', '3', '--warmup', '1',
-             '--json_out', out]
+  command = [
+    sys.executable,
+    '-c',
+    BLOCKED_RUNNER,
+    '--config',
+    'configs/cpu_smoke.py',
+    '--config.batch_size=64',
+    '--steps',
+    '3',
+    '--warmup',
+    '1',
+    '--json_out',
+    out,
+  ]
   start = time.perf_counter()
   proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   wall_s = time.perf_counter() - start
@@ -52,15 +64,23 @@ def smoke_result(tmp_path_factory):
 def test_prints_reference_table(smoke_result):
   stdout, result = smoke_result
   assert '| images/s | time to train 10 epochs |' in stdout
-  assert f"| {result['devices']} | {result['images_per_s']:.2f} |" in stdout
+  assert f'| {result["devices"]} | {result["images_per_s"]:.2f} |' in stdout
   assert 'MFU' in stdout and 'peak device memory | n/a' in stdout
 
 
 def test_numbers_positive(smoke_result):
   _, r = smoke_result
-  for key in ('images_per_s', 'images_per_s_per_device', 'step_time_median_s',
-              'step_time_p10_s', 'step_time_p90_s', 'epoch_s', 'ten_epochs_s',
-              'flops_per_step_per_device', 'compile_s'):
+  for key in (
+    'images_per_s',
+    'images_per_s_per_device',
+    'step_time_median_s',
+    'step_time_p10_s',
+    'step_time_p90_s',
+    'epoch_s',
+    'ten_epochs_s',
+    'flops_per_step_per_device',
+    'compile_s',
+  ):
     assert r[key] > 0, key
   assert r['input_time_median_s'] >= 0
   assert r['steps'] == 3
@@ -81,18 +101,20 @@ def test_summary_of_known_timings(monkeypatch):
   """Step times 0.5 s (median) at batch 64 on 4 devices, 1e12 FLOPs per step on a
   device that peaks at 4e12 FLOP/s: the numbers worked out by hand."""
   from configs import cpu_smoke
+
   config = cpu_smoke.get_config()
   config.batch_size = 64
   monkeypatch.setattr(benchmark, 'peak_flops', lambda kind, dtype: 4e12)
-  r = benchmark.summarize(config, 'random', [0.25, 0.5, 1.0, 0.5, 2.0],
-                          [0.01, 0.03, 0.02, 0.02, 0.02], 0.7, 1e12, 3.0)
+  r = benchmark.summarize(
+    config, 'random', [0.25, 0.5, 1.0, 0.5, 2.0], [0.01, 0.03, 0.02, 0.02, 0.02], 0.7, 1e12, 3.0
+  )
   assert r['steps'] == 5 and r['devices'] == 4 and r['per_device_batch'] == 16
   assert (r['step_time_median_s'], r['step_time_min_s'], r['step_time_max_s']) == (0.5, 0.25, 2.0)
   assert r['input_time_median_s'] == 0.02 and r['host_cpu_s_per_step'] == 0.7
   assert r['images_per_s'] == 128 and r['images_per_s_per_device'] == 32
   assert r['tflops_per_s_per_device'] == 2 and r['mfu'] == 0.5
   assert r['train_examples'] == 77_872
-  assert r['epoch_s'] == pytest.approx(608.375)        # 77,872 / 128
+  assert r['epoch_s'] == pytest.approx(608.375)  # 77,872 / 128
   assert r['ten_epochs_s'] == pytest.approx(6083.75)
   assert benchmark.hms(r['ten_epochs_s']) == '1:41:24'
 
@@ -104,7 +126,9 @@ def test_cpu_has_no_peak_or_mfu(smoke_result):
   assert r['peak_memory_bytes'] is None
 
 
-@pytest.mark.parametrize('kind, dtype, peak', [
+@pytest.mark.parametrize(
+  'kind, dtype, peak',
+  [
     ('NVIDIA H100 80GB HBM3', 'bfloat16', 989e12),
     ('NVIDIA H100 PCIe', 'bfloat16', 756e12),
     ('NVIDIA H200', 'bfloat16', 989e12),
@@ -112,6 +136,7 @@ def test_cpu_has_no_peak_or_mfu(smoke_result):
     ('Tesla V100-SXM2-16GB', 'float16', 125e12),
     ('Tesla V100-SXM2-16GB', 'bfloat16', None),
     ('cpu', 'float32', None),
-])
+  ],
+)
 def test_peak_flops_by_device_kind(kind, dtype, peak):
   assert benchmark.peak_flops(kind, dtype) == peak

@@ -1,5 +1,6 @@
 """Converting NIH into the TFDS ArrayRecord dataset: end to end on the real sample, bad
 inputs (every offender named), --skip_bad, atomicity, tarball input."""
+
 import gzip
 import json
 import os
@@ -20,10 +21,12 @@ from input_pipeline import labels
 from input_pipeline import nih
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')   # 300 real images, 256 px grey.
-FULL = os.path.join(REPO, 'tests', 'fixtures', 'nih')     # NIH's CSVs, full-size originals.
-HEADER = ('Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,'
-          'View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n')
+DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')  # 300 real images, 256 px grey.
+FULL = os.path.join(REPO, 'tests', 'fixtures', 'nih')  # NIH's CSVs, full-size originals.
+HEADER = (
+  'Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,'
+  'View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n'
+)
 
 
 def _sample_csv_rows():
@@ -32,14 +35,17 @@ def _sample_csv_rows():
 
 
 def _dataset(data_dir, size):
-  return tfds.builder_from_directory(os.path.join(data_dir, 'chestxray14', f'{size}px',
-                                                  chestxray14.VERSION))
+  return tfds.builder_from_directory(
+    os.path.join(data_dir, 'chestxray14', f'{size}px', chestxray14.VERSION)
+  )
 
 
 def _all_examples(data_dir, size):
   builder = _dataset(data_dir, size)
-  return {split: {ex['image_name'].decode(): ex for ex in builder.as_data_source(split=split)}
-          for split in chestxray14.SPLITS}
+  return {
+    split: {ex['image_name'].decode(): ex for ex in builder.as_data_source(split=split)}
+    for split in chestxray14.SPLITS
+  }
 
 
 @pytest.fixture(scope='module')
@@ -67,8 +73,12 @@ def test_labels_and_fields_equal_csv(sample_examples):
       expected = [int(label in fields[1].split('|')) for label in labels.LABELS]
       assert ex['labels'].tolist() == expected, name
       assert (int(fields[2]), int(fields[3]), int(fields[4]), fields[5], fields[6]) == (
-          ex['follow_up'], ex['patient_id'], ex['age'], ex['sex'].decode(),
-          ex['view_position'].decode())
+        ex['follow_up'],
+        ex['patient_id'],
+        ex['age'],
+        ex['sex'].decode(),
+        ex['view_position'].decode(),
+      )
 
 
 def _by_name(sample_examples, name):
@@ -87,23 +97,28 @@ def test_full_size_rgba_and_sixteen_bit_images(nih_sample, sample_examples):
   # The 16-bit copy (1000 + 200 v) scales back by its range to the 8-bit original.
   sixteen = Image.open(os.path.join(nih_sample.manual_dir, 'images', nih_sample.sixteen_bit_image))
   assert sixteen.mode in ('I;16', 'I')
-  grey = np.asarray(Image.open(os.path.join(DEMO_IMAGES, nih_sample.sixteen_bit_image)),
-                    float)
+  grey = np.asarray(Image.open(os.path.join(DEMO_IMAGES, nih_sample.sixteen_bit_image)), float)
   rescaled = np.round((grey - grey.min()) * 255 / (grey.max() - grey.min())).astype(np.uint8)
   expected = np.asarray(Image.fromarray(rescaled).resize((64, 64), images.RESAMPLE))
   np.testing.assert_array_equal(
-      _by_name(sample_examples, nih_sample.sixteen_bit_image)['image'][..., 0], expected)
+    _by_name(sample_examples, nih_sample.sixteen_bit_image)['image'][..., 0], expected
+  )
 
 
 def test_boxes_attached(sample_examples):
   boxes, _ = nih.read_bbox_list(os.path.join(FULL, 'BBox_List_2017.csv'))
-  with_boxes = {name: ex for split in sample_examples.values() for name, ex in split.items()
-                if len(ex['boxes']['label'])}
+  with_boxes = {
+    name: ex
+    for split in sample_examples.values()
+    for name, ex in split.items()
+    if len(ex['boxes']['label'])
+  }
   assert len(with_boxes) == 6 and set(with_boxes) <= set(boxes)
   for name, ex in with_boxes.items():
     assert [int(k) for k in ex['boxes']['label']] == [b.label for b in boxes[name]]
-    np.testing.assert_allclose(np.stack(ex['boxes']['bbox']),
-                               [b.bbox for b in boxes[name]], rtol=1e-6)
+    np.testing.assert_allclose(
+      np.stack(ex['boxes']['bbox']), [b.bbox for b in boxes[name]], rtol=1e-6
+    )
 
 
 def test_split_recorded_beside_dataset(nih_sample, sample_examples):
@@ -115,10 +130,14 @@ def test_split_recorded_beside_dataset(nih_sample, sample_examples):
     assert sorted(names) == sorted(sample_examples[split])
   metadata = _dataset(nih_sample.data_dir, 64).info.metadata
   assert (metadata['val_fraction'], metadata['split_seed'], metadata['skipped']) == (0.1, 0, {})
-  patients = {s: {int(ex['patient_id']) for ex in exs.values()}
-              for s, exs in sample_examples.items()}
-  assert not (patients['train'] & patients['validation']) and not (
-      patients['train'] & patients['test']) and not (patients['validation'] & patients['test'])
+  patients = {
+    s: {int(ex['patient_id']) for ex in exs.values()} for s, exs in sample_examples.items()
+  }
+  assert (
+    not (patients['train'] & patients['validation'])
+    and not (patients['train'] & patients['test'])
+    and not (patients['validation'] & patients['test'])
+  )
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -151,18 +170,22 @@ def _png_with_bad_pixels(path):
   compressed pixel data are garbage, so decoding fails mid-build."""
   data = bytearray(open(path, 'rb').read())
   at = data.index(b'IDAT') - 4
-  length = struct.unpack('>I', data[at:at + 4])[0]
-  data[at + 8:at + 8 + length] = b'\xff' * length
-  data[at + 8 + length:at + 12 + length] = struct.pack('>I', zlib.crc32(data[at + 4:at + 8 + length]))
+  length = struct.unpack('>I', data[at : at + 4])[0]
+  data[at + 8 : at + 8 + length] = b'\xff' * length
+  data[at + 8 + length : at + 12 + length] = struct.pack(
+    '>I', zlib.crc32(data[at + 4 : at + 8 + length])
+  )
   return bytes(data)
 
 
 @pytest.fixture
 def bad_manual_dir(tmp_path):
   """One of each: truncated PNG, zero-byte file, missing image, unknown label, malformed row."""
-  extra = ['00090001_000.png,Mass,0,90001,40,M,PA,2048,2048,0.14,0.14\n',   # image missing
-           '00090002_000.png,Pneumonitis,0,90002,40,M,PA,2048,2048,0.14,0.14\n',  # label
-           '00090003_000.png,Mass,0,90003,40,M\n']                            # malformed
+  extra = [
+    '00090001_000.png,Mass,0,90001,40,M,PA,2048,2048,0.14,0.14\n',  # image missing
+    '00090002_000.png,Pneumonitis,0,90002,40,M,PA,2048,2048,0.14,0.14\n',  # label
+    '00090003_000.png,Mass,0,90003,40,M\n',
+  ]  # malformed
   root = _small_manual_dir(tmp_path / 'nih', GOOD, extra)
   for name in ('00090002_000.png', '00090003_000.png'):
     shutil.copy(os.path.join(DEMO_IMAGES, GOOD[0]), root / 'images' / name)
@@ -174,23 +197,41 @@ def bad_manual_dir(tmp_path):
 
 def test_bad_inputs_every_offender_named(bad_manual_dir, tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
-    build.main(['--manual_dir', str(bad_manual_dir), '--data_dir', str(tmp_path / 'out'),
-                '--image_size', '32', '--allow_subset', '--num_workers', '2'])
+    build.main(
+      [
+        '--manual_dir',
+        str(bad_manual_dir),
+        '--data_dir',
+        str(tmp_path / 'out'),
+        '--image_size',
+        '32',
+        '--allow_subset',
+        '--num_workers',
+        '2',
+      ]
+    )
   message = str(exit_info.value.code)
   assert message.startswith('Nothing was written. 5 problem(s)')
-  for needle in (f'{GOOD[1]}: unreadable or truncated', f'{GOOD[2]}: zero-byte file',
-                 '00090001_000.png: image not found', "unknown label(s) ['Pneumonitis']",
-                 '(00090003_000.png): malformed row: expected 11 fields, got 6', '--skip_bad'):
+  for needle in (
+    f'{GOOD[1]}: unreadable or truncated',
+    f'{GOOD[2]}: zero-byte file',
+    '00090001_000.png: image not found',
+    "unknown label(s) ['Pneumonitis']",
+    '(00090003_000.png): malformed row: expected 11 fields, got 6',
+    '--skip_bad',
+  ):
     assert needle in message, needle
   assert not list((tmp_path / 'out' / 'chestxray14' / '32px').rglob('*'))  # Empty or absent.
 
 
 def test_skip_bad_lists_skipped_in_metadata(bad_manual_dir, tmp_path):
-  builder = build.build(str(bad_manual_dir), str(tmp_path / 'out'), 32, allow_subset=True,
-                        skip_bad=True, num_workers=2)
+  builder = build.build(
+    str(bad_manual_dir), str(tmp_path / 'out'), 32, allow_subset=True, skip_bad=True, num_workers=2
+  )
   skipped = builder.info.metadata['skipped']
-  assert sorted(skipped) == sorted([GOOD[1], GOOD[2], '00090001_000.png', '00090002_000.png',
-                                    '00090003_000.png'])
+  assert sorted(skipped) == sorted(
+    [GOOD[1], GOOD[2], '00090001_000.png', '00090002_000.png', '00090003_000.png']
+  )
   assert 'zero-byte' in skipped[GOOD[2]]
   total = sum(info.num_examples for info in builder.info.splits.values())
   assert total == len(GOOD) - 2
@@ -213,12 +254,15 @@ def test_interrupted_build_leaves_nothing_prepared(tmp_path):
     build.build(str(root), str(out), 32, allow_subset=True, num_workers=2)
   builder = chestxray14.Chestxray14(data_dir=str(out), config='32px')
   assert not builder.is_prepared()
-  leftovers = [p for p in (out / 'chestxray14').rglob('*') if p.is_file()
-               and not p.parent.name == '.config']
+  leftovers = [
+    p for p in (out / 'chestxray14').rglob('*') if p.is_file() and not p.parent.name == '.config'
+  ]
   assert leftovers == []
   version_dir = out / 'chestxray14' / '32px' / chestxray14.VERSION
-  with pytest.raises(tfds.core.dataset_info.DatasetInfoFileError,
-                     match=f'Could not read dataset info from {version_dir}/dataset_info.json'):
+  with pytest.raises(
+    tfds.core.dataset_info.DatasetInfoFileError,
+    match=f'Could not read dataset info from {version_dir}/dataset_info.json',
+  ):
     tfds.builder_from_directory(str(version_dir))
 
 
@@ -244,15 +288,22 @@ def test_any_size_config_name():
 def test_other_validation_cut_is_another_dataset(tmp_path):
   root = _small_manual_dir(tmp_path / 'nih', GOOD)
   for seed in (0, 3):
-    build.build(str(root), str(tmp_path / 'out'), 256, val_fraction=0.4, split_seed=seed,
-                allow_subset=True, num_workers=2)
+    build.build(
+      str(root),
+      str(tmp_path / 'out'),
+      256,
+      val_fraction=0.4,
+      split_seed=seed,
+      allow_subset=True,
+      num_workers=2,
+    )
   built = sorted(os.listdir(tmp_path / 'out' / 'chestxray14'))
-  assert [b for b in built if not b.startswith('.')] == ['256px_val0.4_seed0',
-                                                         '256px_val0.4_seed3']
+  assert [b for b in built if not b.startswith('.')] == ['256px_val0.4_seed0', '256px_val0.4_seed3']
   record = json.load(open(chestxray14.split_file(str(tmp_path / 'out'), 256, 0.4, 3)))
   assert record['split_seed'] == 3 and len(record['splits']['validation']) == 2
-  assert chestxray14.Chestxray14(config='256px_val0.4_seed3',
-                                 data_dir=str(tmp_path / 'out')).is_prepared()
+  assert chestxray14.Chestxray14(
+    config='256px_val0.4_seed3', data_dir=str(tmp_path / 'out')
+  ).is_prepared()
 
 
 def test_predefined_size_by_name_or_config():
@@ -265,8 +316,20 @@ def test_predefined_size_by_name_or_config():
 
 
 def _main(root, out, *extra):
-  build.main(['--manual_dir', str(root), '--data_dir', str(out), '--image_size', '32',
-              '--allow_subset', '--num_workers', '1', *extra])
+  build.main(
+    [
+      '--manual_dir',
+      str(root),
+      '--data_dir',
+      str(out),
+      '--image_size',
+      '32',
+      '--allow_subset',
+      '--num_workers',
+      '1',
+      *extra,
+    ]
+  )
 
 
 def test_rebuild_from_other_inputs_is_refused_unless_overwrite(tmp_path, capsys):
@@ -295,8 +358,10 @@ def test_list_row_with_a_path_is_a_path_escape(tmp_path):
     _main(root, tmp_path / 'out')
   message = str(error.value.code)
   assert message.startswith('Nothing was written. 1 problem(s)')
-  assert (f"train_val_list.txt entry {len(GOOD) - 1}: '../secret.png' is a path, not an "
-          'image file name: a path escape') in message
+  assert (
+    f"train_val_list.txt entry {len(GOOD) - 1}: '../secret.png' is a path, not an "
+    'image file name: a path escape'
+  ) in message
   assert 'no valid row' not in message and 'image not found' not in message
 
 

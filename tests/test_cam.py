@@ -1,4 +1,5 @@
 """chexnet_jax/cam.py: CAM arithmetic, localisation scores (hand-computed), overlays."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -13,8 +14,9 @@ from chexnet_jax import preprocessing
 
 # ------------------------------------------------------------ box arithmetic --
 
+
 def test_iou_and_iobb_hand_computed():
-  predicted, truth = (0, 0, 4, 4), (2, 2, 4, 4)   # Overlap 2x2 = 4.
+  predicted, truth = (0, 0, 4, 4), (2, 2, 4, 4)  # Overlap 2x2 = 4.
   assert cam.iou(predicted, truth) == pytest.approx(4 / (16 + 16 - 4))
   assert cam.iobb(predicted, truth) == pytest.approx(4 / 16)
   # A small detection inside a large truth: IoBB 1, IoU = area ratio.
@@ -29,16 +31,16 @@ def test_iou_and_iobb_hand_computed():
 
 def test_mask_scores_hand_computed():
   mask = np.zeros((10, 10), bool)
-  mask[2:6, 2:6] = True                             # 16 pixels at x, y in 2..5.
+  mask[2:6, 2:6] = True  # 16 pixels at x, y in 2..5.
   assert cam.mask_to_box(mask) == (2, 2, 4, 4)
   np.testing.assert_array_equal(cam.box_to_mask((2, 2, 4, 4), (10, 10)), mask)
 
 
 def test_cam_to_box_keeps_the_region_around_the_peak():
   heat = np.zeros((20, 20), np.float32)
-  heat[3:7, 4:10] = 1.0          # Peak region.
+  heat[3:7, 4:10] = 1.0  # Peak region.
   heat[5, 6] = 1.5
-  heat[14:18, 14:18] = 0.9       # A second, weaker region above the threshold.
+  heat[14:18, 14:18] = 0.9  # A second, weaker region above the threshold.
   assert cam.peak(heat) == (6, 5)
   assert cam.cam_to_box(heat, 0.5) == (4, 3, 6, 4)
   result = cam.localize(heat, (4, 3, 6, 4))
@@ -56,8 +58,9 @@ def test_original_box_maps_through_resize_and_crops():
   box = cam.original_box_to_input((128, 256, 400, 200), (1024, 1024), 256, 224)
   assert box == pytest.approx((16, 48, 100, 50))
   # Partly outside the crop: clipped; wholly outside: None.
-  assert cam.original_box_to_input((0, 0, 100, 100), (1024, 1024), 256, 224) == \
-      pytest.approx((0, 0, 9, 9))
+  assert cam.original_box_to_input((0, 0, 100, 100), (1024, 1024), 256, 224) == pytest.approx(
+    (0, 0, 9, 9)
+  )
   assert cam.original_box_to_input((0, 0, 40, 40), (1024, 1024), 256, 224) is None
   # Non-square: 2048x1024 -> 512x256, centre square starts at x=128.
   box = cam.original_box_to_input((1024, 0, 8, 8), (2048, 1024), 256, 256)
@@ -65,6 +68,7 @@ def test_original_box_maps_through_resize_and_crops():
 
 
 # ------------------------------------------------------------ map arithmetic --
+
 
 class BrightnessModel(nn.Module):
   """Features = the normalised grey level pooled 4x4: a CAM that must follow brightness."""
@@ -90,8 +94,8 @@ def test_cam_weights_features_by_head_kernel_and_peaks_on_bright_patch():
   for b, (x0, y0) in enumerate([(20, 4), (8, 20)]):
     x, y = cam.peak(maps[b, 2])
     assert x0 <= x < x0 + 8 and y0 <= y < y0 + 8
-    assert cam.normalize_map(maps[b, 5])[y, x] == 0.0   # Negative weight: coldest there.
-    np.testing.assert_allclose(maps[b, 0], 0.0)           # Zero weight: flat.
+    assert cam.normalize_map(maps[b, 5])[y, x] == 0.0  # Negative weight: coldest there.
+    np.testing.assert_allclose(maps[b, 0], 0.0)  # Zero weight: flat.
 
 
 def test_tiny_densenet_cam_matches_logits_and_its_head():
@@ -99,16 +103,18 @@ def test_tiny_densenet_cam_matches_logits_and_its_head():
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
   x = preprocessing.normalize(images)
   variables = model.init(jax.random.key(0), x, train=False)
-  variables = jax.tree.map(lambda v: v + 0.01 * jax.random.normal(jax.random.key(1), v.shape),
-                           variables)
+  variables = jax.tree.map(
+    lambda v: v + 0.01 * jax.random.normal(jax.random.key(1), v.shape), variables
+  )
   logits, features = model.apply(variables, x, train=False, return_features=True)
   kernel = cam.head_kernel(variables['params'], features.shape[-1], 14)
   assert kernel is variables['params']['classifier']['kernel']
   # Global average pooling + one Dense layer: mean of the CAM + bias = logit.
   low_res = np.einsum('bhwc,ck->bk', np.asarray(features), np.asarray(kernel))
   low_res /= features.shape[1] * features.shape[2]
-  np.testing.assert_allclose(low_res + variables['params']['classifier']['bias'],
-                             logits, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    low_res + variables['params']['classifier']['bias'], logits, rtol=1e-4, atol=1e-4
+  )
   probs, maps = cam.make_cam_fn(model)(variables, images)
   np.testing.assert_allclose(probs, jax.nn.sigmoid(logits), rtol=1e-5, atol=1e-6)
   assert maps.shape == (2, 14, 32, 32)
@@ -126,28 +132,38 @@ def test_local_copy_is_host_numpy():
 
 def test_save_overlay_writes_png(tmp_path):
   image = np.full((32, 32, 1), 100, np.uint8)
-  heat = np.zeros((32, 32)); heat[10:20, 10:20] = 1
-  path = cam.save_overlay(str(tmp_path / 'sub' / 'x.png'), image, heat, title='Mass',
-                          true_box=(8, 8, 12, 12), predicted_box=cam.cam_to_box(heat))
+  heat = np.zeros((32, 32))
+  heat[10:20, 10:20] = 1
+  path = cam.save_overlay(
+    str(tmp_path / 'sub' / 'x.png'),
+    image,
+    heat,
+    title='Mass',
+    true_box=(8, 8, 12, 12),
+    predicted_box=cam.cam_to_box(heat),
+  )
   with Image.open(path) as png:
     assert png.format == 'PNG' and png.size[0] > 100
 
 
 # ------------------------------------- a CAM from a trained model localises --
 
-SYNTHETIC_SIZE = 64   # Tiny DenseNet's features have stride 8: an 8x8 map, 12 px patches.
+SYNTHETIC_SIZE = 64  # Tiny DenseNet's features have stride 8: an 8x8 map, 12 px patches.
 
 
 def _synthetic_batch(source, start, size):
   examples = [source[start + j] for j in range(size)]
-  return (np.stack([e['image'] for e in examples]),
-          np.stack([e['labels'] for e in examples]).astype(np.float32))
+  return (
+    np.stack([e['image'] for e in examples]),
+    np.stack([e['labels'] for e in examples]).astype(np.float32),
+  )
 
 
 def _train_tiny_on_synthetic(steps=100, batch=32, learning_rate=3e-3):
   """A few seconds of Adam on the synthetic data, unaugmented so positions stay put."""
   import optax
   from input_pipeline import synthetic
+
   model = models.create_model('tiny')
   source = synthetic.SyntheticSource('train', steps * batch, SYNTHETIC_SIZE)
   images, _ = _synthetic_batch(source, 0, batch)
@@ -157,14 +173,20 @@ def _train_tiny_on_synthetic(steps=100, batch=32, learning_rate=3e-3):
   @jax.jit
   def step(variables, opt_state, images, labels):
     def loss_fn(params):
-      logits, updates = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                                    preprocessing.normalize(images), train=True,
-                                    mutable=['batch_stats'])
+      logits, updates = model.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']},
+        preprocessing.normalize(images),
+        train=True,
+        mutable=['batch_stats'],
+      )
       return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), updates
+
     grads, updates = jax.grad(loss_fn, has_aux=True)(variables['params'])
     changes, opt_state = optimizer.update(grads, opt_state, variables['params'])
-    return {'params': optax.apply_updates(variables['params'], changes),
-            'batch_stats': updates['batch_stats']}, opt_state
+    return {
+      'params': optax.apply_updates(variables['params'], changes),
+      'batch_stats': updates['batch_stats'],
+    }, opt_state
 
   opt_state = optimizer.init(variables['params'])
   for i in range(steps):
@@ -179,6 +201,7 @@ def test_cam_of_trained_model_peaks_on_the_synthetic_patch():
   images at 100 steps (34 of 36 at 80). The CAM is also hotter on the patch than off it.
   """
   from input_pipeline import synthetic
+
   model, variables = _train_tiny_on_synthetic()
   cam_fn = cam.make_cam_fn(model)
   source = synthetic.SyntheticSource('test', 400, SYNTHETIC_SIZE)
@@ -203,11 +226,11 @@ def test_cam_of_trained_model_peaks_on_the_synthetic_patch():
 
 def test_original_box_maps_through_whole_image_resize():
   """eval_preprocess='resize' (CheXNet): 1024 -> 256 -> 224, nothing cut away."""
-  box = cam.original_box_to_input((128, 256, 400, 200), (1024, 1024), 256, 224,
-                                  'resize')
+  box = cam.original_box_to_input((128, 256, 400, 200), (1024, 1024), 256, 224, 'resize')
   assert box == pytest.approx((28, 56, 87.5, 43.75))
-  assert cam.original_box_to_input((0, 0, 40, 40), (1024, 1024), 256, 224,
-                                   'resize') == pytest.approx((0, 0, 8.75, 8.75))
+  assert cam.original_box_to_input(
+    (0, 0, 40, 40), (1024, 1024), 256, 224, 'resize'
+  ) == pytest.approx((0, 0, 8.75, 8.75))
   # Non-square: 2048x1024 -> centre 1024 square -> 256 -> 128.
   box = cam.original_box_to_input((1024, 0, 8, 8), (2048, 1024), 256, 128, 'resize')
   assert box == pytest.approx((64, 0, 1, 1))

@@ -1,5 +1,6 @@
 """chexnet_jax.distributed: launch checks with fake Slurm/CUDA environments, and
 real multi-process JAX on CPU (explicit coordinator, gloo collectives)."""
+
 import os
 import pathlib
 import signal
@@ -17,9 +18,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # A 4-task, 2-node srun step as Slurm describes it to task 2 (node 1, local 0).
 SRUN_ENV = {
-    'SLURM_JOB_ID': '1234', 'SLURM_STEP_ID': '0', 'SLURM_NTASKS': '4',
-    'SLURM_PROCID': '2', 'SLURM_LOCALID': '0', 'SLURM_NODEID': '1',
-    'SLURM_STEP_NODELIST': 'node[1-2]', 'SLURM_STEP_TASKS_PER_NODE': '2(x2)',
+  'SLURM_JOB_ID': '1234',
+  'SLURM_STEP_ID': '0',
+  'SLURM_NTASKS': '4',
+  'SLURM_PROCID': '2',
+  'SLURM_LOCALID': '0',
+  'SLURM_NODEID': '1',
+  'SLURM_STEP_NODELIST': 'node[1-2]',
+  'SLURM_STEP_TASKS_PER_NODE': '2(x2)',
 }
 
 
@@ -31,8 +37,7 @@ def _config(**overrides):
 
 def test_launch_mode():
   assert distributed.launch_mode(_config(), {}) == 'single'
-  assert distributed.launch_mode(_config(), {'SLURM_JOB_ID': '7',
-                                             'SLURM_NTASKS': '1'}) == 'single'
+  assert distributed.launch_mode(_config(), {'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '1'}) == 'single'
   assert distributed.launch_mode(_config(), SRUN_ENV) == 'slurm'
   explicit = _config(coordinator_address='h:1', num_processes=2, process_id=0)
   assert distributed.launch_mode(explicit, {}) == 'explicit'
@@ -41,36 +46,40 @@ def test_launch_mode():
 def test_batch_shell_without_srun_is_refused():
   # sbatch --ntasks=4 sets SLURM_NTASKS=4 in the batch shell too, where a bare
   # `python` would wait forever for 3 processes that never start.
-  env = {k: v for k, v in SRUN_ENV.items()
-         if k not in ('SLURM_STEP_ID', 'SLURM_STEP_NODELIST')}
+  env = {k: v for k, v in SRUN_ENV.items() if k not in ('SLURM_STEP_ID', 'SLURM_STEP_NODELIST')}
   with pytest.raises(RuntimeError, match='srun python -m chexnet_jax.main'):
     distributed.check_slurm_env(env)
 
 
 def test_gpus_per_task_is_refused():
   env = dict(SRUN_ENV, SLURM_GPUS_PER_TASK='1')
-  with pytest.raises(RuntimeError,
-                     match='SLURM_GPUS_PER_TASK=1.*--gpus-per-node'):
+  with pytest.raises(RuntimeError, match='SLURM_GPUS_PER_TASK=1.*--gpus-per-node'):
     distributed.check_slurm_env(env)
 
 
 @pytest.mark.parametrize('gpus', ['4', '1'])
 def test_tasks_must_match_gpus_per_node(gpus):
   env = dict(SRUN_ENV, SLURM_GPUS_ON_NODE=gpus)
-  with pytest.raises(RuntimeError, match=f'SLURM_GPUS_ON_NODE={gpus} GPUs but '
-                     r'runs 2 tasks.*--ntasks-per-node='):
+  with pytest.raises(
+    RuntimeError,
+    match=f'SLURM_GPUS_ON_NODE={gpus} GPUs but '
+    r'runs 2 tasks.*--ntasks-per-node=',
+  ):
     distributed.check_slurm_env(env)
   distributed.check_slurm_env(dict(SRUN_ENV, SLURM_GPUS_ON_NODE='2'))
 
 
-@pytest.mark.parametrize('spec,node,want', [
-    ('4(x4)', '3', 4), ('2(x2),1', '2', 1), ('3,1', '0', 3), ('4', '0', 4)])
+@pytest.mark.parametrize(
+  'spec,node,want', [('4(x4)', '3', 4), ('2(x2),1', '2', 1), ('3,1', '0', 3), ('4', '0', 4)]
+)
 def test_tasks_on_this_node(spec, node, want):
   env = {'SLURM_STEP_TASKS_PER_NODE': spec, 'SLURM_NODEID': node}
   assert distributed.tasks_on_this_node(env) == want
 
 
-@pytest.mark.parametrize('env,want', [
+@pytest.mark.parametrize(
+  'env,want',
+  [
     ({}, None),
     ({'CUDA_VISIBLE_DEVICES': '0'}, 'CUDA_VISIBLE_DEVICES=0'),
     ({'CUDA_VISIBLE_DEVICES': ''}, None),
@@ -79,15 +88,19 @@ def test_tasks_on_this_node(spec, node, want):
     ({'SLURM_GPUS_ON_NODE': '4'}, 'SLURM_GPUS_ON_NODE=4'),
     ({'SLURM_JOB_GPUS': '0'}, 'SLURM_JOB_GPUS=0'),
     ({'SLURM_GPUS_ON_NODE': '4', 'JAX_PLATFORMS': 'cpu'}, None),
-])
+  ],
+)
 def test_gpus_expected(env, want):
   assert distributed.gpus_expected(env) == want
 
 
 def test_gpu_allocated_but_jax_on_cpu():
   env = dict(SRUN_ENV, SLURM_GPUS_ON_NODE='2', CUDA_VISIBLE_DEVICES='0,1')
-  with pytest.raises(RuntimeError, match=r"given GPUs \(SLURM_GPUS_ON_NODE=2\) "
-                     "but JAX sees only cpu.*jax\\[cuda12\\]"):
+  with pytest.raises(
+    RuntimeError,
+    match=r'given GPUs \(SLURM_GPUS_ON_NODE=2\) '
+    'but JAX sees only cpu.*jax\\[cuda12\\]',
+  ):
     distributed.check_devices('slurm', env, 'cpu', 1)
 
 
@@ -102,16 +115,16 @@ def test_wrong_gpu_count_per_task():
 
 def test_coordinator_port_like_jax():
   env = dict(SRUN_ENV, SLURM_JOB_ID='5000')
-  assert distributed.coordinator_port('slurm', _config(), env) == (
-      5000 % 4096 + 61440)
+  assert distributed.coordinator_port('slurm', _config(), env) == (5000 % 4096 + 61440)
   env['JAX_COORDINATOR_PORT'] = '23456'
   assert distributed.coordinator_port('slurm', _config(), env) == 23456
   explicit = _config(coordinator_address='10.0.0.1:1234')
   assert distributed.coordinator_port('explicit', explicit, {}) == 1234
 
 
-@pytest.mark.parametrize('mode,fix', [('explicit', 'coordinator_address'),
-                                      ('slurm', 'JAX_COORDINATOR_PORT')])
+@pytest.mark.parametrize(
+  'mode,fix', [('explicit', 'coordinator_address'), ('slurm', 'JAX_COORDINATOR_PORT')]
+)
 def test_port_in_use(mode, fix):
   with socket.socket() as holder:
     holder.bind(('', 0))
@@ -124,14 +137,12 @@ def test_port_in_use(mode, fix):
 
 def test_port_in_use_stops_process_0_before_jax(monkeypatch):
   called = []
-  monkeypatch.setattr(distributed.jax.distributed, 'initialize',
-                      lambda **kw: called.append(kw))
+  monkeypatch.setattr(distributed.jax.distributed, 'initialize', lambda **kw: called.append(kw))
   with socket.socket() as holder:
     holder.bind(('', 0))
     holder.listen()
     port = holder.getsockname()[1]
-    config = _config(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
-                     process_id=0)
+    config = _config(coordinator_address=f'127.0.0.1:{port}', num_processes=2, process_id=0)
     with pytest.raises(RuntimeError, match=f'port {port}'):
       distributed.initialize(config, env={})
   assert not called
@@ -139,21 +150,21 @@ def test_port_in_use_stops_process_0_before_jax(monkeypatch):
 
 def test_slurm_initialize_passes_no_addresses(monkeypatch):
   called = []
-  monkeypatch.setattr(distributed.jax.distributed, 'initialize',
-                      lambda **kw: called.append(kw))
+  monkeypatch.setattr(distributed.jax.distributed, 'initialize', lambda **kw: called.append(kw))
   env = dict(SRUN_ENV, JAX_PLATFORMS='cpu')
   distributed.initialize(_config(heartbeat_timeout_seconds=7), env=env)
   # Addresses, counts and ids come from JAX's own Slurm detection.
-  assert called == [{'heartbeat_timeout_seconds': 7,
-                     'shutdown_timeout_seconds': 7}]
+  assert called == [{'heartbeat_timeout_seconds': 7, 'shutdown_timeout_seconds': 7}]
 
 
-@pytest.mark.parametrize('overrides,match', [
+@pytest.mark.parametrize(
+  'overrides,match',
+  [
     (dict(num_processes=-1, process_id=0), 'config.num_processes >= 1'),
     (dict(num_processes=2, process_id=2), r'config.process_id=2 is outside'),
-    (dict(num_processes=2, process_id=0, coordinator_address='host'),
-     'has no port'),
-])
+    (dict(num_processes=2, process_id=0, coordinator_address='host'), 'has no port'),
+  ],
+)
 def test_explicit_args_errors(overrides, match):
   config = _config(coordinator_address='host:1')
   config.update(overrides)
@@ -167,14 +178,15 @@ def test_heartbeat_must_be_positive():
 
 
 def test_single_process_is_a_no_op(monkeypatch):
-  monkeypatch.setattr(distributed.jax.distributed, 'initialize',
-                      lambda **kw: pytest.fail('must not initialize'))
+  monkeypatch.setattr(
+    distributed.jax.distributed, 'initialize', lambda **kw: pytest.fail('must not initialize')
+  )
   distributed.initialize(_config(), env={})
 
 
 # Real processes. The worker joins via the explicit coordinator, puts
 # (process_index + 1) on each of its 2 CPU devices, and sums the global array.
-WORKER = r'''
+WORKER = r"""
 import os, signal, sys, time
 import numpy as np
 import jax, jax.numpy as jnp
@@ -202,7 +214,7 @@ if int(victim) >= 0:
     os.kill(os.getpid(), signal.SIGKILL)
   while True:  # Survivors block in the collective until the heartbeat fires.
     global_sum()
-'''
+"""
 
 
 def _free_port():
@@ -212,13 +224,32 @@ def _free_port():
 
 
 def _launch(num_processes, heartbeat=60, victim=-1):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO),
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    PYTHONPATH=str(REPO),
+    XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  )
   address = f'127.0.0.1:{_free_port()}'
-  return [subprocess.Popen(
-      [sys.executable, '-c', WORKER, address, str(num_processes), str(i),
-       str(heartbeat), str(victim)], env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for i in range(num_processes)]
+  return [
+    subprocess.Popen(
+      [
+        sys.executable,
+        '-c',
+        WORKER,
+        address,
+        str(num_processes),
+        str(i),
+        str(heartbeat),
+        str(victim),
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(num_processes)
+  ]
 
 
 def _finish(procs, timeout):

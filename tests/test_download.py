@@ -1,4 +1,5 @@
 """Resumable downloads against a local HTTP server (127.0.0.1, no internet)."""
+
 import hashlib
 import http.server
 import os
@@ -14,6 +15,7 @@ PAYLOAD = os.urandom(3 * (1 << 20) + 123)  # Spans several read chunks.
 
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
   """Serves PAYLOAD at any path, honouring 'Range: bytes=N-' unless told not to."""
+
   honour_range = True
   requests = []
 
@@ -77,8 +79,13 @@ def test_fetch_bad_md5_removes_part(server, tmp_path):
 
 
 def test_download_nih_from_mirror(server, tmp_path, monkeypatch):
-  monkeypatch.setattr(download, 'IMAGE_TARBALLS', tuple(
-      (name, url, hashlib.md5(PAYLOAD).hexdigest()) for name, url, _ in download.IMAGE_TARBALLS))
+  monkeypatch.setattr(
+    download,
+    'IMAGE_TARBALLS',
+    tuple(
+      (name, url, hashlib.md5(PAYLOAD).hexdigest()) for name, url, _ in download.IMAGE_TARBALLS
+    ),
+  )
   missing = download.download_nih(str(tmp_path), tarballs=[2], mirror=server + '/nih/')
   assert missing == []
   assert sorted(os.listdir(tmp_path)) == sorted(['images_002.tar.gz', *download.METADATA_FILES])
@@ -86,7 +93,10 @@ def test_download_nih_from_mirror(server, tmp_path, monkeypatch):
 
 
 def test_twelve_nih_tarballs():
-  assert [n for n, _, _ in download.IMAGE_TARBALLS] == [f'images_{i:03d}.tar.gz'
-                                                        for i in range(1, 13)]
-  assert all(u.startswith('https://nihcc.box.com/shared/static/') and len(m) == 32
-             for _, u, m in download.IMAGE_TARBALLS)
+  assert [n for n, _, _ in download.IMAGE_TARBALLS] == [
+    f'images_{i:03d}.tar.gz' for i in range(1, 13)
+  ]
+  assert all(
+    u.startswith('https://nihcc.box.com/shared/static/') and len(m) == 32
+    for _, u, m in download.IMAGE_TARBALLS
+  )

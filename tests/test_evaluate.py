@@ -1,4 +1,5 @@
 """chexnet_jax/evaluate.py on the session's tiny trained run (tests/conftest.py:tiny_run)."""
+
 import csv
 import json
 import os
@@ -30,10 +31,19 @@ def read_predictions_csv(path):
 
 def run_evaluate_cli(workdir, devices, *extra):
   """python -m chexnet_jax.evaluate in a fresh process with `devices` CPU devices."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
-  command = [sys.executable, '-m', 'chexnet_jax.evaluate', '--workdir', workdir,
-             '--bootstrap', str(BOOTSTRAP), *extra]
+  env = dict(
+    os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
+  )
+  command = [
+    sys.executable,
+    '-m',
+    'chexnet_jax.evaluate',
+    '--workdir',
+    workdir,
+    '--bootstrap',
+    str(BOOTSTRAP),
+    *extra,
+  ]
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
@@ -53,8 +63,12 @@ def evaluated(tiny_run, tmp_path_factory):
     # Other tests evaluate the same run again: keep this one's files apart.
     kept[devices] = str(tmp_path_factory.mktemp(f'eval_{devices}_devices') / 'test')
     shutil.copytree(os.path.join(tiny_run, 'eval', 'test'), kept[devices])
-  return {'workdir': tiny_run, 'one_device': kept[1], 'four_devices': kept[4],
-          'stdout_one': kept['stdout_1']}
+  return {
+    'workdir': tiny_run,
+    'one_device': kept[1],
+    'four_devices': kept[4],
+    'stdout_one': kept['stdout_1'],
+  }
 
 
 def test_writes_the_report_files(evaluated):
@@ -95,7 +109,8 @@ def test_aurocs_equal_sklearn_on_its_own_predictions_csv(evaluated):
     assert float(table[name]['auroc']) == pytest.approx(auroc, abs=1e-12)
     assert summary['per_label'][name]['auroc'] == pytest.approx(auroc, abs=1e-12)
     assert float(table[name]['auprc']) == pytest.approx(
-        sk_metrics.average_precision_score(labels[:, k], probs[:, k]), abs=1e-12)
+      sk_metrics.average_precision_score(labels[:, k], probs[:, k]), abs=1e-12
+    )
     low, high = float(table[name]['auroc_ci_low']), float(table[name]['auroc_ci_high'])
     assert low <= auroc <= high
   assert float(table['mean']['auroc']) == pytest.approx(np.mean(expected), abs=1e-12)
@@ -107,24 +122,32 @@ def test_same_aurocs_on_1_and_4_devices(evaluated):
   for name in (*LABELS, 'mean'):
     assert float(four[name]['auroc']) == pytest.approx(float(one[name]['auroc']), abs=1e-6)
   probs_one, labels_one, _ = read_predictions_csv(
-      os.path.join(evaluated['one_device'], 'predictions.csv'))
+    os.path.join(evaluated['one_device'], 'predictions.csv')
+  )
   probs_four, labels_four, _ = read_predictions_csv(
-      os.path.join(evaluated['four_devices'], 'predictions.csv'))
+    os.path.join(evaluated['four_devices'], 'predictions.csv')
+  )
   np.testing.assert_array_equal(labels_one, labels_four)
   np.testing.assert_allclose(probs_one, probs_four, atol=1e-5)
 
 
 def test_bad_workdir_is_a_clear_error(tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'chexnet_jax.evaluate', '--workdir',
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True)
+  result = subprocess.run(
+    [sys.executable, '-m', 'chexnet_jax.evaluate', '--workdir', str(tmp_path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
   assert result.returncode == 1 and 'config.json' in result.stderr
 
 
 # ------------------------------------------------------ in-process functions --
 
+
 @pytest.fixture(scope='module')
 def run(tiny_run):
   from chexnet_jax import checkpoints
+
   return checkpoints.load_run(tiny_run, 'latest')
 
 
@@ -159,15 +182,26 @@ def test_tta_views():
 
 
 def test_format_auroc_table_handles_missing_values():
-  row = {'auroc': None, 'auroc_ci': [None, None], 'auprc': None, 'sensitivity': None,
-         'specificity': None, 'num_positive': 0}
-  report = {'per_label': {name: row for name in LABELS}, 'mean_auroc': None,
-            'mean_auroc_ci': [None, None], 'mean_auprc': None}
+  row = {
+    'auroc': None,
+    'auroc_ci': [None, None],
+    'auprc': None,
+    'sensitivity': None,
+    'specificity': None,
+    'num_positive': 0,
+  }
+  report = {
+    'per_label': {name: row for name in LABELS},
+    'mean_auroc': None,
+    'mean_auroc_ci': [None, None],
+    'mean_auprc': None,
+  }
   assert len(evaluate.format_auroc_table(report).splitlines()) == 14 + 4
 
 
 def _free_port():
   import socket
+
   with socket.socket() as sock:
     sock.bind(('localhost', 0))
     return sock.getsockname()[1]
@@ -177,14 +211,33 @@ def _free_port():
 def test_two_processes_score_alike_and_only_process_0_writes(evaluated, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(evaluated['workdir'], workdir, ignore=shutil.ignore_patterns('eval'))
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
   address = f'localhost:{_free_port()}'
-  processes = [subprocess.Popen(
-      [sys.executable, '-m', 'chexnet_jax.evaluate', '--workdir', workdir, '--bootstrap',
-       str(BOOTSTRAP), '--coordinator_address', address, '--num_processes', '2',
-       '--process_id', str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  processes = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        '-m',
+        'chexnet_jax.evaluate',
+        '--workdir',
+        workdir,
+        '--bootstrap',
+        str(BOOTSTRAP),
+        '--coordinator_address',
+        address,
+        '--num_processes',
+        '2',
+        '--process_id',
+        str(i),
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=300) for p in processes]
   assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
   assert 'Mean' in outputs[0][0] and 'Mean' not in outputs[1][0]

@@ -3,6 +3,7 @@
 The source is the session's tiny synthetic run (tests/conftest.py tiny_run, NIH's
 14 labels); the fine-tuned state is read before any step, in process.
 """
+
 import json
 import logging
 import os
@@ -87,8 +88,7 @@ def test_new_label_set_keeps_backbone_and_maps_head_by_name(tiny_run, caplog):
   # The new label starts as the model initialises it (from scratch, same seed).
   np.testing.assert_array_equal(start[head_kernel][:, 1], fresh[head_kernel][:, 1])
   assert start[head_bias][1] == fresh[head_bias][1]
-  assert ('labels carried over: Hernia, Effusion; starting fresh: Fresh finding'
-          in caplog.text)
+  assert 'labels carried over: Hernia, Effusion; starting fresh: Fresh finding' in caplog.text
 
 
 def test_other_architecture_or_not_a_run_is_one_sentence(tiny_run, tmp_path):
@@ -108,22 +108,56 @@ def test_fine_tune_onto_an_own_dataset_end_to_end(tiny_run, tmp_path):
   rows = []
   for r in test_own_data._demo_rows():
     findings = r[1].split('|')
-    rows.append([f'images/{r[0]}', r[3], int('Effusion' in findings),
-                 int('Atelectasis' in findings), int('Nodule' in findings)])
+    rows.append(
+      [
+        f'images/{r[0]}',
+        r[3],
+        int('Effusion' in findings),
+        int('Atelectasis' in findings),
+        int('Nodule' in findings),
+      ]
+    )
   path = test_own_data.write_csv(tmp_path / 'own.csv', rows, header=('path', 'patient', *labels))
   data_dir, workdir = str(tmp_path / 'd'), str(tmp_path / 'run')
   test_own_data._run(
-      '-m', 'input_pipeline.build', '--csv', path, '--image_root', test_own_data.DEMO,
-      '--labels', ','.join(labels), '--patient_column', 'patient', '--name', 'own3',
-      '--data_dir', data_dir, '--image_size', '40', '--num_workers', '2')
+    '-m',
+    'input_pipeline.build',
+    '--csv',
+    path,
+    '--image_root',
+    test_own_data.DEMO,
+    '--labels',
+    ','.join(labels),
+    '--patient_column',
+    'patient',
+    '--name',
+    'own3',
+    '--data_dir',
+    data_dir,
+    '--image_size',
+    '40',
+    '--num_workers',
+    '2',
+  )
   result = subprocess.run(
-      [sys.executable, '-m', 'chexnet_jax.main', *test_own_data.SMOKE, '--workdir', workdir,
-       '--config.dataset=own3', f'--config.data_dir={data_dir}',
-       f'--config.init_from={os.path.relpath(tiny_run, REPO)}'],
-      cwd=REPO, capture_output=True, text=True, env={**os.environ, 'PYTHONPATH': REPO})
+    [
+      sys.executable,
+      '-m',
+      'chexnet_jax.main',
+      *test_own_data.SMOKE,
+      '--workdir',
+      workdir,
+      '--config.dataset=own3',
+      f'--config.data_dir={data_dir}',
+      f'--config.init_from={os.path.relpath(tiny_run, REPO)}',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env={**os.environ, 'PYTHONPATH': REPO},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
-  assert ('labels carried over: Effusion, Atelectasis; starting fresh: Nodule plus'
-          in result.stderr)
+  assert 'labels carried over: Effusion, Atelectasis; starting fresh: Nodule plus' in result.stderr
   run = json.loads(open(os.path.join(workdir, 'run.json')).read())
   assert run['labels'] == list(labels)
   config = json.loads(open(os.path.join(workdir, 'config.json')).read())

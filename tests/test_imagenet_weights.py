@@ -1,5 +1,6 @@
 """config.init_from='imagenet': download from a local HTTP server, verify, cache,
 refuse a tampered file, say in one sentence what to do without network."""
+
 import functools
 import hashlib
 import http.server
@@ -29,8 +30,10 @@ def _torchvision_layout_file(directory):
   it: <model>-<first 8 hex of its sha256>.pth. Returns (path, state dict)."""
   model = models.DenseNet(block_sizes=BLOCKS, num_classes=1000)
   import jax  # pylint: disable=g-import-not-at-top
-  variables = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), np.zeros((1, SIZE, SIZE, 3)), train=False))
+
+  variables = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3)), train=False)
+  )
   rng = np.random.default_rng(0)
   state_dict = {}
   for path, leaf in _flatten(variables).items():
@@ -38,10 +41,18 @@ def _torchvision_layout_file(directory):
     if path[-1] == 'var':
       value = np.abs(value) + 0.5
     state_dict[_torch_key(path, value)] = (
-        np.transpose(value, (3, 2, 0, 1)) if value.ndim == 4 else
-        value.T if path[-1] == 'kernel' else value)
-  old = {re.sub(r'(denselayer\d+\.(?:norm|conv))([12])\.', r'\1.\2.', k):
-         torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
+      np.transpose(value, (3, 2, 0, 1))
+      if value.ndim == 4
+      else value.T
+      if path[-1] == 'kernel'
+      else value
+    )
+  old = {
+    re.sub(r'(denselayer\d+\.(?:norm|conv))([12])\.', r'\1.\2.', k): torch.from_numpy(
+      np.ascontiguousarray(v)
+    )
+    for k, v in state_dict.items()
+  }
   assert 'features.denseblock1.denselayer1.norm.1.weight' in old
   tmp = os.path.join(directory, 'w.pth')
   torch.save(old, tmp)
@@ -67,8 +78,9 @@ def _torch_key(path, value):
   module = '.'.join(modules)
   if module != 'classifier':
     module = 'features.' + module
-  name = {'mean': 'running_mean', 'var': 'running_var', 'scale': 'weight',
-          'bias': 'bias'}.get(leaf, 'weight')
+  name = {'mean': 'running_mean', 'var': 'running_var', 'scale': 'weight', 'bias': 'bias'}.get(
+    leaf, 'weight'
+  )
   del kind, value
   return f'{module}.{name}'
 
@@ -81,7 +93,6 @@ class _Server:
     outer = self
 
     class Handler(http.server.SimpleHTTPRequestHandler):
-
       def do_GET(self):  # noqa: N802
         outer.requests += 1
         super().do_GET()
@@ -90,7 +101,8 @@ class _Server:
         pass
 
     self._httpd = http.server.ThreadingHTTPServer(
-        ('127.0.0.1', 0), functools.partial(Handler, directory=directory))
+      ('127.0.0.1', 0), functools.partial(Handler, directory=directory)
+    )
     self.port = self._httpd.server_address[1]
     threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
 
@@ -114,6 +126,7 @@ def served(tmp_path):
 
 def _config(url, cache):
   from configs import cpu_smoke  # pylint: disable=g-import-not-at-top
+
   config = cpu_smoke.get_config()
   config.init_from = 'imagenet'
   config.imagenet_weights_url = url
@@ -127,7 +140,7 @@ def test_downloads_once_verifies_and_loads(served, tmp_path):
   config = _config(server.url(name), cache)
   path = imagenet_weights.init_path(config)
   assert path == str(cache / name)
-  assert imagenet_weights.sha256_of(path).startswith(name[len('densenet121-'):-4])
+  assert imagenet_weights.sha256_of(path).startswith(name[len('densenet121-') : -4])
   assert imagenet_weights.init_path(config) == path  # Cached: no second GET.
   assert server.requests == 1
   assert sorted(os.listdir(cache)) == [name, name + '.lock']  # No partials.
@@ -135,15 +148,19 @@ def test_downloads_once_verifies_and_loads(served, tmp_path):
   # dropped, everything else is the file's.
   model = models.DenseNet(block_sizes=BLOCKS, num_classes=14)
   import jax  # pylint: disable=g-import-not-at-top
+
   fresh = model.init(jax.random.key(1), np.zeros((1, SIZE, SIZE, 3)), train=False)
   loaded = weights.load_pretrained(path, fresh)
-  np.testing.assert_array_equal(loaded['params']['norm5']['scale'],
-                                state_dict['features.norm5.weight'])
   np.testing.assert_array_equal(
-      loaded['batch_stats']['denseblock1']['denselayer1']['norm1']['var'],
-      state_dict['features.denseblock1.denselayer1.norm1.running_var'])
-  np.testing.assert_array_equal(loaded['params']['classifier']['kernel'],
-                                fresh['params']['classifier']['kernel'])
+    loaded['params']['norm5']['scale'], state_dict['features.norm5.weight']
+  )
+  np.testing.assert_array_equal(
+    loaded['batch_stats']['denseblock1']['denselayer1']['norm1']['var'],
+    state_dict['features.denseblock1.denselayer1.norm1.running_var'],
+  )
+  np.testing.assert_array_equal(
+    loaded['params']['classifier']['kernel'], fresh['params']['classifier']['kernel']
+  )
 
 
 def test_a_corrupted_cached_file_is_replaced(served, tmp_path):
@@ -152,7 +169,7 @@ def test_a_corrupted_cached_file_is_replaced(served, tmp_path):
   cache.mkdir()
   (cache / name).write_bytes(b'truncated')
   path = imagenet_weights.init_path(_config(server.url(name), cache))
-  assert imagenet_weights.sha256_of(path).startswith(name[len('densenet121-'):-4])
+  assert imagenet_weights.sha256_of(path).startswith(name[len('densenet121-') : -4])
   assert server.requests == 1
 
 
@@ -163,8 +180,9 @@ def test_tampered_download_is_refused_and_never_kept(served, tmp_path):
   data[-100] ^= 0xFF  # One flipped byte.
   served_file.write_bytes(bytes(data))
   cache = tmp_path / 'cache'
-  with pytest.raises(imagenet_weights.WeightsDownloadError,
-                     match=r'not the prefix [0-9a-f]{8} .*tampered'):
+  with pytest.raises(
+    imagenet_weights.WeightsDownloadError, match=r'not the prefix [0-9a-f]{8} .*tampered'
+  ):
     imagenet_weights.init_path(_config(server.url(name), cache))
   assert [f for f in os.listdir(cache) if not f.endswith('.lock')] == []
 
@@ -188,14 +206,23 @@ def test_no_network_names_the_url_and_where_to_put_the_file(tmp_path):
 
 def test_main_says_it_in_one_sentence_without_traceback(tmp_path):
   url = f'http://127.0.0.1:{_closed_port()}/densenet121-a639ec97.pth'
-  command = [sys.executable, '-m', 'chexnet_jax.main', '--config',
-             os.path.join(REPO, 'configs', 'cpu_smoke.py'),
-             '--workdir', str(tmp_path / 'run'), '--config.model=densenet121',
-             '--config.init_from=imagenet', f'--config.imagenet_weights_url={url}',
-             f'--config.weights_cache_dir={tmp_path / "cache"}',
-             '--config.num_train_steps=1']
-  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                          timeout=300, check=False)
+  command = [
+    sys.executable,
+    '-m',
+    'chexnet_jax.main',
+    '--config',
+    os.path.join(REPO, 'configs', 'cpu_smoke.py'),
+    '--workdir',
+    str(tmp_path / 'run'),
+    '--config.model=densenet121',
+    '--config.init_from=imagenet',
+    f'--config.imagenet_weights_url={url}',
+    f'--config.weights_cache_dir={tmp_path / "cache"}',
+    '--config.num_train_steps=1',
+  ]
+  result = subprocess.run(
+    command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+  )
   assert result.returncode == 1
   assert 'Traceback' not in result.stderr
   line = result.stderr.strip().splitlines()[-1]
@@ -207,12 +234,20 @@ def test_concurrent_processes_download_once(served, tmp_path):
   """Four processes (a Slurm node's tasks) ask at once: one GET, one file."""
   server, name, _ = served
   cache = tmp_path / 'cache'
-  code = ('import sys; from chexnet_jax import imagenet_weights as w; '
-          'print(w.fetch(sys.argv[1], sys.argv[2]))')
-  procs = [subprocess.Popen([sys.executable, '-c', code, server.url(name),
-                             str(cache)], cwd=REPO, stdout=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONPATH=REPO))
-           for _ in range(4)]
+  code = (
+    'import sys; from chexnet_jax import imagenet_weights as w; '
+    'print(w.fetch(sys.argv[1], sys.argv[2]))'
+  )
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', code, server.url(name), str(cache)],
+      cwd=REPO,
+      stdout=subprocess.PIPE,
+      text=True,
+      env=dict(os.environ, PYTHONPATH=REPO),
+    )
+    for _ in range(4)
+  ]
   outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
   assert all(p.returncode == 0 for p in procs)
   assert set(outputs) == {str(cache / name)}
@@ -222,6 +257,7 @@ def test_concurrent_processes_download_once(served, tmp_path):
 def test_config_checks_for_imagenet():
   from chexnet_jax import config_checks  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
+
   config = default.get_config()
   assert config.init_from == 'imagenet'
   assert config.imagenet_weights_url.endswith('/densenet121-a639ec97.pth')
@@ -243,11 +279,11 @@ def test_config_checks_for_imagenet():
 
 def test_cache_dir_follows_xdg(monkeypatch):
   from configs import default  # pylint: disable=g-import-not-at-top
+
   config = default.get_config()
   monkeypatch.setenv('XDG_CACHE_HOME', '/somewhere')
   assert imagenet_weights.cache_dir(config) == '/somewhere/chexnet_jax'
   monkeypatch.delenv('XDG_CACHE_HOME')
-  assert imagenet_weights.cache_dir(config) == os.path.expanduser(
-      '~/.cache/chexnet_jax')
+  assert imagenet_weights.cache_dir(config) == os.path.expanduser('~/.cache/chexnet_jax')
   config.weights_cache_dir = '/elsewhere'
   assert imagenet_weights.cache_dir(config) == '/elsewhere'

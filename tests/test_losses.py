@@ -1,5 +1,6 @@
 """The loss weightings of config.pos_weight, each checked against its formula,
 and the validation loss the plateau rule watches."""
+
 import jax
 import numpy as np
 import pytest
@@ -20,8 +21,7 @@ def test_unweighted_is_the_mean_bce_over_labels():
   logits = rng.normal(size=(3, 14)).astype(np.float32)
   labels = (rng.random((3, 14)) < 0.3).astype(np.float32)
   p = 1 / (1 + np.exp(-logits))
-  np.testing.assert_allclose(losses.bce_loss(logits, labels),
-                             _bce(p, labels).mean(-1), rtol=1e-5)
+  np.testing.assert_allclose(losses.bce_loss(logits, labels), _bce(p, labels).mean(-1), rtol=1e-5)
 
 
 def test_chexnet_paper_weights_are_fractions_of_the_training_set():
@@ -45,7 +45,8 @@ def test_negatives_over_positives_is_pytorchs_pos_weight():
   logits = rng.normal(size=(4, 14)).astype(np.float32)
   labels = (rng.random((4, 14)) < 0.3).astype(np.float32)
   expected = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(w_pos))(
-      torch.tensor(logits), torch.tensor(labels)).item()
+    torch.tensor(logits), torch.tensor(labels)
+  ).item()
   got = float(losses.bce_loss(logits, labels, (w_pos, w_neg)).mean())
   assert got == pytest.approx(expected, rel=1e-5)
 
@@ -75,8 +76,9 @@ def test_validation_loss_uses_the_training_weights(monkeypatch):
   model = train_state.build_model(config)
   variables = train_state.init_variables(config, model, jax.random.key(0))
   weights = losses.label_weights('chexnet_paper', [0.25] * 14)
-  weighted, *_ = inference.evaluate_split(config, model, variables, mesh,
-                                          'validation', loss_weights=weights)
+  weighted, *_ = inference.evaluate_split(
+    config, model, variables, mesh, 'validation', loss_weights=weights
+  )
   plain, *_ = inference.evaluate_split(config, model, variables, mesh, 'validation')
   assert weighted['bce'] == pytest.approx(plain['loss'], rel=1e-6)
   assert weighted['loss'] < 0.8 * plain['loss']  # Weights below 1 here.

@@ -1,5 +1,6 @@
 """`python -m chexnet_jax.main` end to end on cpu_smoke: it learns, logs,
 checkpoints and resumes; bad configs stop before anything compiles."""
+
 import glob
 import json
 import os
@@ -12,11 +13,17 @@ from tests.conftest import REPO
 
 
 def run_main(workdir, *overrides, timeout=600):
-  command = [sys.executable, '-m', 'chexnet_jax.main',
-             '--config', os.path.join(REPO, 'configs', 'cpu_smoke.py'),
-             '--workdir', str(workdir), *overrides]
-  return subprocess.run(command, cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout)
+  command = [
+    sys.executable,
+    '-m',
+    'chexnet_jax.main',
+    '--config',
+    os.path.join(REPO, 'configs', 'cpu_smoke.py'),
+    '--workdir',
+    str(workdir),
+    *overrides,
+  ]
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(workdir):
@@ -48,12 +55,10 @@ def test_run_writes_logs_and_checkpoints(smoke_run):
   workdir, result = smoke_run
   records = read_metrics(workdir)
   train_records = [r for r in records if 'train_loss' in r]
-  for key in ('train_loss', 'learning_rate', 'images_per_second',
-              'step_time_ms', 'data_wait_ms'):
+  for key in ('train_loss', 'learning_rate', 'images_per_second', 'step_time_ms', 'data_wait_ms'):
     assert all(r[key] is not None and r[key] > 0 for r in train_records), key
   assert glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*'))
-  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
-                 if d.isdigit())
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
   assert steps[-1] == 320 and len(steps) <= 4  # Last 3 + best.
   with open(os.path.join(workdir, 'run.json')) as f:
     identity = json.load(f)
@@ -80,15 +85,18 @@ def test_resuming_with_another_model_is_refused(smoke_run):
   assert "model: run has 'tiny', config asks for 'densenet121'" in result.stderr
 
 
-@pytest.mark.parametrize('override, message', [
-    ('--config.batch_size=30',
-     'config.batch_size=30 does not divide over 4 devices; set '
-     '--config.batch_size to a multiple of 4 (e.g. 28)'),
-    ('--config.model=densenet12',
-     "config.model='densenet12' is not one of"),
-    ('--config.dataset=chestxray14',
-     'No complete chestxray14 dataset at 40px'),
-])
+@pytest.mark.parametrize(
+  'override, message',
+  [
+    (
+      '--config.batch_size=30',
+      'config.batch_size=30 does not divide over 4 devices; set '
+      '--config.batch_size to a multiple of 4 (e.g. 28)',
+    ),
+    ('--config.model=densenet12', "config.model='densenet12' is not one of"),
+    ('--config.dataset=chestxray14', 'No complete chestxray14 dataset at 40px'),
+  ],
+)
 def test_bad_config_stops_with_one_clear_sentence(tmp_path, override, message):
   env_workdir = tmp_path / 'run'
   result = run_main(env_workdir, override, '--config.data_dir=' + str(tmp_path))

@@ -1,4 +1,5 @@
 """chexnet_jax/metrics.py against scikit-learn and hand-checked cases."""
+
 import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
@@ -24,7 +25,8 @@ def test_auroc_and_auprc_equal_sklearn():
   for k, name in enumerate(NAMES):
     assert aurocs[name] == pytest.approx(sk_metrics.roc_auc_score(labels[:, k], probs[:, k]))
     assert auprcs[name] == pytest.approx(
-        sk_metrics.average_precision_score(labels[:, k], probs[:, k]))
+      sk_metrics.average_precision_score(labels[:, k], probs[:, k])
+    )
 
 
 def test_default_names_are_the_14_labels_and_one_class_label_is_nan():
@@ -63,10 +65,12 @@ def test_bootstrap_resamples_whole_patients():
 
 def test_bootstrap_intervals_are_seeded_and_contain_the_estimate():
   labels, probs, patients = _random_predictions()
-  first = metrics.bootstrap_intervals(labels, probs, patients, names=NAMES,
-                                      num_resamples=50, seed=3)
-  again = metrics.bootstrap_intervals(labels, probs, patients, names=NAMES,
-                                      num_resamples=50, seed=3)
+  first = metrics.bootstrap_intervals(
+    labels, probs, patients, names=NAMES, num_resamples=50, seed=3
+  )
+  again = metrics.bootstrap_intervals(
+    labels, probs, patients, names=NAMES, num_resamples=50, seed=3
+  )
   assert first == again
   aurocs = metrics.auroc_per_label(labels, probs, NAMES)
   for name in NAMES:
@@ -96,15 +100,18 @@ def test_sensitivity_specificity_hand_computed():
 
 def test_classification_report_is_json_ready():
   import json
+
   labels, probs, patients = _random_predictions()
   labels[:, 2] = 0  # A label without positives: nulls, not NaN, in JSON.
   thresholds = metrics.youden_thresholds(labels, probs, NAMES)
-  report = metrics.classification_report(labels, probs, patients, thresholds=thresholds,
-                                         names=NAMES, num_resamples=20)
+  report = metrics.classification_report(
+    labels, probs, patients, thresholds=thresholds, names=NAMES, num_resamples=20
+  )
   text = json.dumps(report, allow_nan=False)
   assert json.loads(text)['per_label']['c']['auroc'] is None
   assert report['mean_auroc'] == pytest.approx(
-      np.mean([report['per_label'][n]['auroc'] for n in ('a', 'b')]))
+    np.mean([report['per_label'][n]['auroc'] for n in ('a', 'b')])
+  )
   assert report['num_patients'] == len(np.unique(patients))
 
 
@@ -112,19 +119,22 @@ def test_classification_report_is_json_ready():
 def test_ranked_column_equals_sklearn_with_weights_and_ties(seed):
   rng = np.random.default_rng(seed)
   labels = (rng.random(300) < 0.2).astype(float)
-  probs = np.round(rng.random(300) * 0.5 + 0.3 * labels, 2)    # Many ties.
-  weights = rng.integers(0, 4, size=300).astype(float)          # Zeros too.
+  probs = np.round(rng.random(300) * 0.5 + 0.3 * labels, 2)  # Many ties.
+  weights = rng.integers(0, 4, size=300).astype(float)  # Zeros too.
   auroc, average_precision = metrics._RankedColumn(labels, probs).scores(weights)
   assert auroc == pytest.approx(
-      sk_metrics.roc_auc_score(labels, probs, sample_weight=weights), abs=1e-12)
+    sk_metrics.roc_auc_score(labels, probs, sample_weight=weights), abs=1e-12
+  )
   assert average_precision == pytest.approx(
-      sk_metrics.average_precision_score(labels, probs, sample_weight=weights), abs=1e-12)
+    sk_metrics.average_precision_score(labels, probs, sample_weight=weights), abs=1e-12
+  )
 
 
 def test_bootstrap_mean_interval_uses_resamples_of_the_same_patients():
   labels, probs, patients = _random_predictions()
-  intervals = metrics.bootstrap_intervals(labels, probs, patients, names=NAMES,
-                                          num_resamples=30, seed=0)
+  intervals = metrics.bootstrap_intervals(
+    labels, probs, patients, names=NAMES, num_resamples=30, seed=0
+  )
   aurocs = []
   for weights in metrics.bootstrap_weights(patients, 30, seed=0):
     aurocs.append(metrics.mean_score(metrics.auroc_per_label(labels, probs, NAMES, weights)))

@@ -3,6 +3,7 @@
 The full DenseNet121 is built once per module (Keras) and compiled once (ours,
 eval and train mode in one jit), at 64 px, to keep the file under a minute.
 """
+
 import os
 
 os.environ.setdefault('KERAS_BACKEND', 'jax')
@@ -23,17 +24,21 @@ PARITY_RTOL = 1e-4
 
 def param_count(name, num_classes):
   model = models.create_model(name, num_classes=num_classes)
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+  )
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
 
 
-@pytest.mark.parametrize('name, num_classes, expected', [
+@pytest.mark.parametrize(
+  'name, num_classes, expected',
+  [
     ('densenet121', 14, 6_968_206),
     ('densenet121', 1000, 7_978_856),  # torchvision's published counts.
     ('densenet169', 1000, 14_149_480),
     ('densenet201', 1000, 20_013_928),
-])
+  ],
+)
 def test_param_counts(name, num_classes, expected):
   assert param_count(name, num_classes) == expected
 
@@ -60,8 +65,7 @@ def test_tiny_shapes_and_cam_features(tiny):
   assert features.shape == (4, 4, 4, channels)  # Two blocks: 32 px / 8.
   head = variables['params']['classifier']
   cam = features @ head['kernel']  # The class activation maps.
-  np.testing.assert_allclose(cam.mean(axis=(1, 2)) + head['bias'], logits,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(cam.mean(axis=(1, 2)) + head['bias'], logits, rtol=1e-5, atol=1e-5)
 
 
 def test_train_mode_updates_batch_stats_only(tiny):
@@ -81,8 +85,9 @@ def test_low_precision_computes_low_keeps_float32_params_and_logits(tiny, dtype)
   dtypes = {a.dtype for a in jax.tree.leaves(variables)}
   assert dtypes == {jnp.dtype(jnp.float32)}
   # Convolutions and BN compute in `dtype`; features and logits come out float32.
-  (logits, features), state = model.apply(variables, x, train=False, return_features=True,
-                                          capture_intermediates=True)
+  (logits, features), state = model.apply(
+    variables, x, train=False, return_features=True, capture_intermediates=True
+  )
   outputs = state['intermediates']
   assert outputs['conv0']['__call__'][0].dtype == dtype
   assert outputs['norm5']['__call__'][0].dtype == dtype
@@ -129,10 +134,11 @@ def test_normalize():
 def keras_densenet121():
   """(Keras model, input, eval logits, train-mode logits), weights randomised."""
   import keras  # pylint: disable=g-import-not-at-top
+
   assert keras.backend.backend() == 'jax'
   model = keras.applications.DenseNet121(
-      weights=None, classes=14, classifier_activation=None,
-      input_shape=(PARITY_SIZE, PARITY_SIZE, 3))
+    weights=None, classes=14, classifier_activation=None, input_shape=(PARITY_SIZE, PARITY_SIZE, 3)
+  )
   randomize_keras_weights(model, seed=0)
   x = np.random.default_rng(1).normal(size=(4, PARITY_SIZE, PARITY_SIZE, 3))
   x = x.astype(np.float32)
@@ -145,13 +151,15 @@ def keras_logits_both_modes(model, x):
 
   @jax.jit
   def both_modes(trainable, non_trainable, x):
-    outputs = [model.stateless_call(trainable, non_trainable, x, training=mode)[0]
-               for mode in (False, True)]
+    outputs = [
+      model.stateless_call(trainable, non_trainable, x, training=mode)[0] for mode in (False, True)
+    ]
     return outputs
 
-  values = lambda variables: [v.value for v in variables]
-  outputs = both_modes(values(model.trainable_variables),
-                       values(model.non_trainable_variables), x)
+  def values(variables):
+    return [v.value for v in variables]
+
+  outputs = both_modes(values(model.trainable_variables), values(model.non_trainable_variables), x)
   return [np.asarray(o) for o in outputs]
 
 
@@ -164,21 +172,21 @@ def test_keras_densenet121_converts_to_torchvision_keys(keras_densenet121):
   state_dict = keras_densenet121[0]
   # torchvision's densenet121 state dict: 727 keys, 121 of them num_batches_tracked.
   assert len(state_dict) == 727 - 121
-  expected = {'features.denseblock4.denselayer16.conv2.weight': (32, 128, 3, 3),
-              'features.transition3.conv.weight': (512, 1024, 1, 1),
-              'features.norm5.running_var': (1024,),
-              'classifier.weight': (14, 1024)}
+  expected = {
+    'features.denseblock4.denselayer16.conv2.weight': (32, 128, 3, 3),
+    'features.transition3.conv.weight': (512, 1024, 1, 1),
+    'features.norm5.running_var': (1024,),
+    'classifier.weight': (14, 1024),
+  }
   assert {k: state_dict[k].shape for k in expected} == expected
 
 
 @pytest.mark.slow
 def test_densenet121_matches_keras(keras_densenet121):
   state_dict, x, keras_eval, keras_train = keras_densenet121
-  model = models.create_model('densenet121').clone(
-      bn_epsilon=models.KERAS_BN_EPSILON)
+  model = models.create_model('densenet121').clone(bn_epsilon=models.KERAS_BN_EPSILON)
   # Shapes suffice: every variable, head included, comes from Keras.
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), x[:1], train=False))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1], train=False))
   variables = weights.state_dict_to_variables(state_dict, shapes)
 
   @jax.jit
@@ -188,7 +196,9 @@ def test_densenet121_matches_keras(keras_densenet121):
 
   ours_eval, ours_train = both_modes(variables, x)
   assert np.std(keras_eval) > 1e-2  # Random weights still give distinct logits.
-  errors = (relative_error(np.asarray(ours_eval), keras_eval),
-            relative_error(np.asarray(ours_train), keras_train))
+  errors = (
+    relative_error(np.asarray(ours_eval), keras_eval),
+    relative_error(np.asarray(ours_train), keras_train),
+  )
   print(f'relative error vs Keras: eval {errors[0]:.2e}, train {errors[1]:.2e}')
   assert max(errors) < PARITY_RTOL

@@ -1,4 +1,5 @@
 """NIH file parsing, image locating (flat, Kaggle, tarballs), image conversion, splits."""
+
 import csv
 import gzip
 import io
@@ -15,11 +16,13 @@ from input_pipeline import labels
 from input_pipeline import nih
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')   # 300 real images, 256 px grey.
-FULL = os.path.join(REPO, 'tests', 'fixtures', 'nih')     # NIH's CSVs, full-size originals.
+DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')  # 300 real images, 256 px grey.
+FULL = os.path.join(REPO, 'tests', 'fixtures', 'nih')  # NIH's CSVs, full-size originals.
 RGBA_IMAGES = ('00001369_000.png', '00002578_000.png')
-HEADER_2020 = ('Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,'
-               'View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n')
+HEADER_2020 = (
+  'Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,'
+  'View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n'
+)
 
 
 def sample_names(count=None):
@@ -47,8 +50,14 @@ def test_full_v2020_csv(sample_entries):
   assert len(sample_entries) == nih.NIH_COUNTS['images']
   assert len({e.patient_id for e in sample_entries.values()}) == nih.NIH_COUNTS['patients']
   entry = sample_entries['00000001_001.png']
-  assert (entry.finding_labels, entry.follow_up, entry.patient_id, entry.age, entry.sex,
-          entry.view_position) == ('Cardiomegaly|Emphysema', 1, 1, 58, 'M', 'PA')
+  assert (
+    entry.finding_labels,
+    entry.follow_up,
+    entry.patient_id,
+    entry.age,
+    entry.sex,
+    entry.view_position,
+  ) == ('Cardiomegaly|Emphysema', 1, 1, 58, 'M', 'PA')
   assert np.flatnonzero(entry.labels).tolist() == [1, 10]
 
 
@@ -70,9 +79,11 @@ def _write(path, text, gz=False):
 
 def test_2017_header_variant_plain_and_gzip(tmp_path):
   """Data_Entry_2017.csv: trailing comma on every line; same parse either way."""
-  text = (HEADER_2020.rstrip('\n') + ',\n'
-          '00000001_000.png,Cardiomegaly,0,1,058,M,PA,2682,2749,0.143,0.143,\n'
-          '00000002_000.png,No Finding,0,2,81,F,AP,2500,2048,0.171,0.171,\n')
+  text = (
+    HEADER_2020.rstrip('\n') + ',\n'
+    '00000001_000.png,Cardiomegaly,0,1,058,M,PA,2682,2749,0.143,0.143,\n'
+    '00000002_000.png,No Finding,0,2,81,F,AP,2500,2048,0.171,0.171,\n'
+  )
   for gz in (False, True):
     path = _write(tmp_path / ('Data_Entry_2017.csv' + ('.gz' if gz else '')), text, gz)
     entries, problems = nih.read_data_entry(path)
@@ -83,15 +94,15 @@ def test_2017_header_variant_plain_and_gzip(tmp_path):
 
 
 def test_csv_problems_all_reported(tmp_path):
-  text = (HEADER_2020 +
-          '00000001_000.png,Cardiomegaly,0,1,58,M,PA,2682,2749,0.143,0.143\n'
-          '00000002_000.png,Pneumonitis|Mass,0,2,81,F,PA,2500,2048,0.171,0.171\n'
-          '00000003_000.png,Mass,zero,3,81,F,PA,2500,2048,0.171,0.171\n'
-          '00000004_000.png,Mass,0,4\n')
+  text = (
+    HEADER_2020 + '00000001_000.png,Cardiomegaly,0,1,58,M,PA,2682,2749,0.143,0.143\n'
+    '00000002_000.png,Pneumonitis|Mass,0,2,81,F,PA,2500,2048,0.171,0.171\n'
+    '00000003_000.png,Mass,zero,3,81,F,PA,2500,2048,0.171,0.171\n'
+    '00000004_000.png,Mass,0,4\n'
+  )
   entries, problems = nih.read_data_entry(_write(tmp_path / 'Data_Entry_2017_v2020.csv', text))
   assert list(entries) == ['00000001_000.png']
-  assert [p.image for p in problems] == ['00000002_000.png', '00000003_000.png',
-                                         '00000004_000.png']
+  assert [p.image for p in problems] == ['00000002_000.png', '00000003_000.png', '00000004_000.png']
   assert 'line 3' in problems[0].message and 'Pneumonitis' in problems[0].message
   assert 'line 4' in problems[1].message and 'integers' in problems[1].message
   assert 'line 5' in problems[2].message and 'expected 11 fields, got 4' in problems[2].message
@@ -162,11 +173,14 @@ def test_scan_finds_flat_kaggle_and_tarball_images(tmp_path):
       assert refs[name].read() == f.read()
 
 
-@pytest.mark.parametrize('damage, message', [
+@pytest.mark.parametrize(
+  'damage, message',
+  [
     (lambda data: b'', 'zero-byte'),
-    (lambda data: data[:len(data) // 2], 'truncated'),
+    (lambda data: data[: len(data) // 2], 'truncated'),
     (lambda data: b'not a png at all', 'unreadable'),
-])
+  ],
+)
 def test_image_problem(damage, message):
   with open(os.path.join(DEMO_IMAGES, sample_names(1)[0]), 'rb') as f:
     data = f.read()
@@ -188,8 +202,9 @@ def test_patient_split_is_by_patient_and_seeded(sample_entries):
 def test_patient_overlap_is_refused(sample_entries):
   # 00000001_000 and 00000001_001 are the same patient.
   with pytest.raises(AssertionError, match='patient'):
-    nih.assert_no_patient_overlap({'train': ['00000001_000.png'], 'test': ['00000001_001.png']},
-                                  sample_entries)
+    nih.assert_no_patient_overlap(
+      {'train': ['00000001_000.png'], 'test': ['00000001_001.png']}, sample_entries
+    )
 
 
 def test_full_counts_checked(sample_entries):

@@ -1,5 +1,6 @@
 """notebooks/evaluate_checkpoint.ipynb runs to the end on the tiny run, and its AUROC
 table is the one `python -m chexnet_jax.evaluate` prints."""
+
 import os
 
 import nbclient
@@ -23,7 +24,7 @@ def _auroc_table(text):
   lines = text.splitlines()
   start = next(i for i, line in enumerate(lines) if line.startswith('Pathology'))
   end = next(i for i, line in enumerate(lines) if line.startswith('Mean'))
-  return '\n'.join(lines[start:end + 1])
+  return '\n'.join(lines[start : end + 1])
 
 
 def test_notebook_runs_and_its_table_equals_evaluate(tiny_run, capsys, monkeypatch):
@@ -32,16 +33,43 @@ def test_notebook_runs_and_its_table_equals_evaluate(tiny_run, capsys, monkeypat
   monkeypatch.setenv('CHEXNET_BOOTSTRAP', str(BOOTSTRAP))
   monkeypatch.setenv('CHEXNET_GALLERY', '2')
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  nbclient.NotebookClient(notebook, kernel_name='python3', timeout=300,
-                          resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}}).execute()
+  nbclient.NotebookClient(
+    notebook,
+    kernel_name='python3',
+    timeout=300,
+    resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}},
+  ).execute()
   outputs = '\n'.join(_stream_text(cell) for cell in notebook.cells if cell.cell_type == 'code')
-  errors = [o for cell in notebook.cells if cell.cell_type == 'code'
-            for o in cell.outputs if o.output_type == 'error']
+  errors = [
+    o
+    for cell in notebook.cells
+    if cell.cell_type == 'code'
+    for o in cell.outputs
+    if o.output_type == 'error'
+  ]
   assert not errors
-  images = [o for cell in notebook.cells if cell.cell_type == 'code'
-            for o in cell.outputs if 'image/png' in o.get('data', {})]
+  images = [
+    o
+    for cell in notebook.cells
+    if cell.cell_type == 'code'
+    for o in cell.outputs
+    if 'image/png' in o.get('data', {})
+  ]
   assert len(images) >= 3  # ROC curves and the gallery.
 
-  assert evaluate.main(['--workdir', tiny_run, '--checkpoint', 'best',
-                        '--bootstrap', str(BOOTSTRAP), '--gallery', '1']) == 0
+  assert (
+    evaluate.main(
+      [
+        '--workdir',
+        tiny_run,
+        '--checkpoint',
+        'best',
+        '--bootstrap',
+        str(BOOTSTRAP),
+        '--gallery',
+        '1',
+      ]
+    )
+    == 0
+  )
   assert _auroc_table(outputs) == _auroc_table(capsys.readouterr().out)

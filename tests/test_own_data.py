@@ -2,6 +2,7 @@
 
 Real pixels throughout: demo_data's NIH images, written as DICOM by the tests.
 """
+
 import csv
 import gzip
 import json
@@ -45,8 +46,15 @@ def _grey(name):
     return images.decode_grey(f.read())
 
 
-def write_dicom(path, pixels, photometric='MONOCHROME2', bits_stored=8, window=None,
-                rescale=None, syntax=uid.ExplicitVRLittleEndian):
+def write_dicom(
+  path,
+  pixels,
+  photometric='MONOCHROME2',
+  bits_stored=8,
+  window=None,
+  rescale=None,
+  syntax=uid.ExplicitVRLittleEndian,
+):
   """Writes a single-frame DICOM with a patient name that must never leak."""
   ds = Dataset()
   ds.file_meta = FileMetaDataset()
@@ -116,8 +124,7 @@ def test_dicom_narrow_window_clips_and_rescale_applies(tmp_path):
 
 
 def test_dicom_compressed_without_decoder_is_refused_naming_the_syntax(tmp_path):
-  path = write_dicom(str(tmp_path / 'c.dcm'), np.zeros((8, 8), np.uint8),
-                     syntax=uid.JPEGLSLossless)
+  path = write_dicom(str(tmp_path / 'c.dcm'), np.zeros((8, 8), np.uint8), syntax=uid.JPEGLSLossless)
   with open(path, 'rb') as f:
     why = dicom.problem(f.read())
   assert 'JPEG-LS Lossless' in why and 'install a decoder' in why
@@ -127,13 +134,23 @@ def test_dicom_compressed_without_decoder_is_refused_naming_the_syntax(tmp_path)
 def test_predict_on_dicom_gives_the_png_probabilities(tiny_run, tmp_path):
   name = _demo_rows()[0][0]
   grey = _grey(name)
-  dicoms = [write_dicom(str(tmp_path / 'm2.dcm'), grey),
-            write_dicom(str(tmp_path / 'm1.dcm'), 255 - grey, photometric='MONOCHROME1'),
-            write_dicom(str(tmp_path / 'w16.dcm'), grey.astype(np.uint16) * 16 + 8,
-                        bits_stored=12, window=(2048, 4096))]
+  dicoms = [
+    write_dicom(str(tmp_path / 'm2.dcm'), grey),
+    write_dicom(str(tmp_path / 'm1.dcm'), 255 - grey, photometric='MONOCHROME1'),
+    write_dicom(
+      str(tmp_path / 'w16.dcm'),
+      grey.astype(np.uint16) * 16 + 8,
+      bits_stored=12,
+      window=(2048, 4096),
+    ),
+  ]
   out = tmp_path / 'out'
-  assert predict.main([_png(name), *dicoms, '--workdir', tiny_run, '--top_k', '1',
-                       '--output_dir', str(out)]) == 0
+  assert (
+    predict.main(
+      [_png(name), *dicoms, '--workdir', tiny_run, '--top_k', '1', '--output_dir', str(out)]
+    )
+    == 0
+  )
   results = json.loads((out / 'predictions.json').read_text())['results']
   png = results[0]['probabilities']
   for result in results[1:]:
@@ -168,8 +185,9 @@ def _spec(csv_path, **kwargs):
 
 def test_bom_csv_builds_and_split_is_by_patient(tmp_path):
   path = write_csv(tmp_path / 'bom.csv', own_rows(60), encoding='utf-8-sig')
-  builder, outcome = csv_dataset.build(_spec(path), name='own', data_dir=str(tmp_path / 'd'),
-                                       image_size=32, num_workers=1)
+  builder, outcome = csv_dataset.build(
+    _spec(path), name='own', data_dir=str(tmp_path / 'd'), image_size=32, num_workers=1
+  )
   assert outcome == 'built'
   assert builder.info.metadata['labels'] == list(LABELS3)
   split = json.loads((tmp_path / 'd/own/32px/1.0.0/split.json').read_text())
@@ -186,16 +204,23 @@ def test_problems_are_named_in_one_error(tmp_path):
   rows[3][0] = 'images/missing.png'
   path = write_csv(tmp_path / 'bad.csv', rows)
   with pytest.raises(csv_dataset.InvalidInputError) as error:
-    csv_dataset.build(_spec(path), name='own', data_dir=str(tmp_path / 'd'), image_size=32,
-                      num_workers=1)
+    csv_dataset.build(
+      _spec(path), name='own', data_dir=str(tmp_path / 'd'), image_size=32, num_workers=1
+    )
   message = str(error.value)
   assert message.startswith('3 problem(s)')
   assert "'../README.md' goes outside --image_root" in message
   assert "column 'Effusion' holds 'yes'" in message and 'line 4' in message
   assert 'missing.png: image not found' in message and '--skip_bad' in message
   assert not os.path.exists(tmp_path / 'd' / 'own' / '32px' / '1.0.0')
-  builder, _ = csv_dataset.build(_spec(path), name='own', data_dir=str(tmp_path / 'd'),
-                                 image_size=32, skip_bad=True, num_workers=1)
+  builder, _ = csv_dataset.build(
+    _spec(path),
+    name='own',
+    data_dir=str(tmp_path / 'd'),
+    image_size=32,
+    skip_bad=True,
+    num_workers=1,
+  )
   assert builder.info.metadata['num_skipped'] == 3
   assert sum(s.num_examples for s in builder.info.splits.values()) == 7
 
@@ -203,33 +228,63 @@ def test_problems_are_named_in_one_error(tmp_path):
 def test_patient_in_two_given_splits_is_one_error_without_skip_hint(tmp_path):
   rows = [r + ['train'] for r in own_rows(6)]
   rows[-1][1] = rows[0][1]  # Same patient as row 1...
-  rows[-1][-1] = 'test'     # ...in another split.
+  rows[-1][-1] = 'test'  # ...in another split.
   path = write_csv(tmp_path / 's.csv', rows, header=('path', 'patient', *LABELS3, 'split'))
   with pytest.raises(csv_dataset.InvalidInputError) as error:
-    csv_dataset.build(_spec(path, split_column='split'), name='own',
-                      data_dir=str(tmp_path / 'd'), image_size=32, num_workers=1)
+    csv_dataset.build(
+      _spec(path, split_column='split'),
+      name='own',
+      data_dir=str(tmp_path / 'd'),
+      image_size=32,
+      num_workers=1,
+    )
   assert f"patient '{rows[0][1]}' is in test and train" in str(error.value)
   assert 'cannot leave these out' in str(error.value)
 
 
 def test_no_patient_column_refuses_unless_told_then_warns(tmp_path):
-  path = write_csv(tmp_path / 'np.csv', [r[:1] + r[2:] for r in own_rows(20)],
-                   header=('path', *LABELS3))
+  path = write_csv(
+    tmp_path / 'np.csv', [r[:1] + r[2:] for r in own_rows(20)], header=('path', *LABELS3)
+  )
   with pytest.raises(csv_dataset.InvalidInputError, match='no --patient_column'):
-    csv_dataset.build(_spec(path, patient_column=''), name='own',
-                      data_dir=str(tmp_path / 'd'), image_size=32, num_workers=1)
-  builder, _ = csv_dataset.build(_spec(path, patient_column='', images_are_independent=True),
-                                 name='own', data_dir=str(tmp_path / 'd'), image_size=32,
-                                 num_workers=1)
+    csv_dataset.build(
+      _spec(path, patient_column=''),
+      name='own',
+      data_dir=str(tmp_path / 'd'),
+      image_size=32,
+      num_workers=1,
+    )
+  builder, _ = csv_dataset.build(
+    _spec(path, patient_column='', images_are_independent=True),
+    name='own',
+    data_dir=str(tmp_path / 'd'),
+    image_size=32,
+    num_workers=1,
+  )
   assert 'may leak' in builder.info.metadata['warnings'][0]
 
 
 def test_rebuild_with_other_inputs_is_refused_unless_overwrite(tmp_path, capsys):
   data_dir = str(tmp_path / 'd')
   first = write_csv(tmp_path / 'one.csv', own_rows(20))
-  args = ['--csv', first, '--image_root', DEMO, '--labels', ','.join(LABELS3),
-          '--patient_column', 'patient', '--name', 'own', '--data_dir', data_dir,
-          '--image_size', '32', '--num_workers', '1']
+  args = [
+    '--csv',
+    first,
+    '--image_root',
+    DEMO,
+    '--labels',
+    ','.join(LABELS3),
+    '--patient_column',
+    'patient',
+    '--name',
+    'own',
+    '--data_dir',
+    data_dir,
+    '--image_size',
+    '32',
+    '--num_workers',
+    '1',
+  ]
   build_cli.main(args)
   build_cli.main(args)
   assert 'already built from the same inputs; kept' in capsys.readouterr().out
@@ -246,18 +301,27 @@ def test_rebuild_with_other_inputs_is_refused_unless_overwrite(tmp_path, capsys)
 def test_dicom_and_png_rows_build_to_the_same_pixels(tmp_path):
   rows = own_rows(8)
   name = rows[0][0]
-  write_dicom(str(tmp_path / 'x.dcm'), 255 - _grey(os.path.basename(name)),
-              photometric='MONOCHROME1')
+  write_dicom(
+    str(tmp_path / 'x.dcm'), 255 - _grey(os.path.basename(name)), photometric='MONOCHROME1'
+  )
   os.symlink(os.path.join(DEMO, 'images'), tmp_path / 'images')
   rows.append(['x.dcm', 'dicom-patient', 1, 0, 0])
   path = write_csv(tmp_path / 'mixed.csv', rows)
-  spec = csv_dataset.Spec(csv_paths=(path,), image_root=str(tmp_path), labels=LABELS3,
-                          patient_column='patient', val_fraction=0.0, test_fraction=0.0)
-  builder, _ = csv_dataset.build(spec, name='mixed', data_dir=str(tmp_path / 'd'),
-                                 image_size=32, num_workers=1)
+  spec = csv_dataset.Spec(
+    csv_paths=(path,),
+    image_root=str(tmp_path),
+    labels=LABELS3,
+    patient_column='patient',
+    val_fraction=0.0,
+    test_fraction=0.0,
+  )
+  builder, _ = csv_dataset.build(
+    spec, name='mixed', data_dir=str(tmp_path / 'd'), image_size=32, num_workers=1
+  )
   source = builder.as_data_source(split='train')
-  stored = {pipeline._text(e['image_name']): e['image']
-            for e in (source[i] for i in range(len(source)))}
+  stored = {
+    pipeline._text(e['image_name']): e['image'] for e in (source[i] for i in range(len(source)))
+  }
   np.testing.assert_array_equal(stored['x.dcm'], stored[name])
   assert 'SECRET' not in (tmp_path / 'd/mixed/32px/1.0.0/metadata.json').read_text()
 
@@ -266,8 +330,11 @@ def test_dicom_and_png_rows_build_to_the_same_pixels(tmp_path):
 
 
 CHEXPERT_LABELS = ('Atelectasis', 'Cardiomegaly', 'Pleural Effusion')
-NIH_OF = {'Atelectasis': 'Atelectasis', 'Cardiomegaly': 'Cardiomegaly',
-          'Pleural Effusion': 'Effusion'}
+NIH_OF = {
+  'Atelectasis': 'Atelectasis',
+  'Cardiomegaly': 'Cardiomegaly',
+  'Pleural Effusion': 'Effusion',
+}
 
 
 def write_chexpert(tmp_path, count=None):
@@ -294,15 +361,23 @@ def write_chexpert(tmp_path, count=None):
   return write_csv(tmp_path / 'train.csv', rows, header=header), str(root), rows
 
 
-@pytest.mark.parametrize('policy, uncertain_label, uncertain_mask',
-                         [('ignore', -1.0, 0), ('zeros', 0.0, 1), ('ones', 1.0, 1)])
-def test_chexpert_policies_reach_the_pipeline(tmp_path, policy, uncertain_label,
-                                               uncertain_mask):
+@pytest.mark.parametrize(
+  'policy, uncertain_label, uncertain_mask',
+  [('ignore', -1.0, 0), ('zeros', 0.0, 1), ('ones', 1.0, 1)],
+)
+def test_chexpert_policies_reach_the_pipeline(tmp_path, policy, uncertain_label, uncertain_mask):
   path, root, rows = write_chexpert(tmp_path, 60)
-  spec = csv_dataset.Spec(csv_paths=(path,), image_root=root, format='chexpert',
-                          labels=CHEXPERT_LABELS, uncertainty=policy, test_fraction=0.2)
-  builder, _ = csv_dataset.build(spec, name='chex', data_dir=str(tmp_path / 'd'),
-                                 image_size=32, num_workers=1)
+  spec = csv_dataset.Spec(
+    csv_paths=(path,),
+    image_root=root,
+    format='chexpert',
+    labels=CHEXPERT_LABELS,
+    uncertainty=policy,
+    test_fraction=0.2,
+  )
+  builder, _ = csv_dataset.build(
+    spec, name='chex', data_dir=str(tmp_path / 'd'), image_size=32, num_workers=1
+  )
   assert builder.info.metadata['split_by'] == 'given (CheXpert paths)'
   split = json.loads((tmp_path / 'd/chex/32px/1.0.0/split.json').read_text())
   assert all('/valid/' in n for n in split['splits']['validation'])
@@ -338,14 +413,24 @@ def test_unknown_labels_are_left_out_of_loss_and_auroc():
 
 
 def _run(*args):
-  result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, 'PYTHONPATH': REPO})
+  result = subprocess.run(
+    [sys.executable, *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env={**os.environ, 'PYTHONPATH': REPO},
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
 
-SMOKE = ('--config', 'configs/cpu_smoke.py', '--config.num_train_steps=12',
-         '--config.eval_every_epochs=1', '--config.dataset_image_size=40')
+SMOKE = (
+  '--config',
+  'configs/cpu_smoke.py',
+  '--config.num_train_steps=12',
+  '--config.eval_every_epochs=1',
+  '--config.dataset_image_size=40',
+)
 
 
 @pytest.fixture(scope='module')
@@ -355,13 +440,38 @@ def own3_run(tmp_path_factory):
   root = tmp_path_factory.mktemp('own3')
   path = write_csv(root / 'own.csv', own_rows())
   data_dir, workdir = str(root / 'd'), str(root / 'run')
-  _run('-m', 'input_pipeline.build', '--csv', path, '--image_root', DEMO, '--labels',
-       ','.join(LABELS3), '--patient_column', 'patient', '--name', 'own3', '--data_dir',
-       data_dir, '--image_size', '40', '--num_workers', '2')
-  _run('-m', 'chexnet_jax.main', *SMOKE, '--workdir', workdir, '--config.dataset=own3',
-       f'--config.data_dir={data_dir}')
-  stdout = _run('-m', 'chexnet_jax.evaluate', '--workdir', workdir, '--bootstrap', '20',
-                '--gallery', '2')
+  _run(
+    '-m',
+    'input_pipeline.build',
+    '--csv',
+    path,
+    '--image_root',
+    DEMO,
+    '--labels',
+    ','.join(LABELS3),
+    '--patient_column',
+    'patient',
+    '--name',
+    'own3',
+    '--data_dir',
+    data_dir,
+    '--image_size',
+    '40',
+    '--num_workers',
+    '2',
+  )
+  _run(
+    '-m',
+    'chexnet_jax.main',
+    *SMOKE,
+    '--workdir',
+    workdir,
+    '--config.dataset=own3',
+    f'--config.data_dir={data_dir}',
+  )
+  stdout = _run(
+    '-m', 'chexnet_jax.evaluate', '--workdir', workdir, '--bootstrap', '20', '--gallery', '2'
+  )
   return {'workdir': workdir, 'stdout': stdout}
 
 
@@ -370,7 +480,7 @@ def test_custom_three_label_csv_end_to_end(own3_run, tmp_path):
   workdir, out = own3_run['workdir'], own3_run['stdout']
   run = json.loads(open(os.path.join(workdir, 'run.json')).read())
   assert run['labels'] == list(LABELS3) and run['num_classes'] == 3
-  table = out[out.index('Pathology'):]
+  table = out[out.index('Pathology') :]
   assert [line.split()[0] for line in table.splitlines()[2:5]] == list(LABELS3)
   assert table.splitlines()[5].startswith('---')  # Three rows, then the mean.
   metrics_json = json.loads(open(os.path.join(workdir, 'eval/test/metrics.json')).read())
@@ -384,8 +494,16 @@ def test_custom_three_label_csv_end_to_end(own3_run, tmp_path):
   name = own_rows(1)[0][0]
   grey = np.asarray(Image.open(os.path.join(DEMO, name)).convert('L'))
   dcm = write_dicom(str(tmp_path / 'x.dcm'), grey)
-  _run('-m', 'chexnet_jax.predict', os.path.join(DEMO, name), dcm, '--workdir', workdir,
-       '--output_dir', str(tmp_path / 'p'))
+  _run(
+    '-m',
+    'chexnet_jax.predict',
+    os.path.join(DEMO, name),
+    dcm,
+    '--workdir',
+    workdir,
+    '--output_dir',
+    str(tmp_path / 'p'),
+  )
   results = json.loads((tmp_path / 'p/predictions.json').read_text())['results']
   assert list(results[0]['probabilities']) == list(LABELS3)
   assert results[0]['probabilities'] == results[1]['probabilities']
@@ -395,6 +513,7 @@ def _evaluation_from_files(workdir):
   """evaluate.Evaluation of the test split rebuilt from what evaluate wrote (no model)."""
   from chexnet_jax import evaluate
   from chexnet_jax import run_dir
+
   out = os.path.join(workdir, 'eval', 'test')
   summary = json.loads(open(os.path.join(out, 'metrics.json')).read())
   with open(os.path.join(out, 'predictions.csv'), newline='') as f:
@@ -403,10 +522,16 @@ def _evaluation_from_files(workdir):
   labels = np.array([[float(r[f'label_{n}']) for n in LABELS3] for r in rows], np.float32)
   predictions = evaluate.Predictions(probs, labels, np.array([int(r['index']) for r in rows]))
   records = [{'image_name': r['image'], 'patient_id': r['patient']} for r in rows]
-  return evaluate.Evaluation(split='test', tta='none', step=summary['step'], report=summary,
-                             predictions=predictions, records=records,
-                             threshold_source='validation',
-                             config=run_dir.load_config(workdir))
+  return evaluate.Evaluation(
+    split='test',
+    tta='none',
+    step=summary['step'],
+    report=summary,
+    predictions=predictions,
+    records=records,
+    threshold_source='validation',
+    config=run_dir.load_config(workdir),
+  )
 
 
 @pytest.mark.slow
@@ -414,6 +539,7 @@ def test_report_of_the_three_label_run_has_its_labels_and_loads_in_chromium(own3
   from chexnet_jax import report
   from input_pipeline import labels as labels_lib
   from tests.browser import chromium
+
   why = chromium.missing()
   if why:
     pytest.fail(why)
@@ -421,7 +547,7 @@ def test_report_of_the_three_label_run_has_its_labels_and_loads_in_chromium(own3
   path = os.path.join(workdir, 'eval', 'test', 'report.html')
   page = chromium.inspect(path)
   assert page['console'] == []
-  assert page['rows'] == list(LABELS3)            # Exactly the dataset's 3, in its order.
+  assert page['rows'] == list(LABELS3)  # Exactly the dataset's 3, in its order.
   summary = json.loads(open(os.path.join(workdir, 'eval/test/metrics.json')).read())
   assert len(page['images']) == 3 + len(summary['gallery'])  # ROC, PR, reliability.
   for image in page['images']:
@@ -442,12 +568,39 @@ def test_report_of_the_three_label_run_has_its_labels_and_loads_in_chromium(own3
 def test_chexpert_trains_under_each_policy(tmp_path, policy):
   path, root, _ = write_chexpert(tmp_path)
   data_dir = str(tmp_path / 'd')
-  _run('-m', 'input_pipeline.build', '--csv', path, '--image_root', root, '--format',
-       'chexpert', '--labels', ','.join(CHEXPERT_LABELS), '--uncertainty', policy,
-       '--name', 'chex', '--data_dir', data_dir, '--image_size', '40', '--num_workers', '2')
+  _run(
+    '-m',
+    'input_pipeline.build',
+    '--csv',
+    path,
+    '--image_root',
+    root,
+    '--format',
+    'chexpert',
+    '--labels',
+    ','.join(CHEXPERT_LABELS),
+    '--uncertainty',
+    policy,
+    '--name',
+    'chex',
+    '--data_dir',
+    data_dir,
+    '--image_size',
+    '40',
+    '--num_workers',
+    '2',
+  )
   workdir = str(tmp_path / 'run')
-  _run('-m', 'chexnet_jax.main', *SMOKE, '--workdir', workdir, '--config.dataset=chex',
-       f'--config.data_dir={data_dir}', '--config.batch_size=16')
+  _run(
+    '-m',
+    'chexnet_jax.main',
+    *SMOKE,
+    '--workdir',
+    workdir,
+    '--config.dataset=chex',
+    f'--config.data_dir={data_dir}',
+    '--config.batch_size=16',
+  )
   run = json.loads(open(os.path.join(workdir, 'run.json')).read())
   assert run['labels'] == list(CHEXPERT_LABELS)
   assert os.listdir(os.path.join(workdir, 'checkpoints'))

@@ -1,7 +1,6 @@
 """The grain pipelines on the converted real sample (and the synthetic source):
 sharding over 1, 2, 4 simulated processes, determinism, exact restore, eval padding."""
 
-import grain
 import numpy as np
 from PIL import Image
 import pytest
@@ -52,8 +51,10 @@ def test_processes_read_slices_of_the_same_global_batches(config, process_count)
   steps = pipeline.train_steps_per_epoch(config, n, process_count)
   assert steps == 209 // 8
   one = pipeline.create_train_iterator(config, process_index=0, process_count=1)
-  parts = [pipeline.create_train_iterator(config, process_index=p, process_count=process_count)
-           for p in range(process_count)]
+  parts = [
+    pipeline.create_train_iterator(config, process_index=p, process_count=process_count)
+    for p in range(process_count)
+  ]
   epochs = []
   for _ in range(2):
     epoch = []
@@ -74,8 +75,10 @@ def test_start_step_continues_the_stream(config):
   it = pipeline.create_train_iterator(config, process_index=0, process_count=1)
   _take(it, steps - 3)
   expected = _take(it, 6)
-  parts = [pipeline.create_train_iterator(config, process_index=p, process_count=2,
-                                          start_step=steps - 3) for p in range(2)]
+  parts = [
+    pipeline.create_train_iterator(config, process_index=p, process_count=2, start_step=steps - 3)
+    for p in range(2)
+  ]
   for want in expected:
     got = [next(part) for part in parts]
     for key in want:
@@ -107,18 +110,20 @@ def test_restore_mid_epoch_continues_exactly(config):
       np.testing.assert_array_equal(want[key], got[key])  # Crops and flips included.
 
 
-@pytest.mark.parametrize('process_count, eval_batch', [(1, 12), (2, 12), (4, 12), (4, 8),
-                                                     (3, 8)])  # 8 -> 9: any count works.
+@pytest.mark.parametrize(
+  'process_count, eval_batch', [(1, 12), (2, 12), (4, 12), (4, 8), (3, 8)]
+)  # 8 -> 9: any count works.
 @pytest.mark.parametrize('split', ['validation', 'test'])
 def test_eval_scores_each_example_once(config, split, process_count, eval_batch):
   config.eval_batch_size = eval_batch
   n = {'validation': 23, 'test': 68}[split]
   per_process = []
   for p in range(process_count):
-    batches = list(pipeline.create_eval_iterator(config, split, process_index=p,
-                                                 process_count=process_count))
+    batches = list(
+      pipeline.create_eval_iterator(config, split, process_index=p, process_count=process_count)
+    )
     local = -(-eval_batch // process_count)  # Rounded up to a whole number per process.
-    assert all(b["image"].shape == (local, 48, 48, 1) for b in batches)
+    assert all(b['image'].shape == (local, 48, 48, 1) for b in batches)
     per_process.append(batches)
   assert len({len(b) for b in per_process}) == 1  # Same number of batches everywhere.
   batches = [b for bs in per_process for b in bs]
@@ -130,6 +135,7 @@ def test_eval_scores_each_example_once(config, split, process_count, eval_batch)
 
 def test_eval_labels_and_metadata_match_csv(config, nih_sample):
   from input_pipeline import nih
+
   entries, _ = nih.read_data_entry(nih_sample.manual_dir + '/Data_Entry_2017_v2020.csv.gz')
   meta = pipeline.split_metadata(config, 'test')
   assert len(meta) == 68
@@ -138,14 +144,21 @@ def test_eval_labels_and_metadata_match_csv(config, nih_sample):
       entry = entries[meta[index]['image_name']]
       np.testing.assert_array_equal(label_vector, entry.labels)
       assert meta[index]['patient_id'] == entry.patient_id
-  assert sum(len(m['boxes']) for split in ('train', 'validation', 'test')
-             for m in pipeline.split_metadata(config, split)) == 6
+  assert (
+    sum(
+      len(m['boxes'])
+      for split in ('train', 'validation', 'test')
+      for m in pipeline.split_metadata(config, split)
+    )
+    == 6
+  )
 
 
 def test_eval_center_crop_is_the_stored_image_centre(config):
   config.eval_preprocess = 'center_crop'
-  batch = next(iter(pipeline.create_eval_iterator(config, 'test', process_index=0,
-                                                  process_count=1)))
+  batch = next(
+    iter(pipeline.create_eval_iterator(config, 'test', process_index=0, process_count=1))
+  )
   stored = pipeline.get_source(config, 'test')[0]['image']
   np.testing.assert_array_equal(batch['image'][0], stored[8:56, 8:56])
 
@@ -153,16 +166,15 @@ def test_eval_center_crop_is_the_stored_image_centre(config):
 def test_eval_resize_is_the_whole_stored_image(config):
   """The default (CheXNet): the whole image, resized to the model's size."""
   assert config.eval_preprocess == 'resize'
-  batch = next(iter(pipeline.create_eval_iterator(config, 'test', process_index=0,
-                                                  process_count=1)))
+  batch = next(
+    iter(pipeline.create_eval_iterator(config, 'test', process_index=0, process_count=1))
+  )
   stored = pipeline.get_source(config, 'test')[0]['image']
-  whole = np.asarray(Image.fromarray(stored[:, :, 0]).resize(
-      (48, 48), Image.Resampling.BILINEAR))
+  whole = np.asarray(Image.fromarray(stored[:, :, 0]).resize((48, 48), Image.Resampling.BILINEAR))
   np.testing.assert_array_equal(batch['image'][0, :, :, 0], whole)
 
 
-@pytest.mark.parametrize('augment', ['resize', 'random_resized_crop', 'random_crop',
-                                     'center_crop'])
+@pytest.mark.parametrize('augment', ['resize', 'random_resized_crop', 'random_crop', 'center_crop'])
 def test_augment_modes(config, augment):
   config.augment = augment
   image = np.arange(64 * 64, dtype=np.uint32).reshape(64, 64, 1).astype(np.uint8)
@@ -172,12 +184,15 @@ def test_augment_modes(config, augment):
   assert len(distinct) > 1  # Flips at least (and crops, but for center_crop).
   config.random_flip = False
   if augment == 'center_crop':
-    assert pipeline.augment(image, np.random.default_rng(0), config).tobytes() == \
-        image[8:56, 8:56].tobytes()
+    assert (
+      pipeline.augment(image, np.random.default_rng(0), config).tobytes()
+      == image[8:56, 8:56].tobytes()
+    )
   if augment == 'resize':  # CheXNet: the whole image, only flipped.
     whole = Image.fromarray(image[:, :, 0]).resize((48, 48), Image.Resampling.BILINEAR)
-    assert {pipeline.augment(image, np.random.default_rng(s), config).tobytes()
-            for s in range(4)} == {np.asarray(whole).tobytes()}
+    assert {
+      pipeline.augment(image, np.random.default_rng(s), config).tobytes() for s in range(4)
+    } == {np.asarray(whole).tobytes()}
 
 
 def test_bad_batch_sizes_explained(config):
@@ -214,23 +229,29 @@ def test_synthetic_is_learnable_and_localised(synthetic_config):
     example = source[index]
     for k in range(labels.NUM_CLASSES):
       x, y, w, h = synthetic.patch_box(k, 64)
-      patch_mean = example['image'][y:y + h, x:x + w].mean()
+      patch_mean = example['image'][y : y + h, x : x + w].mean()
       # Background noise is < 90; a drawn patch (any class texture) averages far above.
       assert (patch_mean > 120) == bool(example['labels'][k])
-  assert synthetic.source(synthetic_config, 'validation')[5]['image'].tobytes() == \
-      source[5]['image'].tobytes()  # Pure function of (split, index).
+  assert (
+    synthetic.source(synthetic_config, 'validation')[5]['image'].tobytes()
+    == source[5]['image'].tobytes()
+  )  # Pure function of (split, index).
   boxes = {synthetic.patch_box(k, 224) for k in range(14)}
   assert len(boxes) == 14 and all(x + w <= 224 and y + h <= 224 for x, y, w, h in boxes)
 
 
 def test_synthetic_goes_through_the_same_pipeline(synthetic_config):
   assert pipeline.get_dataset_info(synthetic_config)['splits'] == {
-      'train': 64, 'validation': 20, 'test': 20}
+    'train': 64,
+    'validation': 20,
+    'test': 20,
+  }
   it = pipeline.create_train_iterator(synthetic_config, process_index=0, process_count=2)
   batch = next(it)
   assert batch['image'].shape == (4, 48, 48, 1) and batch['labels'].shape == (4, 14)
-  evals = list(pipeline.create_eval_iterator(synthetic_config, 'test', process_index=1,
-                                             process_count=2))
+  evals = list(
+    pipeline.create_eval_iterator(synthetic_config, 'test', process_index=1, process_count=2)
+  )
   assert sum(b['mask'].sum() for b in evals) == 20 - 12  # Process 1 holds 12..19 + padding.
   assert pipeline.split_metadata(synthetic_config, 'test')[0]['image_name'].startswith('synthetic')
 
@@ -265,9 +286,9 @@ def test_eval_batch_is_rounded_up_to_the_device_count(config):
   config.eval_batch_size = 64
   assert pipeline.global_eval_batch(config, 3) == 66
   assert pipeline.global_eval_batch(config, 4) == 64
-  batches = list(pipeline.create_eval_iterator(config, 'test', process_index=2,
-                                               process_count=3))
+  batches = list(pipeline.create_eval_iterator(config, 'test', process_index=2, process_count=3))
   assert {b['image'].shape[0] for b in batches} == {22}
-  one = list(pipeline.create_eval_iterator(config, 'test', process_index=0,
-                                           process_count=1, device_count=3))
+  one = list(
+    pipeline.create_eval_iterator(config, 'test', process_index=0, process_count=1, device_count=3)
+  )
   assert {b['image'].shape[0] for b in one} == {66}

@@ -1,4 +1,5 @@
 """chexnet_jax/predict.py: reading images like the eval pipeline, and the CLI on a tiny run."""
+
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ from chexnet_jax import predict
 from input_pipeline import labels as labels_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')   # Real NIH images, 256 px grey.
+DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')  # Real NIH images, 256 px grey.
 # A full-size NIH original (1024 px, RGBA).
 RGBA_SAMPLE = os.path.join(REPO, 'tests', 'fixtures', 'nih', 'images', '00001369_000.png')
 
@@ -55,15 +56,16 @@ def test_jpeg_loads(tmp_path):
 
 def test_non_square_is_resized_to_a_square_like_the_dataset_builder():
   tall = np.zeros((80, 40), np.uint8)
-  tall[:20] = 255                        # Top quarter: rows 0-4 of 20.
-  tall[30:50] = 128                      # Rows 7.5-12.5 of 20.
+  tall[:20] = 255  # Top quarter: rows 0-4 of 20.
+  tall[30:50] = 128  # Rows 7.5-12.5 of 20.
   image = predict.prepare(tall, 20, 16)[..., 0]
-  assert image.shape == (16, 16)         # Centre crop drops rows 0-1 and 18-19.
+  assert image.shape == (16, 16)  # Centre crop drops rows 0-1 and 18-19.
   assert image[0].min() == 255 and image[7:9].min() == 128
 
 
 def test_prepare_matches_dataset_builder_on_square_images():
   from input_pipeline import images
+
   grey = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
   stored = images.decode_and_resize(_png_bytes(grey), 32)
   np.testing.assert_array_equal(predict.prepare(grey, 32, 32), stored)
@@ -72,6 +74,7 @@ def test_prepare_matches_dataset_builder_on_square_images():
 
 def _png_bytes(array):
   import io
+
   buffer = io.BytesIO()
   Image.fromarray(array).save(buffer, format='PNG')
   return buffer.getvalue()
@@ -119,36 +122,59 @@ def test_top_findings_and_table():
   probs = np.linspace(0.01, 0.14, 14)
   top = predict.top_findings(probs, 3)
   assert [t[0] for t in top] == ['Hernia', 'Pleural_Thickening', 'Fibrosis']
-  table = predict.format_table([{'image': 'a/x.png',
-                                 'probabilities': dict(zip(labels_lib.LABELS, probs))}])
+  table = predict.format_table(
+    [{'image': 'a/x.png', 'probabilities': dict(zip(labels_lib.LABELS, probs))}]
+  )
   assert len(table.splitlines()) == 15 and 'x.png' in table
 
 
 def test_help_runs_without_a_run():
-  result = subprocess.run([sys.executable, '-m', 'chexnet_jax.predict', '--help'],
-                          capture_output=True, text=True, check=True)
+  result = subprocess.run(
+    [sys.executable, '-m', 'chexnet_jax.predict', '--help'],
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   assert '--workdir' in result.stdout and '--top_k' in result.stdout
 
 
 # ------------------------------------------------ the CLI on the tiny run --
 
-SAMPLES = [os.path.join(DEMO_IMAGES, '00000100_000.png'),
-           os.path.join(DEMO_IMAGES, '00000129_000.png'), RGBA_SAMPLE]
+SAMPLES = [
+  os.path.join(DEMO_IMAGES, '00000100_000.png'),
+  os.path.join(DEMO_IMAGES, '00000129_000.png'),
+  RGBA_SAMPLE,
+]
 
 
 def test_predict_real_samples_with_a_corrupt_file_among_them(tiny_run, tmp_path):
   corrupt = tmp_path / 'corrupt.png'
   corrupt.write_bytes(open(SAMPLES[1], 'rb').read()[:1000])  # A truncated PNG.
   out = tmp_path / 'out'
-  command = [sys.executable, '-m', 'chexnet_jax.predict', SAMPLES[0], str(corrupt),
-             *SAMPLES[1:], '--workdir', tiny_run, '--top_k', '2', '--output_dir', str(out)]
+  command = [
+    sys.executable,
+    '-m',
+    'chexnet_jax.predict',
+    SAMPLES[0],
+    str(corrupt),
+    *SAMPLES[1:],
+    '--workdir',
+    tiny_run,
+    '--top_k',
+    '2',
+    '--output_dir',
+    str(out),
+  ]
   result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 1, result.stderr[-2000:]
   assert 'corrupt.png' in result.stderr and 'error' in result.stderr
-  rows = [line.split() for line in result.stdout.splitlines()
-          if line.split() and line.split()[0] in labels_lib.LABELS]
+  rows = [
+    line.split()
+    for line in result.stdout.splitlines()
+    if line.split() and line.split()[0] in labels_lib.LABELS
+  ]
   assert [row[0] for row in rows] == list(labels_lib.LABELS)
-  assert all(len(row) == 1 + len(SAMPLES) for row in rows)   # 14 probabilities per image.
+  assert all(len(row) == 1 + len(SAMPLES) for row in rows)  # 14 probabilities per image.
   with open(out / 'predictions.json') as f:
     written = json.load(f)
   assert [r['image'] for r in written['results']] == SAMPLES
@@ -168,9 +194,9 @@ def test_predict_probabilities_equal_the_eval_model(tiny_run):
   from chexnet_jax import cam
   from chexnet_jax import checkpoints
   from chexnet_jax import inference
+
   run = checkpoints.load_run(tiny_run, 'latest')
-  image, _ = predict.load_image(SAMPLES[0], run.config.dataset_image_size,
-                                run.config.image_size)
+  image, _ = predict.load_image(SAMPLES[0], run.config.dataset_image_size, run.config.image_size)
   probs, _ = cam.make_cam_fn(run.model)(cam.local_copy(run.variables), image[None])
   logits = inference.make_logits_fn(run.model)(cam.local_copy(run.variables), image[None])
   np.testing.assert_allclose(probs, jax.nn.sigmoid(logits), atol=1e-6)

@@ -19,6 +19,7 @@ refuses decompression bombs (tests/test_predict.py::
 test_decompression_bomb_guard_refuses); test_other_security_tests_exist
 fails if either disappears.
 """
+
 import glob
 import gzip
 import json
@@ -38,12 +39,14 @@ import pytest
 from chexnet_jax import checkpoints
 from tests.conftest import REPO
 
-STEPS = 40             # 2.5 epochs of cpu_smoke (16 steps each).
+STEPS = 40  # 2.5 epochs of cpu_smoke (16 steps each).
 CHECKPOINT_EVERY = 8
-STEPS_PER_EPOCH = 16   # synthetic_train_size 512 / batch_size 32.
+STEPS_PER_EPOCH = 16  # synthetic_train_size 512 / batch_size 32.
 TRAIN_SIZE = 512
-RUN_ARGS = (f'--config.num_train_steps={STEPS}',
-            f'--config.checkpoint_every_steps={CHECKPOINT_EVERY}')
+RUN_ARGS = (
+  f'--config.num_train_steps={STEPS}',
+  f'--config.checkpoint_every_steps={CHECKPOINT_EVERY}',
+)
 TIMEOUT = 300
 DISK_FULL_BYTES = 100_000  # Lets logs and JSON through; not a state file.
 # The kill steps are drawn at random, by each test from SEED and its own name
@@ -56,7 +59,9 @@ SEED = int(os.environ.get('RELIABILITY_SEED', random.randrange(2**31)))
 def _kill_step_rng(name):
   return random.Random(f'{SEED}:{name}')
 
-_DRIVER = r'''
+
+_DRIVER = (
+  r"""
 import json, os, resource, signal, sys
 import numpy as np
 from absl import app
@@ -100,23 +105,30 @@ def faulty_save(manager, state, data_iterator, metrics=None):
 
 train_step.make_train_step, checkpoints.save = recording_make_train_step, faulty_save
 app.run(main.main, flags_parser=main.parse_flags)
-''' % DISK_FULL_BYTES
+"""
+  % DISK_FULL_BYTES
+)
 
 
 # ------------------------------------------------------------------ helpers --
 
+
 def _env(**extra):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
   env.update({k: str(v) for k, v in extra.items()})
   return env
 
 
 def _command(workdir, overrides, driver=False):
-  head = ([sys.executable, '-c', _DRIVER] if driver
-          else [sys.executable, '-m', 'chexnet_jax.main'])
-  return [*head, '--config', os.path.join(REPO, 'configs', 'cpu_smoke.py'),
-          '--workdir', str(workdir), *overrides]
+  head = [sys.executable, '-c', _DRIVER] if driver else [sys.executable, '-m', 'chexnet_jax.main']
+  return [
+    *head,
+    '--config',
+    os.path.join(REPO, 'configs', 'cpu_smoke.py'),
+    '--workdir',
+    str(workdir),
+    *overrides,
+  ]
 
 
 def _start(workdir, *overrides, env=None):
@@ -124,8 +136,8 @@ def _start(workdir, *overrides, env=None):
   os.makedirs(workdir, exist_ok=True)
   with open(f'{workdir}.log', 'a') as log:
     process = subprocess.Popen(
-        _command(workdir, overrides, driver=True), cwd=REPO, env=env or _env(),
-        stdout=log, stderr=log)
+      _command(workdir, overrides, driver=True), cwd=REPO, env=env or _env(), stdout=log, stderr=log
+    )
   process.log_path = log.name
   return process
 
@@ -156,8 +168,9 @@ def _main(workdir, *overrides, shell_prefix=''):
   command = _command(workdir, overrides)
   if shell_prefix:
     command = ['bash', '-c', f'{shell_prefix} exec "$@"', 'bash', *command]
-  result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=TIMEOUT)
+  result = subprocess.run(
+    command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT
+  )
   return result.returncode, result.stderr
 
 
@@ -197,8 +210,7 @@ def _surviving_batches(workdir):
 def _assert_each_example_once_per_epoch(batches):
   assert sorted(batches) == list(range(1, STEPS + 1))
   for first in range(1, STEPS + 1, STEPS_PER_EPOCH):
-    epoch = [i for s in range(first, min(first + STEPS_PER_EPOCH, STEPS + 1))
-             for i in batches[s]]
+    epoch = [i for s in range(first, min(first + STEPS_PER_EPOCH, STEPS + 1)) for i in batches[s]]
     assert len(set(epoch)) == len(epoch), f'an example twice in epoch at {first}'
     if len(epoch) == TRAIN_SIZE:  # A whole epoch: every example, once.
       assert sorted(epoch) == list(range(TRAIN_SIZE))
@@ -232,9 +244,8 @@ def _resumed_from(log):
 
 def _tail(log):
   """The end of a log, without orbax's shutdown noise: for failure messages."""
-  noise = ('Event loop is closed', 'call_soon_threadsafe', '_check_closed',
-           'sys.meta_path is None')
-  lines = [l for l in log.splitlines() if not any(n in l for n in noise)]
+  noise = ('Event loop is closed', 'call_soon_threadsafe', '_check_closed', 'sys.meta_path is None')
+  lines = [line for line in log.splitlines() if not any(n in line for n in noise)]
   return '\n'.join(lines[-40:])
 
 
@@ -253,31 +264,31 @@ def reference(tmp_path_factory):
 
 # ------------------------------------------------------------- exact resume --
 
+
 @pytest.mark.slow
 def test_uninterrupted_run_uses_each_example_once_per_epoch(reference):
   _assert_each_example_once_per_epoch(_surviving_batches(reference))
 
 
-@pytest.mark.parametrize('fault', ['sigkill_between_checkpoints',
-                                   'sigkill_during_async_save',
-                                   'sigterm_preemption'])
+@pytest.mark.parametrize(
+  'fault', ['sigkill_between_checkpoints', 'sigkill_during_async_save', 'sigterm_preemption']
+)
 @pytest.mark.slow
 def test_interrupted_run_resumes_exactly(reference, tmp_path, fault):
   workdir = tmp_path / 'run'
   rng = _kill_step_rng(fault)
   if fault == 'sigkill_during_async_save':
     kill_step = rng.choice(range(2 * CHECKPOINT_EVERY, STEPS, CHECKPOINT_EVERY))
-    print(f'{fault}: kill after the save of step {kill_step}; replay with '
-          f'RELIABILITY_SEED={SEED}')
-    code, log = _drive(workdir, *RUN_ARGS,
-                       env=_env(TEST_KILL_AFTER_SAVE=kill_step))
+    print(f'{fault}: kill after the save of step {kill_step}; replay with RELIABILITY_SEED={SEED}')
+    code, log = _drive(workdir, *RUN_ARGS, env=_env(TEST_KILL_AFTER_SAVE=kill_step))
     assert code == -signal.SIGKILL, _tail(log)
     # The kill left the save half-written: orbax's temporary directory.
     assert f'{kill_step}.orbax-checkpoint-tmp' in _steps_on_disk(workdir)
     previous = kill_step - CHECKPOINT_EVERY
   else:
-    kill_step = rng.choice([s for s in range(CHECKPOINT_EVERY + 1, STEPS - 8)
-                            if s % CHECKPOINT_EVERY])
+    kill_step = rng.choice(
+      [s for s in range(CHECKPOINT_EVERY + 1, STEPS - 8) if s % CHECKPOINT_EVERY]
+    )
     print(f'{fault}: signal at step {kill_step}; replay with RELIABILITY_SEED={SEED}')
     signum = signal.SIGKILL if fault.startswith('sigkill') else signal.SIGTERM
     code, log, reached = _signal_at(workdir, kill_step, signum)
@@ -287,8 +298,7 @@ def test_interrupted_run_resumes_exactly(reference, tmp_path, fault):
     else:
       assert code == -signal.SIGKILL, _tail(log)
     # The newest finished save (0: none finished; the first may be slow).
-    previous = max([0] + [int(s) for s in _steps_on_disk(workdir)
-                          if s.isdigit()])
+    previous = max([0] + [int(s) for s in _steps_on_disk(workdir) if s.isdigit()])
     assert previous <= reached < STEPS
     if signum == signal.SIGTERM:
       assert f'Preempted: saved step {previous};' in log, _tail(log)
@@ -306,15 +316,17 @@ def test_interrupted_run_resumes_exactly(reference, tmp_path, fault):
 
 # ------------------------------------------------------- broken checkpoints --
 
+
 @pytest.mark.parametrize('torn', ['state', 'metrics'])
 @pytest.mark.slow
 def test_truncated_latest_checkpoint_is_set_aside(reference, tmp_path, torn):
   workdir = tmp_path / 'run'
   shutil.copytree(reference, workdir)
-  files = glob.glob(str(workdir / 'checkpoints' / str(STEPS) / torn / '**' /
-                        '*'), recursive=True)
-  largest = max((f for f in files if os.path.isfile(f)
-                 and not f.endswith('commit_success.txt')), key=os.path.getsize)
+  files = glob.glob(str(workdir / 'checkpoints' / str(STEPS) / torn / '**' / '*'), recursive=True)
+  largest = max(
+    (f for f in files if os.path.isfile(f) and not f.endswith('commit_success.txt')),
+    key=os.path.getsize,
+  )
   os.truncate(largest, os.path.getsize(largest) // 2)  # A torn write.
   code, log = _drive(workdir, *RUN_ARGS)
   assert code == 0, _tail(log)
@@ -345,17 +357,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 # ------------------------------------------------ full disk, unwritable dir --
 
+
 @pytest.mark.slow
-def test_disk_full_at_a_checkpoint_is_one_error_and_resumable(reference,
-                                                               tmp_path):
+def test_disk_full_at_a_checkpoint_is_one_error_and_resumable(reference, tmp_path):
   workdir = tmp_path / 'run'
-  code, log = _drive(workdir, *RUN_ARGS,
-                     env=_env(TEST_DISK_FULL_AFTER_SAVE=CHECKPOINT_EVERY))
+  code, log = _drive(workdir, *RUN_ARGS, env=_env(TEST_DISK_FULL_AFTER_SAVE=CHECKPOINT_EVERY))
   assert code == 1, _tail(log)
   assert _last_error_line(log) == (
-      f'error: Writing a checkpoint to {workdir}/checkpoints failed (File too '
-      'large). The last complete checkpoint is step 8; free space (or fix the '
-      'directory), then run again to resume from it.')
+    f'error: Writing a checkpoint to {workdir}/checkpoints failed (File too '
+    'large). The last complete checkpoint is step 8; free space (or fix the '
+    'directory), then run again to resume from it.'
+  )
   assert 'Traceback' not in log, _tail(log)
   # The failed save is left as orbax's temporary directory, never a step.
   assert _steps_on_disk(workdir) == ['16.orbax-checkpoint-tmp', '8']
@@ -368,21 +380,20 @@ def test_disk_full_at_a_checkpoint_is_one_error_and_resumable(reference,
 @pytest.mark.slow
 def test_vanished_checkpoint_directory_is_one_sentence_at_the_next_save(tmp_path):
   workdir = tmp_path / 'run'
-  code, log = _drive(workdir, *RUN_ARGS,
-                     env=_env(TEST_VANISH_AFTER_SAVE=CHECKPOINT_EVERY))
+  code, log = _drive(workdir, *RUN_ARGS, env=_env(TEST_VANISH_AFTER_SAVE=CHECKPOINT_EVERY))
   assert code == 1, _tail(log)
   assert _last_error_line(log) == (
-      f'error: Writing a checkpoint to {workdir}/checkpoints failed (No such file '
-      'or directory). The last complete checkpoint is step none; free space (or '
-      'fix the directory), then run again to resume from it.')
+    f'error: Writing a checkpoint to {workdir}/checkpoints failed (No such file '
+    'or directory). The last complete checkpoint is step none; free space (or '
+    'fix the directory), then run again to resume from it.'
+  )
   assert 'Traceback' not in log, _tail(log)
   assert _recorded_steps(workdir) == 2 * CHECKPOINT_EVERY  # Stopped at that save.
 
 
 def test_disk_full_at_start_stops_before_training(tmp_path):
   # No byte can be written (writes fail with EFBIG, SIGXFSZ ignored).
-  code, log = _main(tmp_path / 'run', *RUN_ARGS,
-                    shell_prefix="trap '' XFSZ; ulimit -f 0;")
+  code, log = _main(tmp_path / 'run', *RUN_ARGS, shell_prefix="trap '' XFSZ; ulimit -f 0;")
   assert code == 1, _tail(log)
   assert 'cannot be written' in log and 'File too large' in log, _tail(log)
   assert 'Traceback' not in log and 'Starting a new run' not in log
@@ -404,6 +415,7 @@ def test_unwritable_workdir_stops_before_training(tmp_path):
 
 # -------------------------------------------------------------- bad inputs --
 
+
 @pytest.fixture(scope='module')
 def demo_dataset(tmp_path_factory):
   """demo_data built at cpu_smoke's stored size (40 px)."""
@@ -416,10 +428,26 @@ def demo_dataset(tmp_path_factory):
 def _build(manual_dir, data_dir, image_size):
   """The build CLI, in a subprocess (its worker pool forks)."""
   result = subprocess.run(
-      [sys.executable, '-m', 'input_pipeline.build', '--manual_dir',
-       str(manual_dir), '--data_dir', str(data_dir), '--image_size',
-       str(image_size), '--allow_subset', '--num_workers', '1'],
-      cwd=REPO, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    [
+      sys.executable,
+      '-m',
+      'input_pipeline.build',
+      '--manual_dir',
+      str(manual_dir),
+      '--data_dir',
+      str(data_dir),
+      '--image_size',
+      str(image_size),
+      '--allow_subset',
+      '--num_workers',
+      '1',
+    ],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+  )
   return result.returncode, result.stderr
 
 
@@ -430,17 +458,14 @@ def _on_demo_data(data_dir):
 @pytest.mark.slow
 def test_run_on_real_data_keeps_its_patient_split(demo_dataset, tmp_path):
   workdir = tmp_path / 'run'
-  code, log = _main(workdir, '--config.num_train_steps=2',
-                    *_on_demo_data(demo_dataset))
+  code, log = _main(workdir, '--config.num_train_steps=2', *_on_demo_data(demo_dataset))
   assert code == 0, _tail(log)
-  built, = glob.glob(os.path.join(demo_dataset, '**', 'split.json'),
-                     recursive=True)
+  (built,) = glob.glob(os.path.join(demo_dataset, '**', 'split.json'), recursive=True)
   with open(built) as f, open(workdir / 'split.json') as g:
     assert json.load(g) == json.load(f)
   with open(workdir / 'split.json') as f:
     splits = json.load(f)['splits']
-  patients = {s: {name.split('_')[0] for name in names}
-              for s, names in splits.items()}
+  patients = {s: {name.split('_')[0] for name in names} for s, names in splits.items()}
   assert sum(len(names) for names in splits.values()) == 300
   assert not patients['train'] & patients['validation']
   assert not (patients['train'] | patients['validation']) & patients['test']
@@ -450,15 +475,13 @@ def test_run_on_real_data_keeps_its_patient_split(demo_dataset, tmp_path):
 def test_corrupt_record_names_the_shard_and_the_fix(demo_dataset, tmp_path):
   data_dir = tmp_path / 'tfds'
   shutil.copytree(demo_dataset, data_dir)
-  shard, = glob.glob(str(data_dir / '**' / '*train.array_record*'),
-                     recursive=True)
+  (shard,) = glob.glob(str(data_dir / '**' / '*train.array_record*'), recursive=True)
   with open(shard, 'r+b') as f:
     f.seek(os.path.getsize(shard) // 3)
     f.write(b'\xde\xad\xbe\xef' * 64)
   # Two epochs of the demo's 209 training images at batch 32: every record is
   # read at least once, whichever one the corruption hit.
-  code, log = _main(tmp_path / 'run', '--config.num_train_steps=13',
-                    *_on_demo_data(data_dir))
+  code, log = _main(tmp_path / 'run', '--config.num_train_steps=13', *_on_demo_data(data_dir))
   assert code == 1
   assert os.path.basename(shard) in _last_error_line(log)
   assert 'input_pipeline.build' in _last_error_line(log)
@@ -466,8 +489,12 @@ def test_corrupt_record_names_the_shard_and_the_fix(demo_dataset, tmp_path):
 
 
 def test_dataset_of_another_image_size_is_named(demo_dataset, tmp_path):
-  code, log = _main(tmp_path / 'run', *_on_demo_data(demo_dataset),
-                    '--config.dataset_image_size=64', '--config.image_size=48')
+  code, log = _main(
+    tmp_path / 'run',
+    *_on_demo_data(demo_dataset),
+    '--config.dataset_image_size=64',
+    '--config.image_size=48',
+  )
   assert code == 1
   line = _last_error_line(log)
   assert 'No complete chestxray14 dataset at 64px' in line
@@ -492,16 +519,18 @@ def test_config_typo_is_one_sentence(tmp_path):
   assert 'Traceback' not in log and not (tmp_path / 'run').exists()
 
 
-@pytest.mark.parametrize('field, value, message', [
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
     ('learning_rate', '-0.01', 'config.learning_rate=-0.01 must be a positive number'),
     ('num_epochs', '0', 'config.num_epochs=0.0 must be a positive number of epochs'),
     ('checkpoint_every_steps', '0', 'config.checkpoint_every_steps=0 must be'),
     ('log_every_steps', '0', 'config.log_every_steps=0 must be'),
-    ('batch_size', 'abc', "flag --config.batch_size=abc: invalid literal for int()"),
+    ('batch_size', 'abc', 'flag --config.batch_size=abc: invalid literal for int()'),
     ('synthetic_train_size', '16', 'The train split has 16 examples, fewer than one'),
-])
-def test_bad_config_values_are_one_sentence_before_the_workdir(tmp_path, field, value,
-                                                               message):
+  ],
+)
+def test_bad_config_values_are_one_sentence_before_the_workdir(tmp_path, field, value, message):
   code, log = _main(tmp_path / 'run', f'--config.{field}={value}')
   assert code == 1, _tail(log)
   assert message in _last_error_line(log), _tail(log)
@@ -510,16 +539,31 @@ def test_bad_config_values_are_one_sentence_before_the_workdir(tmp_path, field, 
 
 def test_missing_config_file_is_one_sentence(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'chexnet_jax.main', '--config', 'configs/nope.py',
-       '--workdir', str(tmp_path / 'run')], cwd=REPO, env=_env(),
-      capture_output=True, text=True, timeout=TIMEOUT)
+    [
+      sys.executable,
+      '-m',
+      'chexnet_jax.main',
+      '--config',
+      'configs/nope.py',
+      '--workdir',
+      str(tmp_path / 'run'),
+    ],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+  )
   assert result.returncode == 1
-  assert result.stderr.strip() == ('error: --config configs/nope.py: no such file; '
-                                   'give a config file such as configs/cpu_smoke.py.')
+  assert result.stderr.strip() == (
+    'error: --config configs/nope.py: no such file; '
+    'give a config file such as configs/cpu_smoke.py.'
+  )
   assert not (tmp_path / 'run').exists()
 
 
 # --------------------------------------------------- checksums, one run/dir --
+
 
 def _flip_bit(path, offset=None):
   with open(path, 'r+b') as f:
@@ -531,8 +575,9 @@ def _flip_bit(path, offset=None):
 
 
 def _largest_file(directory):
-  files = [f for f in glob.glob(os.path.join(directory, '**', '*'), recursive=True)
-           if os.path.isfile(f)]
+  files = [
+    f for f in glob.glob(os.path.join(directory, '**', '*'), recursive=True) if os.path.isfile(f)
+  ]
   return max(files, key=os.path.getsize)
 
 
@@ -546,12 +591,13 @@ def test_flipped_bits_in_checkpoints_are_caught(reference, tmp_path):
   checkpoints_dir = workdir / 'checkpoints'
   _flip_bit(_largest_file(checkpoints_dir / str(STEPS) / 'state'))
   data_file = checkpoints_dir / str(STEPS - 8) / 'data' / 'metadata'
-  data_file.write_text(data_file.read_text().replace(
-      f'"global_step": {STEPS - 8}', f'"global_step": {STEPS - 9}'))
+  data_file.write_text(
+    data_file.read_text().replace(f'"global_step": {STEPS - 8}', f'"global_step": {STEPS - 9}')
+  )
   code, log = _drive(workdir, *RUN_ARGS)
   assert code == 0, _tail(log)
   for step, what in ((STEPS, 'state/'), (STEPS - 8, 'data/metadata')):
-    line, = [l for l in log.splitlines() if f'Checkpoint step {step} in' in l]
+    (line,) = [line for line in log.splitlines() if f'Checkpoint step {step} in' in line]
     assert 'is corrupt (' + what in line and 'does not match its checksum' in line, line
   assert _resumed_from(log) == STEPS - 16
   assert 'Traceback' not in log
@@ -568,10 +614,10 @@ def test_metadata_bit_flip_is_caught_and_load_run_refuses(reference, tmp_path):
   step_dir = workdir / 'checkpoints' / str(STEPS)
   assert checkpoints.verify(str(step_dir)) is None
   _flip_bit(step_dir / '_CHECKPOINT_METADATA', offset=3)
-  assert checkpoints.verify(str(step_dir)) == (
-      '_CHECKPOINT_METADATA does not match its checksum')
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=rf'Checkpoint step {STEPS} in .* is corrupt'):
+  assert checkpoints.verify(str(step_dir)) == ('_CHECKPOINT_METADATA does not match its checksum')
+  with pytest.raises(
+    checkpoints.CheckpointError, match=rf'Checkpoint step {STEPS} in .* is corrupt'
+  ):
     checkpoints.load_run(str(workdir), 'latest')
   os.remove(step_dir / 'checksums.json')  # A save cut short before its checksums.
   assert checkpoints.verify(str(step_dir)) == 'unverified'
@@ -610,20 +656,24 @@ def test_second_run_on_a_workdir_is_refused(tmp_path):
 def test_hung_step_ends_the_run_in_one_sentence(tmp_path):
   workdir = tmp_path / 'run'
   start = time.monotonic()
-  code, log = _drive(workdir, *RUN_ARGS, '--config.step_timeout_min_seconds=3',
-                     env=_env(TEST_HANG_AT_STEP=12))
+  code, log = _drive(
+    workdir, *RUN_ARGS, '--config.step_timeout_min_seconds=3', env=_env(TEST_HANG_AT_STEP=12)
+  )
   assert code == 124, _tail(log)
   assert time.monotonic() - start < 120
   line = _last_error_line(log)
-  assert line.startswith('error: training step 12 has taken ') and \
-      'a process of the job hangs' in line, line
+  assert (
+    line.startswith('error: training step 12 has taken ') and 'a process of the job hangs' in line
+  ), line
   assert 'Traceback' not in log
 
 
 # ------------------------------------------------ resume on another topology --
 
+
 def _free_port():
   import socket
+
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
@@ -644,11 +694,24 @@ def test_run_on_two_processes_resumed_on_one_equals_an_uninterrupted_run(tmp_pat
   processes = []
   for i in range(2):
     log_file = open(f'{workdir}.{i}.log', 'w')  # pylint: disable=consider-using-with
-    processes.append(subprocess.Popen(
-        _command(workdir, (*RUN_ARGS, f'--config.coordinator_address={address}',
-                           '--config.num_processes=2', f'--config.process_id={i}'),
-                 driver=True),
-        cwd=REPO, env=_env(), stdout=log_file, stderr=log_file))
+    processes.append(
+      subprocess.Popen(
+        _command(
+          workdir,
+          (
+            *RUN_ARGS,
+            f'--config.coordinator_address={address}',
+            '--config.num_processes=2',
+            f'--config.process_id={i}',
+          ),
+          driver=True,
+        ),
+        cwd=REPO,
+        env=_env(),
+        stdout=log_file,
+        stderr=log_file,
+      )
+    )
   try:
     deadline = time.monotonic() + TIMEOUT
     while not (workdir / 'checkpoints' / str(2 * CHECKPOINT_EVERY)).exists():
@@ -663,26 +726,26 @@ def test_run_on_two_processes_resumed_on_one_equals_an_uninterrupted_run(tmp_pat
   assert code == 0, _tail(log)
   resumed = _resumed_from(log)
   assert resumed >= 2 * CHECKPOINT_EVERY, _tail(log)
-  assert f'Checkpoint step {resumed} was saved on 2 process(es) x 2 device(s); resuming ' \
-         'on 1 x 2, the same device count' in log, _tail(log)
+  assert (
+    f'Checkpoint step {resumed} was saved on 2 process(es) x 2 device(s); resuming '
+    'on 1 x 2, the same device count' in log
+  ), _tail(log)
   _assert_bitwise_equal_runs(workdir, reference)
 
 
 # ----------------------------------------------------------------- security --
 
 _UNSAFE_LOADS = [
-    (r'\bpickle\.loads?\(|\bcPickle\.|\bdill\.|\bcloudpickle\.|\bjoblib\.load',
-     'unpickles'),
-    (r'allow_pickle\s*=\s*True', 'lets numpy unpickle'),
-    (r'\byaml\.(unsafe_)?load\((?![^)]*SafeLoader)', 'yaml can build objects'),
-    (r'\bshelve\.open|\bmarshal\.loads?', 'unpickles'),
+  (r'\bpickle\.loads?\(|\bcPickle\.|\bdill\.|\bcloudpickle\.|\bjoblib\.load', 'unpickles'),
+  (r'allow_pickle\s*=\s*True', 'lets numpy unpickle'),
+  (r'\byaml\.(unsafe_)?load\((?![^)]*SafeLoader)', 'yaml can build objects'),
+  (r'\bshelve\.open|\bmarshal\.loads?', 'unpickles'),
 ]
 
 
 def _sources():
   for package in ('chexnet_jax', 'input_pipeline', 'configs', 'benchmarks'):
-    yield from glob.glob(os.path.join(REPO, package, '**', '*.py'),
-                         recursive=True)
+    yield from glob.glob(os.path.join(REPO, package, '**', '*.py'), recursive=True)
 
 
 def test_no_code_path_unpickles_untrusted_files():
@@ -691,8 +754,7 @@ def test_no_code_path_unpickles_untrusted_files():
     with open(path) as f:
       text = f.read()
     for pattern, why in _UNSAFE_LOADS:
-      offences += [f'{path}: {m.group(0)} ({why})'
-                   for m in re.finditer(pattern, text)]
+      offences += [f'{path}: {m.group(0)} ({why})' for m in re.finditer(pattern, text)]
     for call in re.finditer(r'\btorch\.load\(([^)]*)\)', text):
       if not re.search(r'weights_only\s*=\s*True', call.group(1)):
         offences.append(f'{path}: torch.load without weights_only=True')

@@ -1,5 +1,6 @@
 """The evaluation page (chexnet_jax/report.py), its figures and calibration, checked in a
 real headless Chromium (tests/browser/chromium.py) on the session's tiny trained run."""
+
 import json
 import os
 import re
@@ -25,6 +26,7 @@ SAMPLE = os.path.join(REPO, 'demo_data', 'images', '00000100_000.png')
 
 # ----------------------------------------------------------------- calibration --
 
+
 def test_ece_is_zero_when_every_bin_matches_and_known_otherwise():
   # Four predictions of 0.25 with one positive, four of 0.75 with three: calibrated.
   labels = np.array([1, 0, 0, 0, 1, 1, 1, 0])
@@ -32,27 +34,33 @@ def test_ece_is_zero_when_every_bin_matches_and_known_otherwise():
   assert calibration.expected_calibration_error(labels, probs) == pytest.approx(0.0)
   # All predicted 0.9, half positive: |0.5 - 0.9| = 0.4.
   assert calibration.expected_calibration_error(
-      np.array([1, 0, 1, 0]), np.full(4, 0.9)) == pytest.approx(0.4)
+    np.array([1, 0, 1, 0]), np.full(4, 0.9)
+  ) == pytest.approx(0.4)
   bins = calibration.reliability_bins(np.array([1, 0]), np.array([1.0, 0.0]))
-  assert bins['count'][0] == 1 and bins['count'][-1] == 1   # 0 and 1 land in the end bins.
+  assert bins['count'][0] == 1 and bins['count'][-1] == 1  # 0 and 1 land in the end bins.
 
 
 def test_fitted_temperature_undoes_a_known_overconfidence():
   rng = np.random.default_rng(0)
   logits = rng.normal(0, 2, size=(20000, 3))
   labels = (rng.random(logits.shape) < 1 / (1 + np.exp(-logits))).astype(float)
-  overconfident = 1 / (1 + np.exp(-2 * logits))        # Logits doubled: T should be ~2.
+  overconfident = 1 / (1 + np.exp(-2 * logits))  # Logits doubled: T should be ~2.
   temperature = calibration.fit_temperature(labels, overconfident)
   assert temperature == pytest.approx(2.0, rel=0.05)
   fixed = calibration.apply_temperature(overconfident, temperature)
-  assert (calibration.expected_calibration_error(labels.ravel(), fixed.ravel())
-          < calibration.expected_calibration_error(labels.ravel(), overconfident.ravel()) / 3)
-  np.testing.assert_allclose(calibration.apply_temperature(overconfident, 1.0), overconfident,
-                             atol=1e-6)
+  assert (
+    calibration.expected_calibration_error(labels.ravel(), fixed.ravel())
+    < calibration.expected_calibration_error(labels.ravel(), overconfident.ravel()) / 3
+  )
+  np.testing.assert_allclose(
+    calibration.apply_temperature(overconfident, 1.0), overconfident, atol=1e-6
+  )
   # Monotone: rankings, hence AUROCs, unchanged.
   column = overconfident[:, 0]
-  assert (np.argsort(column, kind='stable')
-          == np.argsort(calibration.apply_temperature(column, 3.0), kind='stable')).all()
+  assert (
+    np.argsort(column, kind='stable')
+    == np.argsort(calibration.apply_temperature(column, 3.0), kind='stable')
+  ).all()
 
 
 def test_read_temperature_names_the_file_and_the_fix(tmp_path):
@@ -66,14 +74,22 @@ def test_read_temperature_names_the_file_and_the_fix(tmp_path):
 
 # --------------------------------------------------------------------- figures --
 
+
 def test_heatmap_has_one_fixed_scale_a_colour_bar_and_a_legend_of_both_boxes():
   cam = np.linspace(-3, 3, 32 * 32).reshape(32, 32)
-  figure = figures.heatmap_figure(np.zeros((32, 32, 1), np.uint8), cam, 0.5,
-                                  finding='Mass', probability=0.62, image_name='x.png',
-                                  true_box=(2, 2, 8, 8), model_box=(10, 10, 12, 12))
+  figure = figures.heatmap_figure(
+    np.zeros((32, 32, 1), np.uint8),
+    cam,
+    0.5,
+    finding='Mass',
+    probability=0.62,
+    image_name='x.png',
+    true_box=(2, 2, 8, 8),
+    model_box=(10, 10, 12, 12),
+  )
   main, bar = figure.axes
   heat = main.get_images()[1]
-  assert heat.get_clim() == (0, 1)                       # Not the map's own range.
+  assert heat.get_clim() == (0, 1)  # Not the map's own range.
   np.testing.assert_allclose(heat.get_array(), 1 / (1 + np.exp(-(cam + 0.5))), atol=1e-6)
   assert bar.get_ylim() == (0, 1) and 'probability' in bar.get_ylabel()
   legend = [t.get_text() for t in main.get_legend().get_texts()]
@@ -85,6 +101,7 @@ def test_heatmap_has_one_fixed_scale_a_colour_bar_and_a_legend_of_both_boxes():
 
 def test_cam_plus_bias_is_the_logit_so_the_heatmap_is_on_the_probability_scale(tiny_run):
   from chexnet_jax import cam, checkpoints
+
   run = checkpoints.load_run(tiny_run, 'latest')
   variables = cam.local_copy(run.variables)
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
@@ -102,25 +119,39 @@ def test_curve_bands_hold_the_curve():
   for name in ('a', 'b'):
     for key in ('roc', 'pr'):
       mid, low, high = bands[name][key]
-      assert (low <= high + 1e-12).all() and ((low <= mid + 1e-9) & (mid <= high + 1e-9)).mean() > 0.9
+      assert (low <= high + 1e-12).all() and (
+        (low <= mid + 1e-9) & (mid <= high + 1e-9)
+      ).mean() > 0.9
     assert bands[name]['roc'][0][0] >= 0 and bands[name]['roc'][0][-1] == pytest.approx(1)
 
 
 # ------------------------------------------------- the page, without a model --
 
+
 def _fake_evaluation(labels, probs, thresholds, names=None):
   """A report without a model; `names` (a dataset's own labels) go in the config."""
   patients = [str(i) for i in range(len(labels))]
-  result = metrics.classification_report(labels, probs, patients, thresholds=thresholds,
-                                         names=names or LABELS, num_resamples=20)
+  result = metrics.classification_report(
+    labels, probs, patients, thresholds=thresholds, names=names or LABELS, num_resamples=20
+  )
   settings = {'label_names': ','.join(names)} if names else {}
-  config = types.SimpleNamespace(model='tiny', dataset='synthetic', image_size=32,
-                                 dataset_image_size=40,
-                                 get=lambda k, d=None: settings.get(k, d))
+  config = types.SimpleNamespace(
+    model='tiny',
+    dataset='synthetic',
+    image_size=32,
+    dataset_image_size=40,
+    get=lambda k, d=None: settings.get(k, d),
+  )
   evaluation = types.SimpleNamespace(
-      split='test', tta='none', step=7, report=result, threshold_source='validation',
-      predictions=types.SimpleNamespace(labels=labels, probs=probs),
-      records=[{'patient_id': p, 'image_name': f'{p}.png'} for p in patients], config=config)
+    split='test',
+    tta='none',
+    step=7,
+    report=result,
+    threshold_source='validation',
+    predictions=types.SimpleNamespace(labels=labels, probs=probs),
+    records=[{'patient_id': p, 'image_name': f'{p}.png'} for p in patients],
+    config=config,
+  )
   report.calibrate(evaluation, evaluation.predictions)
   return evaluation
 
@@ -128,10 +159,10 @@ def _fake_evaluation(labels, probs, thresholds, names=None):
 def test_empty_cells_say_why():
   rng = np.random.default_rng(0)
   labels = (rng.random((60, 14)) < 0.3).astype(float)
-  labels[:, LABELS.index('Hernia')] = 0                 # No positive Hernia in the split.
+  labels[:, LABELS.index('Hernia')] = 0  # No positive Hernia in the split.
   probs = rng.random((60, 14))
   thresholds = metrics.youden_thresholds(labels, probs)
-  thresholds['Mass'] = float('nan')                     # As if validation had one class.
+  thresholds['Mass'] = float('nan')  # As if validation had one class.
   evaluation = _fake_evaluation(labels, probs, thresholds)
   rows = {row['label']: row for row in report.per_label_rows(evaluation)}
   assert 'no positive Hernia image' in rows['Hernia']['reasons']['auroc']
@@ -157,13 +188,16 @@ def test_calibration_leaves_unknown_entries_out():
   known = labels >= 0
   # The temperature: fitted as if the unknown entries were not there.
   assert calibration.fit_temperature(labels, probs) == pytest.approx(
-      calibration.fit_temperature(labels[known], probs[known]), rel=1e-9)
+    calibration.fit_temperature(labels[known], probs[known]), rel=1e-9
+  )
   assert calibration.binary_cross_entropy(labels, probs) == pytest.approx(
-      calibration.binary_cross_entropy(labels[known], probs[known]), rel=1e-12)
+    calibration.binary_cross_entropy(labels[known], probs[known]), rel=1e-12
+  )
   for k in range(labels.shape[1]):
     rows = known[:, k]
     assert calibration.expected_calibration_error(labels[:, k], probs[:, k]) == pytest.approx(
-        calibration.expected_calibration_error(labels[rows, k], probs[rows, k]), rel=1e-12)
+      calibration.expected_calibration_error(labels[rows, k], probs[rows, k]), rel=1e-12
+    )
     ours = calibration.reliability_bins(labels[:, k], probs[:, k])
     theirs = calibration.reliability_bins(labels[rows, k], probs[rows, k])
     for key in ours:
@@ -174,7 +208,8 @@ def test_calibration_leaves_unknown_entries_out():
     rows = known[:, k]
     scaled = calibration.apply_temperature(probs[rows, k], result['temperature'])
     assert result['per_label'][name]['ece_calibrated'] == pytest.approx(
-        calibration.expected_calibration_error(labels[rows, k], scaled), rel=1e-9)
+      calibration.expected_calibration_error(labels[rows, k], scaled), rel=1e-9
+    )
   # An unknown entry's probability changes nothing.
   moved = np.where(known, probs, 1 - probs)
   assert calibration.calibration_report(labels, moved, labels, moved, names) == result
@@ -189,8 +224,9 @@ def test_curves_leave_unknown_entries_out():
   bands = figures.curve_bands(labels, probs, patients, names, num_resamples=30)
   for k, name in enumerate(names):
     rows = known[:, k]
-    alone = figures.curve_bands(labels[rows, k:k + 1], probs[rows, k:k + 1], patients[rows],
-                                [name], num_resamples=30)
+    alone = figures.curve_bands(
+      labels[rows, k : k + 1], probs[rows, k : k + 1], patients[rows], [name], num_resamples=30
+    )
     for key in ('roc', 'pr'):  # The curve itself: that of the data without those rows.
       np.testing.assert_array_equal(bands[name][key][0], alone[name][key][0])
   # The bands (same resamples of patients): blind to what an unknown entry holds.
@@ -208,16 +244,17 @@ def test_curves_leave_unknown_entries_out():
 def test_report_of_a_dataset_with_unknown_labels():
   names = ('Effusion', 'Edema', 'Pleural Other')
   labels, probs, _ = _with_unknowns(seed=5, n=120)
-  labels[:, 2] = -1                                     # Every 'Pleural Other' unknown.
+  labels[:, 2] = -1  # Every 'Pleural Other' unknown.
   thresholds = metrics.youden_thresholds(labels, probs, names)
-  thresholds['Pleural Other'] = 0.5                     # As if validation had both classes.
+  thresholds['Pleural Other'] = 0.5  # As if validation had both classes.
   evaluation = _fake_evaluation(labels, probs, thresholds, names)
   rows = report.per_label_rows(evaluation)
   assert [row['label'] for row in rows] == list(names)
   known = int((labels[:, 0] >= 0).sum())
   positives = int((labels[:, 0] > 0).sum())
-  assert rows[0]['prevalence'] == (f'{positives / known:.1%} ({positives} of {known} known; '
-                                   f'{len(labels) - known} unknown)')
+  assert rows[0]['prevalence'] == (
+    f'{positives / known:.1%} ({positives} of {known} known; {len(labels) - known} unknown)'
+  )
   assert rows[0]['reasons'] == {}
   assert set(rows[2]['reasons']) >= {'auroc', 'prevalence', 'sensitivity', 'ece'}
   assert 'unknown' in rows[2]['reasons']['auroc']
@@ -235,14 +272,28 @@ def test_report_of_a_dataset_with_unknown_labels():
 
 # ----------------------------------------------- the page, in a real browser --
 
+
 @pytest.fixture(scope='module')
 def evaluated_run(tiny_run, tmp_path_factory):
   """A copy of the tiny run, evaluated on the test split by the command line."""
   workdir = str(tmp_path_factory.mktemp('report') / 'run')
   shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns('eval', 'predict'))
   result = subprocess.run(
-      [sys.executable, '-m', 'chexnet_jax.evaluate', '--workdir', workdir, '--bootstrap', '30',
-       '--gallery', '4'], cwd=REPO, capture_output=True, text=True)
+    [
+      sys.executable,
+      '-m',
+      'chexnet_jax.evaluate',
+      '--workdir',
+      workdir,
+      '--bootstrap',
+      '30',
+      '--gallery',
+      '4',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir
 
@@ -259,12 +310,12 @@ def test_report_page_in_chromium(evaluated_run):
   assert len(page['images']) == 3 + 4
   for image in page['images']:
     assert image['complete'] and image['width'] > 0 and image['scheme'] == 'data', image
-  assert page['resources'] == []                        # Nothing fetched.
+  assert page['resources'] == []  # Nothing fetched.
   for words in ('checkpoint step', 'Temperature', 'IoBB', 'synthetic', 'patients'):
     assert words in page['text'], words
   with open(path, encoding='utf-8') as f:
     text = f.read()
-  assert os.path.dirname(evaluated_run) not in text     # No path of this machine.
+  assert os.path.dirname(evaluated_run) not in text  # No path of this machine.
   assert not re.search(r'(src|href)="(?!data:)', text)
   with open(os.path.join(evaluated_run, 'eval', 'test', 'metrics.json')) as f:
     summary = json.load(f)
@@ -277,8 +328,10 @@ def test_chromium_check_catches_a_broken_page(tmp_path):
   if why:
     pytest.fail(why)
   page = tmp_path / 'broken.html'
-  page.write_text('<!DOCTYPE html><html><body><img src="data:image/png;base64,AAAA" alt="x">'
-                  '<script>console.error("boom")</script></body></html>')
+  page.write_text(
+    '<!DOCTYPE html><html><body><img src="data:image/png;base64,AAAA" alt="x">'
+    '<script>console.error("boom")</script></body></html>'
+  )
   result = chromium.inspect(str(page))
   assert any('boom' in message for message in result['console'])
   assert result['images'][0]['width'] == 0 and result['rows'] == []
@@ -290,9 +343,21 @@ def test_predict_calibrated_applies_evaluates_temperature(evaluated_run, tmp_pat
   outputs = {}
   for flag in ('', '--calibrated'):
     out = tmp_path / (flag.strip('-') or 'plain')
-    command = [sys.executable, '-m', 'chexnet_jax.predict', SAMPLE, '--workdir',
-               evaluated_run, '--checkpoint', str(saved['step']), '--top_k', '1',
-               '--output_dir', str(out), *([flag] if flag else [])]
+    command = [
+      sys.executable,
+      '-m',
+      'chexnet_jax.predict',
+      SAMPLE,
+      '--workdir',
+      evaluated_run,
+      '--checkpoint',
+      str(saved['step']),
+      '--top_k',
+      '1',
+      '--output_dir',
+      str(out),
+      *([flag] if flag else []),
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     with open(out / 'predictions.json') as f:
@@ -300,15 +365,20 @@ def test_predict_calibrated_applies_evaluates_temperature(evaluated_run, tmp_pat
   assert outputs['--calibrated']['temperature'] == pytest.approx(saved['temperature'])
   plain = np.array(list(outputs['']['results'][0]['probabilities'].values()))
   calibrated = np.array(list(outputs['--calibrated']['results'][0]['probabilities'].values()))
-  np.testing.assert_allclose(calibrated, calibration.apply_temperature(plain, saved['temperature']),
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    calibrated, calibration.apply_temperature(plain, saved['temperature']), atol=1e-5
+  )
   assert os.path.getsize(outputs['--calibrated']['results'][0]['top_findings'][0]['heatmap']) > 0
 
 
 def test_predict_calibrated_without_evaluate_is_a_clear_error(tiny_run, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns('eval', 'predict'))
-  result = subprocess.run([sys.executable, '-m', 'chexnet_jax.predict', SAMPLE, '--workdir',
-                           workdir, '--calibrated'], cwd=REPO, capture_output=True, text=True)
+  result = subprocess.run(
+    [sys.executable, '-m', 'chexnet_jax.predict', SAMPLE, '--workdir', workdir, '--calibrated'],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+  )
   assert result.returncode == 1 and 'calibration.json' in result.stderr
   assert 'chexnet_jax.evaluate' in result.stderr

@@ -1,5 +1,6 @@
 """A run directory is a place: evaluate, predict and the notebook work on it from
 any directory, and find its dataset where it was, or where --data_dir says it is now."""
+
 import glob
 import json
 import os
@@ -28,14 +29,25 @@ def run_made_elsewhere(tmp_path_factory):
   relative data_dir; its dataset then moves. Returns (workdir, new data_dir)."""
   start = tmp_path_factory.mktemp('started_here')
   build.build(DEMO_DATA, str(start / 'data'), SIZE, allow_subset=True, num_workers=1)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [REPO, *filter(None, [os.environ.get('PYTHONPATH')])]))
-  command = [sys.executable, '-m', 'chexnet_jax.main', '--config',
-             os.path.join(REPO, 'configs', 'cpu_smoke.py'), '--workdir', 'run',
-             '--config.dataset=chestxray14', '--config.data_dir=data',
-             f'--config.dataset_image_size={SIZE}', '--config.image_size=56',
-             '--config.num_train_steps=2', '--config.batch_size=16',
-             '--config.eval_batch_size=32']
+  env = dict(
+    os.environ, PYTHONPATH=os.pathsep.join([REPO, *filter(None, [os.environ.get('PYTHONPATH')])])
+  )
+  command = [
+    sys.executable,
+    '-m',
+    'chexnet_jax.main',
+    '--config',
+    os.path.join(REPO, 'configs', 'cpu_smoke.py'),
+    '--workdir',
+    'run',
+    '--config.dataset=chestxray14',
+    '--config.data_dir=data',
+    f'--config.dataset_image_size={SIZE}',
+    '--config.image_size=56',
+    '--config.num_train_steps=2',
+    '--config.batch_size=16',
+    '--config.eval_batch_size=32',
+  ]
   result = subprocess.run(command, cwd=start, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(start / 'run' / run_dir.CONFIG_FILE) as f:
@@ -45,8 +57,9 @@ def run_made_elsewhere(tmp_path_factory):
   return str(start / 'run'), str(moved)
 
 
-def test_evaluate_from_another_directory_with_data_dir(run_made_elsewhere, tmp_path,
-                                                       monkeypatch, capsys):
+def test_evaluate_from_another_directory_with_data_dir(
+  run_made_elsewhere, tmp_path, monkeypatch, capsys
+):
   workdir, data_dir = run_made_elsewhere
   monkeypatch.chdir(tmp_path)
   args = ['--workdir', workdir, '--bootstrap', '10', '--gallery', '1']
@@ -72,8 +85,14 @@ def test_notebook_from_another_directory(run_made_elsewhere, tmp_path, monkeypat
   monkeypatch.setenv('CHEXNET_BOOTSTRAP', '10')
   monkeypatch.setenv('CHEXNET_GALLERY', '1')
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  nbclient.NotebookClient(notebook, kernel_name='python3', timeout=300,
-                          resources={'metadata': {'path': str(tmp_path)}}).execute()
-  errors = [o for cell in notebook.cells if cell.cell_type == 'code'
-            for o in cell.outputs if o.output_type == 'error']
+  nbclient.NotebookClient(
+    notebook, kernel_name='python3', timeout=300, resources={'metadata': {'path': str(tmp_path)}}
+  ).execute()
+  errors = [
+    o
+    for cell in notebook.cells
+    if cell.cell_type == 'code'
+    for o in cell.outputs
+    if o.output_type == 'error'
+  ]
   assert not errors

@@ -1,5 +1,6 @@
 """The sharded train step: sync-BN equivalence across device counts, the
 per-device BN switch, float16 loss scaling and the non-finite loss guard."""
+
 import jax
 from jax.sharding import Mesh
 import numpy as np
@@ -23,11 +24,12 @@ def _batches(config, count, seed=0):
   rng = np.random.default_rng(seed)
   size = config.image_size
   for _ in range(count):
-    yield {'image': rng.integers(0, 256, (config.batch_size, size, size, 1),
-                                 dtype=np.uint8),
-           'labels': (rng.random((config.batch_size, 14)) < 0.3).astype(np.float32),
-           'mask': np.ones(config.batch_size, bool),
-           'index': np.arange(config.batch_size, dtype=np.int32)}
+    yield {
+      'image': rng.integers(0, 256, (config.batch_size, size, size, 1), dtype=np.uint8),
+      'labels': (rng.random((config.batch_size, 14)) < 0.3).astype(np.float32),
+      'mask': np.ones(config.batch_size, bool),
+      'index': np.arange(config.batch_size, dtype=np.int32),
+    }
 
 
 def _train(config, devices, steps=3):
@@ -45,8 +47,11 @@ def _train(config, devices, steps=3):
 
 
 def _max_difference(a, b):
-  return max(jax.tree.leaves(jax.tree.map(
-      lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)))
+  return max(
+    jax.tree.leaves(
+      jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
+    )
+  )
 
 
 def test_sync_bn_on_4_devices_equals_1_device_with_same_global_batch():
@@ -82,18 +87,17 @@ def test_poisoned_step_yields_nan_loss():
   assert np.isfinite(losses[0]) and np.isnan(losses[1])
 
 
-@pytest.mark.parametrize('rule, expected', [('none', 1e-3), ('sqrt', 4e-3),
-                                           ('linear', 16e-3)])
+@pytest.mark.parametrize('rule, expected', [('none', 1e-3), ('sqrt', 4e-3), ('linear', 16e-3)])
 def test_learning_rate_scaling_rules(rule, expected):
-  config = _config(learning_rate=1e-3, lr_base_batch_size=64, batch_size=1024,
-                   lr_scaling=rule)
+  config = _config(learning_rate=1e-3, lr_base_batch_size=64, batch_size=1024, lr_scaling=rule)
   assert lr_scaling.peak_learning_rate(config) == pytest.approx(expected)
 
 
 def test_plateau_schedule_warms_up_from_the_unscaled_rate():
   """Horovod's warmup: from lr / N (N = batch / base batch) to the peak."""
-  config = _config(learning_rate=1e-3, lr_base_batch_size=64, batch_size=1024,
-                   lr_scaling='none', warmup_epochs=2.0)
+  config = _config(
+    learning_rate=1e-3, lr_base_batch_size=64, batch_size=1024, lr_scaling='none', warmup_epochs=2.0
+  )
   _, schedule = train_state.create_optimizer(config, steps_per_epoch=5, total_steps=50)
   assert float(schedule(0)) == pytest.approx(1e-3 / 16, rel=1e-5)
   assert float(schedule(5)) == pytest.approx((1e-3 / 16 + 1e-3) / 2, rel=1e-5)

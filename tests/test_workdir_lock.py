@@ -1,4 +1,5 @@
 """One run per workdir: the lock refuses a live holder, takes over a dead one."""
+
 import json
 import os
 import socket
@@ -19,17 +20,28 @@ def _dead_pid():
 def _write_lock(workdir, age=0.0, **holder):
   path = os.path.join(workdir, workdir_lock.LOCK_FILE)
   with open(path, 'w') as f:
-    json.dump({'host': socket.gethostname(), 'pid': os.getpid(), 'slurm_job_id': '',
-               'started': time.time() - age, 'token': 'theirs', **holder}, f)
+    json.dump(
+      {
+        'host': socket.gethostname(),
+        'pid': os.getpid(),
+        'slurm_job_id': '',
+        'started': time.time() - age,
+        'token': 'theirs',
+        **holder,
+      },
+      f,
+    )
   os.utime(path, (time.time() - age, time.time() - age))
   return path
 
 
 def test_a_second_run_is_refused_naming_the_holder(tmp_path):
   first = workdir_lock.WorkdirLock(str(tmp_path), env={'SLURM_JOB_ID': '4242'}).acquire()
-  with pytest.raises(workdir_lock.WorkdirBusyError,
-                     match=rf'^{tmp_path} is in use by another run \(pid {os.getpid()} '
-                           rf'on {socket.gethostname()} \(Slurm job 4242\), running since'):
+  with pytest.raises(
+    workdir_lock.WorkdirBusyError,
+    match=rf'^{tmp_path} is in use by another run \(pid {os.getpid()} '
+    rf'on {socket.gethostname()} \(Slurm job 4242\), running since',
+  ):
     workdir_lock.WorkdirLock(str(tmp_path)).acquire()
   first.release()
   assert not os.path.exists(tmp_path / workdir_lock.LOCK_FILE)

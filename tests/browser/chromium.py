@@ -1,14 +1,23 @@
 """Opens a page in headless Chromium (Debian's package) through selenium and reports
 what a reader would see: console errors, images that did not render, table rows."""
+
 import os
 import shutil
 import tempfile
 
 CHROMIUM = '/usr/bin/chromium'
 CHROMEDRIVER = '/usr/bin/chromedriver'
-FLAGS = ('--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-         '--disable-background-networking', '--disable-component-update', '--disable-sync',
-         '--disable-dev-shm-usage')
+FLAGS = (
+  '--headless',
+  '--no-sandbox',
+  '--disable-gpu',
+  '--disable-quic',
+  '--no-first-run',
+  '--disable-background-networking',
+  '--disable-component-update',
+  '--disable-sync',
+  '--disable-dev-shm-usage',
+)
 
 INSPECT = """
 const images = Array.from(document.images).map(img => ({
@@ -26,8 +35,10 @@ def missing():
   """Why the browser cannot run here, or '' when it can."""
   for path in (CHROMIUM, CHROMEDRIVER):
     if not os.path.exists(path):
-      return (f'{path} is missing; run tests/browser/install_chromium.sh (as root), '
-              'which `make test` does.')
+      return (
+        f'{path} is missing; run tests/browser/install_chromium.sh (as root), '
+        'which `make test` does.'
+      )
   return ''
 
 
@@ -35,6 +46,7 @@ def inspect(path):
   """Loads file `path`; returns {'console': [SEVERE messages], 'images', 'rows', ...}."""
   from selenium import webdriver
   from selenium.webdriver.chrome.service import Service
+
   options = webdriver.ChromeOptions()
   options.binary_location = CHROMIUM
   profile = tempfile.mkdtemp(prefix='chexnet-chromium-')
@@ -45,12 +57,14 @@ def inspect(path):
   try:
     driver.get('file://' + os.path.abspath(path))
     driver.execute_async_script(  # Every image decoded (or failed) before looking.
-        'const done = arguments[arguments.length - 1];'
-        'Promise.all(Array.from(document.images).map(i => i.decode().catch(() => null)))'
-        '.then(() => done(null));')
+      'const done = arguments[arguments.length - 1];'
+      'Promise.all(Array.from(document.images).map(i => i.decode().catch(() => null)))'
+      '.then(() => done(null));'
+    )
     page = driver.execute_script(INSPECT)
-    page['console'] = [entry['message'] for entry in driver.get_log('browser')
-                       if entry['level'] == 'SEVERE']
+    page['console'] = [
+      entry['message'] for entry in driver.get_log('browser') if entry['level'] == 'SEVERE'
+    ]
     return page
   finally:
     driver.quit()

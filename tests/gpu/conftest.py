@@ -4,6 +4,7 @@ The parent conftest pins JAX to the CPU (JAX_PLATFORMS=cpu) unless the caller
 set JAX_PLATFORMS first; benchmarks/device_check.sh runs these tests with
 JAX_PLATFORMS=cuda,cpu so that both backends are visible.
 """
+
 import jax
 import pytest
 

@@ -4,6 +4,7 @@ Run by benchmarks/device_check.sh on a GPU machine; skipped elsewhere. The
 model is the real DenseNet121 (small images keep the steps cheap; the compiled
 graph is the full network).
 """
+
 import json
 import os
 import subprocess
@@ -43,10 +44,12 @@ def _mesh(platform):
 
 def _batch(seed=0):
   rng = np.random.default_rng(seed)
-  return {'image': rng.integers(0, 256, (BATCH, IMAGE_SIZE, IMAGE_SIZE, 1), np.uint8),
-          'labels': rng.integers(0, 2, (BATCH, 14)).astype(np.float32),
-          'mask': np.ones((BATCH,), bool),
-          'index': np.arange(BATCH, dtype=np.int32)}
+  return {
+    'image': rng.integers(0, 256, (BATCH, IMAGE_SIZE, IMAGE_SIZE, 1), np.uint8),
+    'labels': rng.integers(0, 2, (BATCH, 14)).astype(np.float32),
+    'mask': np.ones((BATCH,), bool),
+    'index': np.arange(BATCH, dtype=np.int32),
+  }
 
 
 class _Trainer:
@@ -91,10 +94,13 @@ def test_float32_train_step_matches_cpu():
   cpu_delta = jax.tree.map(np.subtract, jax.device_get(cpu.state.params), before)
   gpu_delta = jax.tree.map(np.subtract, jax.device_get(gpu.state.params), before)
   delta_error = _relative(gpu_delta, cpu_delta)
-  stats_error = _relative(jax.device_get(gpu.state.batch_stats),
-                          jax.device_get(cpu.state.batch_stats))
-  print(f'float32 step GPU vs CPU: loss {gpu_loss:.7f} vs {cpu_loss:.7f}; relative '
-        f'error of the update {delta_error:.2e}, of the BN statistics {stats_error:.2e}')
+  stats_error = _relative(
+    jax.device_get(gpu.state.batch_stats), jax.device_get(cpu.state.batch_stats)
+  )
+  print(
+    f'float32 step GPU vs CPU: loss {gpu_loss:.7f} vs {cpu_loss:.7f}; relative '
+    f'error of the update {delta_error:.2e}, of the BN statistics {stats_error:.2e}'
+  )
   assert abs(gpu_loss - cpu_loss) <= 1e-5 * abs(cpu_loss)
   assert delta_error < 1e-4
   assert stats_error < 1e-5
@@ -114,8 +120,10 @@ def test_low_precision_tracks_float32_for_20_steps(dtype):
   ref_losses = [reference.step(batch) for _ in range(20)]
   losses = [low.step(batch) for _ in range(20)]
   worst = max(abs(a - b) / b for a, b in zip(losses, ref_losses))
-  print(f'{dtype} vs float32, 20 steps: losses {losses[0]:.4f}->{losses[-1]:.4f} vs '
-        f'{ref_losses[0]:.4f}->{ref_losses[-1]:.4f}; worst relative gap {worst:.4f}')
+  print(
+    f'{dtype} vs float32, 20 steps: losses {losses[0]:.4f}->{losses[-1]:.4f} vs '
+    f'{ref_losses[0]:.4f}->{ref_losses[-1]:.4f}; worst relative gap {worst:.4f}'
+  )
   assert np.all(np.isfinite(losses))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(low.state.params)))
   assert losses[-1] < losses[0]  # It trains.
@@ -124,10 +132,17 @@ def test_low_precision_tracks_float32_for_20_steps(dtype):
 
 # ------------------------------------------------------------------ end to end --
 
+
 def _run(command, env_overrides=None, timeout=400):
   env = dict(os.environ, **(env_overrides or {}))
-  result = subprocess.run([sys.executable, '-m', *command], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+  result = subprocess.run(
+    [sys.executable, '-m', *command],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   assert result.returncode == 0, result.stderr[-4000:]
   return result
 
@@ -135,8 +150,18 @@ def _run(command, env_overrides=None, timeout=400):
 @pytest.fixture(scope='module')
 def demo_records(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('demo_tfds'))
-  _run(['input_pipeline.build', '--manual_dir', 'demo_data', '--data_dir', data_dir,
-        '--image_size', '128', '--allow_subset'])
+  _run(
+    [
+      'input_pipeline.build',
+      '--manual_dir',
+      'demo_data',
+      '--data_dir',
+      data_dir,
+      '--image_size',
+      '128',
+      '--allow_subset',
+    ]
+  )
   return data_dir
 
 
@@ -144,9 +169,19 @@ def demo_records(tmp_path_factory):
 def gpu_run(demo_records, tmp_path_factory):
   """`chexnet_jax.main`, 30 DenseNet121 steps on the GPU, on the demo records."""
   workdir = str(tmp_path_factory.mktemp('gpu_run') / 'run')
-  _run(['chexnet_jax.main', '--config', 'configs/demo.py', '--workdir', workdir,
-        f'--config.data_dir={demo_records}', '--config.num_train_steps=30',
-        '--config.log_every_steps=10', '--config.checkpoint_every_steps=30'])
+  _run(
+    [
+      'chexnet_jax.main',
+      '--config',
+      'configs/demo.py',
+      '--workdir',
+      workdir,
+      f'--config.data_dir={demo_records}',
+      '--config.num_train_steps=30',
+      '--config.log_every_steps=10',
+      '--config.checkpoint_every_steps=30',
+    ]
+  )
   return workdir
 
 
@@ -160,8 +195,20 @@ def test_main_runs_30_steps_on_the_gpu(gpu_run):
 
 
 def _auroc_table(workdir, platforms):
-  _run(['chexnet_jax.evaluate', '--workdir', workdir, '--split', 'test',
-        '--bootstrap', '20', '--gallery', '0'], {'JAX_PLATFORMS': platforms})
+  _run(
+    [
+      'chexnet_jax.evaluate',
+      '--workdir',
+      workdir,
+      '--split',
+      'test',
+      '--bootstrap',
+      '20',
+      '--gallery',
+      '0',
+    ],
+    {'JAX_PLATFORMS': platforms},
+  )
   with open(os.path.join(workdir, 'eval', 'test', 'auroc.csv')) as f:
     rows = [line.strip().split(',') for line in f][1:]
   return {row[0]: float(row[1]) for row in rows if row[1] not in ('', 'nan')}
