@@ -9,6 +9,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import threading
 
 from absl import app
 from absl import flags
@@ -65,10 +66,21 @@ class _QuietLibraries(std_logging.Filter):
     )
 
 
+def _one_line_for_background_threads(args):
+  """After a failed save, orbax's writer threads can still fail as the process
+  shuts down ('Event loop is closed'); the cause is already reported in one
+  sentence, so each such thread gets one line, not a traceback."""
+  name = args.thread.name if args.thread else 'unknown'
+  logging.warning(
+    'background thread %s stopped: %s: %s', name, args.exc_type.__name__, args.exc_value
+  )
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  threading.excepthook = _one_line_for_background_threads
   distributed.quiet_backend_probe()
   config = _CONFIG.value
   try:
