@@ -13,6 +13,10 @@
 Most failures of a multi-node job show up as a hang or an opaque gRPC/XLA error
 much later. The checks here turn the common ones into an error that names the
 setting, its value and the fix, before JAX starts.
+
+A peer that dies mid-run (kill -9, OOM killer, node failure) ends the others
+with one sentence each: `exit_if_peer_lost` when a collective raises (gloo),
+stderr_guard.py when JAX's coordination service aborts the process from C++.
 """
 
 import inspect
@@ -20,9 +24,12 @@ import logging
 import os
 import re
 import socket
-from typing import Mapping, Optional
+import sys
+from typing import Callable, List, Mapping, Optional
 
 import jax
+
+from chexnet_jax import stderr_guard
 
 # Values Slurm or CUDA use for "no GPU"; anything else in these variables means
 # the job was given GPUs and must see them.
@@ -37,6 +44,17 @@ _GPU_ENV_VARS = (
 _GPU_COUNT_VARS = ('SLURM_GPUS_ON_NODE', 'SLURM_GPUS_PER_NODE')  # Others: ids.
 # Keyword names differ between JAX versions; pass only those this one takes.
 _INIT_PARAMS = frozenset(inspect.signature(jax.distributed.initialize).parameters)
+
+PEER_LOST_EXIT_CODE = 1
+# What a collective or the coordination service raises on this process when a
+# peer is gone (gloo on CPU; gRPC from the coordination service).
+_PEER_ERROR = re.compile(
+  r'Gloo|Connection reset|Connection refused|Socket closed|Broken pipe|heartbeat|'
+  r'unhealthy|coordination service|UNAVAILABLE'
+)
+# This job, for the sentence: set by initialize.
+_job = dict(process_id=None, num_processes=None, workdir=None)
+_cleanups: List[Callable[[], None]] = []
 
 
 def quiet_backend_probe() -> None:
@@ -53,8 +71,11 @@ def launch_mode(config, env: Mapping[str, str] = os.environ) -> str:
   return 'single'
 
 
-def initialize(config, env: Mapping[str, str] = os.environ) -> None:
-  """Joins the multi-process job described by Slurm or by `config`."""
+def initialize(config, env: Mapping[str, str] = os.environ, workdir: Optional[str] = None) -> None:
+  """Joins the multi-process job described by Slurm or by `config`.
+
+  `workdir` is only named in the sentence printed if a peer is lost.
+  """
   mode = launch_mode(config, env)
   if mode == 'single':
     _check_devices(mode, env)
@@ -67,8 +88,50 @@ def initialize(config, env: Mapping[str, str] = os.environ) -> None:
   _use_gloo_on_cpu()
   if _process_id(mode, config, env) == 0:
     check_port_free(coordinator_port(mode, config, env), mode)
-  jax.distributed.initialize(**kwargs, **timeout_kwargs(config))
+  timeouts = timeout_kwargs(config)
+  if workdir is not None:
+    stderr_guard.start(
+      _process_id(mode, config, env), _num_processes(mode, config, env), os.path.abspath(workdir)
+    )
+  jax.distributed.initialize(**kwargs, **timeouts)
+  _job.update(
+    process_id=jax.process_index(),
+    num_processes=jax.process_count(),
+    workdir=os.path.abspath(workdir) if workdir else None,
+  )
   _check_devices(mode, env)
+
+
+# ---------------------------------------------------------------- peer loss --
+
+
+def at_peer_loss(cleanup: Callable[[], None]) -> None:
+  """Runs `cleanup` (e.g. releasing the workdir lock) before a peer-loss exit."""
+  _cleanups.append(cleanup)
+
+
+def exit_if_peer_lost(error: BaseException) -> None:
+  """For an error that ended a multi-process run: if it is a collective failing
+  because a peer is gone, prints one sentence and exits PEER_LOST_EXIT_CODE.
+  Returns for any other error, or a single-process run, to raise it as is.
+
+  os._exit: JAX's exit handler would wait at a shutdown barrier that the dead
+  peer never reaches, then abort with a page of C++ and Python stacks.
+  """
+  if (_job['num_processes'] or 1) < 2 or not _PEER_ERROR.search(str(error)):
+    return
+  logging.debug('Peer loss, as JAX raised it: %s', error)  # Shown with -v 1.
+  sys.stderr.write(
+    stderr_guard.sentence(None, _job['process_id'], _job['num_processes'], _job['workdir']) + '\n'
+  )
+  sys.stderr.flush()
+  for cleanup in _cleanups:
+    try:
+      cleanup()
+    except Exception:  # pylint: disable=broad-except
+      pass
+  stderr_guard.finish()
+  os._exit(PEER_LOST_EXIT_CODE)
 
 
 def explicit_args(config) -> dict:
@@ -213,6 +276,10 @@ def _port_fix(mode: str) -> str:
 
 def _process_id(mode: str, config, env: Mapping[str, str]) -> int:
   return int(env['SLURM_PROCID']) if mode == 'slurm' else config.process_id
+
+
+def _num_processes(mode: str, config, env: Mapping[str, str]) -> int:
+  return int(env['SLURM_NTASKS']) if mode == 'slurm' else config.num_processes
 
 
 def _use_gloo_on_cpu() -> None:

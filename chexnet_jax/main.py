@@ -14,6 +14,7 @@ import threading
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 from chexnet_jax import checkpoints
@@ -84,11 +85,14 @@ def main(argv):
   distributed.quiet_backend_probe()
   config = _CONFIG.value
   try:
-    distributed.initialize(config)
+    distributed.initialize(config, workdir=_WORKDIR.value)
     train.train_and_evaluate(config, _WORKDIR.value)
   except USER_ERRORS as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(1)
+  except jax.errors.JaxRuntimeError as error:
+    distributed.exit_if_peer_lost(error)  # A dead peer: one sentence, exit 1.
+    raise
 
 
 def _config_file(argv):

@@ -226,6 +226,7 @@ def _lock_workdir(workdir):
     try:
       run_dir.make_workdir(workdir)
       lock = workdir_lock.WorkdirLock(workdir).acquire()
+      distributed.at_peer_loss(lock.release)  # A resubmitted job need not wait.
     except OSError as e:
       error = run_dir.unwritable_error(workdir, workdir, e)
     except (run_dir.WorkdirError, workdir_lock.WorkdirBusyError) as e:

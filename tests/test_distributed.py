@@ -285,3 +285,32 @@ def test_dead_peer_stops_survivors_within_heartbeat(victim):
   # Start-up (~5 s on 2 busy cores) + the heartbeat + slack; the point is that
   # it ends at all instead of hanging in the collective.
   assert elapsed < 30 + 3 * heartbeat, (elapsed, outputs)
+
+
+@pytest.mark.parametrize(
+  'text,process_id,lost',
+  [
+    # Process 0 hosts the service: a worker's heartbeat timed out.
+    (
+      'UNAVAILABLE: The following tasks are unhealthy (stopped sending heartbeats):\n1\n',
+      0,
+      'process 1',
+    ),
+    (
+      'Barrier failed because: task is set to ERROR: UNAVAILABLE: Task 3 heartbeat timeout.',
+      2,
+      'process 3',
+    ),
+    # A worker: the coordinator itself is gone.
+    (
+      'Failed to retrieve preemption notice from coordination service: UNAVAILABLE: Socket closed',
+      1,
+      'process 0 (the coordinator)',
+    ),
+    ('Polled an error from coordination service', 1, None),
+  ],
+)
+def test_lost_process_named_from_jax_text(text, process_id, lost):
+  from chexnet_jax import stderr_guard
+
+  assert stderr_guard.lost_processes(text, process_id) == lost

@@ -1,0 +1,146 @@
+"""Turns the report of a lost peer into one sentence on stderr.
+
+When a process of a multi-process job dies (kill -9, OOM killer, node failure),
+JAX's coordination service aborts every survivor from a C++ thread: error lines,
+a LOG(FATAL) with its stack, then Python's fault dump of every thread, about 60
+lines a process, none of which Python code can catch. So a multi-process run
+writes its stderr through this small separate process, which outlives the
+trainer: it passes every line through until JAX's first line saying that the
+coordination service found a task dead or unreachable; from there it keeps the
+rest in WORKDIR/peer_lost.process<I>.log and, once the trainer has ended, prints
+one sentence naming the lost process and how to resume.
+
+Standalone on purpose (no JAX import): started as a script by `start`.
+"""
+
+import atexit
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from typing import Optional
+
+SENTENCE_START = 'error: lost '
+# JAX's C++ lines that only appear once the job is already dead: after them the
+# process aborts (the agent's poll, the service's propagation, the fatal itself).
+_DEAD_JOB = re.compile(
+  r'\] (Polled an error from coordination service|Use error polling to propagate|'
+  r'Terminating process because the JAX distributed service|'
+  r'Failed to retrieve preemption notice from coordination service)'
+)
+
+
+_started = []  # (guard process, the original fd 2), once started.
+
+
+def lost_processes(detail: str, process_id: int) -> Optional[str]:
+  """'process 1', 'processes 1, 3' or 'process 0 (the coordinator)' from JAX's
+  coordination-service text; None when it does not say."""
+  tasks = re.findall(r'[Tt]ask (\d+) heartbeat timeout', detail)
+  listed = re.search(r'stopped sending heartbeats\):\s*([\d,\s]+)', detail)
+  if listed:
+    tasks += re.findall(r'\d+', listed.group(1))
+  tasks = sorted(set(tasks), key=int)
+  if tasks:
+    return f'process{"es" if len(tasks) > 1 else ""} {", ".join(tasks)}'
+  if process_id != 0 and re.search(r'Socket closed|Connection refused|failed to connect', detail):
+    return 'process 0 (the coordinator)'  # The service itself is unreachable.
+  return None
+
+
+def sentence(lost: Optional[str], process_id: int, num_processes: int, workdir: str) -> str:
+  """One sentence: who was lost, that checkpoints are kept, how to resume."""
+  return (
+    f'{SENTENCE_START}{lost or "a peer process"} of this {num_processes}-process job '
+    f'(killed, crashed or its node failed), so process {process_id} stopped too; the '
+    f'checkpoints in {workdir} are kept: resubmit the same command to resume from the '
+    'newest complete one.'
+  )
+
+
+def start(process_id: int, num_processes: int, workdir: str) -> None:
+  """Routes this process's stderr (fd 2) through the guard from now on."""
+  guard = subprocess.Popen(
+    [
+      sys.executable,
+      os.path.abspath(__file__),
+      str(process_id),
+      str(num_processes),
+      workdir,
+      str(os.getpid()),
+    ],
+    stdin=subprocess.PIPE,
+    close_fds=True,
+  )
+  sys.stderr.flush()
+  original = os.dup(2)
+  os.dup2(guard.stdin.fileno(), 2)
+  guard.stdin.close()  # fd 2 is now the only write end.
+  _started.append((guard, original))
+  atexit.register(finish)  # Runs before JAX's own exit handler (registered first).
+
+
+def finish() -> None:
+  """Gives fd 2 back and waits for the guard to pass on the last lines, so that
+  whoever reads the log once the trainer has exited sees all of it."""
+  while _started:
+    guard, original = _started.pop()
+    sys.stderr.flush()
+    os.dup2(original, 2)  # Closes the pipe: the guard reads its end.
+    os.close(original)
+    try:
+      guard.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      pass  # A child of the trainer still holds the pipe; the guard ends with it.
+
+
+def _release_lock(workdir: str, trainer_pid: int) -> None:
+  """The aborted trainer's WORKDIR/run.lock (workdir_lock.py), so that a job
+  resubmitted on another node need not wait for it to go stale."""
+  path = os.path.join(workdir, 'run.lock')
+  try:
+    with open(path) as f:
+      holder = json.load(f)
+    if holder.get('pid') == trainer_pid and holder.get('host') == socket.gethostname():
+      os.remove(path)
+  except (OSError, ValueError, AttributeError):
+    pass
+
+
+def _run(process_id: int, num_processes: int, workdir: str, trainer_pid: int) -> None:
+  # It ends when the trainer does (end of its stderr), never on a signal meant
+  # for the trainer: srun's SIGTERM (preemption) or a terminal's Ctrl-C.
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  out = os.fdopen(2, 'wb', buffering=0)  # The trainer's original stderr.
+  held, reported = [], False
+  for line in sys.stdin.buffer:
+    if not held and not _DEAD_JOB.search(line.decode(errors='replace')):
+      reported = reported or line.startswith(SENTENCE_START.encode())
+      out.write(line)
+      continue
+    held.append(line)
+  if not held:
+    return
+  _release_lock(workdir, trainer_pid)
+  text = b''.join(held).decode(errors='replace')
+  details = os.path.join(workdir, f'peer_lost.process{process_id}.log')
+  try:
+    with open(details, 'w') as f:
+      f.write(text)
+  except OSError:
+    details = None
+  mine = [line for line in text.splitlines() if line.startswith(SENTENCE_START)]
+  if not reported:
+    lost = lost_processes(text, process_id)
+    line = mine[0] if mine else sentence(lost, process_id, num_processes, workdir)
+    out.write((line + '\n').encode())
+  if details:
+    out.write(f"JAX's own report: {details}\n".encode())
+
+
+if __name__ == '__main__':
+  _run(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
