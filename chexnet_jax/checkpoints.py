@@ -14,15 +14,14 @@ truncated or missing file, anywhere: arrays, 'data', metadata) is "corrupt",
 one that orbax cannot read is "unreadable"; either is moved aside to
 <step>.corrupt-<time> or <step>.unreadable-<time>, with one log line, and the
 previous step is used. A step without checksums.json (the run stopped between
-the save and its checksums) is restored unverified, with a log line.
+the save and its checksums) is restored unverified, with a log line. The
+checksums and the torn-metrics check are checkpoint_files' (fine-tuning applies
+the same rule to the run it starts from).
 """
 
 import contextlib
 import dataclasses
 import functools
-import glob
-import hashlib
-import json
 import os
 import re
 import time
@@ -33,6 +32,7 @@ import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from chexnet_jax import checkpoint_files
 from chexnet_jax import run_dir
 from chexnet_jax import run_weights
 from chexnet_jax import sharding
@@ -42,7 +42,10 @@ from chexnet_jax import train_state
 # a run's best checkpoint with, below train_state): one rule for both.
 BEST_METRIC = run_weights.BEST_METRIC
 BEST_METRICS = run_weights.BEST_METRICS
-CHECKSUM_FILE = 'checksums.json'
+# Which files a step must match, and which metrics files are torn: checkpoint_files'
+# rule, shared with run_weights (fine-tuning refuses such a step of its source run).
+CHECKSUM_FILE = checkpoint_files.CHECKSUM_FILE
+verify = checkpoint_files.verify
 # Bounds orbax's wait for a background write (its default: 5 minutes and more
 # on a directory turned read-only); a save of DenseNet121 takes seconds.
 SAVE_TIMEOUT_SECONDS = 120
@@ -84,14 +87,8 @@ def create_manager(workdir, keep, best_metric=BEST_METRIC):
 def _set_aside_torn_metrics(directory):
   """orbax reads every step's metrics when it opens the directory: a torn
   metrics file would stop every tool with a JSONDecodeError."""
-  for path in sorted(glob.glob(os.path.join(directory, '*', 'metrics', 'metrics'))):
-    step = os.path.basename(os.path.dirname(os.path.dirname(path)))
-    try:
-      with open(path) as f:
-        json.load(f)
-    except (OSError, ValueError) as error:
-      if step.isdigit():
-        _set_aside(directory, int(step), f'metrics: {type(error).__name__}')
+  for step, reason in checkpoint_files.torn_metrics(directory):
+    _set_aside(directory, step, reason)
   if jax.process_count() > 1:  # None may open the directory before it moved.
     multihost_utils.sync_global_devices('checkpoint metrics checked')
 
@@ -128,7 +125,9 @@ def _finish_previous(manager):
   for step in sorted(pending):
     path = os.path.join(manager.directory, str(step))
     if os.path.isdir(path):  # Not already deleted by the preservation policy.
-      run_dir.write_json_atomic(os.path.join(path, CHECKSUM_FILE), {'sha256': _file_digests(path)})
+      run_dir.write_json_atomic(
+        os.path.join(path, CHECKSUM_FILE), {'sha256': checkpoint_files.file_digests(path)}
+      )
 
 
 def _probe_writable(directory):
@@ -144,45 +143,6 @@ def _probe_writable(directory):
   finally:
     with contextlib.suppress(OSError):
       os.remove(path)
-
-
-def _file_digests(path):
-  """{relative path: sha256} of every file under `path` but the checksum file."""
-  digests = {}
-  for root, _, names in os.walk(path):
-    for name in names:
-      full = os.path.join(root, name)
-      relative = os.path.relpath(full, path)
-      if relative == CHECKSUM_FILE:
-        continue
-      with open(full, 'rb') as f:
-        digests[relative] = hashlib.file_digest(f, 'sha256').hexdigest()
-  return digests
-
-
-def verify(path):
-  """None if step directory `path` matches its checksums; 'unverified' when it
-  has none; else a short reason (which file differs)."""
-  checksum_path = os.path.join(path, CHECKSUM_FILE)
-  try:
-    with open(checksum_path) as f:
-      expected = json.load(f)['sha256']
-  except FileNotFoundError:
-    return 'unverified'
-  except (OSError, ValueError, KeyError, TypeError) as error:
-    return f'{CHECKSUM_FILE} unreadable: {type(error).__name__}'
-  try:
-    actual = _file_digests(path)
-  except OSError as error:
-    return f'a file unreadable: {error.strerror}'
-  for name in sorted(set(expected) | set(actual)):
-    if name not in actual:
-      return f'{name} missing'
-    if name not in expected:
-      return f'{name} not in {CHECKSUM_FILE}'
-    if actual[name] != expected[name]:
-      return f'{name} does not match its checksum'
-  return None
 
 
 @contextlib.contextmanager
@@ -242,7 +202,7 @@ def restore_latest(manager, state_template):
   _log_unfinished_saves(manager)
   for step in sorted(manager.all_steps(), reverse=True):
     problem = verify(os.path.join(manager.directory, str(step)))
-    if problem == 'unverified':
+    if problem == checkpoint_files.UNVERIFIED:
       logging.warning(
         'Checkpoint step %d in %s has no %s (the run stopped '
         'right after saving it); restoring it unverified.',
@@ -259,7 +219,10 @@ def restore_latest(manager, state_template):
       )
     except Exception as error:  # pylint: disable=broad-except
       _set_aside(
-        manager.directory, step, f'{type(error).__name__}: {_first_line(error)}', 'unreadable'
+        manager.directory,
+        step,
+        f'{type(error).__name__}: {checkpoint_files.first_line(error)}',
+        'unreadable',
       )
       continue
     data = _restore_data(manager, step)
@@ -276,11 +239,6 @@ def _restore_data(manager, step):
     return dict(manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))['data'])
   except Exception:  # pylint: disable=broad-except
     return None  # Saved by an older chexnet_jax: grain's per-process state.
-
-
-def _first_line(error):
-  text = str(error).strip()
-  return text.splitlines()[0][:200] if text else ''
 
 
 def _reload(manager):
@@ -375,7 +333,7 @@ def load_run(workdir, which='best', config=None):
   )
   step = _pick_step(manager, which)
   problem = verify(os.path.join(manager.directory, str(step)))
-  if problem and problem != 'unverified':
+  if problem and problem != checkpoint_files.UNVERIFIED:
     manager.close()
     raise CheckpointError(
       f'Checkpoint step {step} in {manager.directory} is corrupt ({problem}); '

@@ -13,7 +13,7 @@ records). Writes DIR/eval/<split>/ (DIR/eval/<split>-<tta>/ with test-time augme
   metrics.json      every number below, plus localisation scores where boxes exist
   auroc.csv         per label + mean: AUROC with 95% CI, AUPRC with 95% CI,
                     validation-chosen threshold, sensitivity, specificity, positives,
-                    known labels
+                    known and unknown labels (num_known, num_unknown)
   predictions.csv   index, image, patient, prob_<label> per label, label_<label> per
                     label (1, 0, or -1 for an unknown label, e.g. uncertain)
   report.html       one self-contained page of all of it (chexnet_jax/report.py)
@@ -287,6 +287,7 @@ AUROC_CSV_COLUMNS = (
   'specificity',
   'num_positive',
   'num_known',
+  'num_unknown',
 )
 
 
@@ -315,6 +316,7 @@ def write_auroc_csv(path, report):
               row['specificity'],
               row['num_positive'],
               row.get('num_known', report['num_examples']),
+              row.get('num_unknown', 0),
             ),
           ),
         ]
@@ -331,6 +333,7 @@ def write_auroc_csv(path, report):
             *report['mean_auprc_ci'],
           ),
         ),
+        '',
         '',
         '',
         '',
@@ -409,8 +412,8 @@ def gallery_choices(evaluation, size):
   """[(row, label index)]: the most confident true positive of each of the run's labels.
 
   One per label (an unknown label, -1, is never a positive), most confident first;
-  an example with a box for that label is preferred, so the gallery shows the NIH
-  annotation where it can.
+  an example with a box for that label is preferred, so the gallery shows the
+  dataset's annotation (NIH's boxes) where it can.
   """
   probs, labels = evaluation.predictions.probs, evaluation.predictions.labels
   boxed = {
@@ -536,6 +539,7 @@ def _write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold, bi
         'label': name,
         'probability': prob,
         'file': os.path.relpath(path, out_dir),
+        'box': true_box is not None,  # The dataset's annotation drawn on it.
       }
     )
   return entries

@@ -106,7 +106,11 @@ def load_image(path, dataset_image_size, image_size, eval_preprocess='center_cro
 # Scoring.
 
 
-def top_findings(probs, top_k, names=labels_lib.LABELS):
+def top_findings(probs, top_k, names):
+  """[(name, index, probability)] of the `top_k` most probable of the run's labels
+  `names` (labels_lib.names_of(config): no default, so no caller assumes NIH's)."""
+  if len(names) != len(probs):
+    raise ValueError(f'{len(probs)} probabilities but {len(names)} label names')
   order = np.argsort(-np.asarray(probs))[:top_k]
   return [(names[k], int(k), float(probs[k])) for k in order]
 

@@ -355,13 +355,17 @@ def gallery_html(out_dir, gallery):
     items.append(
       f'<figure>{_img(png, caption, 340)}<figcaption>{_esc(caption)}</figcaption></figure>'
     )
+  # The annotation is named only where one is drawn: most datasets have no boxes.
+  boxed = any(entry.get('box') for entry in gallery)
   return (
-    f'<p class="note">The most confident true positive of each finding (an image '
-    f'with an NIH box first). Colour: the {_esc(figures.HEATMAP_SCALE)} (M_c: the '
+    '<p class="note">The most confident true positive of each finding'
+    + (' (an image with a box first)' if boxed else '')
+    + f'. Colour: the {_esc(figures.HEATMAP_SCALE)} (M_c: the '
     "map, b_c: the head's bias, T: the temperature, 1 here); the colour bar is the same "
     'on every image, so bright yellow always means a high probability and dark purple '
-    "a low one. Solid cyan: NIH's "
-    "box (the annotation). Dashed white: the model's region, the box around the "
+    'a low one. '
+    + ("Solid cyan: the dataset's box (NIH's annotations). " if boxed else '')
+    + "Dashed white: the model's region, the box around the "
     'connected region where the normalised map is at least 50% of its range '
     '(what IoU and IoBB score).</p>'
     f'<div class="gallery" id="gallery">{"".join(items)}</div>'

@@ -10,7 +10,10 @@ the old head's row, a new label keeps the fresh initialisation).
 A leaf of the module graph, below train_state (which calls it) and checkpoints
 (which imports train_state, so cannot be imported by it): the rule that picks a
 run's best checkpoint (BEST_METRICS, best_score) lives here, and checkpoints.py
-uses it from here, so both pick the same step.
+uses it from here, so both pick the same step. A torn, corrupt or unreadable
+step of the source run (checkpoint_files: the checksums and metrics rule that
+checkpoints.py applies to a run's own steps) is refused in one sentence naming
+the run, the step and what to do; the source run is left as it is.
 """
 
 import json
@@ -23,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from chexnet_jax import checkpoint_files
 from chexnet_jax import run_dir
 from input_pipeline import labels as labels_lib
 
@@ -86,11 +90,25 @@ def source_labels(path, identity):
   return labels_lib.names_of(run_dir.load_config(path))
 
 
+def _bad_step(path, step, what):
+  """The one sentence for a step of the source run that cannot be read."""
+  directory = os.path.join(path, 'checkpoints')
+  return FineTuneError(
+    f'config.init_from={path}: checkpoint step {step} of that run is {what}; move '
+    f'{os.path.join(directory, str(step))} aside (rename it to {step}.corrupt, as '
+    "training does) so that the run's best remaining step is used, or fine-tune from "
+    'another run.'
+  )
+
+
 def read_best(path):
   """({'params', 'batch_stats'} of the run's best checkpoint as numpy, step).
 
   Best as the run itself judged it (its config.best_metric); a run that has
-  saved no validation metrics yet gives its latest step, with a warning.
+  saved no validation metrics yet gives its latest step, with a warning. A step
+  with a torn metrics file, files that differ from its checksums, or that orbax
+  cannot read raises FineTuneError (one sentence); a step saved without
+  checksums is read unverified, with a warning.
   """
   config = run_dir.load_config(path)
   metric = config.get('best_metric', BEST_METRIC)
@@ -98,6 +116,9 @@ def read_best(path):
     create=False, best_fn=lambda metrics: best_score(metrics, metric), best_mode='max'
   )
   directory = os.path.join(os.path.abspath(path), 'checkpoints')
+  torn = checkpoint_files.torn_metrics(directory)
+  if torn:  # orbax could not even open the directory.
+    raise _bad_step(path, torn[0][0], f'torn ({torn[0][1]})')
   with ocp.CheckpointManager(
     directory, options=options, item_handlers={'state': ocp.PyTreeCheckpointHandler()}
   ) as manager:
@@ -109,19 +130,40 @@ def read_best(path):
         path,
         step,
       )
-    tree = manager.item_metadata(step)['state']
-    wanted = {'params': tree['params'], 'batch_stats': tree['batch_stats']}
-    restored = manager.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-          item=jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), wanted),
-          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
-          partial_restore=True,
-        )
-      ),
-    )
+    problem = checkpoint_files.verify(os.path.join(directory, str(step)))
+    if problem == checkpoint_files.UNVERIFIED:
+      logging.warning(
+        'Checkpoint step %d of %s has no %s (that run stopped right after saving it); '
+        'fine-tuning from it unverified.',
+        step,
+        path,
+        checkpoint_files.CHECKSUM_FILE,
+      )
+    elif problem:
+      raise _bad_step(path, step, f'corrupt ({problem})')
+    try:
+      restored = _restore_weights(manager, step)
+    except Exception as error:  # pylint: disable=broad-except
+      raise _bad_step(
+        path, step, f'unreadable ({type(error).__name__}: {checkpoint_files.first_line(error)})'
+      ) from error
   return restored['state'], step
+
+
+def _restore_weights(manager, step):
+  """Only params and batch_stats of `step`, as host numpy arrays."""
+  tree = manager.item_metadata(step)['state']
+  wanted = {'params': tree['params'], 'batch_stats': tree['batch_stats']}
+  return manager.restore(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+        item=jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), wanted),
+        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
+        partial_restore=True,
+      )
+    ),
+  )
 
 
 def fine_tune_variables(path, variables, *, model, label_names):

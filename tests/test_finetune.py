@@ -4,9 +4,11 @@ The source is the session's tiny synthetic run (tests/conftest.py tiny_run, NIH'
 14 labels); the fine-tuned state is read before any step, in process.
 """
 
+import glob
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -162,3 +164,95 @@ def test_fine_tune_onto_an_own_dataset_end_to_end(tiny_run, tmp_path):
   assert run['labels'] == list(labels)
   config = json.loads(open(os.path.join(workdir, 'config.json')).read())
   assert config['init_from'] == os.path.abspath(tiny_run)
+
+
+# A damaged source run: one sentence naming the run, the step and what to do;
+# the source run itself is left as it is (it is not this run's to repair).
+
+
+def _damaged_copy(tiny_run, tmp_path):
+  """A copy of the tiny run and its best step's directory."""
+  source = tmp_path / 'source'
+  shutil.copytree(tiny_run, source)
+  _, step = run_weights.read_best(tiny_run)
+  return str(source), step, source / 'checkpoints' / str(step)
+
+
+def _one_sentence(source, step):
+  """The FineTuneError of starting from `source`; checks what every such one says."""
+  listing = sorted(os.listdir(os.path.join(source, 'checkpoints')))
+  with pytest.raises(run_weights.FineTuneError) as error:
+    _initial_variables(_config(source))
+  message = str(error.value)
+  assert message.startswith(f'config.init_from={source}: checkpoint step {step} of that run is ')
+  assert f'move {os.path.join(source, "checkpoints", str(step))} aside' in message
+  assert 'or fine-tune from another run.' in message
+  assert '\n' not in message and 'Traceback' not in message
+  assert sorted(os.listdir(os.path.join(source, 'checkpoints'))) == listing  # Untouched.
+  return message
+
+
+def test_corrupt_best_step_of_the_source_is_one_sentence(tiny_run, tmp_path):
+  source, step, step_dir = _damaged_copy(tiny_run, tmp_path)
+  largest = max(
+    (p for p in step_dir.glob('state/**/*') if p.is_file()), key=lambda p: p.stat().st_size
+  )
+  data = bytearray(largest.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  largest.write_bytes(bytes(data))
+  message = _one_sentence(source, step)
+  relative = os.path.relpath(largest, step_dir)
+  assert f'is corrupt ({relative} does not match its checksum)' in message
+
+
+def test_torn_metrics_of_the_source_is_one_sentence(tiny_run, tmp_path):
+  source, _, _ = _damaged_copy(tiny_run, tmp_path)
+  metrics = sorted(glob.glob(os.path.join(source, 'checkpoints', '*', 'metrics', 'metrics')))[0]
+  step = int(os.path.basename(os.path.dirname(os.path.dirname(metrics))))
+  with open(metrics) as f:
+    text = f.read()
+  with open(metrics, 'w') as f:
+    f.write(text[: len(text) // 2])  # Torn mid-write.
+  message = _one_sentence(source, step)
+  assert 'is torn (metrics: JSONDecodeError)' in message
+
+
+def test_unreadable_unverified_step_of_the_source_is_one_sentence(tiny_run, tmp_path, caplog):
+  source, step, step_dir = _damaged_copy(tiny_run, tmp_path)
+  os.remove(step_dir / 'checksums.json')  # Saved, then stopped before its checksums...
+  shutil.rmtree(step_dir / 'state' / 'ocdbt.process_0')  # ...and its arrays lost.
+  with caplog.at_level(logging.WARNING):
+    message = _one_sentence(source, step)
+  assert 'is unreadable (' in message
+  assert f'Checkpoint step {step} of {source} has no checksums.json' in caplog.text
+
+
+def test_corrupt_source_through_the_command_line_is_one_line(tiny_run, tmp_path):
+  source, step, step_dir = _damaged_copy(tiny_run, tmp_path)
+  (step_dir / 'data' / 'metadata').write_text('{}')
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'chexnet_jax.main',
+      '--config',
+      'configs/cpu_smoke.py',
+      '--workdir',
+      str(tmp_path / 'run'),
+      f'--config.init_from={source}',
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    env={**os.environ, 'PYTHONPATH': REPO},
+  )
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert errors == [
+    f'error: config.init_from={source}: checkpoint step {step} of that run is corrupt '
+    f'(data/metadata does not match its checksum); move '
+    f'{os.path.join(source, "checkpoints", str(step))} aside (rename it to {step}.corrupt, '
+    "as training does) so that the run's best remaining step is used, or fine-tune from "
+    'another run.'
+  ]
+  assert 'Traceback' not in result.stderr

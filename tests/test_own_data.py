@@ -16,6 +16,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom import uid
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from chexnet_jax import losses
 from chexnet_jax import metrics
@@ -397,6 +398,50 @@ def test_chexpert_policies_reach_the_pipeline(tmp_path, policy, uncertain_label,
   assert checked > 0
 
 
+def test_chexpert_frontal_only_drops_the_lateral_views(tmp_path):
+  path, root, rows = write_chexpert(tmp_path, 40)
+  laterals = []
+  for row in rows[::2]:  # A lateral view of every other study, its own image file.
+    rel = row[0].replace('view1_frontal.png', 'view2_lateral.png')
+    os.symlink(os.path.realpath(os.path.join(root, row[0])), os.path.join(root, rel))
+    laterals.append([rel, row[1], row[2], 'Lateral', '', *row[5:]])
+  header = ('Path', 'Sex', 'Age', 'Frontal/Lateral', 'AP/PA', *CHEXPERT_LABELS)
+  path = write_csv(tmp_path / 'train.csv', rows + laterals, header=header)
+  frontal, lateral = {r[0] for r in rows}, {r[0] for r in laterals}
+  assert len(frontal) >= 10 and len(lateral) >= 5 and not frontal & lateral
+
+  def built(frontal_only, name):
+    spec = csv_dataset.Spec(
+      csv_paths=(path,),
+      image_root=root,
+      format='chexpert',
+      labels=CHEXPERT_LABELS,
+      frontal_only=frontal_only,
+    )
+    builder, _ = csv_dataset.build(
+      spec, name=name, data_dir=str(tmp_path / 'd'), image_size=32, num_workers=1
+    )
+    split = json.loads((tmp_path / 'd' / name / '32px/1.0.0/split.json').read_text())
+    return builder, {n for names in split['splits'].values() for n in names}
+
+  builder, names = built(True, 'frontal')
+  assert names == frontal  # Every frontal view kept, every lateral one dropped.
+  assert (
+    f'{len(lateral)} lateral image(s) left out (--frontal_only).'
+    in (builder.info.metadata['warnings'])
+  )
+  assert builder.info.metadata['frontal_only'] is True
+  stored = set()
+  for split_name in builder.info.splits:
+    source = builder.as_data_source(split=split_name)
+    stored |= {pipeline._text(source[i]['image_name']) for i in range(len(source))}
+  assert stored == frontal
+  # Without the flag the same CSV keeps both views: the laterals were valid rows.
+  builder, names = built(False, 'both')
+  assert names == frontal | lateral
+  assert not any('lateral' in w for w in builder.info.metadata.get('warnings', []))
+
+
 def test_unknown_labels_are_left_out_of_loss_and_auroc():
   logits = np.array([[2.0, -1.0], [0.5, 3.0]], np.float32)
   labels = np.array([[1.0, -1.0], [0.0, 1.0]], np.float32)
@@ -563,18 +608,17 @@ def test_report_of_the_three_label_run_has_its_labels_and_loads_in_chromium(own3
     assert [a.get_title().split('\n')[0] for a in panels] == list(LABELS3), key
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize('policy', ['ignore', 'zeros', 'ones'])
-def test_chexpert_trains_under_each_policy(tmp_path, policy):
-  path, root, _ = write_chexpert(tmp_path)
-  data_dir = str(tmp_path / 'd')
+def _train_chexpert(root, policy):
+  """A CheXpert-format dataset built under `policy` and a run trained on it -> workdir."""
+  path, image_root, _ = write_chexpert(root)
+  data_dir = str(root / 'd')
   _run(
     '-m',
     'input_pipeline.build',
     '--csv',
     path,
     '--image_root',
-    root,
+    image_root,
     '--format',
     'chexpert',
     '--labels',
@@ -590,7 +634,7 @@ def test_chexpert_trains_under_each_policy(tmp_path, policy):
     '--num_workers',
     '2',
   )
-  workdir = str(tmp_path / 'run')
+  workdir = str(root / 'run')
   _run(
     '-m',
     'chexnet_jax.main',
@@ -601,6 +645,73 @@ def test_chexpert_trains_under_each_policy(tmp_path, policy):
     f'--config.data_dir={data_dir}',
     '--config.batch_size=16',
   )
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def chex_ignore_run(tmp_path_factory):
+  """A run trained on the CheXpert dataset under U-Ignore, evaluated on test by the
+  command line: {'workdir', 'stdout' (evaluate's)}."""
+  workdir = _train_chexpert(tmp_path_factory.mktemp('chex_ignore'), 'ignore')
+  stdout = _run(
+    '-m', 'chexnet_jax.evaluate', '--workdir', workdir, '--bootstrap', '20', '--gallery', '2'
+  )
+  return {'workdir': workdir, 'stdout': stdout}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('policy', ['ignore', 'zeros', 'ones'])
+def test_chexpert_trains_under_each_policy(request, tmp_path, policy):
+  if policy == 'ignore':  # Trained once, for the evaluation test below too.
+    workdir = request.getfixturevalue('chex_ignore_run')['workdir']
+  else:
+    workdir = _train_chexpert(tmp_path, policy)
   run = json.loads(open(os.path.join(workdir, 'run.json')).read())
   assert run['labels'] == list(CHEXPERT_LABELS)
   assert os.listdir(os.path.join(workdir, 'checkpoints'))
+
+
+@pytest.mark.slow
+def test_u_ignore_run_evaluates_on_the_known_entries_only(chex_ignore_run):
+  """Uncertain entries are unknown (-1) in predictions.csv, counted in auroc.csv,
+  metrics.json, the printed table and the report, and left out of every AUROC."""
+  workdir = chex_ignore_run['workdir']
+  out = os.path.join(workdir, 'eval', 'test')
+  with open(os.path.join(out, 'predictions.csv'), newline='') as f:
+    rows = list(csv.DictReader(f))
+  with open(os.path.join(out, 'auroc.csv'), newline='') as f:
+    auroc_csv = {r['pathology']: r for r in csv.DictReader(f)}
+  summary = json.loads(open(os.path.join(out, 'metrics.json')).read())
+  assert list(auroc_csv) == [*CHEXPERT_LABELS, 'mean']
+  with open(os.path.join(out, 'report.html'), encoding='utf-8') as f:
+    page = f.read()
+  scored = 0
+  for name in CHEXPERT_LABELS:
+    labels = np.array([int(r[f'label_{name}']) for r in rows])
+    probs = np.array([float(r[f'prob_{name}']) for r in rows])
+    assert set(labels) <= {-1, 0, 1}
+    known = labels >= 0
+    num_known, num_unknown = int(known.sum()), int((~known).sum())
+    assert num_unknown > 0, name  # write_chexpert makes every 5th entry uncertain.
+    assert int(auroc_csv[name]['num_known']) == num_known
+    assert int(auroc_csv[name]['num_unknown']) == num_unknown
+    assert summary['per_label'][name]['num_known'] == num_known
+    assert summary['per_label'][name]['num_unknown'] == num_unknown
+    assert f'of {num_known} known; {num_unknown} unknown)' in page
+    if len(set(labels[known])) < 2:
+      assert auroc_csv[name]['auroc'] == ''
+      continue
+    expected = roc_auc_score(labels[known], probs[known])
+    assert float(auroc_csv[name]['auroc']) == pytest.approx(expected, abs=1e-9)
+    assert summary['per_label'][name]['auroc'] == pytest.approx(expected, abs=1e-9)
+    scored += 1
+  assert scored >= 1  # At least one label has both classes among its known entries.
+  # No box in a CheXpert dataset: the gallery note names none (nor NIH).
+  assert summary['gallery'] and not any(entry['box'] for entry in summary['gallery'])
+  assert 'cyan' not in page and "NIH's annotations" not in page
+  table = chex_ignore_run['stdout']
+  table = table[table.index('Pathology') :]
+  assert 'Unk' in table.splitlines()[0]
+  for line in table.splitlines()[2:5]:
+    name = next(n for n in CHEXPERT_LABELS if line.startswith(n))
+    assert line.split()[-1] == auroc_csv[name]['num_unknown']

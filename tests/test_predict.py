@@ -120,8 +120,18 @@ def test_decompression_bomb_guard_refuses(tmp_path, monkeypatch, limit):
 
 def test_top_findings_and_table():
   probs = np.linspace(0.01, 0.14, 14)
-  top = predict.top_findings(probs, 3)
+  top = predict.top_findings(probs, 3, labels_lib.LABELS)
   assert [t[0] for t in top] == ['Hernia', 'Pleural_Thickening', 'Fibrosis']
+  # The run's label names are required: nothing falls back to NIH's.
+  with pytest.raises(TypeError):
+    predict.top_findings(probs, 3)  # pylint: disable=no-value-for-parameter
+  own = ('Effusion', 'Lung Opacity', 'Support Devices')
+  assert predict.top_findings(np.array([0.2, 0.7, 0.5]), 2, own) == [
+    ('Lung Opacity', 1, pytest.approx(0.7)),
+    ('Support Devices', 2, pytest.approx(0.5)),
+  ]
+  with pytest.raises(ValueError, match='3 probabilities but 14 label names'):
+    predict.top_findings(np.array([0.2, 0.7, 0.5]), 2, labels_lib.LABELS)
   table = predict.format_table(
     [{'image': 'a/x.png', 'probabilities': dict(zip(labels_lib.LABELS, probs))}]
   )

@@ -270,6 +270,18 @@ def test_report_of_a_dataset_with_unknown_labels():
   assert 'all 3 labels' in report.calibration_html(evaluation.report['calibration'])
 
 
+def test_gallery_note_names_the_box_only_where_one_is_drawn(tmp_path):
+  shutil.copy(SAMPLE, tmp_path / 'a.png')
+  entry = {'image': 'a.png', 'label': 'Effusion', 'probability': 0.9, 'file': 'a.png'}
+  with_box = report.gallery_html(str(tmp_path), [dict(entry, box=False), dict(entry, box=True)])
+  assert "Solid cyan: the dataset's box (NIH's annotations)." in with_box
+  assert '(an image with a box first)' in with_box
+  for gallery in ([dict(entry, box=False)], [entry]):  # No box drawn; entry of an older run.
+    without = report.gallery_html(str(tmp_path), gallery)
+    assert 'cyan' not in without and 'NIH' not in without and 'box first' not in without
+    assert "Dashed white: the model's region" in without
+
+
 # ----------------------------------------------- the page, in a real browser --
 
 
@@ -320,6 +332,9 @@ def test_report_page_in_chromium(evaluated_run):
   with open(os.path.join(evaluated_run, 'eval', 'test', 'metrics.json')) as f:
     summary = json.load(f)
   assert 0.05 <= summary['calibration']['temperature'] <= 20
+  # Synthetic examples carry boxes, preferred in the gallery: the note names them.
+  assert any(entry['box'] for entry in summary['gallery'])
+  assert "Solid cyan: the dataset's box (NIH's annotations)." in page['text']
 
 
 def test_chromium_check_catches_a_broken_page(tmp_path):
