@@ -57,6 +57,10 @@ class _QuietLibraries(std_logging.Filter):
   between epochs that it has no metrics (by design: only epoch ends have)."""
 
   def filter(self, record):
+    if record.name == 'asyncio' and 'exception was never retrieved' in record.getMessage():
+      # orbax's write tasks that failed with a failed save (the trainer runs no
+      # asyncio of its own): the save's failure is already one sentence.
+      return False
     if '/orbax/' not in record.pathname:
       return True
     # A failed save is reported by us in one sentence; orbax's tracebacks of
