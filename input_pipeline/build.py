@@ -31,31 +31,10 @@ from input_pipeline import fingerprints
 from input_pipeline import nih
 
 
-def build(
-  manual_dir: str,
-  data_dir: str,
-  image_size: int = 256,
-  *,
-  val_fraction: float = chestxray14.DEFAULT_VAL_FRACTION,
-  split_seed: int = chestxray14.DEFAULT_SPLIT_SEED,
-  allow_subset: bool = False,
-  skip_bad: bool = False,
-  num_workers: int | None = None,
-  overwrite: bool = False,
-) -> tfds.core.DatasetBuilder:
+def build(*args, **kwargs) -> tfds.core.DatasetBuilder:
   """Builds (or finds built from the same inputs) chestxray14/<image_size>px; returns
-  the builder. See `prepare`."""
-  return prepare(
-    manual_dir,
-    data_dir,
-    image_size,
-    val_fraction=val_fraction,
-    split_seed=split_seed,
-    allow_subset=allow_subset,
-    skip_bad=skip_bad,
-    num_workers=num_workers,
-    overwrite=overwrite,
-  )[0]
+  the builder. Takes `prepare`'s arguments."""
+  return prepare(*args, **kwargs)[0]
 
 
 def prepare(
