@@ -178,6 +178,15 @@ def _empty_panel(axes, name, why):
   axes.set_yticks([])
 
 
+def _draw_band(axes, band, color):
+  """A curve on GRID with its 95% band, on the unit square both figures share."""
+  mid, low, high = band
+  axes.fill_between(GRID, low, high, color=color, alpha=0.25, lw=0)
+  axes.plot(GRID, mid, color=color, lw=1.2)
+  axes.set(xlim=(0, 1), ylim=(0, 1), aspect='equal')
+  axes.tick_params(labelsize=6)
+
+
 def roc_figure(labels, probs, patients, report, names, title, bands=None):
   """ROC small multiples: curve, 95% band, chance line, validation-threshold point."""
   bands = bands if bands is not None else curve_bands(labels, probs, patients, names)
@@ -188,15 +197,11 @@ def roc_figure(labels, probs, patients, report, names, title, bands=None):
     if name not in bands:
       _empty_panel(axes, name, _no_curve(labels, k, 'ROC'))
       continue
-    mid, low, high = bands[name]['roc']
-    axes.fill_between(GRID, low, high, color='tab:blue', alpha=0.25, lw=0)
-    axes.plot(GRID, mid, color='tab:blue', lw=1.2)
+    _draw_band(axes, bands[name]['roc'], 'tab:blue')
     axes.plot([0, 1], [0, 1], color='grey', lw=0.8, linestyle=':')
     if row['sensitivity'] is not None and row['specificity'] is not None:
       axes.plot(1 - row['specificity'], row['sensitivity'], 'o', color='tab:red', ms=4)
     axes.set_title(f'{name}\nAUROC {row["auroc"]:.3f}{_interval(row["auroc_ci"])}', fontsize=8)
-    axes.set(xlim=(0, 1), ylim=(0, 1), aspect='equal')
-    axes.tick_params(labelsize=6)
   figure.suptitle(
     f'{title}. x: false positive rate, y: sensitivity; band: 95% patient '
     'bootstrap; dot: threshold chosen on validation',
@@ -216,13 +221,9 @@ def pr_figure(labels, probs, patients, report, names, title, bands=None):
     if name not in bands:
       _empty_panel(axes, name, _no_curve(labels, k, 'PR curve'))
       continue
-    mid, low, high = bands[name]['pr']
-    axes.fill_between(GRID, low, high, color='tab:green', alpha=0.25, lw=0)
-    axes.plot(GRID, mid, color='tab:green', lw=1.2)
+    _draw_band(axes, bands[name]['pr'], 'tab:green')
     axes.axhline(labels[known_rows(labels, k), k].mean(), color='grey', lw=0.8, linestyle=':')
     axes.set_title(f'{name}\nAUPRC {row["auprc"]:.3f}{_interval(row["auprc_ci"])}', fontsize=8)
-    axes.set(xlim=(0, 1), ylim=(0, 1), aspect='equal')
-    axes.tick_params(labelsize=6)
   figure.suptitle(
     f'{title}. x: recall (sensitivity), y: precision; band: 95% patient '
     'bootstrap; dotted: prevalence',
