@@ -85,6 +85,37 @@ class _NoCustomConfigWarning(logging.Filter):
 logging.getLogger('absl').addFilter(_NoCustomConfigWarning())
 
 
+def record_features(size, num_labels, with_label_mask=False):
+  """The record of every dataset this project builds (NIH's and users' CSVs)."""
+  labels = {'labels': tfds.features.Tensor(shape=(num_labels,), dtype=np.uint8)}
+  if with_label_mask:  # 0 where a label is unknown (CheXpert's uncertain under U-Ignore).
+    labels['label_mask'] = tfds.features.Tensor(shape=(num_labels,), dtype=np.uint8)
+  return tfds.features.FeaturesDict(
+    {
+      # Raw bytes, no PNG: decoding PNG in the input pipeline is ~45x slower.
+      # encoding='bytes': without it TFDS stores uint8 as an int64 list, ~10x
+      # slower to parse without TensorFlow.
+      'image': tfds.features.Tensor(
+        shape=(size, size, 1), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+      ),
+      **labels,
+      'image_name': tfds.features.Text(),
+      'patient_id': tfds.features.Scalar(dtype=np.int32),
+      'age': tfds.features.Scalar(dtype=np.int32),
+      'sex': tfds.features.Text(),
+      'view_position': tfds.features.Text(),
+      'follow_up': tfds.features.Scalar(dtype=np.int32),
+      # Original x, y, w, h in source pixels; label is an index into the label names.
+      'boxes': tfds.features.Sequence(
+        {
+          'label': tfds.features.Scalar(dtype=np.int32),
+          'bbox': tfds.features.Tensor(shape=(4,), dtype=np.float32),
+        }
+      ),
+    }
+  )
+
+
 class Chestxray14(tfds.core.GeneratorBasedBuilder):
   """NIH ChestX-ray14 (Wang et al., CVPR 2017), 14 pathologies, patient-wise splits."""
 
@@ -144,30 +175,7 @@ class Chestxray14(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
     return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict(
-        {
-          # Raw bytes, no PNG: decoding PNG in the input pipeline is ~45x slower.
-          # encoding='bytes': without it TFDS stores uint8 as an int64 list, ~10x
-          # slower to parse without TensorFlow.
-          'image': tfds.features.Tensor(
-            shape=(size, size, 1), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
-          ),
-          'labels': tfds.features.Tensor(shape=(labels_lib.NUM_CLASSES,), dtype=np.uint8),
-          'image_name': tfds.features.Text(),
-          'patient_id': tfds.features.Scalar(dtype=np.int32),
-          'age': tfds.features.Scalar(dtype=np.int32),
-          'sex': tfds.features.Text(),
-          'view_position': tfds.features.Text(),
-          'follow_up': tfds.features.Scalar(dtype=np.int32),
-          # Original 1024-pixel x, y, w, h; label is an index into LABELS.
-          'boxes': tfds.features.Sequence(
-            {
-              'label': tfds.features.Scalar(dtype=np.int32),
-              'bbox': tfds.features.Tensor(shape=(4,), dtype=np.float32),
-            }
-          ),
-        }
-      ),
+      features=record_features(size, labels_lib.NUM_CLASSES),
       metadata=tfds.core.MetadataDict(),
       homepage='https://nihcc.app.box.com/v/ChestXray-NIHCC',
       citation='Wang et al., ChestX-ray8, CVPR 2017.',

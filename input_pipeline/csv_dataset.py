@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from input_pipeline import chestxray14
 from input_pipeline import chexpert
 from input_pipeline import dicom
 from input_pipeline import fingerprints
@@ -506,28 +507,7 @@ class CsvDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _info(self) -> tfds.core.DatasetInfo:
     size, num = self._image_size, len(self._spec.labels)
     return self.dataset_info_from_configs(
-      features=tfds.features.FeaturesDict(
-        {
-          'image': tfds.features.Tensor(
-            shape=(size, size, 1), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
-          ),
-          'labels': tfds.features.Tensor(shape=(num,), dtype=np.uint8),
-          # 0 where a label is unknown (CheXpert's uncertain under U-Ignore).
-          'label_mask': tfds.features.Tensor(shape=(num,), dtype=np.uint8),
-          'image_name': tfds.features.Text(),
-          'patient_id': tfds.features.Scalar(dtype=np.int32),
-          'age': tfds.features.Scalar(dtype=np.int32),
-          'sex': tfds.features.Text(),
-          'view_position': tfds.features.Text(),
-          'follow_up': tfds.features.Scalar(dtype=np.int32),
-          'boxes': tfds.features.Sequence(
-            {
-              'label': tfds.features.Scalar(dtype=np.int32),
-              'bbox': tfds.features.Tensor(shape=(4,), dtype=np.float32),
-            }
-          ),
-        }
-      ),
+      features=chestxray14.record_features(size, num, with_label_mask=True),
       metadata=tfds.core.MetadataDict(),
       description=f'Built from {", ".join(os.path.basename(p) for p in self._spec.csv_paths)}',
     )
