@@ -116,15 +116,7 @@ def score_split_with_tta(run, split, tta):
       jax.nn.sigmoid(logits_fn(run.variables, _to_global_images(v, run.mesh))) for v in views
     ) / len(views)
 
-  batches = pipeline.create_eval_iterator(
-    config,
-    split,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    device_count=jax.device_count(),
-  )
-  with pipeline.reading(config, split):
-    return Predictions(*inference.gather_scores(batches, mean_probs, run.mesh))
+  return Predictions(*inference.gather_split_scores(config, split, mean_probs, run.mesh))
 
 
 def score_split(run, split, tta='none'):

@@ -53,6 +53,19 @@ def gather_scores(batches, score, mesh):
   return scores[order], labels[order], indices[order]
 
 
+def gather_split_scores(config, split, score, mesh):
+  """gather_scores over this process's share of `split`'s padded eval batches."""
+  batches = pipeline.create_eval_iterator(
+    config,
+    split,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    device_count=jax.device_count(),
+  )
+  with pipeline.reading(config, split):
+    return gather_scores(batches, score, mesh)
+
+
 def evaluate_split(config, model, variables, mesh, split, logits_fn=None, loss_weights=None):
   """One masked pass over `split`: every example scored exactly once.
 
@@ -62,17 +75,9 @@ def evaluate_split(config, model, variables, mesh, split, logits_fn=None, loss_w
   the plateau rule watches); metrics['bce'] is always unweighted.
   """
   logits_fn = logits_fn or make_logits_fn(model, models.DTYPES[config.dtype])
-  batches = pipeline.create_eval_iterator(
-    config,
-    split,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    device_count=jax.device_count(),
+  logits, labels, indices = gather_split_scores(
+    config, split, lambda b: logits_fn(variables, sharding.to_global(b, mesh)['image']), mesh
   )
-  with pipeline.reading(config, split):
-    logits, labels, indices = gather_scores(
-      batches, lambda b: logits_fn(variables, sharding.to_global(b, mesh)['image']), mesh
-    )
   probs = np.asarray(jax.nn.sigmoid(logits))
   auroc = metrics_lib.auroc_per_label(labels, probs, labels_lib.names_of(config))
   logits = jnp.asarray(logits)
