@@ -2,19 +2,20 @@
 dataset the trainer reads.
 
   python -m input_pipeline.build --manual_dir NIH_DIR --data_dir OUT --image_size 256 \
-      [--val_fraction 0.1 --split_seed 0 --allow_subset --skip_bad --overwrite
-       --num_workers N]
+      [--label_file Data_Entry_2017.csv --val_fraction 0.1 --split_seed 0 \
+       --allow_subset --skip_bad --overwrite --num_workers N]
   python -m input_pipeline.build --csv FILE --image_root DIR --labels A,B,C \
       --patient_column COL --name NAME --data_dir OUT --image_size 256 \
       [--split_column COL --format chexpert --uncertainty ignore|zeros|ones ...]
       (input_pipeline/csv_dataset.py; train it with --config.dataset=NAME)
 
-Every input is checked before anything is written; problems are reported all at
-once. The dataset appears in OUT/chestxray14/<S>px/1.0.0 (<S>px_val<F>_seed<N> for a
-non-default validation cut) only when complete, with
-split.json (the image names of each split, fraction and seed) beside the records.
-Building again into the same place keeps a dataset built from the same inputs and
-refuses one built from other inputs unless --overwrite (input_pipeline/fingerprints.py).
+An adapter (input_pipeline/nih.py, csv_dataset.py) reads and checks every input
+first and reports all problems at once; input_pipeline/records.py writes its plan.
+The dataset appears in OUT/<name>/<S>px/1.0.0 (NIH: chestxray14/<S>px_val<F>_seed<N>
+for a non-default validation cut) only when complete, with split.json (the image
+names of each split, fraction and seed) beside the records. Building again into the
+same place keeps a dataset built from the same inputs and refuses one built from
+other inputs unless --overwrite (input_pipeline/fingerprints.py).
 """
 
 import argparse
@@ -29,6 +30,8 @@ from input_pipeline import chexpert
 from input_pipeline import csv_dataset
 from input_pipeline import fingerprints
 from input_pipeline import nih
+from input_pipeline import records
+from input_pipeline import sources
 
 
 def build(*args, **kwargs) -> tfds.core.DatasetBuilder:
@@ -44,41 +47,28 @@ def prepare(
   *,
   val_fraction: float = chestxray14.DEFAULT_VAL_FRACTION,
   split_seed: int = chestxray14.DEFAULT_SPLIT_SEED,
+  label_file: str = nih.DEFAULT_LABEL_FILE,
   allow_subset: bool = False,
   skip_bad: bool = False,
   num_workers: int | None = None,
   overwrite: bool = False,
 ):
-  """(builder, 'built' | 'unchanged' | 'rebuilt'): every input is read and checked
-  first, and its fingerprint compared with a dataset already there; one built from
-  other inputs raises fingerprints.ExistingDatasetError unless `overwrite`."""
-  config = chestxray14.make_config(image_size, val_fraction, split_seed)
+  """(builder, 'built' | 'unchanged' | 'rebuilt') for NIH: every input is read and
+  checked first, and its fingerprint compared with a dataset already there; one built
+  from other inputs raises fingerprints.ExistingDatasetError unless `overwrite`."""
   plan = nih.plan_build(
     manual_dir,
+    image_size=image_size,
     val_fraction=val_fraction,
     split_seed=split_seed,
+    label_file=label_file,
     allow_subset=allow_subset,
     skip_bad=skip_bad,
     num_workers=num_workers or os.cpu_count(),
   )
-  mode, outcome = fingerprints.reuse_or_rebuild(
-    chestxray14.dataset_dir(data_dir, image_size, val_fraction, split_seed),
-    chestxray14.fingerprint(plan, config),
-    overwrite,
+  return records.write(
+    plan, data_dir, overwrite=overwrite, num_workers=num_workers, builder=chestxray14.Chestxray14
   )
-  builder = chestxray14.Chestxray14(
-    data_dir=data_dir,
-    config=config,
-    file_format='array_record',
-    allow_subset=allow_subset,
-    skip_bad=skip_bad,
-    num_workers=num_workers,
-    plan=plan,
-  )
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=manual_dir, download_mode=mode)
-  )
-  return builder, outcome
 
 
 _SAID = {
@@ -88,95 +78,98 @@ _SAID = {
 }
 
 
-def _summary(builder, outcome='built') -> str:
-  splits = ', '.join(f'{name} {info.num_examples:,}' for name, info in builder.info.splits.items())
-  skipped = builder.info.metadata.get('skipped') or {}
+def summary(builder, outcome: str, data_dir: str) -> str:
+  """One line: what was written, where, and how to train on it."""
+  metadata = sources.upgraded_metadata(builder.info)
+  splits = ', '.join(f'{n} {i.num_examples:,}' for n, i in builder.info.splits.items())
+  size = metadata['image_size']
+  dataset = f'--config.dataset={builder.info.name} --config.data_dir={data_dir}'
+  if builder.info.name == chestxray14.NAME:
+    dataset += f' --config.val_fraction={metadata["val_fraction"]}'
+    dataset += f' --config.split_seed={metadata["split_seed"]}'
   return (
-    f'{builder.info.full_name} {_SAID[outcome]} in {builder.data_dir}: {splits}; '
-    f'{len(skipped)} input(s) skipped; split in {chestxray14.SPLIT_FILE}'
+    f'{builder.info.full_name} {_SAID[outcome]} in {builder.data_dir}: {splits}; labels '
+    f'{",".join(metadata["labels"])}; {metadata["num_skipped"]} input(s) skipped; split '
+    f'by {metadata["split_by"]} (in {records.SPLIT_FILE}). Train it with {dataset} '
+    f'--config.dataset_image_size={size}'
   )
+
+
+# (flag, help, argparse options): NIH's, then those of your own data.
+_NIH_FLAGS = (
+  ('--manual_dir', 'NIH download: CSVs, lists, images/ or images_0NN[.tar.gz]', {'default': ''}),
+  (
+    '--label_file',
+    f'NIH label CSV (plain or .gz): {" or ".join(nih.DATA_ENTRY_NAMES)}; the published '
+    'CheXNet figures used Data_Entry_2017.csv',
+    {'default': nih.DEFAULT_LABEL_FILE, 'choices': nih.DATA_ENTRY_NAMES},
+  ),
+  ('--allow_subset', "accept fewer images than NIH's 112,120", {'action': 'store_true'}),
+)
+_OWN_FLAGS = (
+  ('--csv', 'CSV of image paths and labels (repeat for several)', {'action': 'append'}),
+  ('--image_root', 'the CSV paths are relative to this', {'default': ''}),
+  ('--name', 'dataset name: --config.dataset=NAME', {'default': ''}),
+  ('--labels', 'comma-separated label columns (CheXpert: its 14)', {'default': ''}),
+  ('--path_column', "image path column (CheXpert: 'Path')", {'default': 'path'}),
+  ('--patient_column', 'patient id column', {'default': ''}),
+  (
+    '--no_patient_column_images_are_independent',
+    'no patient column: every image is of a different patient',
+    {'action': 'store_true'},
+  ),
+  ('--split_column', 'column of train/validation/test (else by patient)', {'default': ''}),
+  (
+    '--test_fraction',
+    'fraction of PATIENTS put in test (no split column, no CheXpert valid/)',
+    {'type': float, 'default': csv_dataset.DEFAULT_TEST_FRACTION},
+  ),
+  (
+    '--format',
+    'generic, or chexpert (Path, -1/blank)',
+    {'default': 'generic', 'choices': tuple(csv_dataset.FORMATS)},
+  ),
+  (
+    '--uncertainty',
+    "CheXpert's -1: ignore (masked out), zeros or ones",
+    {'default': 'ignore', 'choices': chexpert.UNCERTAINTY_POLICIES},
+  ),
+  ('--frontal_only', 'CheXpert: frontal views only', {'action': 'store_true'}),
+)
+
+
+def _add(group, flags):
+  for flag, help_text, options in flags:
+    group.add_argument(flag, help=help_text, **options)
 
 
 def parse_args(argv):
   defaults = default_config.get_config()  # One source for the split defaults.
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument(
-    '--manual_dir', default='', help='NIH download: CSVs, lists, images/ or images_0NN[.tar.gz]'
+  _add(
+    p,
+    (
+      ('--data_dir', 'TFDS data_dir to write into', {'required': True}),
+      (
+        '--image_size',
+        'stored side in pixels',
+        {'type': int, 'default': defaults.dataset_image_size},
+      ),
+      (
+        '--val_fraction',
+        'fraction of PATIENTS put in validation',
+        {'type': float, 'default': defaults.val_fraction},
+      ),
+      ('--split_seed', 'seed of the patient split', {'type': int, 'default': defaults.split_seed}),
+      ('--skip_bad', 'leave bad inputs out (listed in metadata)', {'action': 'store_true'}),
+      ('--num_workers', 'processes (default: all cores)', {'type': int, 'default': None}),
+      ('--overwrite', 'replace a dataset built there from other inputs', {'action': 'store_true'}),
+    ),
   )
-  p.add_argument('--data_dir', required=True, help='TFDS data_dir to write into')
-  p.add_argument(
-    '--image_size',
-    type=int,
-    default=defaults.dataset_image_size,
-    help='stored side in pixels (config.dataset_image_size)',
-  )
-  p.add_argument(
-    '--val_fraction',
-    type=float,
-    default=defaults.val_fraction,
-    help='fraction of train_val PATIENTS put in validation',
-  )
-  p.add_argument(
-    '--split_seed', type=int, default=defaults.split_seed, help='seed of the validation cut'
-  )
-  p.add_argument(
-    '--allow_subset',
-    action='store_true',
-    help="accept fewer images than NIH's 112,120 (lists name the subset)",
-  )
-  p.add_argument(
-    '--skip_bad',
-    action='store_true',
-    help='leave bad inputs out (listed in metadata) instead of failing',
-  )
-  p.add_argument('--num_workers', type=int, default=None, help='processes (default: all cores)')
-  p.add_argument(
-    '--overwrite',
-    action='store_true',
-    help='replace a dataset there built from other inputs (else refused)',
-  )
-  own = p.add_argument_group('your own data (instead of --manual_dir)')
-  own.add_argument(
-    '--csv',
-    action='append',
-    default=[],
-    help='CSV of image paths and labels (repeat for several, e.g. '
-    "CheXpert's train.csv and valid.csv)",
-  )
-  own.add_argument('--image_root', default='', help='the CSV paths are relative to this')
-  own.add_argument('--name', default='', help='dataset name: --config.dataset=NAME')
-  own.add_argument(
-    '--labels',
-    default='',
-    help='comma-separated label columns (--format chexpert: default its 14 observations)',
-  )
-  own.add_argument(
-    '--path_column', default='path', help="image path column (default 'path'; CheXpert: 'Path')"
-  )
-  own.add_argument('--patient_column', default='', help='patient id column')
-  own.add_argument(
-    '--no_patient_column_images_are_independent',
-    action='store_true',
-    help='no patient column: every image is of a different patient',
-  )
-  own.add_argument(
-    '--split_column', default='', help='column holding train/validation/test (else cut by patient)'
-  )
-  own.add_argument(
-    '--test_fraction',
-    type=float,
-    default=0.2,
-    help='fraction of PATIENTS put in test (without a split column)',
-  )
-  own.add_argument('--format', default='generic', choices=csv_dataset.FORMATS)
-  own.add_argument(
-    '--uncertainty',
-    default='ignore',
-    choices=chexpert.UNCERTAINTY_POLICIES,
-    help="CheXpert's -1: ignore (masked out), zeros or ones",
-  )
-  own.add_argument('--frontal_only', action='store_true', help='CheXpert: frontal views only')
+  _add(p.add_argument_group('NIH ChestX-ray14'), _NIH_FLAGS)
+  _add(p.add_argument_group('your own data (instead of --manual_dir)'), _OWN_FLAGS)
   args = p.parse_args(argv)
+  args.csv = args.csv or []
   if bool(args.csv) == bool(args.manual_dir):
     p.error('give either --manual_dir (NIH ChestX-ray14) or --csv (your own data)')
   if args.csv and not (args.image_root and args.name):
@@ -202,9 +195,9 @@ def _csv_spec(args) -> csv_dataset.Spec:
   )
 
 
-def main_csv(args):
-  try:
-    builder, outcome = csv_dataset.build(
+def _build(args):
+  if args.csv:
+    return csv_dataset.build(
       _csv_spec(args),
       name=args.name,
       data_dir=args.data_dir,
@@ -213,42 +206,34 @@ def main_csv(args):
       overwrite=args.overwrite,
       num_workers=args.num_workers,
     )
-  except (nih.InvalidInputError, fingerprints.ExistingDatasetError) as e:
-    sys.exit(f'Nothing was written. {e}')
-  for warning in builder.info.metadata.get('warnings') or []:
-    print(f'warning: {warning}', file=sys.stderr)
-  said = _SAID[outcome]
-  splits = ', '.join(f'{n} {i.num_examples:,}' for n, i in builder.info.splits.items())
-  metadata = builder.info.metadata
-  print(
-    f'{builder.info.full_name} {said} in {builder.data_dir}: {splits}; labels '
-    f'{",".join(metadata["labels"])}; {metadata.get("num_skipped", 0)} input(s) '
-    f'skipped; split by {metadata["split_by"]}. Train it with '
-    f'--config.dataset={args.name} --config.data_dir={args.data_dir} '
-    f'--config.dataset_image_size={args.image_size}'
+  return prepare(
+    args.manual_dir,
+    args.data_dir,
+    args.image_size,
+    val_fraction=args.val_fraction,
+    split_seed=args.split_seed,
+    label_file=args.label_file,
+    allow_subset=args.allow_subset,
+    skip_bad=args.skip_bad,
+    num_workers=args.num_workers,
+    overwrite=args.overwrite,
   )
 
 
 def main(argv=None):
   args = parse_args(argv)
   tfds.disable_progress_bar()  # Ours (per split, in images) is the useful one.
-  if args.csv:
-    return main_csv(args)
   try:
-    builder, outcome = prepare(
-      args.manual_dir,
-      args.data_dir,
-      args.image_size,
-      val_fraction=args.val_fraction,
-      split_seed=args.split_seed,
-      allow_subset=args.allow_subset,
-      skip_bad=args.skip_bad,
-      num_workers=args.num_workers,
-      overwrite=args.overwrite,
-    )
-  except (nih.InvalidInputError, FileNotFoundError, fingerprints.ExistingDatasetError) as e:
+    builder, outcome = _build(args)
+  except (
+    records.InvalidInputError,
+    records.MissingInputError,
+    fingerprints.ExistingDatasetError,
+  ) as e:
     sys.exit(f'Nothing was written. {e}')
-  print(_summary(builder, outcome))
+  for warning in builder.info.metadata.get('warnings') or []:
+    print(f'warning: {warning}', file=sys.stderr)
+  print(summary(builder, outcome, args.data_dir))
 
 
 if __name__ == '__main__':

@@ -22,7 +22,6 @@ from pydicom import pixels
 
 _PREAMBLE = 128
 _MAGIC = b'DICM'
-DICOM_SUFFIXES = ('.dcm', '.dicom')
 
 
 class DicomError(ValueError):
@@ -111,6 +110,16 @@ def to_grey_uint8(ds) -> np.ndarray:
     raise DicomError(f'empty display range [{low}, {high}] (check the window or LUT)')
   grey = np.round(np.clip((shown - low) * (255.0 / (high - low)), 0, 255)).astype(np.uint8)
   return 255 - grey if photometric == 'MONOCHROME1' else grey
+
+
+def size(data: bytes) -> tuple[int, int]:
+  """(Columns, Rows) from the header alone, so a huge image is refused before its
+  pixels are decoded; (0, 0) when unreadable (`problem` says why)."""
+  try:
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    return int(ds.get('Columns', 0) or 0), int(ds.get('Rows', 0) or 0)
+  except Exception:  # pydicom raises several types for broken files.
+    return 0, 0
 
 
 def decode(data: bytes) -> np.ndarray:

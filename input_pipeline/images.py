@@ -1,6 +1,8 @@
-"""Decoding an X-ray (PNG, JPEG or DICOM) into the stored form: grey uint8, pre-resized."""
+"""Decoding an X-ray (PNG, JPEG or DICOM) into the stored form: grey uint8, pre-resized;
+checking one before a build, under the one pixel-count limit the builder and predict share."""
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -10,6 +12,44 @@ from input_pipeline import dicom
 # Antialiased when shrinking (PIL filters over the whole footprint), like
 # torchvision's Resize; far cheaper than decoding, which dominates.
 RESAMPLE = Image.Resampling.BILINEAR
+# The most pixels (width x height) an image may have, for the builder and predict
+# alike: PIL's own decompression-bomb threshold, which PIL itself only warns about
+# below twice that. A chest X-ray is at most ~4,300 x 4,300 (18 megapixels).
+MAX_PIXELS = 89_478_485
+SUPPORTED_MODES = ('L', 'LA', 'RGB', 'RGBA', 'I;16', 'I;16B', 'I;16L', 'I')
+
+
+def pixel_problem(width: int, height: int) -> str:
+  """Why an image of width x height is refused ('' if it is not)."""
+  if width * height <= MAX_PIXELS:
+    return ''
+  return (
+    f'{width} x {height} = {width * height:,} pixels, more than the limit of '
+    f'{MAX_PIXELS:,} (input_pipeline.images.MAX_PIXELS, a guard against decompression '
+    'bombs); downscale the image first'
+  )
+
+
+def problem(data: bytes) -> str:
+  """Why these bytes are not a usable X-ray ('' if they are). PNG/JPEG: cheap, no
+  decode; DICOM: decoded (its pixel data can only be checked that way)."""
+  if not data:
+    return 'zero-byte file'
+  if dicom.is_dicom(data):
+    return pixel_problem(*dicom.size(data)) or dicom.problem(data)
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # Ours says it.
+      with Image.open(io.BytesIO(data)) as image:
+        mode, (width, height) = image.mode, image.size
+        image.verify()  # Walks every chunk and checks CRCs: catches truncation.
+  except Image.DecompressionBombError:
+    return 'more than twice the pixel limit (PIL refused to open it); downscale it first'
+  except Exception as e:  # PIL raises several types for broken files.
+    return f'unreadable or truncated image ({type(e).__name__}: {e})'
+  if mode not in SUPPORTED_MODES:
+    return f'unsupported image mode {mode!r} (supported: {SUPPORTED_MODES})'
+  return pixel_problem(width, height)
 
 
 def to_grey_uint8(image: Image.Image) -> np.ndarray:

@@ -1,28 +1,34 @@
-"""Reading NIH ChestX-ray14 as downloaded: CSVs, split lists, images, patient splits.
+"""NIH ChestX-ray14's adapter: its CSVs, split lists and image layouts -> a records plan.
 
 Everything here collects problems instead of stopping at the first one, so a build
-can report every offending file and row at once (see `InvalidInputError`).
+can report every offending file and row at once (records.InvalidInputError).
+train_val_list.txt's images are cut into train and validation by patient;
+test_list.txt's are the test split.
 """
 
 import csv
 import dataclasses
 import glob
-import gzip
-import io
 import multiprocessing
 import os
-import tarfile
-from typing import Iterator, NamedTuple
 
 import numpy as np
-from PIL import Image
 import tqdm
 
+from input_pipeline import chestxray14
+from input_pipeline import fingerprints
+from input_pipeline import images
 from input_pipeline import labels as labels_lib
+from input_pipeline import records
+from input_pipeline.records import Box, ImageRef, Problem
 
 # NIH's full release; a build checks these unless the user allows a subset.
 NIH_COUNTS = {'images': 112_120, 'patients': 30_805, 'train_val': 86_524, 'test': 25_596}
+# The label files NIH has published. The 2020 revision is the default because it is
+# the one NIH's page serves today (input_pipeline.download fetches it); the original
+# 2017 file, which the published CheXNet figures used, is chosen with --label_file.
 DATA_ENTRY_NAMES = ('Data_Entry_2017_v2020.csv', 'Data_Entry_2017.csv')
+DEFAULT_LABEL_FILE = DATA_ENTRY_NAMES[0]
 BBOX_NAME = 'BBox_List_2017.csv'
 TRAIN_VAL_LIST = 'train_val_list.txt'
 TEST_LIST = 'test_list.txt'
@@ -40,57 +46,6 @@ _ENTRY_COLUMNS = (
 # 'OriginalImagePixelSpacing[x,y]' in two each: 11 fields (the 2017 file adds a
 # trailing empty 12th).
 _ENTRY_FIELDS = 11
-SUPPORTED_MODES = ('L', 'LA', 'RGB', 'RGBA', 'I;16', 'I;16B', 'I;16L', 'I')
-_FIX_HINT = (
-  'Fix or remove these inputs, or build with --skip_bad to leave them out '
-  '(they are then listed in the dataset metadata).'
-)
-
-
-# At most this many problems are listed; the rest are counted (a partial download
-# can have 100,000 missing images: a list that long helps no one).
-_SHOWN = 20
-
-
-class InvalidInputError(ValueError):
-  """The inputs have problems; the message lists them (the first _SHOWN, then counts)
-  and says which ones --skip_bad could leave out."""
-
-  def __init__(self, problems, where):
-    problems = list(problems)
-    lines = '\n  '.join(str(p) for p in problems[:_SHOWN])
-    if len(problems) > _SHOWN:
-      lines += f'\n  ... and {len(problems) - _SHOWN:,} more'
-    per_image = sum(1 for p in problems if getattr(p, 'image', ''))
-    general = len(problems) - per_image
-    if general and per_image:
-      hint = (
-        f'{general} of them concern no single image and must be fixed; the other '
-        f'{per_image} can be fixed, or left out with --skip_bad (they are then '
-        'counted in the dataset metadata).'
-      )
-    elif general:
-      hint = 'Fix them and build again (--skip_bad cannot leave these out).'
-    else:
-      hint = _FIX_HINT
-    missing = sum(1 for p in problems if 'image not found' in str(p))
-    if missing > _SHOWN:
-      hint += (
-        f' {missing:,} listed images are not on disk: to build from part of the '
-        'data, give lists (or a CSV) naming only the images you have.'
-      )
-    super().__init__(f'{len(problems)} problem(s) in {where}:\n  {lines}\n{hint}')
-    self.problems = problems
-
-
-class Problem(NamedTuple):
-  """One bad input. `image` names the image it disqualifies ('' = fatal)."""
-
-  image: str
-  message: str
-
-  def __str__(self):
-    return self.message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,54 +65,27 @@ class Entry:
     return labels_lib.encode(self.finding_labels)
 
 
-@dataclasses.dataclass(frozen=True)
-class Box:
-  """One row of BBox_List_2017.csv: x, y, w, h in the original 1024 pixels."""
-
-  label: int
-  bbox: tuple[float, float, float, float]
-
-
-class ImageRef(NamedTuple):
-  """Where an image lives: a PNG file, or a member of an images_0NN.tar.gz; its
-  size in bytes (for the build's fingerprint)."""
-
-  path: str
-  member: str = ''
-  size: int = 0
-
-  def read(self) -> bytes:
-    if not self.member:
-      with open(self.path, 'rb') as f:
-        return f.read()
-    with tarfile.open(self.path, 'r:gz') as tar:  # Slow: tests and one-offs only.
-      return tar.extractfile(self.member).read()
-
-
 # ---------------------------------------------------------------- text files
 
 
-def _open_text(path: str):
-  """Opens a CSV/list as text, gzipped or not (NIH ships plain; copies are gzipped)."""
-  if path.endswith('.gz'):
-    return io.TextIOWrapper(gzip.open(path), encoding='utf-8', newline='')
-  return open(path, encoding='utf-8', newline='')
-
-
-def find_file(manual_dir: str, names, required: bool = True) -> str:
-  """First of `names` (or `name.gz`) in manual_dir; '' or FileNotFoundError if none."""
-  for name in names:
-    for candidate in (name, name + '.gz'):
-      path = os.path.join(manual_dir, candidate)
-      if os.path.isfile(path):
-        return path
-  if required:
-    raise FileNotFoundError(
-      f'None of {list(names)} (plain or .gz) in {manual_dir}. Download them from '
-      'https://nihcc.app.box.com/v/ChestXray-NIHCC (or `python -m '
-      'input_pipeline.download`).'
-    )
-  return ''
+def find_file(manual_dir: str, name: str, required: bool = True, flag: str = '') -> str:
+  """`name` (or `name.gz`) in manual_dir; '' or MissingInputError if neither is there."""
+  for candidate in (name, name + '.gz'):
+    path = os.path.join(manual_dir, candidate)
+    if os.path.isfile(path):
+      return path
+  if not required:
+    return ''
+  others = [n for n in DATA_ENTRY_NAMES if n != name and find_file(manual_dir, n, False)]
+  fix = (
+    f'it has {others[0]}: pass {flag} {others[0]} to build from that one, or download {name}'
+    if flag and others
+    else 'download it'
+  )
+  raise records.MissingInputError(
+    f'{name} (plain or .gz) is not in {manual_dir}; {fix} from '
+    'https://nihcc.app.box.com/v/ChestXray-NIHCC (or `python -m input_pipeline.download`).'
+  )
 
 
 def _header_problem(path: str, header: list[str]) -> str:
@@ -200,7 +128,7 @@ def _parse_entry(row: list[str]) -> Entry:
 def read_data_entry(path: str) -> tuple[dict[str, Entry], list[Problem]]:
   """Parses Data_Entry_2017(_v2020).csv(.gz): (entries by image name, problems)."""
   entries, problems = {}, []
-  with _open_text(path) as f:
+  with records.open_text(path) as f:
     rows = csv.reader(f)
     header = next(rows, [])
     if message := _header_problem(path, header):
@@ -242,7 +170,7 @@ def _parse_box(row: list[str]) -> Box:
 def read_bbox_list(path: str) -> tuple[dict[str, list[Box]], list[Problem]]:
   """Parses BBox_List_2017.csv(.gz): (boxes by image name, problems)."""
   boxes, problems = {}, []
-  with _open_text(path) as f:
+  with records.open_text(path) as f:
     rows = csv.reader(f)
     next(rows, None)  # 'Image Index,Finding Label,Bbox [x,y,w,h],,,'
     for line, row in enumerate(rows, start=2):
@@ -268,46 +196,23 @@ def path_escape(name: str) -> str:
 
 def read_image_list(path: str) -> list[str]:
   """NIH's train_val_list.txt / test_list.txt: one image name per line."""
-  with _open_text(path) as f:
+  with records.open_text(path) as f:
     return [line.strip() for line in f if line.strip()]
 
 
 # ---------------------------------------------------------------- images
 
 
-def image_problem(data: bytes) -> str:
-  """Why these bytes are not a usable X-ray PNG ('' if they are). Cheap: no decode."""
-  if not data:
-    return 'zero-byte file'
-  try:
-    with Image.open(io.BytesIO(data)) as image:
-      mode = image.mode
-      image.verify()  # Walks every chunk and checks CRCs: catches truncation.
-  except Exception as e:  # PIL raises several types for broken files.
-    return f'unreadable or truncated image ({type(e).__name__}: {e})'
-  if mode not in SUPPORTED_MODES:
-    return f'unsupported image mode {mode!r} (supported: {SUPPORTED_MODES})'
-  return ''
-
-
-def iter_tar_pngs(tar_path: str) -> Iterator[tuple[str, str, bytes]]:
-  """Streams (image name, member name, bytes) from images_0NN.tar.gz, no extraction."""
-  with tarfile.open(tar_path, 'r|gz') as tar:
-    for member in tar:
-      if member.isfile() and member.name.endswith('.png'):
-        yield os.path.basename(member.name), member.name, tar.extractfile(member).read()
-
-
 def _scan_file(path: str) -> list[tuple[str, ImageRef, str]]:
   with open(path, 'rb') as f:
     data = f.read()
-  return [(os.path.basename(path), ImageRef(path, '', len(data)), image_problem(data))]
+  return [(os.path.basename(path), ImageRef(path, '', len(data)), images.problem(data))]
 
 
 def _scan_tar(path: str) -> list[tuple[str, ImageRef, str]]:
   return [
-    (name, ImageRef(path, member, len(data)), image_problem(data))
-    for name, member, data in iter_tar_pngs(path)
+    (name, ImageRef(path, member, len(data)), images.problem(data))
+    for name, member, data in records.iter_tar_images(path)
   ]
 
 
@@ -355,37 +260,7 @@ def scan_images(
   return refs, problems
 
 
-# ---------------------------------------------------------------- splits
-
-
-def patient_split(
-  names: list[str], entries: dict[str, Entry], val_fraction: float, seed: int
-) -> tuple[list[str], list[str]]:
-  """Splits train_val names into (train, validation) by patient, reproducibly."""
-  if not 0.0 <= val_fraction < 1.0:
-    raise ValueError(f'val_fraction must be in [0, 1), got {val_fraction}')
-  patients = sorted({entries[n].patient_id for n in names})
-  shuffled = np.random.default_rng(seed).permutation(patients)
-  # At least one validation patient when asked for any (tiny subsets round to 0).
-  num_val = max(round(val_fraction * len(patients)), int(val_fraction > 0 and len(patients) > 1))
-  val_patients = set(shuffled[:num_val].tolist())
-  validation = [n for n in names if entries[n].patient_id in val_patients]
-  train = [n for n in names if entries[n].patient_id not in val_patients]
-  return train, validation
-
-
-def assert_no_patient_overlap(splits: dict[str, list[str]], entries: dict[str, Entry]):
-  """Raises if any patient has images in two splits (that would leak labels)."""
-  patients = {s: {entries[n].patient_id for n in names} for s, names in splits.items()}
-  split_names = sorted(patients)
-  for i, a in enumerate(split_names):
-    for b in split_names[i + 1 :]:
-      shared = patients[a] & patients[b]
-      if shared:
-        raise AssertionError(
-          f'{len(shared)} patient(s) in both {a} and {b}, e.g. '
-          f'{sorted(shared)[:10]}; the split must be by patient.'
-        )
+# ---------------------------------------------------------------- the plan
 
 
 def count_problems(
@@ -432,39 +307,12 @@ def list_problems(
   return problems
 
 
-def _remove_names(names: list[str], bad: set[str]) -> list[str]:
-  return [n for n in names if n not in bad]
-
-
-def _split_problems(problems: list[Problem], skip_bad: bool, where: str) -> dict[str, str]:
-  """Raises on fatal problems (or any, unless skip_bad); returns skipped name -> why."""
-  fatal = [p for p in problems if not p.image or not skip_bad]
-  if fatal:
-    raise InvalidInputError(fatal if skip_bad else problems, where)
-  skipped = {}
-  for p in problems:
-    skipped.setdefault(p.image, p.message)
-  return skipped
-
-
-@dataclasses.dataclass
-class Plan:
-  """What a build will write: split -> image names, and where everything is."""
-
-  splits: dict[str, list[str]]
-  entries: dict[str, Entry]
-  boxes: dict[str, list[Box]]
-  refs: dict[str, ImageRef]
-  skipped: dict[str, str]  # Image name -> why it was left out (--skip_bad).
-  files: dict[str, str]
-
-
-def _read_metadata_files(manual_dir: str):
+def _read_metadata_files(manual_dir: str, label_file: str):
   files = {
-    'data_entry': find_file(manual_dir, DATA_ENTRY_NAMES),
-    'bbox': find_file(manual_dir, (BBOX_NAME,), required=False),
-    'train_val': find_file(manual_dir, (TRAIN_VAL_LIST,)),
-    'test': find_file(manual_dir, (TEST_LIST,)),
+    'data_entry': find_file(manual_dir, label_file, flag='--label_file'),
+    'bbox': find_file(manual_dir, BBOX_NAME, required=False),
+    'train_val': find_file(manual_dir, TRAIN_VAL_LIST),
+    'test': find_file(manual_dir, TEST_LIST),
   }
   entries, problems = read_data_entry(files['data_entry'])
   num_rows = len(entries) + len(problems)
@@ -472,18 +320,58 @@ def _read_metadata_files(manual_dir: str):
   return files, entries, num_rows, boxes, problems + box_problems
 
 
+def label_file_description(path: str) -> str:
+  """'Data_Entry_2017_v2020.csv (NIH's 2020 label revision)' or
+  'Data_Entry_2017.csv (the original 2017 labels)'."""
+  name = os.path.basename(path)
+  revision = "NIH's 2020 label revision" if 'v2020' in name else 'the original 2017 labels'
+  return f'{name} ({revision})'
+
+
+def _row(name: str, entry: Entry, ref: ImageRef, boxes, split: str) -> records.Row:
+  return records.Row(
+    image=name,
+    source=ref,
+    patient=entry.patient_id,
+    labels=entry.labels,
+    split=split,
+    boxes=tuple(boxes.get(name, ())),
+    age=entry.age,
+    sex=entry.sex,
+    view=entry.view_position,
+    follow_up=entry.follow_up,
+  )
+
+
+def _fingerprint(files, image_size, val_fraction, split_seed, rows) -> str:
+  """The inputs a build reads (CSVs, lists, each kept image's name and size) and its
+  settings (input_pipeline/fingerprints.py's rule). --allow_subset and --skip_bad
+  are left out: what they change shows in the images kept."""
+  paths = [files[k] for k in ('data_entry', 'bbox', 'train_val', 'test') if files.get(k)]
+  settings = {
+    'dataset': chestxray14.NAME,
+    'image_size': image_size,
+    'val_fraction': val_fraction,
+    'split_seed': split_seed,
+  }
+  sizes = {n: r.source.size for n, r in rows.items()}
+  return fingerprints.inputs_fingerprint(paths, settings, sizes)
+
+
 def plan_build(
   manual_dir: str,
   *,
+  image_size: int,
   val_fraction: float,
   split_seed: int,
   allow_subset: bool,
   skip_bad: bool,
   num_workers: int,
-) -> Plan:
+  label_file: str = DEFAULT_LABEL_FILE,
+) -> records.Plan:
   """Reads and checks ALL inputs, then splits; raises InvalidInputError listing every
-  problem before anything is written."""
-  files, entries, num_rows, boxes, problems = _read_metadata_files(manual_dir)
+  problem (MissingInputError for an absent file) before anything is written."""
+  files, entries, num_rows, boxes, problems = _read_metadata_files(manual_dir, label_file)
   train_val = read_image_list(files['train_val'])
   test = read_image_list(files['test'])
   if not allow_subset:
@@ -491,16 +379,37 @@ def plan_build(
   problems += list_problems(train_val, test, entries, {p.image for p in problems})
   wanted = {n for n in train_val + test if not path_escape(n)}  # Escapes: reported.
   refs, image_problems = scan_images(manual_dir, wanted, num_workers)
-  skipped = _split_problems(problems + image_problems, skip_bad, manual_dir)
-  bad = set(skipped)
-  train_val, test = _remove_names(train_val, bad), _remove_names(test, bad)
-  train, validation = patient_split(train_val, entries, val_fraction, split_seed)
-  splits = {'train': train, 'validation': validation, 'test': test}
-  try:
-    assert_no_patient_overlap(splits, entries)
-  except AssertionError as e:  # Lists that put a patient in two splits: one error.
-    raise InvalidInputError(
-      [Problem('', f'{TRAIN_VAL_LIST} and {TEST_LIST}: {e}')], manual_dir
-    ) from None
-  boxes = {n: b for n, b in boxes.items() if n in refs}
-  return Plan(splits, entries, boxes, refs, skipped, files)
+  skipped = records.triage(problems + image_problems, skip_bad, manual_dir)
+  listed = [(n, '') for n in train_val] + [(n, 'test') for n in test]
+  rows = {n: _row(n, entries[n], refs[n], boxes, s) for n, s in listed if n not in skipped}
+  splits = records.assign_splits(
+    rows,
+    split_seed,
+    val_fraction,
+    0.0,
+    where=f'{TRAIN_VAL_LIST} and {TEST_LIST}',
+    fix=f'list each patient in one of {TRAIN_VAL_LIST} and {TEST_LIST}',
+  )
+  return records.Plan(
+    kind=chestxray14.NAME,
+    name=chestxray14.NAME,
+    config_name=chestxray14.config_name(image_size, val_fraction, split_seed),
+    image_size=image_size,
+    labels=labels_lib.LABELS,
+    with_mask=False,
+    rows=rows,
+    splits=splits,
+    split_by='patient',
+    settings={
+      'val_fraction': val_fraction,
+      'split_seed': split_seed,
+      'allow_subset': allow_subset,
+      'inputs': {k: os.path.basename(v) for k, v in files.items()},
+      # Which label file: NIH revised labels in 2020 (Data_Entry_2017_v2020.csv).
+      'label_file': label_file_description(files['data_entry']),
+      'protocol': f"NIH's official split: {TEST_LIST} is test; {TRAIN_VAL_LIST} is cut by "
+      f'patient into train and validation ({val_fraction:g} of its patients, seed {split_seed})',
+    },
+    skipped=skipped,
+    fingerprint=_fingerprint(files, image_size, val_fraction, split_seed, rows),
+  )

@@ -13,278 +13,30 @@ Evaluation: one pass, padded to whole global batches; padding has mask False and
 index -1, so each example is scored exactly once.
 """
 
-import contextlib
-import functools
-import glob
 import math
-import os
-import types
 
 from absl import flags
 import grain
 import numpy as np
 
 from input_pipeline import batching
-from input_pipeline import chestxray14
-from input_pipeline import csv_dataset
 from input_pipeline import images as images_lib
 from input_pipeline import labels as labels_lib
-from input_pipeline import synthetic
+from input_pipeline import sources
 
 # Inception-style random_resized_crop aspect ratios and attempts.
 _ASPECT_RANGE = (3 / 4, 4 / 3)
 _CROP_ATTEMPTS = 10
 
-
-# ---------------------------------------------------------------- sources
-
-
-class DatasetError(ValueError):
-  """The configured dataset is missing or does not match the config."""
-
-
-def _is_own(config) -> bool:
-  """A dataset built from the user's CSV (input_pipeline.csv_dataset)."""
-  return config.dataset not in ('chestxray14', 'synthetic')
-
-
-def _dataset_dir(config) -> str:
-  if _is_own(config):
-    return csv_dataset.dataset_dir(config.data_dir, config.dataset, config.dataset_image_size)
-  return chestxray14.dataset_dir(
-    config.data_dir, config.dataset_image_size, config.val_fraction, config.split_seed
-  )
-
-
-def _missing_own_dataset_error(config) -> DatasetError:
-  parent = os.path.join(config.data_dir, config.dataset)
-  built = (
-    sorted(b for b in os.listdir(parent) if not b.startswith('.')) if os.path.isdir(parent) else []
-  )
-  others = (
-    sorted(d for d in os.listdir(config.data_dir) if not d.startswith('.'))
-    if (os.path.isdir(config.data_dir))
-    else []
-  )
-  return DatasetError(
-    f'No complete dataset {config.dataset!r} at {config.dataset_image_size}px in data_dir '
-    f'{config.data_dir!r} (sizes built: {built or "none"}; datasets there: '
-    f'{others or "none"}). Build it with: python -m input_pipeline.build --csv FILE '
-    f'--image_root DIR --labels A,B,C --patient_column COL --name {config.dataset} '
-    f'--data_dir {config.data_dir} --image_size {config.dataset_image_size}, or set '
-    '--config.dataset / --config.dataset_image_size to a built one (chestxray14 for NIH).'
-  )
-
-
-def _missing_dataset_error(config) -> DatasetError:
-  if _is_own(config):
-    return _missing_own_dataset_error(config)
-  parent = os.path.join(config.data_dir, 'chestxray14')
-  built = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
-  built = [b for b in built if not b.startswith('.')]
-  return DatasetError(
-    f'No complete chestxray14 dataset at {config.dataset_image_size}px (val_fraction '
-    f'{config.val_fraction}, split_seed {config.split_seed}) in data_dir '
-    f'{config.data_dir!r} (built there: {built or "none"}). Build it with: python -m '
-    f'input_pipeline.build --manual_dir NIH_DIR --data_dir {config.data_dir} '
-    f'--image_size {config.dataset_image_size} --val_fraction {config.val_fraction} '
-    f'--split_seed {config.split_seed}, or change the config to match a built one. '
-    'A run trained elsewhere: pass --data_dir (evaluate, the notebook: '
-    'CHEXNET_DATA_DIR) with the data_dir that holds its dataset here.'
-  )
-
-
-@functools.lru_cache(maxsize=8)
-def _builder(data_dir: str, image_size: int, dataset_dir: str):
-  del data_dir, image_size  # Part of the cache key only.
-  import tensorflow_datasets as tfds  # Heavy; synthetic runs never need it.
-
-  return tfds.builder_from_directory(dataset_dir)
-
-
-def _tfds_builder(config):
-  # dataset_info.json is written last, on the rename: present <=> complete.
-  if not os.path.isfile(os.path.join(_dataset_dir(config), 'dataset_info.json')):
-    raise _missing_dataset_error(config)
-  return _builder(config.data_dir, config.dataset_image_size, _dataset_dir(config))
-
-
-def _chestxray14_source(config, split: str):
-  builder = _tfds_builder(config)
-  if split not in builder.info.splits:
-    raise DatasetError(
-      f'No split {split!r} in {_dataset_dir(config)}; it has {sorted(builder.info.splits)}'
-    )
-  return builder.as_data_source(split=split)
-
-
-# config.dataset -> (config, split) -> random-access source; any other name is a
-# dataset built from the user's CSV, read like chestxray14.
-DATASETS = {'chestxray14': _chestxray14_source, 'synthetic': synthetic.source}
-
-
-def get_source(config, split: str):
-  """Random-access source of `split` (dicts like the TFDS features)."""
-  return DATASETS.get(config.dataset, _chestxray14_source)(config, split)
-
-
-def get_label_names(config) -> tuple[str, ...]:
-  """The dataset's label names, in the order of its label vectors: NIH's 14 for
-  chestxray14 and synthetic, the recorded ones for a dataset built from a CSV."""
-  if not _is_own(config):
-    return labels_lib.LABELS
-  return tuple((_tfds_builder(config).info.metadata or {})['labels'])
-
-
-def get_dataset_info(config) -> dict:
-  """{'name', 'version', 'dataset_image_size', 'splits': {split: n},
-  'train_positive_fraction': [14 floats], 'label_file': which Data_Entry CSV
-  (2017 or the v2020 revision) the labels came from}; DatasetError if the dataset is missing,
-  or built at another size or with another validation cut."""
-  if config.dataset == 'synthetic':
-    return {
-      'name': 'synthetic',
-      'version': '1.0.0',
-      'dataset_image_size': config.dataset_image_size,
-      'splits': synthetic.split_sizes(config),
-      'train_positive_fraction': [synthetic.PRESENT_PROBABILITY] * labels_lib.NUM_CLASSES,
-      'label_file': 'synthetic (input_pipeline/synthetic.py)',
-    }
-  builder = _tfds_builder(config)
-  metadata = builder.info.metadata or {}
-  if not _is_own(config):  # Their split is fixed by the build (split.json).
-    _check_split_matches(config, metadata)  # Belt and braces.
-  splits = {s: info.num_examples for s, info in builder.info.splits.items()}
-  positives = np.asarray(metadata['positives']['train'], np.float64)
-  if 'known' in metadata:  # Labels masked out (CheXpert's U-Ignore) are not counted.
-    known = np.maximum(np.asarray(metadata['known']['train'], np.float64), 1)
-    return {
-      'name': builder.info.name,
-      'version': str(builder.info.version),
-      'dataset_image_size': config.dataset_image_size,
-      'splits': splits,
-      'train_positive_fraction': (positives / known).tolist(),
-      'label_file': metadata.get('label_file', 'not recorded'),
-    }
-  # Datasets built before 'label_file' was recorded still name the file.
-  label_file = metadata.get('label_file') or metadata.get('inputs', {}).get(
-    'data_entry', 'not recorded'
-  )
-  return {
-    'name': builder.info.name,
-    'version': str(builder.info.version),
-    'dataset_image_size': config.dataset_image_size,
-    'splits': splits,
-    'train_positive_fraction': (positives / splits['train']).tolist(),
-    'label_file': label_file,
-  }
-
-
-def split_file(config):
-  """The dataset's split.json (image names per split, seed, fraction), or None
-  for synthetic data. The trainer copies it beside every run."""
-  if config.dataset == 'synthetic':
-    return None
-  return os.path.join(_dataset_dir(config), chestxray14.SPLIT_FILE)  # Same name in both.
-
-
-def _check_split_matches(config, metadata):
-  built = (metadata.get('val_fraction'), metadata.get('split_seed'))
-  if built != (config.val_fraction, config.split_seed):
-    raise DatasetError(
-      f'{_dataset_dir(config)} was built with val_fraction, split_seed = {built}, but '
-      f'the config says ({config.val_fraction}, {config.split_seed}). Change the config '
-      'or rebuild into another data_dir with --val_fraction/--split_seed.'
-    )
-
-
-def _shard_is_readable(path: str) -> bool:
-  from array_record.python import array_record_module  # Only on this error path.
-
-  try:
-    reader = array_record_module.ArrayRecordReader(path)
-    for start in range(0, reader.num_records(), 256):  # Bounded memory.
-      reader.read(list(range(start, min(start + 256, reader.num_records()))))
-    reader.close()
-    return True
-  except RuntimeError:
-    return False
-
-
-@contextlib.contextmanager
-def reading(config, split: str):
-  """Turns a corrupt record met while reading `split` into one DatasetError that
-  names the damaged shard(s) (found by reading each shard of the split once) and
-  the fix. Records carry checksums, so corruption is always detected."""
-  try:
-    yield
-  except RuntimeError as error:
-    if 'Corrupted' not in str(error) or config.dataset == 'synthetic':
-      raise
-    pattern = os.path.join(_dataset_dir(config), f'*-{split}.array_record*')
-    bad = [os.path.basename(p) for p in sorted(glob.glob(pattern)) if not _shard_is_readable(p)]
-    rebuild = (
-      f'--csv FILE ... --name {config.dataset}'
-      if _is_own(config)
-      else f'--manual_dir NIH_DIR --val_fraction {config.val_fraction} '
-      f'--split_seed {config.split_seed}'
-    )
-    raise DatasetError(
-      f'Corrupt records in {", ".join(bad) or "a shard of the " + split + " split"} '
-      f'in {_dataset_dir(config)}. Delete that directory and rebuild it: python -m '
-      f'input_pipeline.build {rebuild} --data_dir {config.data_dir} '
-      f'--image_size {config.dataset_image_size}'
-    ) from None
-
-
-# The config fields a source depends on (a ConfigDict is not hashable, so not a key).
-_SOURCE_FIELDS = (
-  'dataset',
-  'data_dir',
-  'dataset_image_size',
-  'val_fraction',
-  'split_seed',
-  'synthetic_train_size',
-  'synthetic_eval_size',
-)
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_metadata(source_fields: tuple, split: str) -> tuple:
-  config = types.SimpleNamespace(**dict(zip(_SOURCE_FIELDS, source_fields)))
-  return tuple(_metadata_of(example) for example in _iterate(get_source(config, split)))
-
-
-def _iterate(source):
-  return (source[i] for i in range(len(source)))
-
-
-def _text(value) -> str:
-  return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _metadata_of(example: dict) -> dict:
-  boxes = example['boxes']
-  return {
-    'image_name': _text(example['image_name']),
-    'patient_id': int(example['patient_id']),
-    'age': int(example['age']),
-    'sex': _text(example['sex']),
-    'view_position': _text(example['view_position']),
-    'follow_up': int(example['follow_up']),
-    'labels': labels_of(example),
-    'boxes': [
-      {'label': int(k), 'bbox': [float(v) for v in b]}
-      for k, b in zip(boxes['label'], boxes['bbox'])
-    ],
-  }
-
-
-def split_metadata(config, split: str) -> list[dict]:
-  """Per example of `split`, indexed like batches' 'index': image_name, patient_id,
-  age, sex, view_position, follow_up, labels (float32[14]) and boxes ([{'label',
-  'bbox': [x, y, w, h] in original 1024 pixels}])."""
-  return list(_cached_metadata(tuple(config[f] for f in _SOURCE_FIELDS), split))
+# The read side (input_pipeline/sources.py), for the trainer and the tools.
+DatasetError = sources.DatasetError
+get_source = sources.get_source
+get_label_names = sources.get_label_names
+get_dataset_info = sources.get_dataset_info
+split_file = sources.split_file
+split_metadata = sources.split_metadata
+reading = sources.reading
+labels_of = sources.labels_of
 
 
 # ---------------------------------------------------------------- sharding
@@ -401,15 +153,6 @@ def _element(image, labels, index: int, real: bool = True) -> dict:
   }
 
 
-def labels_of(example: dict) -> np.ndarray:
-  """float32 [C]: the example's labels, -1 where its label_mask says unknown
-  (CheXpert's uncertain under U-Ignore); the loss and the metrics leave those out."""
-  labels = np.asarray(example['labels'], np.float32)
-  if 'label_mask' in example:
-    labels = np.where(np.asarray(example['label_mask']) > 0, labels, np.float32(-1))
-  return labels
-
-
 class _TrainExample:
   """Index i of this process's element stream -> augmented element.
 
@@ -489,7 +232,7 @@ class _EvalExample:
 
   def __init__(self, source, config):
     self._source, self._size = source, config.image_size
-    self._mode = config.get('eval_preprocess', 'center_crop')  # Older runs cropped.
+    self._mode = config.eval_preprocess
     self._num_classes = labels_lib.num_classes_of(config)
 
   def __call__(self, position):

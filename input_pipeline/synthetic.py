@@ -78,12 +78,14 @@ class SyntheticSource:
     rng = np.random.default_rng((*self._seed, index))
     labels = (rng.random(labels_lib.NUM_CLASSES) < PRESENT_PROBABILITY).astype(np.uint8)
     present = np.flatnonzero(labels)
+    # One patient per image, distinct across splits (no patient overlap).
+    patient = SPLITS.index(self._split) * 10_000_000 + index
     return {
       'image': self._draw(rng, present),
       'labels': labels,
       'image_name': f'synthetic_{self._split}_{index:06d}.png'.encode(),
-      # One patient per image, distinct across splits (no patient overlap).
-      'patient_id': SPLITS.index(self._split) * 10_000_000 + index,
+      'patient': str(patient).encode(),
+      'patient_id': patient,
       'age': int(rng.integers(20, 90)),
       'sex': b'MF'[index % 2 : index % 2 + 1],
       'view_position': b'PA',

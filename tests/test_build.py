@@ -19,6 +19,7 @@ from input_pipeline import chestxray14
 from input_pipeline import images
 from input_pipeline import labels
 from input_pipeline import nih
+from input_pipeline import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')  # 300 real images, 256 px grey.
@@ -239,7 +240,7 @@ def test_skip_bad_lists_skipped_in_metadata(bad_manual_dir, tmp_path):
 
 def test_full_release_counts_required_without_allow_subset(tmp_path):
   root = _small_manual_dir(tmp_path / 'nih', GOOD[:3])
-  with pytest.raises(nih.InvalidInputError, match='allow_subset') as error:
+  with pytest.raises(records.InvalidInputError, match='allow_subset') as error:
     build.build(str(root), str(tmp_path / 'out'), 32, num_workers=2)
   assert '112,120 images' in str(error.value) and '25,596 test' in str(error.value)
 
@@ -248,7 +249,7 @@ def test_interrupted_build_leaves_nothing_prepared(tmp_path):
   root = _small_manual_dir(tmp_path / 'nih', GOOD)
   bad = root / 'images' / GOOD[3]
   bad.write_bytes(_png_with_bad_pixels(bad))
-  assert nih.image_problem(bad.read_bytes()) == ''  # Passes the pre-check...
+  assert images.problem(bad.read_bytes()) == ''  # Passes the pre-check...
   out = tmp_path / 'out'
   with pytest.raises(RuntimeError, match=f'{GOOD[3]}: cannot decode'):  # ...fails mid-build.
     build.build(str(root), str(out), 32, allow_subset=True, num_workers=2)

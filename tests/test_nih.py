@@ -14,6 +14,7 @@ import pytest
 from input_pipeline import images
 from input_pipeline import labels
 from input_pipeline import nih
+from input_pipeline import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')  # 300 real images, 256 px grey.
@@ -184,27 +185,36 @@ def test_scan_finds_flat_kaggle_and_tarball_images(tmp_path):
 def test_image_problem(damage, message):
   with open(os.path.join(DEMO_IMAGES, sample_names(1)[0]), 'rb') as f:
     data = f.read()
-  assert nih.image_problem(data) == ''
-  assert message in nih.image_problem(damage(data))
+  assert images.problem(data) == ''
+  assert message in images.problem(damage(data))
 
 
 def test_patient_split_is_by_patient_and_seeded(sample_entries):
   names = [n for n in sample_entries if n < '00001000']  # 999 patients, many images each.
-  train, val = nih.patient_split(names, sample_entries, 0.2, seed=0)
+  patient_of = {n: sample_entries[n].patient_id for n in names}
+
+  def cut(seed):
+    splits = records.patient_split(names, patient_of, 0.2, 0.0, seed)
+    assert splits['test'] == []
+    return splits['train'], splits['validation']
+
+  train, val = cut(0)
   assert sorted(train + val) == sorted(names)
   val_patients = {sample_entries[n].patient_id for n in val}
   assert len(val_patients) == round(0.2 * len({sample_entries[n].patient_id for n in names}))
-  nih.assert_no_patient_overlap({'train': train, 'validation': val}, sample_entries)
-  assert nih.patient_split(names, sample_entries, 0.2, seed=0) == (train, val)
-  assert nih.patient_split(names, sample_entries, 0.2, seed=1)[1] != val
+  assert records.leak_problems({'train': train, 'validation': val}, patient_of, 'x', 'y') == []
+  assert cut(0) == (train, val)
+  assert cut(1)[1] != val
 
 
 def test_patient_overlap_is_refused(sample_entries):
   # 00000001_000 and 00000001_001 are the same patient.
-  with pytest.raises(AssertionError, match='patient'):
-    nih.assert_no_patient_overlap(
-      {'train': ['00000001_000.png'], 'test': ['00000001_001.png']}, sample_entries
-    )
+  patient_of = {n: sample_entries[n].patient_id for n in ('00000001_000.png', '00000001_001.png')}
+  (problem,) = records.leak_problems(
+    {'train': ['00000001_000.png'], 'test': ['00000001_001.png']}, patient_of, 'lists', 'fix'
+  )
+  assert problem.image == '' and 'patient' in problem.message
+  assert '1 patient(s) in both test and train, e.g. [1]' in problem.message
 
 
 def test_full_counts_checked(sample_entries):

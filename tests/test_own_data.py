@@ -320,9 +320,7 @@ def test_dicom_and_png_rows_build_to_the_same_pixels(tmp_path):
     spec, name='mixed', data_dir=str(tmp_path / 'd'), image_size=32, num_workers=1
   )
   source = builder.as_data_source(split='train')
-  stored = {
-    pipeline._text(e['image_name']): e['image'] for e in (source[i] for i in range(len(source)))
-  }
+  stored = {e['image_name'].decode(): e['image'] for e in (source[i] for i in range(len(source)))}
   np.testing.assert_array_equal(stored['x.dcm'], stored[name])
   assert 'SECRET' not in (tmp_path / 'd/mixed/32px/1.0.0/metadata.json').read_text()
 
@@ -381,15 +379,17 @@ def test_chexpert_policies_reach_the_pipeline(tmp_path, policy, uncertain_label,
   )
   assert builder.info.metadata['split_by'] == 'given (CheXpert paths)'
   split = json.loads((tmp_path / 'd/chex/32px/1.0.0/split.json').read_text())
-  assert all('/valid/' in n for n in split['splits']['validation'])
-  assert all('/train/' in n for n in split['splits']['train'] + split['splits']['test'])
+  # The usual protocol: valid.csv is test; validation is cut by patient from train.
+  assert split['splits']['test'] and split['splits']['validation']
+  assert all('/valid/' in n for n in split['splits']['test'])
+  assert all('/train/' in n for n in split['splits']['train'] + split['splits']['validation'])
   by_path = {r[0]: r[5:] for r in rows}
   source = builder.as_data_source(split='train')
   checked = 0
   for i in range(len(source)):
     example = source[i]
     labels = pipeline.labels_of(example)
-    for k, value in enumerate(by_path[pipeline._text(example['image_name'])]):
+    for k, value in enumerate(by_path[example['image_name'].decode()]):
       if value == '-1.0':
         assert labels[k] == uncertain_label and example['label_mask'][k] == uncertain_mask
         checked += 1
@@ -434,7 +434,7 @@ def test_chexpert_frontal_only_drops_the_lateral_views(tmp_path):
   stored = set()
   for split_name in builder.info.splits:
     source = builder.as_data_source(split=split_name)
-    stored |= {pipeline._text(source[i]['image_name']) for i in range(len(source))}
+    stored |= {source[i]['image_name'].decode() for i in range(len(source))}
   assert stored == frontal
   # Without the flag the same CSV keeps both views: the laterals were valid rows.
   builder, names = built(False, 'both')
