@@ -55,7 +55,7 @@ def reference_decode(data):
 def _manual_dir(sample, root):
   """The sample in NIH's layout, with patient-wise split lists."""
   os.makedirs(root)
-  entry_csv = nih.find_file(sample, nih.DATA_ENTRY_NAMES)
+  entry_csv = nih.find_file(sample, nih.DEFAULT_LABEL_FILE)
   for path in (os.path.join(sample, 'images'), entry_csv, os.path.join(sample, nih.BBOX_NAME)):
     os.symlink(os.path.abspath(path), os.path.join(root, os.path.basename(path)))
   entries, _ = nih.read_data_entry(entry_csv)

@@ -45,26 +45,16 @@ def prepare(
   data_dir: str,
   image_size: int = 256,
   *,
-  val_fraction: float = chestxray14.DEFAULT_VAL_FRACTION,
-  split_seed: int = chestxray14.DEFAULT_SPLIT_SEED,
-  label_file: str = nih.DEFAULT_LABEL_FILE,
-  allow_subset: bool = False,
-  skip_bad: bool = False,
-  num_workers: int | None = None,
   overwrite: bool = False,
+  num_workers: int | None = None,
+  **options,
 ):
   """(builder, 'built' | 'unchanged' | 'rebuilt') for NIH: every input is read and
-  checked first, and its fingerprint compared with a dataset already there; one built
-  from other inputs raises fingerprints.ExistingDatasetError unless `overwrite`."""
+  checked first (`options`: nih.plan_build's, e.g. val_fraction, label_file), and its
+  fingerprint compared with a dataset already there; one built from other inputs
+  raises fingerprints.ExistingDatasetError unless `overwrite`."""
   plan = nih.plan_build(
-    manual_dir,
-    image_size=image_size,
-    val_fraction=val_fraction,
-    split_seed=split_seed,
-    label_file=label_file,
-    allow_subset=allow_subset,
-    skip_bad=skip_bad,
-    num_workers=num_workers or os.cpu_count(),
+    manual_dir, image_size=image_size, num_workers=num_workers or os.cpu_count(), **options
   )
   return records.write(
     plan, data_dir, overwrite=overwrite, num_workers=num_workers, builder=chestxray14.Chestxray14
@@ -177,47 +167,26 @@ def parse_args(argv):
   return args
 
 
+def _picked(args, *names) -> dict:
+  return {name: getattr(args, name) for name in names}
+
+
 def _csv_spec(args) -> csv_dataset.Spec:
   return csv_dataset.Spec(
     csv_paths=tuple(args.csv),
-    image_root=args.image_root,
     labels=tuple(n.strip() for n in args.labels.split(',')) if args.labels else (),
-    path_column=args.path_column,
-    patient_column=args.patient_column,
-    split_column=args.split_column,
     images_are_independent=args.no_patient_column_images_are_independent,
-    format=args.format,
-    uncertainty=args.uncertainty,
-    frontal_only=args.frontal_only,
-    val_fraction=args.val_fraction,
-    test_fraction=args.test_fraction,
-    split_seed=args.split_seed,
+    **_picked(args, 'image_root', 'path_column', 'patient_column', 'split_column', 'format'),
+    **_picked(args, 'uncertainty', 'frontal_only', 'val_fraction', 'test_fraction', 'split_seed'),
   )
 
 
 def _build(args):
+  common = _picked(args, 'data_dir', 'image_size', 'skip_bad', 'overwrite', 'num_workers')
   if args.csv:
-    return csv_dataset.build(
-      _csv_spec(args),
-      name=args.name,
-      data_dir=args.data_dir,
-      image_size=args.image_size,
-      skip_bad=args.skip_bad,
-      overwrite=args.overwrite,
-      num_workers=args.num_workers,
-    )
-  return prepare(
-    args.manual_dir,
-    args.data_dir,
-    args.image_size,
-    val_fraction=args.val_fraction,
-    split_seed=args.split_seed,
-    label_file=args.label_file,
-    allow_subset=args.allow_subset,
-    skip_bad=args.skip_bad,
-    num_workers=args.num_workers,
-    overwrite=args.overwrite,
-  )
+    return csv_dataset.build(_csv_spec(args), name=args.name, **common)
+  nih_only = _picked(args, 'val_fraction', 'split_seed', 'label_file', 'allow_subset')
+  return prepare(args.manual_dir, **common, **nih_only)
 
 
 def main(argv=None):

@@ -95,11 +95,6 @@ def dataset_dir(
   return records.dataset_dir(data_dir, NAME, config_name(image_size, val_fraction, split_seed))
 
 
-def split_file(
-  data_dir: str,
-  image_size: int,
-  val_fraction: float = DEFAULT_VAL_FRACTION,
-  split_seed: int = DEFAULT_SPLIT_SEED,
-) -> str:
-  """Path of the split.json written beside a built dataset."""
-  return os.path.join(dataset_dir(data_dir, image_size, val_fraction, split_seed), SPLIT_FILE)
+def split_file(*args) -> str:
+  """Path of the split.json written beside a built dataset (dataset_dir's arguments)."""
+  return os.path.join(dataset_dir(*args), SPLIT_FILE)

@@ -3,7 +3,7 @@
   python -m input_pipeline.make_demo_sample --sample DIR --out demo_data
 
 DIR holds NIH's files for the chosen images: images/*.png (1024 px, as released),
-Data_Entry_2017_v2020.csv (or .csv.gz, or Data_Entry_2017.csv) and BBox_List_2017.csv.
+Data_Entry_2017_v2020.csv (or .csv.gz) and BBox_List_2017.csv.
 
 Images are shrunk to grey PNGs (the repository stays small); the CSVs keep NIH's
 header and only these images' rows; train_val_list.txt / test_list.txt are made by
@@ -68,7 +68,7 @@ def _shrink_images(sample: str, out: str, size: int) -> list[str]:
 
 def make_demo_sample(sample: str, out: str, size: int = 256, seed: int = 0):
   names = _shrink_images(sample, out, size)
-  entry_csv = nih.find_file(sample, nih.DATA_ENTRY_NAMES)
+  entry_csv = nih.find_file(sample, nih.DEFAULT_LABEL_FILE)
   entries, _ = nih.read_data_entry(entry_csv)
   _copy_rows(entry_csv, os.path.join(out, os.path.basename(entry_csv)), set(names))
   _copy_rows(os.path.join(sample, nih.BBOX_NAME), os.path.join(out, nih.BBOX_NAME), set(names))

@@ -362,12 +362,12 @@ def plan_build(
   manual_dir: str,
   *,
   image_size: int,
-  val_fraction: float,
-  split_seed: int,
-  allow_subset: bool,
-  skip_bad: bool,
   num_workers: int,
+  val_fraction: float = chestxray14.DEFAULT_VAL_FRACTION,
+  split_seed: int = chestxray14.DEFAULT_SPLIT_SEED,
   label_file: str = DEFAULT_LABEL_FILE,
+  allow_subset: bool = False,
+  skip_bad: bool = False,
 ) -> records.Plan:
   """Reads and checks ALL inputs, then splits; raises InvalidInputError listing every
   problem (MissingInputError for an absent file) before anything is written."""

@@ -274,6 +274,52 @@ def assign_splits(rows, seed, val_fraction, test_fraction, *, where, fix) -> dic
   return splits
 
 
+def make_plan(
+  *,
+  name: str,
+  rows: dict[str, Row],
+  labels: tuple[str, ...],
+  image_size: int,
+  val_fraction: float,
+  test_fraction: float,
+  split_seed: int,
+  inputs: tuple[str, ...] = (),
+  settings: dict | None = None,
+  skipped: dict[str, str] | None = None,
+) -> Plan:
+  """A new adapter's plan: its checked rows split (given splits kept, the rest cut by
+  patient) and fingerprinted (the `inputs` files' bytes, the settings, each image's
+  name and size)."""
+  splits = assign_splits(
+    rows, split_seed, val_fraction, test_fraction, where=name, fix='fix the given splits'
+  )
+  settings = {
+    'val_fraction': val_fraction,
+    'test_fraction': test_fraction,
+    'split_seed': split_seed,
+    'label_file': ', '.join(os.path.basename(p) for p in inputs) or 'not recorded',
+    'protocol': f'given splits kept; the rest cut by patient (seed {split_seed})',
+    **(settings or {}),
+  }
+  sizes = {n: r.source.size for n, r in rows.items()}
+  return Plan(
+    kind=name,
+    name=name,
+    config_name=f'{image_size}px',
+    image_size=image_size,
+    labels=tuple(labels),
+    with_mask=any(r.mask is not None for r in rows.values()),
+    rows=rows,
+    splits=splits,
+    split_by='patient',
+    settings=settings,
+    skipped=skipped or {},
+    fingerprint=fingerprints.inputs_fingerprint(
+      inputs, {**settings, 'name': name, 'image_size': image_size}, sizes
+    ),
+  )
+
+
 # ---------------------------------------------------------------- metadata schema
 
 

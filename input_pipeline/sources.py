@@ -112,15 +112,26 @@ class Source:
     name = self.config.dataset
     return f'--csv FILE --image_root DIR --labels A,B,C --patient_column COL --name {name}'
 
+  def described(self) -> str:
+    """What is missing and what is there, for missing_error."""
+    c = self.config
+    return (
+      f'dataset {c.dataset!r} at {c.dataset_image_size}px in data_dir {c.data_dir!r} '
+      f'(sizes built: {_visible(os.path.join(c.data_dir, c.dataset)) or "none"}; '
+      f'datasets there: {_visible(c.data_dir) or "none"})'
+    )
+
+  def other_fix(self) -> str:
+    return (
+      'or set --config.dataset / --config.dataset_image_size to a built one (chestxray14 for NIH).'
+    )
+
   def missing_error(self) -> DatasetError:
     c = self.config
     return DatasetError(
-      f'No complete dataset {c.dataset!r} at {c.dataset_image_size}px in data_dir '
-      f'{c.data_dir!r} (sizes built: {_visible(os.path.join(c.data_dir, c.dataset)) or "none"}; '
-      f'datasets there: {_visible(c.data_dir) or "none"}). Build it with: python -m '
-      f'input_pipeline.build {self.rebuild_hint()} --data_dir {c.data_dir} --image_size '
-      f'{c.dataset_image_size}, or set --config.dataset / --config.dataset_image_size '
-      'to a built one (chestxray14 for NIH).'
+      f'No complete {self.described()}. Build it with: python -m input_pipeline.build '
+      f'{self.rebuild_hint()} --data_dir {c.data_dir} --image_size {c.dataset_image_size}, '
+      f'{self.other_fix()}'
     )
 
   def builder(self):
@@ -180,16 +191,19 @@ class Chestxray14Source(Source):
     c = self.config
     return f'--manual_dir NIH_DIR --val_fraction {c.val_fraction} --split_seed {c.split_seed}'
 
-  def missing_error(self) -> DatasetError:
+  def described(self) -> str:
     c = self.config
-    return DatasetError(
-      f'No complete chestxray14 dataset at {c.dataset_image_size}px (val_fraction '
-      f'{c.val_fraction}, split_seed {c.split_seed}) in data_dir {c.data_dir!r} (built '
-      f'there: {_visible(os.path.join(c.data_dir, chestxray14.NAME)) or "none"}). Build '
-      f'it with: python -m input_pipeline.build {self.rebuild_hint()} --data_dir '
-      f'{c.data_dir} --image_size {c.dataset_image_size}, or change the config to match '
-      'a built one. A run trained elsewhere: pass --data_dir (evaluate, the notebook: '
-      'CHEXNET_DATA_DIR) with the data_dir that holds its dataset here.'
+    return (
+      f'chestxray14 dataset at {c.dataset_image_size}px (val_fraction {c.val_fraction}, '
+      f'split_seed {c.split_seed}) in data_dir {c.data_dir!r} (built there: '
+      f'{_visible(os.path.join(c.data_dir, chestxray14.NAME)) or "none"})'
+    )
+
+  def other_fix(self) -> str:
+    return (
+      'or change the config to match a built one. A run trained elsewhere: pass '
+      '--data_dir (evaluate, the notebook: CHEXNET_DATA_DIR) with the data_dir that '
+      'holds its dataset here.'
     )
 
   def metadata(self) -> dict:
