@@ -135,7 +135,7 @@ def _add(group, flags):
 
 def parse_args(argv):
   defaults = default_config.get_config()  # One source for the split defaults.
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].replace('\n', ' '))
   _add(
     p,
     (

@@ -121,8 +121,9 @@ class Format:
   """CheXpert's columns, values, patients and splits, for csv_dataset's reader (the
   generic format there has the same methods)."""
 
-  name = 'chexpert'
+  name = kind = 'chexpert'
   split_by_paths = 'given (CheXpert paths)'
+  patients_from_paths = has_uncertain = True
 
   def resolved(self, spec):
     """Its columns and observations unless given."""

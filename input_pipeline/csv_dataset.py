@@ -76,8 +76,9 @@ class Spec:
 class GenericFormat:
   """Label columns of 1 or 0; the patient and split come from columns only."""
 
-  name = 'generic'
+  name, kind = 'generic', 'csv'
   split_by_paths = 'given'
+  patients_from_paths = has_uncertain = False
 
   def resolved(self, spec):
     return spec
@@ -273,7 +274,7 @@ def _spec_problems(spec: Spec) -> list[Problem]:
   problems = [Problem('', f'--labels: {m}') for m in labels_lib.check_names(list(spec.labels))]
   if spec.format not in FORMATS:
     problems.append(Problem('', f'--format {spec.format!r} is not one of {tuple(FORMATS)}'))
-  elif not (spec.patient_column or spec.format == 'chexpert' or spec.images_are_independent):
+  elif not (_has_patients(spec) or spec.images_are_independent):
     problems.append(
       Problem(
         '',
@@ -286,11 +287,15 @@ def _spec_problems(spec: Spec) -> list[Problem]:
   return problems
 
 
+def _has_patients(spec: Spec) -> bool:
+  """A column or the paths name each image's patient."""
+  return bool(spec.patient_column) or FORMATS[spec.format].patients_from_paths
+
+
 def _split_by(spec: Spec, rows: dict[str, records.Row]) -> str:
   if any(r.split for r in rows.values()):
     return 'given' if spec.split_column else FORMATS[spec.format].split_by_paths
-  has_patients = spec.patient_column or spec.format == 'chexpert'
-  return 'patient' if has_patients else 'image (no patient column)'
+  return 'patient' if _has_patients(spec) else 'image (no patient column)'
 
 
 def _checked_rows(spec: Spec, skip_bad: bool, num_workers: int, warnings: list):
@@ -324,7 +329,7 @@ def plan_build(
   if problems := _spec_problems(spec):
     raise InvalidInputError(problems, where)
   warnings = []
-  if not spec.patient_column and spec.format != 'chexpert':
+  if not _has_patients(spec):
     warnings.append(
       'No patient column: each image is treated as its own patient, so if '
       'a patient has several images the split may leak.'
@@ -338,7 +343,7 @@ def plan_build(
   )
   split_by = _split_by(spec, rows)
   return records.Plan(
-    kind=spec.format if spec.format == 'chexpert' else 'csv',
+    kind=FORMATS[spec.format].kind,
     name=name,
     config_name=config_name(image_size),
     image_size=image_size,
@@ -349,7 +354,7 @@ def plan_build(
     split_by=split_by,
     settings={
       'format': spec.format,
-      'uncertainty': spec.uncertainty if spec.format == 'chexpert' else None,
+      'uncertainty': spec.uncertainty if FORMATS[spec.format].has_uncertain else None,
       'frontal_only': spec.frontal_only,
       'val_fraction': spec.val_fraction,
       'test_fraction': spec.test_fraction,

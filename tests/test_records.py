@@ -5,6 +5,7 @@ IDs every record carries, CheXpert's protocol in the metadata."""
 import gzip
 import os
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from input_pipeline import build
 from input_pipeline import chexpert
 from input_pipeline import csv_dataset
 from input_pipeline import images
+from input_pipeline import labels as labels_lib
 from input_pipeline import nih
 from input_pipeline import pipeline
 from input_pipeline import records
@@ -232,3 +234,25 @@ def test_chexpert_valid_csv_is_the_test_split_in_the_metadata(tmp_path):
   assert {m['image_name'] for m in pipeline.split_metadata(config, 'test')} == valid
   for m in pipeline.split_metadata(config, 'validation'):
     assert m['patient'] == chexpert.patient_of(m['image_name'])  # Not an internal index.
+
+
+def test_datasets_built_before_schema_2_still_read(tmp_path):
+  with tarfile.open(os.path.join(REPO, 'tests', 'fixtures', 'schema1', 'datasets.tar.gz')) as tar:
+    tar.extractall(tmp_path, filter='data')
+  nih_config, own_config = _config(tmp_path, 'chestxray14', 8), _config(tmp_path, 'own', 8)
+  assert pipeline.get_label_names(nih_config) == labels_lib.LABELS
+  assert pipeline.get_label_names(own_config) == ('Effusion', 'Mass')
+  info = pipeline.get_dataset_info(nih_config)
+  assert info['splits'] == {'train': 5, 'validation': 1, 'test': 2}
+  assert info['label_file'].startswith('Data_Entry_2017_v2020.csv')
+  assert info['protocol'].startswith('not recorded') and info['kind'] == 'chestxray14'
+  train = pipeline.get_source(own_config, 'train')
+  positives = np.mean([train[i]['labels'] for i in range(len(train))], axis=0)
+  np.testing.assert_allclose(
+    pipeline.get_dataset_info(own_config)['train_positive_fraction'], positives
+  )
+  for row in pipeline.split_metadata(nih_config, 'test'):
+    assert row['patient'] == str(row['patient_id'])  # NIH's own ID, as today's records.
+  own_config.label_names = 'Effusion,Mass'
+  (batch,) = pipeline.create_eval_iterator(own_config, 'test', process_index=0, process_count=1)
+  assert batch['labels'].shape == (4, 2) and batch['mask'].sum() == 2
