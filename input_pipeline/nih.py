@@ -68,23 +68,34 @@ class Entry:
 # ---------------------------------------------------------------- text files
 
 
-def find_file(manual_dir: str, name: str, required: bool = True, flag: str = '') -> str:
+def find_file(manual_dir: str, name: str, required: bool = True) -> str:
   """`name` (or `name.gz`) in manual_dir; '' or MissingInputError if neither is there."""
   for candidate in (name, name + '.gz'):
     path = os.path.join(manual_dir, candidate)
     if os.path.isfile(path):
       return path
-  if not required:
-    return ''
-  others = [n for n in DATA_ENTRY_NAMES if n != name and find_file(manual_dir, n, False)]
-  fix = (
-    f'it has {others[0]}: pass {flag} {others[0]} to build from that one, or download {name}'
-    if flag and others
-    else 'download it'
-  )
+  if required:
+    raise records.MissingInputError(f'{name} (plain or .gz) is not in {manual_dir}; {_FETCH}')
+  return ''
+
+
+_FETCH = (
+  'download it from https://nihcc.app.box.com/v/ChestXray-NIHCC (or `python -m '
+  'input_pipeline.download`).'
+)
+
+
+def find_label_file(manual_dir: str, label_file: str) -> str:
+  """The chosen Data_Entry CSV; MissingInputError naming --label_file when only the
+  other one is there (the build never silently takes another label set)."""
+  if path := find_file(manual_dir, label_file, required=False):
+    return path
+  others = [n for n in DATA_ENTRY_NAMES if n != label_file and find_file(manual_dir, n, False)]
+  if not others:
+    return find_file(manual_dir, label_file)  # Raises, saying where to get it.
   raise records.MissingInputError(
-    f'{name} (plain or .gz) is not in {manual_dir}; {fix} from '
-    'https://nihcc.app.box.com/v/ChestXray-NIHCC (or `python -m input_pipeline.download`).'
+    f'{label_file} (plain or .gz) is not in {manual_dir}; it has {others[0]}: pass '
+    f'--label_file {others[0]} to build from that one, or {_FETCH}'
   )
 
 
@@ -309,7 +320,7 @@ def list_problems(
 
 def _read_metadata_files(manual_dir: str, label_file: str):
   files = {
-    'data_entry': find_file(manual_dir, label_file, flag='--label_file'),
+    'data_entry': find_label_file(manual_dir, label_file),
     'bbox': find_file(manual_dir, BBOX_NAME, required=False),
     'train_val': find_file(manual_dir, TRAIN_VAL_LIST),
     'test': find_file(manual_dir, TEST_LIST),
