@@ -184,11 +184,16 @@ def _spec(csv_path, **kwargs):
   return csv_dataset.Spec(csv_paths=(csv_path,), image_root=DEMO, **kwargs)
 
 
+def _build_own(tmp_path, spec, **kwargs):
+  """csv_dataset.build of `spec` as 'own' at 32 px into tmp_path/d."""
+  return csv_dataset.build(
+    spec, name='own', data_dir=str(tmp_path / 'd'), image_size=32, num_workers=1, **kwargs
+  )
+
+
 def test_bom_csv_builds_and_split_is_by_patient(tmp_path):
   path = write_csv(tmp_path / 'bom.csv', own_rows(60), encoding='utf-8-sig')
-  builder, outcome = csv_dataset.build(
-    _spec(path), name='own', data_dir=str(tmp_path / 'd'), image_size=32, num_workers=1
-  )
+  builder, outcome = _build_own(tmp_path, _spec(path))
   assert outcome == 'built'
   assert builder.info.metadata['labels'] == list(LABELS3)
   split = json.loads((tmp_path / 'd/own/32px/1.0.0/split.json').read_text())
@@ -205,23 +210,14 @@ def test_problems_are_named_in_one_error(tmp_path):
   rows[3][0] = 'images/missing.png'
   path = write_csv(tmp_path / 'bad.csv', rows)
   with pytest.raises(csv_dataset.InvalidInputError) as error:
-    csv_dataset.build(
-      _spec(path), name='own', data_dir=str(tmp_path / 'd'), image_size=32, num_workers=1
-    )
+    _build_own(tmp_path, _spec(path))
   message = str(error.value)
   assert message.startswith('3 problem(s)')
   assert "'../README.md' goes outside --image_root" in message
   assert "column 'Effusion' holds 'yes'" in message and 'line 4' in message
   assert 'missing.png: image not found' in message and '--skip_bad' in message
   assert not os.path.exists(tmp_path / 'd' / 'own' / '32px' / '1.0.0')
-  builder, _ = csv_dataset.build(
-    _spec(path),
-    name='own',
-    data_dir=str(tmp_path / 'd'),
-    image_size=32,
-    skip_bad=True,
-    num_workers=1,
-  )
+  builder, _ = _build_own(tmp_path, _spec(path), skip_bad=True)
   assert builder.info.metadata['num_skipped'] == 3
   assert sum(s.num_examples for s in builder.info.splits.values()) == 7
 
@@ -232,13 +228,7 @@ def test_patient_in_two_given_splits_is_one_error_without_skip_hint(tmp_path):
   rows[-1][-1] = 'test'  # ...in another split.
   path = write_csv(tmp_path / 's.csv', rows, header=('path', 'patient', *LABELS3, 'split'))
   with pytest.raises(csv_dataset.InvalidInputError) as error:
-    csv_dataset.build(
-      _spec(path, split_column='split'),
-      name='own',
-      data_dir=str(tmp_path / 'd'),
-      image_size=32,
-      num_workers=1,
-    )
+    _build_own(tmp_path, _spec(path, split_column='split'))
   assert f"patient '{rows[0][1]}' is in test and train" in str(error.value)
   assert 'cannot leave these out' in str(error.value)
 
@@ -248,44 +238,24 @@ def test_no_patient_column_refuses_unless_told_then_warns(tmp_path):
     tmp_path / 'np.csv', [r[:1] + r[2:] for r in own_rows(20)], header=('path', *LABELS3)
   )
   with pytest.raises(csv_dataset.InvalidInputError, match='no --patient_column'):
-    csv_dataset.build(
-      _spec(path, patient_column=''),
-      name='own',
-      data_dir=str(tmp_path / 'd'),
-      image_size=32,
-      num_workers=1,
-    )
-  builder, _ = csv_dataset.build(
-    _spec(path, patient_column='', images_are_independent=True),
-    name='own',
-    data_dir=str(tmp_path / 'd'),
-    image_size=32,
-    num_workers=1,
-  )
+    _build_own(tmp_path, _spec(path, patient_column=''))
+  builder, _ = _build_own(tmp_path, _spec(path, patient_column='', images_are_independent=True))
   assert 'may leak' in builder.info.metadata['warnings'][0]
+
+
+def own_build_args(csv_path, name, data_dir, image_size, num_workers=1):
+  """The build command line of a LABELS3 CSV with a patient column."""
+  return [
+    *('--csv', csv_path, '--image_root', DEMO, '--labels', ','.join(LABELS3)),
+    *('--patient_column', 'patient', '--name', name, '--data_dir', data_dir),
+    *('--image_size', str(image_size), '--num_workers', str(num_workers)),
+  ]
 
 
 def test_rebuild_with_other_inputs_is_refused_unless_overwrite(tmp_path, capsys):
   data_dir = str(tmp_path / 'd')
   first = write_csv(tmp_path / 'one.csv', own_rows(20))
-  args = [
-    '--csv',
-    first,
-    '--image_root',
-    DEMO,
-    '--labels',
-    ','.join(LABELS3),
-    '--patient_column',
-    'patient',
-    '--name',
-    'own',
-    '--data_dir',
-    data_dir,
-    '--image_size',
-    '32',
-    '--num_workers',
-    '1',
-  ]
+  args = own_build_args(first, 'own', data_dir, 32)
   build_cli.main(args)
   build_cli.main(args)
   assert 'already built from the same inputs; kept' in capsys.readouterr().out
@@ -485,26 +455,7 @@ def own3_run(tmp_path_factory):
   root = tmp_path_factory.mktemp('own3')
   path = write_csv(root / 'own.csv', own_rows())
   data_dir, workdir = str(root / 'd'), str(root / 'run')
-  _run(
-    '-m',
-    'input_pipeline.build',
-    '--csv',
-    path,
-    '--image_root',
-    DEMO,
-    '--labels',
-    ','.join(LABELS3),
-    '--patient_column',
-    'patient',
-    '--name',
-    'own3',
-    '--data_dir',
-    data_dir,
-    '--image_size',
-    '40',
-    '--num_workers',
-    '2',
-  )
+  _run('-m', 'input_pipeline.build', *own_build_args(path, 'own3', data_dir, 40, 2))
   _run(
     '-m',
     'chexnet_jax.main',
