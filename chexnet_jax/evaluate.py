@@ -48,6 +48,7 @@ from chexnet_jax import calibration as calibration_lib
 from chexnet_jax import cam as cam_lib
 from chexnet_jax import checkpoints
 from chexnet_jax import distributed
+from chexnet_jax import errors
 from chexnet_jax import figures
 from chexnet_jax import inference
 from chexnet_jax import metrics as metrics_lib
@@ -123,7 +124,9 @@ def score_split(run, split, tta='none'):
   """Scores every example of `split` once; the plain pass is training's own
   validation pass (inference.evaluate_split)."""
   if tta not in TTA_MODES:
-    raise ValueError(f'chexnet_jax/evaluate.py: --tta={tta!r}; choose one of {TTA_MODES}.')
+    raise errors.UserValueError(
+      f'chexnet_jax/evaluate.py: --tta={tta!r}; choose one of {TTA_MODES}.'
+    )
   if tta != 'none':
     return score_split_with_tta(run, split, tta)
   result, probs, labels, indices = inference.evaluate_split(
@@ -142,7 +145,7 @@ def split_records(config, split, indices):
   """split_metadata rows for `indices` (image_name, patient_id, boxes)."""
   metadata = pipeline.split_metadata(config, split)
   if len(metadata) < len(indices) or (len(indices) and max(indices) >= len(metadata)):
-    raise ValueError(
+    raise errors.UserValueError(
       f'chexnet_jax/evaluate.py: split {split!r} has {len(metadata)} metadata rows '
       f'but predictions reach index {max(indices)}; the dataset changed since '
       'the run was trained. Rebuild it, or evaluate with the matching data_dir.'
@@ -166,7 +169,7 @@ def boxes_in_input(record, config):
       BOX_FRAME,
       config.dataset_image_size,
       config.image_size,
-      config.get('eval_preprocess', 'center_crop'),
+      config.eval_preprocess,
     )
     if mapped is not None:
       boxes.append((int(box['label']), mapped))
@@ -625,7 +628,7 @@ def main(argv=None):
     config = _start_processes(args)
     run = checkpoints.load_run(args.workdir, args.checkpoint, config=config)
     evaluation = evaluate(run, args.split, args.tta, args.bootstrap, args.seed)
-  except (FileNotFoundError, ValueError) as error:
+  except (errors.UserError, pipeline.DatasetError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
   if evaluation is not None:  # Process 0.

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 from sklearn import metrics as sk_metrics
 
+from chexnet_jax import losses
 from input_pipeline import labels as labels_lib
 
 
@@ -41,7 +42,7 @@ def _has_both_classes(column, weights=None):
 def known(labels, k):
   """Rows whose label k is known: a label below 0 is unknown (masked out, e.g.
   CheXpert's uncertain under U-Ignore) and is left out of every metric."""
-  return np.asarray(labels)[:, k] >= 0
+  return losses.is_known(np.asarray(labels)[:, k])
 
 
 def _per_label(score_fn, labels, probs, names, weights=None):

@@ -66,7 +66,7 @@ def identity(evaluation, run_name=''):
     (
       'model input',
       f'{config.image_size} px '
-      f'({config.get("eval_preprocess", "center_crop")} of the stored '
+      f'({config.eval_preprocess} of the stored '
       f'{config.dataset_image_size} px image)',
     ),
     (
