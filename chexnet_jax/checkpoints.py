@@ -38,6 +38,7 @@ from chexnet_jax import run_dir
 from chexnet_jax import run_reader
 from chexnet_jax import sharding
 from chexnet_jax import train_state
+from configs import default as default_config
 
 # The rule that picks a run's best step is run_reader's (which evaluate, predict,
 # the notebook and fine-tuning read a run with): one rule for the writer and readers.
@@ -301,6 +302,21 @@ def parse_selector(value):
   if value in ('best', 'latest'):
     return value
   raise errors.UserValueError(f"--checkpoint={value}: give 'best', 'latest' or a step number.")
+
+
+def checkpoint_help():
+  """--checkpoint's help, which says what 'best' means (config.best_metric)."""
+  return (
+    "'best': the step the run ranks best by its config.best_metric (default "
+    f"{default_config.get_config().best_metric}; printed when it runs), 'latest', or a step"
+  )
+
+
+def describe_checkpoint(which, step, config):
+  """'step 48 (best by val_loss)': which step was read, and why."""
+  if which == 'best':
+    return f'step {step} (best by {config.best_metric})'
+  return f'step {step} ({which})' if which == 'latest' else f'step {step}'
 
 
 def load_run(workdir, which='best', config=None):

@@ -218,7 +218,9 @@ def pr_figure(labels, probs, patients, report, names, title, bands=None):
       _empty_panel(axes, name, _no_curve(labels, k, 'PR curve'))
       continue
     _draw_band(axes, bands[name]['pr'], 'tab:green')
-    axes.axhline(labels[metrics_lib.known(labels, k), k].mean(), color='grey', lw=0.8, linestyle=':')
+    axes.axhline(
+      labels[metrics_lib.known(labels, k), k].mean(), color='grey', lw=0.8, linestyle=':'
+    )
     axes.set_title(f'{name}\nAUPRC {row["auprc"]:.3f}{_interval(row["auprc_ci"])}', fontsize=8)
   figure.suptitle(
     f'{title}. x: recall (sensitivity), y: precision; band: 95% patient '

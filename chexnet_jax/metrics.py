@@ -218,18 +218,6 @@ def sensitivity_specificity(labels, probs, thresholds, names=labels_lib.LABELS):
   return result
 
 
-def roc_curves(labels, probs, names=labels_lib.LABELS):
-  """{name: (fpr, tpr)} for plotting; labels with one class are left out."""
-  labels, probs = _check_shapes(labels, probs, names)
-  curves = {}
-  for k, name in enumerate(names):
-    rows = known(labels, k)
-    if _has_both_classes(labels[rows, k]):
-      fpr, tpr, _ = sk_metrics.roc_curve(labels[rows, k], probs[rows, k])
-      curves[name] = (fpr, tpr)
-  return curves
-
-
 # ----------------------------------------------------------------------------
 # The full report written by evaluate.py and shown by the notebook.
 

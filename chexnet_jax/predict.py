@@ -182,7 +182,7 @@ def parse_args(argv):
     '--checkpoint',
     default='best',
     type=checkpoints.parse_selector,
-    help="'best' (validation mean AUROC), 'latest', or a step",
+    help=checkpoints.checkpoint_help(),
   )
   parser.add_argument('--top_k', type=int, default=3, help='heatmaps per image')
   parser.add_argument('--output_dir', default=None, help='default: WORKDIR/predict')
@@ -220,7 +220,8 @@ def main(argv=None):
       print(f'error: {error}', file=sys.stderr)
   if results:
     print(
-      f'checkpoint step {run.step} of {args.workdir}'
+      f'checkpoint {checkpoints.describe_checkpoint(args.checkpoint, run.step, run.config)} '
+      f'of {args.workdir}'
       + (f', calibrated with temperature {temperature:.3f}' if args.calibrated else '')
     )
     print(format_table(results))

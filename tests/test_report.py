@@ -16,6 +16,7 @@ from chexnet_jax import calibration
 from chexnet_jax import figures
 from chexnet_jax import metrics
 from chexnet_jax import report
+from chexnet_jax import scoring
 from input_pipeline import labels as labels_lib
 from tests.browser import chromium
 
@@ -152,7 +153,7 @@ def _fake_evaluation(labels, probs, thresholds, names=None):
     records=[{'patient_id': p, 'image_name': f'{p}.png'} for p in patients],
     config=config,
   )
-  report.calibrate(evaluation, evaluation.predictions)
+  scoring.calibrate(evaluation, evaluation.predictions)
   return evaluation
 
 
