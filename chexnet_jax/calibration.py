@@ -21,6 +21,7 @@ checkpoint step it belongs to); `python -m chexnet_jax.predict --calibrated` app
 
 import json
 import os
+import tempfile
 
 import numpy as np
 from scipy import optimize
@@ -185,12 +186,15 @@ def write_temperature(workdir, temperature, step, tta):
   """DIR/eval/calibration.json: the temperature of checkpoint `step`, fitted on validation."""
   path = calibration_path(workdir)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'w') as f:
+  # A name of its own, then a rename: two evaluations never leave a mixed file.
+  fd, staging = tempfile.mkstemp(prefix=f'.{CALIBRATION_FILE}.', dir=os.path.dirname(path))
+  with os.fdopen(fd, 'w') as f:
     json.dump(
       {'temperature': float(temperature), 'step': int(step), 'tta': tta, 'fitted_on': 'validation'},
       f,
       indent=2,
     )
+  os.replace(staging, path)
   return path
 
 

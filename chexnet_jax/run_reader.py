@@ -116,7 +116,7 @@ def pick_step(workdir, which, metric, eval_every_epochs=None):
   if which == 'best':
     step = best_step(directory, metric)
     if step is None:
-      every = f' (every {eval_every_epochs} epoch(s))' if eval_every_epochs else ''
+      every = f' (every {eval_every_epochs:g} epoch(s))' if eval_every_epochs else ''
       raise CheckpointError(
         f'--checkpoint best: no checkpoint in {directory} has been validated yet, '
         f'so none is best by {metric}; use --checkpoint latest (step {steps[-1]}), '
