@@ -1,6 +1,8 @@
 """Checkpoints: one orbax CheckpointManager for the train state and the input
-position (WORKDIR/checkpoints/N/, items 'state' and 'data'), and loading a
-trained run for evaluation and prediction.
+position (WORKDIR/checkpoints/N/, items 'state' and 'data'), used by the
+training run alone; and `load_run`, which puts a trained run's weights on the
+mesh for evaluation and prediction, read by run_reader (read-only: only the
+training run's manager sets a damaged step aside).
 
 'data' is topology-free JSON: the global step, batch size and seed fix the
 input stream (input_pipeline/pipeline.py), plus the process and device counts
@@ -15,8 +17,8 @@ one that orbax cannot read is "unreadable"; either is moved aside to
 <step>.corrupt-<time> or <step>.unreadable-<time>, with one log line, and the
 previous step is used. A step without checksums.json (the run stopped between
 the save and its checksums) is restored unverified, with a log line. The
-checksums and the torn-metrics check are checkpoint_files' (fine-tuning applies
-the same rule to the run it starts from).
+checksums and the torn-metrics check are checkpoint_files' (run_reader applies
+the same rule to a run it reads, refusing a bad step instead of moving it).
 """
 
 import contextlib

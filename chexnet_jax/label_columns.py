@@ -142,12 +142,7 @@ def label_row(report, name):
 
 def mean_row(report):
   """The 'mean' row: the means of AUROC and AUPRC and their intervals only."""
-  return {
-    'auroc': report['mean_auroc'],
-    'auroc_ci': report['mean_auroc_ci'],
-    'auprc': report['mean_auprc'],
-    'auprc_ci': report['mean_auprc_ci'],
-  }
+  return {key: report.get(f'mean_{key}') for key in ('auroc', 'auroc_ci', 'auprc', 'auprc_ci')}
 
 
 # ----------------------------------------------------------------- auroc.csv --

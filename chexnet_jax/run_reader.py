@@ -160,9 +160,10 @@ def snapshot(step_dir, target):
     if os.path.isdir(step_dir):
       raise
     return False
-  # Deleted while linking: the directory is gone, or fewer files remain.
+  # Deleted while linking: the directory is gone, or a linked file is (the
+  # checksums written meanwhile are no loss: the snapshot is read unverified).
   with contextlib.suppress(OSError):
-    if [f for f in _files(step_dir) if f != _IN_PROGRESS] == _files(target):
+    if os.path.isdir(step_dir) and set(_files(target)) <= set(_files(step_dir)):
       return True
   return False
 
@@ -228,9 +229,14 @@ def read_weights(workdir, which, metric, eval_every_epochs=None):
   directory = checkpoint_dir(workdir)
   for _ in range(SNAPSHOT_ATTEMPTS):
     step = _agreed(pick_step(workdir, which, metric, eval_every_epochs))
+    source = os.path.join(directory, str(step))
     with tempfile.TemporaryDirectory(prefix='chexnet_jax-snapshot-') as root:
-      if snapshot(os.path.join(directory, str(step)), os.path.join(root, str(step))):
-        return _read_snapshot(workdir, root, step), step
+      try:
+        if snapshot(source, os.path.join(root, str(step))):
+          return _read_snapshot(workdir, root, step), step
+      except CheckpointError:
+        if os.path.isdir(source):
+          raise  # Damaged, not deleted: say so.
     if isinstance(which, int) or jax.process_count() > 1:
       break  # No other step to take: say so.
     logging.info(

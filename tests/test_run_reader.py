@@ -11,6 +11,9 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -199,3 +202,39 @@ def test_a_failed_evaluation_leaves_the_previous_folder(tmp_path):
     raise RuntimeError('scoring failed')
   assert open(os.path.join(out_dir, 'metrics.json')).read() == 'previous'
   assert os.listdir(tmp_path / 'eval') == ['test']
+
+
+@pytest.mark.slow
+def test_reading_beside_a_writer_that_keeps_one_step(tmp_path):
+  """Training saves every 4 steps and keeps 1 (deleting the previous at each save)
+  while the weights are read again and again: every read is a whole, verified step."""
+  workdir = str(tmp_path / 'run')
+  command = [
+    sys.executable,
+    '-m',
+    'chexnet_jax.main',
+    '--config',
+    'configs/cpu_smoke.py',
+    '--workdir',
+    workdir,
+    '--config.num_train_steps=96',
+    '--config.checkpoint_every_steps=4',
+    '--config.keep_checkpoints=1',
+  ]
+  writer = subprocess.Popen(
+    command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+  )
+  read, refused = [], []
+  try:
+    while writer.poll() is None:
+      try:
+        read.append(run_reader.read_weights(workdir, 'latest', 'val_loss')[1])
+      except run_reader.CheckpointError as error:
+        refused.append(str(error))  # Only before the first save, or if it stays racing.
+      time.sleep(0.05)
+  finally:
+    stderr = writer.communicate(timeout=600)[1]
+  assert writer.returncode == 0, stderr[-3000:]
+  assert len(set(read)) >= 3, (read, refused)
+  assert read == sorted(read)  # Never an older step after a newer one.
+  assert all('No complete checkpoint' in why for why in refused), refused
