@@ -238,3 +238,25 @@ def test_reading_beside_a_writer_that_keeps_one_step(tmp_path):
   assert len(set(read)) >= 3, (read, refused)
   assert read == sorted(read)  # Never an older step after a newer one.
   assert all('No complete checkpoint' in why for why in refused), refused
+
+
+@pytest.mark.slow
+def test_two_evaluate_commands_on_one_split_at_once(tiny_run, tmp_path):
+  """Both finish, and the split's folder is one evaluation's, whole."""
+  workdir = _copy(tiny_run, tmp_path)
+  command = [sys.executable, '-m', 'chexnet_jax.evaluate', '--workdir', workdir, *EVALUATE]
+  command[-1] = '4'  # --gallery 4: more files to mix up.
+  both = [
+    subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(2)
+  ]
+  results = [(p.communicate(timeout=600), p.returncode) for p in both]
+  assert [code for _, code in results] == [0, 0], [out[1][-2000:] for out, _ in results]
+  out_dir = eval_outputs.output_dir(workdir, 'test', 'none')
+  with open(os.path.join(out_dir, 'metrics.json')) as f:
+    gallery = {entry['file'] for entry in json.load(f)['gallery']}
+  drawn = {os.path.join('gallery', name) for name in os.listdir(os.path.join(out_dir, 'gallery'))}
+  assert drawn == gallery and gallery
+  expected = {'metrics.json', 'auroc.csv', 'predictions.csv', 'report.html', 'gallery'}
+  assert expected <= set(os.listdir(out_dir))
+  assert sorted(os.listdir(os.path.join(workdir, 'eval'))) == ['calibration.json', 'test']
