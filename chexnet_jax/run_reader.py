@@ -12,7 +12,8 @@ hard-linked (or, across file systems, copied) into a temporary directory that
 the writer cannot delete, the snapshot is checked against the step's checksums,
 and the weights are restored from it. A step deleted before its snapshot was
 complete is retried on the newest complete step that is still there ('best',
-'latest'); an explicit step that vanished is one sentence.
+'latest'); an explicit step that vanished is one sentence. With several
+processes, process 0 picks the step and all retry together.
 
 A leaf of the module graph, below run_weights and checkpoints.
 """
@@ -197,6 +198,13 @@ def _agreed(step):
   return int(multihost_utils.broadcast_one_to_all(np.int64(step)))
 
 
+def _everywhere(taken):
+  """Whether every process has its snapshot; if one has not, all take the next step."""
+  if jax.process_count() == 1:
+    return taken
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(taken))))
+
+
 def _read_snapshot(workdir, root, step):
   """Verifies and restores the snapshot of `step` under `root`."""
   directory = checkpoint_dir(workdir)
@@ -231,13 +239,13 @@ def read_weights(workdir, which, metric, eval_every_epochs=None):
     step = _agreed(pick_step(workdir, which, metric, eval_every_epochs))
     source = os.path.join(directory, str(step))
     with tempfile.TemporaryDirectory(prefix='chexnet_jax-snapshot-') as root:
-      try:
-        if snapshot(source, os.path.join(root, str(step))):
+      if _everywhere(snapshot(source, os.path.join(root, str(step)))):
+        try:
           return _read_snapshot(workdir, root, step), step
-      except CheckpointError:
-        if os.path.isdir(source):
-          raise  # Damaged, not deleted: say so.
-    if isinstance(which, int) or jax.process_count() > 1:
+        except CheckpointError:
+          if os.path.isdir(source):
+            raise  # Damaged, not deleted: say so.
+    if isinstance(which, int):
       break  # No other step to take: say so.
     logging.info(
       'Checkpoint step %d of %s was deleted while reading it; trying again.', step, workdir
