@@ -21,9 +21,13 @@ checkpoint step it belongs to); `python -m chexnet_jax.predict --calibrated` app
 
 import json
 import os
+import tempfile
 
 import numpy as np
 from scipy import optimize
+
+from chexnet_jax import errors
+from chexnet_jax import losses
 
 NUM_BINS = 10
 EPSILON = 1e-7
@@ -51,7 +55,7 @@ def known_entries(labels, values):
       f'chexnet_jax/calibration.py: labels {labels.shape} and probabilities '
       f'{values.shape} must have the same shape.'
     )
-  known = labels.ravel() >= 0
+  known = losses.is_known(labels.ravel())
   return labels.ravel()[known], values.ravel()[known]
 
 
@@ -73,7 +77,7 @@ def fit_temperature(labels, probs, bounds=(0.05, 20.0)):
   labels, probs = known_entries(labels, probs)
   logits = logits_from_probs(probs)
   if labels.size == 0:
-    raise ValueError(
+    raise errors.UserValueError(
       'chexnet_jax/calibration.py: no known label to fit a temperature on; '
       'evaluate a split with images (and labels that are not all unknown).'
     )
@@ -182,12 +186,15 @@ def write_temperature(workdir, temperature, step, tta):
   """DIR/eval/calibration.json: the temperature of checkpoint `step`, fitted on validation."""
   path = calibration_path(workdir)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, 'w') as f:
+  # A name of its own, then a rename: two evaluations never leave a mixed file.
+  fd, staging = tempfile.mkstemp(prefix=f'.{CALIBRATION_FILE}.', dir=os.path.dirname(path))
+  with os.fdopen(fd, 'w') as f:
     json.dump(
       {'temperature': float(temperature), 'step': int(step), 'tta': tta, 'fitted_on': 'validation'},
       f,
       indent=2,
     )
+  os.replace(staging, path)
   return path
 
 
@@ -198,14 +205,14 @@ def read_temperature(workdir, step):
   """
   path = calibration_path(workdir)
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise errors.UserFileNotFoundError(
       f'{path} does not exist; run `python -m chexnet_jax.evaluate --workdir {workdir}` '
       'with the same --checkpoint first, it fits the temperature on validation.'
     )
   with open(path) as f:
     saved = json.load(f)
   if int(saved.get('step', -1)) != int(step):
-    raise ValueError(
+    raise errors.UserValueError(
       f'{path} holds the temperature of checkpoint step {saved.get("step")}, not of step '
       f'{step}; run `python -m chexnet_jax.evaluate --workdir {workdir} --checkpoint '
       f'{step}` to fit it for this checkpoint.'

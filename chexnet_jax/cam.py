@@ -14,12 +14,8 @@ Wang et al. 2017 (ChestX-ray8): IoU, and IoBB = intersection over the area of th
 *detected* box, counted as correct at thresholds T in 0.1..0.7.
 """
 
-import os
-
 import jax
 import jax.numpy as jnp
-from matplotlib import figure as figure_lib
-from matplotlib import patches
 import numpy as np
 from scipy import ndimage
 
@@ -251,31 +247,3 @@ def localize(cam, true_box, thresholds=IOU_THRESHOLDS, cam_threshold=0.5):
 
 # ----------------------------------------------------------------------------
 # Pictures.
-
-
-def save_overlay(path, image, cam, *, title='', true_box=None, predicted_box=None, alpha=0.4):
-  """Writes a PNG: the grey image, the normalised CAM in 'jet' on top, boxes if given.
-
-  true_box (NIH's, green) and predicted_box (from the CAM, red dashed) are in the
-  image's pixel coordinates.
-  """
-  image = np.asarray(image)
-  image = image[..., 0] if image.ndim == 3 else image
-  # A bare Figure, not pyplot: no global backend state, headless and notebook-safe.
-  figure = figure_lib.Figure(figsize=(4, 4), dpi=100)
-  axes = figure.subplots()
-  axes.imshow(image, cmap='gray', vmin=0, vmax=255)
-  axes.imshow(normalize_map(cam), cmap='jet', alpha=alpha, vmin=0, vmax=1)
-  for box, color, style in ((true_box, 'lime', '-'), (predicted_box, 'red', '--')):
-    if box is not None:
-      x, y, w, h = box
-      axes.add_patch(
-        patches.Rectangle(
-          (x - 0.5, y - 0.5), w, h, fill=False, edgecolor=color, linestyle=style, linewidth=2
-        )
-      )
-  axes.set_title(title, fontsize=9)
-  axes.axis('off')
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  figure.savefig(path, bbox_inches='tight')
-  return path

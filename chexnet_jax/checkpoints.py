@@ -1,6 +1,8 @@
 """Checkpoints: one orbax CheckpointManager for the train state and the input
-position (WORKDIR/checkpoints/N/, items 'state' and 'data'), and loading a
-trained run for evaluation and prediction.
+position (WORKDIR/checkpoints/N/, items 'state' and 'data'), used by the
+training run alone; and `load_run`, which puts a trained run's weights on the
+mesh for evaluation and prediction, read by run_reader (read-only: only the
+training run's manager sets a damaged step aside).
 
 'data' is topology-free JSON: the global step, batch size and seed fix the
 input stream (input_pipeline/pipeline.py), plus the process and device counts
@@ -15,8 +17,8 @@ one that orbax cannot read is "unreadable"; either is moved aside to
 <step>.corrupt-<time> or <step>.unreadable-<time>, with one log line, and the
 previous step is used. A step without checksums.json (the run stopped between
 the save and its checksums) is restored unverified, with a log line. The
-checksums and the torn-metrics check are checkpoint_files' (fine-tuning applies
-the same rule to the run it starts from).
+checksums and the torn-metrics check are checkpoint_files' (run_reader applies
+the same rule to a run it reads, refusing a bad step instead of moving it).
 """
 
 import contextlib
@@ -33,15 +35,16 @@ from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
 from chexnet_jax import checkpoint_files
+from chexnet_jax import errors
 from chexnet_jax import run_dir
-from chexnet_jax import run_weights
+from chexnet_jax import run_reader
 from chexnet_jax import sharding
 from chexnet_jax import train_state
+from configs import default as default_config
 
-# The rule that picks a run's best step is run_weights' (which fine-tuning reads
-# a run's best checkpoint with, below train_state): one rule for both.
-BEST_METRIC = run_weights.BEST_METRIC
-BEST_METRICS = run_weights.BEST_METRICS
+# The rule that picks a run's best step is run_reader's (which evaluate, predict,
+# the notebook and fine-tuning read a run with): one rule for the writer and readers.
+BEST_METRICS = run_reader.BEST_METRICS
 # Which files a step must match, and which metrics files are torn: checkpoint_files'
 # rule, shared with run_weights (fine-tuning refuses such a step of its source run).
 CHECKSUM_FILE = checkpoint_files.CHECKSUM_FILE
@@ -54,15 +57,15 @@ SAVE_TIMEOUT_SECONDS = 120
 _UNSUMMED = {}
 
 
-class CheckpointError(ValueError):
-  """A checkpoint chosen for evaluation or prediction is corrupt or unreadable."""
+# A checkpoint chosen for evaluation or prediction is missing, damaged or not chosen yet.
+CheckpointError = run_reader.CheckpointError
 
 
-def create_manager(workdir, keep, best_metric=BEST_METRIC):
+def create_manager(workdir, keep, best_metric):
   """Keeps the last `keep` steps and the best by `best_metric` (config.best_metric:
   'val_loss', lowest wins, as CheXNet chose; or 'val_mean_auroc', highest wins).
   config_checks has refused any other name before this runs."""
-  _best_metric_fn = functools.partial(run_weights.best_score, name=best_metric)
+  _best_metric_fn = functools.partial(run_reader.best_score, name=best_metric)
   policy = ocp.checkpoint_managers.AnyPreservationPolicy(
     [
       ocp.checkpoint_managers.LatestN(n=keep),
@@ -300,49 +303,39 @@ def parse_selector(value):
     return int(value)
   if value in ('best', 'latest'):
     return value
-  raise ValueError(f"--checkpoint={value}: give 'best', 'latest' or a step number.")
+  raise errors.UserValueError(f"--checkpoint={value}: give 'best', 'latest' or a step number.")
 
 
-def _pick_step(manager, which):
-  steps = manager.all_steps()
-  if not steps:
-    raise FileNotFoundError(f'No checkpoint in {manager.directory}.')
+def checkpoint_help():
+  """--checkpoint's help, which says what 'best' means (config.best_metric)."""
+  return (
+    "'best': the step the run ranks best by its config.best_metric (default "
+    f"{default_config.get_config().best_metric}; printed when it runs), 'latest', or a step"
+  )
+
+
+def describe_checkpoint(which, step, config):
+  """'step 48 (best by val_loss)': which step was read, and why."""
   if which == 'best':
-    return manager.best_step()
-  if which == 'latest':
-    return manager.latest_step()
-  if int(which) not in steps:
-    raise ValueError(
-      f'--checkpoint={which}: no such step in {manager.directory}; available: {sorted(steps)}.'
-    )
-  return int(which)
+    return f'step {step} (best by {config.best_metric})'
+  return f'step {step} ({which})' if which == 'latest' else f'step {step}'
 
 
 def load_run(workdir, which='best', config=None):
   """Loads the variables of a trained run for evaluation or prediction.
 
   `which` is what parse_selector returns; `config` defaults to the run's own.
+  Read-only (run_reader): the run, even one training now, is left as it is.
   """
   config = config or run_dir.load_config(workdir)
+  variables, step = run_reader.read_weights(
+    workdir, which, config.best_metric, config.eval_every_epochs
+  )
   mesh = sharding.make_mesh()
-  model = train_state.build_model(config)
-  tx, _ = train_state.create_optimizer(config, 1, 1)
-  template = train_state.abstract_train_state(config, model, mesh, tx)
-  manager = create_manager(
-    workdir, keep=config.keep_checkpoints, best_metric=config.get('best_metric', BEST_METRIC)
-  )
-  step = _pick_step(manager, which)
-  problem = verify(os.path.join(manager.directory, str(step)))
-  if problem and problem != checkpoint_files.UNVERIFIED:
-    manager.close()
-    raise CheckpointError(
-      f'Checkpoint step {step} in {manager.directory} is corrupt ({problem}); '
-      f'choose another with --checkpoint (steps: {sorted(manager.all_steps())}).'
-    )
-  restored = manager.restore(
-    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(template))
-  )
-  manager.close()
   return RestoredRun(
-    config=config, variables=restored['state'].variables, step=step, model=model, mesh=mesh
+    config=config,
+    variables=jax.device_put(variables, sharding.replicated(mesh)),
+    step=int(step),
+    model=train_state.build_model(config),
+    mesh=mesh,
   )

@@ -29,6 +29,7 @@ from typing import Callable, List, Mapping, Optional
 
 import jax
 
+from chexnet_jax import errors
 from chexnet_jax import stderr_guard
 
 # Values Slurm or CUDA use for "no GPU"; anything else in these variables means
@@ -137,20 +138,20 @@ def exit_if_peer_lost(error: BaseException) -> None:
 def explicit_args(config) -> dict:
   """coordinator_address/num_processes/process_id from config, validated."""
   if config.num_processes < 1:
-    raise ValueError(
+    raise errors.UserValueError(
       f'config.coordinator_address={config.coordinator_address!r} needs '
       f'config.num_processes >= 1 (got {config.num_processes}). Fix: pass '
       '--config.num_processes=N --config.process_id=I on every process, or '
       'leave coordinator_address empty under srun.'
     )
   if not 0 <= config.process_id < config.num_processes:
-    raise ValueError(
+    raise errors.UserValueError(
       f'config.process_id={config.process_id} is outside [0, '
       f'{config.num_processes}) (config.num_processes). Fix: give each '
       'process a distinct --config.process_id from 0 to num_processes-1.'
     )
   if ':' not in config.coordinator_address:
-    raise ValueError(
+    raise errors.UserValueError(
       f'config.coordinator_address={config.coordinator_address!r} has no '
       "port. Fix: use 'host:port' with the host of process 0, e.g. "
       "'node001:12345'."
@@ -171,7 +172,7 @@ def timeout_kwargs(config) -> dict:
   """
   seconds = int(config.heartbeat_timeout_seconds)
   if seconds <= 0:
-    raise ValueError(
+    raise errors.UserValueError(
       f'config.heartbeat_timeout_seconds={seconds} must be > 0: it bounds '
       'how long live processes wait for a dead peer. Fix: e.g. 60.'
     )

@@ -34,6 +34,7 @@ from matplotlib import patches
 import numpy as np
 
 from chexnet_jax import calibration as calibration_lib
+from chexnet_jax import metrics as metrics_lib
 
 HEATMAP_COLORMAP = 'inferno'
 HEATMAP_SCALE = (
@@ -98,11 +99,6 @@ class _Curve:
     return roc, pr
 
 
-def known_rows(labels, k):
-  """Rows whose label k is known (not below 0); the same rule as metrics.known."""
-  return np.asarray(labels)[:, k] >= 0
-
-
 def curve_bands(labels, probs, patients, names, num_resamples=BAND_RESAMPLES, seed=0):
   """{name: {'roc': (mid, low, high), 'pr': (mid, low, high)}} on GRID; 95% bands.
 
@@ -117,7 +113,7 @@ def curve_bands(labels, probs, patients, names, num_resamples=BAND_RESAMPLES, se
       f'chexnet_jax/figures.py: labels {labels.shape}, probs {probs.shape} '
       f"and {len(names)} names do not match; pass the run's label names."
     )
-  rows = {name: known_rows(labels, k) for k, name in enumerate(names)}
+  rows = {name: metrics_lib.known(labels, k) for k, name in enumerate(names)}
   curves = {
     name: _Curve(labels[rows[name], k], probs[rows[name], k])
     for k, name in enumerate(names)
@@ -164,7 +160,7 @@ def _interval(values):
 
 def _no_curve(labels, k, what):
   """Why label k has no curve: all its labels unknown, or one class among the known."""
-  if not known_rows(labels, k).any():
+  if not metrics_lib.known(labels, k).any():
     return f'no {what}: every label\nis unknown in this split'
   return f'no {what}: only one class\nknown in this split'
 
@@ -222,7 +218,9 @@ def pr_figure(labels, probs, patients, report, names, title, bands=None):
       _empty_panel(axes, name, _no_curve(labels, k, 'PR curve'))
       continue
     _draw_band(axes, bands[name]['pr'], 'tab:green')
-    axes.axhline(labels[known_rows(labels, k), k].mean(), color='grey', lw=0.8, linestyle=':')
+    axes.axhline(
+      labels[metrics_lib.known(labels, k), k].mean(), color='grey', lw=0.8, linestyle=':'
+    )
     axes.set_title(f'{name}\nAUPRC {row["auprc"]:.3f}{_interval(row["auprc_ci"])}', fontsize=8)
   figure.suptitle(
     f'{title}. x: recall (sensitivity), y: precision; band: 95% patient '
@@ -241,7 +239,7 @@ def reliability_figure(labels, probs, temperature, names, title, num_bins=calibr
   scaled = calibration_lib.apply_temperature(probs, temperature)
   figure, axes_list = _grid_axes(len(names))
   for k, (name, axes) in enumerate(zip(names, axes_list)):
-    if not known_rows(labels, k).any():
+    if not metrics_lib.known(labels, k).any():
       _empty_panel(axes, name, f'no reliability: every {name}\nlabel of the split is unknown')
       continue
     axes.plot([0, 1], [0, 1], color='grey', lw=0.8, linestyle=':')

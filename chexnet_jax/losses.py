@@ -27,6 +27,14 @@ import optax
 POS_WEIGHTS = ('none', 'chexnet_paper', 'negatives_over_positives')
 
 
+def is_known(labels):
+  """Element-wise: whether a label is known. A label below 0 is unknown (e.g.
+  CheXpert's uncertain under U-Ignore): left out of the loss and of every number,
+  curve and calibration fit of its label. The one statement of the rule (numpy
+  or jax arrays alike)."""
+  return labels >= 0
+
+
 def bce_loss(logits, labels, weights=None):
   """Sigmoid cross-entropy averaged over labels; per-example, shape [B].
 
@@ -35,8 +43,8 @@ def bce_loss(logits, labels, weights=None):
   is unknown (CheXpert's uncertain under U-Ignore): its term is 0.
   """
   logits = logits.astype(jnp.float32)
-  is_known = labels >= 0
-  labels = jnp.where(is_known, labels, 0)
+  known = is_known(labels)
+  labels = jnp.where(known, labels, 0)
   if weights is None:
     losses = optax.sigmoid_binary_cross_entropy(logits, labels)
   else:
@@ -45,7 +53,7 @@ def bce_loss(logits, labels, weights=None):
       w_pos * labels * jax.nn.log_sigmoid(logits)
       + w_neg * (1 - labels) * jax.nn.log_sigmoid(-logits)
     )
-  return jnp.where(is_known, losses, 0).mean(axis=-1)
+  return jnp.where(known, losses, 0).mean(axis=-1)
 
 
 def label_weights(pos_weight, positive_fraction):

@@ -32,7 +32,7 @@ def batch_ratio(config):
 
 def peak_learning_rate(config):
   """config.learning_rate scaled from lr_base_batch_size to batch_size."""
-  rule = config.get('lr_scaling', 'linear')  # Runs from before the field: linear.
+  rule = config.lr_scaling
   ratio = batch_ratio(config)
   if rule == 'none':
     return config.learning_rate

@@ -17,12 +17,10 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from chexnet_jax import checkpoints
 from chexnet_jax import config_checks
 from chexnet_jax import distributed
+from chexnet_jax import errors
 from chexnet_jax import imagenet_weights
-from chexnet_jax import run_dir
-from chexnet_jax import run_weights
 from chexnet_jax import train
 from chexnet_jax import workdir_lock
 from input_pipeline import batching
@@ -36,19 +34,17 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 flags.mark_flags_as_required(['config'])
 
-# Errors the user can fix: one clear sentence, no traceback.
+# Errors the user can fix: one clear sentence, no traceback. Everything else
+# (a FileNotFoundError or ValueError from a bug included) keeps its traceback.
 USER_ERRORS = (
-  config_checks.ConfigError,
-  run_dir.RunMismatchError,
-  run_dir.WorkdirError,
-  train.NonFiniteLossError,
+  errors.UserError,
   pipeline.DatasetError,
+  # Raised by modules whose errors are not UserErrors yet.
+  config_checks.ConfigError,
+  train.NonFiniteLossError,
   batching.BatchSizeError,
-  FileNotFoundError,
   imagenet_weights.WeightsDownloadError,
-  run_weights.FineTuneError,
   workdir_lock.WorkdirBusyError,
-  checkpoints.CheckpointError,
 )
 
 

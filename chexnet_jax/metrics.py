@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 from sklearn import metrics as sk_metrics
 
+from chexnet_jax import losses
 from input_pipeline import labels as labels_lib
 
 
@@ -41,7 +42,7 @@ def _has_both_classes(column, weights=None):
 def known(labels, k):
   """Rows whose label k is known: a label below 0 is unknown (masked out, e.g.
   CheXpert's uncertain under U-Ignore) and is left out of every metric."""
-  return np.asarray(labels)[:, k] >= 0
+  return losses.is_known(np.asarray(labels)[:, k])
 
 
 def _per_label(score_fn, labels, probs, names, weights=None):
@@ -215,18 +216,6 @@ def sensitivity_specificity(labels, probs, thresholds, names=labels_lib.LABELS):
       sensitivity = specificity = float('nan')
     result[name] = (float(sensitivity), float(specificity))
   return result
-
-
-def roc_curves(labels, probs, names=labels_lib.LABELS):
-  """{name: (fpr, tpr)} for plotting; labels with one class are left out."""
-  labels, probs = _check_shapes(labels, probs, names)
-  curves = {}
-  for k, name in enumerate(names):
-    rows = known(labels, k)
-    if _has_both_classes(labels[rows, k]):
-      fpr, tpr, _ = sk_metrics.roc_curve(labels[rows, k], probs[rows, k])
-      curves[name] = (fpr, tpr)
-  return curves
 
 
 # ----------------------------------------------------------------------------

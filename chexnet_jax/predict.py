@@ -28,6 +28,7 @@ from PIL import Image
 from chexnet_jax import calibration as calibration_lib
 from chexnet_jax import cam as cam_lib
 from chexnet_jax import checkpoints
+from chexnet_jax import errors
 from chexnet_jax import figures
 from chexnet_jax import models
 from input_pipeline import dicom
@@ -130,9 +131,7 @@ def score_image(cam_fn, variables, config, path, top_k, heatmap_prefix, temperat
 
   Raises ImageLoadError (naming the file) when the file is not a usable image.
   """
-  image, _ = load_image(
-    path, config.dataset_image_size, config.image_size, config.get('eval_preprocess', 'center_crop')
-  )
+  image, _ = load_image(path, config.dataset_image_size, config.image_size, config.eval_preprocess)
   probs, cams = cam_fn(variables, image[None])
   probs, cams = np.asarray(probs[0]), np.asarray(cams[0])
   if temperature != 1.0:
@@ -183,7 +182,7 @@ def parse_args(argv):
     '--checkpoint',
     default='best',
     type=checkpoints.parse_selector,
-    help="'best' (validation mean AUROC), 'latest', or a step",
+    help=checkpoints.checkpoint_help(),
   )
   parser.add_argument('--top_k', type=int, default=3, help='heatmaps per image')
   parser.add_argument('--output_dir', default=None, help='default: WORKDIR/predict')
@@ -203,7 +202,7 @@ def main(argv=None):
     temperature = (
       calibration_lib.read_temperature(args.workdir, run.step) if args.calibrated else 1.0
     )
-  except (FileNotFoundError, ValueError) as error:
+  except (errors.UserError, pipeline.DatasetError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
   cam_fn = cam_lib.make_cam_fn(run.model, models.DTYPES[run.config.dtype])
@@ -221,7 +220,8 @@ def main(argv=None):
       print(f'error: {error}', file=sys.stderr)
   if results:
     print(
-      f'checkpoint step {run.step} of {args.workdir}'
+      f'checkpoint {checkpoints.describe_checkpoint(args.checkpoint, run.step, run.config)} '
+      f'of {args.workdir}'
       + (f', calibrated with temperature {temperature:.3f}' if args.calibrated else '')
     )
     print(format_table(results))

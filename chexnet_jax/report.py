@@ -23,10 +23,10 @@ import os
 
 import numpy as np
 
-from chexnet_jax import calibration as calibration_lib
 from chexnet_jax import figures
+from chexnet_jax import label_columns
+from chexnet_jax import losses
 from input_pipeline import labels as labels_lib
-from input_pipeline import pipeline
 
 REPORT_FILE = 'report.html'
 # Images only from data: URIs, styles only inline; nothing is fetched from anywhere.
@@ -42,13 +42,6 @@ def label_names(evaluation):
   return labels_lib.names_of(evaluation.config)
 
 
-def _label_file(config):
-  try:
-    return pipeline.get_dataset_info(config).get('label_file', 'not recorded')
-  except (FileNotFoundError, OSError, ValueError):
-    return 'not recorded'
-
-
 def identity(evaluation, run_name=''):
   """[(field, value)]: which run, checkpoint, data and split the page is about."""
   config, report = evaluation.config, evaluation.report
@@ -56,7 +49,7 @@ def identity(evaluation, run_name=''):
     ('run', run_name or 'not given'),
     ('model', config.model),
     ('dataset', config.dataset),
-    ('label file', _label_file(config)),
+    ('label file', evaluation.label_file),
     ('labels', f'{len(label_names(evaluation))}: {", ".join(label_names(evaluation))}'),
     ('checkpoint step', evaluation.step),
     ('split', evaluation.split),
@@ -66,7 +59,7 @@ def identity(evaluation, run_name=''):
     (
       'model input',
       f'{config.image_size} px '
-      f'({config.get("eval_preprocess", "center_crop")} of the stored '
+      f'({config.eval_preprocess} of the stored '
       f'{config.dataset_image_size} px image)',
     ),
     (
@@ -88,7 +81,7 @@ def empty_cell_reasons(evaluation, name):
   """
   row, split = evaluation.report['per_label'][name], evaluation.split
   column = np.asarray(evaluation.predictions.labels)[:, label_names(evaluation).index(name)]
-  known = column[column >= 0]
+  known = column[losses.is_known(column)]
   known_words = ' with a known label' if len(known) < len(column) else ''
   reasons = {}
   if row['auroc'] is None:
@@ -114,53 +107,15 @@ def empty_cell_reasons(evaluation, name):
 
 
 def per_label_rows(evaluation):
-  """[dict] per label of the run: the table's cells as text, and the reasons for empty
-  ones. Prevalence is the share of positives among the label's known entries."""
-  report, rows = evaluation.report, []
-  calibration = report.get('calibration') or {'per_label': {}}
-  labels = np.asarray(evaluation.predictions.labels)
-  for k, name in enumerate(label_names(evaluation)):
-    row = report['per_label'][name]
-    ece = calibration['per_label'].get(name, {})
-    reasons = empty_cell_reasons(evaluation, name)
-    num_known = int((labels[:, k] >= 0).sum())
-    num_positive = int((labels[:, k] > 0).sum())
-    unknown = len(labels) - num_known
-    rows.append(
-      {
-        'label': name,
-        'auroc': _with_interval(row['auroc'], row['auroc_ci']),
-        'auprc': _with_interval(row['auprc'], row['auprc_ci']),
-        'prevalence': (
-          f'{num_positive / num_known:.1%} ({num_positive}'
-          + (f' of {num_known} known; {unknown} unknown' if unknown else '')
-          + ')'
-        )
-        if num_known
-        else '',
-        'threshold': _number(row['threshold']),
-        'sensitivity': _number(row['sensitivity']),
-        'specificity': _number(row['specificity']),
-        'ece': f'{_number(ece.get("ece"))} / {_number(ece.get("ece_calibrated"))}',
-        'reasons': reasons,
-      }
-    )
+  """[dict] per label of the run: the page's cells as text (label_columns.HTML_COLUMNS),
+  and the reasons for empty ones. Prevalence is the share of positives among the
+  label's known entries."""
+  rows = []
+  for name in label_names(evaluation):
+    values = label_columns.label_row(evaluation.report, name)
+    cells = {column.key: column.html(values) for column in label_columns.HTML_COLUMNS}
+    rows.append({'label': name, **cells, 'reasons': empty_cell_reasons(evaluation, name)})
   return rows
-
-
-def _number(value, digits=3):
-  return '' if value is None else f'{value:.{digits}f}'
-
-
-def _with_interval(value, interval):
-  if value is None:
-    return ''
-  low, high = interval
-  return (
-    f'{value:.3f} ({low:.3f}-{high:.3f})'
-    if low is not None and high is not None
-    else f'{value:.3f}'
-  )
 
 
 def curve_figures(evaluation):
@@ -244,6 +199,10 @@ figure{margin:0;width:340px}figcaption{font-size:0.8em;color:#444}
 """
 
 
+_number = label_columns.number
+_with_interval = label_columns.with_interval
+
+
 def _identity_html(rows):
   body = ''.join(
     f'<tr><th class="name">{_esc(k)}</th><td class="name">{_esc(v)}</td></tr>' for k, v in rows
@@ -251,24 +210,13 @@ def _identity_html(rows):
   return f'<table id="identity">{body}</table>'
 
 
-TABLE_COLUMNS = (
-  ('auroc', 'AUROC (95% CI)'),
-  ('auprc', 'AUPRC (95% CI)'),
-  ('prevalence', 'Prevalence (positives)'),
-  ('threshold', 'Threshold'),
-  ('sensitivity', 'Sensitivity'),
-  ('specificity', 'Specificity'),
-  ('ece', 'ECE raw / calibrated'),
-)
-
-
 def per_label_table_html(rows):
   """The per-label table, one <tr> per label in <tbody>, reasons in the last column."""
-  head = ''.join(f'<th>{_esc(title)}</th>' for _, title in TABLE_COLUMNS)
+  head = ''.join(f'<th>{_esc(column.title)}</th>' for column in label_columns.HTML_COLUMNS)
   body = []
   for row in rows:
     cells = []
-    for key, _ in TABLE_COLUMNS:
+    for key in (column.key for column in label_columns.HTML_COLUMNS):
       why = row['reasons'].get(key)
       if why:
         cells.append(f'<td class="empty" title="{_esc(why)}">&mdash;</td>')
@@ -413,24 +361,16 @@ def write_report(out_dir, evaluation, gallery=(), localization=None, run_name=''
     name = {'roc': 'roc_curves.png', 'pr': 'pr_curves.png', 'reliability': 'reliability.png'}[key]
     with open(os.path.join(out_dir, name), 'wb') as f:
       f.write(pngs[key])
-  path = os.path.join(out_dir, REPORT_FILE)
+  path = report_path(out_dir)
   with open(path, 'w', encoding='utf-8') as f:
     f.write(render(evaluation, out_dir, list(gallery), localization, pngs, run_name))
   return path
 
 
-def calibrate(evaluation, validation):
-  """Adds report['calibration'] (temperature fitted on `validation` Predictions)."""
-  evaluation.report['calibration'] = calibration_lib.calibration_report(
-    evaluation.predictions.labels,
-    evaluation.predictions.probs,
-    validation.labels,
-    validation.probs,
-    label_names(evaluation),
-  )
-  return evaluation.report['calibration']
-
-
 def run_name(workdir):
   """The run directory's own name: the page names no absolute path of the machine."""
   return os.path.basename(os.path.normpath(workdir))
+
+
+def report_path(out_dir):
+  return os.path.join(out_dir, REPORT_FILE)

@@ -14,10 +14,13 @@ import os
 import shutil
 import tempfile
 
+from absl import logging
 import jax
 import ml_collections
 
+from chexnet_jax import errors
 from chexnet_jax import imagenet_weights
+from configs import default as default_config
 from input_pipeline import labels as labels_lib
 
 CONFIG_FILE = 'config.json'
@@ -27,11 +30,11 @@ SPLIT_FILE = 'split.json'
 PATH_FIELDS = ('data_dir', 'init_from')
 
 
-class RunMismatchError(ValueError):
+class RunMismatchError(errors.UserValueError):
   """The workdir holds a run of another model or dataset."""
 
 
-class WorkdirError(ValueError):
+class WorkdirError(errors.UserValueError):
   """The workdir cannot be written: not a directory, read-only or full."""
 
 
@@ -143,8 +146,29 @@ def record_start(workdir, config, split_file):
     os.replace(f'{target}.tmp', target)
 
 
+def upgrade_config(saved, workdir=''):
+  """An older run's config (a dict from its config.json) with today's fields.
+
+  The one place that knows config.json may predate a field: each field it lacks
+  takes its default from configs/default.py, logged in one line, so that every
+  tool reading a run (evaluate, predict, report, the notebook, fine-tuning)
+  sees the same complete config and none needs a fallback of its own.
+  """
+  defaults = default_config.get_config().to_dict()
+  missing = [field for field in defaults if field not in saved]
+  if missing:
+    logging.info(
+      '%s predates config field(s) %s; using their defaults from configs/default.py: %s.',
+      os.path.join(workdir, CONFIG_FILE),
+      ', '.join(missing),
+      ', '.join(f'{field}={defaults[field]!r}' for field in missing),
+    )
+  return ml_collections.ConfigDict({**defaults, **saved})
+
+
 def load_config(workdir, data_dir=None):
-  """The run's config; `data_dir` says where its dataset lives now.
+  """The run's config, upgraded to today's fields; `data_dir` says where its
+  dataset lives now.
 
   Runs saved before paths were recorded absolute hold a data_dir relative to
   the directory they were started from: `data_dir` (evaluate's --data_dir)
@@ -152,12 +176,12 @@ def load_config(workdir, data_dir=None):
   """
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(
+    raise errors.UserFileNotFoundError(
       f'{path} not found: {workdir} is not a chexnet_jax run directory '
       '(train one with python -m chexnet_jax.main --workdir ...).'
     )
   with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+    config = upgrade_config(json.load(f), workdir)
   if data_dir:
     config.data_dir = os.path.abspath(data_dir)
   return config

@@ -1,62 +1,40 @@
 """A trained run's weights, to fine-tune from (`config.init_from=RUN_DIR`).
 
-`read_best` reads the params and batch_stats of a run's best checkpoint straight
-from orbax, as host numpy arrays (whatever devices the run was trained on: no
-train-state template, no optimizer state), and run.json says its model and label
-names. `fine_tune_variables` puts them onto a fresh model's variables: the
-backbone whole, the classifier head by label name (a label both runs have takes
-the old head's row, a new label keeps the fresh initialisation).
+`read_best` reads the params and batch_stats of a run's best checkpoint through
+run_reader (host numpy arrays, whatever devices the run was trained on: no
+train-state template, no optimizer state; the run is never changed), and
+run.json says its model and label names. `fine_tune_variables` puts them onto a
+fresh model's variables: the backbone whole, the classifier head by label name
+(a label both runs have takes the old head's row, a new label keeps the fresh
+initialisation).
 
-A leaf of the module graph, below train_state (which calls it) and checkpoints
-(which imports train_state, so cannot be imported by it): the rule that picks a
-run's best checkpoint (BEST_METRICS, best_score) lives here, and checkpoints.py
-uses it from here, so both pick the same step. A torn, corrupt or unreadable
-step of the source run (checkpoint_files: the checksums and metrics rule that
-checkpoints.py applies to a run's own steps) is refused in one sentence naming
-the run, the step and what to do; the source run is left as it is.
+Below train_state (which calls it). A torn, corrupt or unreadable step of the
+source run is refused in one sentence naming the run, the step and what to do;
+the source run is left as it is (setting steps aside is its own trainer's job).
 """
 
 import json
-import math
 import os
 
 from absl import logging
 from flax import traverse_util
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from chexnet_jax import checkpoint_files
+from chexnet_jax import errors
 from chexnet_jax import run_dir
+from chexnet_jax import run_reader
 from input_pipeline import labels as labels_lib
 
-BEST_METRIC = 'val_mean_auroc'  # Runs whose config predates config.best_metric.
-# config.best_metric -> +1 when higher is better, -1 when lower is.
-BEST_METRICS = {'val_loss': -1.0, 'val_mean_auroc': 1.0}
 _HEAD = ('params', 'classifier')
 
 
-class FineTuneError(ValueError):
+class FineTuneError(errors.UserValueError):
   """config.init_from names a run that cannot be fine-tuned from with this config."""
-
-
-def best_score(metrics, name=BEST_METRIC):
-  """A score to maximise: the metric, negated when lower is better."""
-  value = metrics.get(name)
-  if value is None or not math.isfinite(value):
-    return -math.inf
-  return BEST_METRICS[name] * value
 
 
 def is_run(path):
   """Whether `path` is a chexnet_jax run directory (it holds run.json)."""
   return bool(path) and os.path.isfile(os.path.join(path, run_dir.IDENTITY_FILE))
-
-
-def _steps(directory):
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
 
 
 def check_source(path, model):
@@ -75,7 +53,7 @@ def check_source(path, model):
       f'config.model={model!r}; fine-tuning keeps the backbone, so set '
       f'--config.model={identity.get("model")} or start from a {model} run.'
     )
-  if not _steps(os.path.join(path, 'checkpoints')):
+  if not run_reader.complete_steps(run_reader.checkpoint_dir(path)):
     raise FineTuneError(
       f'config.init_from={path} is a run without any checkpoint '
       'yet; train it first or start from another run.'
@@ -108,62 +86,24 @@ def read_best(path):
   saved no validation metrics yet gives its latest step, with a warning. A step
   with a torn metrics file, files that differ from its checksums, or that orbax
   cannot read raises FineTuneError (one sentence); a step saved without
-  checksums is read unverified, with a warning.
+  checksums is read unverified, with a warning. Read by run_reader: the source
+  run is left exactly as it is.
   """
   config = run_dir.load_config(path)
-  metric = config.get('best_metric', BEST_METRIC)
-  options = ocp.CheckpointManagerOptions(
-    create=False, best_fn=lambda metrics: best_score(metrics, metric), best_mode='max'
-  )
-  directory = os.path.join(os.path.abspath(path), 'checkpoints')
-  torn = checkpoint_files.torn_metrics(directory)
-  if torn:  # orbax could not even open the directory.
-    raise _bad_step(path, torn[0][0], f'torn ({torn[0][1]})')
-  with ocp.CheckpointManager(
-    directory, options=options, item_handlers={'state': ocp.PyTreeCheckpointHandler()}
-  ) as manager:
-    step = manager.best_step()
-    if step is None:
-      step = manager.latest_step()
-      logging.warning(
-        '%s has no checkpoint with validation metrics; fine-tuning from its latest, step %d.',
-        path,
-        step,
-      )
-    problem = checkpoint_files.verify(os.path.join(directory, str(step)))
-    if problem == checkpoint_files.UNVERIFIED:
-      logging.warning(
-        'Checkpoint step %d of %s has no %s (that run stopped right after saving it); '
-        'fine-tuning from it unverified.',
-        step,
-        path,
-        checkpoint_files.CHECKSUM_FILE,
-      )
-    elif problem:
-      raise _bad_step(path, step, f'corrupt ({problem})')
+  try:
     try:
-      restored = _restore_weights(manager, step)
-    except Exception as error:  # pylint: disable=broad-except
-      raise _bad_step(
-        path, step, f'unreadable ({type(error).__name__}: {checkpoint_files.first_line(error)})'
-      ) from error
-  return restored['state'], step
-
-
-def _restore_weights(manager, step):
-  """Only params and batch_stats of `step`, as host numpy arrays."""
-  tree = manager.item_metadata(step)['state']
-  wanted = {'params': tree['params'], 'batch_stats': tree['batch_stats']}
-  return manager.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-        item=jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), wanted),
-        restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
-        partial_restore=True,
+      return run_reader.read_weights(path, 'best', config.best_metric)
+    except run_reader.CheckpointError as error:
+      if error.step is not None:
+        raise
+      logging.warning(
+        '%s has no checkpoint with validation metrics; fine-tuning from its latest.', path
       )
-    ),
-  )
+      return run_reader.read_weights(path, 'latest', config.best_metric)
+  except run_reader.CheckpointError as error:
+    if error.step is None:
+      raise FineTuneError(f'config.init_from={path}: {error}') from error
+    raise _bad_step(path, error.step, error.what) from error
 
 
 def fine_tune_variables(path, variables, *, model, label_names):

@@ -316,9 +316,7 @@ class _Trainer:
     eval_every = eval_interval_steps(config, self.steps_per_epoch)
     reading_train = functools.partial(pipeline.reading, config, 'train')
     timer, preemption = StepTimer(config.batch_size), Preemption()
-    watchdog = StepWatchdog(
-      config.get('step_timeout_factor', 20.0), config.get('step_timeout_min_seconds', 0.0)
-    )
+    watchdog = StepWatchdog(config.step_timeout_factor, config.step_timeout_min_seconds)
     previous = None  # (step, loss) checked one step late: keeps dispatch async.
     try:
       while step < self.total_steps:

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
 from chexnet_jax import cam
 from chexnet_jax import models
@@ -128,22 +127,6 @@ def test_head_kernel_error_names_the_file():
 def test_local_copy_is_host_numpy():
   copied = cam.local_copy({'params': {'w': jnp.ones((2,))}})
   assert isinstance(copied['params']['w'], np.ndarray)
-
-
-def test_save_overlay_writes_png(tmp_path):
-  image = np.full((32, 32, 1), 100, np.uint8)
-  heat = np.zeros((32, 32))
-  heat[10:20, 10:20] = 1
-  path = cam.save_overlay(
-    str(tmp_path / 'sub' / 'x.png'),
-    image,
-    heat,
-    title='Mass',
-    true_box=(8, 8, 12, 12),
-    predicted_box=cam.cam_to_box(heat),
-  )
-  with Image.open(path) as png:
-    assert png.format == 'PNG' and png.size[0] > 100
 
 
 # ------------------------------------- a CAM from a trained model localises --

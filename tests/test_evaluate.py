@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
-from chexnet_jax import evaluate
+from chexnet_jax import eval_outputs
+from chexnet_jax import scoring
 from input_pipeline import labels as labels_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,8 +153,8 @@ def run(tiny_run):
 
 
 def test_own_tta_loop_without_views_equals_evaluate_split(run):
-  plain = evaluate.score_split(run, 'validation', 'none')
-  looped = evaluate.score_split_with_tta(run, 'validation', 'none')
+  plain = scoring.score_split(run, 'validation', 'none')
+  looped = scoring.score_split_with_tta(run, 'validation', 'none')
   np.testing.assert_array_equal(plain.indices, looped.indices)
   np.testing.assert_array_equal(plain.labels, looped.labels)
   np.testing.assert_allclose(plain.probs, looped.probs, atol=1e-6)
@@ -161,8 +162,8 @@ def test_own_tta_loop_without_views_equals_evaluate_split(run):
 
 @pytest.mark.parametrize('tta', ['flip', 'tencrop'])
 def test_tta_scores_every_example_once(run, tta):
-  plain = evaluate.score_split(run, 'validation', 'none')
-  augmented = evaluate.score_split(run, 'validation', tta)
+  plain = scoring.score_split(run, 'validation', 'none')
+  augmented = scoring.score_split(run, 'validation', tta)
   np.testing.assert_array_equal(augmented.indices, np.arange(128))
   assert augmented.probs.shape == (128, 14)
   assert not np.allclose(augmented.probs, plain.probs)
@@ -171,9 +172,9 @@ def test_tta_scores_every_example_once(run, tta):
 
 def test_tta_views():
   images = np.arange(2 * 6 * 6).reshape(2, 6, 6, 1).astype(np.uint8)
-  flip = evaluate.tta_views(images, 'flip', 6)
+  flip = scoring.tta_views(images, 'flip', 6)
   np.testing.assert_array_equal(flip[1][:, :, 0], images[:, :, 5])
-  crops = evaluate.tta_views(images, 'tencrop', 4)
+  crops = scoring.tta_views(images, 'tencrop', 4)
   assert len(crops) == 10 and all(c.shape == (2, 4, 4, 1) for c in crops)
   np.testing.assert_array_equal(crops[0], images[:, :4, :4])
   np.testing.assert_array_equal(crops[3], images[:, 2:, 2:])
@@ -196,7 +197,7 @@ def test_format_auroc_table_handles_missing_values():
     'mean_auroc_ci': [None, None],
     'mean_auprc': None,
   }
-  assert len(evaluate.format_auroc_table(report).splitlines()) == 14 + 4
+  assert len(eval_outputs.format_auroc_table(report).splitlines()) == 14 + 4
 
 
 def _free_port():

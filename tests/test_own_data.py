@@ -506,8 +506,8 @@ def test_custom_three_label_csv_end_to_end(own3_run, tmp_path):
 
 
 def _evaluation_from_files(workdir):
-  """evaluate.Evaluation of the test split rebuilt from what evaluate wrote (no model)."""
-  from chexnet_jax import evaluate
+  """scoring.Evaluation of the test split rebuilt from what evaluate wrote (no model)."""
+  from chexnet_jax import scoring
   from chexnet_jax import run_dir
 
   out = os.path.join(workdir, 'eval', 'test')
@@ -516,9 +516,9 @@ def _evaluation_from_files(workdir):
     rows = list(csv.DictReader(f))
   probs = np.array([[float(r[f'prob_{n}']) for n in LABELS3] for r in rows], np.float32)
   labels = np.array([[float(r[f'label_{n}']) for n in LABELS3] for r in rows], np.float32)
-  predictions = evaluate.Predictions(probs, labels, np.array([int(r['index']) for r in rows]))
+  predictions = scoring.Predictions(probs, labels, np.array([int(r['index']) for r in rows]))
   records = [{'image_name': r['image'], 'patient_id': r['patient']} for r in rows]
-  return evaluate.Evaluation(
+  return scoring.Evaluation(
     split='test',
     tta='none',
     step=summary['step'],

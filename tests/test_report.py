@@ -1,6 +1,7 @@
 """The evaluation page (chexnet_jax/report.py), its figures and calibration, checked in a
 real headless Chromium (tests/browser/chromium.py) on the session's tiny trained run."""
 
+import csv
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from chexnet_jax import calibration
 from chexnet_jax import figures
 from chexnet_jax import metrics
 from chexnet_jax import report
+from chexnet_jax import scoring
 from input_pipeline import labels as labels_lib
 from tests.browser import chromium
 
@@ -152,7 +154,7 @@ def _fake_evaluation(labels, probs, thresholds, names=None):
     records=[{'patient_id': p, 'image_name': f'{p}.png'} for p in patients],
     config=config,
   )
-  report.calibrate(evaluation, evaluation.predictions)
+  scoring.calibrate(evaluation, evaluation.predictions)
   return evaluation
 
 
@@ -397,3 +399,31 @@ def test_predict_calibrated_without_evaluate_is_a_clear_error(tiny_run, tmp_path
   )
   assert result.returncode == 1 and 'calibration.json' in result.stderr
   assert 'chexnet_jax.evaluate' in result.stderr
+
+
+def test_a_column_declared_once_shows_in_the_csv_the_console_and_the_page(monkeypatch, tmp_path):
+  from chexnet_jax import eval_outputs
+  from chexnet_jax import label_columns
+
+  rng = np.random.default_rng(1)
+  labels = (rng.random((40, 14)) < 0.3).astype(float)
+  probs = rng.random((40, 14))
+  evaluation = _fake_evaluation(labels, probs, metrics.youden_thresholds(labels, probs))
+  negatives = label_columns.Column(
+    'num_negative',
+    'Negatives',
+    lambda row: str(row['num_known'] - row['num_positive']),
+    csv=(('num_negative', lambda row: row.get('num_known', 0) - row.get('num_positive', 0)),),
+    console=(('Neg', 6, lambda row: str(row.get('num_known', 0) - row.get('num_positive', 0))),),
+  )
+  monkeypatch.setattr(label_columns, 'COLUMNS', (*label_columns.COLUMNS, negatives))
+  monkeypatch.setattr(label_columns, 'HTML_COLUMNS', (*label_columns.HTML_COLUMNS, negatives))
+  expected = int((labels[:, 0] == 0).sum())
+  eval_outputs.write_auroc_csv(tmp_path / 'auroc.csv', evaluation.report)
+  with open(tmp_path / 'auroc.csv', newline='') as f:
+    table = {row['pathology']: row for row in csv.DictReader(f)}
+  assert int(table[LABELS[0]]['num_negative']) == expected
+  console = eval_outputs.format_auroc_table(evaluation.report).splitlines()
+  assert console[0].split()[-1] == 'Neg' and console[2].split()[-1] == str(expected)
+  page = report.per_label_table_html(report.per_label_rows(evaluation))
+  assert '<th>Negatives</th>' in page and f'<td>{expected}</td>' in page

@@ -1,0 +1,192 @@
+"""Scoring a split of a trained run, and the report of the numbers.
+
+`score_split` runs every example of a split through the model once (with
+test-time augmentation if asked); `evaluate` scores a split and validation
+(for the thresholds and the temperature) and builds the Evaluation that
+eval_outputs writes, localization draws on and report.py renders. Every
+process takes part in the passes (they are collective); the report is built on
+process 0 only.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from chexnet_jax import calibration as calibration_lib
+from chexnet_jax import errors
+from chexnet_jax import inference
+from chexnet_jax import metrics as metrics_lib
+from chexnet_jax import models
+from chexnet_jax import sharding
+from input_pipeline import labels as labels_lib
+from input_pipeline import pipeline
+
+TTA_MODES = ('none', 'flip', 'tencrop')
+
+
+@dataclasses.dataclass
+class Predictions:
+  """Per-example outputs of one pass over a split, rows ordered by example index."""
+
+  probs: np.ndarray  # float32 [N, L], L = the run's number of labels
+  labels: np.ndarray  # float32 [N, L]: 1, 0, or -1 (unknown, masked)
+  indices: np.ndarray  # int [N]
+  loss: Any = None  # BCE of the un-augmented pass (None with TTA).
+
+
+# ----------------------------------------------------------------------------
+# Scoring a split (every process takes part: the passes are collective).
+
+
+def tta_views(images, tta, image_size):
+  """uint8 [b, S, S, 1] -> list of uint8 [b, image_size, image_size, 1] views.
+
+  'flip' averages the image and its mirror; 'tencrop' the four corner and centre
+  crops of the stored S x S image and their mirrors (S = dataset_image_size).
+  """
+  if tta == 'none':
+    return [images]
+  if tta == 'flip':
+    return [images, images[:, :, ::-1]]
+  size = images.shape[1]
+  last = size - image_size
+  middle = last // 2
+  corners = [(0, 0), (0, last), (last, 0), (last, last), (middle, middle)]
+  crops = [images[:, y : y + image_size, x : x + image_size] for y, x in corners]
+  return crops + [crop[:, :, ::-1] for crop in crops]
+
+
+def _tta_iteration_config(config, tta):
+  """Ten-crop needs the whole stored image, so the iterator must not crop it."""
+  config = config.copy_and_resolve_references()
+  if tta == 'tencrop':
+    config.image_size = config.dataset_image_size
+  return config
+
+
+def _to_global_images(images, mesh):
+  return sharding.to_global({'image': np.ascontiguousarray(images)}, mesh)['image']
+
+
+def score_split_with_tta(run, split, tta):
+  """One masked pass with `tta` views per image; mean of their probabilities."""
+  logits_fn = inference.make_logits_fn(run.model, models.DTYPES[run.config.dtype])
+  config = _tta_iteration_config(run.config, tta)
+
+  def mean_probs(batch):
+    views = tta_views(batch['image'], tta, run.config.image_size)
+    return sum(
+      jax.nn.sigmoid(logits_fn(run.variables, _to_global_images(v, run.mesh))) for v in views
+    ) / len(views)
+
+  return Predictions(*inference.gather_split_scores(config, split, mean_probs, run.mesh))
+
+
+def score_split(run, split, tta='none'):
+  """Scores every example of `split` once; the plain pass is training's own
+  validation pass (inference.evaluate_split)."""
+  if tta not in TTA_MODES:
+    raise errors.UserValueError(
+      f'chexnet_jax/evaluate.py: --tta={tta!r}; choose one of {TTA_MODES}.'
+    )
+  if tta != 'none':
+    return score_split_with_tta(run, split, tta)
+  result, probs, labels, indices = inference.evaluate_split(
+    run.config, run.model, run.variables, run.mesh, split
+  )
+  return Predictions(
+    np.asarray(probs), np.asarray(labels), np.asarray(indices), loss=result['loss']
+  )
+
+
+# ----------------------------------------------------------------------------
+# Who is who: image names and patients of a split.
+
+
+def split_records(config, split, indices):
+  """split_metadata rows for `indices` (image_name, patient_id, boxes)."""
+  metadata = pipeline.split_metadata(config, split)
+  if len(metadata) < len(indices) or (len(indices) and max(indices) >= len(metadata)):
+    raise errors.UserValueError(
+      f'chexnet_jax/evaluate.py: split {split!r} has {len(metadata)} metadata rows '
+      f'but predictions reach index {max(indices)}; the dataset changed since '
+      'the run was trained. Rebuild it, or evaluate with the matching data_dir.'
+    )
+  return [metadata[i] for i in indices]
+
+
+# ----------------------------------------------------------------------------
+# The report.
+
+
+@dataclasses.dataclass
+class Evaluation:
+  """Everything evaluate() computed; written by write_outputs()."""
+
+  split: str
+  tta: str
+  step: int
+  report: dict  # metrics.classification_report(...)
+  predictions: Predictions
+  records: list  # split_metadata rows, aligned with predictions
+  threshold_source: str
+  config: Any  # The run's config.
+  label_file: str = 'not recorded'  # The label file the dataset was built from.
+
+
+def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0):
+  """Scores `split` (and validation, for thresholds) and builds the report.
+
+  Collective: every process must call it. The report is built on process 0 only
+  (the bootstrap is CPU work the others need not repeat); they return None.
+  """
+  predictions = score_split(run, split, tta)
+  validation = predictions if split == 'validation' else score_split(run, 'validation', tta)
+  if jax.process_index() != 0:
+    return None
+  names = labels_lib.names_of(run.config)
+  thresholds = metrics_lib.youden_thresholds(validation.labels, validation.probs, names)
+  records = split_records(run.config, split, predictions.indices)
+  patients = [str(r['patient_id']) for r in records]
+  report = metrics_lib.classification_report(
+    predictions.labels,
+    predictions.probs,
+    patients,
+    thresholds=thresholds,
+    names=names,
+    num_resamples=num_resamples,
+    seed=seed,
+  )
+  report['loss'] = predictions.loss
+  evaluation = Evaluation(
+    split=split,
+    tta=tta,
+    step=int(run.step),
+    report=report,
+    predictions=predictions,
+    records=records,
+    threshold_source='validation',
+    config=run.config,
+    label_file=label_file(run.config),
+  )
+  calibrate(evaluation, validation)  # Temperature fitted on validation.
+  return evaluation
+
+
+def calibrate(evaluation, validation):
+  """Adds report['calibration'] (temperature fitted on `validation` Predictions)."""
+  evaluation.report['calibration'] = calibration_lib.calibration_report(
+    evaluation.predictions.labels,
+    evaluation.predictions.probs,
+    validation.labels,
+    validation.probs,
+    labels_lib.names_of(evaluation.config),
+  )
+  return evaluation.report['calibration']
+
+
+def label_file(config):
+  """Which label file the dataset was built from (2017 or the v2020 revision)."""
+  return pipeline.get_dataset_info(config).get('label_file', 'not recorded')
