@@ -6,6 +6,7 @@ call it; the evaluation tools may use `configure_console` too.
 """
 
 import logging as std_logging
+import os
 import time
 
 from absl import logging
@@ -64,7 +65,9 @@ def state_phase(config):
   source = {
     'imagenet': 'ImageNet weights',
     'none': 'random weights',
-  }.get(init_from.lower(), f'the weights of {init_from}')
+  }.get(init_from.lower(), f'the weights in {init_from}')
+  if os.path.isdir(init_from):  # A trained run (run_weights.py).
+    source = f'the best checkpoint of the run in {init_from}'
   slow = '; compiling its initialiser takes about a minute on a CPU' * is_slow_to_compile(config)
   phase('Building the train state (%s, %s)%s...', config.model, source, slow, stacklevel=3)
 

@@ -119,9 +119,10 @@ def read_best(path):
   torn = checkpoint_files.torn_metrics(directory)
   if torn:  # orbax could not even open the directory.
     raise _bad_step(path, torn[0][0], f'torn ({torn[0][1]})')
-  with ocp.CheckpointManager(
-    directory, options=options, item_handlers={'state': ocp.PyTreeCheckpointHandler()}
-  ) as manager:
+  # 'data' (the input position) is not read, but orbax warns of any item it has
+  # no handler for, twice per fine-tuning start.
+  handlers = {'state': ocp.PyTreeCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()}
+  with ocp.CheckpointManager(directory, options=options, item_handlers=handlers) as manager:
     step = manager.best_step()
     if step is None:
       step = manager.latest_step()
