@@ -199,3 +199,25 @@ def test_tiny_train_shows_no_library_noise(tiny_run):
   assert 'Compiling the train step' in console and 'validating on' in console
   assert re.search(r'step 48/48 .* img/s .* elapsed \d+ s  ETA 0 s', console), console[-2000:]
   assert console_lines.unexpected_lines(console) == [], console[-3000:]
+
+
+def test_a_single_process_run_writes_stderr_without_the_xla_banner(tmp_path):
+  # What main.py does first; then the banner as XLA writes it, to fd 2 from
+  # below Python (C++ logging bypasses sys.stderr).
+  script = (
+    'import os, sys\n'
+    'from configs import cpu_smoke\n'
+    'from chexnet_jax import distributed\n'
+    f'distributed.initialize(cpu_smoke.get_config(), env={{}}, workdir={str(tmp_path)!r})\n'
+    'os.write(2, sys.argv[1].encode())\n'
+  )
+  result = subprocess.run(
+    [sys.executable, '-c', script, XLA_BANNER],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert 'Compiling the train step' in result.stderr and 'step 5/40' in result.stderr
+  assert 'Very slow compile' not in result.stderr and 'slow_operation_alarm' not in result.stderr
