@@ -83,10 +83,11 @@ def validation_phase(step, num_examples, eval_batch_size, first):
   compiles the evaluation step."""
   batches = -(-num_examples // eval_batch_size)
   phase(
-    'step %d: validating on %d images (%d batches of %d)%s...',
+    'step %d: validating on %d images (%d batch%s of %d)%s...',
     step,
     num_examples,
     batches,
+    '' if batches == 1 else 'es',
     eval_batch_size,
     '; the first pass compiles the evaluation step' if first else '',
     stacklevel=3,

@@ -66,12 +66,14 @@ def test_validation_pass_is_announced_with_its_size(caplog):
   with caplog.at_level(logging.INFO):
     progress.validation_phase(16, 130, 64, first=True)
     progress.validation_phase(32, 130, 64, first=False)
+    progress.validation_phase(48, 30, 64, first=False)
   lines = [r.getMessage() for r in caplog.records]
   assert lines[0] == (
     'step 16: validating on 130 images (3 batches of 64); '
     'the first pass compiles the evaluation step...'
   )
   assert lines[1] == 'step 32: validating on 130 images (3 batches of 64)...'
+  assert lines[2] == 'step 48: validating on 30 images (1 batch of 64)...'
 
 
 def test_tiny_model_is_not_told_densenet_takes_minutes(caplog):
