@@ -75,11 +75,14 @@ def launch_mode(config, env: Mapping[str, str] = os.environ) -> str:
 def initialize(config, env: Mapping[str, str] = os.environ, workdir: Optional[str] = None) -> None:
   """Joins the multi-process job described by Slurm or by `config`.
 
-  `workdir` is only named in the sentence printed if a peer is lost.
+  `workdir` is only named in the sentence printed if a peer is lost; given,
+  stderr goes through stderr_guard.py (one process too: it drops XLA's banner).
   """
   mode = launch_mode(config, env)
   if mode == 'single':
     _check_devices(mode, env)
+    if workdir is not None:  # A trainer's run: XLA's slow-compile banner goes.
+      stderr_guard.start(0, 1, os.path.abspath(workdir))
     return
   if mode == 'slurm':
     check_slurm_env(env)

@@ -21,6 +21,7 @@ from chexnet_jax import config_checks
 from chexnet_jax import distributed
 from chexnet_jax import errors
 from chexnet_jax import imagenet_weights
+from chexnet_jax import progress
 from chexnet_jax import train
 from chexnet_jax import workdir_lock
 from input_pipeline import batching
@@ -81,6 +82,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  progress.configure_console()
   threading.excepthook = _one_line_for_background_threads
   distributed.quiet_backend_probe()
   config = _CONFIG.value
@@ -105,6 +107,24 @@ def _config_file(argv):
   return None
 
 
+def _unknown_field_sentence(error):
+  """ml_collections' "'batchsize'\\nDid you mean batch_size instead of batchsize?"
+  as one sentence: the field, the suggestion if any, where fields are declared."""
+  words = re.sub(r"\\n|\n|\\'|['\"]", ' ', str(error)).split()
+  field = words[0] if words else '?'
+  suggestion = re.search(r'Did you mean (\S+?) instead', ' '.join(words))
+  hint = f' Did you mean {suggestion.group(1)}?' if suggestion else ''
+  return f'unknown config field {field!r}.{hint} Every field is declared in configs/default.py.'
+
+
+def _flag_problem(error):
+  """absl's first line, without its final full stop (the caller goes on after
+  '; '); a required flag left out is said as such."""
+  line = str(error).splitlines()[0].rstrip('.')
+  missing = re.match(r'flag --(\w+)=None: Flag --\1 must have a value other than None', line)
+  return f'--{missing.group(1)} is required' if missing else line
+
+
 def parse_flags(argv):
   """absl's parser, with a config typo (--config.batchsize=), a value that does
   not parse (--config.batch_size=abc) or a missing config file made one sentence."""
@@ -116,15 +136,16 @@ def parse_flags(argv):
   try:
     parsed = flags.FLAGS(argv)
   except AttributeError as error:  # ml_collections: no such field.
-    words = re.sub(r"\\n|\n|\\'|['\"]", ' ', str(error)).split()
+    sys.exit(f'error: {_unknown_field_sentence(error)}')
+  except TypeError:  # ml_collections: --config.model.x=, a field inside a value.
+    nested = [a.split('=')[0] for a in argv if re.match(r'--?config\.\w+\.', a)]
     sys.exit(
-      f'error: unknown config field {words[0]!r}. '
-      f'{" ".join(words[1:])} Every field is declared in '
-      'configs/default.py.'.replace('  ', ' ')
+      f'error: {" ".join(nested) or "a --config override"} names a field inside one that '
+      'holds a value; config fields are flat (every field is declared in configs/default.py).'
     )
   except flags.Error as error:  # A value of the wrong type, a missing flag.
     sys.exit(
-      f'error: {str(error).splitlines()[0]}; run with --helpfull for the '
+      f'error: {_flag_problem(error)}; run with --helpfull for the '
       'flags, and see configs/default.py for the config fields.'
     )
   try:

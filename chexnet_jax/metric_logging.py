@@ -8,8 +8,20 @@ keep out of the dependencies. tensorboardX writes the same event files.
 import json
 import math
 import os
+import re
 
 import numpy as np
+
+
+# tensorboardX's rule for a tag: it logs 'Summary name ... is illegal' and
+# rewrites any other character (and leading '/'); labels such as 'No Finding'
+# have spaces.
+_NOT_IN_TAGS = re.compile(r'[^-/\w.]')
+
+
+def tensorboard_tag(name):
+  """`name` as a legal TensorBoard tag: each other character becomes '_'."""
+  return _NOT_IN_TAGS.sub('_', name).lstrip('/')
 
 
 def _to_python(value):
@@ -19,6 +31,8 @@ def _to_python(value):
 
 class MetricWriter:
   """Writes scalars to TensorBoard and appends them to `workdir/metrics.jsonl`.
+
+  metrics.jsonl keeps each name as given; TensorBoard gets `tensorboard_tag(name)`.
 
   Only process 0 should create one; the other processes get `NullWriter`.
   """
@@ -34,7 +48,7 @@ class MetricWriter:
     for name, value in scalars.items():
       record[name] = _to_python(value)
       if record[name] is not None:
-        self._tensorboard.add_scalar(name, record[name], int(step))
+        self._tensorboard.add_scalar(tensorboard_tag(name), record[name], int(step))
     self._jsonl.write(json.dumps(record) + '\n')
     self._jsonl.flush()
 
@@ -54,11 +68,16 @@ class NullWriter:
 
 
 def progress_line(step, total_steps, scalars):
-  """One line a human can follow: step, loss, throughput, input wait."""
-  return (
+  """One line a human can follow: step, loss, throughput, input wait. The
+  throughput is absent for an interval that held only the compiling step."""
+  line = (
     f'step {step}/{total_steps}  loss {scalars["train_loss"]:.4f}  '
-    f'lr {scalars["learning_rate"]:.2e}  '
-    f'{scalars["images_per_second"]:.1f} img/s  '
-    f'step {scalars["step_time_ms"]:.0f} ms  '
-    f'data wait {scalars["data_wait_ms"]:.0f} ms'
+    f'lr {scalars["learning_rate"]:.2e}'
   )
+  if 'images_per_second' in scalars:
+    line += (
+      f'  {scalars["images_per_second"]:.1f} img/s  '
+      f'step {scalars["step_time_ms"]:.0f} ms  '
+      f'data wait {scalars["data_wait_ms"]:.0f} ms'
+    )
+  return line

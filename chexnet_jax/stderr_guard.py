@@ -10,6 +10,12 @@ coordination service found a task dead or unreachable; from there it keeps the
 rest in WORKDIR/peer_lost.process<I>.log and, once the trainer has ended, prints
 one sentence naming the lost process and how to resume.
 
+Every run's stderr also loses XLA's slow-compile banner here (`SlowCompileBanner`):
+XLA logs it from C++ at ERROR level, with no setting to turn it off, whenever
+a compile takes over two minutes (DenseNet121's train step on a CPU), twice per
+compile, asking the user to file a bug; the trainer says before it compiles that
+this takes minutes.
+
 Standalone on purpose (no JAX import): started as a script by `start`.
 """
 
@@ -34,6 +40,41 @@ _DEAD_JOB = re.compile(
 
 
 _started = []  # (guard process, the original fd 2), once started.
+
+
+class SlowCompileBanner:
+  """Recognises the lines of XLA's slow_operation_alarm banner:
+
+    E... slow_operation_alarm.cc:73]           (or :140] The operation took 2m12s)
+    ********************************
+    [Compiling module jit_step] Very slow compile? If you want to file a bug, ...
+    ********************************
+
+  plus the blank line after 'The operation took'. `is_banner(line)` is fed every
+  line in order; anything outside a banner is never matched.
+  """
+
+  _START = re.compile(r'slow_operation_alarm\.cc:\d+\]')
+  _RULE = '*' * 32
+
+  def __init__(self):
+    self._inside, self._rules = False, 0
+
+  def is_banner(self, line: str) -> bool:
+    text = line.strip()
+    if self._START.search(line):
+      self._inside, self._rules = True, 0
+      return True
+    if not self._inside:
+      return False
+    if text == self._RULE:
+      self._rules += 1
+      self._inside = self._rules < 2
+      return True
+    if not text or 'Very slow compile?' in text:
+      return True
+    self._inside = False  # Something else: the banner was cut short.
+    return False
 
 
 def lost_processes(detail: str, process_id: int) -> Optional[str]:
@@ -116,8 +157,10 @@ def _run(process_id: int, num_processes: int, workdir: str, trainer_pid: int) ->
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   out = os.fdopen(2, 'wb', buffering=0)  # The trainer's original stderr.
-  held, reported = [], False
+  held, reported, banner = [], False, SlowCompileBanner()
   for line in sys.stdin.buffer:
+    if banner.is_banner(line.decode(errors='replace')):
+      continue
     if not held and not _DEAD_JOB.search(line.decode(errors='replace')):
       reported = reported or line.startswith(SENTENCE_START.encode())
       out.write(line)

@@ -27,6 +27,7 @@ from chexnet_jax import inference
 from chexnet_jax import losses
 from chexnet_jax import metric_logging
 from chexnet_jax import models
+from chexnet_jax import progress
 from chexnet_jax import run_dir
 from chexnet_jax import sharding
 from chexnet_jax import train_state
@@ -94,8 +95,10 @@ class StepTimer:
     self._data_wait += data_wait_seconds
 
   def summary(self):
-    elapsed = time.perf_counter() - self._start
-    steps = max(self._steps, 1)
+    """The interval's averages; {} for one that timed no step (the compile's)."""
+    if not self._steps:
+      return {}
+    elapsed, steps = time.perf_counter() - self._start, self._steps
     return {
       'images_per_second': self._global_batch * steps / elapsed,
       'step_time_ms': 1e3 * elapsed / steps,
@@ -192,6 +195,8 @@ def train_and_evaluate(config, workdir):
   """
   config = run_dir.with_absolute_paths(config)  # The run works from anywhere.
   config_checks.validate(config)
+  progress.warn_if_small_crop(config)
+  progress.dataset_phase(config)
   dataset_info = pipeline.get_dataset_info(config)
   # The label set is the dataset's: the head, run.json and every output follow it.
   config = run_dir.with_label_set(config, pipeline.get_label_names(config))
@@ -271,9 +276,12 @@ class _Trainer:
     )
     self.total_steps = total_train_steps(config, self.steps_per_epoch)
     tx, schedule = train_state.create_optimizer(config, self.steps_per_epoch, self.total_steps)
+    self.validation_size = dataset_info['splits']['validation']
+    self.validated = False  # The first validation pass compiles.
     model = train_state.build_model(config, for_training=True)
     self.eval_model = train_state.build_model(config)
     self.logits_fn = inference.make_logits_fn(self.eval_model, models.DTYPES[config.dtype])
+    progress.state_phase(config)  # The silent minute after 'Topology'.
     self.state = train_state.create_train_state(config, model, self.mesh, tx)
     self.loss_weights = losses.label_weights(
       config.pos_weight, dataset_info['train_positive_fraction']
@@ -297,6 +305,14 @@ class _Trainer:
       logging.info('Starting a new run in %s.', workdir)
       return 0
     self.state = restored
+    if step == self.total_steps:
+      logging.info(
+        'The run in %s is already complete at step %d; to train longer, raise '
+        'config.num_epochs (or config.num_train_steps).',
+        workdir,
+        step,
+      )
+      return step
     logging.info('Resuming from checkpoint step %d in %s.', step, workdir)
     _log_topology_change(self.config, step, data)
     return step
@@ -316,6 +332,7 @@ class _Trainer:
     eval_every = eval_interval_steps(config, self.steps_per_epoch)
     reading_train = functools.partial(pipeline.reading, config, 'train')
     timer, preemption = StepTimer(config.batch_size), Preemption()
+    self.clock = progress.RunClock(self.total_steps)
     watchdog = StepWatchdog(config.step_timeout_factor, config.step_timeout_min_seconds)
     previous = None  # (step, loss) checked one step late: keeps dispatch async.
     try:
@@ -325,10 +342,12 @@ class _Trainer:
           batch = next(self.data)
         timer.add(time.perf_counter() - wait_start)
         if previous is None:
-          _log_compiling(step)
+          progress.compile_phase(config, step)
           with watchdog.paused():  # Compiling: minutes, not a hang.
             self.state, metrics = self.train_step(self.state, sharding.to_global(batch, self.mesh))
             jax.block_until_ready(metrics['train_loss'])
+          timer.reset()  # The compile is not a step time.
+          self.clock.first_step_done(step + 1)
         else:
           self.state, metrics = self.train_step(self.state, sharding.to_global(batch, self.mesh))
         step += 1
@@ -359,10 +378,14 @@ class _Trainer:
     scalars['epoch'] = step / self.steps_per_epoch
     writer.write_scalars(step, scalars)
     if jax.process_index() == 0:
-      logging.info('%s', metric_logging.progress_line(step, self.total_steps, scalars))
+      line = metric_logging.progress_line(step, self.total_steps, scalars)
+      logging.info('%s%s', line, self.clock.suffix(step))
     timer.reset()
 
   def _evaluate_and_save(self, writer, step):
+    eval_batch = pipeline.global_eval_batch(self.config, jax.device_count())
+    progress.validation_phase(step, self.validation_size, eval_batch, not self.validated)
+    self.validated = True
     result, *_ = inference.evaluate_split(
       self.config,
       self.eval_model,
@@ -441,11 +464,3 @@ def _log_topology_change(config, step, data):
     *now,
     same,
   )
-
-
-def _log_compiling(step):
-  """The first step compiles: say so, or a silent minute looks like a hang."""
-  if jax.process_index() == 0:
-    logging.info(
-      'Compiling the train step (first step, %d); DenseNet121 takes a minute or more...', step + 1
-    )

@@ -28,11 +28,15 @@ import subprocess  # noqa: E402
 import pytest  # noqa: E402
 
 TINY_RUN_STEPS = 48
+# Beside (not in) the tiny run's workdir: the console of its training, which
+# tests/test_console.py reads for library noise.
+TINY_RUN_CONSOLE = 'train.stderr'
 
 
 @pytest.fixture(scope='session')
 def tiny_run(tmp_path_factory):
-  """Path of a workdir holding a cpu_smoke run trained for TINY_RUN_STEPS steps."""
+  """Path of a workdir holding a cpu_smoke run trained for TINY_RUN_STEPS steps;
+  its training's stderr is in the workdir's parent, TINY_RUN_CONSOLE."""
   workdir = str(tmp_path_factory.mktemp('tiny_run') / 'run')
   command = [
     sys.executable,
@@ -45,6 +49,8 @@ def tiny_run(tmp_path_factory):
     f'--config.num_train_steps={TINY_RUN_STEPS}',
   ]
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+  with open(os.path.join(os.path.dirname(workdir), TINY_RUN_CONSOLE), 'w') as f:
+    f.write(result.stderr)
   if result.returncode != 0:
     raise RuntimeError(
       f'tests/conftest.py tiny_run: training failed ({" ".join(command)}):\n{result.stderr[-3000:]}'

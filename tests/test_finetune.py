@@ -63,6 +63,12 @@ def test_same_labels_start_exactly_from_the_best_checkpoint(tiny_run):
     np.testing.assert_array_equal(start[key], best[key], err_msg='/'.join(key))
 
 
+def test_reading_the_source_logs_no_orbax_warning(tiny_run, caplog):
+  with caplog.at_level(logging.WARNING):
+    run_weights.read_best(tiny_run)
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
 def test_read_best_is_the_run_s_best_step(tiny_run):
   best, step = _best(tiny_run)
   variables, read_step = run_weights.read_best(tiny_run)

@@ -67,6 +67,16 @@ def test_run_writes_logs_and_checkpoints(smoke_run):
 
 
 @pytest.mark.slow
+def test_rerun_of_a_finished_run_says_it_is_complete(smoke_run):
+  workdir, _ = smoke_run
+  last = max(r['step'] for r in read_metrics(workdir))
+  result = run_main(workdir, f'--config.num_train_steps={last}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'is already complete at step {last}; to train longer' in result.stderr
+  assert 'Resuming' not in result.stderr and 'Compiling the train step' not in result.stderr
+
+
+@pytest.mark.slow
 def test_second_run_resumes_from_last_checkpoint(smoke_run):
   workdir, _ = smoke_run
   result = run_main(workdir, '--config.num_train_steps=336')
