@@ -171,10 +171,12 @@ def snapshot(step_dir, target):
 
 def _restore_weights(root, step):
   """Only params and batch_stats of step `step` under `root`, as host numpy."""
+  # `root` is this reader's own snapshot, so orbax's read_only mode (which
+  # warns twice) is not needed; 'data' (the input position) is not read, but
+  # orbax warns of any item it has no handler for.
+  handlers = {'state': ocp.PyTreeCheckpointHandler(), 'data': ocp.JsonCheckpointHandler()}
   with ocp.CheckpointManager(
-    root,
-    options=ocp.CheckpointManagerOptions(create=False, read_only=True),
-    item_handlers={'state': ocp.PyTreeCheckpointHandler()},
+    root, options=ocp.CheckpointManagerOptions(create=False), item_handlers=handlers
   ) as manager:
     tree = manager.item_metadata(step)['state']
     wanted = {'params': tree['params'], 'batch_stats': tree['batch_stats']}
