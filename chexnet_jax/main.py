@@ -23,6 +23,7 @@ from chexnet_jax import distributed
 from chexnet_jax import imagenet_weights
 from chexnet_jax import run_dir
 from chexnet_jax import run_weights
+from chexnet_jax import torch_pickle
 from chexnet_jax import train
 from chexnet_jax import workdir_lock
 from input_pipeline import batching
@@ -46,6 +47,7 @@ USER_ERRORS = (
   batching.BatchSizeError,
   FileNotFoundError,
   imagenet_weights.WeightsDownloadError,
+  torch_pickle.UnreadableTorchFile,
   run_weights.FineTuneError,
   workdir_lock.WorkdirBusyError,
   checkpoints.CheckpointError,
