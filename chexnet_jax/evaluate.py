@@ -55,6 +55,7 @@ from chexnet_jax import models
 from chexnet_jax import report as report_lib
 from chexnet_jax import run_dir
 from chexnet_jax import sharding
+from chexnet_jax import tta as tta_lib
 from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
@@ -97,6 +98,7 @@ def _tta_iteration_config(config, tta):
   """Ten-crop needs the whole stored image, so the iterator must not crop it."""
   config = config.copy_and_resolve_references()
   if tta == 'tencrop':
+    tta_lib.check_tencrop(config)  # 10 distinct views at the training scale, or refused.
     config.image_size = config.dataset_image_size
   return config
 
