@@ -53,8 +53,9 @@ def planned_runs(args):
     return [(f'b64_lr{lr:g}', BASE_BATCH, 1, lr, 'none') for lr in BASE_LRS]
   if args.base_lr is None:
     sys.exit('error: --phase rules needs --base_lr (the best rate of --phase tune).')
+  rules = RULES if args.rules == 'all' else args.rules.split(',')
   return [
-    (f'b1024_{rule}', LARGE_BATCH, LARGE_BATCH // BASE_BATCH, args.base_lr, rule) for rule in RULES
+    (f'b1024_{rule}', LARGE_BATCH, LARGE_BATCH // BASE_BATCH, args.base_lr, rule) for rule in rules
   ]
 
 
@@ -200,6 +201,7 @@ def main():
   parser.add_argument('--train_size', type=int, default=12288)
   parser.add_argument('--warmup_epochs', type=float, default=1.0)
   parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--rules', default='all', help=f"phase 'rules': some of {RULES}, or all")
   parser.add_argument(
     '--first_seed_only',
     default='none',

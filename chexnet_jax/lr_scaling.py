@@ -5,7 +5,8 @@
 
 - 'none': the same rate at every batch (the reference trainer: Adam 1e-3 on 1 to
   16 GPUs, i.e. batch 64 to 1024).
-- 'sqrt': rate x sqrt(B / base) (the usual rule for Adam-type optimizers).
+- 'sqrt': rate x sqrt(B / base) (the usual rule for Adam-type optimizers, and
+  Malladi et al. 2022's for the rate; configs/default.py's).
 - 'sqrt_adam': 'sqrt', and Adam's second-moment decay and epsilon follow the
   batch too, as in Malladi et al. 2022 ("On the SDEs and scaling rules for
   adaptive gradient algorithms", NeurIPS): with kappa = B / base, 1 - b2 becomes
