@@ -1,7 +1,8 @@
 """Which learning-rate rule keeps a global batch of 1024 as good as batch 64?
 
-  python benchmarks/large_batch.py --phase tune  --seeds 0,1,2 --results R.jsonl
-  python benchmarks/large_batch.py --phase rules --seeds 0,1,2 --results R.jsonl --base_lr X
+  python benchmarks/large_batch.py --phase tune --seeds 0 --results R.jsonl
+  python benchmarks/large_batch.py --phase tune --lrs X --seeds 1,2 --results R.jsonl
+  python benchmarks/large_batch.py --phase rules --base_lr X --seeds 0,1,2 --results R.jsonl
   python benchmarks/large_batch.py --table R.jsonl
 
 Trains the tiny DenseNet of configs/cpu_smoke.py on its learnable synthetic data
@@ -50,7 +51,8 @@ TARGET = 0.99
 def planned_runs(args):
   """[(name, global batch, devices, base LR, rule)] of the chosen phase."""
   if args.phase == 'tune':
-    return [(f'b64_lr{lr:g}', BASE_BATCH, 1, lr, 'none') for lr in BASE_LRS]
+    lrs = BASE_LRS if args.lrs == 'all' else [float(lr) for lr in args.lrs.split(',')]
+    return [(f'b64_lr{lr:g}', BASE_BATCH, 1, lr, 'none') for lr in lrs]
   if args.base_lr is None:
     sys.exit('error: --phase rules needs --base_lr (the best rate of --phase tune).')
   rules = RULES if args.rules == 'all' else args.rules.split(',')
@@ -193,6 +195,21 @@ def table(records):
   return '\n'.join(lines)
 
 
+def curves(records):
+  """Markdown table: validation mean AUROC after each epoch, mean over seeds."""
+  rows = {}
+  for r in records:
+    if 'final' in r:
+      rows.setdefault(r['name'], []).append(r['evals'])
+  epochs = max(len(e) for runs in rows.values() for e in runs)
+  lines = ['| run | ' + ' | '.join(f'epoch {i + 1}' for i in range(epochs)) + ' |']
+  lines.append('|' + ' --- |' * (epochs + 1))
+  for name, runs in rows.items():
+    means = [statistics.mean(e[i] for e in runs) for i in range(epochs)]
+    lines.append(f'| {name} | ' + ' | '.join(f'{m:.3f}' for m in means) + ' |')
+  return '\n'.join(lines)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--phase', choices=('tune', 'rules'))
@@ -201,12 +218,13 @@ def main():
   parser.add_argument('--train_size', type=int, default=12288)
   parser.add_argument('--warmup_epochs', type=float, default=1.0)
   parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--lrs', default='all', help=f"phase 'tune': some of {BASE_LRS}, or all")
   parser.add_argument('--rules', default='all', help=f"phase 'rules': some of {RULES}, or all")
   parser.add_argument(
     '--first_seed_only',
     default='none',
-    help="rules run on the first seed only (the reference's fixed rate: far behind in every "
-    'table so far, so the compute goes to the rules that decide)',
+    help="rules run on the first seed only (default: the reference's fixed rate, so the "
+    'compute budget goes to the rules that decide)',
   )
   parser.add_argument('--results', default='large_batch.jsonl', help='JSON lines, appended')
   parser.add_argument('--table', help='only print the table of this results file')
@@ -220,6 +238,8 @@ def main():
     f'eval_preprocess={EVAL_PREPROCESS}, {IMAGE_SIZE} px\n'
   )
   print(table(records))
+  print()
+  print(curves(records))
 
 
 if __name__ == '__main__':
