@@ -178,6 +178,7 @@ def table(records):
     '|' + ' --- |' * 15,
   ]
   for name, runs in rows.items():
+    runs.sort(key=lambda r: r['settings']['seed'])
     s = runs[0]['settings']
     mean, sd = _mean_sd([r['final'] for r in runs])
     curve, curve_sd = _mean_sd([r['curve_mean'] for r in runs])

@@ -71,10 +71,10 @@ def get_config():
   c.learning_rate = 1e-3  # CheXNet: Adam, initial LR 0.001; holds at
   c.lr_base_batch_size = 64  # this batch, scaled to batch_size by:
   c.lr_scaling = 'sqrt'  # 'none' | 'sqrt' | 'sqrt_adam' | 'linear'
-  # (chexnet_jax/lr_scaling.py). sqrt: the rule for Adam
-  # (Malladi et al. 2022); on the re-based table it
-  # reached batch 64's AUROC soonest at batch 1024,
-  # linear and fixed later (benchmarks/LARGE_BATCH.md).
+  # (chexnet_jax/lr_scaling.py). sqrt: the rule derived
+  # for Adam (Malladi et al. 2022); at batch 1024 it led
+  # linear at every epoch until both matched batch 64
+  # (benchmarks/LARGE_BATCH.md).
   c.b1 = 0.9  # CheXNet: "standard parameters" 0.9, 0.999.
   c.b2 = 0.999
   c.adam_eps = 1e-8  # PyTorch's default (Keras uses 1e-7).
