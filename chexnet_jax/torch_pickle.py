@@ -91,7 +91,12 @@ _ALLOWED = {
   ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor_v2,
   ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
   ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter,
-  **{('torch', name): StorageType(name) for name in STORAGE_DTYPES},
+  # Files saved from GPU tensors name torch.cuda's storages (as torch.load, read to the CPU).
+  **{
+    (module, name): StorageType(name)
+    for module in ('torch', 'torch.cuda')
+    for name in STORAGE_DTYPES
+  },
 }
 
 

@@ -55,7 +55,9 @@ class _Pickler(pickle._Pickler):  # The Python pickler: its dispatch table can b
   def persistent_id(self, obj):
     if isinstance(obj, _Storage):
       type_name = _STORAGE_TYPES[obj.array.dtype]
-      return ('storage', Global('torch', type_name), obj.key, 'cuda:0', obj.array.size, None)
+      # Saved from the GPU, as the published files were: torch.cuda's storage types.
+      storage_type = Global('torch.cuda', type_name)
+      return ('storage', storage_type, obj.key, 'cuda:0', obj.array.size, None)
     return None
 
 
