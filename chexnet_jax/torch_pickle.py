@@ -152,7 +152,16 @@ def load(path):
       return _load_legacy(f, path)
   except UnreadableTorchFile:
     raise
-  except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError) as error:
+  except (
+    pickle.UnpicklingError,
+    EOFError,
+    struct.error,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+  ) as error:
     raise UnreadableTorchFile(
       f'{path} is not a readable torch.save file ({type(error).__name__}: {error}); '
       'download or export it again.'
