@@ -18,8 +18,9 @@ with the same evaluation view (EVAL_PREPROCESS) after every epoch.
 Each finished run is appended to the --results file at once (a rerun skips the
 runs already there), and the table is printed from that file: per row the mean and
 standard deviation over seeds of the final validation mean AUROC and its distance
-from the best batch-64 row, the peak rate, the largest training loss after the first
-epoch (stability) and wall time.
+from the best batch-64 row, the mean over epochs and the first epoch at TARGET
+(learning speed), the peak rate and b2, the largest training loss after the first
+epoch (stability) and wall time; then the per-epoch AUROC of each row.
 """
 
 import argparse
