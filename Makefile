@@ -5,8 +5,9 @@
 PYTHON3 ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# PyTorch only reads torchvision .pth weights (in tests, and for users who
-# import them). This version is the CPU build these machines carry locally.
+# PyTorch is for the tests only (nothing else needs it): they check the torch-free
+# .pth reader against torch.load. This version is the CPU build these machines
+# carry locally.
 TORCH ?= torch==2.13.0
 # Pins every package to the versions the suite passes with; `CONSTRAINTS=`
 # (empty) installs the newest versions setup.cfg allows instead.

@@ -74,6 +74,10 @@ def validate(config, devices=None):
   for field, choices in CHOICES.items():
     _check_choice(config, field, choices)
   _check_numbers(config)
+  try:
+    lr_scaling.adam_hyperparameters(config)  # sqrt_adam: b2 must stay in (0, 1).
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
   _check_divisible(config, 'batch_size', len(devices))
   # config.eval_batch_size is rounded up to a multiple of the device count
   # (pipeline.global_eval_batch): any number of processes evaluates.

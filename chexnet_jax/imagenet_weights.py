@@ -14,7 +14,9 @@ then find the verified file. A cache on a shared file system without working
 locks still ends right: each process then downloads to its own temporary file and
 the renames are atomic.
 
-Nothing here imports torch: the file is read later by chexnet_jax.weights.
+The URL lives in configs/default.py (imagenet_weights_url) only. Nothing here
+imports torch: the file is read later by chexnet_jax.weights, without torch
+(chexnet_jax.torch_pickle).
 """
 
 import contextlib
@@ -30,7 +32,6 @@ import urllib.request
 
 from absl import logging
 
-DEFAULT_URL = 'https://download.pytorch.org/models/densenet121-a639ec97.pth'
 # torch.hub's rule: the hex digits after the last '-' of the file name.
 _HASH_IN_NAME = re.compile(r'-([a-f0-9]{8,64})\.[^.]+$')
 _TIMEOUT_SECONDS = 60
@@ -69,7 +70,7 @@ def init_path(config):
   if init_from.lower() in _NO_INIT:
     return None
   if init_from.lower() == 'imagenet':
-    return fetch(config.get('imagenet_weights_url', DEFAULT_URL), cache_dir(config))
+    return fetch(config.imagenet_weights_url, cache_dir(config))
   return init_from
 
 

@@ -5,7 +5,14 @@
 
 - 'none': the same rate at every batch (the reference trainer: Adam 1e-3 on 1 to
   16 GPUs, i.e. batch 64 to 1024).
-- 'sqrt': rate x sqrt(B / base) (the usual rule for Adam-type optimizers).
+- 'sqrt': rate x sqrt(B / base) (the usual rule for Adam-type optimizers, and
+  Malladi et al. 2022's for the rate; configs/default.py's).
+- 'sqrt_adam': 'sqrt', and Adam's second-moment decay and epsilon follow the
+  batch too, as in Malladi et al. 2022 ("On the SDEs and scaling rules for
+  adaptive gradient algorithms", NeurIPS): with kappa = B / base, 1 - b2 becomes
+  kappa (1 - b2) and eps becomes eps / sqrt(kappa). Their rule scales 1 - b1 too;
+  that is left out because kappa (1 - 0.9) passes 1 at kappa = 10, so b1 would
+  leave its range at the hardware configs' batch 1024 (kappa 16).
 - 'linear': rate x B / base (Goyal et al. 2017's rule for SGD).
 
 Warmup (`config.warmup_epochs` > 0): the rate rises linearly from its value at
@@ -20,7 +27,7 @@ import math
 
 import optax
 
-RULES = ('none', 'sqrt', 'linear')
+RULES = ('none', 'sqrt', 'sqrt_adam', 'linear')
 # config.lr_schedule: 'plateau' holds the peak (cut by reduce_on_plateau),
 # 'warmup_cosine' decays it to zero.
 SCHEDULES = ('plateau', 'warmup_cosine')
@@ -36,13 +43,30 @@ def peak_learning_rate(config):
   ratio = batch_ratio(config)
   if rule == 'none':
     return config.learning_rate
-  if rule == 'sqrt':
+  if rule in ('sqrt', 'sqrt_adam'):
     return config.learning_rate * math.sqrt(ratio)
   if rule == 'linear':
     return config.learning_rate * ratio
   raise ValueError(
     f'config.lr_scaling={rule!r} is not one of {RULES}; set --config.lr_scaling to one of them.'
   )
+
+
+def adam_hyperparameters(config):
+  """{'b1', 'b2', 'eps'} for Adam at batch_size: as configured, but under
+  'sqrt_adam' b2 and eps follow the batch (Malladi et al. 2022)."""
+  b1, b2, eps = config.b1, config.b2, config.adam_eps
+  if config.get('lr_scaling') != 'sqrt_adam':
+    return {'b1': b1, 'b2': b2, 'eps': eps}
+  kappa = batch_ratio(config)
+  scaled_b2 = 1.0 - kappa * (1.0 - b2)
+  if scaled_b2 <= 0.0:
+    raise ValueError(
+      f"lr_scaling='sqrt_adam' at batch_size={config.batch_size} (kappa {kappa:g}) makes "
+      f'b2 = 1 - kappa (1 - {b2}) = {scaled_b2:g}, not in (0, 1); raise config.b2 or use '
+      "lr_scaling='sqrt'."
+    )
+  return {'b1': b1, 'b2': scaled_b2, 'eps': eps / math.sqrt(kappa)}
 
 
 def make_schedule(config, steps_per_epoch, total_steps):

@@ -20,6 +20,7 @@ from chexnet_jax import inference
 from chexnet_jax import metrics as metrics_lib
 from chexnet_jax import models
 from chexnet_jax import sharding
+from chexnet_jax import tta as tta_lib
 from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
@@ -62,6 +63,7 @@ def _tta_iteration_config(config, tta):
   """Ten-crop needs the whole stored image, so the iterator must not crop it."""
   config = config.copy_and_resolve_references()
   if tta == 'tencrop':
+    tta_lib.check_tencrop(config)  # 10 distinct views at the training scale, or refused.
     config.image_size = config.dataset_image_size
   return config
 

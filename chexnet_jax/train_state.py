@@ -47,7 +47,7 @@ def create_optimizer(config, steps_per_epoch, total_steps):
   """
   schedule = lr_scaling.make_schedule(config, steps_per_epoch, total_steps)
   tx = optax.adamw(
-    schedule, b1=config.b1, b2=config.b2, eps=config.adam_eps, weight_decay=config.weight_decay
+    schedule, **lr_scaling.adam_hyperparameters(config), weight_decay=config.weight_decay
   )
   return tx, schedule
 

@@ -7,8 +7,8 @@ uses torchvision's module names, so that last step is a rename of leaves only.
 Supported files:
 - torchvision `.pth` state dicts (also the old 'norm.1'/'conv.1' key style of the
   published densenet files, 'module.' prefixes and {'state_dict': ...} wrappers),
-  read with `torch.load(weights_only=True)`: files holding pickled objects other
-  than tensors and plain containers are refused, never unpickled.
+  read without PyTorch by chexnet_jax.torch_pickle: files holding pickled objects
+  other than tensors and plain containers are refused, never unpickled.
 - CheXNet reproductions such as arnoweng/CheXNet ('module.densenet121.features...',
   head 'densenet121.classifier.0.weight' with 14 outputs).
 - Keras '.h5' (legacy: keras-applications files, `model.save('x.h5')`) and Keras 3
@@ -36,15 +36,10 @@ from flax.core import unfreeze
 import jax.numpy as jnp
 import numpy as np
 
+from chexnet_jax import torch_pickle
 from input_pipeline import labels as labels_lib
 
 IMAGENET_CLASSES = 1000
-# torchvision's official ImageNet weights; the hex in the name is the sha256 prefix.
-TORCHVISION_URLS = {
-  'densenet121': 'https://download.pytorch.org/models/densenet121-a639ec97.pth',
-  'densenet169': 'https://download.pytorch.org/models/densenet169-b2777c0a.pth',
-  'densenet201': 'https://download.pytorch.org/models/densenet201-c1103571.pth',
-}
 # torchvision's remap of the old key style ('denselayer1.norm.1.weight').
 _OLD_KEY = re.compile(
   r'^(.*denselayer\d+\.(?:norm|relu|conv))\.'
@@ -76,16 +71,37 @@ def load_pretrained(path, variables, *, label_names=None):
 # torch files
 
 
-def read_torch_file(path):
-  """(torchvision-style state dict of numpy arrays, label names or None)."""
+def read_torch_file(path, *, reader='numpy'):
+  """(torchvision-style state dict of numpy arrays, label names or None).
+
+  reader='numpy' (the default; no PyTorch needed): chexnet_jax.torch_pickle, a
+  restricted unpickler. reader='torch': torch.load(weights_only=True), where torch
+  is installed; the tests check that both give identical arrays.
+  """
+  if reader == 'torch':
+    checkpoint = _torch_load(path)
+  else:
+    checkpoint = torch_pickle.load(path)
+  state_dict, label_names = _unwrap_checkpoint(checkpoint, path)
+  arrays = {k: _float_array(v) for k, v in state_dict.items() if _is_tensor(v)}
+  return normalize_torch_keys(arrays, path), label_names
+
+
+def _is_tensor(value):
+  return isinstance(value, np.ndarray) or hasattr(value, 'detach')
+
+
+def _float_array(value):
+  if hasattr(value, 'detach'):  # A torch tensor (reader='torch').
+    return value.detach().float().numpy()
+  return np.asarray(value, np.float32)
+
+
+def _torch_load(path):
+  import torch  # pylint: disable=g-import-not-at-top
+
   try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-      f'Reading {path} needs PyTorch: pip install "chexnet_jax[torch]" (or convert it to .h5).'
-    ) from e
-  try:
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    return torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
     raise ValueError(
       f'Refusing to load {path}: it holds pickled Python objects, not just '
@@ -93,9 +109,6 @@ def read_torch_file(path):
       'trusted code as a plain state dict: torch.save(model.state_dict(), '
       f'...). (torch: {_unsupported_global(e)})'
     ) from e
-  state_dict, label_names = _unwrap_checkpoint(checkpoint, path)
-  arrays = {k: v.detach().float().numpy() for k, v in state_dict.items() if hasattr(v, 'detach')}
-  return normalize_torch_keys(arrays, path), label_names
 
 
 def _unsupported_global(error):
@@ -399,19 +412,3 @@ def _label_rows(file_label_names, label_names, source):
   if absent:
     raise ValueError(f'{source}: its head lacks labels {absent}; it has {file_label_names}.')
   return [file_label_names.index(n) for n in label_names]
-
-
-# ----------------------------------------------------------------------------
-# Download
-
-
-def download_imagenet_weights(dest, name='densenet121'):
-  """Downloads torchvision's ImageNet `name` weights into directory `dest`.
-
-  Verifies the sha256 prefix in the file name (as torch.hub does), writes
-  atomically, and returns the file's path; a verified file already there is
-  reused. (`config.init_from='imagenet'` does this into the weights cache.)
-  """
-  from chexnet_jax import imagenet_weights  # pylint: disable=g-import-not-at-top
-
-  return imagenet_weights.fetch(TORCHVISION_URLS[name], dest)

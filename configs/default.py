@@ -70,9 +70,10 @@ def get_config():
   c.eval_batch_size = 64  # Global eval batch.
   c.learning_rate = 1e-3  # CheXNet: Adam, initial LR 0.001; holds at
   c.lr_base_batch_size = 64  # this batch, scaled to batch_size by:
-  c.lr_scaling = 'linear'  # 'none' | 'sqrt' | 'linear' (chexnet_jax/lr_scaling.py).
-  # Linear + 1 warmup epoch kept batch 1024 within 0.02
-  # AUROC of batch 64; fixed and sqrt did not
+  c.lr_scaling = 'sqrt'  # 'none' | 'sqrt' | 'sqrt_adam' | 'linear'
+  # (chexnet_jax/lr_scaling.py). sqrt: the rule derived
+  # for Adam (Malladi et al. 2022); at batch 1024 it led
+  # linear at every epoch until both matched batch 64
   # (benchmarks/LARGE_BATCH.md).
   c.b1 = 0.9  # CheXNet: "standard parameters" 0.9, 0.999.
   c.b2 = 0.999

@@ -1,5 +1,6 @@
 """4 nodes x 4 V100 32 GB: per-GPU batch 64 (global 1024). The LR rule is the
-default's (linear scaling, 1 warmup epoch, plateau cuts): benchmarks/LARGE_BATCH.md."""
+default's (square-root scaling: Adam 4e-3, 1 warmup epoch, plateau cuts):
+benchmarks/LARGE_BATCH.md."""
 
 from configs import v100x1
 

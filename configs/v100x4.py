@@ -1,5 +1,5 @@
-"""One node, 4 V100s: per-GPU batch 64 (global 256); linear LR scaling with 1 warmup
-epoch (the default's rule: benchmarks/LARGE_BATCH.md)."""
+"""One node, 4 V100s: per-GPU batch 64 (global 256); square-root LR scaling (Adam 2e-3)
+with 1 warmup epoch (the default's rule: benchmarks/LARGE_BATCH.md)."""
 
 from configs import v100x1
 

@@ -1,5 +1,7 @@
 """config.init_from='imagenet': download from a local HTTP server, verify, cache,
-refuse a tampered file, say in one sentence what to do without network."""
+refuse a tampered file, say in one sentence what to do without network; and all
+of it without PyTorch (the served file is written as torchvision's 2017 files
+were, by tests/legacy_pth.py, and read by chexnet_jax.torch_pickle)."""
 
 import functools
 import hashlib
@@ -13,11 +15,11 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from chexnet_jax import imagenet_weights
 from chexnet_jax import models
 from chexnet_jax import weights
+from tests import legacy_pth
 from tests.conftest import REPO
 
 SIZE = 32
@@ -25,9 +27,9 @@ BLOCKS = (1, 1, 1, 1)
 
 
 def _torchvision_layout_file(directory):
-  """A torchvision-layout DenseNet file with random weights, in the old
-  'norm.1' key style of the published densenet121-a639ec97.pth, named like
-  it: <model>-<first 8 hex of its sha256>.pth. Returns (path, state dict)."""
+  """A torchvision-layout DenseNet file with random weights, in the legacy format
+  and old 'norm.1' key style of the published densenet121-a639ec97.pth, named
+  like it: <model>-<first 8 hex of its sha256>.pth. Returns (path, state dict)."""
   model = models.DenseNet(block_sizes=BLOCKS, num_classes=1000)
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -48,14 +50,12 @@ def _torchvision_layout_file(directory):
       else value
     )
   old = {
-    re.sub(r'(denselayer\d+\.(?:norm|conv))([12])\.', r'\1.\2.', k): torch.from_numpy(
-      np.ascontiguousarray(v)
-    )
+    re.sub(r'(denselayer\d+\.(?:norm|conv))([12])\.', r'\1.\2.', k): v
     for k, v in state_dict.items()
   }
   assert 'features.denseblock1.denselayer1.norm.1.weight' in old
   tmp = os.path.join(directory, 'w.pth')
-  torch.save(old, tmp)
+  legacy_pth.write(tmp, old)
   digest = hashlib.sha256(open(tmp, 'rb').read()).hexdigest()
   path = os.path.join(directory, f'densenet121-{digest[:8]}.pth')
   os.replace(tmp, path)
@@ -287,3 +287,86 @@ def test_cache_dir_follows_xdg(monkeypatch):
   assert imagenet_weights.cache_dir(config) == os.path.expanduser('~/.cache/chexnet_jax')
   config.weights_cache_dir = '/elsewhere'
   assert imagenet_weights.cache_dir(config) == '/elsewhere'
+
+
+# Makes `import torch` fail in the subprocess as in a venv without PyTorch (a
+# sys.modules['torch'] = None block would also trip scipy's probe for torch).
+NO_TORCH = (
+  'import sys\n'
+  'class NoTorch:\n'
+  '  def find_spec(self, name, path=None, target=None):\n'
+  "    if name.split('.')[0] == 'torch':\n"
+  "      raise ModuleNotFoundError(f'No module named {name!r}')\n"
+  'sys.meta_path.insert(0, NoTorch())\n'
+)
+
+_LOAD_WITHOUT_TORCH = NO_TORCH + (
+  'import numpy as np, jax\n'
+  'from chexnet_jax import imagenet_weights, models, weights\n'
+  'from configs import cpu_smoke\n'
+  'url, cache, expected = sys.argv[1:]\n'
+  'config = cpu_smoke.get_config()\n'
+  "config.init_from, config.imagenet_weights_url = 'imagenet', url\n"
+  'config.weights_cache_dir = cache\n'
+  'path = imagenet_weights.init_path(config)\n'
+  f'model = models.DenseNet(block_sizes={BLOCKS}, num_classes=14)\n'
+  f'fresh = model.init(jax.random.key(1), np.zeros((1, {SIZE}, {SIZE}, 3)), train=False)\n'
+  'loaded = weights.load_pretrained(path, fresh)\n'
+  'want = np.load(expected)\n'
+  "np.testing.assert_array_equal(loaded['params']['norm5']['scale'], want['norm5'])\n"
+  "np.testing.assert_array_equal(loaded['params']['conv0']['kernel'], want['conv0'])\n"
+  "assert 'torch' not in sys.modules\n"
+  "print('loaded', path)\n"
+)
+
+
+def test_the_default_download_and_read_need_no_torch(served, tmp_path):
+  """With torch unimportable: download from the local server, verify, read the
+  2017-format file and load it onto a DenseNet."""
+  server, name, state_dict = served
+  expected = tmp_path / 'expected.npz'
+  np.savez(
+    expected,
+    norm5=state_dict['features.norm5.weight'],
+    conv0=np.transpose(state_dict['features.conv0.weight'], (2, 3, 1, 0)),  # OIHW -> HWIO.
+  )
+  cache = tmp_path / 'cache'
+  result = subprocess.run(
+    [sys.executable, '-c', _LOAD_WITHOUT_TORCH, server.url(name), str(cache), str(expected)],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=REPO),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.strip() == f'loaded {cache / name}'
+  assert server.requests == 1
+
+
+def test_a_weights_file_with_code_is_one_sentence_from_main(tmp_path):
+  """Without torch, main refuses a .pth whose pickle names a function: one line."""
+  path = tmp_path / 'evil.pth'
+  with open(path, 'wb') as f:
+    f.write(b'\x80\x02cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.')
+  code = NO_TORCH + (
+    'from absl import app\nfrom chexnet_jax import main\n'
+    'app.run(main.main, flags_parser=main.parse_flags)\n'
+  )
+  command = [sys.executable, '-c', code, '--config', os.path.join(REPO, 'configs', 'cpu_smoke.py')]
+  command += ['--workdir', str(tmp_path / 'run'), f'--config.init_from={path}']
+  command += ['--config.num_train_steps=1']
+  result = subprocess.run(
+    command,
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=REPO),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith(f'error: Refusing to load {path}: its pickle names os.system'), line
