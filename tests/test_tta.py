@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from chexnet_jax import evaluate
+from chexnet_jax import scoring
 from chexnet_jax import tta
 from configs import default
 
@@ -20,7 +20,7 @@ def _config(record, size, augment):
 def test_records_no_larger_than_the_input_are_refused():
   config = default.get_config()  # 224 px records, 224 px model: flip under another name.
   with pytest.raises(tta.TTAError) as error:
-    evaluate._tta_iteration_config(config, 'tencrop')
+    scoring._tta_iteration_config(config, 'tencrop')
   message = str(error.value)
   assert "this run's records are 224 px and its model input 224 px" in message
   assert 'build the dataset at a larger --image_size (256 px' in message
@@ -34,10 +34,10 @@ def test_whole_image_training_is_refused_on_larger_records():
 
 @pytest.mark.parametrize('augment', tta.CROP_AUGMENTS)
 def test_crop_trained_runs_get_ten_distinct_views_at_the_record_scale(augment):
-  config = evaluate._tta_iteration_config(_config(256, 224, augment), 'tencrop')
+  config = scoring._tta_iteration_config(_config(256, 224, augment), 'tencrop')
   assert config.image_size == 256  # The iterator hands over the whole record.
   images = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 1), dtype=np.uint8)
-  views = evaluate.tta_views(images, 'tencrop', 224)
+  views = scoring.tta_views(images, 'tencrop', 224)
   assert len(views) == 10 and all(v.shape == (2, 224, 224, 1) for v in views)
   for a, b in itertools.combinations(views, 2):
     assert not np.array_equal(a, b)
@@ -47,5 +47,5 @@ def test_crop_trained_runs_get_ten_distinct_views_at_the_record_scale(augment):
 
 
 def test_flip_needs_nothing_of_the_records():
-  config = evaluate._tta_iteration_config(default.get_config(), 'flip')
+  config = scoring._tta_iteration_config(default.get_config(), 'flip')
   assert config.image_size == 224
