@@ -97,6 +97,12 @@ def main(argv):
   except jax.errors.JaxRuntimeError as error:
     distributed.exit_if_peer_lost(error)  # A dead peer: one sentence, exit 1.
     raise
+  except KeyboardInterrupt:  # Ctrl-C before training started (the loop saves).
+    print(
+      'error: interrupted (Ctrl-C) before training started; the workdir is as it was.',
+      file=sys.stderr,
+    )
+    sys.exit(train.INTERRUPTED_EXIT_CODE)
 
 
 def _config_file(argv):

@@ -37,6 +37,8 @@ from input_pipeline import pipeline
 # 128 + SIGTERM: the conventional code of a process ended by SIGTERM, which
 # the sbatch scripts read as "checkpoint saved, requeue me".
 PREEMPTED_EXIT_CODE = 143
+# 128 + SIGINT: Ctrl-C, after the same save (not requeued by slurm/).
+INTERRUPTED_EXIT_CODE = 130
 
 
 class NonFiniteLossError(RuntimeError):
@@ -58,20 +60,47 @@ def eval_interval_steps(config, steps_per_epoch):
 
 
 class Preemption:
-  """Tells every process, at the same step, that the job is being preempted.
+  """Tells every process, at the same step, that the job is being preempted
+  (SIGTERM) or interrupted (SIGINT, Ctrl-C): both save and exit.
 
   Several processes: JAX's preemption service (it catches SIGTERM and agrees
-  on a step across processes). One process: our own SIGTERM handler.
+  on a step across processes); a Ctrl-C is passed on to it as SIGTERM. One
+  process: our own handlers. A second Ctrl-C exits at once, without saving.
   """
 
   def __init__(self):
-    self._signalled = False
+    self._signalled, self.exit_code = False, PREEMPTED_EXIT_CODE
     if jax.process_count() == 1:
-      signal.signal(signal.SIGTERM, self._on_signal)
+      signal.signal(signal.SIGTERM, self._on_sigterm)
+    self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
 
-  def _on_signal(self, signum, frame):
+  def _on_sigterm(self, signum, frame):
     del signum, frame
     self._signalled = True
+
+  def _on_sigint(self, signum, frame):
+    del signum, frame
+    if self.exit_code == INTERRUPTED_EXIT_CODE:  # The second Ctrl-C.
+      sys.stderr.write(
+        'error: interrupted again (Ctrl-C): exiting at once, without saving; '
+        'a rerun resumes from the last complete checkpoint.\n'
+      )
+      sys.stderr.flush()
+      os._exit(INTERRUPTED_EXIT_CODE)  # Saves and evaluations are not waited for.
+    self.exit_code = INTERRUPTED_EXIT_CODE
+    sys.stderr.write(
+      'Interrupted (Ctrl-C): saving at the end of this step, then exiting; '
+      'Ctrl-C again to exit at once without saving.\n'
+    )
+    sys.stderr.flush()
+    if jax.process_count() > 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's service agrees on the step.
+    else:
+      self._signalled = True
+
+  def restore(self):
+    """Gives Ctrl-C back to Python once the loop is over."""
+    signal.signal(signal.SIGINT, self._previous_sigint)
 
   def reached(self, step):
     if jax.process_count() > 1:
@@ -350,9 +379,10 @@ class _Trainer:
           with watchdog.paused():
             checkpoints.save(self.manager, self.state, self.data_position(step))
         if preemption.reached(step):
-          return self._save_for_preemption(step, previous)
+          return self._save_for_preemption(step, previous, preemption.exit_code)
     finally:
       watchdog.stop()
+      preemption.restore()
     return self.state
 
   def _log(self, writer, step, metrics, timer):
@@ -388,17 +418,24 @@ class _Trainer:
       metrics={'val_mean_auroc': result['mean_auroc'], 'val_loss': result['loss']},
     )
 
-  def _save_for_preemption(self, step, previous):
+  def _save_for_preemption(self, step, previous, exit_code):
     check_finite(*previous, self.manager)
     if step not in self.manager.all_steps():
       checkpoints.save(self.manager, self.state, self.data_position(step))
     checkpoints.wait_until_finished(self.manager)
-    logging.warning(
-      'Preempted: saved step %d; exiting with code %d so the job can be requeued.',
-      step,
-      PREEMPTED_EXIT_CODE,
-    )
-    raise SystemExit(PREEMPTED_EXIT_CODE)
+    if exit_code == INTERRUPTED_EXIT_CODE:
+      logging.warning(
+        'Interrupted: saved step %d; exiting with code %d. Run the same command to resume.',
+        step,
+        exit_code,
+      )
+    else:
+      logging.warning(
+        'Preempted: saved step %d; exiting with code %d so the job can be requeued.',
+        step,
+        exit_code,
+      )
+    raise SystemExit(exit_code)
 
 
 def _log_topology_change(config, step, data):

@@ -69,6 +69,7 @@ from chexnet_jax import checkpoints, main, train_step
 
 workdir = sys.argv[sys.argv.index('--workdir') + 1]
 kill_after_save = int(os.environ.get('TEST_KILL_AFTER_SAVE', -1))
+kill_after_saved = int(os.environ.get('TEST_KILL_AFTER_SAVED', -1))
 full_after_save = int(os.environ.get('TEST_DISK_FULL_AFTER_SAVE', -1))
 hang_at_step = int(os.environ.get('TEST_HANG_AT_STEP', -1))
 vanish_after_save = int(os.environ.get('TEST_VANISH_AFTER_SAVE', -1))
@@ -91,6 +92,9 @@ def recording_make_train_step(*args, **kwargs):
 def faulty_save(manager, state, data_iterator, metrics=None):
   step = save(manager, state, data_iterator, metrics)
   if step == kill_after_save:  # Its files are still being written.
+    os.kill(os.getpid(), signal.SIGKILL)
+  if step == kill_after_saved:  # The save just completed.
+    checkpoints.wait_until_finished(manager)
     os.kill(os.getpid(), signal.SIGKILL)
   if step == vanish_after_save:  # Someone deletes the checkpoints directory.
     import shutil
@@ -284,7 +288,13 @@ def test_uninterrupted_run_uses_each_example_once_per_epoch(reference):
 
 
 @pytest.mark.parametrize(
-  'fault', ['sigkill_between_checkpoints', 'sigkill_during_async_save', 'sigterm_preemption']
+  'fault',
+  [
+    'sigkill_between_checkpoints',
+    'sigkill_during_async_save',
+    'sigterm_preemption',
+    'sigint_ctrl_c',
+  ],
 )
 @pytest.mark.slow
 def test_interrupted_run_resumes_exactly(reference, tmp_path, fault):
@@ -303,11 +313,17 @@ def test_interrupted_run_resumes_exactly(reference, tmp_path, fault):
       [s for s in range(CHECKPOINT_EVERY + 1, STEPS - 8) if s % CHECKPOINT_EVERY]
     )
     print(f'{fault}: signal at step {kill_step}; replay with RELIABILITY_SEED={SEED}')
-    signum = signal.SIGKILL if fault.startswith('sigkill') else signal.SIGTERM
+    signum = {'sigkill': signal.SIGKILL, 'sigterm': signal.SIGTERM, 'sigint': signal.SIGINT}[
+      fault.split('_')[0]
+    ]
     code, log, reached = _signal_at(workdir, kill_step, signum)
     if signum == signal.SIGTERM:  # Saved where it stopped, then exit 143.
       assert code == 143, _tail(log)
       assert re.search(r'Preempted: saved step \d+', log), _tail(log)
+    elif signum == signal.SIGINT:  # Ctrl-C: the same save, then exit 130.
+      assert code == 130, _tail(log)
+      assert 'Interrupted (Ctrl-C): saving at the end of this step' in log, _tail(log)
+      assert 'Traceback' not in log and 'KeyboardInterrupt' not in log, _tail(log)
     else:
       assert code == -signal.SIGKILL, _tail(log)
     # The newest finished save (0: none finished; the first may be slow).
@@ -315,6 +331,8 @@ def test_interrupted_run_resumes_exactly(reference, tmp_path, fault):
     assert previous <= reached < STEPS
     if signum == signal.SIGTERM:
       assert f'Preempted: saved step {previous};' in log, _tail(log)
+    if signum == signal.SIGINT:
+      assert f'Interrupted: saved step {previous}; exiting with code 130' in log, _tail(log)
   code, log = _drive(workdir, *RUN_ARGS)
   assert code == 0, _tail(log)
   assert _resumed_from(log) == previous, f'kill step {kill_step}, seed {SEED}'
@@ -621,6 +639,52 @@ def test_flipped_bits_in_checkpoints_are_caught(reference, tmp_path):
 
 
 @pytest.mark.slow
+def test_step_killed_right_after_its_save_is_verified(reference, tmp_path):
+  """kill -9 the moment a save completes, flip a bit in that step's array data:
+  its checksums were written as part of the save, so the flip is caught (it
+  used to load silently: checksums came at the next save) and the run ends
+  exactly as the one never damaged."""
+  workdir = tmp_path / 'run'
+  kill_step = _kill_step_rng('kill_after_saved').choice(
+    range(2 * CHECKPOINT_EVERY, STEPS, CHECKPOINT_EVERY)
+  )
+  print(f'kill right after the save of step {kill_step}; replay with RELIABILITY_SEED={SEED}')
+  code, log = _drive(workdir, *RUN_ARGS, env=_env(TEST_KILL_AFTER_SAVED=kill_step))
+  assert code == -signal.SIGKILL, _tail(log)
+  step_dir = workdir / 'checkpoints' / str(kill_step)
+  assert checkpoints.verify(str(step_dir)) is None  # Complete, and verifiable.
+  _flip_bit(_largest_file(step_dir / 'state'))
+  code, log = _drive(workdir, *RUN_ARGS)
+  assert code == 0, _tail(log)
+  (line,) = [line for line in log.splitlines() if f'Checkpoint step {kill_step} in' in line]
+  assert 'is corrupt (state/' in line and 'does not match its checksum' in line, line
+  assert _resumed_from(log) == kill_step - CHECKPOINT_EVERY
+  assert 'unverified' not in log and 'Traceback' not in log
+  _assert_bitwise_equal_runs(workdir, reference)
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path):
+  """The first Ctrl-C asks for a save at the end of the step; a second one,
+  while that step hangs, exits at once with one line."""
+  workdir = tmp_path / 'run'
+  process = _start(workdir, *RUN_ARGS, env=_env(TEST_HANG_AT_STEP=3))
+  deadline = time.monotonic() + TIMEOUT
+  while _recorded_steps(workdir) < 3:
+    assert process.poll() is None and time.monotonic() < deadline, 'the run ended'
+    time.sleep(0.05)
+  process.send_signal(signal.SIGINT)
+  time.sleep(1)  # The step hangs: the first Ctrl-C's save waits for its end.
+  assert process.poll() is None
+  process.send_signal(signal.SIGINT)
+  start = time.monotonic()
+  code, log = _finish(process)
+  assert time.monotonic() - start < 10
+  assert code == 130, _tail(log)
+  assert _last_error_line(log).startswith('error: interrupted again (Ctrl-C): exiting at once')
+  assert 'Traceback' not in log and 'KeyboardInterrupt' not in log, _tail(log)
+
+
+@pytest.mark.slow
 def test_metadata_bit_flip_is_caught_and_load_run_refuses(reference, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(reference, workdir)
@@ -632,7 +696,13 @@ def test_metadata_bit_flip_is_caught_and_load_run_refuses(reference, tmp_path):
     checkpoints.CheckpointError, match=rf'Checkpoint step {STEPS} in .* is corrupt'
   ):
     checkpoints.load_run(str(workdir), 'latest')
-  os.remove(step_dir / 'checksums.json')  # A save cut short before its checksums.
+  os.remove(step_dir / 'checksums.json')  # Saved with checksums: now damaged.
+  assert checkpoints.verify(str(step_dir)) == (
+    'checksums.json missing, though the step was saved with it'
+  )
+  data = json.loads((step_dir / 'data' / 'metadata').read_text())
+  del data['checksums']  # As saved before checksums were part of the save.
+  (step_dir / 'data' / 'metadata').write_text(json.dumps(data))
   assert checkpoints.verify(str(step_dir)) == 'unverified'
 
 
