@@ -89,6 +89,7 @@ def main(argv):
   distributed.quiet_backend_probe()
   config = _CONFIG.value
   try:
+    config_checks.check_fields(config)  # Every field, before JAX starts.
     distributed.initialize(config, workdir=_WORKDIR.value)
     train.train_and_evaluate(config, _WORKDIR.value)
   except USER_ERRORS as error:
@@ -115,6 +116,18 @@ def _config_file(argv):
   return None
 
 
+def _unloadable(path, error):
+  """One sentence for a config file that does not import or run."""
+  while error.__cause__ is not None or error.__context__ is not None:  # The first cause.
+    error = error.__cause__ or error.__context__
+  where = ''
+  if isinstance(error, SyntaxError) and error.lineno:
+    where = f', line {error.lineno}'
+  detail = (str(error.args[0]) if error.args else str(error)).splitlines()
+  reason = f'{type(error).__name__}{where}: {detail[0] if detail else ""}'.rstrip(': ')
+  return f'error: --config {path} could not be loaded ({reason}); fix the file and run again.'
+
+
 def parse_flags(argv):
   """absl's parser, with a config typo (--config.batchsize=), a value that does
   not parse (--config.batch_size=abc) or a missing config file made one sentence."""
@@ -133,14 +146,20 @@ def parse_flags(argv):
       'configs/default.py.'.replace('  ', ' ')
     )
   except flags.Error as error:  # A value of the wrong type, a missing flag.
+    cause = error.__cause__ or error.__context__
+    if path is not None and cause is not None and 'config file' in str(error):
+      sys.exit(_unloadable(path, cause))
     sys.exit(
       f'error: {str(error).splitlines()[0]}; run with --helpfull for the '
       'flags, and see configs/default.py for the config fields.'
     )
+  except Exception as error:  # pylint: disable=broad-except
+    # The config file itself fails: a syntax error, an exception it raises.
+    sys.exit(_unloadable(path, error))
   try:
     _CONFIG.value  # pylint: disable=pointless-statement
-  except (OSError, ImportError, SyntaxError, AttributeError) as error:
-    sys.exit(f'error: --config {path} could not be loaded ({str(error).splitlines()[0]}).')
+  except Exception as error:  # pylint: disable=broad-except
+    sys.exit(_unloadable(path, error))
   return parsed
 
 

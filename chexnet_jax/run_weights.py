@@ -133,7 +133,7 @@ def read_best(path):
     problem = checkpoint_files.verify(os.path.join(directory, str(step)))
     if problem == checkpoint_files.UNVERIFIED:
       logging.warning(
-        'Checkpoint step %d of %s has no %s (that run stopped right after saving it); '
+        'Checkpoint step %d of %s has no %s (it predates checksums at save); '
         'fine-tuning from it unverified.',
         step,
         path,
