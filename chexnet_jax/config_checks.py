@@ -20,6 +20,7 @@ from chexnet_jax import imagenet_weights
 from chexnet_jax import losses
 from chexnet_jax import lr_scaling
 from chexnet_jax import models
+from chexnet_jax import run_dir
 from chexnet_jax import run_weights
 from input_pipeline import batching
 from input_pipeline import csv_dataset
@@ -36,10 +37,8 @@ CHOICES = {
   'pos_weight': tuple(losses.POS_WEIGHTS),
   'best_metric': tuple(checkpoints.BEST_METRICS),
 }
-# Fields a resumed run may change only when named in config.allow_changes
-# (run_dir.check_changes): they change what the run's steps mean. The model and
-# the label set are never changed on resume (the checkpoint's shapes follow them).
-CHANGE_NEEDS_CONSENT = ('batch_size', 'dtype', 'image_size', 'dataset')
+# Fields a resumed run changes only when config.allow_changes names them.
+CHANGE_NEEDS_CONSENT = tuple(run_dir.CHANGE_NEEDS_CONSENT)
 
 
 class ConfigError(ValueError):

@@ -228,9 +228,17 @@ def train_and_evaluate(config, workdir):
   lock = _lock_workdir(workdir)
   try:
     run_dir.prepare_workdir(workdir)
-    run_dir.check_or_write_identity(workdir, run_dir.run_identity(config, dataset_info))
+    changes = run_dir.config_changes(workdir, config)  # Refused ones: one sentence.
+    run_dir.check_or_write_identity(
+      workdir, run_dir.run_identity(config, dataset_info), allowed=run_dir.allowed_changes(config)
+    )
     run_dir.record_start(workdir, config, pipeline.split_file(config))
     trainer = _Trainer(config, workdir, dataset_info)
+    run_dir.record_changes(workdir, changes, trainer.start_step)
+    if trainer.start_step >= trainer.total_steps:
+      _log_nothing_to_train(config, trainer)
+      _close_quietly(trainer.manager, metric_logging.NullWriter())
+      return trainer.state
     writer = (
       metric_logging.MetricWriter(workdir)
       if jax.process_index() == 0
@@ -311,12 +319,12 @@ class _Trainer:
       config, model, self.mesh, tx, schedule, self.loss_weights
     )
     self.manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
-    start_step = self._resume(workdir)
+    self.start_step = self._resume(workdir)
     self.data = pipeline.create_train_iterator(
       config,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
-      start_step=start_step,
+      start_step=self.start_step,
     )
 
   def _resume(self, workdir):
@@ -480,6 +488,32 @@ def _log_topology_change(config, step, data):
     *now,
     same,
   )
+
+
+def _log_nothing_to_train(config, trainer):
+  """A rerun of a finished run, or one whose end moved below its step: say so."""
+  if jax.process_index() != 0:
+    return
+  end = (
+    f'config.num_train_steps={config.num_train_steps}'
+    if config.num_train_steps > 0
+    else f'config.num_epochs={config.num_epochs:g} x {trainer.steps_per_epoch} steps'
+  )
+  if trainer.start_step == trainer.total_steps:
+    logging.warning(
+      'The run is complete: checkpoint step %d is its last (%s); nothing to train. '
+      'Raise config.num_epochs (or num_train_steps) to train further.',
+      trainer.start_step,
+      end,
+    )
+  else:
+    logging.warning(
+      'Checkpoint step %d is already past the end of this run, step %d (%s); nothing '
+      'to train. Raise config.num_epochs (or num_train_steps) to train further.',
+      trainer.start_step,
+      trainer.total_steps,
+      end,
+    )
 
 
 def _log_compiling(step):

@@ -543,6 +543,58 @@ def test_checkpoint_of_another_label_set_is_refused(reference):
   assert 'Use a new --workdir' in line and 'Traceback' not in log
 
 
+@pytest.mark.slow
+def test_config_changes_on_resume_are_refused_or_recorded(reference, tmp_path):
+  """A finished 40-step run, resumed with other settings: a batch change is
+  refused in one sentence unless allowed; every accepted change is a log line
+  and a config_history.jsonl entry, config.json keeps the original; a run
+  already at or past its (new) end says so and exits 0."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  original = (workdir / 'config.json').read_text()
+  code, log = _main(workdir, *RUN_ARGS, '--config.batch_size=64')
+  assert code == 1, _tail(log)
+  assert _last_error_line(log) == (
+    f'error: {workdir} was trained with another setting that changes what its steps '
+    'mean: batch_size=32 -> 64 (the steps, epochs and learning rate follow the global '
+    'batch). Add --config.allow_changes=batch_size to go on with the change (it is logged '
+    'and kept in config_history.jsonl), change the config back, or use a new --workdir.'
+  )
+  assert 'Traceback' not in log and not (workdir / 'config_history.jsonl').exists()
+
+  code, log = _main(workdir, *RUN_ARGS, '--config.learning_rate=0.002')
+  assert code == 0, _tail(log)
+  assert 'Resuming from step 40 with config.learning_rate changed: 0.004 -> 0.002.' in log
+  assert f'The run is complete: checkpoint step {STEPS} is its last' in log, _tail(log)
+
+  every = f'--config.checkpoint_every_steps={CHECKPOINT_EVERY}'
+  code, log = _main(workdir, every, '--config.num_train_steps=24', '--config.learning_rate=0.002')
+  assert code == 0, _tail(log)
+  assert 'config.num_train_steps changed: 40 -> 24.' in log, _tail(log)
+  assert f'Checkpoint step {STEPS} is already past the end of this run, step 24' in log
+
+  code, log = _main(
+    workdir,
+    every,
+    '--config.num_train_steps=48',
+    '--config.batch_size=64',
+    '--config.allow_changes=batch_size',
+    '--config.learning_rate=0.002',
+  )
+  assert code == 0, _tail(log)
+  assert 'Resuming from step 40 with config.batch_size changed: 32 -> 64.' in log, _tail(log)
+  assert (workdir / 'config.json').read_text() == original
+  with open(workdir / 'config_history.jsonl') as f:
+    history = [json.loads(line) for line in f]
+  assert [h['changes'] for h in history] == [
+    {'learning_rate': [0.004, 0.002]},
+    {'num_train_steps': [40, 24]},
+    {'batch_size': [32, 64], 'num_train_steps': [24, 48]},
+  ]
+  assert [h['step'] for h in history] == [STEPS, STEPS, STEPS]
+  assert checkpoints.load_run(str(workdir), 'latest').config.batch_size == 64  # Applied.
+
+
 def test_config_typo_is_one_sentence(tmp_path):
   code, log = _main(tmp_path / 'run', '--config.batchsize=64')
   assert code == 1
