@@ -27,6 +27,7 @@ from chexnet_jax import train
 from chexnet_jax import workdir_lock
 from input_pipeline import batching
 from input_pipeline import pipeline
+from input_pipeline import workers
 
 _WORKDIR = flags.DEFINE_string(
   'workdir', None, 'Run directory (resumed if it holds checkpoints).', required=True
@@ -43,6 +44,7 @@ USER_ERRORS = (
   run_dir.WorkdirError,
   train.NonFiniteLossError,
   pipeline.DatasetError,
+  workers.WorkerError,
   batching.BatchSizeError,
   FileNotFoundError,
   imagenet_weights.WeightsDownloadError,

@@ -33,6 +33,7 @@ from chexnet_jax import train_state
 from chexnet_jax import train_step
 from chexnet_jax import workdir_lock
 from input_pipeline import pipeline
+from input_pipeline import workers
 
 # 128 + SIGTERM: the conventional code of a process ended by SIGTERM, which
 # the sbatch scripts read as "checkpoint saved, requeue me".
@@ -237,7 +238,7 @@ def train_and_evaluate(config, workdir):
     run_dir.record_changes(workdir, changes, trainer.start_step)
     if trainer.start_step >= trainer.total_steps:
       _log_nothing_to_train(config, trainer)
-      _close_quietly(trainer.manager, metric_logging.NullWriter())
+      _close_quietly(trainer, metric_logging.NullWriter())
       return trainer.state
     writer = (
       metric_logging.MetricWriter(workdir)
@@ -247,9 +248,11 @@ def train_and_evaluate(config, workdir):
     try:
       result = trainer.loop(writer)
       checkpoints.wait_until_finished(trainer.manager)  # A failed write: one sentence.
-      return result
     finally:
-      _close_quietly(trainer.manager, writer)  # Cannot replace the real error.
+      _close_quietly(trainer, writer)  # Cannot replace the real error.
+    if trainer.exit_code is not None:  # Preempted or interrupted, and saved.
+      raise SystemExit(trainer.exit_code)  # Once the loop's frames (and batches) are gone.
+    return result
   finally:
     if lock is not None:
       lock.release()
@@ -281,10 +284,12 @@ def _lock_workdir(workdir):
   return lock
 
 
-def _close_quietly(manager, writer):
+def _close_quietly(trainer, writer):
   """Cleanup that cannot replace the error that ended the run: a failure to
-  close is logged in one line."""
-  for close in (manager.close, writer.close):
+  close is logged in one line. The input's grain workers stop here, with their
+  shared memory."""
+  closers = (functools.partial(workers.close, trainer.data), trainer.manager.close, writer.close)
+  for close in closers:
     try:
       close()
     except Exception as error:  # pylint: disable=broad-except
@@ -320,6 +325,7 @@ class _Trainer:
     )
     self.manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
     self.start_step = self._resume(workdir)
+    self.exit_code = None  # Set when the loop stopped for a signal, after saving.
     self.data = pipeline.create_train_iterator(
       config,
       process_index=jax.process_index(),
@@ -387,7 +393,8 @@ class _Trainer:
           with watchdog.paused():
             checkpoints.save(self.manager, self.state, self.data_position(step))
         if preemption.reached(step):
-          return self._save_for_preemption(step, previous, preemption.exit_code)
+          self._save_for_preemption(step, previous, preemption.exit_code)
+          break
     finally:
       watchdog.stop()
       preemption.restore()
@@ -443,7 +450,7 @@ class _Trainer:
         step,
         exit_code,
       )
-    raise SystemExit(exit_code)
+    self.exit_code = exit_code
 
 
 def _log_topology_change(config, step, data):

@@ -803,6 +803,94 @@ def test_hung_step_ends_the_run_in_one_sentence(tmp_path):
   assert 'Traceback' not in log
 
 
+# ------------------------------------------------------------ grain workers --
+
+
+def _grain_workers(pid):
+  """The pids of `pid`'s grain worker processes (multiprocessing's spawned
+  children, not its resource tracker), from /proc."""
+  children = []
+  for path in glob.glob(f'/proc/{pid}/task/*/children'):
+    with open(path) as f:
+      children += f.read().split()
+  workers = []
+  for child in children:
+    with open(f'/proc/{child}/cmdline', 'rb') as f:
+      if b'spawn_main' in f.read():
+        workers.append(int(child))
+  return workers
+
+
+def _log_after_exit(process):
+  """_finish, once multiprocessing's resource tracker (which outlives the run
+  by a moment) has had its say about leaked shared memory."""
+  process.wait(timeout=TIMEOUT)
+  time.sleep(2)
+  return _finish(process)
+
+
+@pytest.mark.slow
+def test_grain_workers_leave_no_shared_memory_on_a_normal_exit(tmp_path):
+  code, log = _log_after_exit(
+    _start(tmp_path / 'run', '--config.num_train_steps=20', '--config.grain_workers=2')
+  )
+  assert code == 0, _tail(log)
+  assert 'Evaluation starts 2 grain workers of its own for each pass' in log, _tail(log)
+  assert 'leaked shared_memory' not in log, _tail(log)
+
+
+@pytest.mark.slow
+def test_killed_grain_worker_is_one_sentence_naming_dev_shm(tmp_path):
+  """A worker dies of SIGBUS, as one does when /dev/shm is full (killing one is
+  the portable way to get there: a small tmpfs needs privileges)."""
+  workdir = tmp_path / 'run'
+  process = _start(workdir, *RUN_ARGS, '--config.grain_workers=2')
+  deadline = time.monotonic() + TIMEOUT
+  while _recorded_steps(workdir) < 3 or not _grain_workers(process.pid):
+    assert process.poll() is None and time.monotonic() < deadline, 'the run ended'
+    time.sleep(0.1)
+  os.kill(_grain_workers(process.pid)[0], signal.SIGBUS)
+  code, log = _finish(process)
+  assert code == 1, _tail(log)
+  line = _last_error_line(log)
+  assert line.startswith('error: A grain worker process died (exit code -7, SIGBUS'), line
+  assert '/dev/shm holds ' in line and 'config.grain_workers=2' in line, line
+  assert 'config.prefetch_buffer=2' in line and 'docker run --shm-size=' in line, line
+  assert _tracebacks(log) == 0, _tail(log)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_with_grain_workers_saves_and_exits_130(reference, tmp_path):
+  """A terminal's Ctrl-C reaches the whole process group, workers included:
+  they ignore it, the trainer saves; the rerun ends as the uninterrupted run."""
+  workdir = tmp_path / 'run'
+  os.makedirs(workdir)
+  with open(f'{workdir}.log', 'a') as log:
+    process = subprocess.Popen(
+      _command(workdir, (*RUN_ARGS, '--config.grain_workers=2'), driver=True),
+      cwd=REPO,
+      env=_env(),
+      stdout=log,
+      stderr=log,
+      start_new_session=True,
+    )
+  process.log_path = log.name
+  deadline = time.monotonic() + TIMEOUT
+  while _recorded_steps(workdir) < CHECKPOINT_EVERY + 2:
+    assert process.poll() is None and time.monotonic() < deadline, 'the run ended'
+    time.sleep(0.05)
+  os.killpg(process.pid, signal.SIGINT)
+  code, log = _log_after_exit(process)
+  assert code == 130, _tail(log)
+  saved = re.search(r'Interrupted: saved step (\d+); exiting with code 130', log)
+  assert saved, _tail(log)
+  assert 'Traceback' not in log and 'leaked shared_memory' not in log, _tail(log)
+  code, log = _drive(workdir, *RUN_ARGS, '--config.grain_workers=2')
+  assert code == 0, _tail(log)
+  assert _resumed_from(log) == int(saved.group(1))
+  _assert_bitwise_equal_runs(workdir, reference)
+
+
 # ------------------------------------------------ resume on another topology --
 
 
