@@ -488,13 +488,19 @@ def _log_topology_change(config, step, data):
     'differ slightly from an uninterrupted run'
   )
   logging.info(
-    'Checkpoint step %d was saved on %s process(es) x %s device(s); resuming on %d x %d, %s.',
+    'Checkpoint step %d was saved on %s devices in total (%s); resuming on %d devices in '
+    'total (%s), %s.',
     step,
-    saved[0],
     saved[1],
-    *now,
+    _processes(saved[0]),
+    now[1],
+    _processes(now[0]),
     same,
   )
+
+
+def _processes(count):
+  return f'{count} process' if count == 1 else f'{count} processes'
 
 
 def _log_nothing_to_train(config, trainer):

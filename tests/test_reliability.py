@@ -950,8 +950,8 @@ def test_run_on_two_processes_resumed_on_one_equals_an_uninterrupted_run(tmp_pat
   resumed = _resumed_from(log)
   assert resumed >= 2 * CHECKPOINT_EVERY, _tail(log)
   assert (
-    f'Checkpoint step {resumed} was saved on 2 process(es) x 2 device(s); resuming '
-    'on 1 x 2, the same device count' in log
+    f'Checkpoint step {resumed} was saved on 2 devices in total (2 processes); resuming '
+    'on 2 devices in total (1 process), the same device count' in log
   ), _tail(log)
   _assert_bitwise_equal_runs(workdir, reference)
 
