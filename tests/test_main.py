@@ -93,7 +93,7 @@ def test_resuming_with_another_model_is_refused(smoke_run):
       'config.batch_size=30 does not divide over 4 devices; set '
       '--config.batch_size to a multiple of 4 (e.g. 28)',
     ),
-    ('--config.model=densenet12', "config.model='densenet12' is not one of"),
+    ('--config.model=densenet12', "config.model='densenet12' must be one of"),
     ('--config.dataset=chestxray14', 'No complete chestxray14 dataset at 40px'),
   ],
 )
