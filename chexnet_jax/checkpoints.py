@@ -117,12 +117,7 @@ def save(manager, state, data=None, metrics=None):
     manager.wait_until_finished()
     _probe_writable(manager.directory)
     _SAVING[str(manager.directory)] = step
-    manager.save(
-      step,
-      args=ocp.args.Composite(**items),
-      metrics=metrics,
-      force=True,
-    )
+    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
   return step
 
 

@@ -145,10 +145,15 @@ def _process_id_wanted(config):
   )
 
 
-_ANY = lambda value, config: True  # noqa: E731  Any text (no NUL byte: it is a path).
+def _any(value, config):
+  """Any text (_text refuses a NUL byte: these are paths)."""
+  del value, config
+  return True
+
+
 _POSITIVE = 'a positive number'
 
-# Every field of configs/default.py, and what its value must be. validate()
+# Every field of configs/default.py, and what its value must be. check_fields()
 # refuses a config with a field missing from here (a typo in a config file
 # adds one), and tests/test_config_checks.py gives each field a bad value.
 FIELDS = {
@@ -180,12 +185,12 @@ FIELDS = {
   ),
   'dtype': _choice('dtype'),
   'bn_sync': _flag(),
-  'init_from': _text(_ANY, "'imagenet', '' (from scratch), a weights file or a run directory"),
+  'init_from': _text(_any, "'imagenet', '' (from scratch), a weights file or a run directory"),
   'imagenet_weights_url': _text(
     lambda v, _: v.startswith(('https://', 'http://', 'file://')),
     'an https://, http:// or file:// URL',
   ),
-  'weights_cache_dir': _text(_ANY, "a directory, or '' for $XDG_CACHE_HOME/chexnet_jax"),
+  'weights_cache_dir': _text(_any, "a directory, or '' for $XDG_CACHE_HOME/chexnet_jax"),
   # Optimisation.
   'batch_size': _whole(1),
   'eval_batch_size': _whole(1),
