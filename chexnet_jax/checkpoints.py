@@ -9,16 +9,21 @@ input stream (input_pipeline/pipeline.py), plus the process and device counts
 it was saved on, so that a run resumes on any number of processes.
 
 orbax writes each step to a temporary directory and renames it when complete,
-so a save killed half-way never appears as a step. Once a save has completed,
-process 0 writes N/checksums.json: the sha256 of every file of the step. A
-restore verifies them first: a step whose files differ (a flipped bit, a
-truncated or missing file, anywhere: arrays, 'data', metadata) is "corrupt",
-one that orbax cannot read is "unreadable"; either is moved aside to
-<step>.corrupt-<time> or <step>.unreadable-<time>, with one log line, and the
-previous step is used. A step without checksums.json (the run stopped between
-the save and its checksums) is restored unverified, with a log line. The
-checksums and the torn-metrics check are checkpoint_files' (run_reader applies
-the same rule to a run it reads, refusing a bad step instead of moving it).
+so a save killed half-way never appears as a step. The checksums are part of
+the save: once every process has written its arrays, and before orbax renames
+the temporary directory into step N, process 0 writes N/checksums.json, the
+sha256 of every file of the step (checkpoint_files.py: orbax's commit file and
+commit time, written after, are left out). A step is therefore verifiable from
+the moment it exists. A restore verifies it first: a step whose files differ (a
+flipped bit, a truncated or missing file, anywhere: arrays, 'data', metadata)
+or whose checksums are missing is "corrupt", one that orbax cannot read is
+"unreadable"; either is moved aside to <step>.corrupt-<time> or
+<step>.unreadable-<time>, with one log line, and the previous step is used.
+Only a step saved by a chexnet_jax that wrote checksums at the next save (its
+'data' lacks checkpoint_files.MARKER) is restored without checksums,
+with a log line saying so. The checksums and the torn-metrics check are
+checkpoint_files' (run_reader applies the same rule to a run it reads,
+refusing a bad step instead of moving it aside).
 """
 
 import contextlib
@@ -52,9 +57,9 @@ verify = checkpoint_files.verify
 # Bounds orbax's wait for a background write (its default: 5 minutes and more
 # on a directory turned read-only); a save of DenseNet121 takes seconds.
 SAVE_TIMEOUT_SECONDS = 120
-# Steps whose save this process started and whose checksums are not yet written,
-# by checkpoint directory.
-_UNSUMMED = {}
+# The step each checkpoint directory's save in flight writes (one at a time:
+# a save waits for the previous one), for the checksum callback.
+_SAVING = {}
 
 
 # A checkpoint chosen for evaluation or prediction is missing, damaged or not chosen yet.
@@ -74,15 +79,20 @@ def create_manager(workdir, keep, best_metric):
       ),
     ]
   )
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   options = ocp.CheckpointManagerOptions(
     preservation_policy=policy,
     best_fn=_best_metric_fn,
     best_mode='max',
     enable_async_checkpointing=True,
     create=True,
-    async_options=ocp.AsyncOptions(timeout_secs=SAVE_TIMEOUT_SECONDS),
+    async_options=ocp.AsyncOptions(
+      timeout_secs=SAVE_TIMEOUT_SECONDS,
+      # orbax calls it on process 0 once all processes have written, before
+      # it renames the temporary directory into the step.
+      post_finalization_callback=functools.partial(_write_checksums, directory),
+    ),
   )
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   _set_aside_torn_metrics(directory)
   return ocp.CheckpointManager(directory, options=options, item_names=('state', 'data'))
 
@@ -98,39 +108,37 @@ def _set_aside_torn_metrics(directory):
 
 def save(manager, state, data=None, metrics=None):
   """Starts an asynchronous save of `state` and the input position `data` (a
-  JSON-able dict, see module doc). First waits for the previous save, writes
-  its checksums, and proves the directory still takes a write: a full disk or
-  a read-only directory is reported at this save, in one sentence."""
+  JSON-able dict, see module doc); its checksums are written as part of it.
+  First waits for the previous save and proves the directory still takes a
+  write: a full disk or a read-only directory is reported at this save, in one
+  sentence."""
   items = {'state': ocp.args.StandardSave(state)}
-  if data is not None:
-    items['data'] = ocp.args.JsonSave(data)
+  # The marker tells a complete step that lost its checksums (damaged) from
+  # one that predates them.
+  items['data'] = ocp.args.JsonSave(dict(data or {}, **checkpoint_files.MARKER))
   step = int(jax.device_get(state.step))
   with _write_errors(manager):  # Also reports the previous save's failure.
-    _finish_previous(manager)
+    manager.wait_until_finished()
     _probe_writable(manager.directory)
+    _SAVING[str(manager.directory)] = step
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
-  _UNSUMMED.setdefault(str(manager.directory), set()).add(step)
   return step
 
 
 def wait_until_finished(manager):
-  """Waits for the asynchronous save and checksums it; a failed write is one
-  clear error."""
+  """Waits for the asynchronous save (checksums included); a failed write is
+  one clear error."""
   with _write_errors(manager):
-    _finish_previous(manager)
+    manager.wait_until_finished()
 
 
-def _finish_previous(manager):
-  manager.wait_until_finished()
-  pending = _UNSUMMED.pop(str(manager.directory), set())
-  if jax.process_index() != 0:
-    return
-  for step in sorted(pending):
-    path = os.path.join(manager.directory, str(step))
-    if os.path.isdir(path):  # Not already deleted by the preservation policy.
-      run_dir.write_json_atomic(
-        os.path.join(path, CHECKSUM_FILE), {'sha256': checkpoint_files.file_digests(path)}
-      )
+def _write_checksums(directory):
+  """orbax's post-finalization callback: checksums the step being saved in its
+  temporary directory (or in place, where orbax's atomicity writes in place)."""
+  step = _SAVING[directory]
+  temporary = os.path.join(directory, f'{step}{ocp.path.atomicity_types.TMP_DIR_SUFFIX}')
+  path = temporary if os.path.isdir(temporary) else os.path.join(directory, str(step))
+  checkpoint_files.write_checksums(path)
 
 
 def _probe_writable(directory):
@@ -207,8 +215,8 @@ def restore_latest(manager, state_template):
     problem = verify(os.path.join(manager.directory, str(step)))
     if problem == checkpoint_files.UNVERIFIED:
       logging.warning(
-        'Checkpoint step %d in %s has no %s (the run stopped '
-        'right after saving it); restoring it unverified.',
+        'Checkpoint step %d in %s has no %s: it predates checksums at save '
+        '(an older chexnet_jax wrote them at the next save); restoring it unverified.',
         step,
         manager.directory,
         CHECKSUM_FILE,

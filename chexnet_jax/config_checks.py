@@ -2,22 +2,29 @@
 
 Each problem stops the run with one sentence naming the field, the value and
 the fix: a typo found after a 45-second compile (or a queue wait) is an hour lost.
-`validate` needs only the config and the devices; `check_splits` the dataset's
-split sizes too. train.py calls both before the workdir is touched.
+Every field's range, type and format is one entry of FIELDS, one table;
+`check_fields` needs only the config (main.py runs it before JAX starts),
+`validate` the devices and file system too, `check_splits` the dataset's split
+sizes. train.py calls all three before the workdir is touched.
 """
 
+import dataclasses
 import math
 import os
+from typing import Any, Callable
 
 import jax
 
 from chexnet_jax import checkpoints
+from chexnet_jax import errors
 from chexnet_jax import imagenet_weights
 from chexnet_jax import losses
 from chexnet_jax import lr_scaling
 from chexnet_jax import models
+from chexnet_jax import run_dir
 from chexnet_jax import run_weights
 from input_pipeline import batching
+from input_pipeline import csv_dataset
 from input_pipeline import pipeline
 
 # The choices come from where they are implemented, so they cannot drift.
@@ -31,19 +38,245 @@ CHOICES = {
   'pos_weight': tuple(losses.POS_WEIGHTS),
   'best_metric': tuple(checkpoints.BEST_METRICS),
 }
-# config.dataset is not a choice: any other name is a dataset built from a CSV
-# (a missing one stops with the built ones and the build command, pipeline.py).
+# Fields a resumed run changes only when config.allow_changes names them.
+CHANGE_NEEDS_CONSENT = tuple(run_dir.CHANGE_NEEDS_CONSENT)
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserValueError):
   """A config field has a value this run cannot use."""
 
 
-def _check_choice(config, field, choices):
-  value = config[field]
-  if value not in choices:
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """What a field's value must be: `ok(value, config)`, and `wanted`, the words
+  the error gives (a string, or a function of the config)."""
+
+  ok: Callable[[Any, Any], bool]
+  wanted: Any
+
+
+def _is_int(value):
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+  return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _whole(low, high=None, also=(), unit=''):
+  def ok(value, _):
+    return _is_int(value) and (value in also or (low <= value and (high is None or value <= high)))
+
+  words = (
+    f'a whole number{unit} >= {low}' if high is None else f'a whole number from {low} to {high}'
+  )
+  return Rule(ok, words + ''.join(f', or {a}' for a in also))
+
+
+def _real(low, high=math.inf, *, low_open=False, high_open=True, words=None):
+  def ok(value, _):
+    if not _is_number(value):
+      return False
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    return above and below
+
+  if words is None:
+    interval = f'{"(" if low_open else "["}{low:g}, {high:g}{")" if high_open else "]"}'
+    words = f'a number in {interval}'
+  return Rule(ok, words)
+
+
+def _choice(field):
+  return Rule(lambda value, _: value in CHOICES[field], f'one of {CHOICES[field]}')
+
+
+def _flag():
+  return Rule(lambda value, _: isinstance(value, bool), 'True or False')
+
+
+def _text(test, words):
+  return Rule(
+    lambda value, config: isinstance(value, str) and '\0' not in value and test(value, config),
+    words,
+  )
+
+
+def _address(value):
+  """'' or host:port, the port a number from 1 to 65535."""
+  if value == '':
+    return True
+  host, _, port = value.rpartition(':')
+  return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
+
+
+def _distinct_names(value):
+  names = [n.strip() for n in value.split(',')]
+  return value == '' or (all(names) and len(set(names)) == len(names))
+
+
+def _field_names(value):
+  names = [n.strip() for n in value.split(',') if n.strip()]
+  return all(n in CHANGE_NEEDS_CONSENT for n in names)
+
+
+def _epochs_ok(value, config):
+  return (_is_int(config.num_train_steps) and config.num_train_steps > 0) or (
+    _is_number(value) and value > 0
+  )
+
+
+def _processes_ok(value, config):
+  if not config.coordinator_address:
+    return _is_int(value) and (value == -1 or value >= 1)
+  return _is_int(value) and value >= 1
+
+
+def _process_id_ok(value, config):
+  if not config.coordinator_address:
+    return _is_int(value) and value >= -1
+  return _is_int(value) and _is_int(config.num_processes) and 0 <= value < config.num_processes
+
+
+def _process_id_wanted(config):
+  if not config.coordinator_address:
+    return '-1 (set by the launcher) or a process index >= 0'
+  return (
+    f'from 0 to config.num_processes-1 ({config.num_processes}-1): a distinct id for each process'
+  )
+
+
+def _any(value, config):
+  """Any text (_text refuses a NUL byte: these are paths)."""
+  del value, config
+  return True
+
+
+_POSITIVE = 'a positive number'
+
+# Every field of configs/default.py, and what its value must be. check_fields()
+# refuses a config with a field missing from here (a typo in a config file
+# adds one), and tests/test_config_checks.py gives each field a bad value.
+FIELDS = {
+  # Data.
+  'dataset': _text(
+    lambda v, _: v in csv_dataset.RESERVED_NAMES or not csv_dataset.check_name(v),
+    "'chestxray14', 'synthetic', or the --name of a dataset built with "
+    'input_pipeline.build (lower-case letters, digits and _)',
+  ),
+  'data_dir': _text(lambda v, _: bool(v), 'a directory (the TFDS data_dir of the built dataset)'),
+  'dataset_image_size': _whole(1, unit=' of pixels'),
+  'image_size': _whole(1, unit=' of pixels'),
+  'augment': _choice('augment'),
+  'random_flip': _flag(),
+  'min_crop_area': _real(0, 1, low_open=True, high_open=False, words='a fraction in (0, 1]'),
+  'eval_preprocess': _choice('eval_preprocess'),
+  'val_fraction': _real(0, 1, low_open=True, words='a fraction in (0, 1)'),
+  'split_seed': _whole(0),
+  'grain_workers': _whole(0),
+  'prefetch_buffer': _whole(0),
+  'synthetic_train_size': _whole(1),
+  'synthetic_eval_size': _whole(1),
+  # Model.
+  'model': _choice('model'),
+  'num_classes': _whole(1, also=(-1,)),
+  'label_names': _text(
+    lambda v, _: _distinct_names(v),
+    "'' (filled in from the dataset) or distinct comma-separated names",
+  ),
+  'dtype': _choice('dtype'),
+  'bn_sync': _flag(),
+  'init_from': _text(_any, "'imagenet', '' (from scratch), a weights file or a run directory"),
+  'imagenet_weights_url': _text(
+    lambda v, _: v.startswith(('https://', 'http://', 'file://')),
+    'an https://, http:// or file:// URL',
+  ),
+  'weights_cache_dir': _text(_any, "a directory, or '' for $XDG_CACHE_HOME/chexnet_jax"),
+  # Optimisation.
+  'batch_size': _whole(1),
+  'eval_batch_size': _whole(1),
+  'learning_rate': _real(0, low_open=True, words=f'{_POSITIVE} (e.g. 1e-3)'),
+  'lr_base_batch_size': _whole(1),
+  'lr_scaling': _choice('lr_scaling'),
+  'b1': _real(0, 1),
+  'b2': _real(0, 1),
+  'adam_eps': _real(0, low_open=True, words=f'{_POSITIVE} (e.g. 1e-8)'),
+  'weight_decay': _real(0, words='0 or more'),
+  'lr_schedule': _choice('lr_schedule'),
+  'warmup_epochs': _real(0, words='0 or more'),
+  'plateau_factor': _real(0, 1, low_open=True, words='a fraction in (0, 1) (e.g. 0.1)'),
+  'plateau_patience': _whole(0),
+  'pos_weight': _choice('pos_weight'),
+  'best_metric': _choice('best_metric'),
+  'num_epochs': Rule(
+    _epochs_ok,
+    'a positive number of epochs (or set --config.num_train_steps=N > 0 instead)',
+  ),
+  'num_train_steps': Rule(
+    lambda v, _: _is_int(v) and (v == -1 or v > 0), '> 0, or -1 to train config.num_epochs'
+  ),
+  # Bookkeeping.
+  'seed': _whole(0, 2**31 - 1),
+  'log_every_steps': _whole(1, unit=' of steps'),
+  'eval_every_epochs': _real(0, low_open=True, words=f'{_POSITIVE} of epochs (e.g. 1)'),
+  'checkpoint_every_steps': _whole(1, unit=' of steps'),
+  'keep_checkpoints': _whole(1),
+  'debug_nan_at_step': _whole(0, also=(-1,)),
+  'allow_changes': _text(
+    lambda v, _: _field_names(v),
+    f"'' or comma-separated names from {CHANGE_NEEDS_CONSENT} (fields changed on resume)",
+  ),
+  # Distributed.
+  'coordinator_address': _text(
+    lambda v, _: _address(v),
+    "'' (one process, or srun) or 'host:port' with the host of process 0, e.g. 'node001:12345'",
+  ),
+  'num_processes': Rule(
+    _processes_ok,
+    lambda c: (
+      'the number of processes (>= 1), since config.coordinator_address is set'
+      if c.coordinator_address
+      else '-1 (set by the launcher) or >= 1'
+    ),
+  ),
+  'process_id': Rule(_process_id_ok, _process_id_wanted),
+  'heartbeat_timeout_seconds': Rule(
+    lambda v, _: _is_int(v) and v >= 1,
+    'a whole number of seconds >= 1: it bounds how long live processes wait for a dead '
+    'peer (e.g. 60)',
+  ),
+  'step_timeout_factor': _real(1, low_open=True, words='more than 1 (e.g. 20)'),
+  'step_timeout_min_seconds': _real(0, words='0 (no watchdog) or more'),
+}
+
+
+def field_error(config, field):
+  """The one-sentence error for config[field], or None if its value is fine."""
+  rule, value = FIELDS[field], config[field]
+  if rule.ok(value, config):
+    return None
+  wanted = rule.wanted(config) if callable(rule.wanted) else rule.wanted
+  return f'config.{field}={value!r} must be {wanted}; set --config.{field} to one.'
+
+
+def check_fields(config, fields=None):
+  """Raises ConfigError for the first field (of `fields`, default all) whose
+  value is out of range, of the wrong type or format, or not a field at all.
+  Needs nothing but the config: main runs it before JAX starts."""
+  unknown = sorted(set(config) - set(FIELDS)) if fields is None else []
+  if unknown:
     raise ConfigError(
-      f'config.{field}={value!r} is not one of {choices}; set --config.{field} to one of them.'
+      f'config.{unknown[0]} is not a config field (a typo in the config file?); '
+      'every field is declared in configs/default.py.'
+    )
+  for field in FIELDS if fields is None else fields:
+    if field in config and (error := field_error(config, field)):
+      raise ConfigError(error)
+  if fields is None and config.image_size > config.dataset_image_size:
+    raise ConfigError(
+      f'config.image_size={config.image_size} is larger than the stored '
+      f'images (config.dataset_image_size={config.dataset_image_size}); crop '
+      'smaller or build the dataset at a larger --image_size.'
     )
 
 
@@ -69,11 +302,10 @@ def _check_precision(dtype, devices):
 
 
 def validate(config, devices=None):
-  """Raises ConfigError for the first field this machine cannot run."""
+  """Raises ConfigError for the first field this machine cannot run: every
+  field against FIELDS, then what needs the devices or the file system."""
+  check_fields(config)
   devices = devices if devices is not None else jax.devices()
-  for field, choices in CHOICES.items():
-    _check_choice(config, field, choices)
-  _check_numbers(config)
   try:
     lr_scaling.adam_hyperparameters(config)  # sqrt_adam: b2 must stay in (0, 1).
   except ValueError as error:
@@ -81,54 +313,8 @@ def validate(config, devices=None):
   _check_divisible(config, 'batch_size', len(devices))
   # config.eval_batch_size is rounded up to a multiple of the device count
   # (pipeline.global_eval_batch): any number of processes evaluates.
-  if config.image_size > config.dataset_image_size:
-    raise ConfigError(
-      f'config.image_size={config.image_size} is larger than the stored '
-      f'images (config.dataset_image_size={config.dataset_image_size}); crop '
-      'smaller or build the dataset at a larger --image_size.'
-    )
   _check_init_from(config)
   _check_precision(config.dtype, devices)
-
-
-# field -> (test, what it must be). Durations and intervals: a zero or negative
-# one trained one step and exited 0, or divided by zero after the workdir was written.
-_NUMBERS = {
-  'learning_rate': (lambda v: v > 0, 'a positive number (e.g. 1e-3)'),
-  'eval_every_epochs': (lambda v: v > 0, 'a positive number of epochs (e.g. 1)'),
-  'checkpoint_every_steps': (lambda v: v >= 1, 'a whole number of steps >= 1'),
-  'log_every_steps': (lambda v: v >= 1, 'a whole number of steps >= 1'),
-  'keep_checkpoints': (lambda v: v >= 1, 'at least 1'),
-  'batch_size': (lambda v: v >= 1, 'at least 1'),
-  'eval_batch_size': (lambda v: v >= 1, 'at least 1'),
-  'warmup_epochs': (lambda v: v >= 0, '0 or more'),
-  'prefetch_buffer': (lambda v: v >= 0, '0 or more'),
-  'grain_workers': (lambda v: v >= 0, '0 or more'),
-  'step_timeout_factor': (lambda v: v > 1, 'more than 1 (e.g. 20)'),
-  'step_timeout_min_seconds': (lambda v: v >= 0, '0 (no watchdog) or more'),
-}
-
-
-def _check_numbers(config):
-  for field, (ok, wanted) in _NUMBERS.items():
-    if field not in config:
-      continue
-    value = config[field]
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-      raise ConfigError(f'config.{field}={value!r} must be {wanted}; set --config.{field} to one.')
-  if config.num_train_steps > 0:
-    return  # It overrides num_epochs.
-  if config.num_train_steps != -1 and config.num_train_steps != 0:
-    raise ConfigError(
-      f'config.num_train_steps={config.num_train_steps} must be > 0, or -1 to '
-      'train config.num_epochs; set --config.num_train_steps to one.'
-    )
-  epochs = config.num_epochs
-  if not isinstance(epochs, (int, float)) or not math.isfinite(epochs) or epochs <= 0:
-    raise ConfigError(
-      f'config.num_epochs={epochs!r} must be a positive number of epochs (or '
-      'set --config.num_train_steps=N > 0 instead); set --config.num_epochs to one.'
-    )
 
 
 def check_splits(config, dataset_info):

@@ -29,7 +29,7 @@ from typing import Callable, List, Mapping, Optional
 
 import jax
 
-from chexnet_jax import errors
+from chexnet_jax import config_checks
 from chexnet_jax import stderr_guard
 
 # Values Slurm or CUDA use for "no GPU"; anything else in these variables means
@@ -139,26 +139,9 @@ def exit_if_peer_lost(error: BaseException) -> None:
 
 
 def explicit_args(config) -> dict:
-  """coordinator_address/num_processes/process_id from config, validated."""
-  if config.num_processes < 1:
-    raise errors.UserValueError(
-      f'config.coordinator_address={config.coordinator_address!r} needs '
-      f'config.num_processes >= 1 (got {config.num_processes}). Fix: pass '
-      '--config.num_processes=N --config.process_id=I on every process, or '
-      'leave coordinator_address empty under srun.'
-    )
-  if not 0 <= config.process_id < config.num_processes:
-    raise errors.UserValueError(
-      f'config.process_id={config.process_id} is outside [0, '
-      f'{config.num_processes}) (config.num_processes). Fix: give each '
-      'process a distinct --config.process_id from 0 to num_processes-1.'
-    )
-  if ':' not in config.coordinator_address:
-    raise errors.UserValueError(
-      f'config.coordinator_address={config.coordinator_address!r} has no '
-      "port. Fix: use 'host:port' with the host of process 0, e.g. "
-      "'node001:12345'."
-    )
+  """coordinator_address/num_processes/process_id from config, validated
+  (config_checks.FIELDS: the one table of what each field may be)."""
+  config_checks.check_fields(config, ('coordinator_address', 'num_processes', 'process_id'))
   return dict(
     coordinator_address=config.coordinator_address,
     num_processes=config.num_processes,
@@ -173,12 +156,8 @@ def timeout_kwargs(config) -> dict:
   node failure) wait before they exit non-zero instead of hanging in a
   collective until the Slurm time limit.
   """
+  config_checks.check_fields(config, ('heartbeat_timeout_seconds',))
   seconds = int(config.heartbeat_timeout_seconds)
-  if seconds <= 0:
-    raise errors.UserValueError(
-      f'config.heartbeat_timeout_seconds={seconds} must be > 0: it bounds '
-      'how long live processes wait for a dead peer. Fix: e.g. 60.'
-    )
   wanted = dict(
     heartbeat_timeout_seconds=seconds,
     # A process that exits waits this long for the others at the

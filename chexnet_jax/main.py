@@ -26,6 +26,7 @@ from chexnet_jax import train
 from chexnet_jax import workdir_lock
 from input_pipeline import batching
 from input_pipeline import pipeline
+from input_pipeline import workers
 
 _WORKDIR = flags.DEFINE_string(
   'workdir', None, 'Run directory (resumed if it holds checkpoints).', required=True
@@ -40,8 +41,8 @@ flags.mark_flags_as_required(['config'])
 USER_ERRORS = (
   errors.UserError,
   pipeline.DatasetError,
+  workers.WorkerError,
   # Raised by modules whose errors are not UserErrors yet.
-  config_checks.ConfigError,
   train.NonFiniteLossError,
   batching.BatchSizeError,
   imagenet_weights.WeightsDownloadError,
@@ -87,6 +88,7 @@ def main(argv):
   distributed.quiet_backend_probe()
   config = _CONFIG.value
   try:
+    config_checks.check_fields(config)  # Every field, before JAX starts.
     distributed.initialize(config, workdir=_WORKDIR.value)
     train.train_and_evaluate(config, _WORKDIR.value)
   except USER_ERRORS as error:
@@ -95,6 +97,12 @@ def main(argv):
   except jax.errors.JaxRuntimeError as error:
     distributed.exit_if_peer_lost(error)  # A dead peer: one sentence, exit 1.
     raise
+  except KeyboardInterrupt:  # Ctrl-C before training started (the loop saves).
+    print(
+      'error: interrupted (Ctrl-C) before training started; the workdir is as it was.',
+      file=sys.stderr,
+    )
+    sys.exit(train.INTERRUPTED_EXIT_CODE)
 
 
 def _config_file(argv):
@@ -125,6 +133,18 @@ def _flag_problem(error):
   return f'--{missing.group(1)} is required' if missing else line
 
 
+def _unloadable(path, error):
+  """One sentence for a config file that does not import or run."""
+  while error.__cause__ is not None or error.__context__ is not None:  # The first cause.
+    error = error.__cause__ or error.__context__
+  where = ''
+  if isinstance(error, SyntaxError) and error.lineno:
+    where = f', line {error.lineno}'
+  detail = (str(error.args[0]) if error.args else str(error)).splitlines()
+  reason = f'{type(error).__name__}{where}: {detail[0] if detail else ""}'.rstrip(': ')
+  return f'error: --config {path} could not be loaded ({reason}); fix the file and run again.'
+
+
 def parse_flags(argv):
   """absl's parser, with a config typo (--config.batchsize=), a value that does
   not parse (--config.batch_size=abc) or a missing config file made one sentence."""
@@ -144,14 +164,20 @@ def parse_flags(argv):
       'holds a value; config fields are flat (every field is declared in configs/default.py).'
     )
   except flags.Error as error:  # A value of the wrong type, a missing flag.
+    cause = error.__cause__ or error.__context__
+    if path is not None and cause is not None and 'config file' in str(error):
+      sys.exit(_unloadable(path, cause))
     sys.exit(
       f'error: {_flag_problem(error)}; run with --helpfull for the '
       'flags, and see configs/default.py for the config fields.'
     )
+  except Exception as error:  # pylint: disable=broad-except
+    # The config file itself fails: a syntax error, an exception it raises.
+    sys.exit(_unloadable(path, error))
   try:
     _CONFIG.value  # pylint: disable=pointless-statement
-  except (OSError, ImportError, SyntaxError, AttributeError) as error:
-    sys.exit(f'error: --config {path} could not be loaded ({str(error).splitlines()[0]}).')
+  except Exception as error:  # pylint: disable=broad-except
+    sys.exit(_unloadable(path, error))
   return parsed
 
 

@@ -1,18 +1,24 @@
 """A run directory: what it is a run of, and the config it was trained with.
 
 Layout of a workdir:
-  config.json      the config of the latest start, its paths made absolute, so
-                   evaluate, predict and the notebook work from any directory
+  config.json      the config the run was started with, its paths made
+                   absolute, so evaluate, predict and the notebook work from
+                   any directory; never rewritten once a checkpoint exists
+  config_history.jsonl  one line per resume that changed the config: the
+                   step, and each field's old and new value (load_config
+                   applies them)
   run.lock         held by the run in progress (workdir_lock.py)
   run.json         identity: model, labels, image size, dataset (written once)
   split.json       the dataset's split (image names per split), chestxray14 only
   checkpoints/N/   orbax items 'state' and 'data' (see checkpoints.py)
 """
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+import time
 
 from absl import logging
 import jax
@@ -24,10 +30,22 @@ from configs import default as default_config
 from input_pipeline import labels as labels_lib
 
 CONFIG_FILE = 'config.json'
+HISTORY_FILE = 'config_history.jsonl'
 IDENTITY_FILE = 'run.json'
 SPLIT_FILE = 'split.json'
 # Config fields that are file-system paths: made absolute when a run starts.
 PATH_FIELDS = ('data_dir', 'init_from')
+# Fields a resumed run may change only when named in config.allow_changes:
+# they change what the run's steps mean. The model and the label set never
+# change on resume (the checkpoint's shapes follow them).
+CHANGE_NEEDS_CONSENT = {
+  'batch_size': 'the steps, epochs and learning rate follow the global batch',
+  'dtype': 'every step computes in it',
+  'image_size': "it is the model's input",
+  'dataset': 'it is what the run learns from',
+}
+# What a start asks for, not what the run is: never a change.
+_NOT_COMPARED = ('allow_changes',)
 
 
 class RunMismatchError(errors.UserValueError):
@@ -109,8 +127,9 @@ def run_identity(config, dataset_info):
   }
 
 
-def check_or_write_identity(workdir, identity):
-  """Refuses to resume a run of another model, label set or dataset."""
+def check_or_write_identity(workdir, identity, allowed=()):
+  """Refuses to resume a run of another model, label set or dataset; the
+  image size and dataset may change when `allowed` (config.allow_changes) names them."""
   path = os.path.join(workdir, IDENTITY_FILE)
   if not os.path.exists(path):
     if identity['num_classes'] != len(identity['labels']):
@@ -124,22 +143,113 @@ def check_or_write_identity(workdir, identity):
     return
   with open(path) as f:
     saved = json.load(f)
-  different = sorted(k for k in identity if saved.get(k) != identity[k])
+  different = sorted(k for k in identity if saved.get(k) != identity[k] and k not in allowed)
   if different:
     details = '; '.join(
       f'{k}: run has {saved.get(k)!r}, config asks for {identity[k]!r}' for k in different
     )
+    consent = [k for k in different if k in CHANGE_NEEDS_CONSENT]
+    also = f', or add --config.allow_changes={",".join(consent)}' if consent else ''
     raise RunMismatchError(
       f'{workdir} holds a different run ({details}). Use a new --workdir, '
-      f'or change the config back to match {path}.'
+      f'or change the config back to match {path}{also}.'
     )
 
 
+def allowed_changes(config):
+  """The field names in config.allow_changes."""
+  return tuple(n.strip() for n in config.get('allow_changes', '').split(',') if n.strip())
+
+
+def has_checkpoint(workdir):
+  """True once a step has been saved: from then on the run's config is kept."""
+  try:
+    return any(n.isdigit() for n in os.listdir(os.path.join(workdir, 'checkpoints')))
+  except OSError:
+    return False
+
+
+def _effective_config(workdir):
+  """config.json with config_history.jsonl's changes applied, or None."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    config = json.load(f)
+  for entry in read_history(workdir):
+    for field, (_, new) in entry['changes'].items():
+      config[field] = new
+  return config
+
+
+def read_history(workdir):
+  """The entries of config_history.jsonl, oldest first ([] without one); a
+  line torn by a crash mid-append is skipped."""
+  path = os.path.join(workdir, HISTORY_FILE)
+  if not os.path.exists(path):
+    return []
+  entries = []
+  with open(path) as f:
+    for line in f:
+      try:
+        entries.append(json.loads(line))
+      except ValueError:
+        continue
+  return entries
+
+
+def config_changes(workdir, config):
+  """{field: (the run's value, this start's)} for each field that differs
+  from the run's config (original plus recorded changes); {} for a new run or
+  a workdir without a checkpoint yet. Refuses, in one sentence, a change of
+  CHANGE_NEEDS_CONSENT's fields that config.allow_changes does not name."""
+  saved = _effective_config(workdir) if has_checkpoint(workdir) else None
+  if saved is None:
+    return {}
+  asked = config.to_dict()
+  changes = {
+    k: (saved[k], asked[k])
+    for k in sorted(set(saved) & set(asked))
+    if k not in _NOT_COMPARED and saved[k] != asked[k]
+  }
+  refused = [k for k in changes if k in CHANGE_NEEDS_CONSENT and k not in allowed_changes(config)]
+  if refused:
+    details = '; '.join(
+      f'{k}={changes[k][0]!r} -> {changes[k][1]!r} ({CHANGE_NEEDS_CONSENT[k]})' for k in refused
+    )
+    raise RunMismatchError(
+      f'{workdir} was trained with another setting that changes what its steps mean: '
+      f'{details}. Add --config.allow_changes={",".join(refused)} to go on with the '
+      'change (it is logged and kept in config_history.jsonl), change the config back, '
+      'or use a new --workdir.'
+    )
+  return changes
+
+
+def record_changes(workdir, changes, step):
+  """One log line per changed field; process 0 appends them to config_history.jsonl."""
+  for field, (old, new) in changes.items():
+    logging.warning(
+      'Resuming from step %d with config.%s changed: %r -> %r.', step, field, old, new
+    )
+  if not changes or jax.process_index() != 0:
+    return
+  entry = {'step': step, 'time': time.strftime('%Y-%m-%dT%H:%M:%S%z'), 'changes': changes}
+  with open(os.path.join(workdir, HISTORY_FILE), 'a') as f:
+    f.write(json.dumps(entry, sort_keys=True) + '\n')  # One line: torn at worst, skipped.
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def record_start(workdir, config, split_file):
-  """Process 0 writes the config and keeps the dataset's split beside the run."""
+  """Process 0 writes the config (until a checkpoint exists: then the run's
+  original is kept) and keeps the dataset's split beside the run."""
   if jax.process_index() != 0:
     return
-  write_json_atomic(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+  if not has_checkpoint(workdir):
+    write_json_atomic(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+    with contextlib.suppress(FileNotFoundError):  # A start afresh: no history.
+      os.remove(os.path.join(workdir, HISTORY_FILE))
   target = os.path.join(workdir, SPLIT_FILE)
   if split_file and not os.path.exists(target):  # A run's split is its result.
     shutil.copyfile(split_file, f'{target}.tmp')
@@ -167,8 +277,8 @@ def upgrade_config(saved, workdir=''):
 
 
 def load_config(workdir, data_dir=None):
-  """The run's config, upgraded to today's fields; `data_dir` says where its
-  dataset lives now.
+  """The run's config (config.json and the changes its resumes recorded),
+  upgraded to today's fields; `data_dir` says where its dataset lives now.
 
   Runs saved before paths were recorded absolute hold a data_dir relative to
   the directory they were started from: `data_dir` (evaluate's --data_dir)
@@ -180,8 +290,7 @@ def load_config(workdir, data_dir=None):
       f'{path} not found: {workdir} is not a chexnet_jax run directory '
       '(train one with python -m chexnet_jax.main --workdir ...).'
     )
-  with open(path) as f:
-    config = upgrade_config(json.load(f), workdir)
+  config = upgrade_config(_effective_config(workdir), workdir)
   if data_dir:
     config.data_dir = os.path.abspath(data_dir)
   return config

@@ -161,8 +161,7 @@ def snapshot(step_dir, target):
     if os.path.isdir(step_dir):
       raise
     return False
-  # Deleted while linking: the directory is gone, or a linked file is (the
-  # checksums written meanwhile are no loss: the snapshot is read unverified).
+  # Deleted while linking: the directory is gone, or a linked file is.
   with contextlib.suppress(OSError):
     if os.path.isdir(step_dir) and set(_files(target)) <= set(_files(step_dir)):
       return True
@@ -213,8 +212,8 @@ def _read_snapshot(workdir, root, step):
   problem = checkpoint_files.verify(os.path.join(root, str(step)))
   if problem == checkpoint_files.UNVERIFIED:
     logging.warning(
-      'Checkpoint step %d of %s has no %s (that run stopped right after saving it, '
-      'or is saving it now); reading it unverified.',
+      'Checkpoint step %d of %s has no %s (it predates checksums at save); '
+      'reading it unverified.',
       step,
       workdir,
       checkpoint_files.CHECKSUM_FILE,

@@ -34,10 +34,13 @@ from chexnet_jax import train_state
 from chexnet_jax import train_step
 from chexnet_jax import workdir_lock
 from input_pipeline import pipeline
+from input_pipeline import workers
 
 # 128 + SIGTERM: the conventional code of a process ended by SIGTERM, which
 # the sbatch scripts read as "checkpoint saved, requeue me".
 PREEMPTED_EXIT_CODE = 143
+# 128 + SIGINT: Ctrl-C, after the same save (not requeued by slurm/).
+INTERRUPTED_EXIT_CODE = 130
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,20 +62,47 @@ def eval_interval_steps(config, steps_per_epoch):
 
 
 class Preemption:
-  """Tells every process, at the same step, that the job is being preempted.
+  """Tells every process, at the same step, that the job is being preempted
+  (SIGTERM) or interrupted (SIGINT, Ctrl-C): both save and exit.
 
   Several processes: JAX's preemption service (it catches SIGTERM and agrees
-  on a step across processes). One process: our own SIGTERM handler.
+  on a step across processes); a Ctrl-C is passed on to it as SIGTERM. One
+  process: our own handlers. A second Ctrl-C exits at once, without saving.
   """
 
   def __init__(self):
-    self._signalled = False
+    self._signalled, self.exit_code = False, PREEMPTED_EXIT_CODE
     if jax.process_count() == 1:
-      signal.signal(signal.SIGTERM, self._on_signal)
+      signal.signal(signal.SIGTERM, self._on_sigterm)
+    self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
 
-  def _on_signal(self, signum, frame):
+  def _on_sigterm(self, signum, frame):
     del signum, frame
     self._signalled = True
+
+  def _on_sigint(self, signum, frame):
+    del signum, frame
+    if self.exit_code == INTERRUPTED_EXIT_CODE:  # The second Ctrl-C.
+      sys.stderr.write(
+        'error: interrupted again (Ctrl-C): exiting at once, without saving; '
+        'a rerun resumes from the last complete checkpoint.\n'
+      )
+      sys.stderr.flush()
+      os._exit(INTERRUPTED_EXIT_CODE)  # Saves and evaluations are not waited for.
+    self.exit_code = INTERRUPTED_EXIT_CODE
+    sys.stderr.write(
+      'Interrupted (Ctrl-C): saving at the end of this step, then exiting; '
+      'Ctrl-C again to exit at once without saving.\n'
+    )
+    sys.stderr.flush()
+    if jax.process_count() > 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's service agrees on the step.
+    else:
+      self._signalled = True
+
+  def restore(self):
+    """Gives Ctrl-C back to Python once the loop is over."""
+    signal.signal(signal.SIGINT, self._previous_sigint)
 
   def reached(self, step):
     if jax.process_count() > 1:
@@ -204,9 +234,17 @@ def train_and_evaluate(config, workdir):
   lock = _lock_workdir(workdir)
   try:
     run_dir.prepare_workdir(workdir)
-    run_dir.check_or_write_identity(workdir, run_dir.run_identity(config, dataset_info))
+    changes = run_dir.config_changes(workdir, config)  # Refused ones: one sentence.
+    run_dir.check_or_write_identity(
+      workdir, run_dir.run_identity(config, dataset_info), allowed=run_dir.allowed_changes(config)
+    )
     run_dir.record_start(workdir, config, pipeline.split_file(config))
     trainer = _Trainer(config, workdir, dataset_info)
+    run_dir.record_changes(workdir, changes, trainer.start_step)
+    if trainer.start_step >= trainer.total_steps:
+      _log_nothing_to_train(config, trainer, workdir)
+      _close_quietly(trainer, metric_logging.NullWriter())
+      return trainer.state
     writer = (
       metric_logging.MetricWriter(workdir)
       if jax.process_index() == 0
@@ -215,9 +253,11 @@ def train_and_evaluate(config, workdir):
     try:
       result = trainer.loop(writer)
       checkpoints.wait_until_finished(trainer.manager)  # A failed write: one sentence.
-      return result
     finally:
-      _close_quietly(trainer.manager, writer)  # Cannot replace the real error.
+      _close_quietly(trainer, writer)  # Cannot replace the real error.
+    if trainer.exit_code is not None:  # Preempted or interrupted, and saved.
+      raise SystemExit(trainer.exit_code)  # Once the loop's frames (and batches) are gone.
+    return result
   finally:
     if lock is not None:
       lock.release()
@@ -249,10 +289,12 @@ def _lock_workdir(workdir):
   return lock
 
 
-def _close_quietly(manager, writer):
+def _close_quietly(trainer, writer):
   """Cleanup that cannot replace the error that ended the run: a failure to
-  close is logged in one line."""
-  for close in (manager.close, writer.close):
+  close is logged in one line. The input's grain workers stop here, with their
+  shared memory."""
+  closers = (functools.partial(workers.close, trainer.data), trainer.manager.close, writer.close)
+  for close in closers:
     try:
       close()
     except Exception as error:  # pylint: disable=broad-except
@@ -290,12 +332,13 @@ class _Trainer:
       config, model, self.mesh, tx, schedule, self.loss_weights
     )
     self.manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
-    start_step = self._resume(workdir)
+    self.start_step = self._resume(workdir)
+    self.exit_code = None  # Set when the loop stopped for a signal, after saving.
     self.data = pipeline.create_train_iterator(
       config,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
-      start_step=start_step,
+      start_step=self.start_step,
     )
 
   def _resume(self, workdir):
@@ -305,13 +348,7 @@ class _Trainer:
       logging.info('Starting a new run in %s.', workdir)
       return 0
     self.state = restored
-    if step == self.total_steps:
-      logging.info(
-        'The run in %s is already complete at step %d; to train longer, raise '
-        'config.num_epochs (or config.num_train_steps).',
-        workdir,
-        step,
-      )
+    if step >= self.total_steps:  # Nothing to train: train() says so.
       return step
     logging.info('Resuming from checkpoint step %d in %s.', step, workdir)
     _log_topology_change(self.config, step, data)
@@ -367,9 +404,11 @@ class _Trainer:
           with watchdog.paused():
             checkpoints.save(self.manager, self.state, self.data_position(step))
         if preemption.reached(step):
-          return self._save_for_preemption(step, previous)
+          self._save_for_preemption(step, previous, preemption.exit_code)
+          break
     finally:
       watchdog.stop()
+      preemption.restore()
     return self.state
 
   def _log(self, writer, step, metrics, timer):
@@ -409,17 +448,24 @@ class _Trainer:
       metrics={'val_mean_auroc': result['mean_auroc'], 'val_loss': result['loss']},
     )
 
-  def _save_for_preemption(self, step, previous):
+  def _save_for_preemption(self, step, previous, exit_code):
     check_finite(*previous, self.manager)
     if step not in self.manager.all_steps():
       checkpoints.save(self.manager, self.state, self.data_position(step))
     checkpoints.wait_until_finished(self.manager)
-    logging.warning(
-      'Preempted: saved step %d; exiting with code %d so the job can be requeued.',
-      step,
-      PREEMPTED_EXIT_CODE,
-    )
-    raise SystemExit(PREEMPTED_EXIT_CODE)
+    if exit_code == INTERRUPTED_EXIT_CODE:
+      logging.warning(
+        'Interrupted: saved step %d; exiting with code %d. Run the same command to resume.',
+        step,
+        exit_code,
+      )
+    else:
+      logging.warning(
+        'Preempted: saved step %d; exiting with code %d so the job can be requeued.',
+        step,
+        exit_code,
+      )
+    self.exit_code = exit_code
 
 
 def _log_topology_change(config, step, data):
@@ -457,10 +503,43 @@ def _log_topology_change(config, step, data):
     'differ slightly from an uninterrupted run'
   )
   logging.info(
-    'Checkpoint step %d was saved on %s process(es) x %s device(s); resuming on %d x %d, %s.',
+    'Checkpoint step %d was saved on %s devices in total (%s); resuming on %d devices in '
+    'total (%s), %s.',
     step,
-    saved[0],
     saved[1],
-    *now,
+    _processes(saved[0]),
+    now[1],
+    _processes(now[0]),
     same,
   )
+
+
+def _processes(count):
+  return f'{count} process' if count == 1 else f'{count} processes'
+
+
+def _log_nothing_to_train(config, trainer, workdir):
+  """A rerun of a finished run, or one whose end moved below its step: say so."""
+  if jax.process_index() != 0:
+    return
+  end = (
+    f'config.num_train_steps={config.num_train_steps}'
+    if config.num_train_steps > 0
+    else f'config.num_epochs={config.num_epochs:g} x {trainer.steps_per_epoch} steps'
+  )
+  if trainer.start_step == trainer.total_steps:
+    logging.info(
+      'The run in %s is already complete at step %d (%s); nothing to train. To train '
+      'longer, raise config.num_epochs (or config.num_train_steps).',
+      workdir,
+      trainer.start_step,
+      end,
+    )
+  else:
+    logging.warning(
+      'Checkpoint step %d is already past the end of this run, step %d (%s); nothing '
+      'to train. Raise config.num_epochs (or num_train_steps) to train further.',
+      trainer.start_step,
+      trainer.total_steps,
+      end,
+    )

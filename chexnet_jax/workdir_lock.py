@@ -7,6 +7,8 @@ and its holder refreshes its modification time every `HEARTBEAT_SECONDS` from
 a daemon thread, so a lock is known stale when:
 
 - its holder ran on this host and its pid no longer exists (kill -9, OOM), or
+  now belongs to another process (the pid was reused: its start time, from
+  /proc, differs from the one the lock recorded), or
 - it was taken by an earlier incarnation of this very Slurm job (a requeued
   job keeps its id, and Slurm never runs a job twice at once), or
 - it has not been refreshed for `stale_seconds` (the holder's node died; relies
@@ -48,6 +50,7 @@ class WorkdirLock:
     self._holder = {
       'host': socket.gethostname(),
       'pid': os.getpid(),
+      'pid_start': _start_ticks(os.getpid()),
       'slurm_job_id': env.get('SLURM_JOB_ID', ''),
       'started': time.time(),
       'token': self._token,
@@ -118,8 +121,11 @@ class WorkdirLock:
 
   def _stale_reason(self, holder, age):
     me = self._holder
-    if holder.get('host') == me['host'] and holder.get('pid') and not _pid_alive(holder['pid']):
-      return f'process {holder["pid"]} no longer runs'
+    if holder.get('host') == me['host'] and holder.get('pid'):
+      if not _pid_alive(holder['pid']):
+        return f'process {holder["pid"]} no longer runs'
+      if _pid_reused(holder):
+        return f'process {holder["pid"]} no longer runs (its pid now belongs to another process)'
     if holder.get('slurm_job_id') and holder['slurm_job_id'] == me['slurm_job_id']:
       return f'an earlier run of this Slurm job ({holder["slurm_job_id"]}), now requeued'
     if age > self._stale_seconds:
@@ -167,6 +173,26 @@ def _pid_alive(pid):
   except (PermissionError, ValueError, OverflowError):
     return True  # Someone else's live process (or a pid we cannot judge).
   return True
+
+
+def _start_ticks(pid):
+  """When process `pid` started (clock ticks since boot, /proc/PID/stat field
+  22), or None where there is no /proc."""
+  try:
+    with open(f'/proc/{int(pid)}/stat') as f:
+      stat = f.read()
+  except (OSError, ValueError, OverflowError):
+    return None
+  return int(stat.rsplit(')', 1)[1].split()[19])  # Fields after "(comm)" start at 3.
+
+
+def _pid_reused(holder):
+  """True if the lock's pid runs, but is not the process that took the lock."""
+  recorded = holder.get('pid_start')
+  if recorded is None:  # A lock from before pid_start was recorded, or no /proc.
+    return False
+  now = _start_ticks(holder['pid'])
+  return now is not None and now != recorded
 
 
 def describe(holder):

@@ -103,6 +103,9 @@ def get_config():
   c.keep_checkpoints = 3
   c.debug_nan_at_step = -1  # Tests: poison the loss of the step that
   # starts at this step count (logged as N+1).
+  c.allow_changes = ''  # Resuming: comma-separated fields among batch_size,
+  # dtype, image_size, dataset that may differ from the run's (refused
+  # otherwise); every change made is logged and kept in config_history.jsonl.
 
   # Distributed (leave empty under Slurm: JAX detects it).
   c.coordinator_address = ''

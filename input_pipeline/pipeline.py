@@ -23,6 +23,7 @@ from input_pipeline import batching
 from input_pipeline import images as images_lib
 from input_pipeline import labels as labels_lib
 from input_pipeline import sources
+from input_pipeline import workers
 
 # Inception-style random_resized_crop aspect ratios and attempts.
 _ASPECT_RANGE = (3 / 4, 4 / 3)
@@ -209,12 +210,7 @@ def _to_iter_dataset(config, ds: grain.MapDataset) -> grain.IterDataset:
     # are unparsed, so take their defaults.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(
-      grain.MultiprocessingOptions(
-        num_workers=config.grain_workers, per_worker_buffer_size=max(1, buffer)
-      )
-    )
-  return ds
+  return workers.prefetch(config, ds)
 
 
 def create_train_iterator(config, *, process_index: int, process_count: int, start_step: int = 0):
@@ -278,4 +274,4 @@ def create_eval_iterator(
   per_process = eval_batches_per_process(config, len(source), process_count, device_count) * batch
   start = process_index * per_process
   ds = grain.MapDataset.range(start, start + per_process).map(_EvalExample(source, config))
-  return _to_iter_dataset(config, ds.batch(batch))
+  return workers.OnePass(config, _to_iter_dataset(config, ds.batch(batch)))

@@ -26,6 +26,7 @@ from input_pipeline import chestxray14
 from input_pipeline import labels as labels_lib
 from input_pipeline import records
 from input_pipeline import synthetic
+from input_pipeline import workers
 
 
 class DatasetError(ValueError):
@@ -296,6 +297,8 @@ def reading(config, split: str):
   try:
     yield
   except RuntimeError as error:
+    if died := workers.died_error(config, error):  # A grain worker, e.g. /dev/shm full.
+      raise died from None
     source = for_config(config)
     if 'Corrupted' not in str(error) or source.directory() is None:
       raise

@@ -160,9 +160,9 @@ def test_slurm_initialize_passes_no_addresses(monkeypatch):
 @pytest.mark.parametrize(
   'overrides,match',
   [
-    (dict(num_processes=-1, process_id=0), 'config.num_processes >= 1'),
-    (dict(num_processes=2, process_id=2), r'config.process_id=2 is outside'),
-    (dict(num_processes=2, process_id=0, coordinator_address='host'), 'has no port'),
+    (dict(num_processes=-1, process_id=0), r'config.num_processes=-1 must be the number'),
+    (dict(num_processes=2, process_id=2), r'config.process_id=2 must be from 0 to'),
+    (dict(num_processes=2, process_id=0, coordinator_address='host'), "'host:port'"),
   ],
 )
 def test_explicit_args_errors(overrides, match):

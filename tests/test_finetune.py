@@ -225,7 +225,10 @@ def test_torn_metrics_of_the_source_is_one_sentence(tiny_run, tmp_path):
 
 def test_unreadable_unverified_step_of_the_source_is_one_sentence(tiny_run, tmp_path, caplog):
   source, step, step_dir = _damaged_copy(tiny_run, tmp_path)
-  os.remove(step_dir / 'checksums.json')  # Saved, then stopped before its checksums...
+  os.remove(step_dir / 'checksums.json')  # Saved before checksums were part of saves...
+  data = json.loads((step_dir / 'data' / 'metadata').read_text())
+  del data['checksums']
+  (step_dir / 'data' / 'metadata').write_text(json.dumps(data))
   shutil.rmtree(step_dir / 'state' / 'ocdbt.process_0')  # ...and its arrays lost.
   with caplog.at_level(logging.WARNING):
     message = _one_sentence(source, step)

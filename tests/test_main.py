@@ -72,7 +72,7 @@ def test_rerun_of_a_finished_run_says_it_is_complete(smoke_run):
   last = max(r['step'] for r in read_metrics(workdir))
   result = run_main(workdir, f'--config.num_train_steps={last}')
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f'is already complete at step {last}; to train longer' in result.stderr
+  assert f'is already complete at step {last} (' in result.stderr
   assert 'Resuming' not in result.stderr and 'Compiling the train step' not in result.stderr
 
 
@@ -103,7 +103,7 @@ def test_resuming_with_another_model_is_refused(smoke_run):
       'config.batch_size=30 does not divide over 4 devices; set '
       '--config.batch_size to a multiple of 4 (e.g. 28)',
     ),
-    ('--config.model=densenet12', "config.model='densenet12' is not one of"),
+    ('--config.model=densenet12', "config.model='densenet12' must be one of"),
     ('--config.dataset=chestxray14', 'No complete chestxray14 dataset at 40px'),
   ],
 )

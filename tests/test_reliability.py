@@ -1,6 +1,7 @@
 """Reliability: what a run survives. Each test breaks something for real.
 
-Kills (SIGKILL between checkpoints and during an asynchronous save, SIGTERM),
+Kills (SIGKILL between checkpoints, during an asynchronous save and right
+after one, SIGTERM, Ctrl-C to the process group, a grain worker killed),
 torn checkpoints, a NaN loss, a full disk (RLIMIT_FSIZE: works as root, where
 chmod does not stop writes), an unwritable workdir, bad inputs, and untrusted
 files. Training runs are cpu_smoke subprocesses forced to ONE CPU device, so
@@ -69,6 +70,7 @@ from chexnet_jax import checkpoints, main, train_step
 
 workdir = sys.argv[sys.argv.index('--workdir') + 1]
 kill_after_save = int(os.environ.get('TEST_KILL_AFTER_SAVE', -1))
+kill_after_saved = int(os.environ.get('TEST_KILL_AFTER_SAVED', -1))
 full_after_save = int(os.environ.get('TEST_DISK_FULL_AFTER_SAVE', -1))
 hang_at_step = int(os.environ.get('TEST_HANG_AT_STEP', -1))
 vanish_after_save = int(os.environ.get('TEST_VANISH_AFTER_SAVE', -1))
@@ -91,6 +93,9 @@ def recording_make_train_step(*args, **kwargs):
 def faulty_save(manager, state, data_iterator, metrics=None):
   step = save(manager, state, data_iterator, metrics)
   if step == kill_after_save:  # Its files are still being written.
+    os.kill(os.getpid(), signal.SIGKILL)
+  if step == kill_after_saved:  # The save just completed.
+    checkpoints.wait_until_finished(manager)
     os.kill(os.getpid(), signal.SIGKILL)
   if step == vanish_after_save:  # Someone deletes the checkpoints directory.
     import shutil
@@ -525,6 +530,58 @@ def test_checkpoint_of_another_label_set_is_refused(reference):
   assert 'Use a new --workdir' in line and 'Traceback' not in log
 
 
+@pytest.mark.slow
+def test_config_changes_on_resume_are_refused_or_recorded(reference, tmp_path):
+  """A finished 40-step run, resumed with other settings: a batch change is
+  refused in one sentence unless allowed; every accepted change is a log line
+  and a config_history.jsonl entry, config.json keeps the original; a run
+  already at or past its (new) end says so and exits 0."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference, workdir)
+  original = (workdir / 'config.json').read_text()
+  code, log = _main(workdir, *RUN_ARGS, '--config.batch_size=64')
+  assert code == 1, _tail(log)
+  assert _last_error_line(log) == (
+    f'error: {workdir} was trained with another setting that changes what its steps '
+    'mean: batch_size=32 -> 64 (the steps, epochs and learning rate follow the global '
+    'batch). Add --config.allow_changes=batch_size to go on with the change (it is logged '
+    'and kept in config_history.jsonl), change the config back, or use a new --workdir.'
+  )
+  assert 'Traceback' not in log and not (workdir / 'config_history.jsonl').exists()
+
+  code, log = _main(workdir, *RUN_ARGS, '--config.learning_rate=0.002')
+  assert code == 0, _tail(log)
+  assert 'Resuming from step 40 with config.learning_rate changed: 0.004 -> 0.002.' in log
+  assert f'is already complete at step {STEPS} (' in log, _tail(log)
+
+  every = f'--config.checkpoint_every_steps={CHECKPOINT_EVERY}'
+  code, log = _main(workdir, every, '--config.num_train_steps=24', '--config.learning_rate=0.002')
+  assert code == 0, _tail(log)
+  assert 'config.num_train_steps changed: 40 -> 24.' in log, _tail(log)
+  assert f'Checkpoint step {STEPS} is already past the end of this run, step 24' in log
+
+  code, log = _main(
+    workdir,
+    every,
+    '--config.num_train_steps=48',
+    '--config.batch_size=64',
+    '--config.allow_changes=batch_size',
+    '--config.learning_rate=0.002',
+  )
+  assert code == 0, _tail(log)
+  assert 'Resuming from step 40 with config.batch_size changed: 32 -> 64.' in log, _tail(log)
+  assert (workdir / 'config.json').read_text() == original
+  with open(workdir / 'config_history.jsonl') as f:
+    history = [json.loads(line) for line in f]
+  assert [h['changes'] for h in history] == [
+    {'learning_rate': [0.004, 0.002]},
+    {'num_train_steps': [40, 24]},
+    {'batch_size': [32, 64], 'num_train_steps': [24, 48]},
+  ]
+  assert [h['step'] for h in history] == [STEPS, STEPS, STEPS]
+  assert checkpoints.load_run(str(workdir), 'latest').config.batch_size == 64  # Applied.
+
+
 def test_config_typo_is_one_sentence(tmp_path):
   code, log = _main(tmp_path / 'run', '--config.batchsize=64')
   assert code == 1
@@ -621,6 +678,52 @@ def test_flipped_bits_in_checkpoints_are_caught(reference, tmp_path):
 
 
 @pytest.mark.slow
+def test_step_killed_right_after_its_save_is_verified(reference, tmp_path):
+  """kill -9 the moment a save completes, flip a bit in that step's array data:
+  its checksums were written as part of the save, so the flip is caught (it
+  used to load silently: checksums came at the next save) and the run ends
+  exactly as the one never damaged."""
+  workdir = tmp_path / 'run'
+  kill_step = _kill_step_rng('kill_after_saved').choice(
+    range(2 * CHECKPOINT_EVERY, STEPS, CHECKPOINT_EVERY)
+  )
+  print(f'kill right after the save of step {kill_step}; replay with RELIABILITY_SEED={SEED}')
+  code, log = _drive(workdir, *RUN_ARGS, env=_env(TEST_KILL_AFTER_SAVED=kill_step))
+  assert code == -signal.SIGKILL, _tail(log)
+  step_dir = workdir / 'checkpoints' / str(kill_step)
+  assert checkpoints.verify(str(step_dir)) is None  # Complete, and verifiable.
+  _flip_bit(_largest_file(step_dir / 'state'))
+  code, log = _drive(workdir, *RUN_ARGS)
+  assert code == 0, _tail(log)
+  (line,) = [line for line in log.splitlines() if f'Checkpoint step {kill_step} in' in line]
+  assert 'is corrupt (state/' in line and 'does not match its checksum' in line, line
+  assert _resumed_from(log) == kill_step - CHECKPOINT_EVERY
+  assert 'unverified' not in log and 'Traceback' not in log
+  _assert_bitwise_equal_runs(workdir, reference)
+
+
+def test_second_ctrl_c_exits_at_once(tmp_path):
+  """The first Ctrl-C asks for a save at the end of the step; a second one,
+  while that step hangs, exits at once with one line."""
+  workdir = tmp_path / 'run'
+  process = _start(workdir, *RUN_ARGS, env=_env(TEST_HANG_AT_STEP=3))
+  deadline = time.monotonic() + TIMEOUT
+  while _recorded_steps(workdir) < 3:
+    assert process.poll() is None and time.monotonic() < deadline, 'the run ended'
+    time.sleep(0.05)
+  process.send_signal(signal.SIGINT)
+  time.sleep(1)  # The step hangs: the first Ctrl-C's save waits for its end.
+  assert process.poll() is None
+  process.send_signal(signal.SIGINT)
+  start = time.monotonic()
+  code, log = _finish(process)
+  assert time.monotonic() - start < 10
+  assert code == 130, _tail(log)
+  assert _last_error_line(log).startswith('error: interrupted again (Ctrl-C): exiting at once')
+  assert 'Traceback' not in log and 'KeyboardInterrupt' not in log, _tail(log)
+
+
+@pytest.mark.slow
 def test_metadata_bit_flip_is_caught_and_load_run_refuses(reference, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(reference, workdir)
@@ -632,7 +735,13 @@ def test_metadata_bit_flip_is_caught_and_load_run_refuses(reference, tmp_path):
     checkpoints.CheckpointError, match=rf'Checkpoint step {STEPS} in .* is corrupt'
   ):
     checkpoints.load_run(str(workdir), 'latest')
-  os.remove(step_dir / 'checksums.json')  # A save cut short before its checksums.
+  os.remove(step_dir / 'checksums.json')  # Saved with checksums: now damaged.
+  assert checkpoints.verify(str(step_dir)) == (
+    'checksums.json missing, though the step was saved with it'
+  )
+  data = json.loads((step_dir / 'data' / 'metadata').read_text())
+  del data['checksums']  # As saved before checksums were part of the save.
+  (step_dir / 'data' / 'metadata').write_text(json.dumps(data))
   assert checkpoints.verify(str(step_dir)) == 'unverified'
 
 
@@ -679,6 +788,89 @@ def test_hung_step_ends_the_run_in_one_sentence(tmp_path):
     line.startswith('error: training step 12 has taken ') and 'a process of the job hangs' in line
   ), line
   assert 'Traceback' not in log
+
+
+# ------------------------------------------------------------ grain workers --
+
+
+def _grain_workers(pid):
+  """The pids of `pid`'s grain worker processes (multiprocessing's spawned
+  children, not its resource tracker), from /proc."""
+  children = []
+  for path in glob.glob(f'/proc/{pid}/task/*/children'):
+    with open(path) as f:
+      children += f.read().split()
+  workers = []
+  for child in children:
+    with open(f'/proc/{child}/cmdline', 'rb') as f:
+      if b'spawn_main' in f.read():
+        workers.append(int(child))
+  return workers
+
+
+def _log_after_exit(process):
+  """_finish, once multiprocessing's resource tracker (which outlives the run
+  by a moment) has had its say about leaked shared memory."""
+  process.wait(timeout=TIMEOUT)
+  time.sleep(2)
+  return _finish(process)
+
+
+@pytest.mark.slow
+def test_killed_grain_worker_is_one_sentence_naming_dev_shm(tmp_path):
+  """A worker dies of SIGBUS, as one does when /dev/shm is full (killing one is
+  the portable way to get there: a small tmpfs needs privileges)."""
+  workdir = tmp_path / 'run'
+  process = _start(workdir, *RUN_ARGS, '--config.grain_workers=2')
+  deadline = time.monotonic() + TIMEOUT
+  while _recorded_steps(workdir) < 3 or not _grain_workers(process.pid):
+    assert process.poll() is None and time.monotonic() < deadline, 'the run ended'
+    time.sleep(0.1)
+  os.kill(_grain_workers(process.pid)[0], signal.SIGBUS)
+  code, log = _finish(process)
+  assert code == 1, _tail(log)
+  line = _last_error_line(log)
+  assert line.startswith('error: A grain worker process died (exit code -7, SIGBUS'), line
+  assert '/dev/shm holds ' in line and 'config.grain_workers=2' in line, line
+  assert 'config.prefetch_buffer=2' in line and 'docker run --shm-size=' in line, line
+  assert _tracebacks(log) == 0, _tail(log)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_with_grain_workers_saves_and_exits_130(reference, tmp_path):
+  """A terminal's Ctrl-C reaches the whole process group, workers included:
+  they ignore it, the trainer saves; the rerun ends as the uninterrupted run.
+  Neither exit leaves shared memory behind."""
+  workdir = tmp_path / 'run'
+  os.makedirs(workdir)
+  with open(f'{workdir}.log', 'a') as log:
+    process = subprocess.Popen(
+      _command(workdir, (*RUN_ARGS, '--config.grain_workers=2'), driver=True),
+      cwd=REPO,
+      env=_env(),
+      stdout=log,
+      stderr=log,
+      start_new_session=True,
+    )
+  process.log_path = log.name
+  deadline = time.monotonic() + TIMEOUT
+  while _recorded_steps(workdir) < CHECKPOINT_EVERY + 2:
+    assert process.poll() is None and time.monotonic() < deadline, 'the run ended'
+    time.sleep(0.05)
+  os.killpg(process.pid, signal.SIGINT)
+  code, log = _log_after_exit(process)
+  assert code == 130, _tail(log)
+  assert 'Interrupted (Ctrl-C): saving at the end of this step' in log, _tail(log)
+  saved = re.search(r'Interrupted: saved step (\d+); exiting with code 130', log)
+  assert saved, _tail(log)
+  assert 'KeyboardInterrupt' not in log and 'Traceback' not in log, _tail(log)
+  assert 'leaked shared_memory' not in log, _tail(log)
+  code, log = _log_after_exit(_start(workdir, *RUN_ARGS, '--config.grain_workers=2'))
+  assert code == 0, _tail(log)
+  assert _resumed_from(log) == int(saved.group(1))
+  assert 'Evaluation starts 2 grain workers of its own for each pass' in log, _tail(log)
+  assert 'leaked shared_memory' not in log, _tail(log)
+  _assert_bitwise_equal_runs(workdir, reference)
 
 
 # ------------------------------------------------ resume on another topology --
@@ -740,8 +932,8 @@ def test_run_on_two_processes_resumed_on_one_equals_an_uninterrupted_run(tmp_pat
   resumed = _resumed_from(log)
   assert resumed >= 2 * CHECKPOINT_EVERY, _tail(log)
   assert (
-    f'Checkpoint step {resumed} was saved on 2 process(es) x 2 device(s); resuming '
-    'on 1 x 2, the same device count' in log
+    f'Checkpoint step {resumed} was saved on 2 devices in total (2 processes); resuming '
+    'on 2 devices in total (1 process), the same device count' in log
   ), _tail(log)
   _assert_bitwise_equal_runs(workdir, reference)
 

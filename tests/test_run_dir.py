@@ -15,6 +15,7 @@ import pytest
 from chexnet_jax import evaluate
 from chexnet_jax import predict
 from chexnet_jax import run_dir
+from configs import cpu_smoke
 from input_pipeline import build
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,3 +97,30 @@ def test_notebook_from_another_directory(run_made_elsewhere, tmp_path, monkeypat
     if o.output_type == 'error'
   ]
   assert not errors
+
+
+def _resumable(tmp_path, config):
+  """A workdir with config.json and one (empty) checkpoint step."""
+  (tmp_path / 'checkpoints' / '8').mkdir(parents=True)
+  run_dir.write_json_atomic(str(tmp_path / run_dir.CONFIG_FILE), config.to_dict())
+  return str(tmp_path)
+
+
+def test_config_changes_are_refused_recorded_and_applied(tmp_path):
+  config = cpu_smoke.get_config()
+  workdir = _resumable(tmp_path, config)
+  config.dtype = 'bfloat16'
+  with pytest.raises(run_dir.RunMismatchError, match=r"dtype='float32' -> 'bfloat16'"):
+    run_dir.config_changes(workdir, config)
+  config.allow_changes = 'dtype'
+  config.seed = 3
+  changes = run_dir.config_changes(workdir, config)
+  assert changes == {'dtype': ('float32', 'bfloat16'), 'seed': (0, 3)}  # allow_changes: not one.
+  run_dir.record_changes(workdir, changes, 8)
+  with open(tmp_path / run_dir.HISTORY_FILE, 'a') as f:
+    f.write('{"changes": {"seed": [3, ')  # Torn by a crash mid-append: skipped.
+  loaded = run_dir.load_config(workdir)
+  assert (loaded.dtype, loaded.seed) == ('bfloat16', 3)
+  with open(tmp_path / run_dir.CONFIG_FILE) as f:
+    assert json.load(f)['dtype'] == 'float32'  # The original, kept.
+  assert run_dir.config_changes(workdir, config) == {}  # Now the run's own.

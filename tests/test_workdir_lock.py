@@ -58,6 +58,33 @@ def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog):
   lock.release()
 
 
+def test_lock_naming_a_live_reused_pid_is_taken_over_at_once(tmp_path, caplog):
+  """The holder died and its pid now belongs to another live process (here: a
+  sleeping child, with the start time of the process that took the lock)."""
+  other = subprocess.Popen(['sleep', '60'])
+  try:
+    _write_lock(tmp_path, pid=other.pid, pid_start=workdir_lock._start_ticks(os.getpid()))
+    lock = workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+  finally:
+    other.kill()
+    other.wait()
+  assert f'process {other.pid} no longer runs (its pid now belongs to another process)' in (
+    caplog.text
+  )
+  lock.release()
+
+
+def test_lock_of_a_live_holder_with_its_start_time_is_refused(tmp_path):
+  other = subprocess.Popen(['sleep', '60'])
+  try:
+    _write_lock(tmp_path, pid=other.pid, pid_start=workdir_lock._start_ticks(other.pid))
+    with pytest.raises(workdir_lock.WorkdirBusyError, match=rf'pid {other.pid} on '):
+      workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+  finally:
+    other.kill()
+    other.wait()
+
+
 def test_lock_of_this_slurm_job_before_its_requeue_is_taken_over(tmp_path, caplog):
   _write_lock(tmp_path, host='node7', pid=1, slurm_job_id='99')
   workdir_lock.WorkdirLock(str(tmp_path), env={'SLURM_JOB_ID': '99'}).acquire().release()
