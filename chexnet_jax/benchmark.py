@@ -9,6 +9,11 @@ then reports images/s, step time, host input time, peak device memory, MFU and
 the time 10 epochs of the official training set would take, in the reference's
 table format (GPUs | images/s | time to train 10 epochs).
 
+The steps are timed twice. Synced, one at a time (the table's images/s and MFU):
+each step's latency. Then in flight, as the trainer runs them (each loss read
+one step late): the loop's throughput, with the host's dispatch time per step
+(time in the jitted call; `host_cpu_s_per_step` also counts CUDA's spin-wait).
+
 `--data random` (default) feeds uint8 batches made once in host memory, so the
 numbers are the step's own; it imports no input pipeline. `--data pipeline`
 reads `config.dataset` through input_pipeline.pipeline (grain), i.e. real
@@ -187,6 +192,33 @@ def timed_steps(step, state, batches, to_global, steps):
   return state, step_times, input_times, (time.process_time() - cpu_start) / steps
 
 
+def steps_in_flight(step, state, batches, to_global, steps):
+  """Runs `steps` steps as the trainer does: each loss is read one step late.
+
+  So the host feeds and dispatches step n+1 while the device still runs step n,
+  and the wall time per step is the training loop's throughput, not one step's
+  latency. Also returns the host's dispatch time per step (inside the jitted
+  call only): what launching costs the host, without CUDA's spin-wait.
+  """
+  if steps < 1:
+    return state, 0.0, []
+  dispatch_times, previous = [], None
+  start = time.perf_counter()
+  for _ in range(steps):
+    batch = to_global(next(batches))
+    t = time.perf_counter()
+    state, metrics = step(state, batch)
+    dispatch_times.append(time.perf_counter() - t)
+    if previous is not None:
+      float(previous)  # The trainer's check of the previous loss: waits for it.
+    previous = metrics['train_loss']
+  loss = float(jax.block_until_ready(previous))
+  wall_s = time.perf_counter() - start
+  if not np.isfinite(loss):
+    raise FloatingPointError(f'non-finite training loss {loss}')
+  return state, wall_s / steps, dispatch_times
+
+
 def run_benchmark(config, *, steps=20, warmup=3, data='random'):
   """Benchmarks the train step; returns a dict of plain numbers and strings."""
   mesh = sharding.make_mesh()
@@ -198,12 +230,18 @@ def run_benchmark(config, *, steps=20, warmup=3, data='random'):
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t
   state = timed_steps(compiled, state, batches, to_global, warmup)[0]
-  _, step_times, input_times, cpu_s = timed_steps(compiled, state, batches, to_global, steps)
-  return summarize(config, data, step_times, input_times, cpu_s, step_flops(lowered), compile_s)
+  state, step_times, input_times, cpu_s = timed_steps(compiled, state, batches, to_global, steps)
+  in_flight = steps_in_flight(compiled, state, batches, to_global, steps)[1:]
+  return summarize(
+    config, data, step_times, input_times, cpu_s, step_flops(lowered), compile_s, in_flight
+  )
 
 
-def summarize(config, data, step_times, input_times, cpu_s, flops, compile_s):
-  """Turns the raw timings into the reported numbers."""
+def summarize(config, data, step_times, input_times, cpu_s, flops, compile_s, in_flight=None):
+  """Turns the raw timings into the reported numbers.
+
+  `in_flight`: (wall seconds per step, dispatch times) from `steps_in_flight`.
+  """
   device = jax.local_devices()[0]
   n_dev = jax.device_count()
   median = statistics.median(step_times)
@@ -242,6 +280,22 @@ def summarize(config, data, step_times, input_times, cpu_s, flops, compile_s):
     'train_examples': n_train,
     'epoch_s': n_train / images_per_s,
     'ten_epochs_s': EPOCHS * n_train / images_per_s,
+    **in_flight_fields(config.batch_size, median, in_flight),
+  }
+
+
+def in_flight_fields(global_batch, synced_median_s, in_flight):
+  """Throughput with steps in flight, beside the synced step's latency."""
+  if not in_flight or not in_flight[1]:
+    return {}
+  step_s, dispatch_times = in_flight
+  return {
+    'in_flight_step_time_s': step_s,
+    'in_flight_images_per_s': global_batch / step_s,
+    'dispatch_s_per_step_median': statistics.median(dispatch_times),
+    'dispatch_s_per_step_mean': statistics.fmean(dispatch_times),
+    # > 1: keeping steps in flight hides per-step host and sync time.
+    'synced_over_in_flight': synced_median_s / step_s,
   }
 
 
@@ -302,7 +356,19 @@ def detail_rows(r):
       fmt(r['mfu'] and 100 * r['mfu'], '.1f', ' %'),
     ),
     ('compile time (s)', f'{r["compile_s"]:.1f}'),
+    *in_flight_rows(r),
     (f'one epoch of {r["train_examples"]:,} images', f'{r["epoch_s"]:.1f} s ({hms(r["epoch_s"])})'),
+  ]
+
+
+def in_flight_rows(r):
+  if 'in_flight_step_time_s' not in r:
+    return []
+  return [
+    ('images/s, steps in flight (as the trainer runs them)', f'{r["in_flight_images_per_s"]:.2f}'),
+    ('step time, steps in flight (s)', f'{r["in_flight_step_time_s"]:.4f}'),
+    ('host dispatch time per step, median (s)', f'{r["dispatch_s_per_step_median"]:.4f}'),
+    ('synced step time / in-flight step time', f'{r["synced_over_in_flight"]:.2f}'),
   ]
 
 

@@ -79,7 +79,13 @@ def make_train_step(config, model, mesh, tx, schedule, loss_weights=None):
     out_specs=(spec(), spec()),
     check_vma=False,
   )
-  return jax.jit(step_fn, donate_argnums=0)
+  return jax.jit(step_fn, donate_argnums=0, compiler_options=compiler_options(config))
+
+
+def compiler_options(config):
+  """XLA options of the step: the GPU command-buffer kinds, unless XLA's default."""
+  kinds = config.get('gpu_command_buffers', '')
+  return {'xla_gpu_enable_command_buffer': kinds} if kinds else None
 
 
 def _keep_if_finite(is_finite, new_state, old_state):

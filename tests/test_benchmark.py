@@ -140,3 +140,24 @@ def test_cpu_has_no_peak_or_mfu(smoke_result):
 )
 def test_peak_flops_by_device_kind(kind, dtype, peak):
   assert benchmark.peak_flops(kind, dtype) == peak
+
+
+def test_in_flight_throughput_beside_synced_latency(smoke_result):
+  """Both timings of the same steps: their ratio is the synced median over the
+  in-flight step time, and dispatch is part of the in-flight wall time."""
+  stdout, r = smoke_result
+  assert r['in_flight_images_per_s'] == pytest.approx(
+    r['global_batch'] / r['in_flight_step_time_s']
+  )
+  assert r['synced_over_in_flight'] == pytest.approx(
+    r['step_time_median_s'] / r['in_flight_step_time_s']
+  )
+  assert 0 < r['dispatch_s_per_step_mean'] <= r['in_flight_step_time_s']
+  assert 'images/s, steps in flight' in stdout and 'host dispatch time per step' in stdout
+
+
+def test_in_flight_fields_by_hand():
+  fields = benchmark.in_flight_fields(64, 0.5, (0.25, [0.01, 0.03, 0.02]))
+  assert fields['in_flight_images_per_s'] == 256 and fields['synced_over_in_flight'] == 2
+  assert fields['dispatch_s_per_step_median'] == 0.02
+  assert benchmark.in_flight_fields(64, 0.5, None) == {}
