@@ -95,6 +95,12 @@ def with_label_set(config, names):
   return config
 
 
+# Identity fields newer than some runs, with the value those runs had.
+IDENTITY_OF_OLDER_RUNS = {'optimizer_state': 'per_parameter'}
+# The config field that decides an identity field, where the name differs.
+IDENTITY_FIELDS = {'optimizer_state': 'fused_optimizer'}
+
+
 def run_identity(config, dataset_info):
   """What a checkpoint is only meaningful with."""
   return {
@@ -103,6 +109,8 @@ def run_identity(config, dataset_info):
     'labels': list(labels_lib.names_of(config)),
     'image_size': config.image_size,
     'dataset': dataset_info,
+    # The checkpoint's Adam state: one array per parameter, or one flat vector.
+    'optimizer_state': 'flat' if config.get('fused_optimizer', False) else 'per_parameter',
   }
 
 
@@ -121,10 +129,13 @@ def check_or_write_identity(workdir, identity):
     return
   with open(path) as f:
     saved = json.load(f)
+  saved = {**IDENTITY_OF_OLDER_RUNS, **saved}
   different = sorted(k for k in identity if saved.get(k) != identity[k])
   if different:
     details = '; '.join(
-      f'{k}: run has {saved.get(k)!r}, config asks for {identity[k]!r}' for k in different
+      f'{k}: run has {saved.get(k)!r}, config asks for {identity[k]!r}'
+      + (f' (config.{IDENTITY_FIELDS[k]})' if k in IDENTITY_FIELDS else '')
+      for k in different
     )
     raise RunMismatchError(
       f'{workdir} holds a different run ({details}). Use a new --workdir, '
