@@ -47,6 +47,7 @@ FAST_COMPILE_FLAGS = (
   '--xla_llvm_disable_expensive_passes=true --xla_gpu_disable_gpuasm_optimizations=true'
 )
 TARGETS = {'launches_per_step': 1000, 'host_launches_per_step': 10}
+USER_XLA_FLAGS = ''  # The caller's XLA_FLAGS (e.g. a combiner threshold), kept in each row.
 
 DTYPE_BYTES = {
   'pred': 1,
@@ -68,6 +69,7 @@ _SHAPE = re.compile(r'\b(' + '|'.join(DTYPE_BYTES) + r')\[([\d,]*)\]')
 _INSTRUCTION = re.compile(
   r'^\s*(?:ROOT )?%([\w.\-]+) = (\(.*?\)|\w+\[[\d,]*\](?:\{[^}]*\})?|\w+\[\]) ([a-z][\w\-]*)\((.*)$'
 )
+_COMPUTATION = re.compile(r'^(ENTRY )?%([\w.\-]+) \(.*\{\s*$')
 _THUNK = re.compile(r'^(\s*)\d+: (\w+)')
 _GRID = re.compile(r'grid: \[(\d+), (\d+), (\d+)\]')
 # Thunks that only group others: not launches themselves.
@@ -88,21 +90,69 @@ def shape_bytes(shape):
   return total
 
 
+def computations(hlo_text):
+  """{name: [(name, shape, opcode, rest of line)]} of every computation; ENTRY's is 'ENTRY'."""
+  found, current = {}, None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header:
+      current = found.setdefault('ENTRY' if header.group(1) else header.group(2), [])
+      continue
+    match = _INSTRUCTION.match(line) if current is not None else None
+    if match:
+      current.append(match.groups())
+  return found
+
+
 def entry_instructions(hlo_text):
   """(name, shape, opcode, rest of line) of each instruction of the ENTRY computation."""
-  start = hlo_text.index('\nENTRY')
-  body = hlo_text[start : hlo_text.index('\n}', start)]
-  rows = []
-  for line in body.splitlines()[1:]:
-    match = _INSTRUCTION.match(line)
-    if match:
-      rows.append(match.groups())
-  return rows
+  return computations(hlo_text)['ENTRY']
+
+
+def _sliced_reads(body):
+  """{parameter number: bytes} for a fused computation's parameters used only by slices.
+
+  Such a kernel reads the slices of its operand, not all of it (a flat optimizer
+  state sliced back into parameters; the gradient of a concatenation).
+  """
+  reads = {}
+  for name, _, opcode, rest in body:
+    if opcode != 'parameter':
+      continue
+    users = [(shape, op) for _, shape, op, args in body if name in _operands(args)]
+    if users and all(op in ('slice', 'dynamic-slice') for _, op in users):
+      reads[int(re.match(r'(\d+)', rest).group(1))] = sum(shape_bytes(s) for s, _ in users)
+  return reads
 
 
 def _operands(rest):
   """Operand names of an instruction: the %names before its attributes."""
   return re.findall(r'%([\w.\-]+)', rest.split('), ')[0])
+
+
+def _elements(shape):
+  """Elements of the largest array in an HLO shape string."""
+  counts = [1]
+  for _, dims in _SHAPE.findall(shape):
+    count = 1
+    for dim in filter(None, dims.split(',')):
+      count *= int(dim)
+    counts.append(count)
+  return max(counts)
+
+
+def _elementwise_reads(reads, operand_shapes, out_shape):
+  """A loop fusion ending in slices reads at most one element of an operand per output.
+
+  XLA fuses the update of a flat vector with the slice that takes one parameter
+  out of it: each such kernel touches only that parameter's part of the vector.
+  """
+  outputs = _elements(out_shape)
+  capped = []
+  for read, shape in zip(reads, operand_shapes):
+    itemsize = shape_bytes(shape) / max(_elements(shape), 1)
+    capped.append(min(read, int(outputs * itemsize)))
+  return capped
 
 
 def _is_launch(opcode):
@@ -130,19 +180,31 @@ def hlo_counts(hlo_text):
   """What the optimized ENTRY launches, and the bytes its launches touch.
 
   `traffic_bytes` is each launch's operands + outputs: no reuse through the
-  cache, so an upper bound; a slice fusion reads only the region it writes.
+  cache, so an upper bound; a slice fusion reads only the region it writes, and
+  a fusion that only slices an operand reads only those slices.
   """
-  rows = entry_instructions(hlo_text)
-  sizes = {name: shape_bytes(shape) for name, shape, _, _ in rows}
+  bodies = computations(hlo_text)
+  rows = bodies['ENTRY']
+  shapes = {name: shape for name, shape, _, _ in rows}
+  sizes = {name: shape_bytes(shape) for name, shape in shapes.items()}
   counts, classes = collections.Counter(), collections.Counter()
   all_reduce_bytes, traffic = [], 0
   for name, shape, opcode, rest in rows:
     if not _is_launch(opcode):
       continue
     written = shape_bytes(shape)
-    read = sum(sizes.get(operand, 0) for operand in _operands(rest))
+    operands = [sizes.get(operand, 0) for operand in _operands(rest)]
+    if opcode == 'fusion':
+      called = re.search(r'calls=%([\w.\-]+)', rest)
+      body = bodies.get(called.group(1), []) if called else []
+      sliced = _sliced_reads(body)
+      operands = [sliced.get(k, size) for k, size in enumerate(operands)]
+      if 'kind=kLoop' in rest and any(op == 'slice' for _, _, op, _ in body):
+        operand_shapes = [shapes.get(operand, '') for operand in _operands(rest)]
+        operands = _elementwise_reads(operands, operand_shapes, shape)
+    read = sum(operands)
     if opcode == 'fusion' and re.match(r'(loop|wrapped)_slice', name):
-      read = written
+      read = min(read, written)
     traffic += read + written
     classes[launch_class(opcode, rest)] += 1
     if opcode == 'custom-call':
@@ -292,8 +354,6 @@ def report_row(config, *, name, per_device_batch, topology, dump_dir):
   config = _report_config(config, per_device_batch, devices)
   compiled, lower_s, compile_s = compile_step(config, topology, dump_dir)
   memory = compiled.memory_analysis()
-  hlo = hlo_counts(_dumped(dump_dir, '_gpu_after_optimizations.txt'))
-  thunks = thunk_counts(_dumped(dump_dir, '.thunk_sequence_after_thunk_passes.txt'))
   row = {
     'name': name,
     'model': config.model,
@@ -305,12 +365,27 @@ def report_row(config, *, name, per_device_batch, topology, dump_dir):
     'topology': topology,
     'target': 'H100 SXM (sm_90), CUDA 13',
     'jax': jax.__version__,
+    'temp_bytes': memory.temp_size_in_bytes,
+    'argument_bytes': memory.argument_size_in_bytes,
+    'lower_s': round(lower_s, 1),
+    'compile_s': round(compile_s, 1),
+    'options': _options(config),
+    'xla_flags': USER_XLA_FLAGS,
+  }
+  return {**row, **dump_counts(dump_dir, per_device_batch, devices)}
+
+
+def dump_counts(dump_dir, per_device_batch, devices):
+  """The row's fields counted from XLA's dump of the step (a kept dump can be recounted)."""
+  hlo = hlo_counts(_dumped(dump_dir, '_gpu_after_optimizations.txt'))
+  thunks = thunk_counts(_dumped(dump_dir, '.thunk_sequence_after_thunk_passes.txt'))
+  kinds = thunks['launch_kinds']
+  row = {
     'launches_per_step': thunks['launches'],
-    'kernels': thunks['launch_kinds'].get('kCustomKernel', 0)
-    + thunks['launch_kinds'].get('kKernel', 0),
-    'convolutions': thunks['launch_kinds'].get('kConvolution', 0),
-    'copies': thunks['launch_kinds'].get('kCopy', 0),
-    'launch_kinds': thunks['launch_kinds'],
+    'kernels': kinds.get('kCustomKernel', 0) + kinds.get('kKernel', 0),
+    'convolutions': kinds.get('kConvolution', 0),
+    'copies': kinds.get('kCopy', 0),
+    'launch_kinds': kinds,
     'host_launches_per_step': thunks['host_launches'],
     'host_launch_kinds': thunks['host_launch_kinds'],
     'command_buffers': thunks['command_buffers'],
@@ -318,20 +393,26 @@ def report_row(config, *, name, per_device_batch, topology, dump_dir):
     'kernels_one_block': thunks['kernels_one_block'],
     'hlo_entry_counts': hlo['counts'],
     'launch_classes': hlo['classes'],
-    'temp_bytes': memory.temp_size_in_bytes,
-    'argument_bytes': memory.argument_size_in_bytes,
     'traffic_bytes': hlo['traffic_bytes'],
     'traffic_floor_ms': 1e3 * hlo['traffic_bytes'] / COPY_BANDWIDTH,
     'traffic_floor_images_per_s': per_device_batch * COPY_BANDWIDTH / hlo['traffic_bytes'],
     'copy_bandwidth': COPY_BANDWIDTH,
-    'lower_s': round(lower_s, 1),
-    'compile_s': round(compile_s, 1),
-    'options': _options(config),
   }
   if devices > 1:
     row['all_reduces'] = summarize_bytes(hlo['all_reduce_bytes'])
   row['targets_met'] = {key: row[key] <= limit for key, limit in TARGETS.items()}
   return row
+
+
+def recount(path, *, name, per_device_batch, devices, dump_dir):
+  """Recounts a row from its kept dump (after a change to the counting); no compile."""
+  with open(path) as f:
+    rows = json.load(f)
+  key = (name, per_device_batch, devices)
+  matches = [r for r in rows if (r['name'], r['per_device_batch'], r['devices']) == key]
+  if not matches:
+    sys.exit(f'compile_report: {path} has no row {key}; compile it first (drop --recount).')
+  return {**matches[0], **dump_counts(dump_dir, per_device_batch, devices)}
 
 
 def _options(config):
@@ -394,6 +475,9 @@ _DEVICES = flags.DEFINE_integer('devices', 1, 'GPUs in one host (topology 1x1xK)
 _TOPOLOGY = flags.DEFINE_string('topology', '', 'slices x hosts x devices, e.g. 1x4x4.')
 _NAME = flags.DEFINE_string('name', 'default', 'Row label, e.g. the change it measures.')
 _OUT = flags.DEFINE_string('out', RESULTS_FILE, 'JSON file of rows.')
+_RECOUNT = flags.DEFINE_string(
+  'recount', '', 'Recount the row (--name, --batch, devices) from this kept XLA dump.'
+)
 _DUMP_DIR = flags.DEFINE_string('dump_dir', '', "Keep XLA's dump here ('' = a temporary one).")
 
 
@@ -401,12 +485,25 @@ def main(argv):
   del argv
   topology = _TOPOLOGY.value or f'1x1x{_DEVICES.value}'
   dump_dir = _DUMP_DIR.value or tempfile.mkdtemp(prefix='compile_report_')
+  global USER_XLA_FLAGS
+  USER_XLA_FLAGS = os.environ.get('XLA_FLAGS', '').strip()
   # Read once, when jax starts its backends: set before anything touches one.
   os.environ['XLA_FLAGS'] = ' '.join(
     [os.environ.get('XLA_FLAGS', ''), f'--xla_dump_to={dump_dir} --xla_dump_hlo_as_text']
     + [FAST_COMPILE_FLAGS]
   )
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  if _RECOUNT.value:
+    row = recount(
+      _OUT.value,
+      name=_NAME.value,
+      per_device_batch=_BATCH.value,
+      devices=_device_count(topology),
+      dump_dir=_RECOUNT.value,
+    )
+    write_row(row, _OUT.value)
+    print(format_row(row), flush=True)
+    return
   _check_plugin()
   try:
     row = report_row(

@@ -18,6 +18,11 @@ HLO = """HloModule jit_step, is_scheduled=true
   ROOT %add = f32[4,8]{1,0} add(%p0, %p1)
 }
 
+%fused_slice (p0.1: f32[4,8]) -> f32[1,8] {
+  %p0.1 = f32[4,8]{1,0} parameter(0)
+  ROOT %slice.1 = f32[1,8]{1,0} slice(%p0.1), slice={[2:3], [0:8]}
+}
+
 ENTRY %main (state_w: f32[4,8], x: bf16[2,16,16,8], mu: f32[4,8]) -> (f32[4,8], f32[4,8]) {
   %state_w = f32[4,8]{1,0} parameter(0), metadata={op_name="state.params"}
   %x = bf16[2,16,16,8]{3,2,1,0} parameter(1)
@@ -29,6 +34,7 @@ ENTRY %main (state_w: f32[4,8], x: bf16[2,16,16,8], mu: f32[4,8]) -> (f32[4,8], 
   %all-reduce-start = (f32[4,8]{1,0}, f32[2,8]{1,0}) all-reduce-start(%input_add_fusion, %loop_slice_fusion.2), replica_groups={}, to_apply=%fused_add
   %all-reduce-done = (f32[4,8]{1,0}, f32[2,8]{1,0}) all-reduce-done(%all-reduce-start)
   %copy.3 = f32[4,8]{1,0} copy(%state_w)
+  %loop_convert_fusion = f32[1,8]{1,0} fusion(%state_w), kind=kLoop, calls=%fused_slice
   ROOT %tuple = (f32[4,8]{1,0}, f32[4,8]{1,0}) tuple(%copy.3, %input_add_fusion)
 }
 """  # noqa: E501 (XLA's long lines, as dumped)
@@ -50,7 +56,7 @@ def test_shape_bytes_sums_tuples_and_scalars():
 
 def test_hlo_counts_launches_all_reduces_and_bytes():
   result = compile_report.hlo_counts(HLO)
-  assert result['counts'] == {'convolutions': 1, 'fusions': 2, 'all_reduces': 1, 'copies': 1}
+  assert result['counts'] == {'convolutions': 1, 'fusions': 3, 'all_reduces': 1, 'copies': 1}
   # One combined all-reduce: both operands, 128 + 64 bytes.
   assert result['all_reduce_bytes'] == [192]
   assert result['classes'] == {
@@ -59,13 +65,16 @@ def test_hlo_counts_launches_all_reduces_and_bytes():
     'optimizer': 1,
     'all-reduce': 1,
     'copy': 1,
+    'step (loss, update, other)': 1,
   }
   conv = 2 * 8192 + 8192  # reads x twice, writes its output (+ an empty workspace)
   slice_fusion = 64 + 64  # counted as reading only what it writes
   add_fusion = 2 * 128 + 128
   all_reduce = 192 + 192
   copy = 128 + 128
-  assert result['traffic_bytes'] == conv + slice_fusion + add_fusion + all_reduce + copy
+  sliced_read = 32 + 32  # reads the one row it slices out of its 128-byte operand
+  total = conv + slice_fusion + add_fusion + all_reduce + copy + sliced_read
+  assert result['traffic_bytes'] == total
 
 
 def test_thunk_counts_host_launches_and_small_grids():
