@@ -72,8 +72,9 @@ _INSTRUCTION = re.compile(
 _COMPUTATION = re.compile(r'^(ENTRY )?%([\w.\-]+) \(.*\{\s*$')
 _THUNK = re.compile(r'^(\s*)\d+: (\w+)')
 _GRID = re.compile(r'grid: \[(\d+), (\d+), (\d+)\]')
-# Thunks that only group others: not launches themselves.
-_GROUPS = {'kCommandBuffer', 'kSequential', 'kWhile', 'kConditional'}
+# Thunks that group others or wait for them: not launches themselves (an async
+# all-reduce is a kAsyncStart holding a kAllReduce, then a kAsyncDone).
+_GROUPS = {'kCommandBuffer', 'kSequential', 'kWhile', 'kConditional', 'kAsyncStart', 'kAsyncDone'}
 
 
 # ------------------------------------------------------------ HLO counting --

@@ -45,6 +45,9 @@ THUNKS = """000: kCommandBuffer [source        | next=003 (1)  ]
 003: kConvolution   [prev=000 (1)  | next=004 (1)  ] kConvolution
 004: kCustomKernel [prev=003 (1)  | sink   ] input_add_fusion grid: [4, 8, 1] threads: [128, 1, 1]  shared_memory: 0 bytes
 005: kCustomKernel [prev=003 (1)  | sink   ] input_reduce_fusion grid: [31, 1, 1] threads: [128, 1, 1]  shared_memory: 0 bytes
+006: kAsyncStart    [prev=000 (1)  | next=000 (4) ] stream=communication_stream[0], async_id=6
+    007: kAllReduce [source | sink] kAllReduce
+008: kAsyncDone     [prev=000 (1)  | sink ] async_id=6
 """  # noqa: E501
 
 
@@ -79,9 +82,15 @@ def test_hlo_counts_launches_all_reduces_and_bytes():
 
 def test_thunk_counts_host_launches_and_small_grids():
   result = compile_report.thunk_counts(THUNKS)
-  assert result['launches'] == 5  # copy, 3 kernels, 1 convolution; the buffer is no launch
-  assert result['launch_kinds'] == {'kCopy': 1, 'kCustomKernel': 3, 'kConvolution': 1}
-  assert result['host_launches'] == 4  # the graph, the convolution, two kernels
+  # A copy, 3 kernels, a convolution, an all-reduce; the buffer and the async pair are none.
+  assert result['launches'] == 6
+  assert result['launch_kinds'] == {
+    'kCopy': 1,
+    'kCustomKernel': 3,
+    'kConvolution': 1,
+    'kAllReduce': 1,
+  }
+  assert result['host_launches'] == 6  # the graph, the convolution, two kernels, start, done
   assert result['command_buffers'] == 1
   assert result['kernels_under_32_blocks'] == 2  # grids of 1 and 31 blocks, not 32
   assert result['kernels_one_block'] == 1
