@@ -468,6 +468,36 @@ def format_row(r):
   return '\n'.join(lines)
 
 
+def markdown_table(rows):
+  """All rows as one markdown table (RESULTS.md's)."""
+  lines = [
+    '| row | batch/device | devices | launches | kernels | convolutions | copies | host launches '
+    '| kernels < 32 blocks | temp GiB | operand+output GB | floor ms (img/s) | all-reduces (MB) |',
+    '| --- ' * 13 + '|',
+  ]
+
+  def order(r):  # Per shape: the baseline (most host launches) first, then each change.
+    return (
+      r['devices'],
+      r['per_device_batch'],
+      -r['host_launches_per_step'],
+      -r['launches_per_step'],
+    )
+
+  for r in sorted(rows, key=order):
+    a = r.get('all_reduces')
+    lines.append(
+      f'| {r["name"]} | {r["per_device_batch"]} | {r["devices"]} ({r["topology"]}) | '
+      f'{r["launches_per_step"]:,} | {r["kernels"]:,} | {r["convolutions"]} | {r["copies"]} | '
+      f'{r["host_launches_per_step"]:,} | {r["kernels_under_32_blocks"]:,} | '
+      f'{r["temp_bytes"] / 2**30:.2f} | {r["traffic_bytes"] / 1e9:.1f} | '
+      f'{r["traffic_floor_ms"]:.1f} ({r["traffic_floor_images_per_s"]:,.0f}) | '
+      + (f'{a["count"]} ({a["total"] / 1e6:.1f})' if a else '-')
+      + ' |'
+    )
+  return '\n'.join(lines)
+
+
 _CONFIG = config_flags.DEFINE_config_file(
   'config', 'configs/h100x1.py', 'Config file, e.g. configs/h100x1.py.', lock_config=True
 )
@@ -476,6 +506,7 @@ _DEVICES = flags.DEFINE_integer('devices', 1, 'GPUs in one host (topology 1x1xK)
 _TOPOLOGY = flags.DEFINE_string('topology', '', 'slices x hosts x devices, e.g. 1x4x4.')
 _NAME = flags.DEFINE_string('name', 'default', 'Row label, e.g. the change it measures.')
 _OUT = flags.DEFINE_string('out', RESULTS_FILE, 'JSON file of rows.')
+_TABLE = flags.DEFINE_bool('table', False, 'Print the rows as a markdown table; compile nothing.')
 _RECOUNT = flags.DEFINE_string(
   'recount', '', 'Recount the row (--name, --batch, devices) from this kept XLA dump.'
 )
@@ -494,6 +525,10 @@ def main(argv):
     + [FAST_COMPILE_FLAGS]
   )
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  if _TABLE.value:
+    with open(_OUT.value) as f:
+      print(markdown_table(json.load(f)))
+    return
   if _RECOUNT.value:
     row = recount(
       _OUT.value,
