@@ -79,6 +79,8 @@ compile-report: setup
 	$(COMPILE_REPORT) --name command_buffers --batch 256
 	$(COMPILE_REPORT) --name command_buffers+fused_adam --batch 128 --config.fused_optimizer=True
 	$(COMPILE_REPORT) --name command_buffers+fused_adam --batch 256 --config.fused_optimizer=True
+	$(COMPILE_REPORT) --name one_all_reduce --batch 128 --devices 4 \
+	  --config.gpu_command_buffers=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONVOLUTION
 	$(COMPILE_REPORT) --name default --batch 128 --devices 4
 	$(COMPILE_REPORT) --name default --batch 128 --topology 1x4x4
 
