@@ -498,19 +498,23 @@ def markdown_table(rows):
   return '\n'.join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-  'config', 'configs/h100x1.py', 'Config file, e.g. configs/h100x1.py.', lock_config=True
-)
-_BATCH = flags.DEFINE_integer('batch', 128, 'Batch per device.', lower_bound=1)
-_DEVICES = flags.DEFINE_integer('devices', 1, 'GPUs in one host (topology 1x1xK).', lower_bound=1)
-_TOPOLOGY = flags.DEFINE_string('topology', '', 'slices x hosts x devices, e.g. 1x4x4.')
-_NAME = flags.DEFINE_string('name', 'default', 'Row label, e.g. the change it measures.')
-_OUT = flags.DEFINE_string('out', RESULTS_FILE, 'JSON file of rows.')
-_TABLE = flags.DEFINE_bool('table', False, 'Print the rows as a markdown table; compile nothing.')
-_RECOUNT = flags.DEFINE_string(
-  'recount', '', 'Recount the row (--name, --batch, devices) from this kept XLA dump.'
-)
-_DUMP_DIR = flags.DEFINE_string('dump_dir', '', "Keep XLA's dump here ('' = a temporary one).")
+def define_flags():
+  """The command line, defined only when run as a program: importing this module (its
+  tests, beside chexnet_jax.benchmark's own --config) defines no flags."""
+  global _CONFIG, _BATCH, _DEVICES, _TOPOLOGY, _NAME, _OUT, _TABLE, _RECOUNT, _DUMP_DIR
+  _CONFIG = config_flags.DEFINE_config_file(
+    'config', 'configs/h100x1.py', 'Config file, e.g. configs/h100x1.py.', lock_config=True
+  )
+  _BATCH = flags.DEFINE_integer('batch', 128, 'Batch per device.', lower_bound=1)
+  _DEVICES = flags.DEFINE_integer('devices', 1, 'GPUs in one host (topology 1x1xK).', lower_bound=1)
+  _TOPOLOGY = flags.DEFINE_string('topology', '', 'slices x hosts x devices, e.g. 1x4x4.')
+  _NAME = flags.DEFINE_string('name', 'default', 'Row label, e.g. the change it measures.')
+  _OUT = flags.DEFINE_string('out', RESULTS_FILE, 'JSON file of rows.')
+  _TABLE = flags.DEFINE_bool('table', False, 'Print the rows as a markdown table; compile nothing.')
+  _RECOUNT = flags.DEFINE_string(
+    'recount', '', 'Recount the row (--name, --batch, devices) from this kept XLA dump.'
+  )
+  _DUMP_DIR = flags.DEFINE_string('dump_dir', '', "Keep XLA's dump here ('' = a temporary one).")
 
 
 def main(argv):
@@ -557,4 +561,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
