@@ -16,7 +16,7 @@ PIP_INSTALL = $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 DEMO_DATA := data/demo_tfds
 DEMO_RUN := runs/demo
 
-.PHONY: setup lint test test-fast demo clean
+.PHONY: setup lint test test-fast demo clean compile-report
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,35 @@ demo: setup
 	$(PY) -m chexnet_jax.main --config configs/demo.py --workdir $(DEMO_RUN) \
 	  --config.data_dir=$(DEMO_DATA)
 	$(PY) -m chexnet_jax.evaluate --workdir $(DEMO_RUN) --split test
+
+# The train step compiled for an H100 on this machine, no GPU needed
+# (benchmarks/compile_report.py; rows in benchmarks/results/compile_report.json).
+# A benchmark, not a test: each row is one compile of 1.5 to 9 minutes. The CUDA
+# plugin of the installed jax's version goes into its own folder, never into
+# $(VENV); ptxas of a CUDA 13 toolkit must be on PATH.
+CUDA_PLUGIN_DIR ?= .cache/jax_cuda_plugin
+JAX_VERSION = $(shell $(PY) -c 'import jax; print(jax.__version__)')
+COMPILE_REPORT = PYTHONPATH=$(CUDA_PLUGIN_DIR):. $(PY) -m benchmarks.compile_report \
+  --config configs/h100x1.py
+
+$(CUDA_PLUGIN_DIR)/.jax-%:
+	rm -rf $(CUDA_PLUGIN_DIR)
+	$(PY) -m pip install -q --no-deps --target $(CUDA_PLUGIN_DIR) \
+	  jax-cuda13-plugin==$* jax-cuda13-pjrt==$*
+	touch $@
+
+compile-report: setup
+	$(MAKE) $(CUDA_PLUGIN_DIR)/.jax-$(JAX_VERSION)
+	$(COMPILE_REPORT) --name xla_default --batch 128 --config.gpu_command_buffers=
+	$(COMPILE_REPORT) --name xla_default --batch 256 --config.gpu_command_buffers=
+	$(COMPILE_REPORT) --name command_buffers --batch 128
+	$(COMPILE_REPORT) --name command_buffers --batch 256
+	$(COMPILE_REPORT) --name command_buffers+fused_adam --batch 128 --config.fused_optimizer=True
+	$(COMPILE_REPORT) --name command_buffers+fused_adam --batch 256 --config.fused_optimizer=True
+	$(COMPILE_REPORT) --name one_all_reduce --batch 128 --devices 4 \
+	  --config.gpu_command_buffers=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONVOLUTION
+	$(COMPILE_REPORT) --name default --batch 128 --devices 4
+	$(COMPILE_REPORT) --name default --batch 128 --topology 1x4x4
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache

@@ -1,39 +1,47 @@
 #!/usr/bin/env bash
-# Everything chexnet_jax needs checked on one GPU, in one command of at most 9 minutes:
-# correctness (tests/gpu), speed against PyTorch on the same card, and an end-to-end run.
+# Everything chexnet_jax needs checked on one GPU, in one command of at most 580 s: speed
+# of each step change against its baseline (with a profile of the top ops), an end-to-end
+# run, PyTorch on the same card, and correctness (tests/gpu).
 #
 #   bash benchmarks/device_check.sh [--tiny] [PART ...]
 #
-# PARTS, in the default order (most important first):
+# PARTS, in the default order (most valuable first; later ones are cut when the budget ends):
 #   env       card, driver and library versions
-#   speed1    JAX vs torch eager, DenseNet121 224 px bfloat16, per-device batch 64 and 128
-#   tests     pytest tests/gpu (GPU vs CPU step, bf16/fp16 vs fp32, evaluate GPU vs CPU, main)
-#   e2e       chexnet_jax.main --config configs/h100x1.py on records built from demo_data (256 px)
-#   speed2    the same pairs at batch 256 bfloat16 and batch 64 float32
-#   compile   torch.compile for the speed shapes, while the budget lasts
-#   tune      JAX variants at 224/128 bf16 (XLA flags, remat), each next to its baseline
+#   base      JAX, DenseNet121 224 px bfloat16 batch 128, XLA's default command buffers,
+#             with a profile summary (top ops, their share, device busy time per step)
+#   cmdbuf    the same with the default config: command buffers over convolutions too
+#             (config.gpu_command_buffers, one CUDA graph per step), profiled
+#   batch     the default config at batch 256 and 512
+#   fused     the default config + config.fused_optimizer (one Adam over all parameters)
+#   e2e       chexnet_jax.main, configs/h100x1.py's recipe, on >= 20,000 records built here
+#             (>= 150 steps per epoch); no evaluation inside the timed steps
+#   torch     torch eager and torch.compile at batch 128 (AMP, channels_last)
+#   tests     pytest tests/gpu (GPU vs CPU equivalences on the tiny model)
 # `--tiny` runs every part on the CPU with a tiny model and small images (a rehearsal).
 #
-# Every step is its own process with its own timeout; the whole run stops starting new
-# steps when BUDGET_S (default 500 s) is spent. Each result is written as soon as it
-# exists, into $RES (benchmarks/results/<tag>-<time>/, or $OUT/results when the
-# device runner's $OUT is set: a killed run still returns what finished, packed in
-# $OUT/results.tgz after every step). The last lines printed are the summary table,
-# also written as gpu_summary.json / summary.md by benchmarks/gpu_summary.py.
+# Every step is its own process with its own limit (a cold DenseNet121 compile is 61-114 s
+# on an H200); the run stops starting steps when BUDGET_S (default 540 s) is spent. XLA's
+# autotuning results are loaded from benchmarks/results/autotune_h200.textproto when it
+# exists, and each run's results are merged into autotune.textproto for the next call.
+# Results go to $RES (benchmarks/results/<tag>-<time>/, or /tmp/device_check/results
+# when the device runner's $OUT is set; then $OUT receives only results.tgz, packed after
+# every step so a killed run still returns what finished, and at the end summary.md,
+# gpu_summary.json and autotune.textproto: at most 8 files).
 #
 # Missing pure-Python or manylinux packages (grain, ml_collections, tensorflow-datasets,
 # array-record, tensorboardX and what they need) are installed from wheels in $WHEEL_DIR
-# (default .whl/) into /tmp/site when the machine lacks them; README "Benchmarks" says
-# how to download them.
+# (default .whl/) into /tmp/site when the machine lacks them; RESULTS.md says how to
+# download them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 TINY=0
 if [[ "${1:-}" == "--tiny" ]]; then TINY=1; shift; fi
-PARTS="${*:-env speed1 tests e2e speed2 compile}"
+PARTS="${*:-env base cmdbuf batch fused e2e torch tests}"
 PY="${PYTHON:-python3}"
-BUDGET_S="${BUDGET_S:-500}"
+BUDGET_S="${BUDGET_S:-540}"
 WHEEL_DIR="${WHEEL_DIR:-.whl}"
+AUTOTUNE_IN="${AUTOTUNE_IN:-benchmarks/results/autotune_h200.textproto}"
 START=$SECONDS
 export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}"
 # Compiled programs persist between calls on a machine that stays up (ignored by git).
@@ -42,27 +50,25 @@ export TF_CPP_MIN_LOG_LEVEL=2
 
 if (( TINY )); then
   TAG=tiny; export JAX_PLATFORMS=cpu
-  SPEED1="32 4 bfloat16
-32 8 bfloat16"; SPEED2="32 16 bfloat16
-32 4 float32"
+  SHAPE="32 8"; BATCHES="16 32"
   JAX_ARGS="--config.model=tiny --steps 3 --warmup 1"
   TORCH_ARGS="--steps 3 --warmup 1 --device cpu --standin"
-  E2E_ARGS="--config.model=tiny --config.dataset_image_size=64 --config.image_size=56
-            --config.batch_size=16 --config.eval_batch_size=32 --config.grain_workers=2
-            --config.num_train_steps=20 --config.dtype=float32"
-  E2E_SIZE=64
+  E2E_IMAGES=600; E2E_SIZE=64
+  E2E_ARGS="--config.model=tiny --config.image_size=56 --config.batch_size=16
+            --config.grain_workers=2 --config.num_train_steps=40 --config.log_every_steps=10"
+  JAX_LIMIT=120; E2E_LIMIT=200
 else
   TAG=gpu; export JAX_PLATFORMS=cuda,cpu
-  SPEED1="224 64 bfloat16
-224 128 bfloat16"; SPEED2="224 256 bfloat16
-224 64 float32"
+  SHAPE="224 128"; BATCHES="256 512"
   JAX_ARGS="--config.model=densenet121 --steps 30 --warmup 5"
   TORCH_ARGS="--steps 30 --warmup 5"
-  E2E_ARGS="--config.num_train_steps=150"
-  E2E_SIZE=256
+  # 24,000 images: ~21,600 train after 5% validation and 5% test = 168 steps of 128 an epoch.
+  E2E_IMAGES=24000; E2E_SIZE=224
+  E2E_ARGS="--config.num_train_steps=300 --config.log_every_steps=25"
+  JAX_LIMIT=200; E2E_LIMIT=240
 fi
-if [[ -n "${OUT:-}" ]]; then RES="$OUT/results"; else RES="benchmarks/results/$TAG-$(date +%Y%m%d-%H%M%S)"; fi
-mkdir -p "$RES"
+if [[ -n "${OUT:-}" ]]; then RES=/tmp/device_check/results; else RES="benchmarks/results/$TAG-$(date +%Y%m%d-%H%M%S)"; fi
+rm -rf /tmp/device_check; mkdir -p "$RES"
 exec > >(tee -a "$RES/device_check.log") 2>&1
 
 left() { echo $(( BUDGET_S - (SECONDS - START) )); }
@@ -97,31 +103,58 @@ install_wheels() {  # Only what is missing, only from local files: the GPU machi
     return
   fi
   if ! compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
-    echo "error: grain/TFDS/ml_collections missing and no wheels in $WHEEL_DIR (README: Benchmarks)"; exit 1
+    echo "error: grain/TFDS/ml_collections missing and no wheels in $WHEEL_DIR (RESULTS.md: How to measure)"; exit 1
   fi
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$WHEEL_DIR"/*.whl
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 }
 
-jax_speed() {  # NAME size batch dtype [extra config flags...]
-  local name="$1" s="$2" b="$3" d="$4"; shift 4
-  step "$name" 150 "$PY" -m chexnet_jax.benchmark --config configs/default.py \
+# XLA flags of a JAX run: reuse the autotuning known so far, dump this run's for the next.
+autotune_flags() {  # NAME
+  local flags="--xla_gpu_dump_autotune_results_to=$RES/autotune-$1.textproto"
+  [[ -s "$RES/autotune.textproto" ]] && flags+=" --xla_gpu_load_autotune_results_from=$RES/autotune.textproto"
+  (( TINY )) && flags=""
+  echo "$flags"
+}
+
+merge_autotune() {  # Every run's results in one file, each convolution once.
+  compgen -G "$RES/autotune-*.textproto" >/dev/null || return 0
+  "$PY" - "$RES" <<'EOF'
+import pathlib, re, sys
+res = pathlib.Path(sys.argv[1])
+blocks, version = {}, 'version: 3'
+files = sorted(res.glob('autotune-*.textproto'))
+if (res / 'autotune.textproto').exists():
+  files.insert(0, res / 'autotune.textproto')
+for path in files:
+  text = path.read_text()
+  version = (re.search(r'^version: \d+', text, re.M) or [version])[0]
+  for block in re.findall(r'^results \{\n.*?^\}\n', text, re.M | re.S):
+    blocks.setdefault(re.sub(r'^\s*result \{.*', '', block, flags=re.M | re.S), block)
+(res / 'autotune.textproto').write_text(version + '\n' + ''.join(blocks.values()))
+print(f'autotune.textproto: {len(blocks)} results')
+EOF
+}
+
+jax_speed() {  # NAME BATCH PROFILE(0|1) [extra config flags...]
+  local name="$1" b="$2" profile="" s="${SHAPE%% *}"
+  (( $3 )) && profile="--profile_dir $RES/trace-$name"
+  shift 3
+  step "$name" "$JAX_LIMIT" env XLA_FLAGS="$(autotune_flags "$name")" \
+    "$PY" -m chexnet_jax.benchmark --config configs/h100x1.py \
     --config.dataset=synthetic --config.init_from= --config.image_size="$s" \
-    --config.dataset_image_size="$s" --config.batch_size="$b" --config.dtype="$d" \
-    $JAX_ARGS "$@" --json_out "$RES/$name.json"
+    --config.dataset_image_size="$s" --config.batch_size="$b" $JAX_ARGS "$@" \
+    $profile --json_out "$RES/$name.json"
+  rm -rf "$RES/trace-$name"  # Summarised into NAME.json; the raw trace is large.
+  merge_autotune
 }
 
-torch_speed() {  # size batch dtype mode
-  step "torch-$4-$1-$2-$3" 150 bash -c "\"$PY\" benchmarks/torch_reference.py --image_size $1 \
-    --batch_size $2 --dtype $3 --mode $4 $TORCH_ARGS --json > \"$RES/torch-$4-$1-$2-$3.json\""
-}
-
-speed_pairs() {  # "size batch dtype" lines
-  while read -r s b d; do
-    jax_speed "jax-$s-$b-$d" "$s" "$b" "$d"
-    torch_speed "$s" "$b" "$d" eager
-  done <<< "$1"
+torch_speed() {  # batch mode
+  local s; s=${SHAPE%% *}
+  step "torch-$2-$s-$1-bfloat16" 150 bash -c "\"$PY\" benchmarks/torch_reference.py \
+    --image_size $s --batch_size $1 --dtype bfloat16 --mode $2 $TORCH_ARGS --json \
+    > \"$RES/torch-$2-$s-$1-bfloat16.json\""
 }
 
 part_env() {
@@ -132,68 +165,99 @@ part_env() {
     "$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__, "cuda", torch.version.cuda)' 2>&1 | tail -n 1
     nproc
   } > "$RES/env.txt" 2>&1
-  cat "$RES/env.txt"; pack
-}
-
-part_tests() {
-  # One process per test (main + evaluate share their run), each with its own limit, so a slow or hung test costs only itself.
-  # Correctness needs no autotuning: XLA's default autotuning made the first DenseNet121
-  # compilation take 114 s on an H200; these compile 7 programs.
-  local t
-  for t in test_float32_train_step_matches_cpu "test_low_precision_tracks_float32_for_20_steps[bfloat16]" \
-           "test_low_precision_tracks_float32_for_20_steps[float16]" \
-           "test_main_runs_30_steps_on_the_gpu or test_evaluate_on_gpu_gives_the_cpu_aurocs"; do
-    local name="test-${t//[^A-Za-z0-9_]/_}"
-    name="${name:0:60}"
-    step "$name" 240 env XLA_FLAGS="--xla_gpu_autotune_level=0" "$PY" -m pytest -q -rA -s \
-      -p no:cacheprovider -p no:xdist -p no:benchmark tests/gpu/test_gpu.py -k "$t" --junitxml="$RES/$name.xml"
-    echo "$t: $(grep -E "[0-9]+ (passed|failed|skipped|error)" "$RES/$name.log" | tail -n 1)" >> "$RES/tests.txt"
-  done
-}
-
-part_e2e() {
-  local data="/tmp/chexnet_e2e/tfds" work="/tmp/chexnet_e2e/run"
-  rm -rf /tmp/chexnet_e2e
-  step e2e-build 90 "$PY" -m input_pipeline.build --manual_dir demo_data --data_dir "$data" \
-    --image_size "$E2E_SIZE" --allow_subset
-  step e2e 240 "$PY" -m chexnet_jax.main --config configs/h100x1.py --workdir "$work" \
-    --config.data_dir="$data" --config.init_from= --config.eval_every_epochs=100000 \
-    --config.log_every_steps=10 --config.checkpoint_every_steps=100000 $E2E_ARGS
-  cp "$work/metrics.jsonl" "$RES/e2e-metrics.jsonl" 2>/dev/null
-  cp "$work/config.json" "$RES/e2e-config.json" 2>/dev/null
+  cat "$RES/env.txt"
+  if [[ -s "$AUTOTUNE_IN" ]] && (( ! TINY )); then cp "$AUTOTUNE_IN" "$RES/autotune.textproto"; fi
   pack
 }
 
-part_compile() {
-  while read -r s b d; do torch_speed "$s" "$b" "$d" compile; done <<< "$SPEED1"$'\n'"$SPEED2"
+# Names: jax-PX-BATCH-bfloat16 is the default config; tune-VARIANT-PX-BATCH-bfloat16 a change.
+part_base() {
+  jax_speed "tune-xla_default-${SHAPE// /-}-bfloat16" "${SHAPE#* }" 1 --config.gpu_command_buffers=
+}
+part_cmdbuf() { jax_speed "jax-${SHAPE// /-}-bfloat16" "${SHAPE#* }" 1; }
+part_batch() { local b; for b in $BATCHES; do jax_speed "jax-${SHAPE%% *}-$b-bfloat16" "$b" 0; done; }
+part_fused() {
+  jax_speed "tune-fused_adam-${SHAPE// /-}-bfloat16" "${SHAPE#* }" 0 --config.fused_optimizer=True
 }
 
-part_tune() {  # Each variant beside a fresh baseline of the same shape, same machine.
-  # On an H200 the step was flat from batch 64 to 128 (42.5 vs 41.7 ms): launch-bound, so
-  # the candidates are fewer, larger launches (CUDA graphs over every op, bigger batches).
-  local shape="224 128 bfloat16"; (( TINY )) && shape="32 8 bfloat16"
-  set -- $shape
-  jax_speed "tune-base-$1-$2-$3" "$1" "$2" "$3"
-  XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
-    jax_speed "tune-cmdbuf-$1-$2-$3" "$1" "$2" "$3"
-  XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true" jax_speed "tune-lhs-$1-$2-$3" "$1" "$2" "$3"
-  XLA_FLAGS="--xla_gpu_autotune_level=0" jax_speed "tune-noautotune-$1-$2-$3" "$1" "$2" "$3"
+part_e2e() {
+  local root=/tmp/device_check/e2e
+  step e2e-images 90 "$PY" - "$root" "$E2E_IMAGES" "$E2E_SIZE" <<'EOF'
+# Distinct training images from the bundled NIH sample: each a random crop, flip and
+# brightness change of one of its 300 X-rays, written as PNG at the records' size.
+import csv, functools, os, sys
+from concurrent import futures
+import numpy as np
+from PIL import Image
+root, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+os.makedirs(os.path.join(root, 'images'), exist_ok=True)
+sources = sorted(os.listdir('demo_data/images'))
+LABELS = ['Atelectasis', 'Effusion', 'Infiltration', 'Nodule']
+@functools.lru_cache(maxsize=None)
+def source(k):  # Decoded once per worker, at twice the output size.
+  image = Image.open(os.path.join('demo_data/images', sources[k])).convert('L')
+  return image.resize((2 * size, 2 * size))
+def make(i):
+  rng = np.random.default_rng(i)
+  image = source(i % len(sources))
+  w, h = image.size
+  side = int(min(w, h) * rng.uniform(0.8, 1.0))
+  x, y = rng.integers(0, w - side + 1), rng.integers(0, h - side + 1)
+  pixels = np.asarray(image.crop((x, y, x + side, y + side)).resize((size, size)), np.float32)
+  pixels = np.clip(pixels * rng.uniform(0.9, 1.1), 0, 255).astype(np.uint8)
+  if rng.random() < 0.5:
+    pixels = pixels[:, ::-1]
+  name = f'{i:06d}.png'
+  Image.fromarray(np.ascontiguousarray(pixels)).save(os.path.join(root, 'images', name))
+  return [name, f'p{i // 2}'] + [int(v) for v in rng.random(len(LABELS)) < 0.2]
+with futures.ProcessPoolExecutor() as pool:
+  rows = list(pool.map(make, range(count), chunksize=64))
+with open(os.path.join(root, 'labels.csv'), 'w', newline='') as f:
+  writer = csv.writer(f)
+  writer.writerow(['path', 'patient'] + LABELS)
+  writer.writerows(rows)
+print(f'{count} images in {root}')
+EOF
+  [[ -s "$root/labels.csv" ]] || return 0
+  step e2e-build 120 "$PY" -m input_pipeline.build --csv "$root/labels.csv" \
+    --image_root "$root/images" --labels Atelectasis,Effusion,Infiltration,Nodule \
+    --patient_column patient --val_fraction 0.05 --test_fraction 0.05 --name e2e \
+    --data_dir "$root/tfds" --image_size "$E2E_SIZE"
+  # Evaluation only after the last step (eval_every_epochs beyond the run), outside the
+  # logged training intervals; no checkpoint inside them either.
+  step e2e "$E2E_LIMIT" env XLA_FLAGS="$(autotune_flags e2e)" "$PY" -m chexnet_jax.main \
+    --config configs/h100x1.py --workdir "$root/run" --config.dataset=e2e \
+    --config.data_dir="$root/tfds" --config.dataset_image_size="$E2E_SIZE" \
+    --config.init_from= --config.eval_every_epochs=100000 \
+    --config.checkpoint_every_steps=100000 $E2E_ARGS
+  cp "$root/run/metrics.jsonl" "$RES/e2e-metrics.jsonl" 2>/dev/null
+  cp "$root/run/config.json" "$RES/e2e-config.json" 2>/dev/null
+  merge_autotune
+  pack
+}
+
+part_torch() { torch_speed "${SHAPE#* }" eager; torch_speed "${SHAPE#* }" compile; }
+
+part_tests() {
+  # The tiny model: the equivalences need no DenseNet121 compile (benchmark parts time it).
+  step tests 150 env XLA_FLAGS="--xla_gpu_autotune_level=0" "$PY" -m pytest -q -rA -s \
+    -p no:cacheprovider -p no:xdist -p no:benchmark tests/gpu/test_gpu.py --junitxml="$RES/tests.xml"
+  if [[ -f "$RES/tests.log" ]]; then
+    echo "tests/gpu: $(grep -E "[0-9]+ (passed|failed|skipped|error)" "$RES/tests.log" | tail -n 1)" > "$RES/tests.txt"
+  fi
 }
 
 install_wheels
 for part in $PARTS; do
   case "$part" in
-    env) part_env ;;
-    speed1) speed_pairs "$SPEED1" ;;
-    speed2) speed_pairs "$SPEED2" ;;
-    tests) part_tests ;;
-    e2e) part_e2e ;;
-    compile) part_compile ;;
-    tune) part_tune ;;
-    *) echo "unknown part '$part' (env speed1 tests e2e speed2 compile tune)"; exit 2 ;;
+    env|base|cmdbuf|batch|fused|e2e|torch|tests) "part_$part" ;;
+    *) echo "unknown part '$part' (env base cmdbuf batch fused e2e torch tests)"; exit 2 ;;
   esac
 done
 
 "$PY" benchmarks/gpu_summary.py "$RES" --command "bash benchmarks/device_check.sh $*"
 pack
+if [[ -n "${OUT:-}" ]]; then
+  for f in summary.md gpu_summary.json autotune.textproto; do [[ -s "$RES/$f" ]] && cp "$RES/$f" "$OUT/"; done
+fi
 echo "total $(( SECONDS - START ))s; results in $RES"

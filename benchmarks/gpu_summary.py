@@ -25,6 +25,12 @@ def images_per_s(result):
   return result.get('images_per_s')
 
 
+def busy_ms(result):
+  """The profiled device time per step, or None where the run was not profiled."""
+  profile = result.get('profile') or {}
+  return 1e3 * profile['busy_s_per_step'] if 'busy_s_per_step' in profile else None
+
+
 def end_to_end(res):
   """(median images/s, median data wait ms) of the e2e run's logged intervals.
 
@@ -72,6 +78,8 @@ def rows(res, command):
         'batch': int(batch),
         'dtype': dtype,
         'jax_images_per_s': images_per_s(jax_r),
+        'jax_in_flight_images_per_s': jax_r.get('in_flight_images_per_s'),
+        'device_busy_ms_per_step': busy_ms(jax_r),
         'torch_eager_images_per_s': images_per_s(eager),
         'torch_compile_images_per_s': images_per_s(compiled),
         'end_to_end_images_per_s': (e2e_rate if e2e_at == (int(px), int(batch), dtype) else None),
@@ -127,13 +135,33 @@ def table(summary, res):
   tests = res / 'tests.txt'
   if tests.exists():
     lines.append(f'GPU tests: {tests.read_text().strip()}')
+  in_flight = [r for r in summary if r['jax_in_flight_images_per_s']]
+  if in_flight:
+    lines.append(
+      '\nJAX with steps in flight (as the trainer runs them), images/s: '
+      + ', '.join(
+        f'batch {r["batch"]}: {fmt(r["jax_in_flight_images_per_s"])}'
+        + (
+          f' (device busy {r["device_busy_ms_per_step"]:.1f} ms per step)'
+          if r['device_busy_ms_per_step']
+          else ''
+        )
+        for r in in_flight
+      )
+    )
   tune = sorted(res.glob('tune-*.json'))
   if tune:
     lines.append(
-      '\nTuning (same shape, same call): '
-      + ', '.join(f'{p.stem}: {fmt(images_per_s(load(p)))}' for p in tune)
+      '\nChanges against the default (same shape, same call), images/s synced / in flight: '
+      + ', '.join(f'{p.stem}: {variant(load(p))}' for p in tune)
     )
   return '\n'.join(lines)
+
+
+def variant(result):
+  text = f'{fmt(images_per_s(result))} / {fmt(result.get("in_flight_images_per_s"))}'
+  busy = busy_ms(result)
+  return text + (f' (device busy {busy:.1f} ms per step)' if busy else '')
 
 
 def main():

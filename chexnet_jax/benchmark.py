@@ -9,6 +9,11 @@ then reports images/s, step time, host input time, peak device memory, MFU and
 the time 10 epochs of the official training set would take, in the reference's
 table format (GPUs | images/s | time to train 10 epochs).
 
+The steps are timed twice. Synced, one at a time (the table's images/s and MFU):
+each step's latency. Then in flight, as the trainer runs them (each loss read
+one step late): the loop's throughput, with the host's dispatch time per step
+(time in the jitted call; `host_cpu_s_per_step` also counts CUDA's spin-wait).
+
 `--data random` (default) feeds uint8 batches made once in host memory, so the
 numbers are the step's own; it imports no input pipeline. `--data pipeline`
 reads `config.dataset` through input_pipeline.pipeline (grain), i.e. real
@@ -19,6 +24,7 @@ installs it from carried wheels on a machine without network): with
 `--data random` nothing imports grain, TFDS or array_record.
 """
 
+import collections
 import functools
 import json
 import os
@@ -187,7 +193,109 @@ def timed_steps(step, state, batches, to_global, steps):
   return state, step_times, input_times, (time.process_time() - cpu_start) / steps
 
 
-def run_benchmark(config, *, steps=20, warmup=3, data='random'):
+def steps_in_flight(step, state, batches, to_global, steps):
+  """Runs `steps` steps as the trainer does: each loss is read one step late.
+
+  So the host feeds and dispatches step n+1 while the device still runs step n,
+  and the wall time per step is the training loop's throughput, not one step's
+  latency. Also returns the host's dispatch time per step (inside the jitted
+  call only): what launching costs the host, without CUDA's spin-wait.
+  """
+  if steps < 1:
+    return state, 0.0, []
+  dispatch_times, previous = [], None
+  start = time.perf_counter()
+  for _ in range(steps):
+    batch = to_global(next(batches))
+    t = time.perf_counter()
+    state, metrics = step(state, batch)
+    dispatch_times.append(time.perf_counter() - t)
+    if previous is not None:
+      float(previous)  # The trainer's check of the previous loss: waits for it.
+    previous = metrics['train_loss']
+  loss = float(jax.block_until_ready(previous))
+  wall_s = time.perf_counter() - start
+  if not np.isfinite(loss):
+    raise FloatingPointError(f'non-finite training loss {loss}')
+  return state, wall_s / steps, dispatch_times
+
+
+# ----------------------------------------------------------------- profile --
+
+PROFILE_STEPS = 5  # Steps traced: enough for a per-step mean, a small trace.
+PROFILE_TOP = 15
+
+
+def profiled_steps(step, state, batches, to_global, profile_dir):
+  """Traces PROFILE_STEPS steps in flight -> (state, `profile_summary` of them)."""
+  with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+    state = steps_in_flight(step, state, batches, to_global, PROFILE_STEPS)[0]
+  return state, profile_summary(profile_dir, PROFILE_STEPS)
+
+
+def _trace_events(profile_dir):
+  """(process name, event) of each complete event of the newest perfetto trace."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+
+  paths = glob.glob(os.path.join(profile_dir, '**', 'perfetto_trace.json.gz'), recursive=True)
+  with gzip.open(max(paths, key=os.path.getmtime)) as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  names = {
+    e['pid']: e['args']['name']
+    for e in events
+    if e.get('ph') == 'M' and e.get('name') == 'process_name'
+  }
+  threads = {
+    (e['pid'], e['tid']): e['args']['name']
+    for e in events
+    if e.get('ph') == 'M' and e.get('name') == 'thread_name'
+  }
+  for e in events:
+    if e.get('ph') == 'X':
+      yield names.get(e['pid'], ''), threads.get((e['pid'], e['tid']), ''), e
+
+
+def profile_summary(profile_dir, steps):
+  """The top ops of a trace per step, and the device's busy time per step.
+
+  GPU kernels where the trace has a device; on a CPU (a rehearsal) the XLA ops
+  of the host's compute threads instead (not the Python thread).
+  """
+  rows = list(_trace_events(profile_dir))
+  # A GPU's kernels are on its stream lines; its 'XLA Ops' line repeats them by HLO name.
+  on_device = [
+    e for process, thread, e in rows if 'device:' in process.lower() and thread.startswith('Stream')
+  ]
+  source = 'device' if on_device else 'host'
+  if not on_device:  # The CPU backend's compute threads, less their executor's own spans.
+    on_device = [
+      e for _, thread, e in rows if thread.startswith('tf_XLA') and 'ThunkExecutor' not in e['name']
+    ]
+  durations, counts = collections.Counter(), collections.Counter()
+  for e in on_device:
+    durations[e['name']] += e.get('dur', 0) * 1e-6
+    counts[e['name']] += 1
+  busy = sum(durations.values())
+  return {
+    'source': source,
+    'steps': steps,
+    'busy_s_per_step': busy / steps,
+    'ops_per_step': sum(counts.values()) / steps,
+    'top': [
+      {
+        'name': name,
+        's_per_step': seconds / steps,
+        'share': seconds / busy,
+        'calls_per_step': counts[name] / steps,
+      }
+      for name, seconds in durations.most_common(PROFILE_TOP)
+    ],
+  }
+
+
+def run_benchmark(config, *, steps=20, warmup=3, data='random', profile_dir=''):
   """Benchmarks the train step; returns a dict of plain numbers and strings."""
   mesh = sharding.make_mesh()
   batches = host_batches(config, data, process_batch(config))
@@ -198,12 +306,21 @@ def run_benchmark(config, *, steps=20, warmup=3, data='random'):
   compiled = lowered.compile()
   compile_s = time.perf_counter() - t
   state = timed_steps(compiled, state, batches, to_global, warmup)[0]
-  _, step_times, input_times, cpu_s = timed_steps(compiled, state, batches, to_global, steps)
-  return summarize(config, data, step_times, input_times, cpu_s, step_flops(lowered), compile_s)
+  state, step_times, input_times, cpu_s = timed_steps(compiled, state, batches, to_global, steps)
+  state, *in_flight = steps_in_flight(compiled, state, batches, to_global, steps)
+  result = summarize(
+    config, data, step_times, input_times, cpu_s, step_flops(lowered), compile_s, in_flight
+  )
+  if profile_dir:
+    result['profile'] = profiled_steps(compiled, state, batches, to_global, profile_dir)[1]
+  return result
 
 
-def summarize(config, data, step_times, input_times, cpu_s, flops, compile_s):
-  """Turns the raw timings into the reported numbers."""
+def summarize(config, data, step_times, input_times, cpu_s, flops, compile_s, in_flight=None):
+  """Turns the raw timings into the reported numbers.
+
+  `in_flight`: (wall seconds per step, dispatch times) from `steps_in_flight`.
+  """
   device = jax.local_devices()[0]
   n_dev = jax.device_count()
   median = statistics.median(step_times)
@@ -242,6 +359,22 @@ def summarize(config, data, step_times, input_times, cpu_s, flops, compile_s):
     'train_examples': n_train,
     'epoch_s': n_train / images_per_s,
     'ten_epochs_s': EPOCHS * n_train / images_per_s,
+    **in_flight_fields(config.batch_size, median, in_flight),
+  }
+
+
+def in_flight_fields(global_batch, synced_median_s, in_flight):
+  """Throughput with steps in flight, beside the synced step's latency."""
+  if not in_flight or not in_flight[1]:
+    return {}
+  step_s, dispatch_times = in_flight
+  return {
+    'in_flight_step_time_s': step_s,
+    'in_flight_images_per_s': global_batch / step_s,
+    'dispatch_s_per_step_median': statistics.median(dispatch_times),
+    'dispatch_s_per_step_mean': statistics.fmean(dispatch_times),
+    # > 1: keeping steps in flight hides per-step host and sync time.
+    'synced_over_in_flight': synced_median_s / step_s,
   }
 
 
@@ -302,7 +435,35 @@ def detail_rows(r):
       fmt(r['mfu'] and 100 * r['mfu'], '.1f', ' %'),
     ),
     ('compile time (s)', f'{r["compile_s"]:.1f}'),
+    *in_flight_rows(r),
     (f'one epoch of {r["train_examples"]:,} images', f'{r["epoch_s"]:.1f} s ({hms(r["epoch_s"])})'),
+  ]
+
+
+def format_profile(p):
+  lines = [
+    f'Profile of {p["steps"]} steps in flight ({p["source"]} ops): busy '
+    f'{p["busy_s_per_step"] * 1e3:.2f} ms per step in {p["ops_per_step"]:.0f} ops',
+    '',
+    '| op | ms per step | share | calls per step |',
+    '| --- | --- | --- | --- |',
+  ]
+  lines += [
+    f'| {t["name"][:80]} | {t["s_per_step"] * 1e3:.3f} | {100 * t["share"]:.1f}% | '
+    f'{t["calls_per_step"]:.0f} |'
+    for t in p['top']
+  ]
+  return '\n'.join(lines)
+
+
+def in_flight_rows(r):
+  if 'in_flight_step_time_s' not in r:
+    return []
+  return [
+    ('images/s, steps in flight (as the trainer runs them)', f'{r["in_flight_images_per_s"]:.2f}'),
+    ('step time, steps in flight (s)', f'{r["in_flight_step_time_s"]:.4f}'),
+    ('host dispatch time per step, median (s)', f'{r["dispatch_s_per_step_median"]:.4f}'),
+    ('synced step time / in-flight step time', f'{r["synced_over_in_flight"]:.2f}'),
   ]
 
 
@@ -315,6 +476,9 @@ _DATA = flags.DEFINE_enum(
   'random: in-memory uint8 batches; pipeline: config.dataset through input_pipeline (grain).',
 )
 _JSON_OUT = flags.DEFINE_string('json_out', '', 'Also write the result here.')
+_PROFILE_DIR = flags.DEFINE_string(
+  'profile_dir', '', 'Also trace a few steps here and summarise their top ops.'
+)
 _CONFIG = config_flags.DEFINE_config_file(
   'config', None, 'Config file, e.g. configs/h100x1.py.', lock_config=True
 )
@@ -324,9 +488,17 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   del argv
   distributed.quiet_backend_probe()
-  result = run_benchmark(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value, data=_DATA.value)
+  result = run_benchmark(
+    _CONFIG.value,
+    steps=_STEPS.value,
+    warmup=_WARMUP.value,
+    data=_DATA.value,
+    profile_dir=_PROFILE_DIR.value,
+  )
   if jax.process_index() == 0:
     print(format_table(result), flush=True)
+    if 'profile' in result:
+      print(format_profile(result['profile']), flush=True)
     if _JSON_OUT.value:
       os.makedirs(os.path.dirname(os.path.abspath(_JSON_OUT.value)), exist_ok=True)
       with open(_JSON_OUT.value, 'w') as f:

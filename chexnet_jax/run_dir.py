@@ -116,6 +116,12 @@ def with_label_set(config, names):
   return config
 
 
+# Identity fields newer than some runs, with the value those runs had.
+IDENTITY_OF_OLDER_RUNS = {'optimizer_state': 'per_parameter'}
+# The config field that decides an identity field, where the name differs.
+IDENTITY_FIELDS = {'optimizer_state': 'fused_optimizer'}
+
+
 def run_identity(config, dataset_info):
   """What a checkpoint is only meaningful with."""
   return {
@@ -124,6 +130,8 @@ def run_identity(config, dataset_info):
     'labels': list(labels_lib.names_of(config)),
     'image_size': config.image_size,
     'dataset': dataset_info,
+    # The checkpoint's Adam state: one array per parameter, or one flat vector.
+    'optimizer_state': 'flat' if config.get('fused_optimizer', False) else 'per_parameter',
   }
 
 
@@ -143,10 +151,13 @@ def check_or_write_identity(workdir, identity, allowed=()):
     return
   with open(path) as f:
     saved = json.load(f)
+  saved = {**IDENTITY_OF_OLDER_RUNS, **saved}
   different = sorted(k for k in identity if saved.get(k) != identity[k] and k not in allowed)
   if different:
     details = '; '.join(
-      f'{k}: run has {saved.get(k)!r}, config asks for {identity[k]!r}' for k in different
+      f'{k}: run has {saved.get(k)!r}, config asks for {identity[k]!r}'
+      + (f' (config.{IDENTITY_FIELDS[k]})' if k in IDENTITY_FIELDS else '')
+      for k in different
     )
     consent = [k for k in different if k in CHANGE_NEEDS_CONSENT]
     also = f', or add --config.allow_changes={",".join(consent)}' if consent else ''

@@ -212,8 +212,7 @@ def _read_snapshot(workdir, root, step):
   problem = checkpoint_files.verify(os.path.join(root, str(step)))
   if problem == checkpoint_files.UNVERIFIED:
     logging.warning(
-      'Checkpoint step %d of %s has no %s (it predates checksums at save); '
-      'reading it unverified.',
+      'Checkpoint step %d of %s has no %s (it predates checksums at save); reading it unverified.',
       step,
       workdir,
       checkpoint_files.CHECKSUM_FILE,

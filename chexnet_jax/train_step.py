@@ -10,6 +10,7 @@ identical.
 """
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
@@ -43,19 +44,20 @@ def make_train_step(config, model, mesh, tx, schedule, loss_weights=None):
     args = (state.batch_stats, images, batch['labels'], state.step)
     if state.dynamic_scale is None:
       (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *args)
-      grads = jax.lax.pmean(grads, DATA_AXIS)
+      grads, batch_stats = pmean_as_one((grads, batch_stats))
       dynamic_scale, grads_finite = None, jnp.bool_(True)
     else:
       dynamic_scale, grads_finite, (loss, batch_stats), grads = state.dynamic_scale.value_and_grad(
         loss_fn, has_aux=True, axis_name=DATA_AXIS
       )(state.params, *args)
+      batch_stats = pmean_as_one(batch_stats)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u: u * state.plateau.scale, updates)
     new_state = state.replace(
       step=state.step + 1,
       params=optax.apply_updates(state.params, updates),
       opt_state=opt_state,
-      batch_stats=jax.lax.pmean(batch_stats, DATA_AXIS),
+      batch_stats=batch_stats,
       dynamic_scale=dynamic_scale,
     )
     # float16: an overflowing step is skipped (the loss scale backs off).
@@ -79,7 +81,23 @@ def make_train_step(config, model, mesh, tx, schedule, loss_weights=None):
     out_specs=(spec(), spec()),
     check_vma=False,
   )
-  return jax.jit(step_fn, donate_argnums=0)
+  return jax.jit(step_fn, donate_argnums=0, compiler_options=compiler_options(config))
+
+
+def compiler_options(config):
+  """XLA options of the step: the GPU command-buffer kinds, unless XLA's default."""
+  kinds = config.get('gpu_command_buffers', '')
+  return {'xla_gpu_enable_command_buffer': kinds} if kinds else None
+
+
+def pmean_as_one(tree):
+  """pmean over 'data' of a float32 pytree as one flat vector: one all-reduce.
+
+  Leaf by leaf, XLA's combiner still left 62 all-reduces per DenseNet121 step
+  (benchmarks/SCALING.md), each paying NCCL's fixed cost; the mean is the same.
+  """
+  flat, unravel = jax.flatten_util.ravel_pytree(tree)
+  return unravel(jax.lax.pmean(flat, DATA_AXIS))
 
 
 def _keep_if_finite(is_finite, new_state, old_state):

@@ -94,6 +94,17 @@ def get_config():
   # validation loss". Or 'val_mean_auroc'.
   c.num_epochs = 10.0
   c.num_train_steps = -1  # > 0 overrides num_epochs.
+  # XLA:GPU command buffers (CUDA graphs): the launch kinds captured. With
+  # CONVOLUTION and COLLECTIVES (not in XLA's default) the whole DenseNet121 step
+  # is one graph, on 1 GPU and on 4: 1 host launch per step instead of 908
+  # (benchmarks/results/compile_report.json). '' = XLA's default. Ignored on CPU.
+  c.gpu_command_buffers = (
+    'FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONVOLUTION,COLLECTIVES'
+  )
+  # True: Adam over all parameters as one flat vector (optax.flatten): a few
+  # kernels per step instead of one per parameter. Changes the checkpoint's
+  # optimizer-state layout, so a run resumes only with the setting it began with.
+  c.fused_optimizer = False
 
   # Bookkeeping.
   c.seed = 0

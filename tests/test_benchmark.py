@@ -140,3 +140,54 @@ def test_cpu_has_no_peak_or_mfu(smoke_result):
 )
 def test_peak_flops_by_device_kind(kind, dtype, peak):
   assert benchmark.peak_flops(kind, dtype) == peak
+
+
+def test_in_flight_throughput_beside_synced_latency(smoke_result):
+  """Both timings of the same steps: their ratio is the synced median over the
+  in-flight step time, and dispatch is part of the in-flight wall time."""
+  stdout, r = smoke_result
+  assert r['in_flight_images_per_s'] == pytest.approx(
+    r['global_batch'] / r['in_flight_step_time_s']
+  )
+  assert r['synced_over_in_flight'] == pytest.approx(
+    r['step_time_median_s'] / r['in_flight_step_time_s']
+  )
+  assert 0 < r['dispatch_s_per_step_mean'] <= r['in_flight_step_time_s']
+  assert 'images/s, steps in flight' in stdout and 'host dispatch time per step' in stdout
+
+
+def test_in_flight_fields_by_hand():
+  fields = benchmark.in_flight_fields(64, 0.5, (0.25, [0.01, 0.03, 0.02]))
+  assert fields['in_flight_images_per_s'] == 256 and fields['synced_over_in_flight'] == 2
+  assert fields['dispatch_s_per_step_median'] == 0.02
+  assert benchmark.in_flight_fields(64, 0.5, None) == {}
+
+
+def test_profile_summary_counts_stream_kernels_per_step(tmp_path):
+  """A GPU trace: kernels on a stream line count, the 'XLA Ops' line repeating them does not."""
+  import gzip
+
+  events = [
+    {'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/device:GPU:0'}},
+    {'ph': 'M', 'name': 'thread_name', 'pid': 1, 'tid': 7, 'args': {'name': 'Stream #13(Compute)'}},
+    {'ph': 'M', 'name': 'thread_name', 'pid': 1, 'tid': 8, 'args': {'name': 'XLA Ops'}},
+    {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/host:CPU'}},
+  ]
+  for _ in range(2):  # Two steps: a 3 ms convolution, two 0.5 ms fusions.
+    events += [
+      {'ph': 'X', 'pid': 1, 'tid': 7, 'name': 'cudnn_conv', 'dur': 3000},
+      {'ph': 'X', 'pid': 1, 'tid': 7, 'name': 'loop_add_fusion', 'dur': 500},
+      {'ph': 'X', 'pid': 1, 'tid': 7, 'name': 'loop_add_fusion', 'dur': 500},
+      {'ph': 'X', 'pid': 1, 'tid': 8, 'name': 'fusion.1', 'dur': 4000},
+      {'ph': 'X', 'pid': 2, 'tid': 3, 'name': 'PjitFunction', 'dur': 9000},
+    ]
+  run_dir = tmp_path / 'plugins' / 'profile' / 'run'
+  run_dir.mkdir(parents=True)
+  with gzip.open(run_dir / 'perfetto_trace.json.gz', 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+  p = benchmark.profile_summary(str(tmp_path), steps=2)
+  assert p['source'] == 'device' and p['ops_per_step'] == 3
+  assert p['busy_s_per_step'] == pytest.approx(4e-3)
+  assert [t['name'] for t in p['top']] == ['cudnn_conv', 'loop_add_fusion']
+  assert p['top'][0]['share'] == pytest.approx(0.75) and p['top'][1]['calls_per_step'] == 2
+  assert 'cudnn_conv | 3.000 | 75.0% | 1 |' in benchmark.format_profile(p)

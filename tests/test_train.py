@@ -82,6 +82,45 @@ def test_float16_uses_dynamic_loss_scaling_and_keeps_float32_params():
   assert {x.dtype for x in jax.tree.leaves(state.batch_stats)} == {np.dtype('float32')}
 
 
+def test_fused_optimizer_takes_the_same_steps_with_one_buffer_per_statistic():
+  # A larger eps, as above: the comparison is of the update, not of rounding noise amplified.
+  per_leaf, losses = _train(_config(adam_eps=1e-3), jax.devices()[:2])
+  fused, fused_losses = _train(_config(adam_eps=1e-3, fused_optimizer=True), jax.devices()[:2])
+  np.testing.assert_allclose(fused_losses, losses, rtol=1e-6)
+  assert _max_difference(per_leaf.params, fused.params) < 1e-6
+  count = len(jax.tree.leaves(per_leaf.params))
+  # adamw's mu and nu (and a step count), one vector each instead of one per parameter.
+  assert len(jax.tree.leaves(per_leaf.opt_state)) > 2 * count
+  assert len(jax.tree.leaves(fused.opt_state)) <= 4 < count
+
+
+def test_resuming_with_the_other_optimizer_layout_is_refused_in_one_sentence(tmp_path):
+  """A run from before config.fused_optimizer (its run.json has no optimizer_state)
+  resumes per parameter; asking it for the flat layout is refused before any restore."""
+  import json
+
+  from chexnet_jax import run_dir
+
+  workdir = str(tmp_path)
+  older = run_dir.run_identity(_config(), {'name': 'synthetic'})
+  del older['optimizer_state']
+  with open(tmp_path / run_dir.IDENTITY_FILE, 'w') as f:
+    json.dump(older, f)
+  run_dir.check_or_write_identity(workdir, run_dir.run_identity(_config(), {'name': 'synthetic'}))
+  fused = run_dir.run_identity(_config(fused_optimizer=True), {'name': 'synthetic'})
+  with pytest.raises(run_dir.RunMismatchError) as error:
+    run_dir.check_or_write_identity(workdir, fused)
+  message = str(error.value)
+  assert "optimizer_state: run has 'per_parameter', config asks for 'flat'" in message
+  assert 'config.fused_optimizer' in message and message.count('\n') == 0
+
+
+def test_compiler_options_set_gpu_command_buffers_unless_xla_default():
+  assert train_step.compiler_options(_config(gpu_command_buffers='')) is None
+  options = train_step.compiler_options(_config())
+  assert 'CONVOLUTION' in options['xla_gpu_enable_command_buffer'].split(',')
+
+
 def test_poisoned_step_yields_nan_loss():
   _, losses = _train(_config(debug_nan_at_step=1), jax.devices()[:2])
   assert np.isfinite(losses[0]) and np.isnan(losses[1])
