@@ -46,7 +46,7 @@ class WeightsDownloadError(RuntimeError):
 
 def cache_dir(config=None):
   """config.weights_cache_dir, else $XDG_CACHE_HOME/chexnet_jax, else ~/.cache/..."""
-  configured = config.get('weights_cache_dir', '') if config is not None else ''
+  configured = config.weights_cache_dir if config is not None else ''
   if configured:
     return os.path.expanduser(configured)
   base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')

@@ -131,7 +131,7 @@ def run_identity(config, dataset_info):
     'image_size': config.image_size,
     'dataset': dataset_info,
     # The checkpoint's Adam state: one array per parameter, or one flat vector.
-    'optimizer_state': 'flat' if config.get('fused_optimizer', False) else 'per_parameter',
+    'optimizer_state': 'flat' if config.fused_optimizer else 'per_parameter',
   }
 
 
@@ -169,7 +169,7 @@ def check_or_write_identity(workdir, identity, allowed=()):
 
 def allowed_changes(config):
   """The field names in config.allow_changes."""
-  return tuple(n.strip() for n in config.get('allow_changes', '').split(',') if n.strip())
+  return tuple(n.strip() for n in config.allow_changes.split(',') if n.strip())
 
 
 def has_checkpoint(workdir):
