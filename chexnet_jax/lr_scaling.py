@@ -56,7 +56,7 @@ def adam_hyperparameters(config):
   """{'b1', 'b2', 'eps'} for Adam at batch_size: as configured, but under
   'sqrt_adam' b2 and eps follow the batch (Malladi et al. 2022)."""
   b1, b2, eps = config.b1, config.b2, config.adam_eps
-  if config.get('lr_scaling') != 'sqrt_adam':
+  if config.lr_scaling != 'sqrt_adam':
     return {'b1': b1, 'b2': b2, 'eps': eps}
   kappa = batch_ratio(config)
   scaled_b2 = 1.0 - kappa * (1.0 - b2)

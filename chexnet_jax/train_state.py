@@ -49,7 +49,7 @@ def create_optimizer(config, steps_per_epoch, total_steps):
   tx = optax.adamw(
     schedule, **lr_scaling.adam_hyperparameters(config), weight_decay=config.weight_decay
   )
-  if config.get('fused_optimizer', False):  # Same numbers, one buffer per statistic.
+  if config.fused_optimizer:  # Same numbers, one buffer per statistic.
     tx = optax.flatten(tx)
   return tx, schedule
 

@@ -86,7 +86,7 @@ def make_train_step(config, model, mesh, tx, schedule, loss_weights=None):
 
 def compiler_options(config):
   """XLA options of the step: the GPU command-buffer kinds, unless XLA's default."""
-  kinds = config.get('gpu_command_buffers', '')
+  kinds = config.gpu_command_buffers
   return {'xla_gpu_enable_command_buffer': kinds} if kinds else None
 
 
