@@ -23,6 +23,7 @@ from chexnet_jax import lr_scaling
 from chexnet_jax import models
 from chexnet_jax import run_dir
 from chexnet_jax import run_weights
+from chexnet_jax import train_step
 from input_pipeline import batching
 from input_pipeline import csv_dataset
 from input_pipeline import pipeline
@@ -115,6 +116,10 @@ def _distinct_names(value):
   return value == '' or (all(names) and len(set(names)) == len(names))
 
 
+def _command_buffer_kinds(value, _):
+  return value == '' or all(k in train_step.COMMAND_BUFFER_KINDS for k in value.split(','))
+
+
 def _field_names(value):
   names = [n.strip() for n in value.split(',') if n.strip()]
   return all(n in CHANGE_NEEDS_CONSENT for n in names)
@@ -186,6 +191,11 @@ FIELDS = {
   ),
   'dtype': _choice('dtype'),
   'bn_sync': _flag(),
+  'gpu_command_buffers': _text(
+    _command_buffer_kinds,
+    f"'' (XLA's default) or a comma list of {', '.join(train_step.COMMAND_BUFFER_KINDS)}",
+  ),
+  'fused_optimizer': _flag(),
   'init_from': _text(_any, "'imagenet', '' (from scratch), a weights file or a run directory"),
   'imagenet_weights_url': _text(
     lambda v, _: v.startswith(('https://', 'http://', 'file://')),

@@ -84,6 +84,22 @@ def make_train_step(config, model, mesh, tx, schedule, loss_weights=None):
   return jax.jit(step_fn, donate_argnums=0, compiler_options=compiler_options(config))
 
 
+# XLA's command-buffer kinds (xla/debug_options_flags.cc), for config.gpu_command_buffers.
+COMMAND_BUFFER_KINDS = (
+  'FUSION',
+  'CUBLAS',
+  'CUBLASLT',
+  'CUSTOM_CALL',
+  'CUDNN',
+  'DYNAMIC_SLICE_FUSION',
+  'DYNAMIC_SLICE_COPY_FUSION',
+  'CONVOLUTION',
+  'COLLECTIVES',
+  'CONDITIONAL',
+  'WHILE',
+)
+
+
 def compiler_options(config):
   """XLA options of the step: the GPU command-buffer kinds, unless XLA's default."""
   kinds = config.gpu_command_buffers

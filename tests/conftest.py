@@ -23,9 +23,10 @@ if REPO not in sys.path:
 # A tiny trained run shared by the evaluation tests (evaluate, predict, CAM,
 # notebook): trained once per session on synthetic data with configs/cpu_smoke.py.
 
-import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
+
+from tests import runs  # noqa: E402
 
 TINY_RUN_STEPS = 48
 # Beside (not in) the tiny run's workdir: the console of its training, which
@@ -33,27 +34,29 @@ TINY_RUN_STEPS = 48
 TINY_RUN_CONSOLE = 'train.stderr'
 
 
+# Fixtures that train or convert in a subprocess: a test that uses one is slow
+# (make test-fast leaves it out) whether or not it says so itself.
+SLOW_FIXTURES = ('tiny_run',)
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if set(SLOW_FIXTURES) & set(getattr(item, 'fixturenames', ())):
+      item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope='session')
 def tiny_run(tmp_path_factory):
   """Path of a workdir holding a cpu_smoke run trained for TINY_RUN_STEPS steps;
   its training's stderr is in the workdir's parent, TINY_RUN_CONSOLE."""
   workdir = str(tmp_path_factory.mktemp('tiny_run') / 'run')
-  command = [
-    sys.executable,
-    '-m',
-    'chexnet_jax.main',
-    '--config',
-    'configs/cpu_smoke.py',
-    '--workdir',
-    workdir,
-    f'--config.num_train_steps={TINY_RUN_STEPS}',
-  ]
-  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+  result = runs.run_trainer(workdir, f'num_train_steps={TINY_RUN_STEPS}')
   with open(os.path.join(os.path.dirname(workdir), TINY_RUN_CONSOLE), 'w') as f:
     f.write(result.stderr)
   if result.returncode != 0:
     raise RuntimeError(
-      f'tests/conftest.py tiny_run: training failed ({" ".join(command)}):\n{result.stderr[-3000:]}'
+      f'tests/conftest.py tiny_run: training failed ({" ".join(result.args)}):\n'
+      f'{result.stderr[-3000:]}'
     )
   return workdir
 

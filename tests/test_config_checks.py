@@ -40,6 +40,8 @@ BAD_VALUES = {
   'label_names': 'Atelectasis,,Mass',
   'dtype': 'float8',
   'bn_sync': 1,
+  'gpu_command_buffers': 'FUSION,WARP',
+  'fused_optimizer': 'yes',
   'init_from': 'weights\0.pth',
   'imagenet_weights_url': 'densenet121-a639ec97.pth',
   'weights_cache_dir': 3,

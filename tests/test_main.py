@@ -4,26 +4,13 @@ checkpoints and resumes; bad configs stop before anything compiles."""
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests import runs
 
 
-def run_main(workdir, *overrides, timeout=600):
-  command = [
-    sys.executable,
-    '-m',
-    'chexnet_jax.main',
-    '--config',
-    os.path.join(REPO, 'configs', 'cpu_smoke.py'),
-    '--workdir',
-    str(workdir),
-    *overrides,
-  ]
-  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+run_main = runs.run_trainer
 
 
 def read_metrics(workdir):
