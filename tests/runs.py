@@ -13,39 +13,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE_CONFIG = 'configs/cpu_smoke.py'
 
 
-def trainer_command(workdir, *overrides, config=SMOKE_CONFIG):
-  """The trainer's command line; overrides are 'field=value' or full flags."""
+def trainer_command(workdir, *overrides, config=SMOKE_CONFIG, program=None):
+  """The trainer's command line; overrides are 'field=value' or whole flags.
+  `program`: Python source run with -c instead of chexnet_jax.main (a test's
+  driver that wraps main to inject a fault)."""
   flags = [o if o.startswith('-') else f'--config.{o}' for o in overrides]
-  return [
-    sys.executable,
-    '-m',
-    'chexnet_jax.main',
-    '--config',
-    config,
-    '--workdir',
-    str(workdir),
-  ] + flags
+  head = ['-c', program] if program else ['-m', 'chexnet_jax.main']
+  return [sys.executable, *head, '--config', config, '--workdir', str(workdir), *flags]
 
 
 def run_trainer(workdir, *overrides, config=SMOKE_CONFIG, timeout=600, **kwargs):
-  """Runs the trainer to its end; a CompletedProcess with text stdout/stderr."""
-  return subprocess.run(
-    trainer_command(workdir, *overrides, config=config),
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    **kwargs,
-  )
-
-
-def start_trainer(workdir, *overrides, config=SMOKE_CONFIG, **kwargs):
-  """Starts the trainer without waiting (for tests that signal or kill it)."""
-  kwargs.setdefault('stdout', subprocess.PIPE)
-  kwargs.setdefault('stderr', subprocess.PIPE)
-  return subprocess.Popen(
-    trainer_command(workdir, *overrides, config=config), cwd=REPO, text=True, **kwargs
-  )
+  """Runs the trainer to its end (from the repository root unless `cwd` says
+  otherwise); a CompletedProcess with text stdout/stderr."""
+  kwargs.setdefault('cwd', REPO)
+  command = trainer_command(workdir, *overrides, config=config)
+  return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def free_port():

@@ -4,8 +4,6 @@ import glob
 import importlib
 import os
 import re
-import subprocess
-import sys
 import types
 
 import ml_collections
@@ -15,6 +13,7 @@ from chexnet_jax import config_checks
 from chexnet_jax import run_dir
 from configs import cpu_smoke
 from configs import default
+from tests import runs
 from tests.conftest import REPO
 
 # A bad value for every field of configs/default.py, chosen here, apart from the
@@ -154,14 +153,8 @@ def test_shipped_configs_pass(name):
 def test_config_file_that_does_not_load_is_one_sentence(tmp_path, text, reason):
   path = tmp_path / 'broken.py'
   path.write_text(text)
-  command = [sys.executable, '-m', 'chexnet_jax.main', '--config', str(path)]
-  result = subprocess.run(
-    [*command, '--workdir', str(tmp_path / 'run')],
-    cwd=REPO,
-    env=dict(os.environ, JAX_PLATFORMS='cpu'),
-    capture_output=True,
-    text=True,
-    timeout=120,
+  result = runs.run_trainer(
+    tmp_path / 'run', config=str(path), env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=120
   )
   assert result.returncode == 1
   assert result.stderr.strip() == (
@@ -173,23 +166,12 @@ def test_config_file_that_does_not_load_is_one_sentence(tmp_path, text, reason):
 def test_bad_value_on_the_command_line_stops_before_jax_starts(tmp_path):
   """The CLI path: process_id out of range is one line (JAX never starts, the
   workdir never exists)."""
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'chexnet_jax.main',
-      '--config',
-      os.path.join(REPO, 'configs', 'cpu_smoke.py'),
-      '--workdir',
-      str(tmp_path / 'run'),
-      '--config.coordinator_address=localhost:1234',
-      '--config.num_processes=2',
-      '--config.process_id=5',
-    ],
-    cwd=REPO,
+  result = runs.run_trainer(
+    tmp_path / 'run',
+    'coordinator_address=localhost:1234',
+    'num_processes=2',
+    'process_id=5',
     env=dict(os.environ, JAX_PLATFORMS='cpu'),
-    capture_output=True,
-    text=True,
     timeout=120,
   )
   assert result.returncode == 1

@@ -13,6 +13,7 @@ import pytest
 
 from chexnet_jax import distributed
 from configs import default
+from tests import runs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -217,10 +218,7 @@ if int(victim) >= 0:
 """
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+_free_port = runs.free_port
 
 
 def _launch(num_processes, heartbeat=60, victim=-1):

@@ -14,6 +14,7 @@ from sklearn import metrics as sk_metrics
 from chexnet_jax import eval_outputs
 from chexnet_jax import scoring
 from input_pipeline import labels as labels_lib
+from tests import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = labels_lib.LABELS
@@ -200,12 +201,7 @@ def test_format_auroc_table_handles_missing_values():
   assert len(eval_outputs.format_auroc_table(report).splitlines()) == 14 + 4
 
 
-def _free_port():
-  import socket
-
-  with socket.socket() as sock:
-    sock.bind(('localhost', 0))
-    return sock.getsockname()[1]
+_free_port = runs.free_port
 
 
 @pytest.mark.slow

@@ -9,8 +9,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 from flax import traverse_util
 import jax
@@ -25,6 +23,7 @@ from chexnet_jax import train_state
 from configs import cpu_smoke
 from input_pipeline import labels as labels_lib
 from tests.conftest import REPO
+from tests import runs
 from tests import test_own_data
 
 
@@ -147,22 +146,11 @@ def test_fine_tune_onto_an_own_dataset_end_to_end(tiny_run, tmp_path):
     '--num_workers',
     '2',
   )
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'chexnet_jax.main',
-      *test_own_data.SMOKE,
-      '--workdir',
-      workdir,
-      '--config.dataset=own3',
-      f'--config.data_dir={data_dir}',
-      f'--config.init_from={os.path.relpath(tiny_run, REPO)}',
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    env={**os.environ, 'PYTHONPATH': REPO},
+  result = test_own_data.train(
+    workdir,
+    'dataset=own3',
+    f'data_dir={data_dir}',
+    f'init_from={os.path.relpath(tiny_run, REPO)}',
   )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'labels carried over: Effusion, Atelectasis; starting fresh: Nodule plus' in result.stderr
@@ -239,21 +227,8 @@ def test_unreadable_unverified_step_of_the_source_is_one_sentence(tiny_run, tmp_
 def test_corrupt_source_through_the_command_line_is_one_line(tiny_run, tmp_path):
   source, step, step_dir = _damaged_copy(tiny_run, tmp_path)
   (step_dir / 'data' / 'metadata').write_text('{}')
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'chexnet_jax.main',
-      '--config',
-      'configs/cpu_smoke.py',
-      '--workdir',
-      str(tmp_path / 'run'),
-      f'--config.init_from={source}',
-    ],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    env={**os.environ, 'PYTHONPATH': REPO},
+  result = runs.run_trainer(
+    tmp_path / 'run', f'init_from={source}', env={**os.environ, 'PYTHONPATH': REPO}
   )
   assert result.returncode == 1
   errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]

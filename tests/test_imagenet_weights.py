@@ -8,7 +8,6 @@ import hashlib
 import http.server
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ from chexnet_jax import imagenet_weights
 from chexnet_jax import models
 from chexnet_jax import weights
 from tests import legacy_pth
+from tests import runs
 from tests.conftest import REPO
 
 SIZE = 32
@@ -187,10 +187,7 @@ def test_tampered_download_is_refused_and_never_kept(served, tmp_path):
   assert [f for f in os.listdir(cache) if not f.endswith('.lock')] == []
 
 
-def _closed_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+_closed_port = runs.free_port  # Nothing listens there: a download is refused.
 
 
 def test_no_network_names_the_url_and_where_to_put_the_file(tmp_path):
@@ -206,22 +203,14 @@ def test_no_network_names_the_url_and_where_to_put_the_file(tmp_path):
 
 def test_main_says_it_in_one_sentence_without_traceback(tmp_path):
   url = f'http://127.0.0.1:{_closed_port()}/densenet121-a639ec97.pth'
-  command = [
-    sys.executable,
-    '-m',
-    'chexnet_jax.main',
-    '--config',
-    os.path.join(REPO, 'configs', 'cpu_smoke.py'),
-    '--workdir',
-    str(tmp_path / 'run'),
-    '--config.model=densenet121',
-    '--config.init_from=imagenet',
-    f'--config.imagenet_weights_url={url}',
-    f'--config.weights_cache_dir={tmp_path / "cache"}',
-    '--config.num_train_steps=1',
-  ]
-  result = subprocess.run(
-    command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+  result = runs.run_trainer(
+    tmp_path / 'run',
+    'model=densenet121',
+    'init_from=imagenet',
+    f'imagenet_weights_url={url}',
+    f'weights_cache_dir={tmp_path / "cache"}',
+    'num_train_steps=1',
+    timeout=300,
   )
   assert result.returncode == 1
   assert 'Traceback' not in result.stderr

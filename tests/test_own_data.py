@@ -26,6 +26,7 @@ from input_pipeline import csv_dataset
 from input_pipeline import dicom
 from input_pipeline import images
 from input_pipeline import pipeline
+from tests import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, 'demo_data')
@@ -439,13 +440,13 @@ def _run(*args):
   return result.stdout
 
 
-SMOKE = (
-  '--config',
-  'configs/cpu_smoke.py',
-  '--config.num_train_steps=12',
-  '--config.eval_every_epochs=1',
-  '--config.dataset_image_size=40',
-)
+# cpu_smoke on an own dataset built at 40 px: 12 steps, one validation per epoch.
+SMOKE = ('num_train_steps=12', 'eval_every_epochs=1', 'dataset_image_size=40')
+
+
+def train(workdir, *overrides):
+  """Trains cpu_smoke with SMOKE and `overrides`; the CompletedProcess."""
+  return runs.run_trainer(workdir, *SMOKE, *overrides, env={**os.environ, 'PYTHONPATH': REPO})
 
 
 @pytest.fixture(scope='module')
@@ -456,15 +457,8 @@ def own3_run(tmp_path_factory):
   path = write_csv(root / 'own.csv', own_rows())
   data_dir, workdir = str(root / 'd'), str(root / 'run')
   _run('-m', 'input_pipeline.build', *own_build_args(path, 'own3', data_dir, 40, 2))
-  _run(
-    '-m',
-    'chexnet_jax.main',
-    *SMOKE,
-    '--workdir',
-    workdir,
-    '--config.dataset=own3',
-    f'--config.data_dir={data_dir}',
-  )
+  trained = train(workdir, 'dataset=own3', f'data_dir={data_dir}')
+  assert trained.returncode == 0, trained.stderr[-3000:]
   stdout = _run(
     '-m', 'chexnet_jax.evaluate', '--workdir', workdir, '--bootstrap', '20', '--gallery', '2'
   )
@@ -586,16 +580,8 @@ def _train_chexpert(root, policy):
     '2',
   )
   workdir = str(root / 'run')
-  _run(
-    '-m',
-    'chexnet_jax.main',
-    *SMOKE,
-    '--workdir',
-    workdir,
-    '--config.dataset=chex',
-    f'--config.data_dir={data_dir}',
-    '--config.batch_size=16',
-  )
+  trained = train(workdir, 'dataset=chex', f'data_dir={data_dir}', 'batch_size=16')
+  assert trained.returncode == 0, trained.stderr[-3000:]
   return workdir
 
 

@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 
 from chexnet_jax import checkpoints
+from tests import runs
 from tests.conftest import REPO
 
 STEPS = 40  # 2.5 epochs of cpu_smoke (16 steps each).
@@ -125,15 +126,7 @@ def _env(**extra):
 
 
 def _command(workdir, overrides, driver=False):
-  head = [sys.executable, '-c', _DRIVER] if driver else [sys.executable, '-m', 'chexnet_jax.main']
-  return [
-    *head,
-    '--config',
-    os.path.join(REPO, 'configs', 'cpu_smoke.py'),
-    '--workdir',
-    str(workdir),
-    *overrides,
-  ]
+  return runs.trainer_command(workdir, *overrides, program=_DRIVER if driver else None)
 
 
 def _start(workdir, *overrides, env=None):
@@ -609,15 +602,7 @@ def test_bad_config_values_are_one_sentence_before_the_workdir(tmp_path, field, 
 
 def test_missing_config_file_is_one_sentence(tmp_path):
   result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'chexnet_jax.main',
-      '--config',
-      'configs/nope.py',
-      '--workdir',
-      str(tmp_path / 'run'),
-    ],
+    runs.trainer_command(tmp_path / 'run', config='configs/nope.py'),
     cwd=REPO,
     env=_env(),
     capture_output=True,
@@ -876,12 +861,7 @@ def test_ctrl_c_in_a_terminal_with_grain_workers_saves_and_exits_130(reference, 
 # ------------------------------------------------ resume on another topology --
 
 
-def _free_port():
-  import socket
-
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+_free_port = runs.free_port
 
 
 @pytest.mark.slow

@@ -5,8 +5,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import nbclient
 import nbformat
@@ -17,6 +15,7 @@ from chexnet_jax import predict
 from chexnet_jax import run_dir
 from configs import cpu_smoke
 from input_pipeline import build
+from tests import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, 'notebooks', 'evaluate_checkpoint.ipynb')
@@ -33,23 +32,19 @@ def run_made_elsewhere(tmp_path_factory):
   env = dict(
     os.environ, PYTHONPATH=os.pathsep.join([REPO, *filter(None, [os.environ.get('PYTHONPATH')])])
   )
-  command = [
-    sys.executable,
-    '-m',
-    'chexnet_jax.main',
-    '--config',
-    os.path.join(REPO, 'configs', 'cpu_smoke.py'),
-    '--workdir',
-    'run',
-    '--config.dataset=chestxray14',
-    '--config.data_dir=data',
-    f'--config.dataset_image_size={SIZE}',
-    '--config.image_size=56',
-    '--config.num_train_steps=2',
-    '--config.batch_size=16',
-    '--config.eval_batch_size=32',
-  ]
-  result = subprocess.run(command, cwd=start, env=env, capture_output=True, text=True)
+  result = runs.run_trainer(
+    'run',  # Relative, as a user types it, like data_dir.
+    'dataset=chestxray14',
+    'data_dir=data',
+    f'dataset_image_size={SIZE}',
+    'image_size=56',
+    'num_train_steps=2',
+    'batch_size=16',
+    'eval_batch_size=32',
+    config=os.path.join(REPO, 'configs', 'cpu_smoke.py'),
+    cwd=start,
+    env=env,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   with open(start / 'run' / run_dir.CONFIG_FILE) as f:
     assert json.load(f)['data_dir'] == str(start / 'data')  # Absolute.
