@@ -29,7 +29,6 @@ from typing import Callable, List, Mapping, Optional
 
 import jax
 
-from chexnet_jax import config_checks
 from chexnet_jax import stderr_guard
 
 # Values Slurm or CUDA use for "no GPU"; anything else in these variables means
@@ -70,6 +69,15 @@ def launch_mode(config, env: Mapping[str, str] = os.environ) -> str:
   if config.coordinator_address:
     return 'explicit'
   return 'single'
+
+
+def _check_fields(config, fields):
+  """config_checks' rules for `fields`. Imported here, not at the top: the field
+  table imports the input pipeline (grain, TFDS), which the GPU benchmark's
+  machines may lack, and the benchmark imports this module."""
+  from chexnet_jax import config_checks  # pylint: disable=import-outside-toplevel
+
+  config_checks.check_fields(config, fields)
 
 
 def initialize(config, env: Mapping[str, str] = os.environ, workdir: Optional[str] = None) -> None:
@@ -141,7 +149,7 @@ def exit_if_peer_lost(error: BaseException) -> None:
 def explicit_args(config) -> dict:
   """coordinator_address/num_processes/process_id from config, validated
   (config_checks.FIELDS: the one table of what each field may be)."""
-  config_checks.check_fields(config, ('coordinator_address', 'num_processes', 'process_id'))
+  _check_fields(config, ('coordinator_address', 'num_processes', 'process_id'))
   return dict(
     coordinator_address=config.coordinator_address,
     num_processes=config.num_processes,
@@ -156,7 +164,7 @@ def timeout_kwargs(config) -> dict:
   node failure) wait before they exit non-zero instead of hanging in a
   collective until the Slurm time limit.
   """
-  config_checks.check_fields(config, ('heartbeat_timeout_seconds',))
+  _check_fields(config, ('heartbeat_timeout_seconds',))
   seconds = int(config.heartbeat_timeout_seconds)
   wanted = dict(
     heartbeat_timeout_seconds=seconds,
