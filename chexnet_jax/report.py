@@ -26,6 +26,7 @@ import numpy as np
 from chexnet_jax import figures
 from chexnet_jax import label_columns
 from chexnet_jax import losses
+from chexnet_jax import scoring
 from input_pipeline import labels as labels_lib
 
 REPORT_FILE = 'report.html'
@@ -44,6 +45,8 @@ def label_names(evaluation):
 
 def identity(evaluation, run_name=''):
   """[(field, value)]: which run, checkpoint, data and split the page is about."""
+  if evaluation.identity_rows:  # Predictions scored without a run (score.py).
+    return [(name, str(value)) for name, value in evaluation.identity_rows]
   config, report = evaluation.config, evaluation.report
   rows = [
     ('run', run_name or 'not given'),
@@ -89,7 +92,11 @@ def empty_cell_reasons(evaluation, name):
     reasons['auroc'] = reasons['auprc'] = (
       f'the {split} split has no {missing} {name} image{known_words}: the area is undefined'
     )
-  if row['threshold'] is None:
+  if evaluation.threshold_source is None:
+    reasons['threshold'] = reasons['sensitivity'] = reasons['specificity'] = (
+      'not available: a threshold is chosen on validation predictions, and none were given'
+    )
+  elif row['threshold'] is None:
     reasons['threshold'] = reasons['sensitivity'] = reasons['specificity'] = (
       f'no threshold: the {evaluation.threshold_source} split has only one class of '
       f"{name} (among its known labels), so Youden's J cannot be chosen"
@@ -121,7 +128,7 @@ def per_label_rows(evaluation):
 def curve_figures(evaluation):
   """{'roc': Figure, 'pr': Figure, 'reliability': Figure} of the evaluated split."""
   predictions, report = evaluation.predictions, evaluation.report
-  patients = [str(r['patient_id']) for r in evaluation.records]
+  patients = scoring.patients_of(evaluation.records)
   names = label_names(evaluation)
   bands = figures.curve_bands(
     predictions.labels,
@@ -243,7 +250,9 @@ def _mean_html(report):
   )
 
 
-def calibration_html(calibration):
+def calibration_html(calibration, not_available=None):
+  if not_available:
+    return f'<p id="no-calibration">{_esc(not_available)}</p>'
   if not calibration:
     return '<p>No calibration was computed.</p>'
   ece, bce = calibration['ece'], calibration['bce']
@@ -261,7 +270,9 @@ def calibration_html(calibration):
   )
 
 
-def localization_html(localization, names=()):
+def localization_html(localization, names=(), not_available=None):
+  if not_available:
+    return f'<p id="no-localization">{_esc(not_available)}</p>'
   rows = localization_rows(localization, names)
   if not rows:
     return (
@@ -292,7 +303,9 @@ def localization_html(localization, names=()):
   )
 
 
-def gallery_html(out_dir, gallery):
+def gallery_html(out_dir, gallery, not_available=None):
+  if not_available:
+    return f'<p id="no-gallery">{_esc(not_available)}</p>'
   if not gallery:
     return '<p>No true positive in this split: no heatmap to show.</p>'
   items = []
@@ -320,10 +333,15 @@ def gallery_html(out_dir, gallery):
   )
 
 
-def render(evaluation, out_dir, gallery, localization, pngs, run_name=''):
-  """The page's HTML; pngs = {'roc', 'pr', 'reliability'} PNG bytes."""
-  report = evaluation.report
-  title = f'chexnet_jax evaluation: {evaluation.split} split, step {evaluation.step}'
+def render(evaluation, out_dir, gallery, localization, pngs, run_name='', extra_html=''):
+  """The page's HTML; pngs = {'roc', 'pr', 'reliability'} PNG bytes; extra_html (e.g.
+  score.py's comparison) follows the per-label table."""
+  report, missing = evaluation.report, evaluation.not_available
+  title = (
+    f'chexnet_jax evaluation: {evaluation.split} split, step {evaluation.step}'
+    if evaluation.identity_rows is None
+    else f'chexnet_jax score: {evaluation.split}'
+  )
   return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
@@ -338,21 +356,22 @@ with the finding, among those whose label is known (an unknown label, e.g. uncer
 is left out of every number and curve). Sensitivity and specificity at the threshold
 chosen on the validation split (Youden's J) and applied unchanged here. A dash marks an
 empty cell; the last column says why.</p>
-{per_label_table_html(per_label_rows(evaluation))}{_mean_html(report)}
+{per_label_table_html(per_label_rows(evaluation))}{_mean_html(report)}{extra_html}
 <h2 id="roc">ROC curves</h2>{_img(pngs['roc'], 'ROC curves, one panel per finding')}
 <h2 id="pr">Precision-recall curves</h2>
 {_img(pngs['pr'], 'Precision-recall curves, one panel per finding')}
 <h2 id="calibration">Can I trust its probabilities: calibration</h2>
-{calibration_html(report.get('calibration'))}
+{calibration_html(report.get('calibration'), missing.get('calibration'))}
 {_img(pngs['reliability'], 'Reliability diagrams, one panel per finding')}
 <h2 id="localisation">Where does it look: localisation</h2>
-{localization_html(localization, label_names(evaluation))}
-<h2 id="heatmaps">Where does it look: heatmaps</h2>{gallery_html(out_dir, gallery)}
+{localization_html(localization, label_names(evaluation), missing.get('localisation'))}
+<h2 id="heatmaps">Where does it look: heatmaps</h2>
+{gallery_html(out_dir, gallery, missing.get('heatmaps'))}
 </body></html>
 """
 
 
-def write_report(out_dir, evaluation, gallery=(), localization=None, run_name=''):
+def write_report(out_dir, evaluation, gallery=(), localization=None, run_name='', extra_html=''):
   """Writes roc_curves.png, pr_curves.png, reliability.png and report.html into out_dir."""
   os.makedirs(out_dir, exist_ok=True)
   pngs = {}
@@ -363,7 +382,7 @@ def write_report(out_dir, evaluation, gallery=(), localization=None, run_name=''
       f.write(pngs[key])
   path = report_path(out_dir)
   with open(path, 'w', encoding='utf-8') as f:
-    f.write(render(evaluation, out_dir, list(gallery), localization, pngs, run_name))
+    f.write(render(evaluation, out_dir, list(gallery), localization, pngs, run_name, extra_html))
   return path
 
 

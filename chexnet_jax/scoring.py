@@ -117,6 +117,12 @@ def split_records(config, split, indices):
   return [metadata[i] for i in indices]
 
 
+def patients_of(records):
+  """The patient of each record as a string: the dataset's own ID ('patient'), or the
+  builder's number ('patient_id') in datasets built before it recorded the ID."""
+  return [str(r['patient'] if 'patient' in r else r['patient_id']) for r in records]
+
+
 # ----------------------------------------------------------------------------
 # The report.
 
@@ -134,6 +140,10 @@ class Evaluation:
   threshold_source: str
   config: Any  # The run's config.
   label_file: str = 'not recorded'  # The label file the dataset was built from.
+  # Predictions scored without a run (score.py): the page's identity rows, and
+  # {section: why it is not available} for the sections that need a model or validation.
+  identity_rows: list = None
+  not_available: dict = dataclasses.field(default_factory=dict)
 
 
 def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0):
@@ -149,7 +159,7 @@ def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0):
   names = labels_lib.names_of(run.config)
   thresholds = metrics_lib.youden_thresholds(validation.labels, validation.probs, names)
   records = split_records(run.config, split, predictions.indices)
-  patients = [str(r['patient_id']) for r in records]
+  patients = patients_of(records)
   report = metrics_lib.classification_report(
     predictions.labels,
     predictions.probs,
