@@ -47,6 +47,7 @@ from chexnet_jax import checkpoints
 from chexnet_jax import distributed
 from chexnet_jax import errors
 from chexnet_jax import eval_outputs
+from chexnet_jax import label_columns
 from chexnet_jax import localization as localization_lib
 from chexnet_jax import report as report_lib
 from chexnet_jax import run_dir
@@ -145,12 +146,24 @@ def _write(args, run, evaluation):
     '95% CI: patient bootstrap; thresholds: Youden on validation'
   )
   print(f'labels: {evaluation.label_file}')
+  if evaluation.patient_note:  # Once, not per row.
+    print(f'patients: {evaluation.patient_note}')
   print(eval_outputs.format_auroc_table(report))
-  for name in labels_lib.names_of(evaluation.config):  # Why a cell of the table is blank.
-    for why in dict.fromkeys(report_lib.empty_cell_reasons(evaluation, name).values()):
-      print(f'  {name}: {why}')
+  print_notes(evaluation)
   print(f'calibration: temperature {report["calibration"]["temperature"]:.3f} fitted on validation')
   print(f'wrote {out_dir} (open {report_lib.report_path(out_dir)} in a browser)')
+
+
+def print_notes(evaluation):
+  """Under the table: why a cell is blank, and why a number is not a finding."""
+  for name in labels_lib.names_of(evaluation.config):
+    row = label_columns.label_row(evaluation.report, name)
+    notes = [
+      *report_lib.empty_cell_reasons(evaluation, name).values(),
+      *label_columns.cautions(row),
+    ]
+    for note in dict.fromkeys(notes):
+      print(f'  {name}: {note}')
 
 
 if __name__ == '__main__':

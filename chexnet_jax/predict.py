@@ -23,7 +23,6 @@ OUT/heatmaps/ and OUT/predictions.json whole, and touches nothing else in OUT.
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
 import warnings
@@ -133,15 +132,10 @@ def top_findings(probs, top_k, names):
   return [(names[k], int(k), float(probs[k])) for k in order]
 
 
-def safe_file_name(text):
-  """Letters, digits, '.', '-' and '_' only: no spaces or folders in an output's name."""
-  return re.sub(r'[^A-Za-z0-9._-]+', '_', text).strip('_') or 'image'
-
-
 def heatmap_stem(name, position, seen):
   """File-name stem for an image's heatmaps from its input name (input_names); two
   inputs whose stems collide get distinct ones."""
-  stem = safe_file_name(os.path.splitext(name)[0])
+  stem = eval_outputs.safe_file_name(os.path.splitext(name)[0])
   stem = f'{stem}_{position}' if stem in seen else stem
   seen.add(stem)
   return stem
@@ -169,7 +163,7 @@ def score_image(
   names = labels_lib.names_of(config)
   name = name or os.path.basename(path)
   for label, k, prob in top_findings(probs, top_k, names):
-    file_name = f'{os.path.basename(heatmap_prefix)}_{safe_file_name(label)}.png'
+    file_name = f'{os.path.basename(heatmap_prefix)}_{eval_outputs.safe_file_name(label)}.png'
     figures.save_heatmap(
       os.path.join(os.path.dirname(heatmap_prefix), file_name),
       image,

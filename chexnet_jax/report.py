@@ -23,10 +23,10 @@ import os
 
 import numpy as np
 
+from chexnet_jax import eval_outputs
 from chexnet_jax import figures
 from chexnet_jax import label_columns
 from chexnet_jax import losses
-from chexnet_jax import scoring
 from input_pipeline import labels as labels_lib
 
 REPORT_FILE = 'report.html'
@@ -45,7 +45,7 @@ def label_names(evaluation):
 
 def identity(evaluation, run_name=''):
   """[(field, value)]: which run, checkpoint, data and split the page is about."""
-  if evaluation.identity_rows:  # Predictions scored without a run (score.py).
+  if getattr(evaluation, 'identity_rows', None):  # Scored without a run (score.py).
     return [(name, str(value)) for name, value in evaluation.identity_rows]
   config, report = evaluation.config, evaluation.report
   rows = [
@@ -59,6 +59,7 @@ def identity(evaluation, run_name=''):
     ('test-time augmentation', evaluation.tta),
     ('images', report['num_examples']),
     ('patients', report['num_patients']),
+    *([('patient IDs', note)] if (note := getattr(evaluation, 'patient_note', '')) else []),
     (
       'model input',
       f'{config.image_size} px '
@@ -128,7 +129,7 @@ def per_label_rows(evaluation):
 def curve_figures(evaluation):
   """{'roc': Figure, 'pr': Figure, 'reliability': Figure} of the evaluated split."""
   predictions, report = evaluation.predictions, evaluation.report
-  patients = scoring.patients_of(evaluation.records)
+  patients = eval_outputs.patients_of(evaluation.records)
   names = label_names(evaluation)
   bands = figures.curve_bands(
     predictions.labels,
@@ -201,7 +202,9 @@ table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;vertical-align:top}
 th{background:#f3f3f3}td.name,th.name{text-align:left}td.why{text-align:left;color:#8a4b00;
 max-width:26em}td.empty{background:#fff6e6}
-.scroll{overflow-x:auto}.note{color:#555;font-size:0.9em}.gallery{display:flex;flex-wrap:wrap;gap:12px}
+.scroll{overflow-x:auto}#localization{font-size:0.78em}
+#localization td,#localization th{padding:2px 4px}
+.note{color:#555;font-size:0.9em}.gallery{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;width:340px}figcaption{font-size:0.8em;color:#444}
 """
 
@@ -223,12 +226,13 @@ def per_label_table_html(rows):
   body = []
   for row in rows:
     cells = []
-    for key in (column.key for column in label_columns.HTML_COLUMNS):
-      why = row['reasons'].get(key)
+    for column in label_columns.HTML_COLUMNS:
+      why = row['reasons'].get(column.key)
       if why:
         cells.append(f'<td class="empty" title="{_esc(why)}">&mdash;</td>')
       else:
-        cells.append(f'<td>{_esc(row[key])}</td>')
+        kind = ' class="why"' if column.sentence else ''
+        cells.append(f'<td{kind}>{_esc(row[column.key])}</td>')
     reasons = '; '.join(dict.fromkeys(row['reasons'].values()))  # Unique, in order.
     body.append(
       f'<tr data-label="{_esc(row["label"])}"><td class="name">'
@@ -280,9 +284,9 @@ def localization_html(localization, names=(), not_available=None):
       'so localisation is not scored.</p>'
     )
   thresholds = list(rows[0][4])
-  head = ''.join(f'<th>IoU&ge;{_esc(t)}</th>' for t in thresholds) + ''.join(
-    f'<th>IoBB&ge;{_esc(t)}</th>' for t in thresholds
-  )
+  head = ''.join(f'<th>IoU<br>&ge;{_esc(t)}</th>' for t in thresholds) + ''.join(
+    f'<th>IoBB<br>&ge;{_esc(t)}</th>' for t in thresholds
+  )  # Two-line headers: the 2 x 7 accuracy columns fit the page's width.
   body = []
   for name, boxes, mean_iou, mean_iobb, acc_iou, acc_iobb in rows:
     cells = ''.join(f'<td>{_number(acc_iou[t], 2)}</td>' for t in thresholds)
@@ -307,7 +311,11 @@ def gallery_html(out_dir, gallery, not_available=None):
   if not_available:
     return f'<p id="no-gallery">{_esc(not_available)}</p>'
   if not gallery:
-    return '<p>No true positive in this split: no heatmap to show.</p>'
+    return (
+      '<p id="no-true-positive">No true positive in this split: no positive image of any '
+      "finding reaches that finding's threshold chosen on validation, so there is no "
+      'heatmap to show.</p>'
+    )
   items = []
   for entry in gallery:
     with open(os.path.join(out_dir, entry['file']), 'rb') as f:
@@ -321,6 +329,8 @@ def gallery_html(out_dir, gallery, not_available=None):
   return (
     '<p class="note">The most confident true positive of each finding'
     + (' (an image with a box first)' if boxed else '')
+    + ". A true positive: a positive image at or above the finding's threshold chosen "
+    'on validation; a finding without one is left out'
     + f'. Colour: the {_esc(figures.HEATMAP_SCALE)} (M_c: the '
     "map, b_c: the head's bias, T: the temperature, 1 here); the colour bar is the same "
     'on every image, so bright yellow always means a high probability and dark purple '
@@ -336,10 +346,10 @@ def gallery_html(out_dir, gallery, not_available=None):
 def render(evaluation, out_dir, gallery, localization, pngs, run_name='', extra_html=''):
   """The page's HTML; pngs = {'roc', 'pr', 'reliability'} PNG bytes; extra_html (e.g.
   score.py's comparison) follows the per-label table."""
-  report, missing = evaluation.report, evaluation.not_available
+  report, missing = evaluation.report, getattr(evaluation, 'not_available', {})
   title = (
     f'chexnet_jax evaluation: {evaluation.split} split, step {evaluation.step}'
-    if evaluation.identity_rows is None
+    if getattr(evaluation, 'identity_rows', None) is None
     else f'chexnet_jax score: {evaluation.split}'
   )
   return f"""<!DOCTYPE html>

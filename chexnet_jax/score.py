@@ -401,6 +401,9 @@ def main(argv=None):
   )
   print(f'labels: {evaluation.label_file}')
   print(eval_outputs.format_auroc_table(report))
+  for name in report['per_label']:  # Thresholds are not available here: only its cautions.
+    for note in label_columns.cautions(label_columns.label_row(report, name)):
+      print(f'  {name}: {note}')
   if comparison is not None:
     print(f'paired comparison with {os.path.basename(args.compare)}:')
     print(comparison_table(comparison))

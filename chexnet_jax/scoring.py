@@ -16,6 +16,7 @@ import numpy as np
 
 from chexnet_jax import calibration as calibration_lib
 from chexnet_jax import errors
+from chexnet_jax import eval_outputs
 from chexnet_jax import inference
 from chexnet_jax import metrics as metrics_lib
 from chexnet_jax import models
@@ -117,10 +118,18 @@ def split_records(config, split, indices):
   return [metadata[i] for i in indices]
 
 
-def patients_of(records):
-  """The patient of each record as a string: the dataset's own ID ('patient'), or the
-  builder's number ('patient_id') in datasets built before it recorded the ID."""
-  return [str(r['patient'] if 'patient' in r else r['patient_id']) for r in records]
+PATIENT_FALLBACK_NOTE = (
+  'the dataset was built before it recorded its own patient IDs, so patients are the '
+  "builder's numbers (patient_id); rebuild it to see the dataset's IDs"
+)
+
+
+def patient_note(records):
+  """PATIENT_FALLBACK_NOTE when some record has no dataset patient ID, else ''."""
+  return PATIENT_FALLBACK_NOTE if any(not r.get('patient_recorded', True) for r in records) else ''
+
+
+patients_of = eval_outputs.patients_of  # One definition, beside the CSV it fills.
 
 
 # ----------------------------------------------------------------------------
@@ -142,6 +151,7 @@ class Evaluation:
   label_file: str = 'not recorded'  # The label file the dataset was built from.
   # Predictions scored without a run (score.py): the page's identity rows, and
   # {section: why it is not available} for the sections that need a model or validation.
+  patient_note: str = ''  # scoring.PATIENT_FALLBACK_NOTE for a dataset built before.
   identity_rows: list = None
   not_available: dict = dataclasses.field(default_factory=dict)
 
@@ -180,6 +190,7 @@ def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0):
     threshold_source='validation',
     config=run.config,
     label_file=label_file(run.config),
+    patient_note=patient_note(records),
   )
   calibrate(evaluation, validation)  # Temperature fitted on validation.
   return evaluation

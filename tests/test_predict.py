@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from chexnet_jax import eval_outputs
 from chexnet_jax import predict
 from input_pipeline import images as images_lib
 from input_pipeline import labels as labels_lib
@@ -227,7 +228,7 @@ def test_heatmap_stems_stay_distinct():
   names = ['a/x.png', 'a_x.png', 'my scan.jpg']
   stems = [predict.heatmap_stem(n, i, seen) for i, n in enumerate(names)]
   assert stems == ['a_x', 'a_x_1', 'my_scan']
-  assert predict.safe_file_name('Lung Opacity') == 'Lung_Opacity'
+  assert eval_outputs.safe_file_name('Lung Opacity') == 'Lung_Opacity'
 
 
 def test_inputs_are_named_by_their_path_below_the_common_folder(tmp_path):
