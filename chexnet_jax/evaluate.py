@@ -113,8 +113,11 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     config = _start_processes(args)
+    scoring.announce(f'loading the weights of {args.workdir} (checkpoint {args.checkpoint})')
     run = checkpoints.load_run(args.workdir, args.checkpoint, config=config)
-    evaluation = scoring.evaluate(run, args.split, args.tta, args.bootstrap, args.seed)
+    evaluation = scoring.evaluate(
+      run, args.split, args.tta, args.bootstrap, args.seed, progress=True
+    )
     if evaluation is not None:  # Process 0.
       _write(args, run, evaluation)
   except USER_ERRORS as error:
@@ -128,6 +131,7 @@ def main(argv=None):
 def _write(args, run, evaluation):
   """Writes the split's folder whole (eval_outputs.published) and prints the table."""
   out_dir = eval_outputs.output_dir(args.workdir, args.split, args.tta)
+  scoring.announce('drawing the heatmaps, scoring localisation, writing the report')
   with eval_outputs.published(out_dir) as staging:
     gallery, localization = localization_lib.draw_heatmaps(run, evaluation, staging, args.gallery)
     eval_outputs.write_outputs(staging, evaluation, gallery, localization)

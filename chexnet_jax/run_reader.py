@@ -20,6 +20,7 @@ A leaf of the module graph, below run_weights and checkpoints.
 
 import contextlib
 import json
+import logging as std_logging
 import math
 import os
 import shutil
@@ -169,8 +170,40 @@ def snapshot(step_dir, target):
   return False
 
 
+# What orbax says about a read that is exactly what we asked for: a read-only
+# manager (over our own snapshot) never saves, and the step's 'data' item (the
+# input pipeline's position) is not wanted to score images. Said once per read,
+# they read as faults to the user; every other orbax line still shows.
+_EXPECTED_ORBAX_LINES = (
+  'CheckpointManagerOptions.read_only=True, setting save_interval_steps=0',
+  'Given directory is read only',
+  'Item "data" was found in the checkpoint, but could not be restored',
+)
+
+
+class _ExpectedOrbaxLines(std_logging.Filter):
+  def filter(self, record):
+    message = record.getMessage()
+    return not any(line in message for line in _EXPECTED_ORBAX_LINES)
+
+
+@contextlib.contextmanager
+def _quiet_expected_orbax_lines():
+  logger, expected = logging.get_absl_logger(), _ExpectedOrbaxLines()
+  logger.addFilter(expected)
+  try:
+    yield
+  finally:
+    logger.removeFilter(expected)
+
+
 def _restore_weights(root, step):
   """Only params and batch_stats of step `step` under `root`, as host numpy."""
+  with _quiet_expected_orbax_lines():
+    return _restore_state(root, step)
+
+
+def _restore_state(root, step):
   with ocp.CheckpointManager(
     root,
     options=ocp.CheckpointManagerOptions(create=False, read_only=True),
