@@ -347,9 +347,11 @@ def render(evaluation, out_dir, gallery, localization, pngs, run_name='', extra_
   """The page's HTML; pngs = {'roc', 'pr', 'reliability'} PNG bytes; extra_html (e.g.
   score.py's comparison) follows the per-label table."""
   report, missing = evaluation.report, getattr(evaluation, 'not_available', {})
+  scored_file = getattr(evaluation, 'identity_rows', None) is not None
+  whose = 'those the predictions file and the labels share' if scored_file else "the run's own"
   title = (
     f'chexnet_jax evaluation: {evaluation.split} split, step {evaluation.step}'
-    if getattr(evaluation, 'identity_rows', None) is None
+    if not scored_file
     else f'chexnet_jax score: {evaluation.split}'
   )
   return f"""<!DOCTYPE html>
@@ -360,7 +362,7 @@ def render(evaluation, out_dir, gallery, localization, pngs, run_name='', extra_
 <h1>{_esc(title)}</h1>
 <h2 id="run">Run</h2>{_identity_html(identity(evaluation, run_name))}
 <h2 id="performance">How good is it: per finding</h2>
-<p class="note">{_esc(len(label_names(evaluation)))} labels, the run's own. AUROC and AUPRC
+<p class="note">{_esc(len(label_names(evaluation)))} labels, {whose}. AUROC and AUPRC
 with 95% intervals (bootstrap over patients). Prevalence: share of the split's images
 with the finding, among those whose label is known (an unknown label, e.g. uncertain,
 is left out of every number and curve). Sensitivity and specificity at the threshold
