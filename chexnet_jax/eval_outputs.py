@@ -12,6 +12,7 @@ import contextlib
 import csv
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -20,6 +21,17 @@ from input_pipeline import labels as labels_lib
 
 # Renames tried when another evaluation of the split publishes at the same time.
 PUBLISH_ATTEMPTS = 10
+
+
+def patients_of(records):
+  """The dataset's own patient ID of each record; the builder's number for a dataset
+  built before it recorded them (scoring.patient_note says so)."""
+  return [str(r['patient'] if 'patient' in r else r['patient_id']) for r in records]
+
+
+def safe_file_name(text):
+  """Letters, digits, '.', '-' and '_' only: no spaces or folders in an output's name."""
+  return re.sub(r'[^A-Za-z0-9._-]+', '_', text).strip('_') or 'image'
 
 
 def output_dir(workdir, split, tta):
@@ -39,8 +51,9 @@ def write_auroc_csv(path, report):
 
 
 def write_predictions_csv(path, evaluation):
-  """One row per image: index, image, patient, prob_<label> for each of the run's
-  labels, then label_<label> (1 positive, 0 negative, -1 unknown)."""
+  """One row per image: index, image (the dataset's path, NIH's Image Index), patient
+  (the dataset's own ID), prob_<label> for each of the run's labels, then
+  label_<label> (1 positive, 0 negative, -1 unknown)."""
   predictions = evaluation.predictions
   names = labels_lib.names_of(evaluation.config)
   with open(path, 'w', newline='') as f:
@@ -48,12 +61,13 @@ def write_predictions_csv(path, evaluation):
     writer.writerow(
       ['index', 'image', 'patient', *[f'prob_{n}' for n in names], *[f'label_{n}' for n in names]]
     )
-    for row, record in enumerate(evaluation.records):
+    patients = patients_of(evaluation.records)
+    for row, (record, patient) in enumerate(zip(evaluation.records, patients)):
       writer.writerow(
         [
           int(predictions.indices[row]),
           record['image_name'],
-          record['patient_id'],
+          patient,
           *[f'{p:.9g}' for p in predictions.probs[row]],  # float32 round-trips.
           *[int(y) for y in predictions.labels[row]],
         ]

@@ -47,6 +47,7 @@ from chexnet_jax import checkpoints
 from chexnet_jax import distributed
 from chexnet_jax import errors
 from chexnet_jax import eval_outputs
+from chexnet_jax import label_columns
 from chexnet_jax import localization as localization_lib
 from chexnet_jax import report as report_lib
 from chexnet_jax import run_dir
@@ -112,8 +113,11 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     config = _start_processes(args)
+    scoring.announce(f'loading the weights of {args.workdir} (checkpoint {args.checkpoint})')
     run = checkpoints.load_run(args.workdir, args.checkpoint, config=config)
-    evaluation = scoring.evaluate(run, args.split, args.tta, args.bootstrap, args.seed)
+    evaluation = scoring.evaluate(
+      run, args.split, args.tta, args.bootstrap, args.seed, progress=True
+    )
     if evaluation is not None:  # Process 0.
       _write(args, run, evaluation)
   except USER_ERRORS as error:
@@ -127,6 +131,7 @@ def main(argv=None):
 def _write(args, run, evaluation):
   """Writes the split's folder whole (eval_outputs.published) and prints the table."""
   out_dir = eval_outputs.output_dir(args.workdir, args.split, args.tta)
+  scoring.announce('drawing the heatmaps, scoring localisation, writing the report')
   with eval_outputs.published(out_dir) as staging:
     gallery, localization = localization_lib.draw_heatmaps(run, evaluation, staging, args.gallery)
     eval_outputs.write_outputs(staging, evaluation, gallery, localization)
@@ -145,12 +150,24 @@ def _write(args, run, evaluation):
     '95% CI: patient bootstrap; thresholds: Youden on validation'
   )
   print(f'labels: {evaluation.label_file}')
+  if evaluation.patient_note:  # Once, not per row.
+    print(f'patients: {evaluation.patient_note}')
   print(eval_outputs.format_auroc_table(report))
-  for name in labels_lib.names_of(evaluation.config):  # Why a cell of the table is blank.
-    for why in dict.fromkeys(report_lib.empty_cell_reasons(evaluation, name).values()):
-      print(f'  {name}: {why}')
+  print_notes(evaluation)
   print(f'calibration: temperature {report["calibration"]["temperature"]:.3f} fitted on validation')
   print(f'wrote {out_dir} (open {report_lib.report_path(out_dir)} in a browser)')
+
+
+def print_notes(evaluation):
+  """Under the table: why a cell is blank, and why a number is not a finding."""
+  for name in labels_lib.names_of(evaluation.config):
+    row = label_columns.label_row(evaluation.report, name)
+    notes = [
+      *report_lib.empty_cell_reasons(evaluation, name).values(),
+      *label_columns.cautions(row),
+    ]
+    for note in dict.fromkeys(notes):
+      print(f'  {name}: {note}')
 
 
 if __name__ == '__main__':

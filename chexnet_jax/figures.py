@@ -259,6 +259,8 @@ def reliability_figure(labels, probs, temperature, names, title, num_bins=calibr
         lw=1,
       )
       eces.append(calibration_lib.expected_calibration_error(labels[:, k], values, num_bins))
+      if color == 'tab:blue':
+        _bin_counts(axes, bins, num_bins)
     axes.set_title(f'{name}\nECE {eces[0]:.3f} -> {eces[1]:.3f}', fontsize=8)
     axes.set(xlim=(0, 1), ylim=(0, 1), aspect='equal')
     axes.tick_params(labelsize=6)
@@ -281,10 +283,26 @@ def reliability_figure(labels, probs, temperature, names, title, num_bins=calibr
   )
   figure.suptitle(
     f'{title}. x: mean predicted probability in a bin of width '
-    f'{1 / num_bins:.1f}, y: fraction positive',
+    f'{1 / num_bins:.1f}, y: fraction positive; small numbers: images per bin '
+    '(as predicted): a point of few images says little',
     fontsize=9,
   )
   return figure
+
+
+def _bin_counts(axes, bins, num_bins):
+  """Writes each bin's number of images along the panel's foot."""
+  for b in np.flatnonzero(bins['count'] > 0):
+    axes.text(
+      (b + 0.5) / num_bins,
+      0.02,
+      str(int(bins['count'][b])),
+      fontsize=4.5,
+      ha='center',
+      va='bottom',
+      color='0.35',
+      rotation=90,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -328,7 +346,7 @@ def heatmap_figure(
     (model_box, MODEL_BOX_STYLE, "model's region (map >= 50% of its range)"),
   ):
     if box is not None:
-      x, y, w, h = box
+      x, y, w, h = _inside(box, image.shape)
       axes.add_patch(patches.Rectangle((x - 0.5, y - 0.5), w, h, fill=False, **style))
       handles.append(
         lines_lib.Line2D(
@@ -352,6 +370,17 @@ def heatmap_figure(
   axes.set_xticks([])
   axes.set_yticks([])
   return figure
+
+
+def _inside(box, shape, inset=0.01):
+  """The box pulled in from any image edge it touches by `inset` of the image, so
+  its outline is drawn inside the picture (a region of the whole image too)."""
+  x, y, w, h = (float(v) for v in box)
+  height, width = shape[:2]
+  dx, dy = max(1.0, inset * width), max(1.0, inset * height)
+  left, top = max(x, dx), max(y, dy)
+  right, bottom = min(x + w, width - dx), min(y + h, height - dy)
+  return left, top, max(right - left, 1.0), max(bottom - top, 1.0)
 
 
 def save_heatmap(path, *args, **kwargs):

@@ -53,8 +53,9 @@ def gather_scores(batches, score, mesh):
   return scores[order], labels[order], indices[order]
 
 
-def gather_split_scores(config, split, score, mesh):
-  """gather_scores over this process's share of `split`'s padded eval batches."""
+def gather_split_scores(config, split, score, mesh, progress=None):
+  """gather_scores over this process's share of `split`'s padded eval batches;
+  `progress` (an iterator wrapper, e.g. a progress bar) sees every batch."""
   batches = pipeline.create_eval_iterator(
     config,
     split,
@@ -62,11 +63,15 @@ def gather_split_scores(config, split, score, mesh):
     process_count=jax.process_count(),
     device_count=jax.device_count(),
   )
+  if progress is not None:
+    batches = progress(batches)
   with pipeline.reading(config, split):
     return gather_scores(batches, score, mesh)
 
 
-def evaluate_split(config, model, variables, mesh, split, logits_fn=None, loss_weights=None):
+def evaluate_split(
+  config, model, variables, mesh, split, logits_fn=None, loss_weights=None, progress=None
+):
   """One masked pass over `split`: every example scored exactly once.
 
   Returns (metrics, probs, labels, indices) with rows ordered by example index.
@@ -76,7 +81,11 @@ def evaluate_split(config, model, variables, mesh, split, logits_fn=None, loss_w
   """
   logits_fn = logits_fn or make_logits_fn(model, models.DTYPES[config.dtype])
   logits, labels, indices = gather_split_scores(
-    config, split, lambda b: logits_fn(variables, sharding.to_global(b, mesh)['image']), mesh
+    config,
+    split,
+    lambda b: logits_fn(variables, sharding.to_global(b, mesh)['image']),
+    mesh,
+    progress,
   )
   probs = np.asarray(jax.nn.sigmoid(logits))
   auroc = metrics_lib.auroc_per_label(labels, probs, labels_lib.names_of(config))

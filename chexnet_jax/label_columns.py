@@ -11,6 +11,37 @@ import dataclasses
 from typing import Callable
 
 
+# The rules for a number that is not a finding, stated once (the table's Caution
+# column, auroc.csv's `caution`, evaluate's and score's console): a label with fewer
+# than MIN_POSITIVES positive images in the split, and a degenerate operating point
+# (a threshold of DEGENERATE_THRESHOLD or more, or sensitivity 0). A label with one
+# class has no AUROC at all (report.empty_cell_reasons says so).
+MIN_POSITIVES = 10
+DEGENERATE_THRESHOLD = 0.9995  # Shown as 1.000.
+
+
+def cautions(row):
+  """[sentence] of why one label's numbers are not a finding ([] when they are)."""
+  found = []
+  positives = row.get('num_positive')
+  if positives is not None and 0 < positives < MIN_POSITIVES:
+    found.append(
+      f'only {positives} positive image{"s" if positives > 1 else ""} (fewer than '
+      f'{MIN_POSITIVES}): too few for the AUROC and AUPRC to be a finding'
+    )
+  threshold, sensitivity = row.get('threshold'), row.get('sensitivity')
+  if threshold is not None and (threshold >= DEGENERATE_THRESHOLD or sensitivity == 0):
+    found.append(
+      f'degenerate threshold {threshold:.3f} (sensitivity {number(sensitivity)}): it finds '
+      'no positive, so sensitivity and specificity are not a finding'
+    )
+  return found
+
+
+def _caution_text(row):
+  return '; '.join(cautions(row))
+
+
 def number(value, digits=3):
   """A cell's text: '' when there is no value."""
   return '' if value is None else f'{value:.{digits}f}'
@@ -49,6 +80,7 @@ class Column:
   csv: tuple = ()  # ((header, row -> value or None), ...) in auroc.csv.
   console: tuple = ()  # ((header, width, row -> text), ...) in the printed table.
   console_if_unknown: bool = False  # Printed only when some label is unknown.
+  sentence: bool = False  # Its page cell is text, aligned left.
 
 
 def _field(name, index=None):
@@ -117,6 +149,13 @@ COLUMNS = (
     'num_positive',
     csv=(('num_positive', _field('num_positive')),),
     console=(('Pos', 6, lambda row: _count(row.get('num_positive'))),),
+  ),
+  Column(
+    'caution',
+    'Caution',
+    _caution_text,
+    csv=(('caution', lambda row: _caution_text(row) or None),),
+    sentence=True,
   ),
   Column('num_known', csv=(('num_known', _field('num_known')),)),
   Column(

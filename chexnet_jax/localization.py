@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 
 from chexnet_jax import cam as cam_lib
+from chexnet_jax import eval_outputs
 from chexnet_jax import figures
 from chexnet_jax import losses
 from chexnet_jax import models
@@ -41,14 +42,27 @@ def boxes_in_input(record, config):
   return boxes
 
 
+def true_positive_rows(evaluation, k):
+  """Rows that are true positives of label k: positive, and scored at or above the
+  label's threshold chosen on validation (none without a threshold)."""
+  probs, labels = evaluation.predictions.probs, evaluation.predictions.labels
+  name = labels_lib.names_of(evaluation.config)[k]
+  threshold = evaluation.report['per_label'][name].get('threshold')
+  if threshold is None:
+    return []
+  return [int(row) for row in np.flatnonzero((labels[:, k] > 0) & (probs[:, k] >= threshold))]
+
+
 def gallery_choices(evaluation, size):
   """[(row, label index)]: the most confident true positive of each of the run's labels.
 
-  One per label (an unknown label, -1, is never a positive), most confident first;
-  an example with a box for that label is preferred, so the gallery shows the
-  dataset's annotation (NIH's boxes) where it can.
+  A true positive is a positive image the validation threshold calls positive
+  (true_positive_rows); a label with none has no entry. One per label (an unknown
+  label, -1, is never a positive), most confident first; an example with a box for
+  that label is preferred, so the gallery shows the dataset's annotation (NIH's
+  boxes) where it can.
   """
-  probs, labels = evaluation.predictions.probs, evaluation.predictions.labels
+  probs = evaluation.predictions.probs
   boxed = {
     (row, k)
     for row, record in enumerate(evaluation.records)
@@ -56,7 +70,7 @@ def gallery_choices(evaluation, size):
   }
   best = []
   for k in range(len(labels_lib.names_of(evaluation.config))):
-    positives = [row for row in np.flatnonzero(labels[:, k] > 0)]
+    positives = true_positive_rows(evaluation, k)
     if positives:
       # Boxed first, then by probability: max over (has box, prob).
       row = max(positives, key=lambda r: ((r, k) in boxed, probs[r, k]))
@@ -153,8 +167,9 @@ def _write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold, bi
       (box for label, box in boxes_in_input(record, evaluation.config) if label == k), None
     )
     prob = float(evaluation.predictions.probs[row, k])
-    stem = os.path.splitext(os.path.basename(str(record['image_name'])))[0]
-    path = os.path.join(out_dir, 'gallery', f'{stem}_{name}.png')
+    image_name = str(record['image_name'])  # The dataset's own path: unique in the split.
+    stem = eval_outputs.safe_file_name(os.path.splitext(image_name)[0])
+    path = os.path.join(out_dir, 'gallery', f'{stem}_{eval_outputs.safe_file_name(name)}.png')
     figures.save_heatmap(
       path,
       image,
@@ -162,7 +177,7 @@ def _write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold, bi
       bias[k],
       finding=name,
       probability=prob,
-      image_name=stem,
+      image_name=image_name,
       true_box=true_box,
       model_box=cam_lib.cam_to_box(heat, cam_threshold),
     )

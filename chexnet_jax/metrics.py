@@ -274,3 +274,56 @@ def classification_report(
       'confidence': 0.95,
     },
   }
+
+
+# ----------------------------------------------------------------------------
+# Two models on the same images.
+
+
+def paired_auroc_difference(
+  labels, probs_a, probs_b, patients, *, names, num_resamples=1000, seed=0, confidence=0.95
+):
+  """Per label and for the mean: AUROC of model A minus model B on the same images.
+
+  Both models are scored on every patient resample (the same weights), so the
+  interval is that of the paired difference. The two-sided p-value is twice the
+  smaller share of resamples on either side of 0 (at least 1/num_resamples).
+  Returns {name or 'mean': {'difference', 'ci': [low, high], 'p_value'}}; None
+  where a label has one class.
+  """
+  labels, probs_a = _check_shapes(labels, probs_a, names)
+  _, probs_b = _check_shapes(labels, probs_b, names)
+  rows = [known(labels, k) for k in range(len(names))]
+  pairs = [
+    (_RankedColumn(labels[r, k], probs_a[r, k]), _RankedColumn(labels[r, k], probs_b[r, k]))
+    for k, r in enumerate(rows)
+  ]
+  samples = np.full((num_resamples, len(names)), np.nan)
+  for i, weights in enumerate(bootstrap_weights(patients, num_resamples, seed)):
+    for k, (column_a, column_b) in enumerate(pairs):
+      w = np.asarray(weights)[rows[k]]
+      samples[i, k] = column_a.scores(w)[0] - column_b.scores(w)[0]
+  auroc_a = auroc_per_label(labels, probs_a, names)
+  auroc_b = auroc_per_label(labels, probs_b, names)
+  observed = {name: auroc_a[name] - auroc_b[name] for name in names}
+  with np.errstate(all='ignore'), warnings.catch_warnings():
+    warnings.simplefilter('ignore', RuntimeWarning)  # One-class labels: nan, skipped.
+    mean_samples = np.nanmean(samples, axis=1)
+  result = {
+    name: _paired_summary(observed[name], samples[:, k], confidence) for k, name in enumerate(names)
+  }
+  result['mean'] = _paired_summary(mean_score(observed), mean_samples, confidence)
+  return result
+
+
+def _paired_summary(observed, samples, confidence):
+  samples = np.asarray(samples)[np.isfinite(samples)]
+  if not np.isfinite(observed) or not samples.size:
+    return {'difference': None, 'ci': [None, None], 'p_value': None}
+  interval = _percentile_interval(samples, confidence)
+  tail = min((samples <= 0).mean(), (samples >= 0).mean())
+  return {
+    'difference': float(observed),
+    'ci': [interval.low, interval.high],
+    'p_value': float(min(1.0, max(2 * tail, 1 / samples.size))),
+  }

@@ -12,14 +12,19 @@ OUT/heatmaps/<image>_<finding>.png heatmaps (CAM on the probability scale, one 0
 colour bar for all: see figures.py).
 --calibrated divides the logits by the temperature evaluate fitted on validation for
 this checkpoint (DIR/eval/calibration.json; see calibration.py).
-A file that cannot be read is reported and skipped; the others are still scored and
-the exit status is 1.
+Every input is checked (exists, a readable PNG/JPEG/DICOM within the builder's pixel
+limit, input_pipeline.images) before the model is loaded; one that is not is reported
+and skipped, the others are still scored, and the exit status is 1. Each image is
+named by its path relative to the inputs' common folder (three view1_frontal.jpg of
+three studies stay apart); output file names have no spaces. Each call replaces
+OUT/heatmaps/ and OUT/predictions.json whole, and touches nothing else in OUT.
 """
 
 import argparse
 import json
 import os
 import sys
+import tempfile
 import warnings
 
 import numpy as np
@@ -29,6 +34,7 @@ from chexnet_jax import calibration as calibration_lib
 from chexnet_jax import cam as cam_lib
 from chexnet_jax import checkpoints
 from chexnet_jax import errors
+from chexnet_jax import eval_outputs
 from chexnet_jax import figures
 from chexnet_jax import models
 from input_pipeline import dicom
@@ -45,36 +51,32 @@ class ImageLoadError(Exception):
 # Reading and preparing an image.
 
 
-def _open_guarded(path):
-  """PIL.Image.open, with the decompression-bomb guard turned into a clear refusal.
-
-  PIL only warns between MAX_IMAGE_PIXELS and twice that; a scorer fed untrusted
-  files should refuse both cases rather than allocate gigabytes.
-  """
-  with warnings.catch_warnings():
-    warnings.simplefilter('error', Image.DecompressionBombWarning)
-    try:
-      image = Image.open(path)
-      image.load()  # Decode now so a truncated file fails here, not later.
-      return image
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-      raise ImageLoadError(
-        f'{path}: refused, more pixels than PIL.Image.MAX_IMAGE_PIXELS='
-        f'{Image.MAX_IMAGE_PIXELS} (a possible decompression bomb: {e}). Downscale '
-        'the image first, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it.'
-      ) from e
-    except FileNotFoundError as e:
-      raise ImageLoadError(f'{path}: no such file.') from e
-    except (OSError, ValueError, SyntaxError) as e:
-      raise ImageLoadError(f'{path}: not a readable PNG/JPEG image ({e}).') from e
-
-
-def _is_dicom_file(path):
+def read_checked(path):
+  """The bytes of an input file, checked as the dataset builder checks its images
+  (images_lib.problem: readable, not truncated, within images_lib.MAX_PIXELS)."""
   try:
     with open(path, 'rb') as f:
-      return dicom.is_dicom(f.read(132))
-  except OSError:
-    return False  # _open_guarded reports it.
+      data = f.read()
+  except FileNotFoundError:
+    raise ImageLoadError(f'{path}: no such file.') from None
+  except OSError as e:  # A folder, no permission, ...
+    raise ImageLoadError(f'{path}: cannot be read ({e.strerror or e}).') from None
+  if why := images_lib.problem(data):
+    raise ImageLoadError(f'{path}: not a readable PNG/JPEG/DICOM image: {why}.')
+  return data
+
+
+def _decode(path, data):
+  """Checked bytes -> uint8 [H, W], the builder's conversion (16-bit, RGBA, DICOM)."""
+  try:
+    with warnings.catch_warnings():
+      # read_checked applied the one pixel limit; PIL's own warning would repeat it.
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+      return images_lib.decode_grey(data)
+  except dicom.DicomError as e:
+    raise ImageLoadError(f'{path}: {e}.') from e
+  except (OSError, ValueError, SyntaxError) as e:
+    raise ImageLoadError(f'{path}: not a readable PNG/JPEG/DICOM image ({e}).') from e
 
 
 def prepare(grey, dataset_image_size, image_size, eval_preprocess='center_crop'):
@@ -87,20 +89,34 @@ def prepare(grey, dataset_image_size, image_size, eval_preprocess='center_crop')
 
 def load_image(path, dataset_image_size, image_size, eval_preprocess='center_crop'):
   """Reads one file -> (model input uint8 [S, S, 1], original (width, height))."""
-  if _is_dicom_file(path):
+  grey = _decode(path, read_checked(path))
+  return (
+    prepare(grey, dataset_image_size, image_size, eval_preprocess),
+    (grey.shape[1], grey.shape[0]),
+  )
+
+
+def check_inputs(paths):
+  """-> (paths that are usable images, [{'image', 'error'}] for the others), before
+  any model is loaded, so a mistyped name costs no start-up."""
+  usable, failures = [], []
+  for path in paths:
     try:
-      with open(path, 'rb') as f:
-        grey = dicom.decode(f.read())
-    except dicom.DicomError as e:
-      raise ImageLoadError(f'{path}: {e}.') from e
-    return (
-      prepare(grey, dataset_image_size, image_size, eval_preprocess),
-      (grey.shape[1], grey.shape[0]),
-    )
-  image = _open_guarded(path)
-  # The dataset builder's conversion, so 16-bit and RGBA files match training.
-  grey = images_lib.to_grey_uint8(image)
-  return prepare(grey, dataset_image_size, image_size, eval_preprocess), image.size
+      read_checked(path)
+      usable.append(path)
+    except ImageLoadError as error:
+      failures.append({'image': path, 'error': str(error)})
+  return usable, failures
+
+
+def input_names(paths):
+  """Each input's path relative to the inputs' common folder (one input: its file
+  name), so three view1_frontal.jpg of three studies stay apart."""
+  absolute = [os.path.abspath(path) for path in paths]
+  if len(set(absolute)) <= 1:
+    return [os.path.basename(path) for path in absolute]
+  root = os.path.commonpath([os.path.dirname(path) for path in absolute])
+  return [os.path.relpath(path, root) for path in absolute]
 
 
 # ----------------------------------------------------------------------------
@@ -116,18 +132,24 @@ def top_findings(probs, top_k, names):
   return [(names[k], int(k), float(probs[k])) for k in order]
 
 
-def heatmap_stem(path, position, seen):
-  """File-name stem for an image's heatmaps; two inputs named alike get distinct ones."""
-  stem = os.path.splitext(os.path.basename(path))[0]
+def heatmap_stem(name, position, seen):
+  """File-name stem for an image's heatmaps from its input name (input_names); two
+  inputs whose stems collide get distinct ones."""
+  stem = eval_outputs.safe_file_name(os.path.splitext(name)[0])
   stem = f'{stem}_{position}' if stem in seen else stem
   seen.add(stem)
   return stem
 
 
-def score_image(cam_fn, variables, config, path, top_k, heatmap_prefix, temperature=1.0):
+def score_image(
+  cam_fn, variables, config, path, top_k, heatmap_prefix, temperature=1.0, name=None, written=None
+):
   """Scores one file and writes heatmaps of its top findings -> result dict.
 
   temperature != 1 rescales the probabilities (and the heatmaps) as calibration.py does.
+  `name` is the image's name in the outputs (default: its file name); heatmaps are
+  written under heatmap_prefix and recorded under `written` (the prefix they will
+  have once published; default heatmap_prefix).
 
   Raises ImageLoadError (naming the file) when the file is not a usable image.
   """
@@ -139,35 +161,40 @@ def score_image(cam_fn, variables, config, path, top_k, heatmap_prefix, temperat
   bias = cam_lib.head_bias(variables['params'], len(probs))
   findings = []
   names = labels_lib.names_of(config)
+  name = name or os.path.basename(path)
   for label, k, prob in top_findings(probs, top_k, names):
-    heatmap = f'{heatmap_prefix}_{label}.png'
+    file_name = f'{os.path.basename(heatmap_prefix)}_{eval_outputs.safe_file_name(label)}.png'
     figures.save_heatmap(
-      heatmap,
+      os.path.join(os.path.dirname(heatmap_prefix), file_name),
       image,
       cams[k],
       bias[k],
       finding=label,
       probability=prob,
-      image_name=os.path.basename(path),
+      image_name=name,
       temperature=temperature,
       model_box=cam_lib.cam_to_box(cams[k]),
     )
+    heatmap = os.path.join(os.path.dirname(written or heatmap_prefix), file_name)
     findings.append({'label': label, 'probability': prob, 'heatmap': heatmap})
   return {
     'image': path,
+    'name': name,
     'probabilities': dict(zip(names, map(float, probs))),
     'top_findings': findings,
   }
 
 
 def format_table(results):
-  """One column per scored image, one row per pathology."""
-  names = [os.path.basename(r['image']) for r in results]
+  """One column per scored image (its input name), one row per label of the run."""
+  names = [r.get('name') or os.path.basename(r['image']) for r in results]
+  labels = list(results[0]['probabilities']) if results else []
+  first = max([20, *(len(label) + 2 for label in labels)])  # e.g. 'Enlarged Cardiomediastinum'
   width = max([12, *map(len, names)])
-  lines = [f'{"finding":<20}' + ''.join(f'{n:>{width + 2}}' for n in names)]
-  for label in results[0]['probabilities'] if results else ():
+  lines = [f'{"finding":<{first}}' + ''.join(f'{n:>{width + 2}}' for n in names)]
+  for label in labels:
     row = ''.join(f'{r["probabilities"][label]:>{width + 2}.3f}' for r in results)
-    lines.append(f'{label:<20}{row}')
+    lines.append(f'{label:<{first}}{row}')
   return '\n'.join(lines)
 
 
@@ -195,8 +222,18 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
+def _report_failures(failures):
+  for failure in failures:
+    print(f'error: {failure["error"]}', file=sys.stderr)
+
+
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
+  usable, failures = check_inputs(args.images)  # Before the model: a typo costs nothing.
+  _report_failures(failures)
+  if not usable:
+    print('error: no input is a readable image; nothing was scored or written.', file=sys.stderr)
+    return 1
   try:
     run = checkpoints.load_run(args.workdir, args.checkpoint)
     temperature = (
@@ -205,19 +242,10 @@ def main(argv=None):
   except (errors.UserError, pipeline.DatasetError) as error:
     print(f'error: {error}', file=sys.stderr)
     return 1
-  cam_fn = cam_lib.make_cam_fn(run.model, models.DTYPES[run.config.dtype])
-  variables = cam_lib.local_copy(run.variables)
   output_dir = args.output_dir or os.path.join(args.workdir, 'predict')
-  results, failures, seen_stems = [], [], set()
-  for position, path in enumerate(args.images):
-    prefix = os.path.join(output_dir, 'heatmaps', heatmap_stem(path, position, seen_stems))
-    try:
-      results.append(
-        score_image(cam_fn, variables, run.config, path, args.top_k, prefix, temperature)
-      )
-    except ImageLoadError as error:  # Report it, and go on with the other files.
-      failures.append({'image': path, 'error': str(error)})
-      print(f'error: {error}', file=sys.stderr)
+  results, late_failures = _score_all(args, run, temperature, usable, output_dir)
+  _report_failures(late_failures)
+  failures += late_failures
   if results:
     print(
       f'checkpoint {checkpoints.describe_checkpoint(args.checkpoint, run.step, run.config)} '
@@ -225,23 +253,57 @@ def main(argv=None):
       + (f', calibrated with temperature {temperature:.3f}' if args.calibrated else '')
     )
     print(format_table(results))
-  os.makedirs(output_dir, exist_ok=True)
-  summary_path = os.path.join(output_dir, 'predictions.json')
-  with open(summary_path, 'w') as f:
-    json.dump(
-      {
-        'workdir': args.workdir,
-        'step': run.step,
-        'temperature': temperature,
-        'calibrated': args.calibrated,
-        'results': results,
-        'failures': failures,
-      },
-      f,
-      indent=2,
-    )
+  summary_path = _write_summary(output_dir, args, run.step, temperature, results, failures)
   print(f'wrote {summary_path}')
   return 1 if failures else 0
+
+
+def _score_all(args, run, temperature, paths, output_dir):
+  """Scores `paths`; this call's heatmaps replace OUT/heatmaps/ whole (predict's own
+  folder: nothing of a previous call is left among them, nothing else is touched)."""
+  cam_fn = cam_lib.make_cam_fn(run.model, models.DTYPES[run.config.dtype])
+  variables = cam_lib.local_copy(run.variables)
+  heatmap_dir = os.path.join(output_dir, 'heatmaps')
+  names = dict(zip(paths, input_names(paths)))
+  results, failures, seen_stems = [], [], set()
+  with eval_outputs.published(heatmap_dir) as staging:
+    for position, path in enumerate(paths):
+      stem = heatmap_stem(names[path], position, seen_stems)
+      try:
+        results.append(
+          score_image(
+            cam_fn,
+            variables,
+            run.config,
+            path,
+            args.top_k,
+            os.path.join(staging, stem),
+            temperature,
+            name=names[path],
+            written=os.path.join(heatmap_dir, stem),
+          )
+        )
+      except ImageLoadError as error:  # Changed since the check: report it, go on.
+        failures.append({'image': path, 'error': str(error)})
+  return results, failures
+
+
+def _write_summary(output_dir, args, step, temperature, results, failures):
+  """OUT/predictions.json, replaced whole (written beside it, then renamed)."""
+  os.makedirs(output_dir, exist_ok=True)
+  path = os.path.join(output_dir, 'predictions.json')
+  summary = {
+    'workdir': args.workdir,
+    'step': step,
+    'temperature': temperature,
+    'calibrated': args.calibrated,
+    'results': results,
+    'failures': failures,
+  }
+  with tempfile.NamedTemporaryFile('w', dir=output_dir, suffix='.tmp', delete=False) as f:
+    json.dump(summary, f, indent=2)
+  os.replace(f.name, path)
+  return path
 
 
 if __name__ == '__main__':

@@ -23,6 +23,7 @@ import os
 
 import numpy as np
 
+from chexnet_jax import eval_outputs
 from chexnet_jax import figures
 from chexnet_jax import label_columns
 from chexnet_jax import losses
@@ -44,6 +45,8 @@ def label_names(evaluation):
 
 def identity(evaluation, run_name=''):
   """[(field, value)]: which run, checkpoint, data and split the page is about."""
+  if getattr(evaluation, 'identity_rows', None):  # Scored without a run (score.py).
+    return [(name, str(value)) for name, value in evaluation.identity_rows]
   config, report = evaluation.config, evaluation.report
   rows = [
     ('run', run_name or 'not given'),
@@ -56,6 +59,7 @@ def identity(evaluation, run_name=''):
     ('test-time augmentation', evaluation.tta),
     ('images', report['num_examples']),
     ('patients', report['num_patients']),
+    *([('patient IDs', note)] if (note := getattr(evaluation, 'patient_note', '')) else []),
     (
       'model input',
       f'{config.image_size} px '
@@ -89,7 +93,11 @@ def empty_cell_reasons(evaluation, name):
     reasons['auroc'] = reasons['auprc'] = (
       f'the {split} split has no {missing} {name} image{known_words}: the area is undefined'
     )
-  if row['threshold'] is None:
+  if evaluation.threshold_source is None:
+    reasons['threshold'] = reasons['sensitivity'] = reasons['specificity'] = (
+      'not available: a threshold is chosen on validation predictions, and none were given'
+    )
+  elif row['threshold'] is None:
     reasons['threshold'] = reasons['sensitivity'] = reasons['specificity'] = (
       f'no threshold: the {evaluation.threshold_source} split has only one class of '
       f"{name} (among its known labels), so Youden's J cannot be chosen"
@@ -121,7 +129,7 @@ def per_label_rows(evaluation):
 def curve_figures(evaluation):
   """{'roc': Figure, 'pr': Figure, 'reliability': Figure} of the evaluated split."""
   predictions, report = evaluation.predictions, evaluation.report
-  patients = [str(r['patient_id']) for r in evaluation.records]
+  patients = eval_outputs.patients_of(evaluation.records)
   names = label_names(evaluation)
   bands = figures.curve_bands(
     predictions.labels,
@@ -194,7 +202,9 @@ table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;vertical-align:top}
 th{background:#f3f3f3}td.name,th.name{text-align:left}td.why{text-align:left;color:#8a4b00;
 max-width:26em}td.empty{background:#fff6e6}
-.scroll{overflow-x:auto}.note{color:#555;font-size:0.9em}.gallery{display:flex;flex-wrap:wrap;gap:12px}
+.scroll{overflow-x:auto}#localization{font-size:0.78em}
+#localization td,#localization th{padding:2px 4px}
+.note{color:#555;font-size:0.9em}.gallery{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;width:340px}figcaption{font-size:0.8em;color:#444}
 """
 
@@ -216,12 +226,13 @@ def per_label_table_html(rows):
   body = []
   for row in rows:
     cells = []
-    for key in (column.key for column in label_columns.HTML_COLUMNS):
-      why = row['reasons'].get(key)
+    for column in label_columns.HTML_COLUMNS:
+      why = row['reasons'].get(column.key)
       if why:
         cells.append(f'<td class="empty" title="{_esc(why)}">&mdash;</td>')
       else:
-        cells.append(f'<td>{_esc(row[key])}</td>')
+        kind = ' class="why"' if column.sentence else ''
+        cells.append(f'<td{kind}>{_esc(row[column.key])}</td>')
     reasons = '; '.join(dict.fromkeys(row['reasons'].values()))  # Unique, in order.
     body.append(
       f'<tr data-label="{_esc(row["label"])}"><td class="name">'
@@ -243,7 +254,9 @@ def _mean_html(report):
   )
 
 
-def calibration_html(calibration):
+def calibration_html(calibration, not_available=None):
+  if not_available:
+    return f'<p id="no-calibration">{_esc(not_available)}</p>'
   if not calibration:
     return '<p>No calibration was computed.</p>'
   ece, bce = calibration['ece'], calibration['bce']
@@ -261,7 +274,9 @@ def calibration_html(calibration):
   )
 
 
-def localization_html(localization, names=()):
+def localization_html(localization, names=(), not_available=None):
+  if not_available:
+    return f'<p id="no-localization">{_esc(not_available)}</p>'
   rows = localization_rows(localization, names)
   if not rows:
     return (
@@ -269,9 +284,9 @@ def localization_html(localization, names=()):
       'so localisation is not scored.</p>'
     )
   thresholds = list(rows[0][4])
-  head = ''.join(f'<th>IoU&ge;{_esc(t)}</th>' for t in thresholds) + ''.join(
-    f'<th>IoBB&ge;{_esc(t)}</th>' for t in thresholds
-  )
+  head = ''.join(f'<th>IoU<br>&ge;{_esc(t)}</th>' for t in thresholds) + ''.join(
+    f'<th>IoBB<br>&ge;{_esc(t)}</th>' for t in thresholds
+  )  # Two-line headers: the 2 x 7 accuracy columns fit the page's width.
   body = []
   for name, boxes, mean_iou, mean_iobb, acc_iou, acc_iobb in rows:
     cells = ''.join(f'<td>{_number(acc_iou[t], 2)}</td>' for t in thresholds)
@@ -292,9 +307,15 @@ def localization_html(localization, names=()):
   )
 
 
-def gallery_html(out_dir, gallery):
+def gallery_html(out_dir, gallery, not_available=None):
+  if not_available:
+    return f'<p id="no-gallery">{_esc(not_available)}</p>'
   if not gallery:
-    return '<p>No true positive in this split: no heatmap to show.</p>'
+    return (
+      '<p id="no-true-positive">No true positive in this split: no positive image of any '
+      "finding reaches that finding's threshold chosen on validation, so there is no "
+      'heatmap to show.</p>'
+    )
   items = []
   for entry in gallery:
     with open(os.path.join(out_dir, entry['file']), 'rb') as f:
@@ -308,6 +329,8 @@ def gallery_html(out_dir, gallery):
   return (
     '<p class="note">The most confident true positive of each finding'
     + (' (an image with a box first)' if boxed else '')
+    + ". A true positive: a positive image at or above the finding's threshold chosen "
+    'on validation; a finding without one is left out'
     + f'. Colour: the {_esc(figures.HEATMAP_SCALE)} (M_c: the '
     "map, b_c: the head's bias, T: the temperature, 1 here); the colour bar is the same "
     'on every image, so bright yellow always means a high probability and dark purple '
@@ -320,10 +343,17 @@ def gallery_html(out_dir, gallery):
   )
 
 
-def render(evaluation, out_dir, gallery, localization, pngs, run_name=''):
-  """The page's HTML; pngs = {'roc', 'pr', 'reliability'} PNG bytes."""
-  report = evaluation.report
-  title = f'chexnet_jax evaluation: {evaluation.split} split, step {evaluation.step}'
+def render(evaluation, out_dir, gallery, localization, pngs, run_name='', extra_html=''):
+  """The page's HTML; pngs = {'roc', 'pr', 'reliability'} PNG bytes; extra_html (e.g.
+  score.py's comparison) follows the per-label table."""
+  report, missing = evaluation.report, getattr(evaluation, 'not_available', {})
+  scored_file = getattr(evaluation, 'identity_rows', None) is not None
+  whose = 'those the predictions file and the labels share' if scored_file else "the run's own"
+  title = (
+    f'chexnet_jax evaluation: {evaluation.split} split, step {evaluation.step}'
+    if not scored_file
+    else f'chexnet_jax score: {evaluation.split}'
+  )
   return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
@@ -332,27 +362,28 @@ def render(evaluation, out_dir, gallery, localization, pngs, run_name=''):
 <h1>{_esc(title)}</h1>
 <h2 id="run">Run</h2>{_identity_html(identity(evaluation, run_name))}
 <h2 id="performance">How good is it: per finding</h2>
-<p class="note">{_esc(len(label_names(evaluation)))} labels, the run's own. AUROC and AUPRC
+<p class="note">{_esc(len(label_names(evaluation)))} labels, {whose}. AUROC and AUPRC
 with 95% intervals (bootstrap over patients). Prevalence: share of the split's images
 with the finding, among those whose label is known (an unknown label, e.g. uncertain,
 is left out of every number and curve). Sensitivity and specificity at the threshold
 chosen on the validation split (Youden's J) and applied unchanged here. A dash marks an
 empty cell; the last column says why.</p>
-{per_label_table_html(per_label_rows(evaluation))}{_mean_html(report)}
+{per_label_table_html(per_label_rows(evaluation))}{_mean_html(report)}{extra_html}
 <h2 id="roc">ROC curves</h2>{_img(pngs['roc'], 'ROC curves, one panel per finding')}
 <h2 id="pr">Precision-recall curves</h2>
 {_img(pngs['pr'], 'Precision-recall curves, one panel per finding')}
 <h2 id="calibration">Can I trust its probabilities: calibration</h2>
-{calibration_html(report.get('calibration'))}
+{calibration_html(report.get('calibration'), missing.get('calibration'))}
 {_img(pngs['reliability'], 'Reliability diagrams, one panel per finding')}
 <h2 id="localisation">Where does it look: localisation</h2>
-{localization_html(localization, label_names(evaluation))}
-<h2 id="heatmaps">Where does it look: heatmaps</h2>{gallery_html(out_dir, gallery)}
+{localization_html(localization, label_names(evaluation), missing.get('localisation'))}
+<h2 id="heatmaps">Where does it look: heatmaps</h2>
+{gallery_html(out_dir, gallery, missing.get('heatmaps'))}
 </body></html>
 """
 
 
-def write_report(out_dir, evaluation, gallery=(), localization=None, run_name=''):
+def write_report(out_dir, evaluation, gallery=(), localization=None, run_name='', extra_html=''):
   """Writes roc_curves.png, pr_curves.png, reliability.png and report.html into out_dir."""
   os.makedirs(out_dir, exist_ok=True)
   pngs = {}
@@ -363,7 +394,7 @@ def write_report(out_dir, evaluation, gallery=(), localization=None, run_name=''
       f.write(pngs[key])
   path = report_path(out_dir)
   with open(path, 'w', encoding='utf-8') as f:
-    f.write(render(evaluation, out_dir, list(gallery), localization, pngs, run_name))
+    f.write(render(evaluation, out_dir, list(gallery), localization, pngs, run_name, extra_html))
   return path
 
 

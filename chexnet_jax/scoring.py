@@ -9,13 +9,16 @@ process 0 only.
 """
 
 import dataclasses
+import sys
 from typing import Any
 
 import jax
 import numpy as np
+import tqdm
 
 from chexnet_jax import calibration as calibration_lib
 from chexnet_jax import errors
+from chexnet_jax import eval_outputs
 from chexnet_jax import inference
 from chexnet_jax import metrics as metrics_lib
 from chexnet_jax import models
@@ -72,7 +75,23 @@ def _to_global_images(images, mesh):
   return sharding.to_global({'image': np.ascontiguousarray(images)}, mesh)['image']
 
 
-def score_split_with_tta(run, split, tta):
+def progress_bar(config, split, enabled=True):
+  """An iterator wrapper drawing a tqdm bar of the images of `split` scored (stderr,
+  process 0 only; None when not enabled). Counts real images: padding is not one."""
+  if not enabled or jax.process_index() != 0:
+    return None
+  total = len(pipeline.split_metadata(config, split)) if jax.process_count() == 1 else None
+
+  def wrap(batches):
+    with tqdm.tqdm(total=total, desc=f'scoring {split}', unit='image', file=sys.stderr) as bar:
+      for batch in batches:
+        yield batch
+        bar.update(int(np.sum(batch['mask'])))
+
+  return wrap
+
+
+def score_split_with_tta(run, split, tta, progress=False):
   """One masked pass with `tta` views per image; mean of their probabilities."""
   logits_fn = inference.make_logits_fn(run.model, models.DTYPES[run.config.dtype])
   config = _tta_iteration_config(run.config, tta)
@@ -83,10 +102,14 @@ def score_split_with_tta(run, split, tta):
       jax.nn.sigmoid(logits_fn(run.variables, _to_global_images(v, run.mesh))) for v in views
     ) / len(views)
 
-  return Predictions(*inference.gather_split_scores(config, split, mean_probs, run.mesh))
+  return Predictions(
+    *inference.gather_split_scores(
+      config, split, mean_probs, run.mesh, progress_bar(config, split, progress)
+    )
+  )
 
 
-def score_split(run, split, tta='none'):
+def score_split(run, split, tta='none', progress=False):
   """Scores every example of `split` once; the plain pass is training's own
   validation pass (inference.evaluate_split)."""
   if tta not in TTA_MODES:
@@ -94,9 +117,14 @@ def score_split(run, split, tta='none'):
       f'chexnet_jax/evaluate.py: --tta={tta!r}; choose one of {TTA_MODES}.'
     )
   if tta != 'none':
-    return score_split_with_tta(run, split, tta)
+    return score_split_with_tta(run, split, tta, progress)
   result, probs, labels, indices = inference.evaluate_split(
-    run.config, run.model, run.variables, run.mesh, split
+    run.config,
+    run.model,
+    run.variables,
+    run.mesh,
+    split,
+    progress=progress_bar(run.config, split, progress),
   )
   return Predictions(
     np.asarray(probs), np.asarray(labels), np.asarray(indices), loss=result['loss']
@@ -119,6 +147,20 @@ def split_records(config, split, indices):
   return [metadata[i] for i in indices]
 
 
+PATIENT_FALLBACK_NOTE = (
+  'the dataset was built before it recorded its own patient IDs, so patients are the '
+  "builder's numbers (patient_id); rebuild it to see the dataset's IDs"
+)
+
+
+def patient_note(records):
+  """PATIENT_FALLBACK_NOTE when some record has no dataset patient ID, else ''."""
+  return PATIENT_FALLBACK_NOTE if any(not r.get('patient_recorded', True) for r in records) else ''
+
+
+patients_of = eval_outputs.patients_of  # One definition, beside the CSV it fills.
+
+
 # ----------------------------------------------------------------------------
 # The report.
 
@@ -136,22 +178,41 @@ class Evaluation:
   threshold_source: str
   config: Any  # The run's config.
   label_file: str = 'not recorded'  # The label file the dataset was built from.
+  # Predictions scored without a run (score.py): the page's identity rows, and
+  # {section: why it is not available} for the sections that need a model or validation.
+  patient_note: str = ''  # scoring.PATIENT_FALLBACK_NOTE for a dataset built before.
+  identity_rows: list = None
+  not_available: dict = dataclasses.field(default_factory=dict)
 
 
-def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0):
+def announce(message, enabled=True):
+  """One phase of a tool's work, on stderr (process 0): the results go to stdout."""
+  if enabled and jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0, progress=False):
   """Scores `split` (and validation, for thresholds) and builds the report.
 
   Collective: every process must call it. The report is built on process 0 only
   (the bootstrap is CPU work the others need not repeat); they return None.
+  `progress` announces each phase and draws a bar while scoring (stderr).
   """
-  predictions = score_split(run, split, tta)
-  validation = predictions if split == 'validation' else score_split(run, 'validation', tta)
+  predictions = score_split(run, split, tta, progress)
+  if split == 'validation':
+    validation = predictions
+  else:
+    announce('scoring validation: thresholds and the temperature are chosen there', progress)
+    validation = score_split(run, 'validation', tta, progress)
   if jax.process_index() != 0:
     return None
+  announce(
+    f'bootstrap: {num_resamples} patient resamples for the 95% intervals (seed {seed})', progress
+  )
   names = labels_lib.names_of(run.config)
   thresholds = metrics_lib.youden_thresholds(validation.labels, validation.probs, names)
   records = split_records(run.config, split, predictions.indices)
-  patients = [str(r['patient_id']) for r in records]
+  patients = patients_of(records)
   report = metrics_lib.classification_report(
     predictions.labels,
     predictions.probs,
@@ -172,6 +233,7 @@ def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0):
     threshold_source='validation',
     config=run.config,
     label_file=label_file(run.config),
+    patient_note=patient_note(records),
   )
   calibrate(evaluation, validation)  # Temperature fitted on validation.
   return evaluation

@@ -333,6 +333,7 @@ def record_metadata(example: dict) -> dict:
   return {
     'image_name': _text(example['image_name']),
     'patient': _text(patient),
+    'patient_recorded': 'patient' in example,  # False: 'patient' is the builder's number.
     'patient_id': int(example['patient_id']),
     'age': int(example['age']),
     'sex': _text(example['sex']),

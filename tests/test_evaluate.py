@@ -9,11 +9,13 @@ import sys
 
 import numpy as np
 import pytest
+
 from sklearn import metrics as sk_metrics
 
 from chexnet_jax import eval_outputs
 from chexnet_jax import scoring
 from input_pipeline import labels as labels_lib
+from tests import library_noise
 from tests import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +50,11 @@ def run_evaluate_cli(workdir, devices, *extra):
   ]
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
+  STDERR[devices] = result.stderr
   return result.stdout
+
+
+STDERR = {}  # devices -> the last evaluate's stderr.
 
 
 def _auroc_csv(path):
@@ -88,6 +94,33 @@ def test_writes_the_report_files(evaluated):
   localization = summary['localization']['all']
   assert localization['num_boxes'] > 100
   assert list(localization['accuracy_iou']) == ['0.1', '0.2', '0.3', '0.4', '0.5', '0.6', '0.7']
+
+
+def test_the_noise_check_catches_library_lines():
+  noisy = (
+    'WARNING:absl:Item "data" was found in the checkpoint, but could not be restored.\n'
+    'W1201 10:00:00.1 123 xla_bridge.py:1] An NVIDIA GPU may be present\n'
+    '/x.py:3: UserWarning: something\n'
+    'error: /tmp/a.png: not a readable PNG/JPEG/DICOM image: zero-byte file.\n'
+    'scoring test: 100%|##| 128/128\n'
+  )
+  assert len(library_noise.unexpected_lines(noisy)) == 3
+
+
+def test_announces_its_phases_and_prints_no_library_noise(evaluated):
+  for devices in (1, 4):
+    stderr = STDERR[devices]
+    assert library_noise.unexpected_lines(stderr) == [], stderr[-3000:]
+    phases = [
+      'loading the weights of',
+      'scoring test',
+      '128/128',
+      'scoring validation: thresholds',
+      f'bootstrap: {BOOTSTRAP} patient resamples',
+      'drawing the heatmaps',
+    ]
+    positions = [stderr.find(phase) for phase in phases]
+    assert -1 not in positions and positions == sorted(positions), stderr[-3000:]
 
 
 def test_prints_a_14_row_auroc_table(evaluated):

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from chexnet_jax import eval_outputs
 from chexnet_jax import predict
+from input_pipeline import images as images_lib
 from input_pipeline import labels as labels_lib
+from tests import library_noise
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')  # Real NIH images, 256 px grey.
@@ -109,13 +112,22 @@ def test_missing_file_is_a_clear_error(tmp_path):
     predict.load_image(str(tmp_path / 'absent.png'), 32, 32)
 
 
-@pytest.mark.parametrize('limit', [40 * 40 - 1, (40 * 40) // 2 - 1])
-def test_decompression_bomb_guard_refuses(tmp_path, monkeypatch, limit):
-  # Above the limit PIL only warns; above twice the limit it raises: both refused.
+def test_more_pixels_than_the_builders_limit_is_refused(tmp_path, monkeypatch):
+  # The one limit the dataset builder applies (input_pipeline.images.MAX_PIXELS).
   path = _save(tmp_path / 'big.png', _gradient())
-  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', limit)
-  with pytest.raises(predict.ImageLoadError, match='MAX_IMAGE_PIXELS'):
+  monkeypatch.setattr(images_lib, 'MAX_PIXELS', 40 * 40 - 1)
+  with pytest.raises(predict.ImageLoadError, match=r'big.png: .*images.MAX_PIXELS'):
     predict.load_image(str(path), 32, 32)
+  monkeypatch.setattr(images_lib, 'MAX_PIXELS', 40 * 40)
+  assert predict.load_image(str(path), 32, 32)[1] == (40, 40)
+
+
+def test_a_file_that_is_no_image_says_so(tmp_path):
+  (tmp_path / 'notes.png').write_text('a text file')
+  with pytest.raises(predict.ImageLoadError, match='not a readable PNG/JPEG/DICOM image'):
+    predict.load_image(str(tmp_path / 'notes.png'), 32, 32)
+  with pytest.raises(predict.ImageLoadError, match='cannot be read'):
+    predict.load_image(str(tmp_path), 32, 32)  # A folder.
 
 
 def test_top_findings_and_table():
@@ -178,6 +190,7 @@ def test_predict_real_samples_with_a_corrupt_file_among_them(tiny_run, tmp_path)
   result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 1, result.stderr[-2000:]
   assert 'corrupt.png' in result.stderr and 'error' in result.stderr
+  assert library_noise.unexpected_lines(result.stderr) == [], result.stderr[-3000:]
   rows = [
     line.split()
     for line in result.stdout.splitlines()
@@ -214,5 +227,75 @@ def test_predict_probabilities_equal_the_eval_model(tiny_run):
 
 def test_heatmap_stems_stay_distinct():
   seen = set()
-  stems = [predict.heatmap_stem(p, i, seen) for i, p in enumerate(['a/x.png', 'b/x.png', 'y.jpg'])]
-  assert stems == ['x', 'x_1', 'y']
+  names = ['a/x.png', 'a_x.png', 'my scan.jpg']
+  stems = [predict.heatmap_stem(n, i, seen) for i, n in enumerate(names)]
+  assert stems == ['a_x', 'a_x_1', 'my_scan']
+  assert eval_outputs.safe_file_name('Lung Opacity') == 'Lung_Opacity'
+
+
+def test_inputs_are_named_by_their_path_below_the_common_folder(tmp_path):
+  paths = [str(tmp_path / f'patient1/study{i}/view1_frontal.jpg') for i in (1, 2)]
+  paths.append(str(tmp_path / 'patient2/study1/view1_frontal.jpg'))
+  assert predict.input_names(paths) == [
+    os.path.join('patient1', 'study1', 'view1_frontal.jpg'),
+    os.path.join('patient1', 'study2', 'view1_frontal.jpg'),
+    os.path.join('patient2', 'study1', 'view1_frontal.jpg'),
+  ]
+  assert predict.input_names([paths[0]]) == ['view1_frontal.jpg']
+  assert predict.input_names([paths[0], paths[0]]) == ['view1_frontal.jpg'] * 2
+
+
+def test_table_aligns_long_label_names():
+  labels = ('Enlarged Cardiomediastinum', 'Effusion')
+  results = [
+    {
+      'image': f'{s}/view1_frontal.jpg',
+      'name': f'{s}/view1_frontal.jpg',
+      'probabilities': dict(zip(labels, (0.25, 0.5))),
+    }
+    for s in ('study1', 'study2')
+  ]
+  lines = predict.format_table(results).splitlines()
+  assert len({len(line) for line in lines}) == 1  # Every row as wide as the header.
+  assert 'study1/view1_frontal.jpg' in lines[0] and 'study2/view1_frontal.jpg' in lines[0]
+  assert lines[1].split() == ['Enlarged', 'Cardiomediastinum', '0.250', '0.250']
+
+
+def test_inputs_are_checked_before_the_model_is_loaded(tmp_path, capsys):
+  (tmp_path / 'notes.png').write_text('not an image')
+  # The run does not exist either: the images are the first thing said, and nothing else.
+  code = predict.main(
+    [str(tmp_path / 'absent.png'), str(tmp_path / 'notes.png'), '--workdir', str(tmp_path / 'no')]
+  )
+  err = capsys.readouterr().err
+  assert code == 1
+  assert 'absent.png: no such file' in err and 'notes.png: not a readable PNG/JPEG/DICOM' in err
+  assert 'nothing was scored or written' in err and 'workdir' not in err.lower()
+  assert not (tmp_path / 'no').exists()
+
+
+def test_each_call_replaces_its_own_outputs_only(tiny_run, tmp_path, capsys):
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'mine.txt').write_text('the user keeps this here')
+  first = [os.path.join(DEMO_IMAGES, '00000100_000.png')]
+  assert (
+    predict.main([*first, '--workdir', tiny_run, '--top_k', '2', '--output_dir', str(out)]) == 0
+  )
+  assert sorted(os.listdir(out / 'heatmaps'))[0].startswith('00000100_000_')
+  second = tmp_path / 'study 2'
+  second.mkdir()
+  (second / 'scan.png').write_bytes(open(SAMPLES[1], 'rb').read())
+  assert (
+    predict.main(
+      [str(second / 'scan.png'), '--workdir', tiny_run, '--top_k', '1', '--output_dir', str(out)]
+    )
+    == 0
+  )
+  heatmaps = os.listdir(out / 'heatmaps')
+  assert len(heatmaps) == 1 and heatmaps[0].startswith('scan_') and ' ' not in heatmaps[0]
+  assert (out / 'mine.txt').read_text() == 'the user keeps this here'
+  written = json.loads((out / 'predictions.json').read_text())
+  assert [r['name'] for r in written['results']] == ['scan.png']
+  assert os.path.isfile(written['results'][0]['top_findings'][0]['heatmap'])
+  assert sorted(os.listdir(out)) == ['heatmaps', 'mine.txt', 'predictions.json']

@@ -65,6 +65,13 @@ def _tear(workdir, step, part):
   os.truncate(largest, os.path.getsize(largest) // 2)
 
 
+def _error_line(stderr):
+  """evaluate's one-sentence error, after its phase line (the only other one)."""
+  *before, error = stderr.strip().splitlines()
+  assert [line.startswith('loading the weights of ') for line in before] == [True], stderr
+  return error
+
+
 @pytest.mark.parametrize('part', ['state', 'metrics'])
 def test_evaluate_and_predict_leave_a_torn_run_byte_identical(tiny_run, tmp_path, part, capsys):
   workdir = _copy(tiny_run, tmp_path)
@@ -73,7 +80,7 @@ def test_evaluate_and_predict_leave_a_torn_run_byte_identical(tiny_run, tmp_path
   before = _hashes(workdir)
   picks = {'state': 'latest', 'metrics': 'best'}  # What reaches the torn part.
   assert evaluate.main(['--workdir', workdir, '--checkpoint', picks[part], *EVALUATE]) == 1
-  error = capsys.readouterr().err.strip()
+  error = _error_line(capsys.readouterr().err)
   what = {'state': 'is corrupt (', 'metrics': 'is torn (metrics: JSONDecodeError)'}[part]
   assert error.startswith(f'error: Checkpoint step {newest} in ') and what in error, error
   assert '\n' not in error
@@ -92,7 +99,7 @@ def test_best_before_any_validation_names_the_fix(tiny_run, tmp_path, capsys):
       shutil.rmtree(os.path.join(run_reader.checkpoint_dir(workdir), str(step)))
   assert _steps(workdir)
   assert evaluate.main(['--workdir', workdir, *EVALUATE]) == 1
-  error = capsys.readouterr().err.strip()
+  error = _error_line(capsys.readouterr().err)
   assert error.startswith('error: --checkpoint best: no checkpoint in ')
   assert 'none is best by val_loss' in error and '--checkpoint latest' in error
   assert "wait for the run's first evaluation (every 4 epoch(s))" in error
