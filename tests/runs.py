@@ -22,12 +22,17 @@ def trainer_command(workdir, *overrides, config=SMOKE_CONFIG, program=None):
   return [sys.executable, *head, '--config', config, '--workdir', str(workdir), *flags]
 
 
-def run_trainer(workdir, *overrides, config=SMOKE_CONFIG, timeout=600, **kwargs):
+def run_trainer(workdir, *overrides, config=SMOKE_CONFIG, program=None, timeout=600, **kwargs):
   """Runs the trainer to its end (from the repository root unless `cwd` says
   otherwise); a CompletedProcess with text stdout/stderr."""
   kwargs.setdefault('cwd', REPO)
-  command = trainer_command(workdir, *overrides, config=config)
+  command = trainer_command(workdir, *overrides, config=config, program=program)
   return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def tool_command(tool, *args):
+  """`python -m chexnet_jax.<tool> ARGS` (evaluate, predict, score)."""
+  return [sys.executable, '-m', f'chexnet_jax.{tool}', *map(str, args)]
 
 
 def free_port():

@@ -38,16 +38,7 @@ def run_evaluate_cli(workdir, devices, *extra):
   env = dict(
     os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
   )
-  command = [
-    sys.executable,
-    '-m',
-    'chexnet_jax.evaluate',
-    '--workdir',
-    workdir,
-    '--bootstrap',
-    str(BOOTSTRAP),
-    *extra,
-  ]
+  command = runs.tool_command('evaluate', '--workdir', workdir, '--bootstrap', BOOTSTRAP, *extra)
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   STDERR[devices] = result.stderr
@@ -245,21 +236,19 @@ def test_two_processes_score_alike_and_only_process_0_writes(evaluated, tmp_path
   address = f'localhost:{_free_port()}'
   processes = [
     subprocess.Popen(
-      [
-        sys.executable,
-        '-m',
-        'chexnet_jax.evaluate',
+      runs.tool_command(
+        'evaluate',
         '--workdir',
         workdir,
         '--bootstrap',
-        str(BOOTSTRAP),
+        BOOTSTRAP,
         '--coordinator_address',
         address,
         '--num_processes',
-        '2',
+        2,
         '--process_id',
-        str(i),
-      ],
+        i,
+      ),
       cwd=REPO,
       env=env,
       stdout=subprocess.PIPE,

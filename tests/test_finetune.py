@@ -129,22 +129,7 @@ def test_fine_tune_onto_an_own_dataset_end_to_end(tiny_run, tmp_path):
   test_own_data._run(
     '-m',
     'input_pipeline.build',
-    '--csv',
-    path,
-    '--image_root',
-    test_own_data.DEMO,
-    '--labels',
-    ','.join(labels),
-    '--patient_column',
-    'patient',
-    '--name',
-    'own3',
-    '--data_dir',
-    data_dir,
-    '--image_size',
-    '40',
-    '--num_workers',
-    '2',
+    *test_own_data.own_build_args(path, 'own3', data_dir, 40, 2, labels),
   )
   result = test_own_data.train(
     workdir,

@@ -343,17 +343,13 @@ def test_a_weights_file_with_code_is_one_sentence_from_main(tmp_path):
     'from absl import app\nfrom chexnet_jax import main\n'
     'app.run(main.main, flags_parser=main.parse_flags)\n'
   )
-  command = [sys.executable, '-c', code, '--config', os.path.join(REPO, 'configs', 'cpu_smoke.py')]
-  command += ['--workdir', str(tmp_path / 'run'), f'--config.init_from={path}']
-  command += ['--config.num_train_steps=1']
-  result = subprocess.run(
-    command,
-    cwd=REPO,
+  result = runs.run_trainer(
+    tmp_path / 'run',
+    f'init_from={path}',
+    'num_train_steps=1',
+    program=code,
     env=dict(os.environ, PYTHONPATH=REPO),
-    capture_output=True,
-    text=True,
     timeout=300,
-    check=False,
   )
   assert result.returncode == 1, result.stderr[-2000:]
   assert 'Traceback' not in result.stderr

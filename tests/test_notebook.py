@@ -20,6 +20,23 @@ def _stream_text(cell):
   return ''.join(o.get('text', '') for o in cell.outputs if o.output_type == 'stream')
 
 
+def run_notebook(directory):
+  """Executes the notebook with its kernel started in `directory`; the notebook
+  and the error outputs of its cells."""
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  nbclient.NotebookClient(
+    notebook, kernel_name='python3', timeout=300, resources={'metadata': {'path': directory}}
+  ).execute()
+  errors = [
+    o
+    for cell in notebook.cells
+    if cell.cell_type == 'code'
+    for o in cell.outputs
+    if o.output_type == 'error'
+  ]
+  return notebook, errors
+
+
 def _auroc_table(text):
   lines = text.splitlines()
   start = next(i for i, line in enumerate(lines) if line.startswith('Pathology'))
@@ -32,21 +49,8 @@ def test_notebook_runs_and_its_table_equals_evaluate(tiny_run, capsys, monkeypat
   monkeypatch.setenv('CHEXNET_CHECKPOINT', 'best')
   monkeypatch.setenv('CHEXNET_BOOTSTRAP', str(BOOTSTRAP))
   monkeypatch.setenv('CHEXNET_GALLERY', '2')
-  notebook = nbformat.read(NOTEBOOK, as_version=4)
-  nbclient.NotebookClient(
-    notebook,
-    kernel_name='python3',
-    timeout=300,
-    resources={'metadata': {'path': os.path.dirname(NOTEBOOK)}},
-  ).execute()
+  notebook, errors = run_notebook(os.path.dirname(NOTEBOOK))
   outputs = '\n'.join(_stream_text(cell) for cell in notebook.cells if cell.cell_type == 'code')
-  errors = [
-    o
-    for cell in notebook.cells
-    if cell.cell_type == 'code'
-    for o in cell.outputs
-    if o.output_type == 'error'
-  ]
   assert not errors
   images = [
     o

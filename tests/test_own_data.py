@@ -244,10 +244,10 @@ def test_no_patient_column_refuses_unless_told_then_warns(tmp_path):
   assert 'may leak' in builder.info.metadata['warnings'][0]
 
 
-def own_build_args(csv_path, name, data_dir, image_size, num_workers=1):
-  """The build command line of a LABELS3 CSV with a patient column."""
+def own_build_args(csv_path, name, data_dir, image_size, num_workers=1, labels=LABELS3):
+  """The build command line of a CSV of `labels` with a patient column."""
   return [
-    *('--csv', csv_path, '--image_root', DEMO, '--labels', ','.join(LABELS3)),
+    *('--csv', csv_path, '--image_root', DEMO, '--labels', ','.join(labels)),
     *('--patient_column', 'patient', '--name', name, '--data_dir', data_dir),
     *('--image_size', str(image_size), '--num_workers', str(num_workers)),
   ]

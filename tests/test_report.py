@@ -20,6 +20,7 @@ from chexnet_jax import report
 from chexnet_jax import scoring
 from input_pipeline import labels as labels_lib
 from tests.browser import chromium
+from tests import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = labels_lib.LABELS
@@ -293,17 +294,7 @@ def evaluated_run(tiny_run, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('report') / 'run')
   shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns('eval', 'predict'))
   result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'chexnet_jax.evaluate',
-      '--workdir',
-      workdir,
-      '--bootstrap',
-      '30',
-      '--gallery',
-      '4',
-    ],
+    runs.tool_command('evaluate', '--workdir', workdir, '--bootstrap', 30, '--gallery', 4),
     cwd=REPO,
     capture_output=True,
     text=True,

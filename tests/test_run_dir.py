@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 
-import nbclient
-import nbformat
 import pytest
 
 from chexnet_jax import evaluate
@@ -16,9 +14,9 @@ from chexnet_jax import run_dir
 from configs import cpu_smoke
 from input_pipeline import build
 from tests import runs
+from tests import test_notebook
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NOTEBOOK = os.path.join(REPO, 'notebooks', 'evaluate_checkpoint.ipynb')
 DEMO_DATA = os.path.join(REPO, 'demo_data')
 SIZE = 64
 
@@ -80,17 +78,7 @@ def test_notebook_from_another_directory(run_made_elsewhere, tmp_path, monkeypat
   monkeypatch.setenv('CHEXNET_DATA_DIR', data_dir)
   monkeypatch.setenv('CHEXNET_BOOTSTRAP', '10')
   monkeypatch.setenv('CHEXNET_GALLERY', '1')
-  notebook = nbformat.read(NOTEBOOK, as_version=4)
-  nbclient.NotebookClient(
-    notebook, kernel_name='python3', timeout=300, resources={'metadata': {'path': str(tmp_path)}}
-  ).execute()
-  errors = [
-    o
-    for cell in notebook.cells
-    if cell.cell_type == 'code'
-    for o in cell.outputs
-    if o.output_type == 'error'
-  ]
+  notebook, errors = test_notebook.run_notebook(str(tmp_path))
   assert not errors
 
 

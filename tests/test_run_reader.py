@@ -24,6 +24,7 @@ from chexnet_jax import predict
 from chexnet_jax import run_dir
 from chexnet_jax import run_reader
 from configs import default as default_config
+from tests import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE = sorted(glob.glob(os.path.join(REPO, 'demo_data', 'images', '*.png')))[0]
@@ -216,20 +217,12 @@ def test_reading_beside_a_writer_that_keeps_one_step(tmp_path):
   """Training saves every 4 steps and keeps 1 (deleting the previous at each save)
   while the weights are read again and again: every read is a whole, verified step."""
   workdir = str(tmp_path / 'run')
-  command = [
-    sys.executable,
-    '-m',
-    'chexnet_jax.main',
-    '--config',
-    'configs/cpu_smoke.py',
-    '--workdir',
+  writer = runs.start_trainer(
     workdir,
-    '--config.num_train_steps=96',
-    '--config.checkpoint_every_steps=4',
-    '--config.keep_checkpoints=1',
-  ]
-  writer = subprocess.Popen(
-    command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    'num_train_steps=96',
+    'checkpoint_every_steps=4',
+    'keep_checkpoints=1',
+    stdout=subprocess.DEVNULL,
   )
   read, refused = [], []
   try:
