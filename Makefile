@@ -13,6 +13,12 @@ TORCH ?= torch==2.13.0
 # (empty) installs the newest versions setup.cfg allows instead.
 CONSTRAINTS ?= constraints.txt
 PIP_INSTALL = $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+# The suite runs on this many pytest-xdist workers, each test file on one worker
+# (--dist loadfile: a file's module fixtures, the Slurm cluster among them, are
+# made once). Much of the suite waits on subprocesses, so 2 workers halve it on
+# 2 cores; PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest -q $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
 DEMO_DATA := data/demo_tfds
 DEMO_RUN := runs/demo
 
@@ -44,10 +50,10 @@ lint: $(VENV)/.test-installed
 	$(PY) -m ruff check .
 
 test: lint $(CHROMIUM)
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: $(VENV)/.test-installed
-	$(PY) -m pytest -q -m 'not slow and not slurm' tests
+	$(PYTEST) -m 'not slow and not slurm' tests
 
 demo: setup
 	$(PY) -m input_pipeline.build --manual_dir demo_data --data_dir $(DEMO_DATA) \

@@ -15,7 +15,7 @@ from sklearn import metrics as sk_metrics
 from chexnet_jax import eval_outputs
 from chexnet_jax import scoring
 from input_pipeline import labels as labels_lib
-from tests import library_noise
+from tests import console_lines
 from tests import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,18 +90,18 @@ def test_writes_the_report_files(evaluated):
 def test_the_noise_check_catches_library_lines():
   noisy = (
     'WARNING:absl:Item "data" was found in the checkpoint, but could not be restored.\n'
-    'W1201 10:00:00.1 123 xla_bridge.py:1] An NVIDIA GPU may be present\n'
+    'W1201 10:00:00.1 123 xla_bridge.py:1] Platform cuda is experimental\n'
     '/x.py:3: UserWarning: something\n'
     'error: /tmp/a.png: not a readable PNG/JPEG/DICOM image: zero-byte file.\n'
     'scoring test: 100%|##| 128/128\n'
   )
-  assert len(library_noise.unexpected_lines(noisy)) == 3
+  assert len(console_lines.unexpected_lines(noisy)) == 3
 
 
 def test_announces_its_phases_and_prints_no_library_noise(evaluated):
   for devices in (1, 4):
     stderr = STDERR[devices]
-    assert library_noise.unexpected_lines(stderr) == [], stderr[-3000:]
+    assert console_lines.unexpected_lines(stderr) == [], stderr[-3000:]
     phases = [
       'loading the weights of',
       'scoring test',

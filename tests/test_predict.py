@@ -13,7 +13,7 @@ from chexnet_jax import eval_outputs
 from chexnet_jax import predict
 from input_pipeline import images as images_lib
 from input_pipeline import labels as labels_lib
-from tests import library_noise
+from tests import console_lines
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')  # Real NIH images, 256 px grey.
@@ -190,7 +190,7 @@ def test_predict_real_samples_with_a_corrupt_file_among_them(tiny_run, tmp_path)
   result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
   assert result.returncode == 1, result.stderr[-2000:]
   assert 'corrupt.png' in result.stderr and 'error' in result.stderr
-  assert library_noise.unexpected_lines(result.stderr) == [], result.stderr[-3000:]
+  assert console_lines.unexpected_lines(result.stderr) == [], result.stderr[-3000:]
   rows = [
     line.split()
     for line in result.stdout.splitlines()
