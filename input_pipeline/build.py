@@ -202,7 +202,22 @@ def main(argv=None):
     sys.exit(f'Nothing was written. {e}')
   for warning in builder.info.metadata.get('warnings') or []:
     print(f'warning: {warning}', file=sys.stderr)
+  for line in skipped_lines(sources.upgraded_metadata(builder.info)):
+    print(line, file=sys.stderr)
   print(summary(builder, outcome, args.data_dir))
+
+
+_SKIPPED_SHOWN = 20
+
+
+def skipped_lines(metadata) -> list[str]:
+  """What --skip_bad left out, one line each (the first _SKIPPED_SHOWN, then a count)."""
+  skipped = sorted((metadata.get('skipped') or {}).items())
+  lines = [f'skipped: {name}: {why}' for name, why in skipped[:_SKIPPED_SHOWN]]
+  hidden = metadata['num_skipped'] - len(lines)
+  if hidden > 0:
+    lines.append(f'skipped: {hidden} more (the dataset metadata lists up to {len(skipped)}).')
+  return lines
 
 
 if __name__ == '__main__':

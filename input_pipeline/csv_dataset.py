@@ -193,6 +193,7 @@ def _read_csv(path: str, spec: Spec, rows: dict, problems: list) -> int:
     if header_problems := _header_problems(path, header, spec):
       problems.extend(Problem('', m) for m in header_problems)
       return 0
+    first_line = {}
     for line, row in enumerate(reader, start=2):
       rel = (row.get(spec.path_column) or '').strip()
       where = f'{path} line {line} ({rel or "no path"})'
@@ -204,10 +205,11 @@ def _read_csv(path: str, spec: Spec, rows: dict, problems: list) -> int:
       except ValueError as e:
         problems.append(Problem(rel or f'{path}:{line}', f'{where}: {e}'))
         continue
-      if rel in rows:
-        problems.append(Problem(rel, f'{where}: {rel} appears twice'))
+      if rel in rows:  # Which row's labels hold is unknowable: the image, both rows, is bad.
+        also = first_line.get(rel, 'in an earlier CSV')
+        problems.append(Problem(rel, f'{where}: {rel} appears twice (also {also}): both rows'))
         continue
-      rows[rel] = parsed
+      rows[rel], first_line[rel] = parsed, f'line {line}'
   return laterals
 
 

@@ -382,6 +382,11 @@ def plan_build(
 ) -> records.Plan:
   """Reads and checks ALL inputs, then splits; raises InvalidInputError listing every
   problem (MissingInputError for an absent file) before anything is written."""
+  if not os.path.isdir(manual_dir):
+    raise records.MissingInputError(
+      f'--manual_dir {manual_dir} is not a directory; give the folder that holds the NIH '
+      'download (python -m input_pipeline.download --dir DIR fetches it).'
+    )
   files, entries, num_rows, boxes, problems = _read_metadata_files(manual_dir, label_file)
   train_val = read_image_list(files['train_val'])
   test = read_image_list(files['test'])

@@ -379,3 +379,30 @@ def test_patient_in_two_splits_is_one_sentence(tmp_path, capsys):
   assert 'train_val_list.txt and test_list.txt: 1 patient(s) in both' in message
   assert '[100]' in message and 'the split must be by patient' in message
   assert 'AssertionError' not in message + capsys.readouterr().err
+
+
+def test_skip_bad_names_what_it_left_out_on_the_console(bad_manual_dir, tmp_path, capsys):
+  build.main(
+    ['--manual_dir', str(bad_manual_dir), '--data_dir', str(tmp_path / 'out'), '--image_size']
+    + ['32', '--allow_subset', '--skip_bad', '--num_workers', '2']
+  )
+  err = capsys.readouterr().err
+  skipped = [line for line in err.splitlines() if line.startswith('skipped: ')]
+  assert len(skipped) == 5, err
+  assert any(GOOD[2] in line and 'zero-byte' in line for line in skipped), err
+
+
+def test_skipped_lines_show_the_first_then_a_count():
+  metadata = {'num_skipped': 25, 'skipped': {f'{i:02d}.png': 'zero-byte' for i in range(25)}}
+  lines = build.skipped_lines(metadata)
+  assert lines[0] == 'skipped: 00.png: zero-byte' and len(lines) == 21
+  assert lines[-1] == 'skipped: 5 more (the dataset metadata lists up to 25).'
+
+
+def test_missing_manual_dir_is_named_as_such(tmp_path):
+  with pytest.raises(SystemExit) as error:
+    build.main(['--manual_dir', str(tmp_path / 'nope'), '--data_dir', str(tmp_path / 'out')])
+  assert str(error.value) == (
+    f'Nothing was written. --manual_dir {tmp_path / "nope"} is not a directory; give the folder '
+    'that holds the NIH download (python -m input_pipeline.download --dir DIR fetches it).'
+  )

@@ -652,3 +652,12 @@ def test_u_ignore_run_evaluates_on_the_known_entries_only(chex_ignore_run):
   for line in table.splitlines()[2:5]:
     name = next(n for n in CHEXPERT_LABELS if line.startswith(n))
     assert line.split()[-1] == auroc_csv[name]['num_unknown']
+
+
+def test_a_duplicated_path_names_both_rows(tmp_path):
+  rows = own_rows(3)
+  path = write_csv(tmp_path / 'dup.csv', rows + [rows[1]])
+  _, problems, _ = csv_dataset.read_rows(_spec(path))
+  assert [str(p) for p in problems] == [
+    f'{path} line 5 ({rows[1][0]}): {rows[1][0]} appears twice (also line 3): both rows'
+  ]
