@@ -74,8 +74,11 @@ def test_predict_from_another_directory(run_made_elsewhere, tmp_path, monkeypatc
 
 def test_notebook_from_another_directory(run_made_elsewhere, tmp_path, monkeypatch):
   workdir, data_dir = run_made_elsewhere
-  monkeypatch.setenv('CHEXNET_WORKDIR', workdir)
-  monkeypatch.setenv('CHEXNET_DATA_DIR', data_dir)
+  # Relative paths, as typed in the directory Jupyter was launched from ($PWD);
+  # the kernel itself starts elsewhere (tmp_path).
+  monkeypatch.setenv('PWD', os.path.dirname(workdir))
+  monkeypatch.setenv('CHEXNET_WORKDIR', os.path.basename(workdir))
+  monkeypatch.setenv('CHEXNET_DATA_DIR', os.path.relpath(data_dir, os.path.dirname(workdir)))
   monkeypatch.setenv('CHEXNET_BOOTSTRAP', '10')
   monkeypatch.setenv('CHEXNET_GALLERY', '1')
   notebook, errors = test_notebook.run_notebook(str(tmp_path))
