@@ -30,6 +30,14 @@ def run_trainer(workdir, *overrides, config=SMOKE_CONFIG, program=None, timeout=
   return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def start_trainer(workdir, *overrides, config=SMOKE_CONFIG, **kwargs):
+  """Starts the trainer without waiting (for tests that read, signal or kill it)."""
+  kwargs.setdefault('stdout', subprocess.PIPE)
+  kwargs.setdefault('stderr', subprocess.PIPE)
+  command = trainer_command(workdir, *overrides, config=config)
+  return subprocess.Popen(command, cwd=REPO, text=True, **kwargs)
+
+
 def tool_command(tool, *args):
   """`python -m chexnet_jax.<tool> ARGS` (evaluate, predict, score)."""
   return [sys.executable, '-m', f'chexnet_jax.{tool}', *map(str, args)]
