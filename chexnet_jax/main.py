@@ -94,8 +94,10 @@ def main(argv):
   except USER_ERRORS as error:
     print(f'error: {error}', file=sys.stderr)
     sys.exit(1)
-  except jax.errors.JaxRuntimeError as error:
-    distributed.exit_if_peer_lost(error)  # A dead peer: one sentence, exit 1.
+  except (jax.errors.JaxRuntimeError, ValueError) as error:
+    # A dead peer: one sentence, exit 1. A collective in orbax's save raises it
+    # as a ValueError ('UNKNOWN: Gloo AllGather failed ... Connection reset').
+    distributed.exit_if_peer_lost(error)
     raise
   except KeyboardInterrupt:  # Ctrl-C before training started (the loop saves).
     print(
