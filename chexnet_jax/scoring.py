@@ -80,7 +80,8 @@ def progress_bar(config, split, enabled=True):
   process 0 only; None when not enabled). Counts real images: padding is not one."""
   if not enabled or jax.process_index() != 0:
     return None
-  total = len(pipeline.split_metadata(config, split)) if jax.process_count() == 1 else None
+  # The source's length: reading every record's metadata just to count them is not needed.
+  total = len(pipeline.get_source(config, split)) if jax.process_count() == 1 else None
 
   def wrap(batches):
     with tqdm.tqdm(total=total, desc=f'scoring {split}', unit='image', file=sys.stderr) as bar:
