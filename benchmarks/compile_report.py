@@ -297,9 +297,9 @@ def compile_step(config, topology, dump_dir):
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
-  from chexnet_jax import sharding  # pylint: disable=g-import-not-at-top
-  from chexnet_jax import train_state  # pylint: disable=g-import-not-at-top
-  from chexnet_jax import train_step  # pylint: disable=g-import-not-at-top
+  from chexnet_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+  from chexnet_jax.training import train_state  # pylint: disable=g-import-not-at-top
+  from chexnet_jax.training import train_step  # pylint: disable=g-import-not-at-top
 
   with open(TARGET_FILE) as f:
     target = f.read()

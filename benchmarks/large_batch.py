@@ -9,7 +9,7 @@ Trains the tiny DenseNet of configs/cpu_smoke.py on its learnable synthetic data
 with `python -m chexnet_jax.main`. Phase 'tune' sweeps Adam's rate at global batch
 64 on 1 device (BASE_LRS) to find the base rate; phase 'rules' then trains global
 batch 1024 on 16 simulated CPU devices (--xla_force_host_platform_device_count=16)
-once per scaling rule of chexnet_jax/lr_scaling.py, from that base rate, each with
+once per scaling rule of chexnet_jax/training/lr_scaling.py, from that base rate, each with
 `--warmup_epochs` of warmup. 64 images per device in both, so BatchNorm sees
 per-device batches of 64 as on 16 V100s. Every run sees the same images (same
 epochs), uses the plateau schedule and is scored on the same validation images
@@ -148,7 +148,7 @@ def run_phase(args):
 
 def adam_b2(settings):
   """b2 of a run: configs/default.py's 0.999, scaled under sqrt_adam (lr_scaling.py)."""
-  from chexnet_jax import lr_scaling  # pylint: disable=g-import-not-at-top
+  from chexnet_jax.training import lr_scaling  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
 
   config = default.get_config()

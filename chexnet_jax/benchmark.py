@@ -38,10 +38,10 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from chexnet_jax import distributed
-from chexnet_jax import sharding
-from chexnet_jax import train_state
-from chexnet_jax import train_step
+from chexnet_jax.runtime import distributed
+from chexnet_jax.runtime import sharding
+from chexnet_jax.training import train_state
+from chexnet_jax.training import train_step
 from input_pipeline import batching
 from input_pipeline import labels as labels_lib
 

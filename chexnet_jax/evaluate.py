@@ -16,7 +16,7 @@ records). Writes DIR/eval/<split>/ (DIR/eval/<split>-<tta>/ with test-time augme
                     known and unknown labels (num_known, num_unknown)
   predictions.csv   index, image, patient, prob_<label> per label, label_<label> per
                     label (1, 0, or -1 for an unknown label, e.g. uncertain)
-  report.html       one self-contained page of all of it (chexnet_jax/report.py)
+  report.html       one self-contained page of all of it (chexnet_jax/report/page.py)
   roc_curves.png, pr_curves.png, reliability.png (one panel per label),
   gallery/*.png     class activation maps of confident true positives (figures.py)
 and DIR/eval/calibration.json, the temperature fitted on validation that
@@ -42,16 +42,17 @@ import sys
 
 from jax.experimental import multihost_utils
 
-from chexnet_jax import calibration as calibration_lib
-from chexnet_jax import checkpoints
-from chexnet_jax import distributed
+from chexnet_jax.evaluation import calibration as calibration_lib
+from chexnet_jax.run import run_reader
+from chexnet_jax.runtime import distributed
 from chexnet_jax import errors
-from chexnet_jax import eval_outputs
-from chexnet_jax import label_columns
-from chexnet_jax import localization as localization_lib
-from chexnet_jax import report as report_lib
-from chexnet_jax import run_dir
-from chexnet_jax import scoring
+from chexnet_jax.report import eval_outputs
+from chexnet_jax.report import gallery as gallery_lib
+from chexnet_jax.evaluation import label_columns
+from chexnet_jax.evaluation import localization as localization_lib
+from chexnet_jax.report import page as report_lib
+from chexnet_jax.run import run_dir
+from chexnet_jax.evaluation import scoring
 from input_pipeline import batching
 from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
@@ -70,8 +71,8 @@ def parse_args(argv):
   parser.add_argument(
     '--checkpoint',
     default='best',
-    type=checkpoints.parse_selector,
-    help=checkpoints.checkpoint_help(),
+    type=run_reader.parse_selector,
+    help=run_reader.checkpoint_help(),
   )
   parser.add_argument(
     '--data_dir',
@@ -114,7 +115,7 @@ def main(argv=None):
   try:
     config = _start_processes(args)
     scoring.announce(f'loading the weights of {args.workdir} (checkpoint {args.checkpoint})')
-    run = checkpoints.load_run(args.workdir, args.checkpoint, config=config)
+    run = run_reader.load_run(args.workdir, args.checkpoint, config=config)
     evaluation = scoring.evaluate(
       run, args.split, args.tta, args.bootstrap, args.seed, progress=True
     )
@@ -133,7 +134,8 @@ def _write(args, run, evaluation):
   out_dir = eval_outputs.output_dir(args.workdir, args.split, args.tta)
   scoring.announce('drawing the heatmaps, scoring localisation, writing the report')
   with eval_outputs.published(out_dir) as staging:
-    gallery, localization = localization_lib.draw_heatmaps(run, evaluation, staging, args.gallery)
+    maps, localization = localization_lib.heatmaps_and_localization(run, evaluation, args.gallery)
+    gallery = gallery_lib.write_gallery(staging, maps)
     eval_outputs.write_outputs(staging, evaluation, gallery, localization)
     report_lib.write_report(
       staging, evaluation, gallery, localization, report_lib.run_name(args.workdir)
@@ -143,7 +145,7 @@ def _write(args, run, evaluation):
       args.workdir, evaluation.report['calibration']['temperature'], run.step, args.tta
     )
   report = evaluation.report
-  which = checkpoints.describe_checkpoint(args.checkpoint, run.step, run.config)
+  which = run_reader.describe_checkpoint(args.checkpoint, run.step, run.config)
   print(
     f'{args.split} split, checkpoint {which}, '
     f'tta {args.tta}, {report["num_examples"]} images of {report["num_patients"]} patients; '

@@ -17,13 +17,13 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from chexnet_jax import config_checks
-from chexnet_jax import distributed
+from chexnet_jax.training import config_checks
+from chexnet_jax.runtime import distributed
 from chexnet_jax import errors
-from chexnet_jax import imagenet_weights
-from chexnet_jax import progress
-from chexnet_jax import train
-from chexnet_jax import workdir_lock
+from chexnet_jax.model import imagenet_weights
+from chexnet_jax.runtime import progress
+from chexnet_jax.training import train
+from chexnet_jax.run import workdir_lock
 from input_pipeline import batching
 from input_pipeline import pipeline
 from input_pipeline import workers

@@ -30,13 +30,13 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from chexnet_jax import calibration as calibration_lib
-from chexnet_jax import cam as cam_lib
-from chexnet_jax import checkpoints
+from chexnet_jax.evaluation import calibration as calibration_lib
+from chexnet_jax.evaluation import cam as cam_lib
+from chexnet_jax.run import run_reader
 from chexnet_jax import errors
-from chexnet_jax import eval_outputs
-from chexnet_jax import figures
-from chexnet_jax import models
+from chexnet_jax.report import eval_outputs
+from chexnet_jax.report import figures
+from chexnet_jax.model import densenet
 from input_pipeline import dicom
 from input_pipeline import images as images_lib
 from input_pipeline import labels as labels_lib
@@ -208,8 +208,8 @@ def parse_args(argv):
   parser.add_argument(
     '--checkpoint',
     default='best',
-    type=checkpoints.parse_selector,
-    help=checkpoints.checkpoint_help(),
+    type=run_reader.parse_selector,
+    help=run_reader.checkpoint_help(),
   )
   parser.add_argument('--top_k', type=int, default=3, help='heatmaps per image')
   parser.add_argument('--output_dir', default=None, help='default: WORKDIR/predict')
@@ -235,7 +235,7 @@ def main(argv=None):
     print('error: no input is a readable image; nothing was scored or written.', file=sys.stderr)
     return 1
   try:
-    run = checkpoints.load_run(args.workdir, args.checkpoint)
+    run = run_reader.load_run(args.workdir, args.checkpoint)
     temperature = (
       calibration_lib.read_temperature(args.workdir, run.step) if args.calibrated else 1.0
     )
@@ -248,7 +248,7 @@ def main(argv=None):
   failures += late_failures
   if results:
     print(
-      f'checkpoint {checkpoints.describe_checkpoint(args.checkpoint, run.step, run.config)} '
+      f'checkpoint {run_reader.describe_checkpoint(args.checkpoint, run.step, run.config)} '
       f'of {args.workdir}'
       + (f', calibrated with temperature {temperature:.3f}' if args.calibrated else '')
     )
@@ -261,7 +261,7 @@ def main(argv=None):
 def _score_all(args, run, temperature, paths, output_dir):
   """Scores `paths`; this call's heatmaps replace OUT/heatmaps/ whole (predict's own
   folder: nothing of a previous call is left among them, nothing else is touched)."""
-  cam_fn = cam_lib.make_cam_fn(run.model, models.DTYPES[run.config.dtype])
+  cam_fn = cam_lib.make_cam_fn(run.model, densenet.DTYPES[run.config.dtype])
   variables = cam_lib.local_copy(run.variables)
   heatmap_dir = os.path.join(output_dir, 'heatmaps')
   names = dict(zip(paths, input_names(paths)))

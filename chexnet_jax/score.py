@@ -32,11 +32,11 @@ import sys
 import numpy as np
 
 from chexnet_jax import errors
-from chexnet_jax import eval_outputs
-from chexnet_jax import label_columns
-from chexnet_jax import metrics as metrics_lib
-from chexnet_jax import report as report_lib
-from chexnet_jax import scoring
+from chexnet_jax.report import eval_outputs
+from chexnet_jax.evaluation import label_columns
+from chexnet_jax.evaluation import metrics as metrics_lib
+from chexnet_jax.report import page as report_lib
+from chexnet_jax.evaluation import scoring
 from input_pipeline import labels as labels_lib
 from input_pipeline import nih
 from input_pipeline import records as records_lib

@@ -71,7 +71,7 @@ def get_config():
   c.learning_rate = 1e-3  # CheXNet: Adam, initial LR 0.001; holds at
   c.lr_base_batch_size = 64  # this batch, scaled to batch_size by:
   c.lr_scaling = 'sqrt'  # 'none' | 'sqrt' | 'sqrt_adam' | 'linear'
-  # (chexnet_jax/lr_scaling.py). sqrt: the rule derived
+  # (chexnet_jax/training/lr_scaling.py). sqrt: the rule derived
   # for Adam (Malladi et al. 2022); at batch 1024 it led
   # linear at every epoch until both matched batch 64
   # (benchmarks/LARGE_BATCH.md).
@@ -89,7 +89,7 @@ def get_config():
   c.pos_weight = 'none'  # CheXNet's 14-label loss: the unweighted BCE. Or
   # 'chexnet_paper' (w+ = N/(P+N), w- = P/(P+N)) or
   # 'negatives_over_positives' (PyTorch's N/P form);
-  # chexnet_jax/losses.py.
+  # chexnet_jax/model/losses.py.
   c.best_metric = 'val_loss'  # CheXNet: "pick the model with the lowest
   # validation loss". Or 'val_mean_auroc'.
   c.num_epochs = 10.0

@@ -3,7 +3,7 @@
 # root (sbatch runs a spooled copy of the script, in the submit directory).
 
 # 128 + SIGTERM: what chexnet_jax.main exits with after saving a checkpoint on
-# SIGTERM (chexnet_jax/train.py PREEMPTED_EXIT_CODE); tests check they agree.
+# SIGTERM (chexnet_jax/training/train.py PREEMPTED_EXIT_CODE); tests check they agree.
 CHEXNET_PREEMPTED_EXIT_CODE=143
 
 source "${CHEXNET_ENV:-slurm/env.sh}" || exit 1

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from chexnet_jax import weights
+from chexnet_jax.model import weights
 
 
 def randomize_keras_weights(model, seed):

@@ -1,4 +1,4 @@
-"""chexnet_jax/cam.py: CAM arithmetic, localisation scores (hand-computed), overlays."""
+"""chexnet_jax/evaluation/cam.py: CAM arithmetic, localisation scores (hand-computed), overlays."""
 
 import flax.linen as nn
 import jax
@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chexnet_jax import cam
-from chexnet_jax import models
-from chexnet_jax import preprocessing
+from chexnet_jax.evaluation import cam
+from chexnet_jax.model import densenet
+from chexnet_jax.model import preprocessing
 
 
 # ------------------------------------------------------------ box arithmetic --
@@ -98,7 +98,7 @@ def test_cam_weights_features_by_head_kernel_and_peaks_on_bright_patch():
 
 
 def test_tiny_densenet_cam_matches_logits_and_its_head():
-  model = models.create_model('tiny')
+  model = densenet.create_model('tiny')
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
   x = preprocessing.normalize(images)
   variables = model.init(jax.random.key(0), x, train=False)
@@ -147,7 +147,7 @@ def _train_tiny_on_synthetic(steps=100, batch=32, learning_rate=3e-3):
   import optax
   from input_pipeline import synthetic
 
-  model = models.create_model('tiny')
+  model = densenet.create_model('tiny')
   source = synthetic.SyntheticSource('train', steps * batch, SYNTHETIC_SIZE)
   images, _ = _synthetic_batch(source, 0, batch)
   variables = model.init(jax.random.key(0), preprocessing.normalize(images), train=False)

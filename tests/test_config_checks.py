@@ -9,8 +9,8 @@ import types
 import ml_collections
 import pytest
 
-from chexnet_jax import config_checks
-from chexnet_jax import run_dir
+from chexnet_jax.training import config_checks
+from chexnet_jax.run import run_dir
 from configs import cpu_smoke
 from configs import default
 from tests import runs

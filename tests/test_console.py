@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-from chexnet_jax import metric_logging
-from chexnet_jax import progress
-from chexnet_jax import stderr_guard
-from chexnet_jax import train
+from chexnet_jax.runtime import metric_logging
+from chexnet_jax.runtime import progress
+from chexnet_jax.runtime import stderr_guard
+from chexnet_jax.training import train
 from configs import cpu
 from configs import cpu_smoke
 from configs import default
@@ -209,7 +209,7 @@ def test_a_single_process_run_writes_stderr_without_the_xla_banner(tmp_path):
   script = (
     'import os, sys\n'
     'from configs import cpu_smoke\n'
-    'from chexnet_jax import distributed\n'
+    'from chexnet_jax.runtime import distributed\n'
     f'distributed.initialize(cpu_smoke.get_config(), env={{}}, workdir={str(tmp_path)!r})\n'
     'os.write(2, sys.argv[1].encode())\n'
   )

@@ -1,4 +1,4 @@
-"""chexnet_jax.distributed: launch checks with fake Slurm/CUDA environments, and
+"""chexnet_jax.runtime.distributed: launch checks with fake Slurm/CUDA environments, and
 real multi-process JAX on CPU (explicit coordinator, gloo collectives)."""
 
 import os
@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from chexnet_jax import distributed
+from chexnet_jax.runtime import distributed
+from chexnet_jax.training import config_checks
 from configs import default
 from tests import runs
 
@@ -170,12 +171,12 @@ def test_explicit_args_errors(overrides, match):
   config = _config(coordinator_address='host:1')
   config.update(overrides)
   with pytest.raises(ValueError, match=match):
-    distributed.explicit_args(config)
+    config_checks.check_fields(config, ('coordinator_address', 'num_processes', 'process_id'))
 
 
 def test_heartbeat_must_be_positive():
   with pytest.raises(ValueError, match='heartbeat_timeout_seconds=0'):
-    distributed.timeout_kwargs(_config(heartbeat_timeout_seconds=0))
+    config_checks.check_fields(_config(heartbeat_timeout_seconds=0), ('heartbeat_timeout_seconds',))
 
 
 def test_single_process_is_a_no_op(monkeypatch):
@@ -192,7 +193,7 @@ import os, signal, sys, time
 import numpy as np
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from chexnet_jax import distributed
+from chexnet_jax.runtime import distributed
 from configs import default
 
 address, count, pid, heartbeat, victim = sys.argv[1:]
@@ -309,6 +310,6 @@ def test_dead_peer_stops_survivors_within_heartbeat(victim):
   ],
 )
 def test_lost_process_named_from_jax_text(text, process_id, lost):
-  from chexnet_jax import stderr_guard
+  from chexnet_jax.runtime import stderr_guard
 
   assert stderr_guard.lost_processes(text, process_id) == lost

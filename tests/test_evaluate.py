@@ -12,8 +12,8 @@ import pytest
 
 from sklearn import metrics as sk_metrics
 
-from chexnet_jax import eval_outputs
-from chexnet_jax import scoring
+from chexnet_jax.report import eval_outputs
+from chexnet_jax.evaluation import scoring
 from input_pipeline import labels as labels_lib
 from tests import console_lines
 from tests import runs
@@ -172,9 +172,9 @@ def test_bad_workdir_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope='module')
 def run(tiny_run):
-  from chexnet_jax import checkpoints
+  from chexnet_jax.run import run_reader
 
-  return checkpoints.load_run(tiny_run, 'latest')
+  return run_reader.load_run(tiny_run, 'latest')
 
 
 def test_own_tta_loop_without_views_equals_evaluate_split(run):

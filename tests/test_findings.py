@@ -8,13 +8,13 @@ import types
 import numpy as np
 import pytest
 
-from chexnet_jax import eval_outputs
-from chexnet_jax import figures
-from chexnet_jax import label_columns
-from chexnet_jax import localization
-from chexnet_jax import metrics
-from chexnet_jax import report
-from chexnet_jax import scoring
+from chexnet_jax.report import eval_outputs
+from chexnet_jax.report import figures
+from chexnet_jax.evaluation import label_columns
+from chexnet_jax.evaluation import localization
+from chexnet_jax.evaluation import metrics
+from chexnet_jax.report import page as report_page
+from chexnet_jax.evaluation import scoring
 from input_pipeline import sources
 
 NAMES = ('Effusion', 'Mass')
@@ -25,7 +25,7 @@ def _evaluation(labels, probs, records, thresholds):
   result = metrics.classification_report(
     labels,
     probs,
-    eval_outputs.patients_of(records),
+    scoring.patients_of(records),
     thresholds=thresholds,
     names=NAMES,
     num_resamples=10,
@@ -98,9 +98,9 @@ def test_predictions_csv_carries_the_datasets_own_identifiers(tmp_path, example,
 def test_a_dataset_built_before_falls_back_to_the_builders_number_and_says_so_once(tmp_path):
   old = [_record({'image_name': f'{i}.png'.encode(), 'patient_id': 40 + i}) for i in range(2)]
   evaluation = _evaluation([[1, 0], [0, 1]], [[0.9, 0.2], [0.1, 0.8]], old, {n: 0.5 for n in NAMES})
-  assert eval_outputs.patients_of(old) == ['40', '41']
+  assert scoring.patients_of(old) == ['40', '41']
   assert evaluation.patient_note == scoring.PATIENT_FALLBACK_NOTE
-  identity = dict(report.identity(evaluation))
+  identity = dict(report_page.identity(evaluation))
   assert identity['patient IDs'] == scoring.PATIENT_FALLBACK_NOTE
 
 
@@ -127,11 +127,11 @@ def test_flagged_labels_show_in_the_table_the_csv_and_the_console(tmp_path, caps
   probs = np.clip(labels * 0.5 + rng.random((60, 2)) * 0.5, 0, 0.99)
   records = [{'image_name': f'{i}.png', 'patient': f'p{i}'} for i in range(60)]
   evaluation = _evaluation(labels, probs, records, {'Effusion': 0.5, 'Mass': 1.0})
-  rows = {row['label']: row for row in report.per_label_rows(evaluation)}
+  rows = {row['label']: row for row in report_page.per_label_rows(evaluation)}
   assert rows['Effusion']['caution'] == ''
   assert 'only 3 positive images' in rows['Mass']['caution']
   assert 'degenerate threshold 1.000' in rows['Mass']['caution']
-  page = report.per_label_table_html(list(rows.values()))
+  page = report_page.per_label_table_html(list(rows.values()))
   assert '<th>Caution</th>' in page and 'only 3 positive images' in page
   eval_outputs.write_auroc_csv(tmp_path / 'auroc.csv', evaluation.report)
   with open(tmp_path / 'auroc.csv', newline='') as f:
@@ -152,7 +152,7 @@ def test_gallery_picks_true_positives_at_the_validation_threshold():
   assert localization.gallery_choices(evaluation, 8) == [(0, 0)]
   unreachable = _evaluation(labels, probs, records, {'Effusion': 0.99, 'Mass': 0.99})
   assert localization.gallery_choices(unreachable, 8) == []
-  assert 'No true positive in this split' in report.gallery_html('', [])
+  assert 'No true positive in this split' in report_page.gallery_html('', [])
 
 
 def test_reliability_panels_count_the_images_of_each_bin():

@@ -15,11 +15,11 @@ import jax
 import numpy as np
 import pytest
 
-from chexnet_jax import checkpoints
-from chexnet_jax import config_checks
-from chexnet_jax import run_weights
-from chexnet_jax import sharding
-from chexnet_jax import train_state
+from chexnet_jax.run import run_reader
+from chexnet_jax.training import config_checks
+from chexnet_jax.run import run_weights
+from chexnet_jax.runtime import sharding
+from chexnet_jax.training import train_state
 from configs import cpu_smoke
 from input_pipeline import labels as labels_lib
 from tests.conftest import REPO
@@ -50,7 +50,7 @@ def _flat(variables):
 
 
 def _best(run):
-  restored = checkpoints.load_run(run, 'best')
+  restored = run_reader.load_run(run, 'best')
   return _flat(restored.variables), restored.step
 
 

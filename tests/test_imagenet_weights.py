@@ -1,7 +1,7 @@
 """config.init_from='imagenet': download from a local HTTP server, verify, cache,
 refuse a tampered file, say in one sentence what to do without network; and all
 of it without PyTorch (the served file is written as torchvision's 2017 files
-were, by tests/legacy_pth.py, and read by chexnet_jax.torch_pickle)."""
+were, by tests/legacy_pth.py, and read by chexnet_jax.model.torch_pickle)."""
 
 import functools
 import hashlib
@@ -15,9 +15,9 @@ import threading
 import numpy as np
 import pytest
 
-from chexnet_jax import imagenet_weights
-from chexnet_jax import models
-from chexnet_jax import weights
+from chexnet_jax.model import imagenet_weights
+from chexnet_jax.model import densenet
+from chexnet_jax.model import weights
 from tests import legacy_pth
 from tests import runs
 from tests.conftest import REPO
@@ -30,7 +30,7 @@ def _torchvision_layout_file(directory):
   """A torchvision-layout DenseNet file with random weights, in the legacy format
   and old 'norm.1' key style of the published densenet121-a639ec97.pth, named
   like it: <model>-<first 8 hex of its sha256>.pth. Returns (path, state dict)."""
-  model = models.DenseNet(block_sizes=BLOCKS, num_classes=1000)
+  model = densenet.DenseNet(block_sizes=BLOCKS, num_classes=1000)
   import jax  # pylint: disable=g-import-not-at-top
 
   variables = jax.eval_shape(
@@ -146,7 +146,7 @@ def test_downloads_once_verifies_and_loads(served, tmp_path):
   assert sorted(os.listdir(cache)) == [name, name + '.lock']  # No partials.
   # The old-style torchvision file loads onto our model; the ImageNet head is
   # dropped, everything else is the file's.
-  model = models.DenseNet(block_sizes=BLOCKS, num_classes=14)
+  model = densenet.DenseNet(block_sizes=BLOCKS, num_classes=14)
   import jax  # pylint: disable=g-import-not-at-top
 
   fresh = model.init(jax.random.key(1), np.zeros((1, SIZE, SIZE, 3)), train=False)
@@ -244,7 +244,7 @@ def test_concurrent_processes_download_once(served, tmp_path):
 
 
 def test_config_checks_for_imagenet():
-  from chexnet_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from chexnet_jax.training import config_checks  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
 
   config = default.get_config()
@@ -291,14 +291,14 @@ NO_TORCH = (
 
 _LOAD_WITHOUT_TORCH = NO_TORCH + (
   'import numpy as np, jax\n'
-  'from chexnet_jax import imagenet_weights, models, weights\n'
+  'from chexnet_jax.model import densenet, imagenet_weights, weights\n'
   'from configs import cpu_smoke\n'
   'url, cache, expected = sys.argv[1:]\n'
   'config = cpu_smoke.get_config()\n'
   "config.init_from, config.imagenet_weights_url = 'imagenet', url\n"
   'config.weights_cache_dir = cache\n'
   'path = imagenet_weights.init_path(config)\n'
-  f'model = models.DenseNet(block_sizes={BLOCKS}, num_classes=14)\n'
+  f'model = densenet.DenseNet(block_sizes={BLOCKS}, num_classes=14)\n'
   f'fresh = model.init(jax.random.key(1), np.zeros((1, {SIZE}, {SIZE}, 3)), train=False)\n'
   'loaded = weights.load_pretrained(path, fresh)\n'
   'want = np.load(expected)\n'

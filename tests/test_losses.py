@@ -5,10 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from chexnet_jax import inference
-from chexnet_jax import losses
-from chexnet_jax import sharding
-from chexnet_jax import train_state
+from chexnet_jax.evaluation import inference
+from chexnet_jax.model import losses
+from chexnet_jax.runtime import sharding
+from chexnet_jax.training import train_state
 from configs import cpu_smoke
 
 

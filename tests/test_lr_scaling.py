@@ -10,9 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from chexnet_jax import config_checks
-from chexnet_jax import lr_scaling
-from chexnet_jax import train_state
+from chexnet_jax.training import config_checks
+from chexnet_jax.training import lr_scaling
+from chexnet_jax.training import train_state
 from configs import default
 
 

@@ -1,10 +1,10 @@
-"""chexnet_jax/metrics.py against scikit-learn and hand-checked cases."""
+"""chexnet_jax/evaluation/metrics.py against scikit-learn and hand-checked cases."""
 
 import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
-from chexnet_jax import metrics
+from chexnet_jax.evaluation import metrics
 from input_pipeline import labels as labels_lib
 
 NAMES = ('a', 'b', 'c')

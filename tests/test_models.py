@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chexnet_jax import models
-from chexnet_jax import preprocessing
-from chexnet_jax import weights
+from chexnet_jax.model import densenet
+from chexnet_jax.model import preprocessing
+from chexnet_jax.model import weights
 from tests.keras_helpers import keras_model_to_state_dict, randomize_keras_weights
 
 PARITY_SIZE = 64
@@ -23,7 +23,7 @@ PARITY_RTOL = 1e-4
 
 
 def param_count(name, num_classes):
-  model = models.create_model(name, num_classes=num_classes)
+  model = densenet.create_model(name, num_classes=num_classes)
   shapes = jax.eval_shape(
     lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
   )
@@ -45,12 +45,12 @@ def test_param_counts(name, num_classes, expected):
 
 def test_unknown_model_names_the_choices():
   with pytest.raises(ValueError, match='densenet121'):
-    models.create_model('resnet50')
+    densenet.create_model('resnet50')
 
 
 @pytest.fixture(scope='module')
 def tiny():
-  model = models.create_model('tiny')
+  model = densenet.create_model('tiny')
   x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
   variables = model.init(jax.random.key(0), x, train=False)
   return model, variables, x
@@ -60,7 +60,7 @@ def test_tiny_shapes_and_cam_features(tiny):
   model, variables, x = tiny
   logits, features = model.apply(variables, x, train=False, return_features=True)
   assert logits.shape == (4, 14) and logits.dtype == jnp.float32
-  blocks, growth, init = models.ARCHITECTURES['tiny']
+  blocks, growth, init = densenet.ARCHITECTURES['tiny']
   channels = (init + blocks[0] * growth) // 2 + blocks[1] * growth
   assert features.shape == (4, 4, 4, channels)  # Two blocks: 32 px / 8.
   head = variables['params']['classifier']
@@ -79,7 +79,7 @@ def test_train_mode_updates_batch_stats_only(tiny):
 @pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
 def test_low_precision_computes_low_keeps_float32_params_and_logits(tiny, dtype):
   _, _, x = tiny
-  model = models.create_model('tiny', dtype=dtype)
+  model = densenet.create_model('tiny', dtype=dtype)
   # Its own parameters and BN statistics are created float32.
   variables = model.init(jax.random.key(0), x, train=False)
   dtypes = {a.dtype for a in jax.tree.leaves(variables)}
@@ -93,7 +93,7 @@ def test_low_precision_computes_low_keeps_float32_params_and_logits(tiny, dtype)
   assert outputs['norm5']['__call__'][0].dtype == dtype
   assert logits.dtype == features.dtype == jnp.float32
   # Same weights as the float32 model: close, but not equal (it did compute in low precision).
-  reference = models.create_model('tiny').apply(variables, x, train=False)
+  reference = densenet.create_model('tiny').apply(variables, x, train=False)
   assert not np.array_equal(logits, reference)
   np.testing.assert_allclose(logits, reference, rtol=0.1, atol=0.1)
   # A training step's BN statistics stay float32.
@@ -104,7 +104,7 @@ def test_low_precision_computes_low_keeps_float32_params_and_logits(tiny, dtype)
 def test_bn_axis_name_gives_global_batch_statistics(tiny):
   """Per-example shards with a BN axis must act like one batch."""
   model, variables, x = tiny
-  synced = models.create_model('tiny', bn_axis_name='data')
+  synced = densenet.create_model('tiny', bn_axis_name='data')
 
   def shard_logits(xs):
     return synced.apply(variables, xs, train=True, mutable=['batch_stats'])[0]
@@ -184,7 +184,7 @@ def test_keras_densenet121_converts_to_torchvision_keys(keras_densenet121):
 @pytest.mark.slow
 def test_densenet121_matches_keras(keras_densenet121):
   state_dict, x, keras_eval, keras_train = keras_densenet121
-  model = models.create_model('densenet121').clone(bn_epsilon=models.KERAS_BN_EPSILON)
+  model = densenet.create_model('densenet121').clone(bn_epsilon=densenet.KERAS_BN_EPSILON)
   # Shapes suffice: every variable, head included, comes from Keras.
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1], train=False))
   variables = weights.state_dict_to_variables(state_dict, shapes)

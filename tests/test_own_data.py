@@ -18,8 +18,8 @@ from pydicom import uid
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from chexnet_jax import losses
-from chexnet_jax import metrics
+from chexnet_jax.model import losses
+from chexnet_jax.evaluation import metrics
 from chexnet_jax import predict
 from input_pipeline import build as build_cli
 from input_pipeline import csv_dataset
@@ -501,8 +501,8 @@ def test_custom_three_label_csv_end_to_end(own3_run, tmp_path):
 
 def _evaluation_from_files(workdir):
   """scoring.Evaluation of the test split rebuilt from what evaluate wrote (no model)."""
-  from chexnet_jax import scoring
-  from chexnet_jax import run_dir
+  from chexnet_jax.evaluation import scoring
+  from chexnet_jax.run import run_dir
 
   out = os.path.join(workdir, 'eval', 'test')
   summary = json.loads(open(os.path.join(out, 'metrics.json')).read())
@@ -526,7 +526,7 @@ def _evaluation_from_files(workdir):
 
 @pytest.mark.slow
 def test_report_of_the_three_label_run_has_its_labels_and_loads_in_chromium(own3_run):
-  from chexnet_jax import report
+  from chexnet_jax.report import page as report_page
   from input_pipeline import labels as labels_lib
   from tests.browser import chromium
 
@@ -547,7 +547,7 @@ def test_report_of_the_three_label_run_has_its_labels_and_loads_in_chromium(own3
   for nih_only in set(labels_lib.LABELS) - set(LABELS3):
     assert nih_only not in page['text'], nih_only
   # One panel per label in each figure, titled with the dataset's names.
-  figures = report.curve_figures(_evaluation_from_files(workdir))
+  figures = report_page.curve_figures(_evaluation_from_files(workdir))
   for key in ('roc', 'pr', 'reliability'):
     panels = [a for a in figures[key].axes if a.axison]
     assert [a.get_title().split('\n')[0] for a in panels] == list(LABELS3), key

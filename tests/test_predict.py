@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from chexnet_jax import eval_outputs
+from chexnet_jax.report import eval_outputs
 from chexnet_jax import predict
 from input_pipeline import images as images_lib
 from input_pipeline import labels as labels_lib
@@ -214,11 +214,11 @@ def test_predict_real_samples_with_a_corrupt_file_among_them(tiny_run, tmp_path)
 def test_predict_probabilities_equal_the_eval_model(tiny_run):
   """predict's probabilities are make_logits_fn's on the same prepared image."""
   import jax
-  from chexnet_jax import cam
-  from chexnet_jax import checkpoints
-  from chexnet_jax import inference
+  from chexnet_jax.evaluation import cam
+  from chexnet_jax.run import run_reader
+  from chexnet_jax.evaluation import inference
 
-  run = checkpoints.load_run(tiny_run, 'latest')
+  run = run_reader.load_run(tiny_run, 'latest')
   image, _ = predict.load_image(SAMPLES[0], run.config.dataset_image_size, run.config.image_size)
   probs, _ = cam.make_cam_fn(run.model)(cam.local_copy(run.variables), image[None])
   logits = inference.make_logits_fn(run.model)(cam.local_copy(run.variables), image[None])

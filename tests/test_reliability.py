@@ -37,7 +37,8 @@ import jax
 import numpy as np
 import pytest
 
-from chexnet_jax import checkpoints
+from chexnet_jax.run import checkpoints
+from chexnet_jax.run import run_reader
 from tests import runs
 from tests.conftest import REPO
 
@@ -67,7 +68,9 @@ _DRIVER = (
 import json, os, resource, signal, sys
 import numpy as np
 from absl import app
-from chexnet_jax import checkpoints, main, train_step
+from chexnet_jax.run import checkpoints
+from chexnet_jax import main
+from chexnet_jax.training import train_step
 
 workdir = sys.argv[sys.argv.index('--workdir') + 1]
 kill_after_save = int(os.environ.get('TEST_KILL_AFTER_SAVE', -1))
@@ -215,7 +218,7 @@ def _assert_each_example_once_per_epoch(batches):
 
 
 def _variables(workdir, which='latest'):
-  run = checkpoints.load_run(str(workdir), which)
+  run = run_reader.load_run(str(workdir), which)
   leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(run.variables))
   return run.step, {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
 
@@ -572,7 +575,7 @@ def test_config_changes_on_resume_are_refused_or_recorded(reference, tmp_path):
     {'batch_size': [32, 64], 'num_train_steps': [24, 48]},
   ]
   assert [h['step'] for h in history] == [STEPS, STEPS, STEPS]
-  assert checkpoints.load_run(str(workdir), 'latest').config.batch_size == 64  # Applied.
+  assert run_reader.load_run(str(workdir), 'latest').config.batch_size == 64  # Applied.
 
 
 def test_config_typo_is_one_sentence(tmp_path):
@@ -719,7 +722,7 @@ def test_metadata_bit_flip_is_caught_and_load_run_refuses(reference, tmp_path):
   with pytest.raises(
     checkpoints.CheckpointError, match=rf'Checkpoint step {STEPS} in .* is corrupt'
   ):
-    checkpoints.load_run(str(workdir), 'latest')
+    run_reader.load_run(str(workdir), 'latest')
   os.remove(step_dir / 'checksums.json')  # Saved with checksums: now damaged.
   assert checkpoints.verify(str(step_dir)) == (
     'checksums.json missing, though the step was saved with it'
@@ -969,7 +972,7 @@ def test_dead_peer_ends_the_survivor_in_one_sentence(tmp_path, victim):
         p.kill()
       p.wait()
   # An abort by JAX's C++ comes first at times: then the sentence is written
-  # by the stderr guard (chexnet_jax/stderr_guard.py) once the survivor is gone.
+  # by the stderr guard (chexnet_jax/runtime/stderr_guard.py) once the survivor is gone.
   for _ in range(100):
     with open(logs[1 - victim]) as f:
       f.seek(before)

@@ -1,4 +1,4 @@
-"""The evaluation page (chexnet_jax/report.py), its figures and calibration, checked in a
+"""The evaluation page (chexnet_jax/report/page.py), its figures and calibration, checked in a
 real headless Chromium (tests/browser/chromium.py) on the session's tiny trained run."""
 
 import csv
@@ -13,11 +13,11 @@ import types
 import numpy as np
 import pytest
 
-from chexnet_jax import calibration
-from chexnet_jax import figures
-from chexnet_jax import metrics
-from chexnet_jax import report
-from chexnet_jax import scoring
+from chexnet_jax.evaluation import calibration
+from chexnet_jax.report import figures
+from chexnet_jax.evaluation import metrics
+from chexnet_jax.report import page as report_page
+from chexnet_jax.evaluation import scoring
 from input_pipeline import labels as labels_lib
 from tests.browser import chromium
 from tests import runs
@@ -103,9 +103,10 @@ def test_heatmap_has_one_fixed_scale_a_colour_bar_and_a_legend_of_both_boxes():
 
 
 def test_cam_plus_bias_is_the_logit_so_the_heatmap_is_on_the_probability_scale(tiny_run):
-  from chexnet_jax import cam, checkpoints
+  from chexnet_jax.evaluation import cam
+  from chexnet_jax.run import run_reader
 
-  run = checkpoints.load_run(tiny_run, 'latest')
+  run = run_reader.load_run(tiny_run, 'latest')
   variables = cam.local_copy(run.variables)
   images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
   probs, maps = cam.make_cam_fn(run.model)(variables, images)
@@ -167,12 +168,12 @@ def test_empty_cells_say_why():
   thresholds = metrics.youden_thresholds(labels, probs)
   thresholds['Mass'] = float('nan')  # As if validation had one class.
   evaluation = _fake_evaluation(labels, probs, thresholds)
-  rows = {row['label']: row for row in report.per_label_rows(evaluation)}
+  rows = {row['label']: row for row in report_page.per_label_rows(evaluation)}
   assert 'no positive Hernia image' in rows['Hernia']['reasons']['auroc']
   assert rows['Hernia']['reasons']['sensitivity']
   assert 'Youden' in rows['Mass']['reasons']['sensitivity']
   assert rows['Atelectasis']['reasons'] == {}
-  table = report.per_label_table_html(list(rows.values()))
+  table = report_page.per_label_table_html(list(rows.values()))
   assert table.count('<tr data-label=') == 14
   assert 'no positive Hernia image' in table
 
@@ -251,7 +252,7 @@ def test_report_of_a_dataset_with_unknown_labels():
   thresholds = metrics.youden_thresholds(labels, probs, names)
   thresholds['Pleural Other'] = 0.5  # As if validation had both classes.
   evaluation = _fake_evaluation(labels, probs, thresholds, names)
-  rows = report.per_label_rows(evaluation)
+  rows = report_page.per_label_rows(evaluation)
   assert [row['label'] for row in rows] == list(names)
   known = int((labels[:, 0] >= 0).sum())
   positives = int((labels[:, 0] > 0).sum())
@@ -261,26 +262,28 @@ def test_report_of_a_dataset_with_unknown_labels():
   assert rows[0]['reasons'] == {}
   assert set(rows[2]['reasons']) >= {'auroc', 'prevalence', 'sensitivity', 'ece'}
   assert 'unknown' in rows[2]['reasons']['auroc']
-  table = report.per_label_table_html(rows)
+  table = report_page.per_label_table_html(rows)
   assert table.count('<tr data-label=') == 3 and 'Hernia' not in table
   assert evaluation.report['per_label']['Effusion']['num_unknown'] == len(labels) - known
   # Prevalence line of the PR panel: among the known entries.
-  figure = report.curve_figures(evaluation)
+  figure = report_page.curve_figures(evaluation)
   panels = [a for a in figure['pr'].axes if a.axison]
   assert [a.get_title().split('\n')[0] for a in panels] == list(names)
   prevalence_line = panels[0].lines[-1].get_ydata()
   assert prevalence_line[0] == pytest.approx(positives / known)
-  assert 'all 3 labels' in report.calibration_html(evaluation.report['calibration'])
+  assert 'all 3 labels' in report_page.calibration_html(evaluation.report['calibration'])
 
 
 def test_gallery_note_names_the_box_only_where_one_is_drawn(tmp_path):
   shutil.copy(SAMPLE, tmp_path / 'a.png')
   entry = {'image': 'a.png', 'label': 'Effusion', 'probability': 0.9, 'file': 'a.png'}
-  with_box = report.gallery_html(str(tmp_path), [dict(entry, box=False), dict(entry, box=True)])
+  with_box = report_page.gallery_html(
+    str(tmp_path), [dict(entry, box=False), dict(entry, box=True)]
+  )
   assert "Solid cyan: the dataset's box (NIH's annotations)." in with_box
   assert '(an image with a box first)' in with_box
   for gallery in ([dict(entry, box=False)], [entry]):  # No box drawn; entry of an older run.
-    without = report.gallery_html(str(tmp_path), gallery)
+    without = report_page.gallery_html(str(tmp_path), gallery)
     assert 'cyan' not in without and 'NIH' not in without and 'box first' not in without
     assert "Dashed white: the model's region" in without
 
@@ -393,8 +396,8 @@ def test_predict_calibrated_without_evaluate_is_a_clear_error(tiny_run, tmp_path
 
 
 def test_a_column_declared_once_shows_in_the_csv_the_console_and_the_page(monkeypatch, tmp_path):
-  from chexnet_jax import eval_outputs
-  from chexnet_jax import label_columns
+  from chexnet_jax.report import eval_outputs
+  from chexnet_jax.evaluation import label_columns
 
   rng = np.random.default_rng(1)
   labels = (rng.random((40, 14)) < 0.3).astype(float)
@@ -416,5 +419,5 @@ def test_a_column_declared_once_shows_in_the_csv_the_console_and_the_page(monkey
   assert int(table[LABELS[0]]['num_negative']) == expected
   console = eval_outputs.format_auroc_table(evaluation.report).splitlines()
   assert console[0].split()[-1] == 'Neg' and console[2].split()[-1] == str(expected)
-  page = report.per_label_table_html(report.per_label_rows(evaluation))
+  page = report_page.per_label_table_html(report_page.per_label_rows(evaluation))
   assert '<th>Negatives</th>' in page and f'<td>{expected}</td>' in page

@@ -10,7 +10,7 @@ import pytest
 
 from chexnet_jax import evaluate
 from chexnet_jax import predict
-from chexnet_jax import run_dir
+from chexnet_jax.run import run_dir
 from configs import cpu_smoke
 from input_pipeline import build
 from tests import runs

@@ -1,4 +1,4 @@
-"""Reading a run never changes it (chexnet_jax/run_reader.py), on copies of the tiny run.
+"""Reading a run never changes it (chexnet_jax/run/run_reader.py), on copies of the tiny run.
 
 The damage is done for real: a torn newest step, a run not validated yet, an
 older config.json, a step the writer deletes in the middle of a read, and two
@@ -17,12 +17,12 @@ import time
 
 import pytest
 
-from chexnet_jax import checkpoints
-from chexnet_jax import eval_outputs
+from chexnet_jax.run import checkpoints
+from chexnet_jax.report import eval_outputs
 from chexnet_jax import evaluate
 from chexnet_jax import predict
-from chexnet_jax import run_dir
-from chexnet_jax import run_reader
+from chexnet_jax.run import run_dir
+from chexnet_jax.run import run_reader
 from configs import default as default_config
 from tests import runs
 
@@ -124,7 +124,7 @@ def test_no_complete_checkpoint_is_one_sentence(tiny_run, tmp_path):
       os.path.join(directory, str(step)), os.path.join(directory, f'{step}.orbax-checkpoint-tmp-1')
     )
   with pytest.raises(checkpoints.CheckpointError, match='No complete checkpoint in .* yet'):
-    checkpoints.load_run(workdir, 'latest')
+    run_reader.load_run(workdir, 'latest')
 
 
 OLD_FIELDS = ('eval_preprocess', 'best_metric', 'lr_scaling', 'step_timeout_min_seconds')
@@ -148,7 +148,7 @@ def test_an_older_config_json_is_upgraded_from_the_defaults(tiny_run, tmp_path, 
     'predates config field(s) best_metric, eval_preprocess, lr_scaling, step_timeout' in caplog.text
   )
   assert config.model == saved['model'] and config.image_size == saved['image_size']
-  run = checkpoints.load_run(workdir, 'best')  # Ranked by today's default, val_loss.
+  run = run_reader.load_run(workdir, 'best')  # Ranked by today's default, val_loss.
   assert run.step == run_reader.best_step(run_reader.checkpoint_dir(workdir), 'val_loss')
 
 

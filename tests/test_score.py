@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
-from chexnet_jax import metrics
+from chexnet_jax.evaluation import metrics
 from chexnet_jax import score
 from input_pipeline import labels as labels_lib
 

@@ -144,7 +144,7 @@ import os
 import numpy as np
 import jax, jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from chexnet_jax import distributed
+from chexnet_jax.runtime import distributed
 from configs import default
 
 distributed.initialize(default.get_config())  # No addresses: JAX reads Slurm's.
@@ -184,7 +184,7 @@ import json, sys
 import numpy as np
 from absl import logging
 from input_pipeline import pipeline
-from chexnet_jax import train
+from chexnet_jax.training import train
 from configs import cpu_smoke
 
 PROCESSES = 4
@@ -227,10 +227,10 @@ def _losses(workdir):
 
 
 def _params(workdir, step=STEPS):
-  from chexnet_jax import checkpoints  # Lazy: only these tests need orbax.
+  from chexnet_jax.run import run_reader  # Lazy: only these tests need orbax.
   import jax
 
-  run = checkpoints.load_run(str(workdir), step)
+  run = run_reader.load_run(str(workdir), step)
   return jax.tree.map(np.asarray, jax.device_get(run.variables))
 
 
@@ -442,7 +442,7 @@ def test_every_srun_kills_the_job_when_a_task_fails():
 
 
 def test_requeue_exit_code_matches_the_trainer():
-  from chexnet_jax import train
+  from chexnet_jax.training import train
 
   job_sh = (REPO / 'slurm' / 'job.sh').read_text()
   assert f'CHEXNET_PREEMPTED_EXIT_CODE={train.PREEMPTED_EXIT_CODE}' in job_sh

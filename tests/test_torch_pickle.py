@@ -1,4 +1,4 @@
-"""chexnet_jax.torch_pickle: torch.save files read with numpy alone.
+"""chexnet_jax.model.torch_pickle: torch.save files read with numpy alone.
 
 Where torch is installed, every format it writes (zip, legacy) and the 2017
 format of torchvision's DenseNet files must read to the very arrays torch.load
@@ -15,8 +15,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from chexnet_jax import torch_pickle
-from chexnet_jax import weights
+from chexnet_jax.model import torch_pickle
+from chexnet_jax.model import weights
 from tests import legacy_pth
 
 

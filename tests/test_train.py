@@ -6,10 +6,10 @@ from jax.sharding import Mesh
 import numpy as np
 import pytest
 
-from chexnet_jax import lr_scaling
-from chexnet_jax import sharding
-from chexnet_jax import train_state
-from chexnet_jax import train_step
+from chexnet_jax.training import lr_scaling
+from chexnet_jax.runtime import sharding
+from chexnet_jax.training import train_state
+from chexnet_jax.training import train_step
 from configs import cpu_smoke
 
 
@@ -99,7 +99,7 @@ def test_resuming_with_the_other_optimizer_layout_is_refused_in_one_sentence(tmp
   resumes per parameter; asking it for the flat layout is refused before any restore."""
   import json
 
-  from chexnet_jax import run_dir
+  from chexnet_jax.run import run_dir
 
   workdir = str(tmp_path)
   older = run_dir.run_identity(_config(), {'name': 'synthetic'})

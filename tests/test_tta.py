@@ -1,13 +1,13 @@
 """evaluate --tta tencrop: ten distinct views at the training scale, or refused
-in one sentence (chexnet_jax/tta.py)."""
+in one sentence (chexnet_jax/evaluation/tta.py)."""
 
 import itertools
 
 import numpy as np
 import pytest
 
-from chexnet_jax import scoring
-from chexnet_jax import tta
+from chexnet_jax.evaluation import scoring
+from chexnet_jax.evaluation import tta
 from configs import default
 
 

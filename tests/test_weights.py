@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from chexnet_jax import models
-from chexnet_jax import weights
+from chexnet_jax.model import densenet
+from chexnet_jax.model import weights
 from input_pipeline.labels import LABELS
 from tests.keras_helpers import keras_model_to_state_dict, randomize_keras_weights
 
@@ -41,8 +41,8 @@ def keras_reference():
 @pytest.fixture(scope='module')
 def ours():
   """(fresh variables, jitted eval logits) of the same architecture."""
-  model = models.DenseNet(
-    block_sizes=(1, 1, 1, 1), num_classes=14, bn_epsilon=models.KERAS_BN_EPSILON
+  model = densenet.DenseNet(
+    block_sizes=(1, 1, 1, 1), num_classes=14, bn_epsilon=densenet.KERAS_BN_EPSILON
   )
   variables = model.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3)), train=False)
   return variables, jax.jit(lambda v, x: model.apply(v, x, train=False))
@@ -197,7 +197,7 @@ def test_pickled_code_is_refused(state_dict, ours, tmp_path):
 
 
 def test_wrong_architecture_lists_the_keys(state_dict, tmp_path):
-  model = models.DenseNet(block_sizes=(1, 1), growth_rate=8, num_init_features=16)
+  model = densenet.DenseNet(block_sizes=(1, 1), growth_rate=8, num_init_features=16)
   variables = jax.eval_shape(
     lambda: model.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3)), train=False)
   )
@@ -210,7 +210,7 @@ def test_wrong_architecture_lists_the_keys(state_dict, tmp_path):
 
 
 def test_head_of_another_size_is_an_error(state_dict, tmp_path):
-  model = models.DenseNet(block_sizes=(1, 1, 1, 1), num_classes=5)
+  model = densenet.DenseNet(block_sizes=(1, 1, 1, 1), num_classes=5)
   variables = jax.eval_shape(
     lambda: model.init(jax.random.key(0), np.zeros((1, SIZE, SIZE, 3)), train=False)
   )
@@ -227,14 +227,15 @@ def test_missing_file_names_the_config_key(ours):
 def test_train_state_starts_from_init_from(state_dict, ours, keras_reference, tmp_path):
   """config.init_from reaches the trainer: the replicated state on a 4-device
   mesh holds the file's weights, and the optimizer starts from them."""
-  from chexnet_jax import sharding, train_state  # pylint: disable=g-import-not-at-top
+  from chexnet_jax.runtime import sharding  # pylint: disable=g-import-not-at-top
+  from chexnet_jax.training import train_state  # pylint: disable=g-import-not-at-top
   from configs import cpu_smoke  # pylint: disable=g-import-not-at-top
 
   config = cpu_smoke.get_config()
   config.init_from = str(save_torch(state_dict, tmp_path / 'w.pth'))
   config.image_size = SIZE
-  model = models.DenseNet(
-    block_sizes=(1, 1, 1, 1), num_classes=14, bn_epsilon=models.KERAS_BN_EPSILON
+  model = densenet.DenseNet(
+    block_sizes=(1, 1, 1, 1), num_classes=14, bn_epsilon=densenet.KERAS_BN_EPSILON
   )
   mesh = sharding.make_mesh()
   tx, _ = train_state.create_optimizer(config, 1, 1)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from chexnet_jax import workdir_lock
+from chexnet_jax.run import workdir_lock
 
 
 def _dead_pid():

@@ -15,9 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from chexnet_jax import sharding
-from chexnet_jax import train_state
-from chexnet_jax import train_step
+from chexnet_jax.runtime import sharding
+from chexnet_jax.training import train_state
+from chexnet_jax.training import train_step
 from configs import default
 from tests.conftest import REPO
 

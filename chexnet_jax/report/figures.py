@@ -33,8 +33,8 @@ from matplotlib import lines as lines_lib
 from matplotlib import patches
 import numpy as np
 
-from chexnet_jax import calibration as calibration_lib
-from chexnet_jax import metrics as metrics_lib
+from chexnet_jax.evaluation import calibration as calibration_lib
+from chexnet_jax.evaluation import metrics as metrics_lib
 
 HEATMAP_COLORMAP = 'inferno'
 HEATMAP_SCALE = (
@@ -105,12 +105,12 @@ def curve_bands(labels, probs, patients, names, num_resamples=BAND_RESAMPLES, se
   Resamples patients like metrics.bootstrap_intervals; each label's curve uses only
   its known rows; labels with one class (among those) are left out.
   """
-  from chexnet_jax import metrics as metrics_lib
+  from chexnet_jax.evaluation import metrics as metrics_lib
 
   labels, probs = np.asarray(labels), np.asarray(probs)
   if labels.ndim != 2 or labels.shape != probs.shape or labels.shape[1] != len(names):
     raise ValueError(
-      f'chexnet_jax/figures.py: labels {labels.shape}, probs {probs.shape} '
+      f'chexnet_jax/report/figures.py: labels {labels.shape}, probs {probs.shape} '
       f"and {len(names)} names do not match; pass the run's label names."
     )
   rows = {name: metrics_lib.known(labels, k) for k, name in enumerate(names)}

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 from sklearn import metrics as sk_metrics
 
-from chexnet_jax import losses
+from chexnet_jax.model import losses
 from input_pipeline import labels as labels_lib
 
 
@@ -23,12 +23,12 @@ def _check_shapes(labels, probs, names):
   labels, probs = np.asarray(labels), np.asarray(probs)
   if labels.shape != probs.shape or labels.ndim != 2:
     raise ValueError(
-      f'chexnet_jax/metrics.py: labels {labels.shape} and probs {probs.shape} '
+      f'chexnet_jax/evaluation/metrics.py: labels {labels.shape} and probs {probs.shape} '
       'must both be [num_examples, num_labels].'
     )
   if labels.shape[1] != len(names):
     raise ValueError(
-      f'chexnet_jax/metrics.py: {labels.shape[1]} label columns but '
+      f'chexnet_jax/evaluation/metrics.py: {labels.shape[1]} label columns but '
       f'{len(names)} names; pass names= matching the columns.'
     )
   return labels, probs

@@ -15,8 +15,8 @@ locks still ends right: each process then downloads to its own temporary file an
 the renames are atomic.
 
 The URL lives in configs/default.py (imagenet_weights_url) only. Nothing here
-imports torch: the file is read later by chexnet_jax.weights, without torch
-(chexnet_jax.torch_pickle).
+imports torch: the file is read later by chexnet_jax.model.weights, without torch
+(chexnet_jax.model.torch_pickle).
 """
 
 import contextlib

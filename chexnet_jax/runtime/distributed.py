@@ -29,7 +29,7 @@ from typing import Callable, List, Mapping, Optional
 
 import jax
 
-from chexnet_jax import stderr_guard
+from chexnet_jax.runtime import stderr_guard
 
 # Values Slurm or CUDA use for "no GPU"; anything else in these variables means
 # the job was given GPUs and must see them.
@@ -69,15 +69,6 @@ def launch_mode(config, env: Mapping[str, str] = os.environ) -> str:
   if config.coordinator_address:
     return 'explicit'
   return 'single'
-
-
-def _check_fields(config, fields):
-  """config_checks' rules for `fields`. Imported here, not at the top: the field
-  table imports the input pipeline (grain, TFDS), which the GPU benchmark's
-  machines may lack, and the benchmark imports this module."""
-  from chexnet_jax import config_checks  # pylint: disable=import-outside-toplevel
-
-  config_checks.check_fields(config, fields)
 
 
 def initialize(config, env: Mapping[str, str] = os.environ, workdir: Optional[str] = None) -> None:
@@ -147,9 +138,8 @@ def exit_if_peer_lost(error: BaseException) -> None:
 
 
 def explicit_args(config) -> dict:
-  """coordinator_address/num_processes/process_id from config, validated
-  (config_checks.FIELDS: the one table of what each field may be)."""
-  _check_fields(config, ('coordinator_address', 'num_processes', 'process_id'))
+  """coordinator_address/num_processes/process_id from config. The commands check
+  every field first (training/config_checks.py), so these are known to be sound."""
   return dict(
     coordinator_address=config.coordinator_address,
     num_processes=config.num_processes,
@@ -164,7 +154,6 @@ def timeout_kwargs(config) -> dict:
   node failure) wait before they exit non-zero instead of hanging in a
   collective until the Slurm time limit.
   """
-  _check_fields(config, ('heartbeat_timeout_seconds',))
   seconds = int(config.heartbeat_timeout_seconds)
   wanted = dict(
     heartbeat_timeout_seconds=seconds,

@@ -25,7 +25,7 @@ import jax
 import ml_collections
 
 from chexnet_jax import errors
-from chexnet_jax import imagenet_weights
+from chexnet_jax.model import imagenet_weights
 from configs import default as default_config
 from input_pipeline import labels as labels_lib
 

@@ -6,16 +6,14 @@ with a box (NIH's, or the synthetic data's) for Wang et al.'s localisation
 scores. Runs on process 0 with a local copy of the weights.
 """
 
-import os
-import shutil
+import dataclasses
+from typing import Optional
 
 import numpy as np
 
-from chexnet_jax import cam as cam_lib
-from chexnet_jax import eval_outputs
-from chexnet_jax import figures
-from chexnet_jax import losses
-from chexnet_jax import models
+from chexnet_jax.evaluation import cam as cam_lib
+from chexnet_jax.model import losses
+from chexnet_jax.model import densenet
 from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
@@ -100,7 +98,7 @@ def class_activation_maps(run, split, wanted_indices):
   Runs on process 0 with a local copy of the weights (cam.local_copy), so the other
   processes need not take part.
   """
-  cam_fn = cam_lib.make_cam_fn(run.model, models.DTYPES[run.config.dtype])
+  cam_fn = cam_lib.make_cam_fn(run.model, densenet.DTYPES[run.config.dtype])
   variables = cam_lib.local_copy(run.variables)
   pending = []
 
@@ -122,8 +120,22 @@ def class_activation_maps(run, split, wanted_indices):
     yield from flush()
 
 
-def draw_heatmaps(run, evaluation, out_dir, gallery_size=8, cam_threshold=0.5):
-  """Writes the gallery and scores localisation; returns (gallery, localization).
+@dataclasses.dataclass(frozen=True)
+class GalleryMap:
+  """One gallery entry: an image, its label's CAM and what is drawn on it."""
+
+  record: dict
+  label: str
+  image: np.ndarray
+  cam: np.ndarray
+  bias: float  # The head's bias of the label: puts the CAM on the probability scale.
+  probability: float
+  true_box: Optional[tuple]  # The dataset's box in the input's frame, if it has one.
+  model_box: Optional[tuple]  # The box around the CAM's peak region.
+
+
+def heatmaps_and_localization(run, evaluation, gallery_size=8, cam_threshold=0.5):
+  """The gallery's maps and the localisation scores: (list of GalleryMap, localization).
 
   Localisation: every box of the split against the CAM of its label, scored as
   IoU and IoBB of the box around the map's peak region (Wang et al. 2017). A box
@@ -151,46 +163,28 @@ def draw_heatmaps(run, evaluation, out_dir, gallery_size=8, cam_threshold=0.5):
     for gallery_row, k in gallery:
       if gallery_row == row:
         gallery_maps[(row, k)] = (image, maps[k])
-  return (
-    _write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold, bias),
-    _localization(scores, cam_threshold),
+  maps = [
+    _gallery_map(evaluation, row, k, *gallery_maps[(row, k)], bias[k], cam_threshold)
+    for row, k in gallery
+  ]
+  return maps, _localization(scores, cam_threshold)
+
+
+def _gallery_map(evaluation, row, k, image, heat, bias, cam_threshold):
+  record = evaluation.records[row]
+  true_box = next(
+    (box for label, box in boxes_in_input(record, evaluation.config) if label == k), None
   )
-
-
-def _write_gallery(out_dir, evaluation, gallery, gallery_maps, cam_threshold, bias):
-  shutil.rmtree(os.path.join(out_dir, 'gallery'), ignore_errors=True)  # No stale maps.
-  entries = []
-  for row, k in gallery:
-    image, heat = gallery_maps[(row, k)]
-    record, name = evaluation.records[row], labels_lib.names_of(evaluation.config)[k]
-    true_box = next(
-      (box for label, box in boxes_in_input(record, evaluation.config) if label == k), None
-    )
-    prob = float(evaluation.predictions.probs[row, k])
-    image_name = str(record['image_name'])  # The dataset's own path: unique in the split.
-    stem = eval_outputs.safe_file_name(os.path.splitext(image_name)[0])
-    path = os.path.join(out_dir, 'gallery', f'{stem}_{eval_outputs.safe_file_name(name)}.png')
-    figures.save_heatmap(
-      path,
-      image,
-      heat,
-      bias[k],
-      finding=name,
-      probability=prob,
-      image_name=image_name,
-      true_box=true_box,
-      model_box=cam_lib.cam_to_box(heat, cam_threshold),
-    )
-    entries.append(
-      {
-        'image': str(record['image_name']),
-        'label': name,
-        'probability': prob,
-        'file': os.path.relpath(path, out_dir),
-        'box': true_box is not None,  # The dataset's annotation drawn on it.
-      }
-    )
-  return entries
+  return GalleryMap(
+    record=record,
+    label=labels_lib.names_of(evaluation.config)[k],
+    image=image,
+    cam=heat,
+    bias=float(bias),
+    probability=float(evaluation.predictions.probs[row, k]),
+    true_box=true_box,
+    model_box=cam_lib.cam_to_box(heat, cam_threshold),
+  )
 
 
 def _localization(scores, cam_threshold):

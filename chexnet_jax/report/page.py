@@ -23,10 +23,10 @@ import os
 
 import numpy as np
 
-from chexnet_jax import eval_outputs
-from chexnet_jax import figures
-from chexnet_jax import label_columns
-from chexnet_jax import losses
+from chexnet_jax.report import figures
+from chexnet_jax.evaluation import label_columns
+from chexnet_jax.evaluation import scoring
+from chexnet_jax.model import losses
 from input_pipeline import labels as labels_lib
 
 REPORT_FILE = 'report.html'
@@ -129,7 +129,7 @@ def per_label_rows(evaluation):
 def curve_figures(evaluation):
   """{'roc': Figure, 'pr': Figure, 'reliability': Figure} of the evaluated split."""
   predictions, report = evaluation.predictions, evaluation.report
-  patients = eval_outputs.patients_of(evaluation.records)
+  patients = scoring.patients_of(evaluation.records)
   names = label_names(evaluation)
   bands = figures.curve_bands(
     predictions.labels,

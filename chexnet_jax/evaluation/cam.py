@@ -6,7 +6,7 @@ average pooling followed by one dense layer, the spatial mean of M_c plus the bi
 exactly the logit of c, which is what makes M_c a faithful "where did the score come
 from" map. It is upsampled to the input with jax.image.resize.
 
-Images are normalised with chexnet_jax.preprocessing.normalize, as in training, so a
+Images are normalised with chexnet_jax.model.preprocessing.normalize, as in training, so a
 CAM is computed on exactly what the classifier saw.
 
 Boxes are (x, y, w, h) in pixels, as in NIH's BBox_List_2017.csv. Localisation follows
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
-from chexnet_jax import preprocessing
+from chexnet_jax.model import preprocessing
 
 IOU_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
@@ -41,7 +41,7 @@ def head_kernel(params, num_features, num_classes):
   ]
   if len(matches) != 1:
     raise ValueError(
-      'chexnet_jax/cam.py: expected one dense kernel of shape '
+      'chexnet_jax/evaluation/cam.py: expected one dense kernel of shape '
       f'{(num_features, num_classes)} (the classifier head) in params, found '
       f'{[name for name, _ in matches]}; CAM needs a model that ends in global '
       'average pooling + one Dense layer.'
@@ -63,7 +63,7 @@ def head_bias(params, num_classes):
   ]
   if len(kernels) != 1:
     raise ValueError(
-      f'chexnet_jax/cam.py: expected one dense kernel with {num_classes} outputs (the '
+      f'chexnet_jax/evaluation/cam.py: expected one dense kernel with {num_classes} outputs (the '
       f'classifier head) in params, found {len(kernels)}; CAM needs a model that ends '
       'in global average pooling + one Dense layer.'
     )

@@ -9,11 +9,11 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from chexnet_jax import losses
-from chexnet_jax import metrics as metrics_lib
-from chexnet_jax import models
-from chexnet_jax import preprocessing
-from chexnet_jax import sharding
+from chexnet_jax.model import losses
+from chexnet_jax.evaluation import metrics as metrics_lib
+from chexnet_jax.model import densenet
+from chexnet_jax.model import preprocessing
+from chexnet_jax.runtime import sharding
 from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
@@ -79,7 +79,7 @@ def evaluate_split(
   metrics['loss'] is weighted by `loss_weights` like the training loss (the one
   the plateau rule watches); metrics['bce'] is always unweighted.
   """
-  logits_fn = logits_fn or make_logits_fn(model, models.DTYPES[config.dtype])
+  logits_fn = logits_fn or make_logits_fn(model, densenet.DTYPES[config.dtype])
   logits, labels, indices = gather_split_scores(
     config,
     split,

@@ -27,25 +27,19 @@ refusing a bad step instead of moving it aside).
 """
 
 import contextlib
-import dataclasses
 import functools
 import os
 import re
 import time
-from typing import Any
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from chexnet_jax import checkpoint_files
-from chexnet_jax import errors
-from chexnet_jax import run_dir
-from chexnet_jax import run_reader
-from chexnet_jax import sharding
-from chexnet_jax import train_state
-from configs import default as default_config
+from chexnet_jax.run import checkpoint_files
+from chexnet_jax.run import run_dir
+from chexnet_jax.run import run_reader
 
 # The rule that picks a run's best step is run_reader's (which evaluate, predict,
 # the notebook and fine-tuning read a run with): one rule for the writer and readers.
@@ -292,58 +286,3 @@ def _set_aside(directory, step, reason, kind='unreadable'):
 
 
 # ----------------------------------------------------------- loading a run --
-
-
-@dataclasses.dataclass
-class RestoredRun:
-  """A trained run's weights, ready to score with."""
-
-  config: Any
-  variables: Any  # {'params', 'batch_stats'}, replicated on the mesh.
-  step: int
-  model: Any
-  mesh: Any
-
-
-def parse_selector(value):
-  """--checkpoint: 'best' | 'latest' | a step number, as load_run takes it."""
-  if value.isdigit():
-    return int(value)
-  if value in ('best', 'latest'):
-    return value
-  raise errors.UserValueError(f"--checkpoint={value}: give 'best', 'latest' or a step number.")
-
-
-def checkpoint_help():
-  """--checkpoint's help, which says what 'best' means (config.best_metric)."""
-  return (
-    "'best': the step the run ranks best by its config.best_metric (default "
-    f"{default_config.get_config().best_metric}; printed when it runs), 'latest', or a step"
-  )
-
-
-def describe_checkpoint(which, step, config):
-  """'step 48 (best by val_loss)': which step was read, and why."""
-  if which == 'best':
-    return f'step {step} (best by {config.best_metric})'
-  return f'step {step} ({which})' if which == 'latest' else f'step {step}'
-
-
-def load_run(workdir, which='best', config=None):
-  """Loads the variables of a trained run for evaluation or prediction.
-
-  `which` is what parse_selector returns; `config` defaults to the run's own.
-  Read-only (run_reader): the run, even one training now, is left as it is.
-  """
-  config = config or run_dir.load_config(workdir)
-  variables, step = run_reader.read_weights(
-    workdir, which, config.best_metric, config.eval_every_epochs
-  )
-  mesh = sharding.make_mesh()
-  return RestoredRun(
-    config=config,
-    variables=jax.device_put(variables, sharding.replicated(mesh)),
-    step=int(step),
-    model=train_state.build_model(config),
-    mesh=mesh,
-  )

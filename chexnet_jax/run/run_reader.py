@@ -19,11 +19,13 @@ A leaf of the module graph, below run_weights and checkpoints.
 """
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 import tempfile
+from typing import Any
 
 from absl import logging
 import jax
@@ -31,8 +33,12 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
-from chexnet_jax import checkpoint_files
 from chexnet_jax import errors
+from chexnet_jax.model import densenet
+from chexnet_jax.run import checkpoint_files
+from chexnet_jax.run import run_dir
+from chexnet_jax.runtime import sharding
+from configs import default as default_config
 
 # config.best_metric -> +1 when higher is better, -1 when lower is.
 BEST_METRICS = {'val_loss': -1.0, 'val_mean_auroc': 1.0}
@@ -254,4 +260,57 @@ def read_weights(workdir, which, metric, eval_every_epochs=None):
     f'Checkpoint step {step} in {directory} was deleted while it was being read (the '
     'run keeps only its newest config.keep_checkpoints steps); choose another with '
     f'--checkpoint (steps: {complete_steps(directory)}).'
+  )
+
+
+@dataclasses.dataclass
+class RestoredRun:
+  """A trained run's weights, ready to score with."""
+
+  config: Any
+  variables: Any  # {'params', 'batch_stats'}, replicated on the mesh.
+  step: int
+  model: Any
+  mesh: Any
+
+
+def parse_selector(value):
+  """--checkpoint: 'best' | 'latest' | a step number, as load_run takes it."""
+  if value.isdigit():
+    return int(value)
+  if value in ('best', 'latest'):
+    return value
+  raise errors.UserValueError(f"--checkpoint={value}: give 'best', 'latest' or a step number.")
+
+
+def checkpoint_help():
+  """--checkpoint's help, which says what 'best' means (config.best_metric)."""
+  return (
+    "'best': the step the run ranks best by its config.best_metric (default "
+    f"{default_config.get_config().best_metric}; printed when it runs), 'latest', or a step"
+  )
+
+
+def describe_checkpoint(which, step, config):
+  """'step 48 (best by val_loss)': which step was read, and why."""
+  if which == 'best':
+    return f'step {step} (best by {config.best_metric})'
+  return f'step {step} ({which})' if which == 'latest' else f'step {step}'
+
+
+def load_run(workdir, which='best', config=None):
+  """Loads the variables of a trained run for evaluation or prediction.
+
+  `which` is what parse_selector returns; `config` defaults to the run's own.
+  Read-only: the run, even one training now, is left as it is.
+  """
+  config = config or run_dir.load_config(workdir)
+  variables, step = read_weights(workdir, which, config.best_metric, config.eval_every_epochs)
+  mesh = sharding.make_mesh()
+  return RestoredRun(
+    config=config,
+    variables=jax.device_put(variables, sharding.replicated(mesh)),
+    step=int(step),
+    model=densenet.from_config(config),
+    mesh=mesh,
   )

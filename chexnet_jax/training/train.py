@@ -20,19 +20,19 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from chexnet_jax import checkpoints
-from chexnet_jax import config_checks
-from chexnet_jax import distributed
-from chexnet_jax import inference
-from chexnet_jax import losses
-from chexnet_jax import metric_logging
-from chexnet_jax import models
-from chexnet_jax import progress
-from chexnet_jax import run_dir
-from chexnet_jax import sharding
-from chexnet_jax import train_state
-from chexnet_jax import train_step
-from chexnet_jax import workdir_lock
+from chexnet_jax.run import checkpoints
+from chexnet_jax.training import config_checks
+from chexnet_jax.runtime import distributed
+from chexnet_jax.evaluation import inference
+from chexnet_jax.model import losses
+from chexnet_jax.runtime import metric_logging
+from chexnet_jax.model import densenet
+from chexnet_jax.runtime import progress
+from chexnet_jax.run import run_dir
+from chexnet_jax.runtime import sharding
+from chexnet_jax.training import train_state
+from chexnet_jax.training import train_step
+from chexnet_jax.run import workdir_lock
 from input_pipeline import pipeline
 from input_pipeline import workers
 
@@ -322,7 +322,7 @@ class _Trainer:
     self.validated = False  # The first validation pass compiles.
     model = train_state.build_model(config, for_training=True)
     self.eval_model = train_state.build_model(config)
-    self.logits_fn = inference.make_logits_fn(self.eval_model, models.DTYPES[config.dtype])
+    self.logits_fn = inference.make_logits_fn(self.eval_model, densenet.DTYPES[config.dtype])
     progress.state_phase(config)  # The silent minute after 'Topology'.
     self.state = train_state.create_train_state(config, model, self.mesh, tx)
     self.loss_weights = losses.label_weights(

@@ -21,8 +21,8 @@ from flax import traverse_util
 import numpy as np
 
 from chexnet_jax import errors
-from chexnet_jax import run_dir
-from chexnet_jax import run_reader
+from chexnet_jax.run import run_dir
+from chexnet_jax.run import run_reader
 from input_pipeline import labels as labels_lib
 
 _HEAD = ('params', 'classifier')

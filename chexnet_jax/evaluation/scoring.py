@@ -16,14 +16,14 @@ import jax
 import numpy as np
 import tqdm
 
-from chexnet_jax import calibration as calibration_lib
+from chexnet_jax.evaluation import calibration as calibration_lib
 from chexnet_jax import errors
-from chexnet_jax import eval_outputs
-from chexnet_jax import inference
-from chexnet_jax import metrics as metrics_lib
-from chexnet_jax import models
-from chexnet_jax import sharding
-from chexnet_jax import tta as tta_lib
+
+from chexnet_jax.evaluation import inference
+from chexnet_jax.evaluation import metrics as metrics_lib
+from chexnet_jax.model import densenet
+from chexnet_jax.runtime import sharding
+from chexnet_jax.evaluation import tta as tta_lib
 from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
@@ -94,7 +94,7 @@ def progress_bar(config, split, enabled=True):
 
 def score_split_with_tta(run, split, tta, progress=False):
   """One masked pass with `tta` views per image; mean of their probabilities."""
-  logits_fn = inference.make_logits_fn(run.model, models.DTYPES[run.config.dtype])
+  logits_fn = inference.make_logits_fn(run.model, densenet.DTYPES[run.config.dtype])
   config = _tta_iteration_config(run.config, tta)
 
   def mean_probs(batch):
@@ -159,7 +159,10 @@ def patient_note(records):
   return PATIENT_FALLBACK_NOTE if any(not r.get('patient_recorded', True) for r in records) else ''
 
 
-patients_of = eval_outputs.patients_of  # One definition, beside the CSV it fills.
+def patients_of(records):
+  """The dataset's own patient ID of each record; the builder's number for a dataset
+  built before it recorded them (patient_note says so)."""
+  return [str(r['patient'] if 'patient' in r else r['patient_id']) for r in records]
 
 
 # ----------------------------------------------------------------------------

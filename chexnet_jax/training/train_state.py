@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from chexnet_jax import imagenet_weights
-from chexnet_jax import lr_scaling
-from chexnet_jax import models
-from chexnet_jax import run_weights
-from chexnet_jax import sharding
-from chexnet_jax import weights
+from chexnet_jax.model import imagenet_weights
+from chexnet_jax.training import lr_scaling
+from chexnet_jax.model import densenet
+from chexnet_jax.run import run_weights
+from chexnet_jax.runtime import sharding
+from chexnet_jax.model import weights
 from input_pipeline import labels as labels_lib
 
 
@@ -43,7 +43,7 @@ class TrainState(flax.struct.PyTreeNode):
 def create_optimizer(config, steps_per_epoch, total_steps):
   """Adam(W) with the configured schedule -> (optax transform, schedule).
 
-  The peak rate, its batch-scaling rule and warmup: chexnet_jax/lr_scaling.py.
+  The peak rate, its batch-scaling rule and warmup: chexnet_jax/training/lr_scaling.py.
   """
   schedule = lr_scaling.make_schedule(config, steps_per_epoch, total_steps)
   tx = optax.adamw(
@@ -81,12 +81,12 @@ def update_plateau(config, state, val_loss):
 def build_model(config, *, for_training=False):
   """The configured model; for the train step BN syncs over 'data' if asked."""
   bn_sync = for_training and config.bn_sync
-  return models.from_config(config, bn_axis_name=sharding.DATA_AXIS if bn_sync else None)
+  return densenet.from_config(config, bn_axis_name=sharding.DATA_AXIS if bn_sync else None)
 
 
 def init_variables(config, model, rng):
   size = config.image_size
-  dummy = jnp.zeros((1, size, size, 3), models.DTYPES[config.dtype])
+  dummy = jnp.zeros((1, size, size, 3), densenet.DTYPES[config.dtype])
   return model.init(rng, dummy, train=False)
 
 

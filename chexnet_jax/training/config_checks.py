@@ -15,23 +15,23 @@ from typing import Any, Callable
 
 import jax
 
-from chexnet_jax import checkpoints
+from chexnet_jax.run import checkpoints
 from chexnet_jax import errors
-from chexnet_jax import imagenet_weights
-from chexnet_jax import losses
-from chexnet_jax import lr_scaling
-from chexnet_jax import models
-from chexnet_jax import run_dir
-from chexnet_jax import run_weights
-from chexnet_jax import train_step
+from chexnet_jax.model import imagenet_weights
+from chexnet_jax.model import losses
+from chexnet_jax.training import lr_scaling
+from chexnet_jax.model import densenet
+from chexnet_jax.run import run_dir
+from chexnet_jax.run import run_weights
+from chexnet_jax.training import train_step
 from input_pipeline import batching
 from input_pipeline import csv_dataset
 from input_pipeline import pipeline
 
 # The choices come from where they are implemented, so they cannot drift.
 CHOICES = {
-  'model': tuple(models.ARCHITECTURES),
-  'dtype': tuple(models.DTYPES),
+  'model': tuple(densenet.ARCHITECTURES),
+  'dtype': tuple(densenet.DTYPES),
   'augment': tuple(pipeline.AUGMENTS),
   'eval_preprocess': tuple(pipeline.EVAL_PREPROCESS),
   'lr_schedule': lr_scaling.SCHEDULES,
@@ -354,7 +354,7 @@ def _check_init_from(config):
   if init_from.lower() == 'imagenet':
     url = config.imagenet_weights_url
     name = os.path.basename(url)
-    if config.model not in models.ARCHITECTURES or config.model == 'tiny':
+    if config.model not in densenet.ARCHITECTURES or config.model == 'tiny':
       raise ConfigError(
         f"config.init_from='imagenet' but config.model={config.model!r} has no "
         "ImageNet weights; set --config.init_from='' to train it from scratch."

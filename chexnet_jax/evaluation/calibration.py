@@ -27,7 +27,7 @@ import numpy as np
 from scipy import optimize
 
 from chexnet_jax import errors
-from chexnet_jax import losses
+from chexnet_jax.model import losses
 
 NUM_BINS = 10
 EPSILON = 1e-7
@@ -52,7 +52,7 @@ def known_entries(labels, values):
   values = np.asarray(values, dtype=np.float64)
   if labels.shape != values.shape:
     raise ValueError(
-      f'chexnet_jax/calibration.py: labels {labels.shape} and probabilities '
+      f'chexnet_jax/evaluation/calibration.py: labels {labels.shape} and probabilities '
       f'{values.shape} must have the same shape.'
     )
   known = losses.is_known(labels.ravel())
@@ -78,7 +78,7 @@ def fit_temperature(labels, probs, bounds=(0.05, 20.0)):
   logits = logits_from_probs(probs)
   if labels.size == 0:
     raise errors.UserValueError(
-      'chexnet_jax/calibration.py: no known label to fit a temperature on; '
+      'chexnet_jax/evaluation/calibration.py: no known label to fit a temperature on; '
       'evaluate a split with images (and labels that are not all unknown).'
     )
 
@@ -143,7 +143,7 @@ def calibration_report(
   labels, probs = np.asarray(labels), np.asarray(probs)
   if labels.ndim != 2 or labels.shape[1] != len(names):
     raise ValueError(
-      f'chexnet_jax/calibration.py: labels {labels.shape} but {len(names)} '
+      f'chexnet_jax/evaluation/calibration.py: labels {labels.shape} but {len(names)} '
       "label names; pass the run's names (labels_lib.names_of(config))."
     )
   temperature = fit_temperature(validation_labels, validation_probs)

@@ -14,10 +14,10 @@ import jax.flatten_util
 import jax.numpy as jnp
 import optax
 
-from chexnet_jax import losses
-from chexnet_jax import models
-from chexnet_jax import preprocessing
-from chexnet_jax.sharding import DATA_AXIS
+from chexnet_jax.model import losses
+from chexnet_jax.model import densenet
+from chexnet_jax.model import preprocessing
+from chexnet_jax.runtime.sharding import DATA_AXIS
 
 
 def make_train_step(config, model, mesh, tx, schedule, loss_weights=None):
@@ -26,7 +26,7 @@ def make_train_step(config, model, mesh, tx, schedule, loss_weights=None):
   `model` comes from `train_state.build_model(config, for_training=True)`, so
   that BatchNorm knows whether to synchronise over 'data'.
   """
-  dtype = models.DTYPES[config.dtype]
+  dtype = densenet.DTYPES[config.dtype]
   # (w_pos, w_neg) per label from losses.label_weights, or None: plain BCE.
   loss_weights = None if loss_weights is None else tuple(jnp.asarray(w) for w in loss_weights)
 

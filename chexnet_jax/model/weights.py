@@ -7,7 +7,7 @@ uses torchvision's module names, so that last step is a rename of leaves only.
 Supported files:
 - torchvision `.pth` state dicts (also the old 'norm.1'/'conv.1' key style of the
   published densenet files, 'module.' prefixes and {'state_dict': ...} wrappers),
-  read without PyTorch by chexnet_jax.torch_pickle: files holding pickled objects
+  read without PyTorch by chexnet_jax.model.torch_pickle: files holding pickled objects
   other than tensors and plain containers are refused, never unpickled.
 - CheXNet reproductions such as arnoweng/CheXNet ('module.densenet121.features...',
   head 'densenet121.classifier.0.weight' with 14 outputs).
@@ -36,7 +36,7 @@ from flax.core import unfreeze
 import jax.numpy as jnp
 import numpy as np
 
-from chexnet_jax import torch_pickle
+from chexnet_jax.model import torch_pickle
 from input_pipeline import labels as labels_lib
 
 IMAGENET_CLASSES = 1000
@@ -74,7 +74,7 @@ def load_pretrained(path, variables, *, label_names=None):
 def read_torch_file(path, *, reader='numpy'):
   """(torchvision-style state dict of numpy arrays, label names or None).
 
-  reader='numpy' (the default; no PyTorch needed): chexnet_jax.torch_pickle, a
+  reader='numpy' (the default; no PyTorch needed): chexnet_jax.model.torch_pickle, a
   restricted unpickler. reader='torch': torch.load(weights_only=True), where torch
   is installed; the tests check that both give identical arrays.
   """

@@ -16,17 +16,12 @@ import re
 import shutil
 import tempfile
 
-from chexnet_jax import label_columns
+from chexnet_jax.evaluation import label_columns
+from chexnet_jax.evaluation import scoring
 from input_pipeline import labels as labels_lib
 
 # Renames tried when another evaluation of the split publishes at the same time.
 PUBLISH_ATTEMPTS = 10
-
-
-def patients_of(records):
-  """The dataset's own patient ID of each record; the builder's number for a dataset
-  built before it recorded them (scoring.patient_note says so)."""
-  return [str(r['patient'] if 'patient' in r else r['patient_id']) for r in records]
 
 
 def safe_file_name(text):
@@ -61,7 +56,7 @@ def write_predictions_csv(path, evaluation):
     writer.writerow(
       ['index', 'image', 'patient', *[f'prob_{n}' for n in names], *[f'label_{n}' for n in names]]
     )
-    patients = patients_of(evaluation.records)
+    patients = scoring.patients_of(evaluation.records)
     for row, (record, patient) in enumerate(zip(evaluation.records, patients)):
       writer.writerow(
         [

@@ -1,0 +1,7 @@
+"""The network and what goes in and out of it: DenseNet in Flax (densenet), the
+on-device normalisation (preprocessing), the loss and probabilities (losses), and
+pretrained weights: torchvision/CheXNet/Keras files (weights, torch_pickle) and
+the ImageNet download (imagenet_weights).
+
+May import: chexnet_jax.errors, configs, input_pipeline, chexnet_jax.runtime.
+"""
