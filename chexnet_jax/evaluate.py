@@ -42,6 +42,7 @@ import sys
 
 from jax.experimental import multihost_utils
 
+from chexnet_jax import command_line
 from chexnet_jax.evaluation import calibration as calibration_lib
 from chexnet_jax.run import run_reader
 from chexnet_jax.runtime import distributed
@@ -53,12 +54,7 @@ from chexnet_jax.evaluation import localization as localization_lib
 from chexnet_jax.report import page as report_lib
 from chexnet_jax.run import run_dir
 from chexnet_jax.evaluation import scoring
-from input_pipeline import batching
 from input_pipeline import labels as labels_lib
-from input_pipeline import pipeline
-
-# Mistakes the user can fix: one line, no traceback; anything else is a bug.
-USER_ERRORS = (errors.UserError, pipeline.DatasetError, batching.BatchSizeError)
 
 
 def parse_args(argv):
@@ -67,13 +63,7 @@ def parse_args(argv):
     description='Evaluate a trained chexnet_jax run: AUROC with patient-bootstrap '
     'CIs, AUPRC, thresholds, ROC curves, heatmaps.',
   )
-  parser.add_argument('--workdir', required=True, help='the training run directory')
-  parser.add_argument(
-    '--checkpoint',
-    default='best',
-    type=run_reader.parse_selector,
-    help=run_reader.checkpoint_help(),
-  )
+  command_line.add_run_arguments(parser)
   parser.add_argument(
     '--data_dir',
     default=None,
@@ -121,9 +111,8 @@ def main(argv=None):
     )
     if evaluation is not None:  # Process 0.
       _write(args, run, evaluation)
-  except USER_ERRORS as error:
-    print(f'error: {error}', file=sys.stderr)
-    return 1
+  except errors.UserError as error:
+    return command_line.fail(error)
   # The others wait here, not in JAX's shutdown barrier, whose timeout is short.
   multihost_utils.sync_global_devices('chexnet_jax.evaluate: written')
   return 0
@@ -162,7 +151,7 @@ def _write(args, run, evaluation):
 
 def print_notes(evaluation):
   """Under the table: why a cell is blank, and why a number is not a finding."""
-  for name in labels_lib.names_of(evaluation.config):
+  for name in evaluation.label_names:
     row = label_columns.label_row(evaluation.report, name)
     notes = [
       *report_lib.empty_cell_reasons(evaluation, name).values(),

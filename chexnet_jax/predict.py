@@ -30,6 +30,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from chexnet_jax import command_line
 from chexnet_jax.evaluation import calibration as calibration_lib
 from chexnet_jax.evaluation import cam as cam_lib
 from chexnet_jax.run import run_reader
@@ -43,7 +44,7 @@ from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
 
-class ImageLoadError(Exception):
+class ImageLoadError(errors.UserValueError):
   """An input file that is not a usable image; the message names the file."""
 
 
@@ -204,13 +205,7 @@ def parse_args(argv):
     description='Score chest X-rays (PNG/JPEG/DICOM) with a trained chexnet_jax run.',
   )
   parser.add_argument('images', nargs='+', help='image files')
-  parser.add_argument('--workdir', required=True, help='the training run directory')
-  parser.add_argument(
-    '--checkpoint',
-    default='best',
-    type=run_reader.parse_selector,
-    help=run_reader.checkpoint_help(),
-  )
+  command_line.add_run_arguments(parser)
   parser.add_argument('--top_k', type=int, default=3, help='heatmaps per image')
   parser.add_argument('--output_dir', default=None, help='default: WORKDIR/predict')
   parser.add_argument(
@@ -239,9 +234,8 @@ def main(argv=None):
     temperature = (
       calibration_lib.read_temperature(args.workdir, run.step) if args.calibrated else 1.0
     )
-  except (errors.UserError, pipeline.DatasetError) as error:
-    print(f'error: {error}', file=sys.stderr)
-    return 1
+  except errors.UserError as error:
+    return command_line.fail(error)
   output_dir = args.output_dir or os.path.join(args.workdir, 'predict')
   results, late_failures = _score_all(args, run, temperature, usable, output_dir)
   _report_failures(late_failures)

@@ -31,6 +31,7 @@ import sys
 
 import numpy as np
 
+from chexnet_jax import command_line
 from chexnet_jax import errors
 from chexnet_jax.report import eval_outputs
 from chexnet_jax.evaluation import label_columns
@@ -259,27 +260,16 @@ def build_evaluation(pred_path, description, keys, labels, probs, patients, name
     ),
     ('thresholds', 'not available: no validation predictions'),
   ]
-  config = _names_config(names)
-  return scoring.Evaluation(
-    split=split,
-    tta='as given',
-    step=0,
-    report=report,
-    predictions=scoring.Predictions(probs, labels, np.arange(len(keys))),
-    records=[{'image_name': key, 'patient': patient} for key, patient in zip(keys, patients)],
-    threshold_source=None,
-    config=config,
+  return scoring.Evaluation.from_predictions(
+    split,
+    names,
+    report,
+    scoring.Predictions(probs, labels, np.arange(len(keys))),
+    [{'image_name': key, 'patient': patient} for key, patient in zip(keys, patients)],
+    identity,
     label_file=description,
-    identity_rows=identity,
     not_available=dict(NOT_AVAILABLE),
   )
-
-
-def _names_config(names):
-  """The one field of a run's config the report reads here: its label names."""
-  import ml_collections  # noqa: PLC0415  (only score needs a config without a run)
-
-  return ml_collections.ConfigDict({'label_names': ','.join(names)})
 
 
 def compare(labels, probs, other_probs, patients, names, args):
@@ -341,8 +331,8 @@ def write_comparison_csv(path, comparison):
 def write_outputs(out_dir, evaluation, comparison_section, comparison):
   eval_outputs.write_auroc_csv(os.path.join(out_dir, 'auroc.csv'), evaluation.report)
   summary = {
-    'identity': dict(evaluation.identity_rows),
-    'labels': list(labels_lib.names_of(evaluation.config)),
+    'identity': dict(evaluation.identity),
+    'labels': list(evaluation.label_names),
     **evaluation.report,
     'comparison': comparison,
   }
@@ -392,8 +382,7 @@ def main(argv=None):
   try:
     evaluation, comparison = score(args)
   except errors.UserError as error:
-    print(f'error: {error}', file=sys.stderr)
-    return 1
+    return command_line.fail(error)
   report = evaluation.report
   print(
     f'{os.path.basename(args.predictions)}: {report["num_examples"]} images of '

@@ -3,8 +3,10 @@
 Pure Python, so the benchmark (which imports no grain) applies it too.
 """
 
+from chexnet_jax import errors
 
-class BatchSizeError(ValueError):
+
+class BatchSizeError(errors.UserValueError):
   """A global batch size that does not split evenly."""
 
 

@@ -24,11 +24,11 @@ import sys
 
 import tensorflow_datasets as tfds
 
+from chexnet_jax import errors
 from configs import default as default_config
 from input_pipeline import chestxray14
 from input_pipeline import chexpert
 from input_pipeline import csv_dataset
-from input_pipeline import fingerprints
 from input_pipeline import nih
 from input_pipeline import records
 from input_pipeline import sources
@@ -194,11 +194,7 @@ def main(argv=None):
   tfds.disable_progress_bar()  # Ours (per split, in images) is the useful one.
   try:
     builder, outcome = _build(args)
-  except (
-    records.InvalidInputError,
-    records.MissingInputError,
-    fingerprints.ExistingDatasetError,
-  ) as e:
+  except errors.UserError as e:
     sys.exit(f'Nothing was written. {e}')
   for warning in builder.info.metadata.get('warnings') or []:
     print(f'warning: {warning}', file=sys.stderr)

@@ -14,6 +14,8 @@ syntax and what to install. No tag is ever copied out of a file: errors name the
 file and the technical field only, never a patient-identifying tag.
 """
 
+from chexnet_jax import errors
+
 import io
 
 import numpy as np
@@ -24,7 +26,7 @@ _PREAMBLE = 128
 _MAGIC = b'DICM'
 
 
-class DicomError(ValueError):
+class DicomError(errors.UserValueError):
   """A DICOM file that cannot be turned into a grey image; the message says why."""
 
 

@@ -9,6 +9,8 @@ split lists only through its web page: fetch those by hand from NIH_PAGE (or giv
 --mirror, a URL prefix that serves every file by name).
 """
 
+from chexnet_jax import errors
+
 import argparse
 import hashlib
 import os
@@ -47,7 +49,7 @@ METADATA_FILES = (
 _CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(errors.UserRuntimeError):
   pass
 
 

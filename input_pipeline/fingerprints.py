@@ -8,6 +8,8 @@ Building again into the same directory keeps a dataset built from the same input
 --overwrite, rebuilds it ('rebuilt'). One rule, here, for both.
 """
 
+from chexnet_jax import errors
+
 import hashlib
 import json
 import os
@@ -17,7 +19,7 @@ import tensorflow_datasets as tfds
 METADATA_FILE = 'metadata.json'
 
 
-class ExistingDatasetError(ValueError):
+class ExistingDatasetError(errors.UserValueError):
   """A dataset built from other inputs is already there."""
 
 

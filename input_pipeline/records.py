@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from chexnet_jax import errors
 from input_pipeline import fingerprints
 from input_pipeline import images
 
@@ -86,7 +87,7 @@ def _hint(problems: list[Problem]) -> str:
   return hint
 
 
-class InvalidInputError(ValueError):
+class InvalidInputError(errors.UserValueError):
   """The inputs have problems; the message lists them (the first _SHOWN, then counts)
   and says which ones --skip_bad could leave out."""
 
@@ -99,7 +100,7 @@ class InvalidInputError(ValueError):
     self.problems = problems
 
 
-class MissingInputError(ValueError):
+class MissingInputError(errors.UserValueError):
   """A required input file is absent; the message, one sentence, names it and the fix."""
 
 

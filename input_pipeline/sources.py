@@ -22,6 +22,7 @@ import types
 
 import numpy as np
 
+from chexnet_jax import errors
 from input_pipeline import chestxray14
 from input_pipeline import labels as labels_lib
 from input_pipeline import records
@@ -29,7 +30,7 @@ from input_pipeline import synthetic
 from input_pipeline import workers
 
 
-class DatasetError(ValueError):
+class DatasetError(errors.UserValueError):
   """The configured dataset is missing or does not match the config."""
 
 

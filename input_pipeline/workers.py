@@ -14,6 +14,8 @@ evaluation pass starts config.grain_workers workers of its own and stops them
 at its end (`OnePass`).
 """
 
+from chexnet_jax import errors
+
 import gc
 import re
 import shutil
@@ -37,7 +39,7 @@ _CAUSES = {
 }
 
 
-class WorkerError(RuntimeError):
+class WorkerError(errors.UserRuntimeError):
   """A grain worker process died."""
 
 

@@ -38,17 +38,8 @@ def _evaluation(labels, probs, records, thresholds):
     eval_preprocess='center_crop',
     get=lambda k, d=None: ','.join(NAMES) if k == 'label_names' else d,
   )
-  return scoring.Evaluation(
-    split='test',
-    tta='none',
-    step=1,
-    report=result,
-    predictions=scoring.Predictions(probs, labels, np.arange(len(labels))),
-    records=records,
-    threshold_source='validation',
-    config=config,
-    patient_note=scoring.patient_note(records),
-  )
+  predictions = scoring.Predictions(probs, labels, np.arange(len(labels)))
+  return scoring.Evaluation.from_run(config, 1, 'test', 'none', result, predictions, records, '')
 
 
 def _record(example):

@@ -512,15 +512,9 @@ def _evaluation_from_files(workdir):
   labels = np.array([[float(r[f'label_{n}']) for n in LABELS3] for r in rows], np.float32)
   predictions = scoring.Predictions(probs, labels, np.array([int(r['index']) for r in rows]))
   records = [{'image_name': r['image'], 'patient_id': r['patient']} for r in rows]
-  return scoring.Evaluation(
-    split='test',
-    tta='none',
-    step=summary['step'],
-    report=summary,
-    predictions=predictions,
-    records=records,
-    threshold_source='validation',
-    config=run_dir.load_config(workdir),
+  config = run_dir.load_config(workdir)
+  return scoring.Evaluation.from_run(
+    config, summary['step'], 'test', 'none', summary, predictions, records, ''
   )
 
 

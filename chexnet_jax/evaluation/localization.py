@@ -44,7 +44,7 @@ def true_positive_rows(evaluation, k):
   """Rows that are true positives of label k: positive, and scored at or above the
   label's threshold chosen on validation (none without a threshold)."""
   probs, labels = evaluation.predictions.probs, evaluation.predictions.labels
-  name = labels_lib.names_of(evaluation.config)[k]
+  name = evaluation.label_names[k]
   threshold = evaluation.report['per_label'][name].get('threshold')
   if threshold is None:
     return []
@@ -67,7 +67,7 @@ def gallery_choices(evaluation, size):
     for k, _ in boxes_in_input(record, evaluation.config)
   }
   best = []
-  for k in range(len(labels_lib.names_of(evaluation.config))):
+  for k in range(len(evaluation.label_names)):
     positives = true_positive_rows(evaluation, k)
     if positives:
       # Boxed first, then by probability: max over (has box, prob).
@@ -177,7 +177,7 @@ def _gallery_map(evaluation, row, k, image, heat, bias, cam_threshold):
   )
   return GalleryMap(
     record=record,
-    label=labels_lib.names_of(evaluation.config)[k],
+    label=evaluation.label_names[k],
     image=image,
     cam=heat,
     bias=float(bias),

@@ -3,14 +3,14 @@
 `score_split` runs every example of a split through the model once (with
 test-time augmentation if asked); `evaluate` scores a split and validation
 (for the thresholds and the temperature) and builds the Evaluation that
-eval_outputs writes, localization draws on and report.py renders. Every
+eval_outputs writes, localization draws on and report/page.py renders. Every
 process takes part in the passes (they are collective); the report is built on
 process 0 only.
 """
 
 import dataclasses
 import sys
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -171,22 +171,93 @@ def patients_of(records):
 
 @dataclasses.dataclass
 class Evaluation:
-  """Everything evaluate() computed; written by write_outputs()."""
+  """What an evaluation computed, as plain data. Two constructors: from_run (a run
+  scored on a split: evaluate, the notebook) and from_predictions (a predictions
+  file scored against labels: score.py). eval_outputs writes it, report/ renders it."""
 
   split: str
-  tta: str
-  step: int
+  label_names: tuple  # The labels of the prediction columns, in order.
   report: dict  # metrics.classification_report(...)
   predictions: Predictions
   records: list  # split_metadata rows, aligned with predictions
-  threshold_source: str
-  config: Any  # The run's config.
+  identity: list  # [(field, value)]: the model, data and split the numbers are about.
+  tta: str = 'none'
+  step: Optional[int] = None  # The checkpoint's step; None for a predictions file.
+  threshold_source: Optional[str] = None  # 'validation'; None: no thresholds chosen.
   label_file: str = 'not recorded'  # The label file the dataset was built from.
-  # Predictions scored without a run (score.py): the page's identity rows, and
-  # {section: why it is not available} for the sections that need a model or validation.
-  patient_note: str = ''  # scoring.PATIENT_FALLBACK_NOTE for a dataset built before.
-  identity_rows: list = None
+  patient_note: str = ''  # PATIENT_FALLBACK_NOTE for a dataset built before.
+  # {section: why it is not available}: what a predictions file cannot give.
   not_available: dict = dataclasses.field(default_factory=dict)
+  config: Any = None  # The run's config; None for a predictions file.
+
+  @property
+  def of_a_run(self):
+    return self.config is not None
+
+  @classmethod
+  def from_run(cls, config, step, split, tta, report, predictions, records, label_file):
+    """A run's checkpoint `step` scored on `split`; thresholds from validation."""
+    evaluation = cls(
+      split=split,
+      label_names=labels_lib.names_of(config),
+      report=report,
+      predictions=predictions,
+      records=records,
+      identity=[],
+      tta=tta,
+      step=int(step),
+      threshold_source='validation',
+      label_file=label_file,
+      patient_note=patient_note(records),
+      config=config,
+    )
+    evaluation.identity = _run_identity(evaluation)
+    return evaluation
+
+  @classmethod
+  def from_predictions(cls, split, label_names, report, predictions, records, identity, **notes):
+    """A predictions file scored as given: no thresholds, no calibration, no model."""
+    return cls(
+      split=split,
+      label_names=tuple(label_names),
+      report=report,
+      predictions=predictions,
+      records=records,
+      identity=list(identity),
+      tta='as given',
+      **notes,
+    )
+
+
+def _run_identity(evaluation):
+  config, report = evaluation.config, evaluation.report
+  names = evaluation.label_names
+  rows = [
+    ('model', config.model),
+    ('dataset', config.dataset),
+    ('label file', evaluation.label_file),
+    ('labels', f'{len(names)}: {", ".join(names)}'),
+    ('checkpoint step', evaluation.step),
+    ('split', evaluation.split),
+    ('test-time augmentation', evaluation.tta),
+    ('images', report['num_examples']),
+    ('patients', report['num_patients']),
+    *([('patient IDs', evaluation.patient_note)] if evaluation.patient_note else []),
+    (
+      'model input',
+      f'{config.image_size} px '
+      f'({config.eval_preprocess} of the stored '
+      f'{config.dataset_image_size} px image)',
+    ),
+    (
+      '95% intervals',
+      f'bootstrap over patients, '
+      f'{report["bootstrap"]["num_resamples"]} resamples, '
+      f'seed {report["bootstrap"]["seed"]}',
+    ),
+    ('thresholds', f"Youden's J, chosen on the {evaluation.threshold_source} split"),
+  ]
+  return [(name, str(value)) for name, value in rows]
 
 
 def announce(message, enabled=True):
@@ -227,17 +298,8 @@ def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0, progress
     seed=seed,
   )
   report['loss'] = predictions.loss
-  evaluation = Evaluation(
-    split=split,
-    tta=tta,
-    step=int(run.step),
-    report=report,
-    predictions=predictions,
-    records=records,
-    threshold_source='validation',
-    config=run.config,
-    label_file=label_file(run.config),
-    patient_note=patient_note(records),
+  evaluation = Evaluation.from_run(
+    run.config, run.step, split, tta, report, predictions, records, label_file(run.config)
   )
   calibrate(evaluation, validation)  # Temperature fitted on validation.
   return evaluation
@@ -250,7 +312,7 @@ def calibrate(evaluation, validation):
     evaluation.predictions.probs,
     validation.labels,
     validation.probs,
-    labels_lib.names_of(evaluation.config),
+    evaluation.label_names,
   )
   return evaluation.report['calibration']
 

@@ -32,6 +32,8 @@ import urllib.request
 
 from absl import logging
 
+from chexnet_jax import errors
+
 # torch.hub's rule: the hex digits after the last '-' of the file name.
 _HASH_IN_NAME = re.compile(r'-([a-f0-9]{8,64})\.[^.]+$')
 _TIMEOUT_SECONDS = 60
@@ -40,7 +42,7 @@ _NO_INIT = ('', 'none')
 NOT_PATHS = _NO_INIT + ('imagenet',)
 
 
-class WeightsDownloadError(RuntimeError):
+class WeightsDownloadError(errors.UserRuntimeError):
   """The ImageNet file could not be downloaded or failed verification."""
 
 

@@ -50,7 +50,7 @@ def write_predictions_csv(path, evaluation):
   (the dataset's own ID), prob_<label> for each of the run's labels, then
   label_<label> (1 positive, 0 negative, -1 unknown)."""
   predictions = evaluation.predictions
-  names = labels_lib.names_of(evaluation.config)
+  names = evaluation.label_names
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(

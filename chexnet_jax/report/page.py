@@ -2,7 +2,7 @@
 
 It answers "how good is this checkpoint, where does it look, can I trust its
 probabilities" for the run's own labels (its dataset's names and count,
-labels_lib.names_of(evaluation.config)): the run's identity; the per-label table
+evaluation.label_names): the run's identity; the per-label table
 (AUROC and AUPRC with 95% patient-bootstrap intervals, prevalence, sensitivity and
 specificity at the threshold chosen on validation, and why a cell is empty); ROC and
 precision-recall curves as small multiples with their bands; calibration (reliability
@@ -27,7 +27,6 @@ from chexnet_jax.report import figures
 from chexnet_jax.evaluation import label_columns
 from chexnet_jax.evaluation import scoring
 from chexnet_jax.model import losses
-from input_pipeline import labels as labels_lib
 
 REPORT_FILE = 'report.html'
 # Images only from data: URIs, styles only inline; nothing is fetched from anywhere.
@@ -38,43 +37,10 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 # Content (plain data, shared by the page and the notebook).
 
 
-def label_names(evaluation):
-  """The run's label names, in the order of the prediction columns."""
-  return labels_lib.names_of(evaluation.config)
-
-
 def identity(evaluation, run_name=''):
-  """[(field, value)]: which run, checkpoint, data and split the page is about."""
-  if getattr(evaluation, 'identity_rows', None):  # Scored without a run (score.py).
-    return [(name, str(value)) for name, value in evaluation.identity_rows]
-  config, report = evaluation.config, evaluation.report
-  rows = [
-    ('run', run_name or 'not given'),
-    ('model', config.model),
-    ('dataset', config.dataset),
-    ('label file', evaluation.label_file),
-    ('labels', f'{len(label_names(evaluation))}: {", ".join(label_names(evaluation))}'),
-    ('checkpoint step', evaluation.step),
-    ('split', evaluation.split),
-    ('test-time augmentation', evaluation.tta),
-    ('images', report['num_examples']),
-    ('patients', report['num_patients']),
-    *([('patient IDs', note)] if (note := getattr(evaluation, 'patient_note', '')) else []),
-    (
-      'model input',
-      f'{config.image_size} px '
-      f'({config.eval_preprocess} of the stored '
-      f'{config.dataset_image_size} px image)',
-    ),
-    (
-      '95% intervals',
-      f'bootstrap over patients, '
-      f'{report["bootstrap"]["num_resamples"]} resamples, '
-      f'seed {report["bootstrap"]["seed"]}',
-    ),
-    ('thresholds', f"Youden's J, chosen on the {evaluation.threshold_source} split"),
-  ]
-  return [(name, str(value)) for name, value in rows]
+  """[(field, value)]: which run (or predictions file), data and split the page is about."""
+  run = [('run', run_name or 'not given')] if evaluation.of_a_run else []
+  return run + [(name, str(value)) for name, value in evaluation.identity]
 
 
 def empty_cell_reasons(evaluation, name):
@@ -84,7 +50,7 @@ def empty_cell_reasons(evaluation, name):
   entries are all of one class has no AUROC, one with no known entry has no number.
   """
   row, split = evaluation.report['per_label'][name], evaluation.split
-  column = np.asarray(evaluation.predictions.labels)[:, label_names(evaluation).index(name)]
+  column = np.asarray(evaluation.predictions.labels)[:, evaluation.label_names.index(name)]
   known = column[losses.is_known(column)]
   known_words = ' with a known label' if len(known) < len(column) else ''
   reasons = {}
@@ -119,7 +85,7 @@ def per_label_rows(evaluation):
   and the reasons for empty ones. Prevalence is the share of positives among the
   label's known entries."""
   rows = []
-  for name in label_names(evaluation):
+  for name in evaluation.label_names:
     values = label_columns.label_row(evaluation.report, name)
     cells = {column.key: column.html(values) for column in label_columns.HTML_COLUMNS}
     rows.append({'label': name, **cells, 'reasons': empty_cell_reasons(evaluation, name)})
@@ -130,7 +96,7 @@ def curve_figures(evaluation):
   """{'roc': Figure, 'pr': Figure, 'reliability': Figure} of the evaluated split."""
   predictions, report = evaluation.predictions, evaluation.report
   patients = scoring.patients_of(evaluation.records)
-  names = label_names(evaluation)
+  names = evaluation.label_names
   bands = figures.curve_bands(
     predictions.labels,
     predictions.probs,
@@ -346,8 +312,8 @@ def gallery_html(out_dir, gallery, not_available=None):
 def render(evaluation, out_dir, gallery, localization, pngs, run_name='', extra_html=''):
   """The page's HTML; pngs = {'roc', 'pr', 'reliability'} PNG bytes; extra_html (e.g.
   score.py's comparison) follows the per-label table."""
-  report, missing = evaluation.report, getattr(evaluation, 'not_available', {})
-  scored_file = getattr(evaluation, 'identity_rows', None) is not None
+  report, missing = evaluation.report, evaluation.not_available
+  scored_file = not evaluation.of_a_run
   whose = 'those the predictions file and the labels share' if scored_file else "the run's own"
   title = (
     f'chexnet_jax evaluation: {evaluation.split} split, step {evaluation.step}'
@@ -362,7 +328,7 @@ def render(evaluation, out_dir, gallery, localization, pngs, run_name='', extra_
 <h1>{_esc(title)}</h1>
 <h2 id="run">Run</h2>{_identity_html(identity(evaluation, run_name))}
 <h2 id="performance">How good is it: per finding</h2>
-<p class="note">{_esc(len(label_names(evaluation)))} labels, {whose}. AUROC and AUPRC
+<p class="note">{_esc(len(evaluation.label_names))} labels, {whose}. AUROC and AUPRC
 with 95% intervals (bootstrap over patients). Prevalence: share of the split's images
 with the finding, among those whose label is known (an unknown label, e.g. uncertain,
 is left out of every number and curve). Sensitivity and specificity at the threshold
@@ -376,7 +342,7 @@ empty cell; the last column says why.</p>
 {calibration_html(report.get('calibration'), missing.get('calibration'))}
 {_img(pngs['reliability'], 'Reliability diagrams, one panel per finding')}
 <h2 id="localisation">Where does it look: localisation</h2>
-{localization_html(localization, label_names(evaluation), missing.get('localisation'))}
+{localization_html(localization, evaluation.label_names, missing.get('localisation'))}
 <h2 id="heatmaps">Where does it look: heatmaps</h2>
 {gallery_html(out_dir, gallery, missing.get('heatmaps'))}
 </body></html>

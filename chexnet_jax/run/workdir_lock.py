@@ -29,12 +29,14 @@ import uuid
 
 from absl import logging
 
+from chexnet_jax import errors
+
 LOCK_FILE = 'run.lock'
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 600.0  # 20 missed heartbeats.
 
 
-class WorkdirBusyError(RuntimeError):
+class WorkdirBusyError(errors.UserRuntimeError):
   """Another live run holds the workdir."""
 
 

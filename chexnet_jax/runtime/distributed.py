@@ -29,6 +29,7 @@ from typing import Callable, List, Mapping, Optional
 
 import jax
 
+from chexnet_jax import errors
 from chexnet_jax.runtime import stderr_guard
 
 # Values Slurm or CUDA use for "no GPU"; anything else in these variables means
@@ -55,6 +56,10 @@ _PEER_ERROR = re.compile(
 # This job, for the sentence: set by initialize.
 _job = dict(process_id=None, num_processes=None, workdir=None)
 _cleanups: List[Callable[[], None]] = []
+
+
+class LaunchError(errors.UserRuntimeError):
+  """The job was launched in a way that cannot work (Slurm flags, GPUs, a port)."""
 
 
 def quiet_backend_probe() -> None:
@@ -168,13 +173,13 @@ def check_slurm_env(env: Mapping[str, str] = os.environ) -> None:
   """Raises on Slurm launches that JAX's Slurm detection gets wrong."""
   ntasks = env.get('SLURM_NTASKS')
   if not env.get('SLURM_STEP_ID') and not env.get('SLURM_STEP_NODELIST'):
-    raise RuntimeError(
+    raise LaunchError(
       f'SLURM_NTASKS={ntasks} but this process is not a task of `srun` (it '
       'runs in the batch script itself, so the other processes never '
       'start). Fix: launch with `srun python -m chexnet_jax.main ...`.'
     )
   if env.get('SLURM_GPUS_PER_TASK'):
-    raise RuntimeError(
+    raise LaunchError(
       f'SLURM_GPUS_PER_TASK={env["SLURM_GPUS_PER_TASK"]} (from '
       "--gpus-per-task): then each task sees only its own GPU, but JAX's "
       'Slurm detection opens GPU number SLURM_LOCALID, which does not exist '
@@ -191,7 +196,7 @@ def _check_gpus_per_task(env: Mapping[str, str]) -> None:
     return
   tasks = tasks_on_this_node(env)
   if tasks is not None and tasks != int(gpus):
-    raise RuntimeError(
+    raise LaunchError(
       f'This node has SLURM_GPUS_ON_NODE={gpus} GPUs but runs {tasks} tasks '
       f'(SLURM_STEP_TASKS_PER_NODE={env.get("SLURM_STEP_TASKS_PER_NODE")}). '
       "JAX's Slurm detection gives each task the one GPU numbered "
@@ -232,7 +237,7 @@ def check_port_free(port: int, mode: str) -> None:
   try:
     sock.bind(('', port))
   except OSError as e:
-    raise RuntimeError(
+    raise LaunchError(
       f'Coordinator port {port} on {socket.gethostname()} is '
       f'in use ({e.strerror}). Fix: {_port_fix(mode)}'
     ) from e
@@ -293,7 +298,7 @@ def check_devices(
   if reason is None:
     return
   if platform != 'gpu':
-    raise RuntimeError(
+    raise LaunchError(
       f'Process {env.get("SLURM_PROCID", 0)} on {socket.gethostname()} was '
       f'given GPUs ({reason}) but JAX sees only {platform} devices: the '
       'CUDA plugin is missing or failed to load. Fix: install the CUDA '
@@ -302,7 +307,7 @@ def check_devices(
       'JAX_PLATFORMS=cpu to run on CPU on purpose.'
     )
   if mode == 'slurm' and local_device_count != 1:
-    raise RuntimeError(
+    raise LaunchError(
       f'Process {env.get("SLURM_PROCID")} sees {local_device_count} GPUs; '
       "under srun JAX's Slurm detection expects exactly 1 per task "
       f'({reason}). Fix: one task per GPU: --ntasks-per-node=N with '

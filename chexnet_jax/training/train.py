@@ -20,6 +20,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from chexnet_jax import errors
 from chexnet_jax.run import checkpoints
 from chexnet_jax.training import config_checks
 from chexnet_jax.runtime import distributed
@@ -43,7 +44,7 @@ PREEMPTED_EXIT_CODE = 143
 INTERRUPTED_EXIT_CODE = 130
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(errors.UserRuntimeError):
   """The training loss became NaN or infinite."""
 
 
