@@ -54,7 +54,6 @@ from chexnet_jax.evaluation import localization as localization_lib
 from chexnet_jax.report import page as report_lib
 from chexnet_jax.run import run_dir
 from chexnet_jax.evaluation import scoring
-from input_pipeline import labels as labels_lib
 
 
 def parse_args(argv):

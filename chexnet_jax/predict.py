@@ -21,15 +21,14 @@ OUT/heatmaps/ and OUT/predictions.json whole, and touches nothing else in OUT.
 """
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 import warnings
 
 import numpy as np
 from PIL import Image
 
+from chexnet_jax.runtime import files
 from chexnet_jax import command_line
 from chexnet_jax.evaluation import calibration as calibration_lib
 from chexnet_jax.evaluation import cam as cam_lib
@@ -294,9 +293,7 @@ def _write_summary(output_dir, args, step, temperature, results, failures):
     'results': results,
     'failures': failures,
   }
-  with tempfile.NamedTemporaryFile('w', dir=output_dir, suffix='.tmp', delete=False) as f:
-    json.dump(summary, f, indent=2)
-  os.replace(f.name, path)
+  files.write_json_atomically(path, summary)
   return path
 
 

@@ -144,18 +144,12 @@ def _fake_evaluation(labels, probs, thresholds, names=None):
     dataset='synthetic',
     image_size=32,
     dataset_image_size=40,
+    eval_preprocess='center_crop',
     get=lambda k, d=None: settings.get(k, d),
   )
-  evaluation = types.SimpleNamespace(
-    split='test',
-    tta='none',
-    step=7,
-    report=result,
-    threshold_source='validation',
-    predictions=types.SimpleNamespace(labels=labels, probs=probs),
-    records=[{'patient_id': p, 'image_name': f'{p}.png'} for p in patients],
-    config=config,
-  )
+  predictions = scoring.Predictions(probs, labels, np.arange(len(labels)))
+  records = [{'patient_id': p, 'image_name': f'{p}.png'} for p in patients]
+  evaluation = scoring.Evaluation.from_run(config, 7, 'test', 'none', result, predictions, records, '')
   scoring.calibrate(evaluation, evaluation.predictions)
   return evaluation
 

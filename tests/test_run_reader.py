@@ -22,6 +22,7 @@ from chexnet_jax.report import eval_outputs
 from chexnet_jax import evaluate
 from chexnet_jax import predict
 from chexnet_jax.run import run_dir
+from chexnet_jax.run import checkpoint_files
 from chexnet_jax.run import run_reader
 from configs import default as default_config
 from tests import runs
@@ -38,12 +39,12 @@ def _copy(tiny_run, tmp_path):
 
 
 def _steps(workdir):
-  return run_reader.complete_steps(run_reader.checkpoint_dir(workdir))
+  return checkpoint_files.finished_steps(checkpoint_files.checkpoint_dir(workdir))
 
 
 def _hashes(workdir):
   """{relative path: sha256} of every file and directory name under checkpoints/."""
-  root = run_reader.checkpoint_dir(workdir)
+  root = checkpoint_files.checkpoint_dir(workdir)
   found = {}
   for directory, names, files in os.walk(root):
     for name in names:
@@ -59,7 +60,8 @@ def _hashes(workdir):
 def _tear(workdir, step, part):
   """Truncates the largest file of `part` ('state' or 'metrics') of `step`: a torn write."""
   files = glob.glob(
-    os.path.join(run_reader.checkpoint_dir(workdir), str(step), part, '**', '*'), recursive=True
+    os.path.join(checkpoint_files.checkpoint_dir(workdir), str(step), part, '**', '*'),
+    recursive=True,
   )
   data = [f for f in files if os.path.isfile(f) and not f.endswith('commit_success.txt')]
   largest = max(data, key=os.path.getsize)
@@ -96,8 +98,8 @@ def test_evaluate_and_predict_leave_a_torn_run_byte_identical(tiny_run, tmp_path
 def test_best_before_any_validation_names_the_fix(tiny_run, tmp_path, capsys):
   workdir = _copy(tiny_run, tmp_path)
   for step in _steps(workdir):  # Keep only the saves made before the first evaluation.
-    if os.path.isdir(os.path.join(run_reader.checkpoint_dir(workdir), str(step), 'metrics')):
-      shutil.rmtree(os.path.join(run_reader.checkpoint_dir(workdir), str(step)))
+    if os.path.isdir(os.path.join(checkpoint_files.checkpoint_dir(workdir), str(step), 'metrics')):
+      shutil.rmtree(os.path.join(checkpoint_files.checkpoint_dir(workdir), str(step)))
   assert _steps(workdir)
   assert evaluate.main(['--workdir', workdir, *EVALUATE]) == 1
   error = _error_line(capsys.readouterr().err)
@@ -119,7 +121,7 @@ def test_best_before_any_validation_names_the_fix(tiny_run, tmp_path, capsys):
 def test_no_complete_checkpoint_is_one_sentence(tiny_run, tmp_path):
   workdir = _copy(tiny_run, tmp_path)
   for step in _steps(workdir):  # Only a save that never finished is left.
-    directory = run_reader.checkpoint_dir(workdir)
+    directory = checkpoint_files.checkpoint_dir(workdir)
     os.rename(
       os.path.join(directory, str(step)), os.path.join(directory, f'{step}.orbax-checkpoint-tmp-1')
     )
@@ -149,7 +151,7 @@ def test_an_older_config_json_is_upgraded_from_the_defaults(tiny_run, tmp_path, 
   )
   assert config.model == saved['model'] and config.image_size == saved['image_size']
   run = run_reader.load_run(workdir, 'best')  # Ranked by today's default, val_loss.
-  assert run.step == run_reader.best_step(run_reader.checkpoint_dir(workdir), 'val_loss')
+  assert run.step == run_reader.best_step(checkpoint_files.checkpoint_dir(workdir), 'val_loss')
 
 
 def _deleting_after_first_file(monkeypatch, directory, step):
@@ -168,7 +170,7 @@ def test_a_step_deleted_mid_read_is_retried_on_the_next_complete_one(
 ):
   workdir = _copy(tiny_run, tmp_path)
   older, newest = _steps(workdir)[-2:]
-  _deleting_after_first_file(monkeypatch, run_reader.checkpoint_dir(workdir), newest)
+  _deleting_after_first_file(monkeypatch, checkpoint_files.checkpoint_dir(workdir), newest)
   variables, step = run_reader.read_weights(workdir, 'latest', 'val_loss')
   assert step == older and set(variables) == {'params', 'batch_stats'}
 
@@ -176,7 +178,7 @@ def test_a_step_deleted_mid_read_is_retried_on_the_next_complete_one(
 def test_an_explicit_step_deleted_mid_read_is_one_sentence(tiny_run, tmp_path, monkeypatch):
   workdir = _copy(tiny_run, tmp_path)
   newest = _steps(workdir)[-1]
-  _deleting_after_first_file(monkeypatch, run_reader.checkpoint_dir(workdir), newest)
+  _deleting_after_first_file(monkeypatch, checkpoint_files.checkpoint_dir(workdir), newest)
   with pytest.raises(run_reader.CheckpointError, match='was deleted while it was being read'):
     run_reader.read_weights(workdir, newest, 'val_loss')
 

@@ -21,11 +21,11 @@ checkpoint step it belongs to); `python -m chexnet_jax.predict --calibrated` app
 
 import json
 import os
-import tempfile
 
 import numpy as np
 from scipy import optimize
 
+from chexnet_jax.runtime import files
 from chexnet_jax import errors
 from chexnet_jax.model import losses
 
@@ -186,15 +186,11 @@ def write_temperature(workdir, temperature, step, tta):
   """DIR/eval/calibration.json: the temperature of checkpoint `step`, fitted on validation."""
   path = calibration_path(workdir)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  # A name of its own, then a rename: two evaluations never leave a mixed file.
-  fd, staging = tempfile.mkstemp(prefix=f'.{CALIBRATION_FILE}.', dir=os.path.dirname(path))
-  with os.fdopen(fd, 'w') as f:
-    json.dump(
-      {'temperature': float(temperature), 'step': int(step), 'tta': tta, 'fitted_on': 'validation'},
-      f,
-      indent=2,
-    )
-  os.replace(staging, path)
+  # Written whole: two evaluations never leave a mixed file.
+  files.write_json_atomically(
+    path,
+    {'temperature': float(temperature), 'step': int(step), 'tta': tta, 'fitted_on': 'validation'},
+  )
   return path
 
 

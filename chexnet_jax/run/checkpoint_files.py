@@ -3,14 +3,15 @@ checksums of a step (N/checksums.json) and the metrics files orbax reads.
 
 One rule for both users: checkpoints.py (which sets a bad step of its own run
 aside) and run_weights.py (which refuses a bad step of the run it fine-tunes
-from, leaving that run untouched). A leaf of the module graph: the standard
-library only, so that both can import it.
+from, leaving that run untouched). It needs no orbax, so both can import it.
 """
 
 import glob
 import hashlib
 import json
 import os
+
+from chexnet_jax.runtime import files
 
 CHECKSUM_FILE = 'checksums.json'
 # A step without checksums that predates checksums-at-save (saved by a
@@ -66,11 +67,7 @@ def write_checksums(path):
   """Writes `path`/checksums.json (atomically) for the files now under `path`."""
   target = os.path.join(path, CHECKSUM_FILE)
   checksums = {'rule': AT_SAVE, 'sha256': file_digests(path, AT_SAVE)}
-  with open(f'{target}.tmp', 'w') as f:
-    json.dump(checksums, f, indent=2)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(f'{target}.tmp', target)
+  files.write_json_atomically(target, checksums, durable=True)
 
 
 def _without_checksums(path):
@@ -136,3 +133,18 @@ def first_line(error):
   """The first line of an exception's message (at most 200 characters)."""
   text = str(error).strip()
   return text.splitlines()[0][:200] if text else ''
+
+
+def finished_steps(directory):
+  """The steps whose save finished, ascending: orbax writes a step under a temporary
+  name (N.orbax-checkpoint-tmp-*) and renames it to N when it is complete."""
+  try:
+    names = os.listdir(directory)
+  except OSError:  # No checkpoint yet, or the directory vanished.
+    return []
+  return sorted(int(name) for name in names if name.isdigit())
+
+
+def checkpoint_dir(workdir):
+  """WORKDIR/checkpoints: where orbax keeps a run's steps."""
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')

@@ -73,7 +73,7 @@ def create_manager(workdir, keep, best_metric):
       ),
     ]
   )
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  directory = checkpoint_files.checkpoint_dir(workdir)
   options = ocp.CheckpointManagerOptions(
     preservation_policy=policy,
     best_fn=_best_metric_fn,
@@ -168,7 +168,7 @@ def _write_errors(manager):
       )
     if reason is None:
       raise
-    steps = _complete_steps(manager)
+    steps = checkpoint_files.finished_steps(manager.directory)
     raise run_dir.WorkdirError(
       f'Writing a checkpoint to {manager.directory} failed ({reason}). The '
       f'last complete checkpoint is step {steps[-1] if steps else "none"}; '
@@ -186,15 +186,6 @@ def _os_error(error):
       return os.strerror(int(code.group(1)))
     error = error.__cause__ or error.__context__
   return None
-
-
-def _complete_steps(manager):
-  """Finalised steps on disk (orbax lists a step as soon as its save starts)."""
-  try:
-    names = os.listdir(manager.directory)
-  except OSError:  # The directory vanished.
-    return []
-  return sorted(int(n) for n in names if n.isdigit())
 
 
 def restore_latest(manager, state_template):

@@ -16,7 +16,6 @@ Layout of a workdir:
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 import time
 
@@ -24,6 +23,8 @@ from absl import logging
 import jax
 import ml_collections
 
+from chexnet_jax.run import checkpoint_files
+from chexnet_jax.runtime import files
 from chexnet_jax import errors
 from chexnet_jax.model import imagenet_weights
 from configs import default as default_config
@@ -77,7 +78,7 @@ def prepare_workdir(workdir):
   Its checkpoints/ subdirectory too: orbax meets an unwritable one only at
   the first save, and then waits 5 minutes before failing.
   """
-  for path in (workdir, os.path.join(workdir, 'checkpoints')):
+  for path in (workdir, checkpoint_files.checkpoint_dir(workdir)):
     try:
       os.makedirs(path, exist_ok=True)
       with tempfile.NamedTemporaryFile(dir=path) as probe:
@@ -95,14 +96,6 @@ def with_absolute_paths(config):
     if config[field] and config[field].lower() not in imagenet_weights.NOT_PATHS:
       config[field] = os.path.abspath(config[field])
   return config
-
-
-def write_json_atomic(path, obj):
-  """Write to a temporary name, then rename: never a half-written file."""
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
 
 
 def with_label_set(config, names):
@@ -147,7 +140,7 @@ def check_or_write_identity(workdir, identity, allowed=()):
         'num_classes at -1 (the dataset decides).'
       )
     if jax.process_index() == 0:
-      write_json_atomic(path, identity)
+      files.write_json_atomically(path, identity)
     return
   with open(path) as f:
     saved = json.load(f)
@@ -174,10 +167,7 @@ def allowed_changes(config):
 
 def has_checkpoint(workdir):
   """True once a step has been saved: from then on the run's config is kept."""
-  try:
-    return any(n.isdigit() for n in os.listdir(os.path.join(workdir, 'checkpoints')))
-  except OSError:
-    return False
+  return bool(checkpoint_files.finished_steps(checkpoint_files.checkpoint_dir(workdir)))
 
 
 def _effective_config(workdir):
@@ -258,13 +248,13 @@ def record_start(workdir, config, split_file):
   if jax.process_index() != 0:
     return
   if not has_checkpoint(workdir):
-    write_json_atomic(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+    files.write_json_atomically(os.path.join(workdir, CONFIG_FILE), config.to_dict())
     with contextlib.suppress(FileNotFoundError):  # A start afresh: no history.
       os.remove(os.path.join(workdir, HISTORY_FILE))
   target = os.path.join(workdir, SPLIT_FILE)
   if split_file and not os.path.exists(target):  # A run's split is its result.
-    shutil.copyfile(split_file, f'{target}.tmp')
-    os.replace(f'{target}.tmp', target)
+    with open(split_file, 'rb') as f:
+      files.write_atomically(target, f.read())
 
 
 def upgrade_config(saved, workdir=''):

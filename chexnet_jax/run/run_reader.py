@@ -59,10 +59,6 @@ class CheckpointError(errors.UserValueError):
     self.step, self.what = step, what
 
 
-def checkpoint_dir(workdir):
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
-
-
 def best_score(metrics, name):
   """A score to maximise: the metric, negated when lower is better."""
   value = (metrics or {}).get(name)
@@ -71,16 +67,8 @@ def best_score(metrics, name):
   return BEST_METRICS[name] * value
 
 
-def complete_steps(directory):
-  """The steps whose save finished: orbax writes a step under a temporary name
-  (N.orbax-checkpoint-tmp-*) and renames it to N when it is complete."""
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
-
-
 def _damaged(directory, step, what):
-  steps = complete_steps(directory)
+  steps = checkpoint_files.finished_steps(directory)
   return CheckpointError(
     f'Checkpoint step {step} in {directory} is {what}; choose another with '
     f'--checkpoint (steps: {steps}).',
@@ -104,15 +92,18 @@ def step_metrics(directory, step):
 def best_step(directory, metric):
   """The complete step ranked best by `metric` (a tie: the later), or None when
   no step has a finite value of it yet (no validation has run)."""
-  scored = [(best_score(step_metrics(directory, s), metric), s) for s in complete_steps(directory)]
+  scored = [
+    (best_score(step_metrics(directory, s), metric), s)
+    for s in checkpoint_files.finished_steps(directory)
+  ]
   finite = [(score, step) for score, step in scored if score > -math.inf]
   return max(finite)[1] if finite else None
 
 
 def pick_step(workdir, which, metric, eval_every_epochs=None):
   """The step `which` ('best', 'latest' or a step number) names in the run now."""
-  directory = checkpoint_dir(workdir)
-  steps = complete_steps(directory)
+  directory = checkpoint_files.checkpoint_dir(workdir)
+  steps = checkpoint_files.finished_steps(directory)
   if not steps:
     raise CheckpointError(
       f'No complete checkpoint in {directory} yet; train the run until it saves '
@@ -214,7 +205,7 @@ def _everywhere(taken):
 
 def _read_snapshot(workdir, root, step):
   """Verifies and restores the snapshot of `step` under `root`."""
-  directory = checkpoint_dir(workdir)
+  directory = checkpoint_files.checkpoint_dir(workdir)
   problem = checkpoint_files.verify(os.path.join(root, str(step)))
   if problem == checkpoint_files.UNVERIFIED:
     logging.warning(
@@ -240,7 +231,7 @@ def read_weights(workdir, which, metric, eval_every_epochs=None):
   step number. Raises CheckpointError (one sentence) when the step does not
   exist, is not chosen yet, or is damaged; the run is never changed.
   """
-  directory = checkpoint_dir(workdir)
+  directory = checkpoint_files.checkpoint_dir(workdir)
   for _ in range(SNAPSHOT_ATTEMPTS):
     step = _agreed(pick_step(workdir, which, metric, eval_every_epochs))
     source = os.path.join(directory, str(step))
@@ -259,7 +250,7 @@ def read_weights(workdir, which, metric, eval_every_epochs=None):
   raise CheckpointError(
     f'Checkpoint step {step} in {directory} was deleted while it was being read (the '
     'run keeps only its newest config.keep_checkpoints steps); choose another with '
-    f'--checkpoint (steps: {complete_steps(directory)}).'
+    f'--checkpoint (steps: {checkpoint_files.finished_steps(directory)}).'
   )
 
 

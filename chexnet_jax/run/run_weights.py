@@ -22,6 +22,7 @@ import numpy as np
 
 from chexnet_jax import errors
 from chexnet_jax.run import run_dir
+from chexnet_jax.run import checkpoint_files
 from chexnet_jax.run import run_reader
 from input_pipeline import labels as labels_lib
 
@@ -53,7 +54,7 @@ def check_source(path, model):
       f'config.model={model!r}; fine-tuning keeps the backbone, so set '
       f'--config.model={identity.get("model")} or start from a {model} run.'
     )
-  if not run_reader.complete_steps(run_reader.checkpoint_dir(path)):
+  if not checkpoint_files.finished_steps(checkpoint_files.checkpoint_dir(path)):
     raise FineTuneError(
       f'config.init_from={path} is a run without any checkpoint '
       'yet; train it first or start from another run.'
@@ -70,7 +71,7 @@ def source_labels(path, identity):
 
 def _bad_step(path, step, what):
   """The one sentence for a step of the source run that cannot be read."""
-  directory = os.path.join(path, 'checkpoints')
+  directory = checkpoint_files.checkpoint_dir(path)
   return FineTuneError(
     f'config.init_from={path}: checkpoint step {step} of that run is {what}; move '
     f'{os.path.join(directory, str(step))} aside (rename it to {step}.corrupt, as '

@@ -30,8 +30,9 @@ import uuid
 from absl import logging
 
 from chexnet_jax import errors
+from chexnet_jax.runtime import files
 
-LOCK_FILE = 'run.lock'
+LOCK_FILE = files.LOCK_FILE
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 600.0  # 20 missed heartbeats.
 

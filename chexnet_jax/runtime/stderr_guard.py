@@ -29,6 +29,9 @@ import subprocess
 import sys
 from typing import Optional
 
+if __package__:  # Imported by the trainer; run as a script, the guard needs none of it.
+  from chexnet_jax.runtime.files import LOCK_FILE
+
 SENTENCE_START = 'error: lost '
 # JAX's C++ lines that only appear once the job is already dead: after them the
 # process aborts (the agent's poll, the service's propagation, the fatal itself).
@@ -112,6 +115,7 @@ def start(process_id: int, num_processes: int, workdir: str) -> None:
       str(num_processes),
       workdir,
       str(os.getpid()),
+      LOCK_FILE,  # Passed: the guard runs as a script, without the package.
     ],
     stdin=subprocess.PIPE,
     close_fds=True,
@@ -138,10 +142,10 @@ def finish() -> None:
       pass  # A child of the trainer still holds the pipe; the guard ends with it.
 
 
-def _release_lock(workdir: str, trainer_pid: int) -> None:
+def _release_lock(workdir: str, trainer_pid: int, lock_file: str) -> None:
   """The aborted trainer's WORKDIR/run.lock (workdir_lock.py), so that a job
   resubmitted on another node need not wait for it to go stale."""
-  path = os.path.join(workdir, 'run.lock')
+  path = os.path.join(workdir, lock_file)
   try:
     with open(path) as f:
       holder = json.load(f)
@@ -151,7 +155,7 @@ def _release_lock(workdir: str, trainer_pid: int) -> None:
     pass
 
 
-def _run(process_id: int, num_processes: int, workdir: str, trainer_pid: int) -> None:
+def _run(process_id: int, num_processes: int, workdir: str, trainer_pid: int, lock_file) -> None:
   # It ends when the trainer does (end of its stderr), never on a signal meant
   # for the trainer: srun's SIGTERM (preemption) or a terminal's Ctrl-C.
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -168,7 +172,7 @@ def _run(process_id: int, num_processes: int, workdir: str, trainer_pid: int) ->
     held.append(line)
   if not held:
     return
-  _release_lock(workdir, trainer_pid)
+  _release_lock(workdir, trainer_pid, lock_file)
   text = b''.join(held).decode(errors='replace')
   details = os.path.join(workdir, f'peer_lost.process{process_id}.log')
   try:
@@ -186,4 +190,4 @@ def _run(process_id: int, num_processes: int, workdir: str, trainer_pid: int) ->
 
 
 if __name__ == '__main__':
-  _run(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+  _run(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5])
