@@ -108,9 +108,9 @@ def host_batches(config, data, local_batch):
 def train_examples(config, data):
   """The real training-split size when reading real records, else 77,872."""
   if data == 'pipeline' and config.dataset == 'chestxray14':
-    from input_pipeline import pipeline  # pylint: disable=g-import-not-at-top  (grain)
+    from input_pipeline import sources  # pylint: disable=g-import-not-at-top  (grain)
 
-    return pipeline.get_dataset_info(config)['splits']['train']
+    return sources.get_dataset_info(config)['splits']['train']
   return TRAIN_EXAMPLES
 
 

@@ -19,9 +19,6 @@ from input_pipeline import labels as labels_lib
 from input_pipeline import records
 
 NAME = 'chestxray14'
-VERSION = records.VERSION
-SPLITS = records.SPLITS
-SPLIT_FILE = records.SPLIT_FILE
 DEFAULT_VAL_FRACTION = default_config.VAL_FRACTION
 DEFAULT_SPLIT_SEED = default_config.SPLIT_SEED
 _NAME = re.compile(r'(\d+)px(?:_val([\d.]+)_seed(\d+))?')
@@ -97,4 +94,4 @@ def dataset_dir(
 
 def split_file(*args) -> str:
   """Path of the split.json written beside a built dataset (dataset_dir's arguments)."""
-  return os.path.join(dataset_dir(*args), SPLIT_FILE)
+  return os.path.join(dataset_dir(*args), records.SPLIT_FILE)

@@ -30,14 +30,6 @@ _ASPECT_RANGE = (3 / 4, 4 / 3)
 _CROP_ATTEMPTS = 10
 
 # The read side (input_pipeline/sources.py), for the trainer and the tools.
-DatasetError = sources.DatasetError
-get_source = sources.get_source
-get_label_names = sources.get_label_names
-get_dataset_info = sources.get_dataset_info
-split_file = sources.split_file
-split_metadata = sources.split_metadata
-reading = sources.reading
-labels_of = sources.labels_of
 
 
 # ---------------------------------------------------------------- sharding
@@ -49,7 +41,7 @@ def train_steps_per_epoch(config, num_train_examples: int, process_count: int = 
   batching.split_batch(config.batch_size, process_count)
   steps = num_train_examples // config.batch_size
   if steps < 1:
-    raise DatasetError(
+    raise sources.DatasetError(
       f'The train split has {num_train_examples} examples, which '
       f'cannot fill one batch of {config.batch_size}; lower '
       'config.batch_size or use a larger split.'
@@ -181,7 +173,7 @@ class _TrainExample:
     # Randomness from (seed, stream position): the same on any topology.
     rng = np.random.default_rng((self._config.seed, position))
     example = self._source[int(index)]
-    return _element(augment(example['image'], rng, self._config), labels_of(example), index)
+    return _element(augment(example['image'], rng, self._config), sources.labels_of(example), index)
 
 
 def _shuffle_seed(seed: int) -> int:
@@ -218,7 +210,7 @@ def create_train_iterator(config, *, process_index: int, process_count: int, sta
   of steps start_step+1, start_step+2, ...:
   {'image' uint8 [b,S,S,1], 'labels' float32 [b,14], 'mask' bool [b], 'index' int32 [b]}
   with b = config.batch_size // process_count."""
-  source = get_source(config, 'train')
+  source = sources.get_source(config, 'train')
   ds = _train_dataset(config, source, process_index, process_count, start_step)
   return iter(_to_iter_dataset(config, ds))
 
@@ -238,7 +230,7 @@ class _EvalExample:
       return _element(blank, np.zeros(self._num_classes, np.float32), -1, real=False)
     example = self._source[position]
     image = eval_image(example['image'], self._size, self._mode)
-    return _element(image, labels_of(example), position)
+    return _element(image, sources.labels_of(example), position)
 
 
 def global_eval_batch(config, device_count: int) -> int:
@@ -266,7 +258,7 @@ def create_eval_iterator(
   pass). Padded to whole global batches; padding has mask False and index -1.
   `device_count` (default: process_count) is that of the whole job: the global
   batch is config.eval_batch_size rounded up to a multiple of it."""
-  source = get_source(config, split)
+  source = sources.get_source(config, split)
   device_count = device_count or process_count
   batch = batching.split_batch(
     global_eval_batch(config, device_count), process_count, field='eval_batch_size'

@@ -37,7 +37,7 @@ def _sample_csv_rows():
 
 def _dataset(data_dir, size):
   return tfds.builder_from_directory(
-    os.path.join(data_dir, 'chestxray14', f'{size}px', chestxray14.VERSION)
+    os.path.join(data_dir, 'chestxray14', f'{size}px', records.VERSION)
   )
 
 
@@ -45,7 +45,7 @@ def _all_examples(data_dir, size):
   builder = _dataset(data_dir, size)
   return {
     split: {ex['image_name'].decode(): ex for ex in builder.as_data_source(split=split)}
-    for split in chestxray14.SPLITS
+    for split in records.SPLITS
   }
 
 
@@ -259,7 +259,7 @@ def test_interrupted_build_leaves_nothing_prepared(tmp_path):
     p for p in (out / 'chestxray14').rglob('*') if p.is_file() and not p.parent.name == '.config'
   ]
   assert leftovers == []
-  version_dir = out / 'chestxray14' / '32px' / chestxray14.VERSION
+  version_dir = out / 'chestxray14' / '32px' / records.VERSION
   with pytest.raises(
     tfds.core.dataset_info.DatasetInfoFileError,
     match=f'Could not read dataset info from {version_dir}/dataset_info.json',
@@ -274,7 +274,7 @@ def test_tarball_input_gives_same_dataset(tmp_path):
   for root in (flat, tar):
     build.build(str(root), str(root / 'out'), 32, allow_subset=True, num_workers=2)
   from_flat, from_tar = _all_examples(flat / 'out', 32), _all_examples(tar / 'out', 32)
-  for split in chestxray14.SPLITS:
+  for split in records.SPLITS:
     assert sorted(from_flat[split]) == sorted(from_tar[split])
     for name, ex in from_flat[split].items():
       np.testing.assert_array_equal(ex['image'], from_tar[split][name]['image'])

@@ -25,7 +25,7 @@ from input_pipeline import build as build_cli
 from input_pipeline import csv_dataset
 from input_pipeline import dicom
 from input_pipeline import images
-from input_pipeline import pipeline
+from input_pipeline import sources
 from tests import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -359,7 +359,7 @@ def test_chexpert_policies_reach_the_pipeline(tmp_path, policy, uncertain_label,
   checked = 0
   for i in range(len(source)):
     example = source[i]
-    labels = pipeline.labels_of(example)
+    labels = sources.labels_of(example)
     for k, value in enumerate(by_path[example['image_name'].decode()]):
       if value == '-1.0':
         assert labels[k] == uncertain_label and example['label_mask'][k] == uncertain_mask

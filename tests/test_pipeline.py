@@ -8,6 +8,7 @@ import pytest
 from configs import default
 from input_pipeline import labels
 from input_pipeline import pipeline
+from input_pipeline import sources
 from input_pipeline import synthetic
 
 
@@ -24,15 +25,15 @@ def _indices(iterator, steps):
 
 
 def test_dataset_info_and_clear_errors(config):
-  info = pipeline.get_dataset_info(config)
+  info = sources.get_dataset_info(config)
   assert info['splits'] == {'train': 209, 'validation': 23, 'test': 68}
   assert (info['name'], info['dataset_image_size']) == ('chestxray14', 64)
   config.dataset_image_size = 128
   with pytest.raises(ValueError, match=r'at 128px .*built there: \[.64px.\].*--image_size 128'):
-    pipeline.get_dataset_info(config)
+    sources.get_dataset_info(config)
   config.dataset_image_size, config.split_seed = 64, 7
   with pytest.raises(ValueError, match='split_seed'):
-    pipeline.get_dataset_info(config)
+    sources.get_dataset_info(config)
 
 
 def test_train_batch_spec(config):
@@ -137,7 +138,7 @@ def test_eval_labels_and_metadata_match_csv(config, nih_sample):
   from input_pipeline import nih
 
   entries, _ = nih.read_data_entry(nih_sample.manual_dir + '/Data_Entry_2017_v2020.csv.gz')
-  meta = pipeline.split_metadata(config, 'test')
+  meta = sources.split_metadata(config, 'test')
   assert len(meta) == 68
   for batch in pipeline.create_eval_iterator(config, 'test', process_index=0, process_count=1):
     for index, label_vector in zip(batch['index'][batch['mask']], batch['labels'][batch['mask']]):
@@ -148,7 +149,7 @@ def test_eval_labels_and_metadata_match_csv(config, nih_sample):
     sum(
       len(m['boxes'])
       for split in ('train', 'validation', 'test')
-      for m in pipeline.split_metadata(config, split)
+      for m in sources.split_metadata(config, split)
     )
     == 6
   )
@@ -159,7 +160,7 @@ def test_eval_center_crop_is_the_stored_image_centre(config):
   batch = next(
     iter(pipeline.create_eval_iterator(config, 'test', process_index=0, process_count=1))
   )
-  stored = pipeline.get_source(config, 'test')[0]['image']
+  stored = sources.get_source(config, 'test')[0]['image']
   np.testing.assert_array_equal(batch['image'][0], stored[8:56, 8:56])
 
 
@@ -169,7 +170,7 @@ def test_eval_resize_is_the_whole_stored_image(config):
   batch = next(
     iter(pipeline.create_eval_iterator(config, 'test', process_index=0, process_count=1))
   )
-  stored = pipeline.get_source(config, 'test')[0]['image']
+  stored = sources.get_source(config, 'test')[0]['image']
   whole = np.asarray(Image.fromarray(stored[:, :, 0]).resize((48, 48), Image.Resampling.BILINEAR))
   np.testing.assert_array_equal(batch['image'][0, :, :, 0], whole)
 
@@ -216,7 +217,7 @@ def synthetic_config(config):
 def test_synthetic_same_element_spec(synthetic_config, nih_sample, config):
   fake = synthetic.source(synthetic_config, 'train')[3]
   synthetic_config.dataset = 'chestxray14'
-  real = pipeline.get_source(synthetic_config, 'train')[3]
+  real = sources.get_source(synthetic_config, 'train')[3]
   assert sorted(fake) == sorted(real)
   for key in ('image', 'labels'):
     assert (fake[key].shape, fake[key].dtype) == (real[key].shape, real[key].dtype)
@@ -241,7 +242,7 @@ def test_synthetic_is_learnable_and_localised(synthetic_config):
 
 
 def test_synthetic_goes_through_the_same_pipeline(synthetic_config):
-  assert pipeline.get_dataset_info(synthetic_config)['splits'] == {
+  assert sources.get_dataset_info(synthetic_config)['splits'] == {
     'train': 64,
     'validation': 20,
     'test': 20,
@@ -253,7 +254,7 @@ def test_synthetic_goes_through_the_same_pipeline(synthetic_config):
     pipeline.create_eval_iterator(synthetic_config, 'test', process_index=1, process_count=2)
   )
   assert sum(b['mask'].sum() for b in evals) == 20 - 12  # Process 1 holds 12..19 + padding.
-  assert pipeline.split_metadata(synthetic_config, 'test')[0]['image_name'].startswith('synthetic')
+  assert sources.split_metadata(synthetic_config, 'test')[0]['image_name'].startswith('synthetic')
 
 
 def test_worker_processes_give_the_same_batches(synthetic_config):
@@ -267,8 +268,8 @@ def test_worker_processes_give_the_same_batches(synthetic_config):
 
 def test_dataset_info_gives_positive_fractions_of_train(config):
   """What CheXNet's weighted BCE (config.pos_weight) is computed from."""
-  info = pipeline.get_dataset_info(config)
-  source = pipeline.get_source(config, 'train')
+  info = sources.get_dataset_info(config)
+  source = sources.get_source(config, 'train')
   labels = np.stack([source[i]['labels'] for i in range(len(source))])
   np.testing.assert_allclose(info['train_positive_fraction'], labels.mean(0))
   assert info['splits']['train'] == len(source)
@@ -276,7 +277,7 @@ def test_dataset_info_gives_positive_fractions_of_train(config):
 
 def test_dataset_records_which_label_file_it_read(config):
   """NIH revised the labels in 2020: the dataset says which file it was built from."""
-  info = pipeline.get_dataset_info(config)
+  info = sources.get_dataset_info(config)
   assert info['label_file'].startswith('Data_Entry_2017_v2020.csv')
   assert "NIH's 2020 label revision" in info['label_file']
 

@@ -64,19 +64,19 @@ def test_a_new_adapter_builds_and_reads_through_the_pipeline(tmp_path):
   assert outcome == 'built' and builder.info.metadata['labels'] == ['Left', 'Right']
   assert records.write(tiny_plan(), str(tmp_path), num_workers=1)[1] == 'unchanged'
   config = _config(tmp_path, 'tiny')
-  assert pipeline.get_label_names(config) == ('Left', 'Right')
-  config.label_names = ','.join(pipeline.get_label_names(config))  # As the trainer records.
-  info = pipeline.get_dataset_info(config)
+  assert sources.get_label_names(config) == ('Left', 'Right')
+  config.label_names = ','.join(sources.get_label_names(config))  # As the trainer records.
+  info = sources.get_dataset_info(config)
   assert info['splits'] == {'train': 4, 'validation': 2, 'test': 2}
   assert info['train_positive_fraction'] == [0.5, 0.5]
   seen = {}
   for split in ('train', 'validation', 'test'):
-    for row in pipeline.split_metadata(config, split):
+    for row in sources.split_metadata(config, split):
       seen[row['image_name']] = row['patient']
   assert seen == {n: f'p{i // 2}' for i, n in enumerate(NAMES)}  # The adapter's own IDs.
   batches = list(pipeline.create_eval_iterator(config, 'test', process_index=0, process_count=1))
   assert batches[0]['image'].shape == (4, 16, 16, 1) and batches[0]['mask'].sum() == 2
-  assert os.path.isfile(pipeline.split_file(config))
+  assert os.path.isfile(sources.split_file(config))
 
 
 def test_a_registered_source_is_read_without_a_branch_in_the_pipeline():
@@ -101,7 +101,7 @@ def test_a_registered_source_is_read_without_a_branch_in_the_pipeline():
   sources.register('in_memory')(InMemory)
   try:
     config = _config('unused', 'in_memory')
-    assert pipeline.get_label_names(config) == ('a', 'b', 'c')
+    assert sources.get_label_names(config) == ('a', 'b', 'c')
     batch = next(pipeline.create_train_iterator(config, process_index=0, process_count=1))
     assert batch['labels'].shape == (2, 3) and batch['image'].shape == (2, 16, 16, 1)
     for image, labels in zip(batch['image'], batch['labels']):
@@ -163,11 +163,11 @@ def test_label_file_is_chosen_and_recorded(tmp_path):
   )
   assert original.info.metadata['label_file'] == 'Data_Entry_2017.csv (the original 2017 labels)'
   config = _config(tmp_path / 'b', 'chestxray14')
-  assert pipeline.get_dataset_info(config)['label_file'].startswith('Data_Entry_2017.csv')
+  assert sources.get_dataset_info(config)['label_file'].startswith('Data_Entry_2017.csv')
   labels = {
     m['image_name']: m['labels']
     for s in ('train', 'validation', 'test')
-    for m in pipeline.split_metadata(config, s)
+    for m in sources.split_metadata(config, s)
   }
   assert labels[first[0]].tolist() == [0.0] * 13 + [1.0]  # Hernia, from the chosen file.
 
@@ -192,7 +192,7 @@ def test_bom_saved_nih_csv_reads_as_the_csv_mode_does(tmp_path):
 def test_nih_records_carry_nih_patient_ids(nih_sample):
   config = _config(nih_sample.data_dir, 'chestxray14', 64)
   entries, _ = nih.read_data_entry(os.path.join(FULL, 'Data_Entry_2017_v2020.csv.gz'))
-  for row in pipeline.split_metadata(config, 'test'):
+  for row in sources.split_metadata(config, 'test'):
     assert row['patient'] == str(entries[row['image_name']].patient_id) == str(row['patient_id'])
 
 
@@ -229,10 +229,10 @@ def test_chexpert_valid_csv_is_the_test_split_in_the_metadata(tmp_path):
   assert 'validation is cut by patient from train/' in protocol
   assert ', '.join(chexpert.COMPETITION_LABELS) in protocol
   config = _config(tmp_path / 'd', 'chex')
-  assert pipeline.get_dataset_info(config)['protocol'] == protocol
+  assert sources.get_dataset_info(config)['protocol'] == protocol
   valid = {r[0] for r in rows if '/valid/' in r[0]}
-  assert {m['image_name'] for m in pipeline.split_metadata(config, 'test')} == valid
-  for m in pipeline.split_metadata(config, 'validation'):
+  assert {m['image_name'] for m in sources.split_metadata(config, 'test')} == valid
+  for m in sources.split_metadata(config, 'validation'):
     assert m['patient'] == chexpert.patient_of(m['image_name'])  # Not an internal index.
 
 
@@ -240,18 +240,18 @@ def test_datasets_built_before_schema_2_still_read(tmp_path):
   with tarfile.open(os.path.join(REPO, 'tests', 'fixtures', 'schema1', 'datasets.tar.gz')) as tar:
     tar.extractall(tmp_path, filter='data')
   nih_config, own_config = _config(tmp_path, 'chestxray14', 8), _config(tmp_path, 'own', 8)
-  assert pipeline.get_label_names(nih_config) == labels_lib.LABELS
-  assert pipeline.get_label_names(own_config) == ('Effusion', 'Mass')
-  info = pipeline.get_dataset_info(nih_config)
+  assert sources.get_label_names(nih_config) == labels_lib.LABELS
+  assert sources.get_label_names(own_config) == ('Effusion', 'Mass')
+  info = sources.get_dataset_info(nih_config)
   assert info['splits'] == {'train': 5, 'validation': 1, 'test': 2}
   assert info['label_file'].startswith('Data_Entry_2017_v2020.csv')
   assert info['protocol'].startswith('not recorded') and info['kind'] == 'chestxray14'
-  train = pipeline.get_source(own_config, 'train')
+  train = sources.get_source(own_config, 'train')
   positives = np.mean([train[i]['labels'] for i in range(len(train))], axis=0)
   np.testing.assert_allclose(
-    pipeline.get_dataset_info(own_config)['train_positive_fraction'], positives
+    sources.get_dataset_info(own_config)['train_positive_fraction'], positives
   )
-  for row in pipeline.split_metadata(nih_config, 'test'):
+  for row in sources.split_metadata(nih_config, 'test'):
     assert row['patient'] == str(row['patient_id'])  # NIH's own ID, as today's records.
   own_config.label_names = 'Effusion,Mass'
   (batch,) = pipeline.create_eval_iterator(own_config, 'test', process_index=0, process_count=1)

@@ -37,7 +37,7 @@ import jax
 import numpy as np
 import pytest
 
-from chexnet_jax.run import checkpoints
+from chexnet_jax.run import checkpoint_files
 from chexnet_jax.run import run_reader
 from tests import runs
 from tests.conftest import REPO
@@ -679,7 +679,7 @@ def test_step_killed_right_after_its_save_is_verified(reference, tmp_path):
   code, log = _drive(workdir, *RUN_ARGS, env=_env(TEST_KILL_AFTER_SAVED=kill_step))
   assert code == -signal.SIGKILL, _tail(log)
   step_dir = workdir / 'checkpoints' / str(kill_step)
-  assert checkpoints.verify(str(step_dir)) is None  # Complete, and verifiable.
+  assert checkpoint_files.verify(str(step_dir)) is None  # Complete, and verifiable.
   _flip_bit(_largest_file(step_dir / 'state'))
   code, log = _drive(workdir, *RUN_ARGS)
   assert code == 0, _tail(log)
@@ -716,21 +716,23 @@ def test_metadata_bit_flip_is_caught_and_load_run_refuses(reference, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(reference, workdir)
   step_dir = workdir / 'checkpoints' / str(STEPS)
-  assert checkpoints.verify(str(step_dir)) is None
+  assert checkpoint_files.verify(str(step_dir)) is None
   _flip_bit(step_dir / '_CHECKPOINT_METADATA', offset=3)
-  assert checkpoints.verify(str(step_dir)) == ('_CHECKPOINT_METADATA does not match its checksum')
+  assert checkpoint_files.verify(str(step_dir)) == (
+    '_CHECKPOINT_METADATA does not match its checksum'
+  )
   with pytest.raises(
-    checkpoints.CheckpointError, match=rf'Checkpoint step {STEPS} in .* is corrupt'
+    run_reader.CheckpointError, match=rf'Checkpoint step {STEPS} in .* is corrupt'
   ):
     run_reader.load_run(str(workdir), 'latest')
   os.remove(step_dir / 'checksums.json')  # Saved with checksums: now damaged.
-  assert checkpoints.verify(str(step_dir)) == (
+  assert checkpoint_files.verify(str(step_dir)) == (
     'checksums.json missing, though the step was saved with it'
   )
   data = json.loads((step_dir / 'data' / 'metadata').read_text())
   del data['checksums']  # As saved before checksums were part of the save.
   (step_dir / 'data' / 'metadata').write_text(json.dumps(data))
-  assert checkpoints.verify(str(step_dir)) == 'unverified'
+  assert checkpoint_files.verify(str(step_dir)) == 'unverified'
 
 
 def test_second_run_on_a_workdir_is_refused(tmp_path):

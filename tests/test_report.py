@@ -149,7 +149,9 @@ def _fake_evaluation(labels, probs, thresholds, names=None):
   )
   predictions = scoring.Predictions(probs, labels, np.arange(len(labels)))
   records = [{'patient_id': p, 'image_name': f'{p}.png'} for p in patients]
-  evaluation = scoring.Evaluation.from_run(config, 7, 'test', 'none', result, predictions, records, '')
+  evaluation = scoring.Evaluation.from_run(
+    config, 7, 'test', 'none', result, predictions, records, ''
+  )
   scoring.calibrate(evaluation, evaluation.predictions)
   return evaluation
 

@@ -17,7 +17,6 @@ import time
 
 import pytest
 
-from chexnet_jax.run import checkpoints
 from chexnet_jax.report import eval_outputs
 from chexnet_jax import evaluate
 from chexnet_jax import predict
@@ -125,7 +124,7 @@ def test_no_complete_checkpoint_is_one_sentence(tiny_run, tmp_path):
     os.rename(
       os.path.join(directory, str(step)), os.path.join(directory, f'{step}.orbax-checkpoint-tmp-1')
     )
-  with pytest.raises(checkpoints.CheckpointError, match='No complete checkpoint in .* yet'):
+  with pytest.raises(run_reader.CheckpointError, match='No complete checkpoint in .* yet'):
     run_reader.load_run(workdir, 'latest')
 
 

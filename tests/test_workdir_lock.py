@@ -11,6 +11,9 @@ import pytest
 from chexnet_jax.run import workdir_lock
 
 
+from chexnet_jax.runtime import files
+
+
 def _dead_pid():
   process = subprocess.Popen(['true'])
   process.wait()
@@ -18,7 +21,7 @@ def _dead_pid():
 
 
 def _write_lock(workdir, age=0.0, **holder):
-  path = os.path.join(workdir, workdir_lock.LOCK_FILE)
+  path = os.path.join(workdir, files.LOCK_FILE)
   with open(path, 'w') as f:
     json.dump(
       {
@@ -44,7 +47,7 @@ def test_a_second_run_is_refused_naming_the_holder(tmp_path):
   ):
     workdir_lock.WorkdirLock(str(tmp_path)).acquire()
   first.release()
-  assert not os.path.exists(tmp_path / workdir_lock.LOCK_FILE)
+  assert not os.path.exists(tmp_path / files.LOCK_FILE)
   workdir_lock.WorkdirLock(str(tmp_path)).acquire().release()  # Free again.
 
 
@@ -114,4 +117,4 @@ def test_release_leaves_another_runs_lock_alone(tmp_path):
   lock = workdir_lock.WorkdirLock(str(tmp_path)).acquire()
   _write_lock(tmp_path, host='node7', pid=1)  # Taken over meanwhile (e.g. by hand).
   lock.release()
-  assert os.path.exists(tmp_path / workdir_lock.LOCK_FILE)
+  assert os.path.exists(tmp_path / files.LOCK_FILE)

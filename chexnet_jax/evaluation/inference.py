@@ -18,6 +18,9 @@ from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
 
+from input_pipeline import sources
+
+
 def make_logits_fn(model, dtype=jnp.float32):
   """jitted (variables, uint8 images [B,H,W,1]) -> logits float32 [B, C].
 
@@ -65,7 +68,7 @@ def gather_split_scores(config, split, score, mesh, progress=None):
   )
   if progress is not None:
     batches = progress(batches)
-  with pipeline.reading(config, split):
+  with sources.reading(config, split):
     return gather_scores(batches, score, mesh)
 
 

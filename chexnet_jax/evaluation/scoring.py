@@ -25,7 +25,8 @@ from chexnet_jax.model import densenet
 from chexnet_jax.runtime import sharding
 from chexnet_jax.evaluation import tta as tta_lib
 from input_pipeline import labels as labels_lib
-from input_pipeline import pipeline
+
+from input_pipeline import sources
 
 TTA_MODES = ('none', 'flip', 'tencrop')
 
@@ -81,7 +82,7 @@ def progress_bar(config, split, enabled=True):
   if not enabled or jax.process_index() != 0:
     return None
   # The source's length: reading every record's metadata just to count them is not needed.
-  total = len(pipeline.get_source(config, split)) if jax.process_count() == 1 else None
+  total = len(sources.get_source(config, split)) if jax.process_count() == 1 else None
 
   def wrap(batches):
     with tqdm.tqdm(total=total, desc=f'scoring {split}', unit='image', file=sys.stderr) as bar:
@@ -138,7 +139,7 @@ def score_split(run, split, tta='none', progress=False):
 
 def split_records(config, split, indices):
   """split_metadata rows for `indices` (image_name, patient_id, boxes)."""
-  metadata = pipeline.split_metadata(config, split)
+  metadata = sources.split_metadata(config, split)
   if len(metadata) < len(indices) or (len(indices) and max(indices) >= len(metadata)):
     raise errors.UserValueError(
       f'chexnet_jax/evaluate.py: split {split!r} has {len(metadata)} metadata rows '
@@ -319,4 +320,4 @@ def calibrate(evaluation, validation):
 
 def label_file(config):
   """Which label file the dataset was built from (2017 or the v2020 revision)."""
-  return pipeline.get_dataset_info(config).get('label_file', 'not recorded')
+  return sources.get_dataset_info(config).get('label_file', 'not recorded')

@@ -43,11 +43,8 @@ from chexnet_jax.run import run_reader
 
 # The rule that picks a run's best step is run_reader's (which evaluate, predict,
 # the notebook and fine-tuning read a run with): one rule for the writer and readers.
-BEST_METRICS = run_reader.BEST_METRICS
 # Which files a step must match, and which metrics files are torn: checkpoint_files'
 # rule, shared with run_weights (fine-tuning refuses such a step of its source run).
-CHECKSUM_FILE = checkpoint_files.CHECKSUM_FILE
-verify = checkpoint_files.verify
 # Bounds orbax's wait for a background write (its default: 5 minutes and more
 # on a directory turned read-only); a save of DenseNet121 takes seconds.
 SAVE_TIMEOUT_SECONDS = 120
@@ -57,7 +54,6 @@ _SAVING = {}
 
 
 # A checkpoint chosen for evaluation or prediction is missing, damaged or not chosen yet.
-CheckpointError = run_reader.CheckpointError
 
 
 def create_manager(workdir, keep, best_metric):
@@ -197,14 +193,14 @@ def restore_latest(manager, state_template):
   """
   _log_unfinished_saves(manager)
   for step in sorted(manager.all_steps(), reverse=True):
-    problem = verify(os.path.join(manager.directory, str(step)))
+    problem = checkpoint_files.verify(os.path.join(manager.directory, str(step)))
     if problem == checkpoint_files.UNVERIFIED:
       logging.warning(
         'Checkpoint step %d in %s has no %s: it predates checksums at save '
         '(an older chexnet_jax wrote them at the next save); restoring it unverified.',
         step,
         manager.directory,
-        CHECKSUM_FILE,
+        checkpoint_files.CHECKSUM_FILE,
       )
     elif problem:
       _set_aside(manager.directory, step, problem, 'corrupt')

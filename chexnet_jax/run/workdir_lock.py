@@ -32,7 +32,6 @@ from absl import logging
 from chexnet_jax import errors
 from chexnet_jax.runtime import files
 
-LOCK_FILE = files.LOCK_FILE
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 600.0  # 20 missed heartbeats.
 
@@ -47,7 +46,7 @@ class WorkdirLock:
   def __init__(
     self, workdir, stale_seconds=STALE_SECONDS, heartbeat_seconds=HEARTBEAT_SECONDS, env=os.environ
   ):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = os.path.join(workdir, files.LOCK_FILE)
     self._stale_seconds, self._heartbeat_seconds = stale_seconds, heartbeat_seconds
     self._token = uuid.uuid4().hex
     self._holder = {

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import jax
 
-from chexnet_jax.run import checkpoints
+from chexnet_jax.run import run_reader
 from chexnet_jax import errors
 from chexnet_jax.model import imagenet_weights
 from chexnet_jax.model import losses
@@ -37,7 +37,7 @@ CHOICES = {
   'lr_schedule': lr_scaling.SCHEDULES,
   'lr_scaling': lr_scaling.RULES,
   'pos_weight': tuple(losses.POS_WEIGHTS),
-  'best_metric': tuple(checkpoints.BEST_METRICS),
+  'best_metric': tuple(run_reader.BEST_METRICS),
 }
 # Fields a resumed run changes only when config.allow_changes names them.
 CHANGE_NEEDS_CONSENT = tuple(run_dir.CHANGE_NEEDS_CONSENT)

@@ -35,6 +35,7 @@ from chexnet_jax.training import train_state
 from chexnet_jax.training import train_step
 from chexnet_jax.run import workdir_lock
 from input_pipeline import pipeline
+from input_pipeline import sources
 from input_pipeline import workers
 
 # 128 + SIGTERM: the conventional code of a process ended by SIGTERM, which
@@ -228,9 +229,9 @@ def train_and_evaluate(config, workdir):
   config_checks.validate(config)
   progress.warn_if_small_crop(config)
   progress.dataset_phase(config)
-  dataset_info = pipeline.get_dataset_info(config)
+  dataset_info = sources.get_dataset_info(config)
   # The label set is the dataset's: the head, run.json and every output follow it.
-  config = run_dir.with_label_set(config, pipeline.get_label_names(config))
+  config = run_dir.with_label_set(config, sources.get_label_names(config))
   config_checks.check_splits(config, dataset_info)
   lock = _lock_workdir(workdir)
   try:
@@ -239,7 +240,7 @@ def train_and_evaluate(config, workdir):
     run_dir.check_or_write_identity(
       workdir, run_dir.run_identity(config, dataset_info), allowed=run_dir.allowed_changes(config)
     )
-    run_dir.record_start(workdir, config, pipeline.split_file(config))
+    run_dir.record_start(workdir, config, sources.split_file(config))
     trainer = _Trainer(config, workdir, dataset_info)
     run_dir.record_changes(workdir, changes, trainer.start_step)
     if trainer.start_step >= trainer.total_steps:
@@ -368,7 +369,7 @@ class _Trainer:
   def loop(self, writer):
     config, step = self.config, int(jax.device_get(self.state.step))
     eval_every = eval_interval_steps(config, self.steps_per_epoch)
-    reading_train = functools.partial(pipeline.reading, config, 'train')
+    reading_train = functools.partial(sources.reading, config, 'train')
     timer, preemption = StepTimer(config.batch_size), Preemption()
     self.clock = progress.RunClock(self.total_steps)
     watchdog = StepWatchdog(config.step_timeout_factor, config.step_timeout_min_seconds)
