@@ -15,11 +15,11 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from chexnet_jax.runtime import console
 from chexnet_jax import command_line
 from chexnet_jax import errors
 from chexnet_jax.training import config_checks
 from chexnet_jax.runtime import distributed
-from chexnet_jax.runtime import progress
 from chexnet_jax.training import train
 
 _WORKDIR = flags.DEFINE_string(
@@ -64,7 +64,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  progress.configure_console()
+  console.configure_console()
   threading.excepthook = _one_line_for_background_threads
   distributed.quiet_backend_probe()
   config = _CONFIG.value

@@ -57,8 +57,8 @@ def split_sizes(config) -> dict[str, int]:
   }
 
 
-class SyntheticSource:
-  """Random-access source (len, getitem) yielding what the TFDS source yields."""
+class SyntheticSplit:
+  """One synthetic split, random access (len, getitem), yielding what a TFDS split yields."""
 
   def __init__(self, split: str, size: int, image_size: int, seed: int = 0):
     if split not in SPLITS:
@@ -70,7 +70,7 @@ class SyntheticSource:
     return self._size
 
   def __repr__(self):
-    return f'SyntheticSource({self._split!r}, size={self._size}, image_size={self._image_size})'
+    return f'SyntheticSplit({self._split!r}, size={self._size}, image_size={self._image_size})'
 
   def __getitem__(self, index: int) -> dict:
     if not 0 <= index < self._size:
@@ -107,7 +107,7 @@ class SyntheticSource:
     return image[:, :, None]
 
 
-def source(config, split: str) -> SyntheticSource:
+def source(config, split: str) -> SyntheticSplit:
   """The synthetic split at config.dataset_image_size (the pipeline crops it). The
   data do not depend on config.seed: changing the training seed keeps the dataset."""
-  return SyntheticSource(split, split_sizes(config)[split], config.dataset_image_size)
+  return SyntheticSplit(split, split_sizes(config)[split], config.dataset_image_size)

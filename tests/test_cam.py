@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from chexnet_jax.evaluation import boxes
 from chexnet_jax.evaluation import cam
 from chexnet_jax.model import densenet
 from chexnet_jax.model import preprocessing
@@ -16,23 +17,23 @@ from chexnet_jax.model import preprocessing
 
 def test_iou_and_iobb_hand_computed():
   predicted, truth = (0, 0, 4, 4), (2, 2, 4, 4)  # Overlap 2x2 = 4.
-  assert cam.iou(predicted, truth) == pytest.approx(4 / (16 + 16 - 4))
-  assert cam.iobb(predicted, truth) == pytest.approx(4 / 16)
+  assert boxes.iou(predicted, truth) == pytest.approx(4 / (16 + 16 - 4))
+  assert boxes.iobb(predicted, truth) == pytest.approx(4 / 16)
   # A small detection inside a large truth: IoBB 1, IoU = area ratio.
-  assert cam.iobb((10, 10, 2, 5), (0, 0, 100, 100)) == 1.0
-  assert cam.iou((10, 10, 2, 5), (0, 0, 100, 100)) == pytest.approx(10 / 10000)
+  assert boxes.iobb((10, 10, 2, 5), (0, 0, 100, 100)) == 1.0
+  assert boxes.iou((10, 10, 2, 5), (0, 0, 100, 100)) == pytest.approx(10 / 10000)
   # IoBB divides by the detected box: a huge detection scores low.
-  assert cam.iobb((0, 0, 100, 100), (10, 10, 2, 5)) == pytest.approx(10 / 10000)
-  assert cam.iou((0, 0, 1, 1), (5, 5, 1, 1)) == 0.0
-  assert cam.iou((1.5, 0, 3, 2), (1.5, 0, 3, 2)) == 1.0
-  assert cam.iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
+  assert boxes.iobb((0, 0, 100, 100), (10, 10, 2, 5)) == pytest.approx(10 / 10000)
+  assert boxes.iou((0, 0, 1, 1), (5, 5, 1, 1)) == 0.0
+  assert boxes.iou((1.5, 0, 3, 2), (1.5, 0, 3, 2)) == 1.0
+  assert boxes.iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0
 
 
 def test_mask_scores_hand_computed():
   mask = np.zeros((10, 10), bool)
   mask[2:6, 2:6] = True  # 16 pixels at x, y in 2..5.
-  assert cam.mask_to_box(mask) == (2, 2, 4, 4)
-  np.testing.assert_array_equal(cam.box_to_mask((2, 2, 4, 4), (10, 10)), mask)
+  assert boxes.mask_to_box(mask) == (2, 2, 4, 4)
+  np.testing.assert_array_equal(boxes.box_to_mask((2, 2, 4, 4), (10, 10)), mask)
 
 
 def test_cam_to_box_keeps_the_region_around_the_peak():
@@ -54,15 +55,15 @@ def test_localization_accuracy_at_wang_thresholds():
 
 def test_original_box_maps_through_resize_and_crops():
   # 1024 -> 256 (scale 1/4), then a centre 224 crop removes 16 pixels each side.
-  box = cam.original_box_to_input((128, 256, 400, 200), (1024, 1024), 256, 224)
+  box = boxes.original_box_to_input((128, 256, 400, 200), (1024, 1024), 256, 224)
   assert box == pytest.approx((16, 48, 100, 50))
   # Partly outside the crop: clipped; wholly outside: None.
-  assert cam.original_box_to_input((0, 0, 100, 100), (1024, 1024), 256, 224) == pytest.approx(
+  assert boxes.original_box_to_input((0, 0, 100, 100), (1024, 1024), 256, 224) == pytest.approx(
     (0, 0, 9, 9)
   )
-  assert cam.original_box_to_input((0, 0, 40, 40), (1024, 1024), 256, 224) is None
+  assert boxes.original_box_to_input((0, 0, 40, 40), (1024, 1024), 256, 224) is None
   # Non-square: 2048x1024 -> 512x256, centre square starts at x=128.
-  box = cam.original_box_to_input((1024, 0, 8, 8), (2048, 1024), 256, 256)
+  box = boxes.original_box_to_input((1024, 0, 8, 8), (2048, 1024), 256, 256)
   assert box == pytest.approx((128, 0, 2, 2))
 
 
@@ -148,7 +149,7 @@ def _train_tiny_on_synthetic(steps=100, batch=32, learning_rate=3e-3):
   from input_pipeline import synthetic
 
   model = densenet.create_model('tiny')
-  source = synthetic.SyntheticSource('train', steps * batch, SYNTHETIC_SIZE)
+  source = synthetic.SyntheticSplit('train', steps * batch, SYNTHETIC_SIZE)
   images, _ = _synthetic_batch(source, 0, batch)
   variables = model.init(jax.random.key(0), preprocessing.normalize(images), train=False)
   optimizer = optax.adam(learning_rate)
@@ -187,7 +188,7 @@ def test_cam_of_trained_model_peaks_on_the_synthetic_patch():
 
   model, variables = _train_tiny_on_synthetic()
   cam_fn = cam.make_cam_fn(model)
-  source = synthetic.SyntheticSource('test', 400, SYNTHETIC_SIZE)
+  source = synthetic.SyntheticSplit('test', 400, SYNTHETIC_SIZE)
   peaks_inside, hotter_inside, total = 0, 0, 0
   for i in range(len(source)):
     example = source[i]
@@ -197,7 +198,7 @@ def test_cam_of_trained_model_peaks_on_the_synthetic_patch():
     k = int(present[0])
     heat = cam.normalize_map(cam_fn(variables, example['image'][None])[1][0, k])
     patch = synthetic.patch_box(k, SYNTHETIC_SIZE)
-    inside = cam.box_to_mask(patch, heat.shape)
+    inside = boxes.box_to_mask(patch, heat.shape)
     peak_x, peak_y = cam.peak(heat)
     peaks_inside += bool(inside[peak_y, peak_x])
     hotter_inside += heat[inside].mean() > heat[~inside].mean()
@@ -209,11 +210,11 @@ def test_cam_of_trained_model_peaks_on_the_synthetic_patch():
 
 def test_original_box_maps_through_whole_image_resize():
   """eval_preprocess='resize' (CheXNet): 1024 -> 256 -> 224, nothing cut away."""
-  box = cam.original_box_to_input((128, 256, 400, 200), (1024, 1024), 256, 224, 'resize')
+  box = boxes.original_box_to_input((128, 256, 400, 200), (1024, 1024), 256, 224, 'resize')
   assert box == pytest.approx((28, 56, 87.5, 43.75))
-  assert cam.original_box_to_input(
+  assert boxes.original_box_to_input(
     (0, 0, 40, 40), (1024, 1024), 256, 224, 'resize'
   ) == pytest.approx((0, 0, 8.75, 8.75))
   # Non-square: 2048x1024 -> centre 1024 square -> 256 -> 128.
-  box = cam.original_box_to_input((1024, 0, 8, 8), (2048, 1024), 256, 128, 'resize')
+  box = boxes.original_box_to_input((1024, 0, 8, 8), (2048, 1024), 256, 128, 'resize')
   assert box == pytest.approx((64, 0, 1, 1))

@@ -12,6 +12,9 @@ import sys
 
 import pytest
 
+from chexnet_jax.runtime import console
+from chexnet_jax.training import config_checks
+from chexnet_jax.training import phases
 from chexnet_jax.runtime import metric_logging
 from chexnet_jax.runtime import progress
 from chexnet_jax.runtime import stderr_guard
@@ -64,9 +67,9 @@ def test_step_averages_leave_out_an_interval_of_only_the_compile():
 
 def test_validation_pass_is_announced_with_its_size(caplog):
   with caplog.at_level(logging.INFO):
-    progress.validation_phase(16, 130, 64, first=True)
-    progress.validation_phase(32, 130, 64, first=False)
-    progress.validation_phase(48, 30, 64, first=False)
+    phases.validation_phase(16, 130, 64, first=True)
+    phases.validation_phase(32, 130, 64, first=False)
+    phases.validation_phase(48, 30, 64, first=False)
   lines = [r.getMessage() for r in caplog.records]
   assert lines[0] == (
     'step 16: validating on 130 images (3 batches of 64); '
@@ -79,8 +82,8 @@ def test_validation_pass_is_announced_with_its_size(caplog):
 def test_tiny_model_is_not_told_densenet_takes_minutes(caplog):
   config = cpu_smoke.get_config()
   with caplog.at_level(logging.INFO):
-    progress.state_phase(config)
-    progress.compile_phase(config, 0)
+    phases.state_phase(config)
+    phases.compile_phase(config, 0)
   text = ' '.join(r.getMessage() for r in caplog.records)
   assert 'Building the train state (tiny, random weights)...' in text
   assert 'DenseNet' not in text and 'minute' not in text
@@ -88,7 +91,7 @@ def test_tiny_model_is_not_told_densenet_takes_minutes(caplog):
 
 def test_console_lines_carry_no_thread_id():
   record = logging.LogRecord('absl', logging.WARNING, '/x/train.py', 12, 'hello %s', ('you',), None)
-  line = progress.ConsoleFormatter().format(record)
+  line = console.ConsoleFormatter().format(record)
   assert re.fullmatch(r'W\d{4} \d\d:\d\d:\d\d\.\d{3} train\.py:12\] hello you', line), line
 
 
@@ -139,23 +142,23 @@ def test_xla_slow_compile_banner_is_dropped_and_nothing_else():
 
 def test_small_training_crops_are_warned_of_with_the_rule():
   config = cpu_smoke.get_config()
-  assert progress.small_crop_warning(config) is None  # 32 of 40 px: 64% of the area.
+  assert config_checks.small_crop_warning(config) is None  # 32 of 40 px: 64% of the area.
   config.dataset_image_size = 224  # cpu_smoke on 224 px records.
-  message = progress.small_crop_warning(config)
+  message = config_checks.small_crop_warning(config)
   assert message.startswith(
     "config.augment='random_crop' trains on 32 px crops of 224 px records, 2% of each image "
     '(warned below 50%)'
   )
   assert '--config.augment=resize' in message and '\n' not in message
   config.augment = 'random_resized_crop'  # Resized to the model's size: not a small crop.
-  assert progress.small_crop_warning(config) is None
+  assert config_checks.small_crop_warning(config) is None
 
 
 def test_cpu_config_trains_on_whole_images_and_overrides_only_what_differs():
   config, base = cpu.get_config(), default.get_config()
   assert config.augment == config.eval_preprocess == 'resize'
   assert config.image_size == config.dataset_image_size
-  assert progress.small_crop_warning(config) is None
+  assert config_checks.small_crop_warning(config) is None
   with open(os.path.join(REPO, 'configs', 'cpu.py')) as f:
     tree = ast.parse(f.read())
   assigned = [

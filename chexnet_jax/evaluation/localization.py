@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from chexnet_jax.evaluation import cam as cam_lib
+
 from chexnet_jax.model import losses
 from chexnet_jax.model import densenet
 from input_pipeline import labels as labels_lib
@@ -28,7 +29,7 @@ def boxes_in_input(record, config):
   """
   boxes = []
   for box in record.get('boxes', ()):
-    mapped = cam_lib.original_box_to_input(
+    mapped = boxes.original_box_to_input(
       box['bbox'],
       BOX_FRAME,
       config.dataset_image_size,

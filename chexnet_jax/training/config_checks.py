@@ -13,6 +13,7 @@ import math
 import os
 from typing import Any, Callable
 
+from absl import logging
 import jax
 
 from chexnet_jax.run import run_reader
@@ -384,3 +385,36 @@ def _check_init_from(config):
       'path of a .pth, .h5, .weights.h5 or .keras file, a run '
       "directory (fine-tuning), 'imagenet' or '' (from scratch)."
     )
+
+
+# Training crops that keep less than this fraction of the stored image's area
+# train on a small part of each record: a config meant for other records (e.g.
+# cpu_smoke's 32 px crops of 224 px records), not a choice.
+SMALL_CROP_AREA = 0.5
+_CROPPING_AUGMENTS = ('random_crop', 'center_crop')
+
+
+def small_crop_warning(config):
+  """One sentence when training crops a small part of each stored image, or None.
+
+  The rule: 'random_crop' and 'center_crop' keep (image_size / dataset_image_size)^2
+  of the stored image's area; below SMALL_CROP_AREA it is named.
+  """
+  if config.augment not in _CROPPING_AUGMENTS or config.dataset_image_size <= 0:
+    return None
+  fraction = (config.image_size / config.dataset_image_size) ** 2
+  if fraction >= SMALL_CROP_AREA:
+    return None
+  return (
+    f'config.augment={config.augment!r} trains on {config.image_size} px crops of '
+    f'{config.dataset_image_size} px records, {fraction:.0%} of each image '
+    f'(warned below {SMALL_CROP_AREA:.0%}); to train on whole images set '
+    '--config.augment=resize --config.eval_preprocess=resize (the defaults, as in '
+    "configs/cpu.py), or build the records at the model's --image_size."
+  )
+
+
+def warn_if_small_crop(config):
+  message = small_crop_warning(config)
+  if message and jax.process_index() == 0:
+    logging.warning('%s', message)

@@ -20,6 +20,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from chexnet_jax.training import phases
 from chexnet_jax import errors
 from chexnet_jax.run import checkpoints
 from chexnet_jax.training import config_checks
@@ -227,8 +228,8 @@ def train_and_evaluate(config, workdir):
   """
   config = run_dir.with_absolute_paths(config)  # The run works from anywhere.
   config_checks.validate(config)
-  progress.warn_if_small_crop(config)
-  progress.dataset_phase(config)
+  config_checks.warn_if_small_crop(config)
+  phases.dataset_phase(config)
   dataset_info = sources.get_dataset_info(config)
   # The label set is the dataset's: the head, run.json and every output follow it.
   config = run_dir.with_label_set(config, sources.get_label_names(config))
@@ -325,7 +326,7 @@ class _Trainer:
     model = train_state.build_model(config, for_training=True)
     self.eval_model = train_state.build_model(config)
     self.logits_fn = inference.make_logits_fn(self.eval_model, densenet.DTYPES[config.dtype])
-    progress.state_phase(config)  # The silent minute after 'Topology'.
+    phases.state_phase(config)  # The silent minute after 'Topology'.
     self.state = train_state.create_train_state(config, model, self.mesh, tx)
     self.loss_weights = losses.label_weights(
       config.pos_weight, dataset_info['train_positive_fraction']
@@ -381,7 +382,7 @@ class _Trainer:
           batch = next(self.data)
         timer.add(time.perf_counter() - wait_start)
         if previous is None:
-          progress.compile_phase(config, step)
+          phases.compile_phase(config, step)
           with watchdog.paused():  # Compiling: minutes, not a hang.
             self.state, metrics = self.train_step(self.state, sharding.to_global(batch, self.mesh))
             jax.block_until_ready(metrics['train_loss'])
@@ -425,7 +426,7 @@ class _Trainer:
 
   def _evaluate_and_save(self, writer, step):
     eval_batch = pipeline.global_eval_batch(self.config, jax.device_count())
-    progress.validation_phase(step, self.validation_size, eval_batch, not self.validated)
+    phases.validation_phase(step, self.validation_size, eval_batch, not self.validated)
     self.validated = True
     result, *_ = inference.evaluate_split(
       self.config,
