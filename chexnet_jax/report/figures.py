@@ -183,27 +183,37 @@ def _draw_band(axes, band, color):
   axes.tick_params(labelsize=6)
 
 
+def _curve_grid(labels, names, bands, curve, what, draw_panel, caption):
+  """Small multiples of one kind of curve: each label's panel drawn by draw_panel(axes,
+  k, name), or an empty panel saying why it has no curve; `caption` under the title."""
+  figure, axes_list = _grid_axes(len(names))
+  for k, (name, axes) in enumerate(zip(names, axes_list)):
+    if name not in bands:
+      _empty_panel(axes, name, _no_curve(labels, k, what))
+      continue
+    draw_panel(axes, k, name, bands[name][curve])
+  figure.suptitle(caption, fontsize=9)
+  return figure
+
+
 def roc_figure(labels, probs, patients, report, names, title, bands=None):
   """ROC small multiples: curve, 95% band, chance line, validation-threshold point."""
   bands = bands if bands is not None else curve_bands(labels, probs, patients, names)
-  labels = np.asarray(labels)
-  figure, axes_list = _grid_axes(len(names))
-  for k, (name, axes) in enumerate(zip(names, axes_list)):
+
+  def panel(axes, k, name, band):
+    del k
     row = report['per_label'][name]
-    if name not in bands:
-      _empty_panel(axes, name, _no_curve(labels, k, 'ROC'))
-      continue
-    _draw_band(axes, bands[name]['roc'], 'tab:blue')
+    _draw_band(axes, band, 'tab:blue')
     axes.plot([0, 1], [0, 1], color='grey', lw=0.8, linestyle=':')
     if row['sensitivity'] is not None and row['specificity'] is not None:
       axes.plot(1 - row['specificity'], row['sensitivity'], 'o', color='tab:red', ms=4)
     axes.set_title(f'{name}\nAUROC {row["auroc"]:.3f}{_interval(row["auroc_ci"])}', fontsize=8)
-  figure.suptitle(
+
+  caption = (
     f'{title}. x: false positive rate, y: sensitivity; band: 95% patient '
-    'bootstrap; dot: threshold chosen on validation',
-    fontsize=9,
+    'bootstrap; dot: threshold chosen on validation'
   )
-  return figure
+  return _curve_grid(np.asarray(labels), names, bands, 'roc', 'ROC', panel, caption)
 
 
 def pr_figure(labels, probs, patients, report, names, title, bands=None):
@@ -211,23 +221,20 @@ def pr_figure(labels, probs, patients, report, names, title, bands=None):
   the share of positives among the label's known entries."""
   bands = bands if bands is not None else curve_bands(labels, probs, patients, names)
   labels = np.asarray(labels)
-  figure, axes_list = _grid_axes(len(names))
-  for k, (name, axes) in enumerate(zip(names, axes_list)):
+
+  def panel(axes, k, name, band):
     row = report['per_label'][name]
-    if name not in bands:
-      _empty_panel(axes, name, _no_curve(labels, k, 'PR curve'))
-      continue
-    _draw_band(axes, bands[name]['pr'], 'tab:green')
+    _draw_band(axes, band, 'tab:green')
     axes.axhline(
       labels[metrics_lib.known(labels, k), k].mean(), color='grey', lw=0.8, linestyle=':'
     )
     axes.set_title(f'{name}\nAUPRC {row["auprc"]:.3f}{_interval(row["auprc_ci"])}', fontsize=8)
-  figure.suptitle(
+
+  caption = (
     f'{title}. x: recall (sensitivity), y: precision; band: 95% patient '
-    'bootstrap; dotted: prevalence',
-    fontsize=9,
+    'bootstrap; dotted: prevalence'
   )
-  return figure
+  return _curve_grid(labels, names, bands, 'pr', 'PR curve', panel, caption)
 
 
 def reliability_figure(labels, probs, temperature, names, title, num_bins=calibration_lib.NUM_BINS):
