@@ -26,10 +26,11 @@ and prints the AUROC table, one row per label. Confidence intervals resample pat
 unchanged to the evaluated split. An unknown label (below 0: CheXpert's uncertain
 under U-Ignore) is left out of every number, curve and calibration fit of its label.
 
-The command line only: scoring.py scores and builds the report, localization.py
-draws the gallery and scores localisation, eval_outputs.py writes the files
-(into a temporary folder renamed into place at the end, so two evaluations of
-one split never clobber each other) and report.py renders the page. It reads
+The command line only: evaluation/scoring.py scores and builds the report,
+evaluation/localization.py makes the gallery's maps and scores localisation,
+report/gallery.py draws them, report/eval_outputs.py writes the files (into a
+temporary folder renamed into place at the end, so two evaluations of one split
+never clobber each other) and report/page.py renders the page. It reads
 the run through run_reader, so it never changes the run, even one training now.
 
 Multi-process: start it like training (srun, or --coordinator_address with

@@ -33,7 +33,7 @@ def head_kernel(params, num_features, num_classes):
   """Finds the classifier kernel [num_features, num_classes] in a params tree.
 
   Searched by shape rather than by module name so CAM does not depend on what
-  models.py calls its head; exactly one match is required.
+  densenet.py calls its head; exactly one match is required.
   """
   matches = [
     (jax.tree_util.keystr(path), leaf)

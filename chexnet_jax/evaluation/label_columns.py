@@ -2,7 +2,7 @@
 
 Each Column says where its value comes from (a row of label_row: one label's
 entry of metrics.classification_report, with calibration's ECE) and how it
-shows in auroc.csv, the printed table and the HTML table (report.py); all three
+shows in auroc.csv, the printed table and the HTML table (report/page.py); all three
 are rendered from COLUMNS, and the reasons for an empty cell are keyed by the
 column's `key` (report.empty_cell_reasons). Adding a column is one entry here.
 """

@@ -1,7 +1,7 @@
 """Pretrained DenseNet weights: torchvision .pth, CheXNet reproductions, Keras .h5.
 
 Everything is first turned into a torchvision-style state dict (numpy arrays,
-torchvision names and layouts), then copied onto our variables by name; models.py
+torchvision names and layouts), then copied onto our variables by name; densenet.py
 uses torchvision's module names, so that last step is a rename of leaves only.
 
 Supported files:

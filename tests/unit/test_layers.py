@@ -3,7 +3,7 @@
 Each package has a layer; a module may import its own package and any lower
 layer, never a higher one. The order is the design: errors at the bottom (both
 packages raise them), then the configs, the input pipeline, the runtime
-plumbing, the model, the run directory, scoring, training, the report, and the
+plumbing, the model, the run directory, scoring, the report, training, and the
 commands a user types on top. Imports inside functions count.
 """
 
