@@ -286,7 +286,10 @@ def _check_plugin():
 
 
 def _report_config(config, per_device_batch, devices):
-  config = config.copy_and_resolve_references()
+  from chexnet_jax.run import run_dir  # pylint: disable=g-import-not-at-top
+  from input_pipeline import labels as labels_lib  # pylint: disable=g-import-not-at-top
+
+  config = run_dir.with_label_count(config, labels_lib.LABELS)  # Random labels: NIH's 14.
   config.init_from = ''  # Shapes only: no weights are read.
   config.batch_size = per_device_batch * devices
   return config
@@ -327,12 +330,10 @@ def batch_shapes(config):
   """The input contract's element spec at the global batch (chexnet_jax.benchmark's)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from input_pipeline import labels as labels_lib  # pylint: disable=g-import-not-at-top
-
   batch, size = config.batch_size, config.image_size
   return {
     'image': ((batch, size, size, 1), np.uint8),
-    'labels': ((batch, labels_lib.num_classes_of(config)), np.float32),
+    'labels': ((batch, config.num_classes), np.float32),
     'mask': ((batch,), np.bool_),
     'index': ((batch,), np.int32),
   }

@@ -39,6 +39,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from chexnet_jax.runtime import distributed
+from chexnet_jax.run import run_dir
 from chexnet_jax.runtime import sharding
 from chexnet_jax.training import train_state
 from chexnet_jax.training import train_step
@@ -73,6 +74,15 @@ PEAK_FLOPS = (
 # -------------------------------------------------------------------- data --
 
 
+def _label_set(config, data):
+  """NIH's 14 for random batches; the dataset's own labels when reading its records."""
+  if data != 'pipeline':
+    return labels_lib.LABELS
+  from input_pipeline import sources  # pylint: disable=g-import-not-at-top  (grain)
+
+  return sources.get_label_names(config)
+
+
 def random_batches(config, local_batch, count=2, seed=0):
   """`count` host batches of the contract's element spec (uint8 images)."""
   rng = np.random.default_rng(seed)
@@ -80,9 +90,7 @@ def random_batches(config, local_batch, count=2, seed=0):
   return [
     {
       'image': rng.integers(0, 256, (local_batch, size, size, 1), np.uint8),
-      'labels': rng.integers(0, 2, (local_batch, labels_lib.num_classes_of(config))).astype(
-        np.float32
-      ),
+      'labels': rng.integers(0, 2, (local_batch, config.num_classes)).astype(np.float32),
       'mask': np.ones((local_batch,), bool),
       'index': np.arange(local_batch, dtype=np.int32),
     }
@@ -297,6 +305,7 @@ def profile_summary(profile_dir, steps):
 
 def run_benchmark(config, *, steps=20, warmup=3, data='random', profile_dir=''):
   """Benchmarks the train step; returns a dict of plain numbers and strings."""
+  config = run_dir.with_label_count(config, _label_set(config, data))
   mesh = sharding.make_mesh()
   batches = host_batches(config, data, process_batch(config))
   to_global = functools.partial(sharding.to_global, mesh=mesh)

@@ -8,7 +8,7 @@ Works from any directory; --data_dir says where the run's dataset lives now, if
 it moved (or the run was trained on another machine).
 
 Everything is per label of the run: its dataset's names and count
-(labels_lib.names_of(config): NIH's 14, or the labels a built CSV/CheXpert dataset
+(run.json's labels: NIH's 14, or the labels a built CSV/CheXpert dataset
 records). Writes DIR/eval/<split>/ (DIR/eval/<split>-<tta>/ with test-time augmentation):
   metrics.json      every number below, plus localisation scores where boxes exist
   auroc.csv         per label + mean: AUROC with 95% CI, AUPRC with 95% CI,

@@ -39,7 +39,6 @@ from chexnet_jax.report import figures
 from chexnet_jax.model import densenet
 from input_pipeline import dicom
 from input_pipeline import images as images_lib
-from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
 
@@ -125,7 +124,7 @@ def input_names(paths):
 
 def top_findings(probs, top_k, names):
   """[(name, index, probability)] of the `top_k` most probable of the run's labels
-  `names` (labels_lib.names_of(config): no default, so no caller assumes NIH's)."""
+  `names` (the run's label_names: no default, so no caller assumes NIH's)."""
   if len(names) != len(probs):
     raise ValueError(f'{len(probs)} probabilities but {len(names)} label names')
   order = np.argsort(-np.asarray(probs))[:top_k]
@@ -142,7 +141,16 @@ def heatmap_stem(name, position, seen):
 
 
 def score_image(
-  cam_fn, variables, config, path, top_k, heatmap_prefix, temperature=1.0, name=None, written=None
+  cam_fn,
+  variables,
+  config,
+  label_names,
+  path,
+  top_k,
+  heatmap_prefix,
+  temperature=1.0,
+  name=None,
+  written=None,
 ):
   """Scores one file and writes heatmaps of its top findings -> result dict.
 
@@ -160,7 +168,7 @@ def score_image(
     probs = calibration_lib.apply_temperature(probs, temperature)
   bias = cam_lib.head_bias(variables['params'], len(probs))
   findings = []
-  names = labels_lib.names_of(config)
+  names = label_names
   name = name or os.path.basename(path)
   for label, k, prob in top_findings(probs, top_k, names):
     file_name = f'{os.path.basename(heatmap_prefix)}_{eval_outputs.safe_file_name(label)}.png'
@@ -268,6 +276,7 @@ def _score_all(args, run, temperature, paths, output_dir):
             cam_fn,
             variables,
             run.config,
+            run.label_names,
             path,
             args.top_k,
             os.path.join(staging, stem),

@@ -49,9 +49,8 @@ def get_config():
 
   # Model.
   c.model = 'densenet121'  # densenet121, densenet169, densenet201, tiny.
-  c.num_classes = -1  # -1: the dataset's label count (NIH: 14).
-  c.label_names = ''  # Filled in from the dataset when training starts
-  # (comma-joined names; '' = NIH's 14); leave empty.
+  c.num_classes = -1  # -1: the dataset's label count (NIH: 14). The label
+  # names are the dataset's, recorded in the run's run.json.
   c.dtype = 'float32'  # Compute dtype: float32, bfloat16, float16.
   c.bn_sync = False  # True: BN statistics over the global batch.
   c.init_from = 'imagenet'  # CheXNet: ImageNet DenseNet121. 'imagenet'

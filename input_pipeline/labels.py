@@ -51,22 +51,10 @@ def encode(finding_labels: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- label sets
-# A run's label set is its dataset's: NIH's 14 by default, or the names a built
-# dataset records (input_pipeline.csv_dataset). The trainer writes them into the
-# config (`label_names`, comma-joined) so evaluate, predict and the notebook read
-# them from the run directory without the dataset.
-
-
-def names_of(config) -> tuple[str, ...]:
-  """The label names of a config: config.label_names (comma-joined), else NIH's 14."""
-  names = config.get('label_names', '') if hasattr(config, 'get') else ''
-  return tuple(n for n in names.split(',')) if names else LABELS
-
-
-def num_classes_of(config) -> int:
-  """config.num_classes, or (-1, the default) the size of the label set."""
-  num_classes = config.get('num_classes', -1) if hasattr(config, 'get') else -1
-  return num_classes if num_classes > 0 else len(names_of(config))
+# A run's label set is its dataset's: NIH's 14, or the names a built dataset
+# records (input_pipeline.csv_dataset). The trainer records them in the run's
+# run.json ('labels'); evaluate, predict and the notebook read them from there
+# (run_dir.label_names) without the dataset.
 
 
 def check_names(names) -> list[str]:

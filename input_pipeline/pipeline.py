@@ -21,7 +21,6 @@ import numpy as np
 
 from input_pipeline import batching
 from input_pipeline import images as images_lib
-from input_pipeline import labels as labels_lib
 from input_pipeline import sources
 from input_pipeline import workers
 
@@ -221,7 +220,7 @@ class _EvalExample:
   def __init__(self, source, config):
     self._source, self._size = source, config.image_size
     self._mode = config.eval_preprocess
-    self._num_classes = labels_lib.num_classes_of(config)
+    self._num_classes = len(sources.get_label_names(config))
 
   def __call__(self, position):
     position = int(position)

@@ -144,7 +144,7 @@ def calibration_report(
   if labels.ndim != 2 or labels.shape[1] != len(names):
     raise ValueError(
       f'chexnet_jax/evaluation/calibration.py: labels {labels.shape} but {len(names)} '
-      "label names; pass the run's names (labels_lib.names_of(config))."
+      "label names; pass the run's names (RestoredRun.label_names)."
     )
   temperature = fit_temperature(validation_labels, validation_probs)
   calibrated = apply_temperature(probs, temperature)

@@ -14,7 +14,6 @@ from chexnet_jax.evaluation import metrics as metrics_lib
 from chexnet_jax.model import densenet
 from chexnet_jax.model import preprocessing
 from chexnet_jax.runtime import sharding
-from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
 
@@ -73,7 +72,15 @@ def gather_split_scores(config, split, score, mesh, progress=None):
 
 
 def evaluate_split(
-  config, model, variables, mesh, split, logits_fn=None, loss_weights=None, progress=None
+  config,
+  label_names,
+  model,
+  variables,
+  mesh,
+  split,
+  logits_fn=None,
+  loss_weights=None,
+  progress=None,
 ):
   """One masked pass over `split`: every example scored exactly once.
 
@@ -91,7 +98,7 @@ def evaluate_split(
     progress,
   )
   probs = np.asarray(jax.nn.sigmoid(logits))
-  auroc = metrics_lib.auroc_per_label(labels, probs, labels_lib.names_of(config))
+  auroc = metrics_lib.auroc_per_label(labels, probs, label_names)
   logits = jnp.asarray(logits)
   result = {
     'loss': float(np.mean(losses.bce_loss(logits, labels, loss_weights))),

@@ -15,7 +15,6 @@ from chexnet_jax.evaluation import cam as cam_lib
 
 from chexnet_jax.model import losses
 from chexnet_jax.model import densenet
-from input_pipeline import labels as labels_lib
 from input_pipeline import pipeline
 
 # NIH's boxes (and the synthetic ones) are in the frame of the 1024 x 1024 release.
@@ -143,7 +142,7 @@ def heatmaps_and_localization(run, evaluation, gallery_size=8, cam_threshold=0.5
   whose label is unknown (-1) for its image is not scored, like every other number.
   """
   gallery = gallery_choices(evaluation, gallery_size)
-  names = labels_lib.names_of(run.config)
+  names = run.label_names
   bias = cam_lib.head_bias(cam_lib.local_copy(run.variables)['params'], len(names))
   boxes_by_row = {
     row: boxes_in_input(record, run.config) for row, record in enumerate(evaluation.records)

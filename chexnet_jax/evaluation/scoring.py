@@ -24,7 +24,6 @@ from chexnet_jax.evaluation import metrics as metrics_lib
 from chexnet_jax.model import densenet
 from chexnet_jax.runtime import sharding
 from chexnet_jax.evaluation import tta as tta_lib
-from input_pipeline import labels as labels_lib
 
 from input_pipeline import sources
 
@@ -122,6 +121,7 @@ def score_split(run, split, tta='none', progress=False):
     return score_split_with_tta(run, split, tta, progress)
   result, probs, labels, indices = inference.evaluate_split(
     run.config,
+    run.label_names,
     run.model,
     run.variables,
     run.mesh,
@@ -196,21 +196,22 @@ class Evaluation:
     return self.config is not None
 
   @classmethod
-  def from_run(cls, config, step, split, tta, report, predictions, records, label_file):
-    """A run's checkpoint `step` scored on `split`; thresholds from validation."""
+  def from_run(cls, run, split, tta, report, predictions, records, label_file):
+    """`run` (a RestoredRun: its config, labels and step) scored on `split`;
+    thresholds from validation."""
     evaluation = cls(
       split=split,
-      label_names=labels_lib.names_of(config),
+      label_names=tuple(run.label_names),
       report=report,
       predictions=predictions,
       records=records,
       identity=[],
       tta=tta,
-      step=int(step),
+      step=int(run.step),
       threshold_source='validation',
       label_file=label_file,
       patient_note=patient_note(records),
-      config=config,
+      config=run.config,
     )
     evaluation.identity = _run_identity(evaluation)
     return evaluation
@@ -285,7 +286,7 @@ def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0, progress
   announce(
     f'bootstrap: {num_resamples} patient resamples for the 95% intervals (seed {seed})', progress
   )
-  names = labels_lib.names_of(run.config)
+  names = run.label_names
   thresholds = metrics_lib.youden_thresholds(validation.labels, validation.probs, names)
   records = split_records(run.config, split, predictions.indices)
   patients = patients_of(records)
@@ -300,7 +301,7 @@ def evaluate(run, split='test', tta='none', num_resamples=1000, seed=0, progress
   )
   report['loss'] = predictions.loss
   evaluation = Evaluation.from_run(
-    run.config, run.step, split, tta, report, predictions, records, label_file(run.config)
+    run, split, tta, report, predictions, records, label_file(run.config)
   )
   calibrate(evaluation, validation)  # Temperature fitted on validation.
   return evaluation

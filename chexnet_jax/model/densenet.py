@@ -170,10 +170,13 @@ def create_model(name, *, num_classes=labels_lib.NUM_CLASSES, dtype=jnp.float32,
 
 
 def from_config(config, bn_axis_name=None):
-  """The configured model; `bn_axis_name` makes BatchNorm sync over that axis."""
+  """The configured model; `bn_axis_name` makes BatchNorm sync over that axis.
+  config.num_classes is the run's label count (the trainer and run_dir fill -1 in)."""
+  if config.num_classes <= 0:
+    raise ValueError(f'config.num_classes={config.num_classes}: fill in the label count first.')
   return create_model(
     config.model,
-    num_classes=labels_lib.num_classes_of(config),
+    num_classes=config.num_classes,
     dtype=DTYPES[config.dtype],
     bn_axis_name=bn_axis_name,
   )

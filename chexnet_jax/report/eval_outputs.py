@@ -18,7 +18,6 @@ import tempfile
 
 from chexnet_jax.evaluation import label_columns
 from chexnet_jax.evaluation import scoring
-from input_pipeline import labels as labels_lib
 
 # Renames tried when another evaluation of the split publishes at the same time.
 PUBLISH_ATTEMPTS = 10
@@ -85,7 +84,7 @@ def write_outputs(out_dir, evaluation, gallery=(), localization=None):
     'dataset_image_size': config.dataset_image_size,
     'threshold_source': evaluation.threshold_source,
     'label_file': evaluation.label_file,
-    'labels': list(labels_lib.names_of(config)),
+    'labels': list(evaluation.label_names),
     **evaluation.report,
     'localization': localization,
     'gallery': list(gallery),

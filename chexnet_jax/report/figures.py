@@ -18,7 +18,7 @@
   legend, and the title gives the finding and its probability.
 
 `names` is always the run's label names, one per column of labels/probs
-(labels_lib.names_of(config)). An entry whose label is below 0 is unknown (masked,
+(Evaluation.label_names). An entry whose label is below 0 is unknown (masked,
 e.g. CheXpert's uncertain under U-Ignore) and is left out of that label's curve, band,
 prevalence line and reliability bins, as metrics.py leaves it out of the numbers.
 

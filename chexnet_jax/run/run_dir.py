@@ -45,6 +45,9 @@ CHANGE_NEEDS_CONSENT = {
   'image_size': "it is the model's input",
   'dataset': 'it is what the run learns from',
 }
+# Fields older runs' config.json may hold that are no config field now
+# (label_names: the run's label set, read from run.json by label_names()).
+RETIRED_FIELDS = ('label_names',)
 # What a start asks for, not what the run is: never a change.
 _NOT_COMPARED = ('allow_changes',)
 
@@ -98,15 +101,32 @@ def with_absolute_paths(config):
   return config
 
 
-def with_label_set(config, names):
-  """A copy of `config` carrying the dataset's label names (config.label_names) and,
-  unless set, their count (config.num_classes); evaluate, predict and the notebook
-  read them back from config.json."""
+def with_label_count(config, names):
+  """A copy of `config` whose num_classes, unless set, is the label set's size."""
   config = config.copy_and_resolve_references()
-  config.label_names = ','.join(names)
   if config.num_classes <= 0:
     config.num_classes = len(names)
   return config
+
+
+def label_names(workdir):
+  """The run's label names, in the order of its outputs: run.json's 'labels'. A run
+  older than run.json's labels kept them in config.json's label_names ('': NIH's 14)."""
+  identity = read_identity(workdir)
+  if identity.get('labels'):
+    return tuple(identity['labels'])
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
+    names = json.load(f).get('label_names', '')
+  return tuple(names.split(',')) if names else labels_lib.LABELS
+
+
+def read_identity(workdir):
+  """run.json as a dict ({} for a run that predates it)."""
+  path = os.path.join(workdir, IDENTITY_FILE)
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 # Identity fields newer than some runs, with the value those runs had.
@@ -115,12 +135,12 @@ IDENTITY_OF_OLDER_RUNS = {'optimizer_state': 'per_parameter'}
 IDENTITY_FIELDS = {'optimizer_state': 'fused_optimizer'}
 
 
-def run_identity(config, dataset_info):
-  """What a checkpoint is only meaningful with."""
+def run_identity(config, names, dataset_info):
+  """What a checkpoint is only meaningful with; `names`: the dataset's label set."""
   return {
     'model': config.model,
-    'num_classes': labels_lib.num_classes_of(config),
-    'labels': list(labels_lib.names_of(config)),
+    'num_classes': config.num_classes if config.num_classes > 0 else len(names),
+    'labels': list(names),
     'image_size': config.image_size,
     'dataset': dataset_info,
     # The checkpoint's Adam state: one array per parameter, or one flat vector.
@@ -274,7 +294,9 @@ def upgrade_config(saved, workdir=''):
       ', '.join(missing),
       ', '.join(f'{field}={defaults[field]!r}' for field in missing),
     )
-  return ml_collections.ConfigDict({**defaults, **saved})
+  retired = {field: saved[field] for field in RETIRED_FIELDS if field in saved}
+  kept = {field: value for field, value in saved.items() if field not in retired}
+  return ml_collections.ConfigDict({**defaults, **kept})
 
 
 def load_config(workdir, data_dir=None):
@@ -291,7 +313,9 @@ def load_config(workdir, data_dir=None):
       f'{path} not found: {workdir} is not a chexnet_jax run directory '
       '(train one with python -m chexnet_jax.main --workdir ...).'
     )
-  config = upgrade_config(_effective_config(workdir), workdir)
+  config = with_label_count(
+    upgrade_config(_effective_config(workdir), workdir), label_names(workdir)
+  )
   if data_dir:
     config.data_dir = os.path.abspath(data_dir)
   return config

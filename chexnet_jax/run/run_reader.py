@@ -259,6 +259,7 @@ class RestoredRun:
   """A trained run's weights, ready to score with."""
 
   config: Any
+  label_names: tuple  # The run's labels, in the order of the model's outputs.
   variables: Any  # {'params', 'batch_stats'}, replicated on the mesh.
   step: int
   model: Any
@@ -300,6 +301,7 @@ def load_run(workdir, which='best', config=None):
   mesh = sharding.make_mesh()
   return RestoredRun(
     config=config,
+    label_names=run_dir.label_names(workdir),
     variables=jax.device_put(variables, sharding.replicated(mesh)),
     step=int(step),
     model=densenet.from_config(config),

@@ -24,7 +24,6 @@ from chexnet_jax import errors
 from chexnet_jax.run import run_dir
 from chexnet_jax.run import checkpoint_files
 from chexnet_jax.run import run_reader
-from input_pipeline import labels as labels_lib
 
 _HEAD = ('params', 'classifier')
 
@@ -63,10 +62,9 @@ def check_source(path, model):
 
 
 def source_labels(path, identity):
-  """The run's label names: run.json's, else its config's (NIH's 14 by default)."""
-  if identity.get('labels'):
-    return tuple(identity['labels'])
-  return labels_lib.names_of(run_dir.load_config(path))
+  """The run's label names (run_dir.label_names: run.json's, or an older run's)."""
+  del identity
+  return run_dir.label_names(path)
 
 
 def _bad_step(path, step, what):

@@ -186,10 +186,6 @@ FIELDS = {
   # Model.
   'model': _choice('model'),
   'num_classes': _whole(1, also=(-1,)),
-  'label_names': _text(
-    lambda v, _: _distinct_names(v),
-    "'' (filled in from the dataset) or distinct comma-separated names",
-  ),
   'dtype': _choice('dtype'),
   'bn_sync': _flag(),
   'gpu_command_buffers': _text(

@@ -232,17 +232,20 @@ def train_and_evaluate(config, workdir):
   phases.dataset_phase(config)
   dataset_info = sources.get_dataset_info(config)
   # The label set is the dataset's: the head, run.json and every output follow it.
-  config = run_dir.with_label_set(config, sources.get_label_names(config))
+  label_names = sources.get_label_names(config)
+  config = run_dir.with_label_count(config, label_names)
   config_checks.check_splits(config, dataset_info)
   lock = _lock_workdir(workdir)
   try:
     run_dir.prepare_workdir(workdir)
     changes = run_dir.config_changes(workdir, config)  # Refused ones: one sentence.
     run_dir.check_or_write_identity(
-      workdir, run_dir.run_identity(config, dataset_info), allowed=run_dir.allowed_changes(config)
+      workdir,
+      run_dir.run_identity(config, label_names, dataset_info),
+      allowed=run_dir.allowed_changes(config),
     )
     run_dir.record_start(workdir, config, sources.split_file(config))
-    trainer = _Trainer(config, workdir, dataset_info)
+    trainer = _Trainer(config, label_names, workdir, dataset_info)
     run_dir.record_changes(workdir, changes, trainer.start_step)
     if trainer.start_step >= trainer.total_steps:
       _log_nothing_to_train(config, trainer, workdir)
@@ -312,8 +315,8 @@ def _close_quietly(trainer, writer):
 class _Trainer:
   """One training run: the state the loop reads and updates, and its tools."""
 
-  def __init__(self, config, workdir, dataset_info):
-    self.config = config
+  def __init__(self, config, label_names, workdir, dataset_info):
+    self.config, self.label_names = config, label_names
     self.mesh = sharding.make_mesh()
     distributed.log_topology(self.mesh)
     self.steps_per_epoch = pipeline.train_steps_per_epoch(
@@ -327,7 +330,7 @@ class _Trainer:
     self.eval_model = train_state.build_model(config)
     self.logits_fn = inference.make_logits_fn(self.eval_model, densenet.DTYPES[config.dtype])
     phases.state_phase(config)  # The silent minute after 'Topology'.
-    self.state = train_state.create_train_state(config, model, self.mesh, tx)
+    self.state = train_state.create_train_state(config, model, self.mesh, tx, label_names)
     self.loss_weights = losses.label_weights(
       config.pos_weight, dataset_info['train_positive_fraction']
     )
@@ -430,6 +433,7 @@ class _Trainer:
     self.validated = True
     result, *_ = inference.evaluate_split(
       self.config,
+      self.label_names,
       self.eval_model,
       self.state.variables,
       self.mesh,

@@ -21,7 +21,6 @@ from chexnet_jax.model import densenet
 from chexnet_jax.run import run_weights
 from chexnet_jax.runtime import sharding
 from chexnet_jax.model import weights
-from input_pipeline import labels as labels_lib
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -90,7 +89,7 @@ def init_variables(config, model, rng):
   return model.init(rng, dummy, train=False)
 
 
-def create_train_state(config, model, mesh, tx):
+def create_train_state(config, model, mesh, tx, label_names=()):
   """Initialises the replicated state directly on the mesh (no host copy)."""
 
   def state_from(variables):
@@ -113,7 +112,7 @@ def create_train_state(config, model, mesh, tx):
   # Reading files cannot be traced: initialise (for the head, which an ImageNet
   # file lacks, and a new label's row), load on the host, then place on the mesh.
   fresh = jax.device_get(jax.jit(init)())
-  names = labels_lib.names_of(config)
+  names = tuple(label_names)
   if run_weights.is_run(init_from):  # A trained run: fine-tune it.
     variables = run_weights.fine_tune_variables(
       init_from, fresh, model=config.model, label_names=names
