@@ -1,5 +1,5 @@
 """The evaluation page (chexnet_jax/report/page.py), its figures and calibration, checked in a
-real headless Chromium (tests/browser/chromium.py) on the session's tiny trained run."""
+real headless Chromium (tests/support/chromium.py) on the session's tiny trained run."""
 
 import csv
 import json
@@ -19,10 +19,10 @@ from chexnet_jax.evaluation import metrics
 from chexnet_jax.report import page as report_page
 from chexnet_jax.evaluation import scoring
 from input_pipeline import labels as labels_lib
-from tests.browser import chromium
-from tests import runs
+from tests.support import chromium
+from tests.support import runs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LABELS = labels_lib.LABELS
 SAMPLE = os.path.join(REPO, 'demo_data', 'images', '00000100_000.png')
 

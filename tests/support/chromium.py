@@ -36,7 +36,7 @@ def missing():
   for path in (CHROMIUM, CHROMEDRIVER):
     if not os.path.exists(path):
       return (
-        f'{path} is missing; run tests/browser/install_chromium.sh (as root), '
+        f'{path} is missing; run tests/support/install_chromium.sh (as root), '
         'which `make test` does.'
       )
   return ''

@@ -15,10 +15,10 @@ from sklearn import metrics as sk_metrics
 from chexnet_jax.report import eval_outputs
 from chexnet_jax.evaluation import scoring
 from input_pipeline import labels as labels_lib
-from tests import console_lines
-from tests import runs
+from tests.support import console_lines
+from tests.support import runs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LABELS = labels_lib.LABELS
 BOOTSTRAP = 50
 

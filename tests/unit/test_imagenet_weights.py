@@ -1,7 +1,7 @@
 """config.init_from='imagenet': download from a local HTTP server, verify, cache,
 refuse a tampered file, say in one sentence what to do without network; and all
 of it without PyTorch (the served file is written as torchvision's 2017 files
-were, by tests/legacy_pth.py, and read by chexnet_jax.model.torch_pickle)."""
+were, by tests/support/legacy_pth.py, and read by chexnet_jax.model.torch_pickle)."""
 
 import functools
 import hashlib
@@ -18,8 +18,8 @@ import pytest
 from chexnet_jax.model import imagenet_weights
 from chexnet_jax.model import densenet
 from chexnet_jax.model import weights
-from tests import legacy_pth
-from tests import runs
+from tests.support import legacy_pth
+from tests.support import runs
 from tests.conftest import REPO
 
 SIZE = 32

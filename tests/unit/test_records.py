@@ -21,7 +21,7 @@ from input_pipeline import pipeline
 from input_pipeline import records
 from input_pipeline import sources
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')
 FULL = os.path.join(REPO, 'tests', 'fixtures', 'nih')
 NAMES = sorted(os.listdir(DEMO_IMAGES))[:8]
@@ -200,7 +200,7 @@ def test_nih_records_carry_nih_patient_ids(nih_sample):
 
 
 def test_one_pixel_limit_for_png_and_dicom(monkeypatch, tmp_path):
-  from tests.test_own_data import write_dicom
+  from tests.unit.test_own_data import write_dicom
 
   with open(os.path.join(DEMO_IMAGES, NAMES[0]), 'rb') as f:
     png = f.read()
@@ -215,7 +215,7 @@ def test_one_pixel_limit_for_png_and_dicom(monkeypatch, tmp_path):
 
 
 def test_chexpert_valid_csv_is_the_test_split_in_the_metadata(tmp_path):
-  from tests.test_own_data import CHEXPERT_LABELS, write_chexpert
+  from tests.unit.test_own_data import CHEXPERT_LABELS, write_chexpert
 
   path, root, rows = write_chexpert(tmp_path, 40)
   spec = csv_dataset.Spec(

@@ -18,7 +18,7 @@ import torch
 from chexnet_jax.model import densenet
 from chexnet_jax.model import weights
 from input_pipeline.labels import LABELS
-from tests.keras_helpers import keras_model_to_state_dict, randomize_keras_weights
+from tests.support.keras_helpers import keras_model_to_state_dict, randomize_keras_weights
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests import runs
+from tests.support import runs
 
 
 run_main = runs.run_trainer

@@ -7,7 +7,7 @@ chmod does not stop writes), an unwritable workdir, bad inputs, and untrusted
 files. Training runs are cpu_smoke subprocesses forced to ONE CPU device, so
 their numerics are reproducible and parameters can be compared bitwise.
 
-The runs go through `_DRIVER`: `python -m chexnet_jax.main` plus test-only
+The runs go through tests/support/fault_driver.py: `python -m chexnet_jax.main` plus test-only
 hooks, so the product carries no fault-injection code beyond
 config.debug_nan_at_step. It appends, before each train step runs, the step
 number and the example indices of its batch to <workdir>/steps.jsonl; a step
@@ -15,8 +15,8 @@ redone after a kill appends again, so the last record of each step is the one
 whose update survived.
 
 Covered elsewhere, not repeated here: a pickled .pth is refused without being
-unpickled (tests/test_weights.py::test_pickled_code_is_refused), predict
-refuses decompression bombs (tests/test_predict.py::
+unpickled (tests/system/test_weights.py::test_pickled_code_is_refused), predict
+refuses decompression bombs (tests/unit/test_predict.py::
 test_decompression_bomb_guard_refuses); test_other_security_tests_exist
 fails if either disappears.
 """
@@ -39,7 +39,7 @@ import pytest
 
 from chexnet_jax.run import checkpoints
 from chexnet_jax.run import run_reader
-from tests import runs
+from tests.support import runs
 from tests.conftest import REPO
 
 STEPS = 40  # 2.5 epochs of cpu_smoke (16 steps each).
@@ -51,7 +51,6 @@ RUN_ARGS = (
   f'--config.checkpoint_every_steps={CHECKPOINT_EVERY}',
 )
 TIMEOUT = 300
-DISK_FULL_BYTES = 100_000  # Lets logs and JSON through; not a state file.
 # The kill steps are drawn at random, by each test from SEED and its own name
 # (so one test alone draws what it drew in the whole suite). Each test prints
 # its seed and kill step, which pytest shows with any failure;
@@ -63,60 +62,8 @@ def _kill_step_rng(name):
   return random.Random(f'{SEED}:{name}')
 
 
-_DRIVER = (
-  r"""
-import json, os, resource, signal, sys
-import numpy as np
-from absl import app
-from chexnet_jax.run import checkpoints
-from chexnet_jax import main
-from chexnet_jax.training import train_step
-
-workdir = sys.argv[sys.argv.index('--workdir') + 1]
-kill_after_save = int(os.environ.get('TEST_KILL_AFTER_SAVE', -1))
-kill_after_saved = int(os.environ.get('TEST_KILL_AFTER_SAVED', -1))
-full_after_save = int(os.environ.get('TEST_DISK_FULL_AFTER_SAVE', -1))
-hang_at_step = int(os.environ.get('TEST_HANG_AT_STEP', -1))
-vanish_after_save = int(os.environ.get('TEST_VANISH_AFTER_SAVE', -1))
-make_train_step, save = train_step.make_train_step, checkpoints.save
-
-def recording_make_train_step(*args, **kwargs):
-  step_fn = make_train_step(*args, **kwargs)
-  def step(state, batch):
-    shards = sorted(batch['index'].addressable_shards, key=lambda s: s.index[0].start or 0)
-    rows = [np.asarray(s.data) for s in shards]
-    record = {'step': int(state.step) + 1,  # This process's rows (all, alone).
-              'index': np.concatenate(rows).tolist()}
-    with open(os.path.join(workdir, 'steps.jsonl'), 'a') as f:
-      f.write(json.dumps(record) + '\n')
-    if record['step'] == hang_at_step:  # Like a collective waiting on a hung peer.
-      import time; time.sleep(3600)
-    return step_fn(state, batch)
-  return step
-
-def faulty_save(manager, state, data_iterator, metrics=None):
-  step = save(manager, state, data_iterator, metrics)
-  if step == kill_after_save:  # Its files are still being written.
-    os.kill(os.getpid(), signal.SIGKILL)
-  if step == kill_after_saved:  # The save just completed.
-    checkpoints.wait_until_finished(manager)
-    os.kill(os.getpid(), signal.SIGKILL)
-  if step == vanish_after_save:  # Someone deletes the checkpoints directory.
-    import shutil
-    checkpoints.wait_until_finished(manager)
-    shutil.rmtree(manager.directory)
-  if step == full_after_save:  # The disk fills up after this save.
-    checkpoints.wait_until_finished(manager)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Writes fail with EFBIG.
-    resource.setrlimit(resource.RLIMIT_FSIZE,
-                       (%d, resource.RLIM_INFINITY))
-  return step
-
-train_step.make_train_step, checkpoints.save = recording_make_train_step, faulty_save
-app.run(main.main, flags_parser=main.parse_flags)
-"""
-  % DISK_FULL_BYTES
-)
+# The driven runs: chexnet_jax.main with the fault hooks (tests/support/fault_driver.py).
+DRIVER = 'tests.support.fault_driver'
 
 
 # ------------------------------------------------------------------ helpers --
@@ -129,7 +76,7 @@ def _env(**extra):
 
 
 def _command(workdir, overrides, driver=False):
-  return runs.trainer_command(workdir, *overrides, program=_DRIVER if driver else None)
+  return runs.trainer_command(workdir, *overrides, module=DRIVER if driver else runs.MAIN)
 
 
 def _start(workdir, *overrides, env=None):

@@ -24,9 +24,9 @@ from chexnet_jax import predict
 from chexnet_jax.run import run_dir
 from chexnet_jax.run import run_reader
 from configs import default as default_config
-from tests import runs
+from tests.support import runs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 IMAGE = sorted(glob.glob(os.path.join(REPO, 'demo_data', 'images', '*.png')))[0]
 EVALUATE = ['--bootstrap', '10', '--gallery', '1']
 

@@ -9,7 +9,7 @@ import pytest
 
 from chexnet_jax import evaluate
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NOTEBOOK = os.path.join(REPO, 'notebooks', 'evaluate_checkpoint.ipynb')
 BOOTSTRAP = 40
 

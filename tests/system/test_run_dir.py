@@ -13,10 +13,10 @@ from chexnet_jax import predict
 from chexnet_jax.run import run_dir
 from configs import cpu_smoke
 from input_pipeline import build
-from tests import runs
-from tests import test_notebook
+from tests.support import runs
+from tests.system import test_notebook
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_DATA = os.path.join(REPO, 'demo_data')
 SIZE = 64
 

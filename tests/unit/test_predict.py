@@ -13,9 +13,9 @@ from chexnet_jax.report import eval_outputs
 from chexnet_jax import predict
 from input_pipeline import images as images_lib
 from input_pipeline import labels as labels_lib
-from tests import console_lines
+from tests.support import console_lines
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')  # Real NIH images, 256 px grey.
 # A full-size NIH original (1024 px, RGBA).
 RGBA_SAMPLE = os.path.join(REPO, 'tests', 'fixtures', 'nih', 'images', '00001369_000.png')

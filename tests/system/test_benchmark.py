@@ -15,7 +15,7 @@ import pytest
 
 from chexnet_jax import benchmark
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Runs the benchmark module with the GPU machine's missing packages blocked.
 BLOCKED_RUNNER = """

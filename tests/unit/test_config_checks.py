@@ -13,7 +13,7 @@ from chexnet_jax.training import config_checks
 from chexnet_jax.run import run_dir
 from configs import cpu_smoke
 from configs import default
-from tests import runs
+from tests.support import runs
 from tests.conftest import REPO
 
 # A bad value for every field of configs/default.py, chosen here, apart from the

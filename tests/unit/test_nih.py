@@ -16,7 +16,7 @@ from input_pipeline import labels
 from input_pipeline import nih
 from input_pipeline import records
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO_IMAGES = os.path.join(REPO, 'demo_data', 'images')  # 300 real images, 256 px grey.
 FULL = os.path.join(REPO, 'tests', 'fixtures', 'nih')  # NIH's CSVs, full-size originals.
 RGBA_IMAGES = ('00001369_000.png', '00002578_000.png')

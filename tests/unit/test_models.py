@@ -16,7 +16,7 @@ import pytest
 from chexnet_jax.model import densenet
 from chexnet_jax.model import preprocessing
 from chexnet_jax.model import weights
-from tests.keras_helpers import keras_model_to_state_dict, randomize_keras_weights
+from tests.support.keras_helpers import keras_model_to_state_dict, randomize_keras_weights
 
 PARITY_SIZE = 64
 PARITY_RTOL = 1e-4

@@ -21,7 +21,7 @@ import pytest
 
 pytestmark = pytest.mark.slurm
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 CLUSTER = REPO / 'slurm' / 'local_cluster.sh'
 CPU_SCRIPT = 'slurm/train_cpu_local.sbatch'
 TWO_BY_TWO = ('--nodes=2', '--ntasks-per-node=2')  # 4 processes on 2 nodes.

@@ -23,8 +23,8 @@ from chexnet_jax.training import train_state
 from configs import cpu_smoke
 from input_pipeline import labels as labels_lib
 from tests.conftest import REPO
-from tests import runs
-from tests import test_own_data
+from tests.support import runs
+from tests.unit import test_own_data
 
 
 def _config(init_from, **overrides):

@@ -1,5 +1,5 @@
 """What a person reads while a run trains: phase lines, step lines with elapsed
-time and ETA, no library noise (tests/console_lines.py), configs/cpu.py and the
+time and ETA, no library noise (tests/support/console_lines.py), configs/cpu.py and the
 small-crop warning."""
 
 import ast
@@ -19,7 +19,7 @@ from chexnet_jax.training import train
 from configs import cpu
 from configs import cpu_smoke
 from configs import default
-from tests import console_lines
+from tests.support import console_lines
 from tests.conftest import REPO
 from tests.conftest import TINY_RUN_CONSOLE
 

@@ -17,7 +17,7 @@ import pytest
 
 from chexnet_jax.model import torch_pickle
 from chexnet_jax.model import weights
-from tests import legacy_pth
+from tests.support import legacy_pth
 
 
 def _leave_marker(path):

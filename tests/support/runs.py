@@ -9,16 +9,18 @@ import socket
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMOKE_CONFIG = 'configs/cpu_smoke.py'
+MAIN = 'chexnet_jax.main'
 
 
-def trainer_command(workdir, *overrides, config=SMOKE_CONFIG, program=None):
+def trainer_command(workdir, *overrides, config=SMOKE_CONFIG, program=None, module=MAIN):
   """The trainer's command line; overrides are 'field=value' or whole flags.
-  `program`: Python source run with -c instead of chexnet_jax.main (a test's
-  driver that wraps main to inject a fault)."""
+  `module`: run with -m instead of chexnet_jax.main (a driver that wraps main
+  to inject faults, tests/support/fault_driver.py); `program`: Python source
+  run with -c instead."""
   flags = [o if o.startswith('-') else f'--config.{o}' for o in overrides]
-  head = ['-c', program] if program else ['-m', 'chexnet_jax.main']
+  head = ['-c', program] if program else ['-m', module]
   return [sys.executable, *head, '--config', config, '--workdir', str(workdir), *flags]
 
 

@@ -14,7 +14,7 @@ from chexnet_jax.evaluation import metrics
 from chexnet_jax import score
 from input_pipeline import labels as labels_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, 'demo_data')
 DATA_ENTRY = os.path.join(DEMO, 'Data_Entry_2017_v2020.csv.gz')
 TEST_LIST = os.path.join(DEMO, 'test_list.txt')

@@ -14,9 +14,9 @@ import pytest
 from chexnet_jax.runtime import distributed
 from chexnet_jax.training import config_checks
 from configs import default
-from tests import runs
+from tests.support import runs
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # A 4-task, 2-node srun step as Slurm describes it to task 2 (node 1, local 0).
 SRUN_ENV = {
@@ -186,37 +186,10 @@ def test_single_process_is_a_no_op(monkeypatch):
   distributed.initialize(_config(), env={})
 
 
-# Real processes. The worker joins via the explicit coordinator, puts
-# (process_index + 1) on each of its 2 CPU devices, and sums the global array.
-WORKER = r"""
-import os, signal, sys, time
-import numpy as np
-import jax, jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from chexnet_jax.runtime import distributed
-from configs import default
-
-address, count, pid, heartbeat, victim = sys.argv[1:]
-config = default.get_config()
-config.update(coordinator_address=address, num_processes=int(count),
-              process_id=int(pid), heartbeat_timeout_seconds=int(heartbeat))
-distributed.initialize(config)
-mesh = Mesh(np.array(jax.devices()), ('data',))
-distributed.log_topology(mesh)
-
-def global_sum():
-  local = np.full(jax.local_device_count(), jax.process_index() + 1., np.float32)
-  x = jax.make_array_from_process_local_data(NamedSharding(mesh, P('data')), local)
-  return float(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x))
-
-print(f'process {jax.process_index()}/{jax.process_count()} devices '
-      f'{jax.local_device_count()}/{jax.device_count()} sum {global_sum()}', flush=True)
-if int(victim) >= 0:
-  if jax.process_index() == int(victim):
-    os.kill(os.getpid(), signal.SIGKILL)
-  while True:  # Survivors block in the collective until the heartbeat fires.
-    global_sum()
-"""
+# Real processes, each one tests/support/distributed_worker.py: it joins via the
+# explicit coordinator, puts (process_index + 1) on each of its 2 CPU devices,
+# and sums the global array.
+WORKER = 'tests.support.distributed_worker'
 
 
 _free_port = runs.free_port
@@ -234,7 +207,7 @@ def _launch(num_processes, heartbeat=60, victim=-1):
     subprocess.Popen(
       [
         sys.executable,
-        '-c',
+        '-m',
         WORKER,
         address,
         str(num_processes),

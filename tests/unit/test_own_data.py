@@ -26,9 +26,9 @@ from input_pipeline import csv_dataset
 from input_pipeline import dicom
 from input_pipeline import images
 from input_pipeline import pipeline
-from tests import runs
+from tests.support import runs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, 'demo_data')
 LABELS3 = ('Effusion', 'Infiltration', 'Atelectasis')
 
@@ -528,7 +528,7 @@ def _evaluation_from_files(workdir):
 def test_report_of_the_three_label_run_has_its_labels_and_loads_in_chromium(own3_run):
   from chexnet_jax.report import page as report_page
   from input_pipeline import labels as labels_lib
-  from tests.browser import chromium
+  from tests.support import chromium
 
   why = chromium.missing()
   if why:
