@@ -224,7 +224,7 @@ def test_concurrent_processes_download_once(served, tmp_path):
   server, name, _ = served
   cache = tmp_path / 'cache'
   code = (
-    'import sys; from chexnet_jax import imagenet_weights as w; '
+    'import sys; from chexnet_jax.model import imagenet_weights as w; '
     'print(w.fetch(sys.argv[1], sys.argv[2]))'
   )
   procs = [
