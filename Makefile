@@ -42,7 +42,7 @@ $(VENV)/.test-installed: $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium /usr/bin/chromedriver
 
 $(CHROMIUM):
-	sh tests/browser/install_chromium.sh
+	sh tests/support/install_chromium.sh
 
 # The style gate (pyproject.toml [tool.ruff]) runs first: it takes seconds.
 lint: $(VENV)/.test-installed

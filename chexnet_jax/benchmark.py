@@ -159,11 +159,11 @@ def step_flops(lowered):
 # ---------------------------------------------------------------- the run --
 
 
-def build_step(config, mesh):
+def build_step(config, mesh, label_names):
   """(state, compiled step fn) for `config`, via the trainer's own functions."""
   model = train_state.build_model(config, for_training=True)
   tx, schedule = train_state.create_optimizer(config, steps_per_epoch=1, total_steps=1_000_000)
-  state = train_state.create_train_state(config, model, mesh, tx)
+  state = train_state.create_train_state(config, model, mesh, tx, label_names)
   step = train_step.make_train_step(config, model, mesh, tx, schedule)
   return state, step
 
@@ -305,11 +305,12 @@ def profile_summary(profile_dir, steps):
 
 def run_benchmark(config, *, steps=20, warmup=3, data='random', profile_dir=''):
   """Benchmarks the train step; returns a dict of plain numbers and strings."""
-  config = run_dir.with_label_count(config, _label_set(config, data))
+  label_names = _label_set(config, data)
+  config = run_dir.with_label_count(config, label_names)
   mesh = sharding.make_mesh()
   batches = host_batches(config, data, process_batch(config))
   to_global = functools.partial(sharding.to_global, mesh=mesh)
-  state, step = build_step(config, mesh)
+  state, step = build_step(config, mesh, label_names)
   t = time.perf_counter()
   lowered = step.lower(state, to_global(next(batches)))
   compiled = lowered.compile()

@@ -1,7 +1,7 @@
 """Synthetic data, tiny model, 2 CPU cores, well under 2 minutes.
 
 The tiny model learns the synthetic labels to a validation mean AUROC above
-0.9 by the end (tests/test_main.py holds it to that).
+0.9 by the end (tests/system/test_main.py holds it to that).
 """
 
 from configs import default

@@ -26,11 +26,11 @@ if REPO not in sys.path:
 
 import pytest  # noqa: E402
 
-from tests import runs  # noqa: E402
+from tests.support import runs  # noqa: E402
 
 TINY_RUN_STEPS = 48
 # Beside (not in) the tiny run's workdir: the console of its training, which
-# tests/test_console.py reads for library noise.
+# tests/unit/test_console.py reads for library noise.
 TINY_RUN_CONSOLE = 'train.stderr'
 
 

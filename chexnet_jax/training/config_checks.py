@@ -162,7 +162,7 @@ _POSITIVE = 'a positive number'
 
 # Every field of configs/default.py, and what its value must be. check_fields()
 # refuses a config with a field missing from here (a typo in a config file
-# adds one), and tests/test_config_checks.py gives each field a bad value.
+# adds one), and tests/unit/test_config_checks.py gives each field a bad value.
 FIELDS = {
   # Data.
   'dataset': _text(

@@ -89,8 +89,9 @@ def init_variables(config, model, rng):
   return model.init(rng, dummy, train=False)
 
 
-def create_train_state(config, model, mesh, tx, label_names=()):
-  """Initialises the replicated state directly on the mesh (no host copy)."""
+def create_train_state(config, model, mesh, tx, label_names):
+  """Initialises the replicated state directly on the mesh (no host copy);
+  `label_names` (the run's) map a pretrained head's rows by name."""
 
   def state_from(variables):
     return TrainState(
@@ -126,6 +127,6 @@ def abstract_train_state(config, model, mesh, tx):
   """Shapes and shardings of the train state, without computing it."""
   no_init = config.copy_and_resolve_references()
   no_init.init_from = ''  # Restoring overwrites the weights anyway.
-  shapes = jax.eval_shape(lambda: create_train_state(no_init, model, mesh, tx))
+  shapes = jax.eval_shape(lambda: create_train_state(no_init, model, mesh, tx, ()))
   on_mesh = sharding.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_mesh), shapes)

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from input_pipeline import labels as labels_lib
 from chexnet_jax.runtime import sharding
 from chexnet_jax.training import train_state
 from chexnet_jax.training import train_step
@@ -34,6 +35,7 @@ def _config(dtype='float32', **overrides):
   config.lr_base_batch_size = BATCH
   config.dtype = dtype
   config.init_from = ''
+  config.num_classes = len(labels_lib.LABELS)
   for key, value in overrides.items():
     setattr(config, key, value)
   return config
@@ -62,7 +64,7 @@ class _Trainer:
     tx, schedule = train_state.create_optimizer(config, steps_per_epoch=1, total_steps=100)
     state = initial_state
     if state is None:
-      state = train_state.create_train_state(config, model, _mesh('cpu'), tx)
+      state = train_state.create_train_state(config, model, _mesh('cpu'), tx, labels_lib.LABELS)
     self.state = jax.device_put(jax.device_get(state), sharding.replicated(self.mesh))
     self.step_fn = train_step.make_train_step(config, model, self.mesh, tx, schedule)
 

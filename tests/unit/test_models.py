@@ -1,0 +1,204 @@
+"""DenseNet: parameter counts, the tiny variant, and parity with Keras applications.
+
+The full DenseNet121 is built once per module (Keras) and compiled once (ours,
+eval and train mode in one jit), at 64 px, to keep the file under a minute.
+"""
+
+import os
+
+os.environ.setdefault('KERAS_BACKEND', 'jax')
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from chexnet_jax.model import densenet
+from chexnet_jax.model import preprocessing
+from chexnet_jax.model import weights
+from tests.support.keras_helpers import keras_model_to_state_dict, randomize_keras_weights
+
+PARITY_SIZE = 64
+PARITY_RTOL = 1e-4
+
+
+def param_count(name, num_classes):
+  model = densenet.create_model(name, num_classes=num_classes)
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False)
+  )
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params']))
+
+
+@pytest.mark.parametrize(
+  'name, num_classes, expected',
+  [
+    ('densenet121', 14, 6_968_206),
+    ('densenet121', 1000, 7_978_856),  # torchvision's published counts.
+    ('densenet169', 1000, 14_149_480),
+    ('densenet201', 1000, 20_013_928),
+  ],
+)
+def test_param_counts(name, num_classes, expected):
+  assert param_count(name, num_classes) == expected
+
+
+def test_unknown_model_names_the_choices():
+  with pytest.raises(ValueError, match='densenet121'):
+    densenet.create_model('resnet50')
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  model = densenet.create_model('tiny')
+  x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  return model, variables, x
+
+
+def test_tiny_shapes_and_cam_features(tiny):
+  model, variables, x = tiny
+  logits, features = model.apply(variables, x, train=False, return_features=True)
+  assert logits.shape == (4, 14) and logits.dtype == jnp.float32
+  blocks, growth, init = densenet.ARCHITECTURES['tiny']
+  channels = (init + blocks[0] * growth) // 2 + blocks[1] * growth
+  assert features.shape == (4, 4, 4, channels)  # Two blocks: 32 px / 8.
+  head = variables['params']['classifier']
+  cam = features @ head['kernel']  # The class activation maps.
+  np.testing.assert_allclose(cam.mean(axis=(1, 2)) + head['bias'], logits, rtol=1e-5, atol=1e-5)
+
+
+def test_train_mode_updates_batch_stats_only(tiny):
+  model, variables, x = tiny
+  _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  old = variables['batch_stats']['norm0']['mean']
+  assert not np.allclose(updates['batch_stats']['norm0']['mean'], old)
+  assert set(updates) == {'batch_stats'}
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+def test_low_precision_computes_low_keeps_float32_params_and_logits(tiny, dtype):
+  _, _, x = tiny
+  model = densenet.create_model('tiny', dtype=dtype)
+  # Its own parameters and BN statistics are created float32.
+  variables = model.init(jax.random.key(0), x, train=False)
+  dtypes = {a.dtype for a in jax.tree.leaves(variables)}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  # Convolutions and BN compute in `dtype`; features and logits come out float32.
+  (logits, features), state = model.apply(
+    variables, x, train=False, return_features=True, capture_intermediates=True
+  )
+  outputs = state['intermediates']
+  assert outputs['conv0']['__call__'][0].dtype == dtype
+  assert outputs['norm5']['__call__'][0].dtype == dtype
+  assert logits.dtype == features.dtype == jnp.float32
+  # Same weights as the float32 model: close, but not equal (it did compute in low precision).
+  reference = densenet.create_model('tiny').apply(variables, x, train=False)
+  assert not np.array_equal(logits, reference)
+  np.testing.assert_allclose(logits, reference, rtol=0.1, atol=0.1)
+  # A training step's BN statistics stay float32.
+  _, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert {a.dtype for a in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
+
+
+def test_bn_axis_name_gives_global_batch_statistics(tiny):
+  """Per-example shards with a BN axis must act like one batch."""
+  model, variables, x = tiny
+  synced = densenet.create_model('tiny', bn_axis_name='data')
+
+  def shard_logits(xs):
+    return synced.apply(variables, xs, train=True, mutable=['batch_stats'])[0]
+
+  per_shard = jax.vmap(shard_logits, axis_name='data')(x[:, None])
+  whole, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  np.testing.assert_allclose(per_shard[:, 0], whole, rtol=1e-4, atol=1e-5)
+
+
+def test_normalize():
+  images = np.array([0, 255, 128], np.uint8).reshape(3, 1, 1, 1)
+  out = preprocessing.normalize(jnp.asarray(images), jnp.bfloat16)
+  assert out.shape == (3, 1, 1, 3) and out.dtype == jnp.bfloat16
+  mean = np.array(preprocessing.IMAGENET_MEAN)
+  std = np.array(preprocessing.IMAGENET_STD)
+  expected = (images / 255.0 - mean) / std
+  np.testing.assert_allclose(np.float32(out), expected, rtol=1e-2)
+  with pytest.raises(ValueError, match=r'\[B, H, W, 1\]'):
+    preprocessing.normalize(jnp.zeros((2, 8, 8, 3), jnp.uint8))
+
+
+# ----------------------------------------------------------------------------
+# Parity with keras.applications.DenseNet121 (JAX backend).
+
+
+@pytest.fixture(scope='module')
+def keras_densenet121():
+  """(Keras model, input, eval logits, train-mode logits), weights randomised."""
+  import keras  # pylint: disable=g-import-not-at-top
+
+  assert keras.backend.backend() == 'jax'
+  model = keras.applications.DenseNet121(
+    weights=None, classes=14, classifier_activation=None, input_shape=(PARITY_SIZE, PARITY_SIZE, 3)
+  )
+  randomize_keras_weights(model, seed=0)
+  x = np.random.default_rng(1).normal(size=(4, PARITY_SIZE, PARITY_SIZE, 3))
+  x = x.astype(np.float32)
+  eval_logits, train_logits = keras_logits_both_modes(model, x)
+  return keras_model_to_state_dict(model), x, eval_logits, train_logits
+
+
+def keras_logits_both_modes(model, x):
+  """(eval, train-mode) logits from one jit: half the CPU time of eager calls."""
+
+  @jax.jit
+  def both_modes(trainable, non_trainable, x):
+    outputs = [
+      model.stateless_call(trainable, non_trainable, x, training=mode)[0] for mode in (False, True)
+    ]
+    return outputs
+
+  def values(variables):
+    return [v.value for v in variables]
+
+  outputs = both_modes(values(model.trainable_variables), values(model.non_trainable_variables), x)
+  return [np.asarray(o) for o in outputs]
+
+
+def relative_error(actual, expected):
+  return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+@pytest.mark.slow
+def test_keras_densenet121_converts_to_torchvision_keys(keras_densenet121):
+  state_dict = keras_densenet121[0]
+  # torchvision's densenet121 state dict: 727 keys, 121 of them num_batches_tracked.
+  assert len(state_dict) == 727 - 121
+  expected = {
+    'features.denseblock4.denselayer16.conv2.weight': (32, 128, 3, 3),
+    'features.transition3.conv.weight': (512, 1024, 1, 1),
+    'features.norm5.running_var': (1024,),
+    'classifier.weight': (14, 1024),
+  }
+  assert {k: state_dict[k].shape for k in expected} == expected
+
+
+@pytest.mark.slow
+def test_densenet121_matches_keras(keras_densenet121):
+  state_dict, x, keras_eval, keras_train = keras_densenet121
+  model = densenet.create_model('densenet121').clone(bn_epsilon=densenet.KERAS_BN_EPSILON)
+  # Shapes suffice: every variable, head included, comes from Keras.
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1], train=False))
+  variables = weights.state_dict_to_variables(state_dict, shapes)
+
+  @jax.jit
+  def both_modes(variables, x):
+    train, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    return model.apply(variables, x, train=False), train
+
+  ours_eval, ours_train = both_modes(variables, x)
+  assert np.std(keras_eval) > 1e-2  # Random weights still give distinct logits.
+  errors = (
+    relative_error(np.asarray(ours_eval), keras_eval),
+    relative_error(np.asarray(ours_train), keras_train),
+  )
+  print(f'relative error vs Keras: eval {errors[0]:.2e}, train {errors[1]:.2e}')
+  assert max(errors) < PARITY_RTOL
