@@ -160,7 +160,7 @@ def check_or_write_identity(workdir, identity, allowed=()):
         'num_classes at -1 (the dataset decides).'
       )
     if jax.process_index() == 0:
-      files.write_json_atomically(path, identity)
+      files.write_json_atomically(path, identity, sort_keys=True)
     return
   with open(path) as f:
     saved = json.load(f)
@@ -268,7 +268,9 @@ def record_start(workdir, config, split_file):
   if jax.process_index() != 0:
     return
   if not has_checkpoint(workdir):
-    files.write_json_atomically(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+    files.write_json_atomically(
+      os.path.join(workdir, CONFIG_FILE), config.to_dict(), sort_keys=True
+    )
     with contextlib.suppress(FileNotFoundError):  # A start afresh: no history.
       os.remove(os.path.join(workdir, HISTORY_FILE))
   target = os.path.join(workdir, SPLIT_FILE)

@@ -35,9 +35,9 @@ def write_atomically(path, data, *, durable=False):
     raise
 
 
-def write_json_atomically(path, obj, **kwargs):
-  """A JSON file (indented, keys sorted: diffs stay readable), written whole."""
-  write_atomically(path, json.dumps(obj, indent=2, sort_keys=True), **kwargs)
+def write_json_atomically(path, obj, *, sort_keys=False, durable=False):
+  """An indented JSON file, written whole; keys in the order given unless sort_keys."""
+  write_atomically(path, json.dumps(obj, indent=2, sort_keys=sort_keys), durable=durable)
 
 
 def _umask():
