@@ -55,6 +55,7 @@ from chexnet_jax.evaluation import localization as localization_lib
 from chexnet_jax.report import page as report_lib
 from chexnet_jax.run import run_dir
 from chexnet_jax.evaluation import scoring
+from input_pipeline import sources
 
 
 def parse_args(argv):
@@ -104,6 +105,10 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     config = _start_processes(args)
+    # Another dataset's validation/test split may hold this run's training images.
+    run_dir.check_dataset(
+      args.workdir, sources.get_dataset_info(config), sources.split_file(config)
+    )
     scoring.announce(f'loading the weights of {args.workdir} (checkpoint {args.checkpoint})')
     run = run_reader.load_run(args.workdir, args.checkpoint, config=config)
     evaluation = scoring.evaluate(

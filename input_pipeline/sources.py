@@ -60,11 +60,51 @@ def _visible(directory: str) -> list[str]:
   )
 
 
+class _Damaged(Exception):
+  """A built dataset whose files contradict each other (why: the message)."""
+
+
+def _shard_lengths(builder, dataset_dir: str) -> str | None:
+  """What differs between dataset_info.json's record counts and the records the
+  ArrayRecord shards hold (each shard's footer: cheap), or None."""
+  from array_record.python import array_record_module
+
+  for name, split in builder.info.splits.items():
+    pattern = os.path.join(dataset_dir, f'*-{name}.array_record-*')
+    held = []
+    for path in sorted(glob.glob(pattern)):
+      reader = array_record_module.ArrayRecordReader(path)
+      held.append(reader.num_records())
+      reader.close()
+    if held != [int(n) for n in split.shard_lengths]:
+      return (
+        f'dataset_info.json says the {name} split has {split.num_examples} records, '
+        f'its shards hold {sum(held)}'
+      )
+  return None
+
+
 @functools.lru_cache(maxsize=8)
 def _builder(dataset_dir: str):
+  """The dataset's tfds builder, once its dataset_info.json is read and its record
+  counts are those of its shards (an edited or torn file is refused before use)."""
   import tensorflow_datasets as tfds  # Heavy; synthetic runs never need it.
 
-  return tfds.builder_from_directory(dataset_dir)
+  try:
+    builder = tfds.builder_from_directory(dataset_dir)
+  except Exception as error:  # pylint: disable=broad-except
+    # protobuf's ParseError, JSONDecodeError, ...: a torn or edited file.
+    raise _Damaged(
+      f'its dataset_info.json cannot be read ({type(error).__name__}: '
+      f'{str(error).splitlines()[0][:120] if str(error) else "empty"})'
+    ) from None
+  try:
+    mismatch = _shard_lengths(builder, dataset_dir)
+  except RuntimeError as error:  # A shard without a readable footer.
+    mismatch = f'a shard cannot be opened ({str(error).splitlines()[0][:120]})'
+  if mismatch:
+    raise _Damaged(mismatch)
+  return builder
 
 
 def upgraded_metadata(info) -> dict:
@@ -128,19 +168,29 @@ class Source:
       'or set --config.dataset / --config.dataset_image_size to a built one (chestxray14 for NIH).'
     )
 
-  def missing_error(self) -> DatasetError:
+  def build_command(self) -> str:
     c = self.config
+    return (
+      f'python -m input_pipeline.build {self.rebuild_hint()} --data_dir {c.data_dir} '
+      f'--image_size {c.dataset_image_size}'
+    )
+
+  def missing_error(self) -> DatasetError:
     return DatasetError(
-      f'No complete {self.described()}. Build it with: python -m input_pipeline.build '
-      f'{self.rebuild_hint()} --data_dir {c.data_dir} --image_size {c.dataset_image_size}, '
-      f'{self.other_fix()}'
+      f'No complete {self.described()}. Build it with: {self.build_command()}, {self.other_fix()}'
     )
 
   def builder(self):
     # dataset_info.json is written last, on the rename: present <=> complete.
     if not os.path.isfile(os.path.join(self.directory(), 'dataset_info.json')):
       raise self.missing_error()
-    return _builder(self.directory())
+    try:
+      return _builder(self.directory())
+    except _Damaged as why:
+      raise DatasetError(
+        f'{self.directory()} is damaged: {why}; delete that directory and rebuild it: '
+        f'{self.build_command()}'
+      ) from None
 
   def metadata(self) -> dict:
     return upgraded_metadata(self.builder().info)
