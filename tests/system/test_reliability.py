@@ -773,6 +773,65 @@ def test_killed_grain_worker_is_one_sentence_naming_dev_shm(tmp_path):
   assert _tracebacks(log) == 0, _tail(log)
 
 
+def _descendants(pid):
+  """{pid: cmdline} of every process below `pid` (workers, multiprocessing's
+  resource tracker, the stderr guard), from /proc."""
+  found, todo = {}, [pid]
+  while todo:
+    parent = todo.pop()
+    for path in glob.glob(f'/proc/{parent}/task/*/children'):
+      with open(path) as f:
+        for child in map(int, f.read().split()):
+          if child not in found:
+            found[child] = _cmdline(child)
+            todo.append(child)
+  return found
+
+
+def _cmdline(pid):
+  try:
+    with open(f'/proc/{pid}/cmdline', 'rb') as f:
+      return f.read()
+  except OSError:
+    return None
+
+
+def _shared_memory_of(pids):
+  """The /dev/shm files the processes map or hold open."""
+  names = set()
+  for pid in pids:
+    for path in (f'/proc/{pid}/maps', *glob.glob(f'/proc/{pid}/fd/*')):
+      try:
+        text = open(path).read() if path.endswith('maps') else os.readlink(path)
+      except OSError:
+        continue
+      names.update(re.findall(r'/dev/shm/(\S+)', text))
+  return names
+
+
+@pytest.mark.slow
+def test_kill_9_with_grain_workers_leaves_no_process_or_shared_memory(tmp_path):
+  """The out-of-memory killer's way: SIGKILL to the trainer alone. Its workers,
+  their resource tracker and the stderr guard end with it, and the tracker frees
+  the workers' shared memory."""
+  workdir = tmp_path / 'run'
+  process = _start(workdir, *RUN_ARGS, '--config.grain_workers=2')
+  deadline = time.monotonic() + TIMEOUT
+  while _recorded_steps(workdir) < 3 or len(_grain_workers(process.pid)) < 2:
+    assert process.poll() is None and time.monotonic() < deadline, 'the run ended'
+    time.sleep(0.1)
+  below = _descendants(process.pid)
+  segments = _shared_memory_of([process.pid, *below])
+  assert len(below) >= 4 and segments, (below, segments)  # 2 workers, tracker, guard.
+  process.kill()
+  _finish(process)
+  time.sleep(30)
+  alive = {pid: cmd for pid, cmd in below.items() if _cmdline(pid) == cmd}
+  assert not alive, alive
+  left = sorted(name for name in segments if os.path.exists(os.path.join('/dev/shm', name)))
+  assert not left, left
+
+
 @pytest.mark.slow
 def test_ctrl_c_in_a_terminal_with_grain_workers_saves_and_exits_130(reference, tmp_path):
   """A terminal's Ctrl-C reaches the whole process group, workers included:
