@@ -78,10 +78,15 @@ def parse_args(argv):
     help='test-time augmentation: none, flip, or tencrop',
   )
   parser.add_argument(
-    '--bootstrap', type=int, default=1000, help='patient-level bootstrap resamples for the 95%% CIs'
+    '--bootstrap',
+    type=command_line.whole_number(1),
+    default=1000,
+    help='patient-level bootstrap resamples for the 95%% CIs',
   )
   parser.add_argument('--seed', type=int, default=0, help='bootstrap seed')
-  parser.add_argument('--gallery', type=int, default=8, help='heatmaps in the gallery')
+  parser.add_argument(
+    '--gallery', type=command_line.whole_number(0), default=8, help='heatmaps in the gallery'
+  )
   parser.add_argument(
     '--coordinator_address', default='', help='host:port of process 0 (multi-process without Slurm)'
   )

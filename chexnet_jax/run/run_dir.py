@@ -58,6 +58,10 @@ class RunMismatchError(errors.UserValueError):
   """The workdir holds a run of another model or dataset."""
 
 
+class DamagedRunError(errors.UserValueError):
+  """A file of the run (config.json, run.json) is torn or edited."""
+
+
 class WorkdirError(errors.UserValueError):
   """The workdir cannot be written: not a directory, read-only or full."""
 
@@ -117,8 +121,7 @@ def label_names(workdir):
   identity = read_identity(workdir)
   if identity.get('labels'):
     return tuple(identity['labels'])
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    names = json.load(f).get('label_names', '')
+  names = read_json(os.path.join(workdir, CONFIG_FILE)).get('label_names', '')
   return tuple(names.split(',')) if names else labels_lib.LABELS
 
 
@@ -127,8 +130,25 @@ def read_identity(workdir):
   path = os.path.join(workdir, IDENTITY_FILE)
   if not os.path.exists(path):
     return {}
+  return read_json(path)
+
+
+def read_json(path):
+  """A run file's JSON object; one sentence if it is torn or not an object (the
+  run writes them whole, so something else cut or edited it)."""
   with open(path) as f:
-    return json.load(f)
+    text = f.read()
+  try:
+    value = json.loads(text)
+  except ValueError as error:
+    value = error
+  if not isinstance(value, dict):
+    why = value if isinstance(value, ValueError) else 'not a JSON object'
+    raise DamagedRunError(
+      f'{path} is damaged ({why}); the run writes it whole, so something else cut or '
+      'edited it: put back a copy of it, or start the run afresh in a new --workdir.'
+    )
+  return value
 
 
 # Identity fields newer than some runs, with the value those runs had.
@@ -233,8 +253,7 @@ def _effective_config(workdir):
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    config = json.load(f)
+  config = read_json(path)
   for entry in read_history(workdir):
     for field, (_, new) in entry['changes'].items():
       config[field] = new
