@@ -52,11 +52,19 @@ def for_config(config) -> 'Source':
   return _REGISTRY.get(config.dataset, Source)(config)
 
 
-def _visible(directory: str) -> list[str]:
-  return (
-    sorted(d for d in os.listdir(directory) if not d.startswith('.'))
-    if os.path.isdir(directory)
-    else []
+def _complete(directory: str) -> list[str]:
+  """The folders in `directory` that hold a complete built dataset somewhere below
+  (its dataset_info.json, written last); an interrupted build's are not listed."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(
+    d
+    for d in os.listdir(directory)
+    if not d.startswith('.')
+    and any(
+      'incomplete.' not in path
+      for path in glob.glob(os.path.join(directory, d, '**', 'dataset_info.json'), recursive=True)
+    )
   )
 
 
@@ -159,8 +167,8 @@ class Source:
     c = self.config
     return (
       f'dataset {c.dataset!r} at {c.dataset_image_size}px in data_dir {c.data_dir!r} '
-      f'(sizes built: {_visible(os.path.join(c.data_dir, c.dataset)) or "none"}; '
-      f'datasets there: {_visible(c.data_dir) or "none"})'
+      f'(sizes built: {_complete(os.path.join(c.data_dir, c.dataset)) or "none"}; '
+      f'datasets there: {_complete(c.data_dir) or "none"})'
     )
 
   def other_fix(self) -> str:
@@ -248,7 +256,7 @@ class Chestxray14Source(Source):
     return (
       f'chestxray14 dataset at {c.dataset_image_size}px (val_fraction {c.val_fraction}, '
       f'split_seed {c.split_seed}) in data_dir {c.data_dir!r} (built there: '
-      f'{_visible(os.path.join(c.data_dir, chestxray14.NAME)) or "none"})'
+      f'{_complete(os.path.join(c.data_dir, chestxray14.NAME)) or "none"})'
     )
 
   def other_fix(self) -> str:
