@@ -120,12 +120,27 @@ def main(argv=None):
       run, args.split, args.tta, args.bootstrap, args.seed, progress=True
     )
     if evaluation is not None:  # Process 0.
-      _write(args, run, evaluation)
+      _write_or_say_why(args, run, evaluation)
   except errors.UserError as error:
     return command_line.fail(error)
   # The others wait here, not in JAX's shutdown barrier, whose timeout is short.
   multihost_utils.sync_global_devices('chexnet_jax.evaluate: written')
   return 0
+
+
+def _write_or_say_why(args, run, evaluation):
+  """_write; a full disk (or an unwritable workdir) in one sentence: the split's
+  folder is written whole or not at all, so nothing of this evaluation is left."""
+  try:
+    _write(args, run, evaluation)
+  except OSError as error:
+    out_dir = eval_outputs.output_dir(args.workdir, args.split, args.tta)
+    raise errors.UserRuntimeError(
+      f'the report could not be written into {out_dir} '
+      f'({error.strerror or error}{": " + error.filename if error.filename else ""}); '
+      'the previous report, if any, is kept: free space (or make it writable) and '
+      'evaluate again.'
+    ) from None
 
 
 def _write(args, run, evaluation):

@@ -207,17 +207,23 @@ class StepWatchdog:
         os._exit(self.STEP_TIMEOUT_EXIT_CODE)  # The main thread is blocked.
 
 
-def check_finite(step, loss, manager):
-  """Stops the run on a NaN/inf loss, keeping the last good checkpoint."""
+def check_finite(step, loss, manager, dtype='float32'):
+  """Stops the run on a NaN/inf loss, keeping the last good checkpoint; the
+  sentence offers only the fixes that apply (float32 to a run in another dtype,
+  resuming to a run with a checkpoint)."""
   loss = float(loss)
   if math.isfinite(loss):
     return
   checkpoints.wait_until_finished(manager)  # Checksummed too.
-  raise NonFiniteLossError(
-    f'Training loss is {loss} at step {step}; the run stopped. The last '
-    f'good checkpoint is step {manager.latest_step()} in {manager.directory}.'
-    ' Lower config.learning_rate, or use float32, and run again to resume.'
+  fixes = 'Lower config.learning_rate' + (', or use float32' if dtype != 'float32' else '')
+  last = manager.latest_step()
+  kept = (
+    f'The last good checkpoint is step {last} in {manager.directory}. {fixes}, and run '
+    'again to resume.'
+    if last is not None
+    else f'No checkpoint was saved yet. {fixes}, and run again: it starts afresh.'
   )
+  raise NonFiniteLossError(f'Training loss is {loss} at step {step}; the run stopped. {kept}')
 
 
 def train_and_evaluate(config, workdir):
@@ -395,18 +401,18 @@ class _Trainer:
           self.state, metrics = self.train_step(self.state, sharding.to_global(batch, self.mesh))
         step += 1
         if previous:
-          check_finite(*previous, self.manager)
+          check_finite(*previous, self.manager, config.dtype)
         watchdog.beat(step)
         previous = (step, metrics['train_loss'])
         if step % config.log_every_steps == 0 or step == self.total_steps:
           self._log(writer, step, metrics, timer)
         if step % eval_every == 0 or step == self.total_steps:
-          check_finite(*previous, self.manager)
+          check_finite(*previous, self.manager, config.dtype)
           with watchdog.paused():
             self._evaluate_and_save(writer, step)
           timer.reset()  # Throughput is of training steps only.
         elif step % config.checkpoint_every_steps == 0:
-          check_finite(*previous, self.manager)
+          check_finite(*previous, self.manager, config.dtype)
           with watchdog.paused():
             checkpoints.save(self.manager, self.state, self.data_position(step))
         if preemption.reached(step):
@@ -456,7 +462,7 @@ class _Trainer:
     )
 
   def _save_for_preemption(self, step, previous, exit_code):
-    check_finite(*previous, self.manager)
+    check_finite(*previous, self.manager, self.config.dtype)
     if step not in self.manager.all_steps():
       checkpoints.save(self.manager, self.state, self.data_position(step))
     checkpoints.wait_until_finished(self.manager)
