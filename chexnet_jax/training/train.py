@@ -258,7 +258,7 @@ def train_and_evaluate(config, workdir):
       _close_quietly(trainer, metric_logging.NullWriter())
       return trainer.state
     writer = (
-      metric_logging.MetricWriter(workdir)
+      metric_logging.MetricWriter(workdir, trainer.start_step)
       if jax.process_index() == 0
       else metric_logging.NullWriter()
     )
