@@ -658,6 +658,26 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
   assert 'Traceback' not in log and 'KeyboardInterrupt' not in log, _tail(log)
 
 
+@pytest.mark.parametrize('signum, code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_during_the_first_compile_exits_at_once(tmp_path, signum, code):
+  """The first step (the compile: minutes for a DenseNet on a CPU, in C++, where
+  Python's signal handlers wait) is stuck here; Ctrl-C or SIGTERM then exits at
+  once, as nothing was trained since the start that a save could keep."""
+  workdir = tmp_path / 'run'
+  process = _start(workdir, *RUN_ARGS, env=_env(TEST_HANG_AT_STEP=1))
+  deadline = time.monotonic() + TIMEOUT
+  while _recorded_steps(workdir) < 1:
+    assert process.poll() is None and time.monotonic() < deadline, 'the run ended'
+    time.sleep(0.05)
+  process.send_signal(signum)
+  code_, log = _finish(process)
+  assert code_ == code, _tail(log)
+  line = [x for x in log.splitlines() if 'while the first step compiles' in x]
+  assert line and 'nothing was trained since the start' in line[0], _tail(log)
+  assert 'Traceback' not in log and 'KeyboardInterrupt' not in log, _tail(log)
+  assert not _steps_on_disk(workdir)
+
+
 @pytest.mark.slow
 def test_metadata_bit_flip_is_caught_and_load_run_refuses(reference, tmp_path):
   workdir = tmp_path / 'run'
