@@ -92,3 +92,19 @@ def test_a_truncated_dataset_info_is_refused(tmp_path):
   _edit_info(config, lambda text: text[: len(text) // 2])
   with pytest.raises(sources.DatasetError, match='dataset_info.json cannot be read'):
     sources.get_label_names(config)
+
+
+def test_a_dataset_change_consented_on_resume_is_what_evaluate_checks_against(tmp_path):
+  """--config.allow_changes=dataset: the run goes on from another dataset, and
+  run.json and split.json then record that one (later steps are of it)."""
+  workdir = str(tmp_path / 'run')
+  _run_of(workdir, _built(tmp_path / 'a'))
+  other = _built(tmp_path / 'b', split_seed=7)
+  info, names = sources.get_dataset_info(other), sources.get_label_names(other)
+  identity = run_dir.run_identity(other, names, info)
+  with pytest.raises(run_dir.RunMismatchError, match='allow_changes=dataset'):
+    run_dir.check_or_write_identity(workdir, identity)
+  run_dir.check_or_write_identity(workdir, identity, allowed=('dataset',))
+  run_dir.record_start(workdir, other, sources.split_file(other))
+  assert run_dir.read_identity(workdir)['dataset'] == info
+  run_dir.check_dataset(workdir, info, sources.split_file(other))
