@@ -104,12 +104,16 @@ def test_resuming_with_the_other_optimizer_layout_is_refused_in_one_sentence(tmp
   from chexnet_jax.run import run_dir
 
   workdir = str(tmp_path)
-  older = run_dir.run_identity(_config(), {'name': 'synthetic'})
+  older = run_dir.run_identity(_config(), labels_lib.LABELS, {'name': 'synthetic'})
   del older['optimizer_state']
   with open(tmp_path / run_dir.IDENTITY_FILE, 'w') as f:
     json.dump(older, f)
-  run_dir.check_or_write_identity(workdir, run_dir.run_identity(_config(), {'name': 'synthetic'}))
-  fused = run_dir.run_identity(_config(fused_optimizer=True), {'name': 'synthetic'})
+  run_dir.check_or_write_identity(
+    workdir, run_dir.run_identity(_config(), labels_lib.LABELS, {'name': 'synthetic'})
+  )
+  fused = run_dir.run_identity(
+    _config(fused_optimizer=True), labels_lib.LABELS, {'name': 'synthetic'}
+  )
   with pytest.raises(run_dir.RunMismatchError) as error:
     run_dir.check_or_write_identity(workdir, fused)
   message = str(error.value)
