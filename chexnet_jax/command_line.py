@@ -28,6 +28,22 @@ def _checkpoint_selector(value):
     raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def whole_number(minimum):
+  """An argparse type: an int of at least `minimum`, else one sentence saying so."""
+
+  def parse(value):
+    try:
+      number = int(value)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'{value!r} is not a whole number') from None
+    if number < minimum:
+      raise argparse.ArgumentTypeError(f'{number} is below {minimum}; give {minimum} or more')
+    return number
+
+  parse.__name__ = f'whole number >= {minimum}'
+  return parse
+
+
 def add_run_arguments(parser):
   """--workdir and --checkpoint: which run, and which of its checkpoints."""
   parser.add_argument('--workdir', required=True, help='the training run directory')

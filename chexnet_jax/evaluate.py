@@ -55,6 +55,7 @@ from chexnet_jax.evaluation import localization as localization_lib
 from chexnet_jax.report import page as report_lib
 from chexnet_jax.run import run_dir
 from chexnet_jax.evaluation import scoring
+from input_pipeline import sources
 
 
 def parse_args(argv):
@@ -77,10 +78,15 @@ def parse_args(argv):
     help='test-time augmentation: none, flip, or tencrop',
   )
   parser.add_argument(
-    '--bootstrap', type=int, default=1000, help='patient-level bootstrap resamples for the 95%% CIs'
+    '--bootstrap',
+    type=command_line.whole_number(1),
+    default=1000,
+    help='patient-level bootstrap resamples for the 95%% CIs',
   )
   parser.add_argument('--seed', type=int, default=0, help='bootstrap seed')
-  parser.add_argument('--gallery', type=int, default=8, help='heatmaps in the gallery')
+  parser.add_argument(
+    '--gallery', type=command_line.whole_number(0), default=8, help='heatmaps in the gallery'
+  )
   parser.add_argument(
     '--coordinator_address', default='', help='host:port of process 0 (multi-process without Slurm)'
   )
@@ -104,18 +110,37 @@ def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     config = _start_processes(args)
+    # Another dataset's validation/test split may hold this run's training images.
+    run_dir.check_dataset(
+      args.workdir, sources.get_dataset_info(config), sources.split_file(config)
+    )
     scoring.announce(f'loading the weights of {args.workdir} (checkpoint {args.checkpoint})')
     run = run_reader.load_run(args.workdir, args.checkpoint, config=config)
     evaluation = scoring.evaluate(
       run, args.split, args.tta, args.bootstrap, args.seed, progress=True
     )
     if evaluation is not None:  # Process 0.
-      _write(args, run, evaluation)
+      _write_or_say_why(args, run, evaluation)
   except errors.UserError as error:
     return command_line.fail(error)
   # The others wait here, not in JAX's shutdown barrier, whose timeout is short.
   multihost_utils.sync_global_devices('chexnet_jax.evaluate: written')
   return 0
+
+
+def _write_or_say_why(args, run, evaluation):
+  """_write; a full disk (or an unwritable workdir) in one sentence: the split's
+  folder is written whole or not at all, so nothing of this evaluation is left."""
+  try:
+    _write(args, run, evaluation)
+  except OSError as error:
+    out_dir = eval_outputs.output_dir(args.workdir, args.split, args.tta)
+    raise errors.UserRuntimeError(
+      f'the report could not be written into {out_dir} '
+      f'({error.strerror or error}{": " + error.filename if error.filename else ""}); '
+      'the previous report, if any, is kept: free space (or make it writable) and '
+      'evaluate again.'
+    ) from None
 
 
 def _write(args, run, evaluation):

@@ -62,7 +62,31 @@ def read_checked(path):
     raise ImageLoadError(f'{path}: cannot be read ({e.strerror or e}).') from None
   if why := images_lib.problem(data):
     raise ImageLoadError(f'{path}: not a readable PNG/JPEG/DICOM image: {why}.')
+  if why := shape_problem(*images_lib.dimensions(data)):
+    raise ImageLoadError(f'{path}: {why}.')
   return data
+
+
+# What predict takes for a radiograph: at least MIN_SIDE pixels a side, the long
+# side at most MAX_ASPECT times the short one. Anything else (an icon, a strip)
+# would be stretched to a square and scored without a word.
+MIN_SIDE = 32
+MAX_ASPECT = 3.0
+
+
+def shape_problem(width, height):
+  """Why a width x height image is not scored as a chest X-ray ('' if it is)."""
+  if max(width, height) > MAX_ASPECT * min(width, height):
+    return (
+      f"{width} x {height} pixels is not a radiograph's shape (predict takes a long "
+      f'side of at most {MAX_ASPECT:g} x the short one: crop it to the chest)'
+    )
+  if min(width, height) < MIN_SIDE:
+    return (
+      f'{width} x {height} pixels is too small for a radiograph (predict needs at '
+      f'least {MIN_SIDE} pixels a side)'
+    )
+  return ''
 
 
 def _decode(path, data):
@@ -213,7 +237,9 @@ def parse_args(argv):
   )
   parser.add_argument('images', nargs='+', help='image files')
   command_line.add_run_arguments(parser)
-  parser.add_argument('--top_k', type=int, default=3, help='heatmaps per image')
+  parser.add_argument(
+    '--top_k', type=command_line.whole_number(0), default=3, help='heatmaps per image'
+  )
   parser.add_argument('--output_dir', default=None, help='default: WORKDIR/predict')
   parser.add_argument(
     '--calibrated',
@@ -236,14 +262,15 @@ def main(argv=None):
   if not usable:
     print('error: no input is a readable image; nothing was scored or written.', file=sys.stderr)
     return 1
+  output_dir = args.output_dir or os.path.join(args.workdir, 'predict')
   try:
+    _check_output_dir(output_dir)
     run = run_reader.load_run(args.workdir, args.checkpoint)
     temperature = (
       calibration_lib.read_temperature(args.workdir, run.step) if args.calibrated else 1.0
     )
   except errors.UserError as error:
     return command_line.fail(error)
-  output_dir = args.output_dir or os.path.join(args.workdir, 'predict')
   results, late_failures = _score_all(args, run, temperature, usable, output_dir)
   _report_failures(late_failures)
   failures += late_failures
@@ -257,6 +284,23 @@ def main(argv=None):
   summary_path = _write_summary(output_dir, args, run.step, temperature, results, failures)
   print(f'wrote {summary_path}')
   return 1 if failures else 0
+
+
+def _check_output_dir(output_dir):
+  """Before the model loads: OUT is a folder, or one that can be made."""
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise errors.UserValueError(
+      f'--output_dir {output_dir} is a file, not a folder; name a folder (it is '
+      'created if missing).'
+    )
+  existing = os.path.abspath(output_dir)
+  while not os.path.exists(existing):  # Created at the end: nothing half-written.
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise errors.UserValueError(
+      f'--output_dir {output_dir} cannot be written ({existing} is not a writable '
+      'folder); name a writable folder.'
+    )
 
 
 def _score_all(args, run, temperature, paths, output_dir):

@@ -16,7 +16,9 @@ file and the technical field only, never a patient-identifying tag.
 
 from chexnet_jax import errors
 
+import contextlib
 import io
+import logging
 
 import numpy as np
 import pydicom
@@ -59,12 +61,27 @@ def _decoded(ds) -> np.ndarray:
   if int(ds.get('NumberOfFrames', 1) or 1) != 1:
     raise DicomError(f'{ds.NumberOfFrames} frames; one radiograph per file is expected')
   try:
-    return ds.pixel_array
+    with _pydicom_quiet():
+      return ds.pixel_array
   except Exception as e:
+    reason = ' '.join(str(e).split())  # pydicom's report spans lines: one sentence.
     raise DicomError(
       f'pixel data of transfer syntax {syntax.name} ({syntax}) could not '
-      f'be decoded ({type(e).__name__}: {e})'
+      f'be decoded ({type(e).__name__}: {reason})'
     ) from None
+
+
+@contextlib.contextmanager
+def _pydicom_quiet():
+  """pydicom logs each failed decoder's traceback at ERROR before raising; the
+  exception says it all, in our one sentence."""
+  logger = logging.getLogger('pydicom')
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
 
 
 def _stored_range(ds) -> np.ndarray:

@@ -52,6 +52,16 @@ def problem(data: bytes) -> str:
   return pixel_problem(width, height)
 
 
+def dimensions(data: bytes) -> tuple[int, int]:
+  """(width, height) of checked image bytes (`problem` said ''), without decoding."""
+  if dicom.is_dicom(data):
+    return dicom.size(data)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # Checked already.
+    with Image.open(io.BytesIO(data)) as image:
+      return image.size
+
+
 def to_grey_uint8(image: Image.Image) -> np.ndarray:
   """Any supported PIL mode -> uint8 [H, W]. 16/32-bit images are scaled by their own
   range (min -> 0, max -> 255) rather than clipped, so 12/16-bit X-rays keep contrast."""

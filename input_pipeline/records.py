@@ -13,6 +13,7 @@ atomically (TFDS writes into a temporary directory and renames it when complete)
 """
 
 import dataclasses
+import errno
 import gzip
 import io
 import inspect
@@ -21,7 +22,9 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import tarfile
+import time
 import types
 from typing import Iterator, NamedTuple
 
@@ -586,5 +589,59 @@ def write(
   builder = (builder or builder_class(plan.name))(
     plan=plan, num_workers=num_workers, data_dir=data_dir, file_format='array_record'
   )
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+  target = dataset_dir(data_dir, plan.name, plan.config_name)
+  try:
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+  except (OSError, RuntimeError) as error:  # TFDS removes its temporary folder.
+    if why := _out_of_space(error):
+      raise BuildError(
+        f'{data_dir} ran out of space while the dataset was written ({why}); the '
+        'partial build was removed: free space or choose another --data_dir, then '
+        'build again.'
+      ) from None
+    if isinstance(error, FileExistsError) and os.path.isdir(target):
+      raise BuildError(
+        f'{target} was written by another build of the same dataset while this one '
+        'ran: another build of it finished first and its dataset is kept; run this '
+        'build again to check that it is the one you meant (it says unchanged if so).'
+      ) from None
+    raise
+  _remove_interrupted_builds(os.path.dirname(target))
   return builder, outcome
+
+
+class BuildError(errors.UserRuntimeError):
+  """The build could not finish: out of space, or a concurrent build of the same dataset."""
+
+
+_FULL = ('No space left on device', 'Disk quota exceeded', 'File too large')
+
+
+def _out_of_space(error) -> str:
+  """The words of `error` that say the disk (or quota, or file size limit) is full."""
+  if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    return error.strerror
+  return next((words for words in _FULL if words in str(error)), '')
+
+
+# A build's temporary folder untouched this long is an interrupted build's (a
+# build in progress writes into its own every few seconds).
+_ABANDONED_SECONDS = 600
+
+
+def _remove_interrupted_builds(config_dir: str) -> None:
+  """The incomplete.* folders that builds killed before their end left beside the
+  dataset (TFDS removes its own only when the build raises)."""
+  for name in os.listdir(config_dir):
+    path = os.path.join(config_dir, name)
+    if name.startswith('incomplete.') and os.path.isdir(path) and _untouched_for(path):
+      shutil.rmtree(path, ignore_errors=True)
+      logging.info('Removed %s, left by an interrupted build.', path)
+
+
+def _untouched_for(path: str, seconds: float = _ABANDONED_SECONDS) -> bool:
+  newest = os.stat(path).st_mtime
+  for root, _, names in os.walk(path):
+    for name in names:
+      newest = max(newest, os.stat(os.path.join(root, name)).st_mtime)
+  return time.time() - newest > seconds

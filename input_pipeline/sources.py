@@ -52,19 +52,67 @@ def for_config(config) -> 'Source':
   return _REGISTRY.get(config.dataset, Source)(config)
 
 
-def _visible(directory: str) -> list[str]:
-  return (
-    sorted(d for d in os.listdir(directory) if not d.startswith('.'))
-    if os.path.isdir(directory)
-    else []
+def _complete(directory: str) -> list[str]:
+  """The folders in `directory` that hold a complete built dataset somewhere below
+  (its dataset_info.json, written last); an interrupted build's are not listed."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(
+    d
+    for d in os.listdir(directory)
+    if not d.startswith('.')
+    and any(
+      'incomplete.' not in path
+      for path in glob.glob(os.path.join(directory, d, '**', 'dataset_info.json'), recursive=True)
+    )
   )
+
+
+class _Damaged(Exception):
+  """A built dataset whose files contradict each other (why: the message)."""
+
+
+def _shard_lengths(builder, dataset_dir: str) -> str | None:
+  """What differs between dataset_info.json's record counts and the records the
+  ArrayRecord shards hold (each shard's footer: cheap), or None."""
+  from array_record.python import array_record_module
+
+  for name, split in builder.info.splits.items():
+    pattern = os.path.join(dataset_dir, f'*-{name}.array_record-*')
+    held = []
+    for path in sorted(glob.glob(pattern)):
+      reader = array_record_module.ArrayRecordReader(path)
+      held.append(reader.num_records())
+      reader.close()
+    if held != [int(n) for n in split.shard_lengths]:
+      return (
+        f'dataset_info.json says the {name} split has {split.num_examples} records, '
+        f'its shards hold {sum(held)}'
+      )
+  return None
 
 
 @functools.lru_cache(maxsize=8)
 def _builder(dataset_dir: str):
+  """The dataset's tfds builder, once its dataset_info.json is read and its record
+  counts are those of its shards (an edited or torn file is refused before use)."""
   import tensorflow_datasets as tfds  # Heavy; synthetic runs never need it.
 
-  return tfds.builder_from_directory(dataset_dir)
+  try:
+    builder = tfds.builder_from_directory(dataset_dir)
+  except Exception as error:  # pylint: disable=broad-except
+    # protobuf's ParseError, JSONDecodeError, ...: a torn or edited file.
+    raise _Damaged(
+      f'its dataset_info.json cannot be read ({type(error).__name__}: '
+      f'{str(error).splitlines()[0][:120] if str(error) else "empty"})'
+    ) from None
+  try:
+    mismatch = _shard_lengths(builder, dataset_dir)
+  except RuntimeError as error:  # A shard without a readable footer.
+    mismatch = f'a shard cannot be opened ({str(error).splitlines()[0][:120]})'
+  if mismatch:
+    raise _Damaged(mismatch)
+  return builder
 
 
 def upgraded_metadata(info) -> dict:
@@ -119,8 +167,8 @@ class Source:
     c = self.config
     return (
       f'dataset {c.dataset!r} at {c.dataset_image_size}px in data_dir {c.data_dir!r} '
-      f'(sizes built: {_visible(os.path.join(c.data_dir, c.dataset)) or "none"}; '
-      f'datasets there: {_visible(c.data_dir) or "none"})'
+      f'(sizes built: {_complete(os.path.join(c.data_dir, c.dataset)) or "none"}; '
+      f'datasets there: {_complete(c.data_dir) or "none"})'
     )
 
   def other_fix(self) -> str:
@@ -128,19 +176,29 @@ class Source:
       'or set --config.dataset / --config.dataset_image_size to a built one (chestxray14 for NIH).'
     )
 
-  def missing_error(self) -> DatasetError:
+  def build_command(self) -> str:
     c = self.config
+    return (
+      f'python -m input_pipeline.build {self.rebuild_hint()} --data_dir {c.data_dir} '
+      f'--image_size {c.dataset_image_size}'
+    )
+
+  def missing_error(self) -> DatasetError:
     return DatasetError(
-      f'No complete {self.described()}. Build it with: python -m input_pipeline.build '
-      f'{self.rebuild_hint()} --data_dir {c.data_dir} --image_size {c.dataset_image_size}, '
-      f'{self.other_fix()}'
+      f'No complete {self.described()}. Build it with: {self.build_command()}, {self.other_fix()}'
     )
 
   def builder(self):
     # dataset_info.json is written last, on the rename: present <=> complete.
     if not os.path.isfile(os.path.join(self.directory(), 'dataset_info.json')):
       raise self.missing_error()
-    return _builder(self.directory())
+    try:
+      return _builder(self.directory())
+    except _Damaged as why:
+      raise DatasetError(
+        f'{self.directory()} is damaged: {why}; delete that directory and rebuild it: '
+        f'{self.build_command()}'
+      ) from None
 
   def metadata(self) -> dict:
     return upgraded_metadata(self.builder().info)
@@ -198,7 +256,7 @@ class Chestxray14Source(Source):
     return (
       f'chestxray14 dataset at {c.dataset_image_size}px (val_fraction {c.val_fraction}, '
       f'split_seed {c.split_seed}) in data_dir {c.data_dir!r} (built there: '
-      f'{_visible(os.path.join(c.data_dir, chestxray14.NAME)) or "none"})'
+      f'{_complete(os.path.join(c.data_dir, chestxray14.NAME)) or "none"})'
     )
 
   def other_fix(self) -> str:

@@ -17,6 +17,7 @@ at its end (`OnePass`).
 from chexnet_jax import errors
 
 import gc
+import os
 import re
 import shutil
 import signal
@@ -31,6 +32,8 @@ SHM = '/dev/shm'
 # milliseconds on an idle machine, seconds on a loaded one (a join returns at once
 # when they are done, so the bound costs nothing).
 _SETTLE_SECONDS = 30.0
+# How often a worker checks that the trainer still lives (seconds).
+_PARENT_POLL_SECONDS = 1.0
 _WORKER_DIED = re.compile(r'Worker process was terminated unexpectedly with exit code (-?\d+)')
 _CAUSES = {
   -signal.SIGBUS: 'SIGBUS, what a full /dev/shm does',
@@ -43,9 +46,30 @@ class WorkerError(errors.UserRuntimeError):
   """A grain worker process died."""
 
 
-def _ignore_ctrl_c(worker_index, worker_count):
+def _die_with(parent, poll_seconds):
+  """Kills this process once `parent` is gone (re-parented: another parent pid)."""
+  while os.getppid() == parent:
+    time.sleep(poll_seconds)
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _start_worker(worker_index, worker_count):
+  """In each worker: Ctrl-C is the trainer's to handle, and the worker dies with
+  the trainer, whatever kills it (kill -9, the OOM killer). A SIGKILLed trainer
+  runs no cleanup: without this its workers lived on holding their shared
+  memory, and with them multiprocessing's resource tracker and the stderr guard
+  (both end when the last process holding their pipe does; the tracker then
+  unlinks the shared memory it was told of)."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  # A thread, not prctl(PR_SET_PDEATHSIG): that fires when the parent *thread*
+  # that started the worker ends, which need not be when the trainer does.
+  threading.Thread(
+    target=_die_with,
+    args=(os.getppid(), _PARENT_POLL_SECONDS),
+    name='die-with-trainer',
+    daemon=True,
+  ).start()
 
 
 def prefetch(config, ds):
@@ -55,7 +79,7 @@ def prefetch(config, ds):
   options = grain.MultiprocessingOptions(
     num_workers=config.grain_workers, per_worker_buffer_size=max(1, config.prefetch_buffer)
   )
-  return ds.mp_prefetch(options, worker_init_fn=_ignore_ctrl_c)
+  return ds.mp_prefetch(options, worker_init_fn=_start_worker)
 
 
 def _shm_words():

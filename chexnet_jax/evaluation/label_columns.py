@@ -29,6 +29,12 @@ def cautions(row):
       f'only {positives} positive image{"s" if positives > 1 else ""} (fewer than '
       f'{MIN_POSITIVES}): too few for the AUROC and AUPRC to be a finding'
     )
+  dropped, resamples = row.get('auroc_ci_dropped'), row.get('num_resamples')
+  if dropped and resamples and row.get('auroc') is not None:
+    found.append(
+      f'{dropped} of {resamples} bootstrap resamples had one class of it and were left '
+      'out of its intervals, which rest on the rest'
+    )
   threshold, sensitivity = row.get('threshold'), row.get('sensitivity')
   if threshold is not None and (threshold >= DEGENERATE_THRESHOLD or sensitivity == 0):
     found.append(

@@ -106,16 +106,19 @@ def bootstrap_weights(patients, num_resamples, seed):
 class Interval:
   low: float
   high: float
+  # Resamples left out: those where the metric is undefined (a label with one class).
+  dropped: int = 0
 
 
 def _percentile_interval(samples, confidence):
   samples = np.asarray(samples, dtype=np.float64)
+  dropped = int((~np.isfinite(samples)).sum())
   samples = samples[np.isfinite(samples)]
   if samples.size == 0:
-    return Interval(float('nan'), float('nan'))
+    return Interval(float('nan'), float('nan'), dropped)
   tail = 100 * (1 - confidence) / 2
   low, high = np.percentile(samples, [tail, 100 - tail])
-  return Interval(float(low), float(high))
+  return Interval(float(low), float(high), dropped)
 
 
 class _RankedColumn:
@@ -257,6 +260,10 @@ def classification_report(
       'num_positive': int((np.asarray(labels)[:, k] > 0).sum()),
       'num_known': int(known(labels, k).sum()),
       'num_unknown': int((~known(labels, k)).sum()),
+      # Of num_resamples: left out of the intervals (the label had one class there).
+      'auroc_ci_dropped': ci.dropped,
+      'auprc_ci_dropped': pr_ci.dropped,
+      'num_resamples': num_resamples,
     }
   mean_ci, mean_pr_ci = intervals['auroc']['mean'], intervals['auprc']['mean']
   return {
@@ -272,6 +279,10 @@ def classification_report(
       'seed': seed,
       'unit': 'patient',
       'confidence': 0.95,
+      # Per label with any: resamples left out of its AUROC interval.
+      'dropped': {
+        name: row['auroc_ci_dropped'] for name, row in per_label.items() if row['auroc_ci_dropped']
+      },
     },
   }
 

@@ -5,14 +5,19 @@ denselayer1/norm1, transition1/conv, norm5, classifier) so that weight files map
 onto the parameter tree by name (see weights.py). Layout is NHWC.
 
 Parameters and BatchNorm statistics are float32; `dtype` only sets the compute
-dtype of convolutions and normalisation. Pooling and the head run in float32, so
-logits (and the CAM features) are always float32.
+dtype of convolutions and normalisation. BatchNorm keeps torch's running variance
+(`TorchBatchNorm`: the unbiased batch variance) and flax's one-pass batch variance
+(E[x^2] - E[x]^2; torch computes two-pass: the two differ by float32 rounding).
+Pooling and the head run in float32, so logits (and the CAM features) are always
+float32.
 """
 
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from input_pipeline import labels as labels_lib
@@ -35,6 +40,33 @@ ARCHITECTURES = {
 
 # config.dtype -> compute dtype (parameters stay float32).
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+class TorchBatchNorm(nn.BatchNorm):
+  """nn.BatchNorm whose running variance averages the *unbiased* batch variance
+  (x n/(n-1), n the values each statistic is computed over), as torch's
+  BatchNorm2d does; flax's averages the biased one. The batch is normalised as
+  before (by the biased variance, in both) and the running statistics are read
+  as before, so only what training adds to them changes, and old checkpoints load
+  unchanged. The variance itself is flax's one-pass form (module docstring)."""
+
+  def __call__(self, x, use_running_average=None, *, mask=None):
+    training = not nn.module.merge_param(
+      'use_running_average', self.use_running_average, use_running_average
+    )
+    if not training or self.is_initializing() or mask is not None:
+      return super().__call__(x, use_running_average, mask=mask)
+    old = self.get_variable('batch_stats', 'var')
+    y = super().__call__(x, use_running_average, mask=mask)
+    new = self.get_variable('batch_stats', 'var')
+    feature_axes = {a % x.ndim for a in ((self.axis,) if isinstance(self.axis, int) else self.axis)}
+    n = math.prod(x.shape[a] for a in range(x.ndim) if a not in feature_axes)
+    if self.axis_name is not None:  # Statistics over every device on the axis.
+      n = n * jax.lax.psum(1, self.axis_name)
+    # new = m*old + (1-m)*biased: put the unbiased batch variance in its place.
+    added = new - self.momentum * old
+    self.put_variable('batch_stats', 'var', self.momentum * old + added * (n / max(n - 1, 1)))
+    return y
 
 
 class DenseLayer(nn.Module):
@@ -108,7 +140,7 @@ class DenseNet(nn.Module):
       kernel_init=nn.initializers.he_normal(),
     )
     norm = functools.partial(
-      nn.BatchNorm,
+      TorchBatchNorm,
       use_running_average=not train,
       momentum=BN_MOMENTUM,
       epsilon=self.bn_epsilon,

@@ -165,10 +165,15 @@ def _write_errors(manager):
     if reason is None:
       raise
     steps = checkpoint_files.finished_steps(manager.directory)
+    kept = (
+      f'The last complete checkpoint is step {steps[-1]}; free space (or fix the '
+      'directory), then run again to resume from it.'
+      if steps
+      else 'No checkpoint was complete yet; free space (or fix the directory), then '
+      'run again: it starts afresh.'
+    )
     raise run_dir.WorkdirError(
-      f'Writing a checkpoint to {manager.directory} failed ({reason}). The '
-      f'last complete checkpoint is step {steps[-1] if steps else "none"}; '
-      'free space (or fix the directory), then run again to resume from it.'
+      f'Writing a checkpoint to {manager.directory} failed ({reason}). {kept}'
     ) from error
 
 

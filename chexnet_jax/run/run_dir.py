@@ -8,7 +8,8 @@ Layout of a workdir:
                    step, and each field's old and new value (load_config
                    applies them)
   run.lock         held by the run in progress (workdir_lock.py)
-  run.json         identity: model, labels, image size, dataset (written once)
+  run.json         identity: model, labels, image size, dataset (written once; a
+                   change config.allow_changes consents to is recorded)
   split.json       the dataset's split (image names per split), chestxray14 only
   checkpoints/N/   orbax items 'state' and 'data' (see checkpoints.py)
 """
@@ -16,6 +17,7 @@ Layout of a workdir:
 import contextlib
 import json
 import os
+import pathlib
 import tempfile
 import time
 
@@ -54,6 +56,10 @@ _NOT_COMPARED = ('allow_changes',)
 
 class RunMismatchError(errors.UserValueError):
   """The workdir holds a run of another model or dataset."""
+
+
+class DamagedRunError(errors.UserValueError):
+  """A file of the run (config.json, run.json) is torn or edited."""
 
 
 class WorkdirError(errors.UserValueError):
@@ -115,8 +121,7 @@ def label_names(workdir):
   identity = read_identity(workdir)
   if identity.get('labels'):
     return tuple(identity['labels'])
-  with open(os.path.join(workdir, CONFIG_FILE)) as f:
-    names = json.load(f).get('label_names', '')
+  names = read_json(os.path.join(workdir, CONFIG_FILE)).get('label_names', '')
   return tuple(names.split(',')) if names else labels_lib.LABELS
 
 
@@ -125,8 +130,25 @@ def read_identity(workdir):
   path = os.path.join(workdir, IDENTITY_FILE)
   if not os.path.exists(path):
     return {}
+  return read_json(path)
+
+
+def read_json(path):
+  """A run file's JSON object; one sentence if it is torn or not an object (the
+  run writes them whole, so something else cut or edited it)."""
   with open(path) as f:
-    return json.load(f)
+    text = f.read()
+  try:
+    value = json.loads(text)
+  except ValueError as error:
+    value = error
+  if not isinstance(value, dict):
+    why = value if isinstance(value, ValueError) else 'not a JSON object'
+    raise DamagedRunError(
+      f'{path} is damaged ({why}); the run writes it whole, so something else cut or '
+      'edited it: put back a copy of it, or start the run afresh in a new --workdir.'
+    )
+  return value
 
 
 # Identity fields newer than some runs, with the value those runs had.
@@ -148,9 +170,17 @@ def run_identity(config, names, dataset_info):
   }
 
 
+def _differing(saved, identity, allowed=()):
+  """The identity fields whose recorded value `identity` changes, sorted: the one
+  rule both a resume and an evaluation apply (runs older than a field: its old value)."""
+  saved = {**IDENTITY_OF_OLDER_RUNS, **saved}
+  return sorted(k for k in identity if saved.get(k) != identity[k] and k not in allowed)
+
+
 def check_or_write_identity(workdir, identity, allowed=()):
   """Refuses to resume a run of another model, label set or dataset; the
-  image size and dataset may change when `allowed` (config.allow_changes) names them."""
+  image size and dataset may change when `allowed` (config.allow_changes) names
+  them, and run.json then records the new value (what later steps are of)."""
   path = os.path.join(workdir, IDENTITY_FILE)
   if not os.path.exists(path):
     if identity['num_classes'] != len(identity['labels']):
@@ -162,14 +192,12 @@ def check_or_write_identity(workdir, identity, allowed=()):
     if jax.process_index() == 0:
       files.write_json_atomically(path, identity, sort_keys=True)
     return
-  with open(path) as f:
-    saved = json.load(f)
-  saved = {**IDENTITY_OF_OLDER_RUNS, **saved}
-  different = sorted(k for k in identity if saved.get(k) != identity[k] and k not in allowed)
+  saved = read_identity(workdir)
+  different = _differing(saved, identity, allowed)
   if different:
     details = '; '.join(
-      f'{k}: run has {saved.get(k)!r}, config asks for {identity[k]!r}'
-      + (f' (config.{IDENTITY_FIELDS[k]})' if k in IDENTITY_FIELDS else '')
+      f'{k}: run has {saved.get(k, IDENTITY_OF_OLDER_RUNS.get(k))!r}, config asks for '
+      f'{identity[k]!r}' + (f' (config.{IDENTITY_FIELDS[k]})' if k in IDENTITY_FIELDS else '')
       for k in different
     )
     consent = [k for k in different if k in CHANGE_NEEDS_CONSENT]
@@ -177,6 +205,36 @@ def check_or_write_identity(workdir, identity, allowed=()):
     raise RunMismatchError(
       f'{workdir} holds a different run ({details}). Use a new --workdir, '
       f'or change the config back to match {path}{also}.'
+    )
+  consented = _differing(saved, identity)
+  if consented and jax.process_index() == 0:  # Evaluations check against the new value.
+    files.write_json_atomically(path, {**saved, **{k: identity[k] for k in consented}})
+
+
+def check_dataset(workdir, dataset_info, split_file):
+  """Refuses, in one sentence, to evaluate a run on a dataset other than the one it
+  was trained on: run.json's dataset (compared as a resume compares it) and the
+  run's split.json against the dataset's (images of its training split would be
+  scored as held-out ones). Runs older than run.json are not checked."""
+  saved = read_identity(workdir)
+  reasons = []
+  if 'dataset' in saved and _differing(saved, {'dataset': dataset_info}):
+    recorded = saved['dataset'] or {}
+    reasons += [
+      f'{key}: run.json has {recorded.get(key)!r}, the dataset {dataset_info.get(key)!r}'
+      for key in sorted(set(recorded) | set(dataset_info))
+      if recorded.get(key) != dataset_info.get(key)
+    ]
+  run_split = os.path.join(workdir, SPLIT_FILE)
+  if split_file and os.path.isfile(split_file) and os.path.isfile(run_split):
+    with open(run_split, 'rb') as mine, open(split_file, 'rb') as theirs:
+      if json.loads(mine.read()) != json.loads(theirs.read()):
+        reasons.append(f"{run_split} differs from the dataset's {split_file}")
+  if reasons:
+    raise RunMismatchError(
+      f'{workdir} was trained on another dataset or split ({"; ".join(reasons)}): its '
+      'images would be scored as held-out ones; pass --data_dir with the data_dir that '
+      'holds the dataset this run was trained on.'
     )
 
 
@@ -195,8 +253,7 @@ def _effective_config(workdir):
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    config = json.load(f)
+  config = read_json(path)
   for entry in read_history(workdir):
     for field, (_, new) in entry['changes'].items():
       config[field] = new
@@ -274,9 +331,11 @@ def record_start(workdir, config, split_file):
     with contextlib.suppress(FileNotFoundError):  # A start afresh: no history.
       os.remove(os.path.join(workdir, HISTORY_FILE))
   target = os.path.join(workdir, SPLIT_FILE)
-  if split_file and not os.path.exists(target):  # A run's split is its result.
+  if split_file:  # A run's split is its result: kept, and new only with a consented dataset.
     with open(split_file, 'rb') as f:
-      files.write_atomically(target, f.read())
+      split = f.read()
+    if not os.path.exists(target) or pathlib.Path(target).read_bytes() != split:
+      files.write_atomically(target, split)
 
 
 def upgrade_config(saved, workdir=''):

@@ -13,7 +13,6 @@ source run is refused in one sentence naming the run, the step and what to do;
 the source run is left as it is (setting steps aside is its own trainer's job).
 """
 
-import json
 import os
 
 from absl import logging
@@ -45,8 +44,7 @@ def check_source(path, model):
       f'{run_dir.IDENTITY_FILE}); give a run directory, a weights file, '
       "'imagenet' or '' (from scratch)."
     )
-  with open(os.path.join(path, run_dir.IDENTITY_FILE)) as f:
-    identity = json.load(f)
+  identity = run_dir.read_identity(path)
   if identity.get('model') != model:
     raise FineTuneError(
       f'config.init_from={path} is a {identity.get("model")} run but '

@@ -16,13 +16,17 @@ a daemon thread, so a lock is known stale when:
 
 A stale lock is taken over with one log line: renamed aside first (a rename
 succeeds for one taker only), then created anew. A live one stops the second
-run with one sentence naming the holder. Multi-process jobs: process 0 takes
+run with one sentence naming the holder. A holder whose lock is deleted or
+replaced (`rm run.lock`, then a second run) stops at its next heartbeat, in one
+sentence, so that two runs never write one workdir for long. Multi-process jobs: process 0 takes
 the lock, and every process learns whether it did.
 """
 
+import functools
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -34,6 +38,7 @@ from chexnet_jax.runtime import files
 
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 600.0  # 20 missed heartbeats.
+LOCK_LOST_EXIT_CODE = 1
 
 
 class WorkdirBusyError(errors.UserRuntimeError):
@@ -58,7 +63,9 @@ class WorkdirLock:
       'token': self._token,
     }
     self._stop = threading.Event()
+    self._beating = threading.Lock()
     self._thread = None
+    self._on_lost = functools.partial(_stop_the_run, self.path)
 
   def acquire(self):
     """Takes the lock, taking over a stale one; WorkdirBusyError if held."""
@@ -78,13 +85,14 @@ class WorkdirLock:
 
   def release(self):
     """Removes the lock if it is still ours; never raises."""
-    self._stop.set()
-    try:
-      holder, _ = self._read()
-      if holder and holder.get('token') == self._token:
-        os.remove(self.path)
-    except OSError:
-      pass  # The workdir vanished or went read-only: the real error is elsewhere.
+    with self._beating:
+      self._stop.set()
+      try:
+        holder, _ = self._read()
+        if holder and holder.get('token') == self._token:
+          os.remove(self.path)
+      except OSError:
+        pass  # The workdir vanished or went read-only: the real error is elsewhere.
 
   def __enter__(self):
     return self.acquire()
@@ -154,10 +162,41 @@ class WorkdirLock:
 
   def _beat(self):
     while not self._stop.wait(self._heartbeat_seconds):
-      try:
-        os.utime(self.path)
-      except OSError:
-        pass  # Storage trouble shows at the next save, in one sentence.
+      with self._beating:  # release() cannot remove the lock mid-check.
+        if self._stop.is_set():
+          return
+        if lost := self._lost():
+          self._on_lost(lost)
+          return
+        try:
+          os.utime(self.path)
+        except OSError:
+          pass  # Storage trouble shows at the next save, in one sentence.
+
+  def _lost(self):
+    """Why the lock is no longer this run's (deleted, or another run's now), or None."""
+    try:
+      holder, _ = self._read()
+    except OSError:
+      return None  # Unreadable now (storage trouble): not proof of a loss.
+    if holder is None:
+      return 'deleted'
+    if holder.get('token') != self._token:
+      return f'replaced by another run ({describe(holder)})'
+    return None
+
+
+def _stop_the_run(path, how):
+  """The holder's lock is gone: another run may be writing the workdir now, so
+  this one stops at once (from the heartbeat thread, the main one being busy),
+  like a kill: its checkpoints are complete or set aside at the next start."""
+  sys.stderr.write(
+    f'error: {path} was {how} while this run held it; this run stops so that two '
+    f'runs never write {os.path.dirname(path)} at once (its checkpoints are kept): '
+    'if no other run uses it, run the same command again to resume.\n'
+  )
+  sys.stderr.flush()
+  os._exit(LOCK_LOST_EXIT_CODE)
 
 
 def _stale_copies(path):

@@ -12,6 +12,8 @@ import re
 
 import numpy as np
 
+from chexnet_jax.runtime import files
+
 
 # tensorboardX's rule for a tag: it logs 'Summary name ... is illegal' and
 # rewrites any other character (and leading '/'); labels such as 'No Finding'
@@ -37,11 +39,18 @@ class MetricWriter:
   Only process 0 should create one; the other processes get `NullWriter`.
   """
 
-  def __init__(self, workdir):
+  def __init__(self, workdir, resumed_step=None):
+    """`resumed_step`: the checkpoint step a resumed run goes on from; the rows of
+    later steps (done, then lost with the process) are superseded by the redone
+    steps' rows, in metrics.jsonl and in TensorBoard (its purge_step)."""
     from tensorboardX import SummaryWriter  # Heavy import, process 0 only.
 
-    self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    purge = None if resumed_step is None else int(resumed_step) + 1
+    if purge is not None:
+      _drop_rows_from(path, purge)
+    self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'), purge_step=purge)
+    self._jsonl = open(path, 'a')
 
   def write_scalars(self, step, scalars):
     record = {'step': int(step)}
@@ -55,6 +64,23 @@ class MetricWriter:
   def close(self):
     self._tensorboard.close()
     self._jsonl.close()
+
+
+def _drop_rows_from(path, step):
+  """Rewrites metrics.jsonl (whole, atomically) without its rows of `step` and
+  later, and without a line torn by a kill."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and isinstance(row.get('step'), int) and row['step'] < step:
+        kept.append(line if line.endswith('\n') else line + '\n')
+  files.write_atomically(path, ''.join(kept).encode())
 
 
 class NullWriter:

@@ -15,6 +15,10 @@
   leave its range at the hardware configs' batch 1024 (kappa 16).
 - 'linear': rate x B / base (Goyal et al. 2017's rule for SGD).
 
+Each rule scales down below the base batch as it scales up above it (batch 16 at
+base 64 under 'sqrt': half the rate); docs/configuration.md says why, and how to
+get CheXNet's 1e-3 at batch 16.
+
 Warmup (`config.warmup_epochs` > 0): the rate rises linearly from its value at
 the base batch without scaling-up, rate x base / B (Horovod's lr / N when every
 device holds the base batch), to the scaled peak. `lr_schedule='plateau'` then

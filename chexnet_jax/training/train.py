@@ -75,9 +75,42 @@ class Preemption:
 
   def __init__(self):
     self._signalled, self.exit_code = False, PREEMPTED_EXIT_CODE
+    self.compiling_from = None  # The start step while the first step compiles.
+    self._wakeup = None
     if jax.process_count() == 1:
       signal.signal(signal.SIGTERM, self._on_sigterm)
+      self._watch_while_compiling()
     self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+
+  def _watch_while_compiling(self):
+    """A thread that sees each signal as it arrives (the wakeup fd, written by the
+    C-level handler): Python's handlers run only once the main thread is back in
+    Python, minutes later when it is compiling. One process only: a job's
+    processes agree on a step to stop at, through JAX's preemption service."""
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    self._wakeup = (signal.set_wakeup_fd(write_end, warn_on_full_buffer=False), write_end)
+
+    def watch():
+      with os.fdopen(read_end, 'rb', buffering=0) as signals:
+        while received := signals.read(16):
+          if self.compiling_from is not None and {*received} & {signal.SIGINT, signal.SIGTERM}:
+            self._exit_while_compiling(signal.SIGINT in received)
+
+    threading.Thread(target=watch, name='signals-while-compiling', daemon=True).start()
+
+  def _exit_while_compiling(self, interrupted):
+    """Nothing was trained since the run's start: no save to wait for."""
+    code = INTERRUPTED_EXIT_CODE if interrupted else PREEMPTED_EXIT_CODE
+    start = self.compiling_from
+    since = f'checkpoint step {start}, kept' if start else 'the start'
+    sys.stderr.write(
+      f'{"Interrupted (Ctrl-C)" if interrupted else "Stopped (SIGTERM)"} while the first '
+      f'step compiles: nothing was trained since {since}, so there is nothing to save; '
+      f'exiting at once with code {code}. Run the same command to start again.\n'
+    )
+    sys.stderr.flush()
+    os._exit(code)
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
@@ -106,6 +139,11 @@ class Preemption:
   def restore(self):
     """Gives Ctrl-C back to Python once the loop is over."""
     signal.signal(signal.SIGINT, self._previous_sigint)
+    if self._wakeup is not None:
+      previous, write_end = self._wakeup
+      signal.set_wakeup_fd(previous)
+      os.close(write_end)  # The watching thread ends.
+      self._wakeup = None
 
   def reached(self, step):
     if jax.process_count() > 1:
@@ -207,17 +245,23 @@ class StepWatchdog:
         os._exit(self.STEP_TIMEOUT_EXIT_CODE)  # The main thread is blocked.
 
 
-def check_finite(step, loss, manager):
-  """Stops the run on a NaN/inf loss, keeping the last good checkpoint."""
+def check_finite(step, loss, manager, dtype='float32'):
+  """Stops the run on a NaN/inf loss, keeping the last good checkpoint; the
+  sentence offers only the fixes that apply (float32 to a run in another dtype,
+  resuming to a run with a checkpoint)."""
   loss = float(loss)
   if math.isfinite(loss):
     return
   checkpoints.wait_until_finished(manager)  # Checksummed too.
-  raise NonFiniteLossError(
-    f'Training loss is {loss} at step {step}; the run stopped. The last '
-    f'good checkpoint is step {manager.latest_step()} in {manager.directory}.'
-    ' Lower config.learning_rate, or use float32, and run again to resume.'
+  fixes = 'Lower config.learning_rate' + (', or use float32' if dtype != 'float32' else '')
+  last = manager.latest_step()
+  kept = (
+    f'The last good checkpoint is step {last} in {manager.directory}. {fixes}, and run '
+    'again to resume.'
+    if last is not None
+    else f'No checkpoint was saved yet. {fixes}, and run again: it starts afresh.'
   )
+  raise NonFiniteLossError(f'Training loss is {loss} at step {step}; the run stopped. {kept}')
 
 
 def train_and_evaluate(config, workdir):
@@ -252,7 +296,7 @@ def train_and_evaluate(config, workdir):
       _close_quietly(trainer, metric_logging.NullWriter())
       return trainer.state
     writer = (
-      metric_logging.MetricWriter(workdir)
+      metric_logging.MetricWriter(workdir, trainer.start_step)
       if jax.process_index() == 0
       else metric_logging.NullWriter()
     )
@@ -386,27 +430,29 @@ class _Trainer:
         timer.add(time.perf_counter() - wait_start)
         if previous is None:
           phases.compile_phase(config, step)
+          preemption.compiling_from = step  # A stop now exits at once: nothing to save.
           with watchdog.paused():  # Compiling: minutes, not a hang.
             self.state, metrics = self.train_step(self.state, sharding.to_global(batch, self.mesh))
             jax.block_until_ready(metrics['train_loss'])
+          preemption.compiling_from = None
           timer.reset()  # The compile is not a step time.
           self.clock.first_step_done(step + 1)
         else:
           self.state, metrics = self.train_step(self.state, sharding.to_global(batch, self.mesh))
         step += 1
         if previous:
-          check_finite(*previous, self.manager)
+          check_finite(*previous, self.manager, config.dtype)
         watchdog.beat(step)
         previous = (step, metrics['train_loss'])
         if step % config.log_every_steps == 0 or step == self.total_steps:
           self._log(writer, step, metrics, timer)
         if step % eval_every == 0 or step == self.total_steps:
-          check_finite(*previous, self.manager)
+          check_finite(*previous, self.manager, config.dtype)
           with watchdog.paused():
             self._evaluate_and_save(writer, step)
           timer.reset()  # Throughput is of training steps only.
         elif step % config.checkpoint_every_steps == 0:
-          check_finite(*previous, self.manager)
+          check_finite(*previous, self.manager, config.dtype)
           with watchdog.paused():
             checkpoints.save(self.manager, self.state, self.data_position(step))
         if preemption.reached(step):
@@ -456,7 +502,7 @@ class _Trainer:
     )
 
   def _save_for_preemption(self, step, previous, exit_code):
-    check_finite(*previous, self.manager)
+    check_finite(*previous, self.manager, self.config.dtype)
     if step not in self.manager.all_steps():
       checkpoints.save(self.manager, self.state, self.data_position(step))
     checkpoints.wait_until_finished(self.manager)

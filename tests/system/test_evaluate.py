@@ -264,3 +264,25 @@ def test_two_processes_score_alike_and_only_process_0_writes(evaluated, tmp_path
   two = _auroc_csv(os.path.join(workdir, 'eval', 'test', 'auroc.csv'))
   for name in (*LABELS, 'mean'):
     assert float(two[name]['auroc']) == pytest.approx(float(one[name]['auroc']), abs=1e-6)
+
+
+def test_a_full_disk_while_writing_the_report_is_one_sentence(tiny_run, tmp_path):
+  """RLIMIT_FSIZE stands in for a full disk: the report's files fail to write."""
+  workdir = str(tmp_path / 'run')
+  shutil.copytree(tiny_run, workdir, ignore=shutil.ignore_patterns('eval'))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  command = runs.tool_command('evaluate', '--workdir', workdir, '--bootstrap', 5, '--gallery', 1)
+  result = subprocess.run(
+    ['bash', '-c', 'trap \'\' XFSZ; ulimit -f 8; exec "$@"', 'bash', *command],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  line = [x for x in result.stderr.splitlines() if x.startswith('error: ')][-1]
+  assert (
+    line.startswith('error: the report could not be written into ') and 'File too large' in line
+  )
+  assert not os.path.exists(os.path.join(workdir, 'eval', 'test'))  # Nothing half-written.

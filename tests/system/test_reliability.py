@@ -658,6 +658,26 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
   assert 'Traceback' not in log and 'KeyboardInterrupt' not in log, _tail(log)
 
 
+@pytest.mark.parametrize('signum, code', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stop_during_the_first_compile_exits_at_once(tmp_path, signum, code):
+  """The first step (the compile: minutes for a DenseNet on a CPU, in C++, where
+  Python's signal handlers wait) is stuck here; Ctrl-C or SIGTERM then exits at
+  once, as nothing was trained since the start that a save could keep."""
+  workdir = tmp_path / 'run'
+  process = _start(workdir, *RUN_ARGS, env=_env(TEST_HANG_AT_STEP=1))
+  deadline = time.monotonic() + TIMEOUT
+  while _recorded_steps(workdir) < 1:
+    assert process.poll() is None and time.monotonic() < deadline, 'the run ended'
+    time.sleep(0.05)
+  process.send_signal(signum)
+  code_, log = _finish(process)
+  assert code_ == code, _tail(log)
+  line = [x for x in log.splitlines() if 'while the first step compiles' in x]
+  assert line and 'nothing was trained since the start' in line[0], _tail(log)
+  assert 'Traceback' not in log and 'KeyboardInterrupt' not in log, _tail(log)
+  assert not _steps_on_disk(workdir)
+
+
 @pytest.mark.slow
 def test_metadata_bit_flip_is_caught_and_load_run_refuses(reference, tmp_path):
   workdir = tmp_path / 'run'
@@ -771,6 +791,65 @@ def test_killed_grain_worker_is_one_sentence_naming_dev_shm(tmp_path):
   assert '/dev/shm holds ' in line and 'config.grain_workers=2' in line, line
   assert 'config.prefetch_buffer=2' in line and 'docker run --shm-size=' in line, line
   assert _tracebacks(log) == 0, _tail(log)
+
+
+def _descendants(pid):
+  """{pid: cmdline} of every process below `pid` (workers, multiprocessing's
+  resource tracker, the stderr guard), from /proc."""
+  found, todo = {}, [pid]
+  while todo:
+    parent = todo.pop()
+    for path in glob.glob(f'/proc/{parent}/task/*/children'):
+      with open(path) as f:
+        for child in map(int, f.read().split()):
+          if child not in found:
+            found[child] = _cmdline(child)
+            todo.append(child)
+  return found
+
+
+def _cmdline(pid):
+  try:
+    with open(f'/proc/{pid}/cmdline', 'rb') as f:
+      return f.read()
+  except OSError:
+    return None
+
+
+def _shared_memory_of(pids):
+  """The /dev/shm files the processes map or hold open."""
+  names = set()
+  for pid in pids:
+    for path in (f'/proc/{pid}/maps', *glob.glob(f'/proc/{pid}/fd/*')):
+      try:
+        text = open(path).read() if path.endswith('maps') else os.readlink(path)
+      except OSError:
+        continue
+      names.update(re.findall(r'/dev/shm/(\S+)', text))
+  return names
+
+
+@pytest.mark.slow
+def test_kill_9_with_grain_workers_leaves_no_process_or_shared_memory(tmp_path):
+  """The out-of-memory killer's way: SIGKILL to the trainer alone. Its workers,
+  their resource tracker and the stderr guard end with it, and the tracker frees
+  the workers' shared memory."""
+  workdir = tmp_path / 'run'
+  process = _start(workdir, *RUN_ARGS, '--config.grain_workers=2')
+  deadline = time.monotonic() + TIMEOUT
+  while _recorded_steps(workdir) < 3 or len(_grain_workers(process.pid)) < 2:
+    assert process.poll() is None and time.monotonic() < deadline, 'the run ended'
+    time.sleep(0.1)
+  below = _descendants(process.pid)
+  segments = _shared_memory_of([process.pid, *below])
+  assert len(below) >= 4 and segments, (below, segments)  # 2 workers, tracker, guard.
+  process.kill()
+  _finish(process)
+  time.sleep(30)
+  alive = {pid: cmd for pid, cmd in below.items() if _cmdline(pid) == cmd}
+  assert not alive, alive
+  left = sorted(name for name in segments if os.path.exists(os.path.join('/dev/shm', name)))
+  assert not left, left
 
 
 @pytest.mark.slow

@@ -226,3 +226,16 @@ def test_a_single_process_run_writes_stderr_without_the_xla_banner(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert 'Compiling the train step' in result.stderr and 'step 5/40' in result.stderr
   assert 'Very slow compile' not in result.stderr and 'slow_operation_alarm' not in result.stderr
+
+
+def test_a_resumed_run_supersedes_the_metrics_rows_past_its_step(tmp_path):
+  """A run killed at step 5 after saving step 3 redoes steps 4 and 5: their rows
+  are replaced, not repeated (a torn last line goes too)."""
+  path = tmp_path / 'metrics.jsonl'
+  rows = [json.dumps({'step': s, 'train_loss': 1.0}) for s in range(1, 6)]
+  path.write_text('\n'.join(rows) + '\n{"step": 6, "train_lo')
+  writer = metric_logging.MetricWriter(str(tmp_path), resumed_step=3)
+  writer.write_scalars(4, {'train_loss': 0.5})
+  writer.close()
+  written = [json.loads(line) for line in path.read_text().splitlines()]
+  assert [(r['step'], r['train_loss']) for r in written] == [(1, 1.0), (2, 1.0), (3, 1.0), (4, 0.5)]

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as sk_metrics
 
+from chexnet_jax.evaluation import label_columns
 from chexnet_jax.evaluation import metrics
 from input_pipeline import labels as labels_lib
 
@@ -141,3 +142,25 @@ def test_bootstrap_mean_interval_uses_resamples_of_the_same_patients():
   low, high = np.percentile(aurocs, [2.5, 97.5])
   assert intervals['auroc']['mean'].low == pytest.approx(low, abs=1e-12)
   assert intervals['auroc']['mean'].high == pytest.approx(high, abs=1e-12)
+
+
+def test_the_bootstrap_says_how_many_resamples_it_dropped():
+  """A resample where a label has one class has no AUROC: it is left out of that
+  label's interval, and the report says how many were, so a small-count interval
+  that rests on fewer resamples is seen as such."""
+  names = ('Rare', 'Common')
+  patients = np.arange(20)
+  labels = np.zeros((20, 2), np.float32)
+  labels[0, 0] = 1  # One positive: most resamples miss it.
+  labels[::2, 1] = 1
+  probs = np.random.default_rng(0).uniform(size=(20, 2))
+  report = metrics.classification_report(
+    labels, probs, patients, thresholds={n: 0.5 for n in names}, names=names, num_resamples=200
+  )
+  rare, common = report['per_label']['Rare'], report['per_label']['Common']
+  weights = list(metrics.bootstrap_weights(patients, 200, 0))
+  missing = sum(np.asarray(w)[0] == 0 for w in weights)  # Resamples without the positive.
+  assert 0 < missing < 200
+  assert rare['auroc_ci_dropped'] == missing and common['auroc_ci_dropped'] == 0
+  assert report['bootstrap']['dropped'] == {'Rare': missing}
+  assert any(f'{missing} of 200 bootstrap resamples' in c for c in label_columns.cautions(rare))

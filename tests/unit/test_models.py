@@ -202,3 +202,25 @@ def test_densenet121_matches_keras(keras_densenet121):
   )
   print(f'relative error vs Keras: eval {errors[0]:.2e}, train {errors[1]:.2e}')
   assert max(errors) < PARITY_RTOL
+
+
+def test_batchnorm_running_variance_follows_torch():
+  """torch's BatchNorm2d averages the *unbiased* batch variance (n/(n-1)) into its
+  running variance; flax's puts in the biased one. Ours follows torch; the batch
+  is still normalised by the biased variance, as in both."""
+  import torch
+
+  x = np.random.default_rng(0).normal(1.0, 2.0, (2, 3, 3, 4)).astype(np.float32)  # n = 18.
+  module = densenet.TorchBatchNorm(use_running_average=False, momentum=densenet.BN_MOMENTUM)
+  variables = module.init(jax.random.PRNGKey(0), x)
+  y, updated = module.apply(variables, x, mutable=['batch_stats'])
+  reference = torch.nn.BatchNorm2d(4, momentum=0.1, eps=densenet.TORCH_BN_EPSILON).train()
+  expected = reference(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach()
+  np.testing.assert_allclose(y, expected.numpy(), atol=1e-5)
+  np.testing.assert_allclose(updated['batch_stats']['mean'], reference.running_mean, rtol=1e-6)
+  np.testing.assert_allclose(updated['batch_stats']['var'], reference.running_var, rtol=1e-6)
+  # Evaluation reads the running statistics unchanged (old checkpoints load as before).
+  trained = {**variables, **updated}
+  evaluated = densenet.TorchBatchNorm(use_running_average=True).apply(trained, x)
+  plain = densenet.nn.BatchNorm(use_running_average=True).apply(trained, x)
+  np.testing.assert_array_equal(evaluated, plain)

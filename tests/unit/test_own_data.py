@@ -658,3 +658,15 @@ def test_a_duplicated_path_names_both_rows(tmp_path):
   assert [str(p) for p in problems] == [
     f'{path} line 5 ({rows[1][0]}): {rows[1][0]} appears twice (also line 3): both rows'
   ]
+
+
+def test_dicom_with_corrupt_jpeg_data_is_one_sentence_without_pydicoms_traceback(tmp_path, caplog):
+  path = write_dicom(
+    str(tmp_path / 'j.dcm'), np.zeros((8, 8), np.uint8), syntax=uid.JPEGBaseline8Bit
+  )
+  with open(path, 'rb') as f:
+    data = f.read()
+  with caplog.at_level('DEBUG'):
+    why = dicom.problem(data)
+  assert 'JPEG Baseline' in why and 'could not be decoded' in why and '\n' not in why, why
+  assert not [r for r in caplog.records if r.name.startswith('pydicom')], caplog.text

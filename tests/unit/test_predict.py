@@ -299,3 +299,35 @@ def test_each_call_replaces_its_own_outputs_only(tiny_run, tmp_path, capsys):
   assert [r['name'] for r in written['results']] == ['scan.png']
   assert os.path.isfile(written['results'][0]['top_findings'][0]['heatmap'])
   assert sorted(os.listdir(out)) == ['heatmaps', 'mine.txt', 'predictions.json']
+
+
+# ------------------------------------------ refused before the model loads --
+
+
+@pytest.mark.parametrize(
+  'shape, why',
+  [((1, 1), 'too small for a radiograph'), ((1, 3000), "not a radiograph's shape")],
+)
+def test_an_icon_or_a_strip_is_refused_naming_the_rule(tmp_path, shape, why):
+  path = _save(tmp_path / 'odd.png', np.full(shape, 128, np.uint8))
+  usable, failures = predict.check_inputs([str(path)])
+  assert not usable and len(failures) == 1
+  assert why in failures[0]['error'] and '\n' not in failures[0]['error']
+  width, height = shape[1], shape[0]
+  assert f'{width} x {height} pixels' in failures[0]['error']
+
+
+def test_bad_arguments_are_one_sentence_before_the_model(tmp_path, capsys):
+  image = str(_save(tmp_path / 'x.png', _gradient()))
+  with pytest.raises(SystemExit) as stopped:
+    predict.main([image, '--workdir', str(tmp_path), '--top_k', '-1'])
+  assert stopped.value.code == 2
+  assert 'argument --top_k: -1 is below 0; give 0 or more' in capsys.readouterr().err
+  a_file = tmp_path / 'notes.txt'
+  a_file.write_text('x')
+  code = predict.main([image, '--workdir', str(tmp_path / 'none'), '--output_dir', str(a_file)])
+  err = capsys.readouterr().err
+  assert code == 1 and err == (
+    f'error: --output_dir {a_file} is a file, not a folder; name a folder (it is '
+    'created if missing).\n'
+  )

@@ -104,12 +104,16 @@ def test_resuming_with_the_other_optimizer_layout_is_refused_in_one_sentence(tmp
   from chexnet_jax.run import run_dir
 
   workdir = str(tmp_path)
-  older = run_dir.run_identity(_config(), {'name': 'synthetic'})
+  older = run_dir.run_identity(_config(), labels_lib.LABELS, {'name': 'synthetic'})
   del older['optimizer_state']
   with open(tmp_path / run_dir.IDENTITY_FILE, 'w') as f:
     json.dump(older, f)
-  run_dir.check_or_write_identity(workdir, run_dir.run_identity(_config(), {'name': 'synthetic'}))
-  fused = run_dir.run_identity(_config(fused_optimizer=True), {'name': 'synthetic'})
+  run_dir.check_or_write_identity(
+    workdir, run_dir.run_identity(_config(), labels_lib.LABELS, {'name': 'synthetic'})
+  )
+  fused = run_dir.run_identity(
+    _config(fused_optimizer=True), labels_lib.LABELS, {'name': 'synthetic'}
+  )
   with pytest.raises(run_dir.RunMismatchError) as error:
     run_dir.check_or_write_identity(workdir, fused)
   message = str(error.value)
@@ -166,3 +170,46 @@ def test_plateau_cuts_learning_rate_after_patience_epochs():
     state = train_state.update_plateau(config, state, val_loss)
     scales.append(float(state.plateau.scale))
   assert scales == pytest.approx([1.0, 1.0, 1.0, 0.1])
+
+
+# ------------------------------------------------ the words of a stopped run --
+
+
+class _NoCheckpointYet:
+  """A checkpoint manager before its first save (the part check_finite reads)."""
+
+  directory = '/runs/r/checkpoints'
+
+  def wait_until_finished(self):
+    pass
+
+  def latest_step(self):
+    return None
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_a_nan_before_any_checkpoint_offers_only_the_fixes_that_apply(dtype):
+  from chexnet_jax.training import train
+
+  with pytest.raises(train.NonFiniteLossError) as stopped:
+    train.check_finite(1, float('nan'), _NoCheckpointYet(), dtype)
+  message = str(stopped.value)
+  assert message.startswith('Training loss is nan at step 1; the run stopped. No checkpoint')
+  assert 'step None' not in message and 'resume' not in message, message
+  assert ('use float32' in message) == (dtype != 'float32'), message
+
+
+def test_a_full_disk_before_the_first_checkpoint_does_not_offer_to_resume(tmp_path):
+  import errno
+  import types
+
+  from chexnet_jax.run import checkpoints
+  from chexnet_jax.run import run_dir
+
+  manager = types.SimpleNamespace(directory=str(tmp_path))
+  with pytest.raises(run_dir.WorkdirError) as stopped:
+    with checkpoints._write_errors(manager):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+  message = str(stopped.value)
+  assert '(No space left on device)' in message and 'No checkpoint was complete yet' in message
+  assert 'step none' not in message and 'resume' not in message, message

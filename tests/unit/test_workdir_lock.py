@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -12,6 +13,8 @@ from chexnet_jax.run import workdir_lock
 
 
 from chexnet_jax.runtime import files
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _dead_pid():
@@ -118,3 +121,42 @@ def test_release_leaves_another_runs_lock_alone(tmp_path):
   _write_lock(tmp_path, host='node7', pid=1)  # Taken over meanwhile (e.g. by hand).
   lock.release()
   assert os.path.exists(tmp_path / files.LOCK_FILE)
+
+
+_HOLDER = """
+import sys, time
+from chexnet_jax.run import workdir_lock
+lock = workdir_lock.WorkdirLock(sys.argv[1], heartbeat_seconds=0.1).acquire()
+print('held', flush=True)
+time.sleep(60)
+print('still running', flush=True)
+"""
+
+
+@pytest.mark.parametrize('how', ['deleted', 'taken'])
+def test_the_holder_stops_in_one_sentence_once_its_lock_is_gone(tmp_path, how):
+  """`rm WORKDIR/run.lock` while a run holds it lets a second run start: the
+  first notices at its next heartbeat and stops, so only one run writes."""
+  holder = subprocess.Popen(
+    [sys.executable, '-c', _HOLDER, str(tmp_path)],
+    cwd=REPO,
+    env=dict(os.environ, PYTHONPATH=REPO),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert holder.stdout.readline() == 'held\n'
+    os.remove(tmp_path / files.LOCK_FILE)
+    if how == 'taken':  # The second run took the workdir meanwhile.
+      second = workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+    out, err = holder.communicate(timeout=30)
+  finally:
+    holder.kill()
+  assert holder.returncode == 1 and 'still running' not in out
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'error: {tmp_path / files.LOCK_FILE} was '), err
+  assert 'this run stops' in lines[0] and 'Traceback' not in err
+  if how == 'taken':
+    assert f'pid {os.getpid()}' in lines[0]
+    second.release()
