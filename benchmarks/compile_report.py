@@ -128,7 +128,47 @@ def _sliced_reads(body):
 
 def _operands(rest):
   """Operand names of an instruction: the %names before its attributes."""
-  return re.findall(r'%([\w.\-]+)', rest.split('), ')[0])
+  return [name for name, _ in _operand_refs(rest)]
+
+
+# An operand: `%name`, or `%name#k` (jax 0.11's HLO text: element k of a tuple-shaped
+# instruction, where 0.10 used a get-tuple-element instruction of its own).
+_OPERAND = re.compile(r'%([\w.\-]+)(?:#(\d+))?')
+
+
+def _operand_refs(rest):
+  """(name, tuple element or None) of each operand of an instruction."""
+  head = rest.split('), ')[0]
+  return [(name, int(k) if k else None) for name, k in _OPERAND.findall(head)]
+
+
+def tuple_elements(shape):
+  """The top-level element shapes of an HLO tuple shape; [shape] for an array."""
+  if not shape.startswith('('):
+    return [shape]
+  elements, depth, start = [], 0, 1
+  for i, char in enumerate(shape):
+    if char in '([{':
+      depth += 1
+    elif char in ')]}':
+      depth -= 1
+    elif char == ',' and depth == 1:
+      elements.append(shape[start:i].strip())
+      start = i + 1
+  elements.append(shape[start : shape.rindex(')')].strip())
+  return [e for e in elements if e]
+
+
+def operand_shapes(rest, shapes):
+  """The shape each operand reads: a `#k` operand only its tuple element k."""
+  found = []
+  for name, k in _operand_refs(rest):
+    shape = shapes.get(name, '')
+    if k is not None:
+      elements = tuple_elements(shape)
+      shape = elements[k] if k < len(elements) else shape
+    found.append(shape)
+  return found
 
 
 def _elements(shape):
@@ -187,26 +227,12 @@ def hlo_counts(hlo_text):
   bodies = computations(hlo_text)
   rows = bodies['ENTRY']
   shapes = {name: shape for name, shape, _, _ in rows}
-  sizes = {name: shape_bytes(shape) for name, shape in shapes.items()}
   counts, classes = collections.Counter(), collections.Counter()
   all_reduce_bytes, traffic = [], 0
   for name, shape, opcode, rest in rows:
     if not _is_launch(opcode):
       continue
-    written = shape_bytes(shape)
-    operands = [sizes.get(operand, 0) for operand in _operands(rest)]
-    if opcode == 'fusion':
-      called = re.search(r'calls=%([\w.\-]+)', rest)
-      body = bodies.get(called.group(1), []) if called else []
-      sliced = _sliced_reads(body)
-      operands = [sliced.get(k, size) for k, size in enumerate(operands)]
-      if 'kind=kLoop' in rest and any(op == 'slice' for _, _, op, _ in body):
-        operand_shapes = [shapes.get(operand, '') for operand in _operands(rest)]
-        operands = _elementwise_reads(operands, operand_shapes, shape)
-    read = sum(operands)
-    if opcode == 'fusion' and re.match(r'(loop|wrapped)_slice', name):
-      read = min(read, written)
-    traffic += read + written
+    traffic += launch_bytes(bodies, shapes, name, shape, opcode, rest)
     classes[launch_class(opcode, rest)] += 1
     if opcode == 'custom-call':
       target = re.search(r'custom_call_target="([^"]+)"', rest)
@@ -214,7 +240,7 @@ def hlo_counts(hlo_text):
       counts['convolutions' if 'conv' in target else 'custom_calls'] += 1
     elif opcode in ('all-reduce-start', 'all-reduce'):
       counts['all_reduces'] += 1
-      all_reduce_bytes.append(written)
+      all_reduce_bytes.append(shape_bytes(shape))
     else:
       counts[{'fusion': 'fusions', 'copy': 'copies'}.get(opcode, opcode)] += 1
   return {
@@ -223,6 +249,24 @@ def hlo_counts(hlo_text):
     'all_reduce_bytes': sorted(all_reduce_bytes),
     'traffic_bytes': traffic,
   }
+
+
+def launch_bytes(bodies, shapes, name, shape, opcode, rest):
+  """Operand + output bytes of one launch of the ENTRY computation (no cache reuse)."""
+  written = shape_bytes(shape)
+  read_shapes = operand_shapes(rest, shapes)
+  operands = [shape_bytes(s) for s in read_shapes]
+  if opcode == 'fusion':
+    called = re.search(r'calls=%([\w.\-]+)', rest)
+    body = bodies.get(called.group(1), []) if called else []
+    sliced = _sliced_reads(body)
+    operands = [sliced.get(k, size) for k, size in enumerate(operands)]
+    if 'kind=kLoop' in rest and any(op == 'slice' for _, _, op, _ in body):
+      operands = _elementwise_reads(operands, read_shapes, shape)
+  read = sum(operands)
+  if opcode == 'fusion' and re.match(r'(loop|wrapped)_slice', name):
+    read = min(read, written)
+  return read + written
 
 
 def thunk_counts(thunk_text):
