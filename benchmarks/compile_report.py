@@ -16,7 +16,10 @@ only and compiled; the dumped program then says per step:
 - temp and argument memory (XLA's memory analysis);
 - operand + output bytes of every launch (no cache reuse: an upper bound on DRAM
   traffic), and the time that traffic takes at COPY_BANDWIDTH;
-- with K > 1 devices, the all-reduces and their bytes.
+- with K > 1 devices, the all-reduces and their bytes;
+- a MODELLED step time and images/s per device on an H100 SXM and an H200, optimistic
+  and pessimistic, with a per-class breakdown (benchmarks/time_model.py: the compiled
+  program times datasheet rates; a model, never a measurement).
 `--batch` is per device; the global batch is K times it. Each run adds (or
 replaces, by name, batch and devices) one row of benchmarks/results/compile_report.json.
 """
@@ -423,7 +426,10 @@ def report_row(config, *, name, per_device_batch, topology, dump_dir):
 
 def dump_counts(dump_dir, per_device_batch, devices):
   """The row's fields counted from XLA's dump of the step (a kept dump can be recounted)."""
-  hlo = hlo_counts(_dumped(dump_dir, '_gpu_after_optimizations.txt'))
+  from benchmarks import time_model  # pylint: disable=g-import-not-at-top
+
+  hlo_text = _dumped(dump_dir, '_gpu_after_optimizations.txt')
+  hlo = hlo_counts(hlo_text)
   thunks = thunk_counts(_dumped(dump_dir, '.thunk_sequence_after_thunk_passes.txt'))
   kinds = thunks['launch_kinds']
   row = {
@@ -446,6 +452,7 @@ def dump_counts(dump_dir, per_device_batch, devices):
   }
   if devices > 1:
     row['all_reduces'] = summarize_bytes(hlo['all_reduce_bytes'])
+  row['time_model'] = time_model.model(hlo_text, thunks['host_launches'], per_device_batch)
   row['targets_met'] = {key: row[key] <= limit for key, limit in TARGETS.items()}
   return row
 
@@ -504,12 +511,79 @@ def format_row(r):
     f'at {COPY_BANDWIDTH / 1e12:.1f} TB/s ({r["traffic_floor_images_per_s"]:,.0f} images/s '
     'per device)',
   ]
+  lines += modelled_lines(r)
   if 'all_reduces' in r:
     a = r['all_reduces']
     lines.append(
       f'  all-reduces per step {a["count"]}, {a.get("total", 0) / 1e6:.1f} MB '
       f'(median {a.get("median", 0) / 1e3:.0f} KB, largest {a.get("largest", 0) / 1e6:.1f} MB)'
     )
+  return '\n'.join(lines)
+
+
+def modelled_lines(r):
+  """The row's modelled times, labelled as such, and its costliest classes."""
+  model = r.get('time_model')
+  if not model:
+    return []
+  lines = [f'  {model["label"]}:']
+  for gpu in ('H100 SXM', 'H200'):
+    parts = [
+      f'{variant} {model[gpu][variant]["step_ms"]:.1f} ms '
+      f'({model[gpu][variant]["images_per_s"]:,} img/s, {model[gpu][variant]["bound"]}-bound)'
+      for variant in ('optimistic', 'pessimistic')
+    ]
+    lines.append(f'    {gpu}: ' + ', '.join(parts))
+  classes = model['H100 SXM']['pessimistic']['classes']
+  lines.append(
+    '    H100 SXM pessimistic by class: '
+    + ', '.join(f'{name} {c["ms"]:.2f} ms ({c["GB"]:.1f} GB)' for name, c in classes.items())
+  )
+  return lines
+
+
+def modelled_table(rows):
+  """The modelled step time of every row that has one (MODELLED, not measured)."""
+  lines = [
+    '| row | batch/device | devices | GB | H100 SXM ms, MODELLED (img/s) | '
+    'H200 ms, MODELLED (img/s) |',
+    '| --- ' * 6 + '|',
+  ]
+  for r in rows:
+    model = r.get('time_model')
+    if not model:
+      continue
+
+    def span(gpu, model=model):
+      low, high = model[gpu]['optimistic'], model[gpu]['pessimistic']
+      return (
+        f'{low["step_ms"]:.1f}-{high["step_ms"]:.1f} '
+        f'({high["images_per_s"]:,}-{low["images_per_s"]:,})'
+      )
+
+    lines.append(
+      f'| {r["name"]} | {r["per_device_batch"]} | {r["devices"]} | '
+      f'{r["traffic_bytes"] / 1e9:.1f} | {span("H100 SXM")} | {span("H200")} |'
+    )
+  return '\n'.join(lines)
+
+
+def class_table(row):
+  """One row's per-class breakdown, both GPUs and variants (MODELLED, not measured)."""
+  model = row['time_model']
+  columns = [(gpu, v) for gpu in ('H100 SXM', 'H200') for v in ('optimistic', 'pessimistic')]
+  lines = [
+    '| class | launches | GB | ' + ' | '.join(f'{gpu} {v} ms' for gpu, v in columns) + ' |',
+    '| --- ' * (3 + len(columns)) + '|',
+  ]
+  first = model['H100 SXM']['pessimistic']['classes']
+  for name, c in first.items():
+    times = ' | '.join(f'{model[gpu][v]["classes"][name]["ms"]:.2f}' for gpu, v in columns)
+    lines.append(f'| {name} | {c["launches"]:,} | {c["GB"]:.1f} | {times} |')
+  totals = ' | '.join(f'**{model[gpu][v]["device_ms"]:.2f}**' for gpu, v in columns)
+  lines.append(
+    f'| device total | {row["launches_per_step"]:,} | {row["traffic_bytes"] / 1e9:.1f} | {totals} |'
+  )
   return '\n'.join(lines)
 
 
@@ -576,7 +650,12 @@ def main(argv):
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   if _TABLE.value:
     with open(_OUT.value) as f:
-      print(markdown_table(json.load(f)))
+      rows = json.load(f)
+    print(markdown_table(rows), '', modelled_table(rows), sep='\n')
+    for row in rows:
+      if row.get('time_model'):
+        print(f'\n{row["name"]}, batch {row["per_device_batch"]}, {row["devices"]} device(s):')
+        print(class_table(row))
     return
   if _RECOUNT.value:
     row = recount(

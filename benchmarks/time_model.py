@@ -197,10 +197,10 @@ def step_time(found, host_launches, per_device_batch, gpu, variant):
   step_ms = max(device_ms, host_ms)
   ordered = sorted(classes.items(), key=lambda item: -item[1]['ms'])
   return {
-    'step_ms': round(step_ms, 2),
+    'step_ms': round(step_ms, 3),
     'images_per_s': round(per_device_batch / step_ms * 1e3),
-    'device_ms': round(device_ms, 2),
-    'host_ms': round(host_ms, 2),
+    'device_ms': round(device_ms, 3),
+    'host_ms': round(host_ms, 3),
     'bound': 'host' if host_ms > device_ms else 'device',
     'classes': {
       name: {'launches': e['launches'], 'GB': round(e['bytes'] / 1e9, 2), 'ms': round(e['ms'], 2)}
