@@ -279,8 +279,10 @@ def test_shared_bn_statistics_equal_flax_batchnorm_to_float32_noise():
 
 @pytest.mark.slow
 def test_shared_bn_statistics_in_densenet121_are_flax_batchnorm_exactly_in_float64():
+  # 121 BN layers, the last over 4 values per channel (1x1 maps at 32 px): float64
+  # rounding reaches 8e-8 of a leaf's largest gradient; float32 noise is 1e-3, an error O(1).
   with jax.enable_x64(True):
-    _assert_same_step('densenet121', 32, jnp.float64, grads_within=1e-9)
+    _assert_same_step('densenet121', 32, jnp.float64, grads_within=1e-6)
 
 
 @pytest.mark.parametrize('shape', [(2, 8, 8, 3), (2, 7, 9, 4), (4, 112, 112, 8)])
