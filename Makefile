@@ -80,6 +80,7 @@ $(CUDA_PLUGIN_DIR)/.jax-%:
 
 compile-report: setup
 	$(MAKE) $(CUDA_PLUGIN_DIR)/.jax-$(JAX_VERSION)
+	$(COMPILE_REPORT) --name default --batch 128
 	$(COMPILE_REPORT) --name xla_default --batch 128 --config.gpu_command_buffers=
 	$(COMPILE_REPORT) --name xla_default --batch 256 --config.gpu_command_buffers=
 	$(COMPILE_REPORT) --name command_buffers --batch 128

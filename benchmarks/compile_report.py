@@ -16,7 +16,10 @@ only and compiled; the dumped program then says per step:
 - temp and argument memory (XLA's memory analysis);
 - operand + output bytes of every launch (no cache reuse: an upper bound on DRAM
   traffic), and the time that traffic takes at COPY_BANDWIDTH;
-- with K > 1 devices, the all-reduces and their bytes.
+- with K > 1 devices, the all-reduces and their bytes;
+- a MODELLED step time and images/s per device on an H100 SXM and an H200, optimistic
+  and pessimistic, with a per-class breakdown (benchmarks/time_model.py: the compiled
+  program times datasheet rates; a model, never a measurement).
 `--batch` is per device; the global batch is K times it. Each run adds (or
 replaces, by name, batch and devices) one row of benchmarks/results/compile_report.json.
 """
@@ -128,7 +131,47 @@ def _sliced_reads(body):
 
 def _operands(rest):
   """Operand names of an instruction: the %names before its attributes."""
-  return re.findall(r'%([\w.\-]+)', rest.split('), ')[0])
+  return [name for name, _ in _operand_refs(rest)]
+
+
+# An operand: `%name`, or `%name#k` (jax 0.11's HLO text: element k of a tuple-shaped
+# instruction, where 0.10 used a get-tuple-element instruction of its own).
+_OPERAND = re.compile(r'%([\w.\-]+)(?:#(\d+))?')
+
+
+def _operand_refs(rest):
+  """(name, tuple element or None) of each operand of an instruction."""
+  head = rest.split('), ')[0]
+  return [(name, int(k) if k else None) for name, k in _OPERAND.findall(head)]
+
+
+def tuple_elements(shape):
+  """The top-level element shapes of an HLO tuple shape; [shape] for an array."""
+  if not shape.startswith('('):
+    return [shape]
+  elements, depth, start = [], 0, 1
+  for i, char in enumerate(shape):
+    if char in '([{':
+      depth += 1
+    elif char in ')]}':
+      depth -= 1
+    elif char == ',' and depth == 1:
+      elements.append(shape[start:i].strip())
+      start = i + 1
+  elements.append(shape[start : shape.rindex(')')].strip())
+  return [e for e in elements if e]
+
+
+def operand_shapes(rest, shapes):
+  """The shape each operand reads: a `#k` operand only its tuple element k."""
+  found = []
+  for name, k in _operand_refs(rest):
+    shape = shapes.get(name, '')
+    if k is not None:
+      elements = tuple_elements(shape)
+      shape = elements[k] if k < len(elements) else shape
+    found.append(shape)
+  return found
 
 
 def _elements(shape):
@@ -187,26 +230,12 @@ def hlo_counts(hlo_text):
   bodies = computations(hlo_text)
   rows = bodies['ENTRY']
   shapes = {name: shape for name, shape, _, _ in rows}
-  sizes = {name: shape_bytes(shape) for name, shape in shapes.items()}
   counts, classes = collections.Counter(), collections.Counter()
   all_reduce_bytes, traffic = [], 0
   for name, shape, opcode, rest in rows:
     if not _is_launch(opcode):
       continue
-    written = shape_bytes(shape)
-    operands = [sizes.get(operand, 0) for operand in _operands(rest)]
-    if opcode == 'fusion':
-      called = re.search(r'calls=%([\w.\-]+)', rest)
-      body = bodies.get(called.group(1), []) if called else []
-      sliced = _sliced_reads(body)
-      operands = [sliced.get(k, size) for k, size in enumerate(operands)]
-      if 'kind=kLoop' in rest and any(op == 'slice' for _, _, op, _ in body):
-        operand_shapes = [shapes.get(operand, '') for operand in _operands(rest)]
-        operands = _elementwise_reads(operands, operand_shapes, shape)
-    read = sum(operands)
-    if opcode == 'fusion' and re.match(r'(loop|wrapped)_slice', name):
-      read = min(read, written)
-    traffic += read + written
+    traffic += launch_bytes(bodies, shapes, name, shape, opcode, rest)
     classes[launch_class(opcode, rest)] += 1
     if opcode == 'custom-call':
       target = re.search(r'custom_call_target="([^"]+)"', rest)
@@ -214,7 +243,7 @@ def hlo_counts(hlo_text):
       counts['convolutions' if 'conv' in target else 'custom_calls'] += 1
     elif opcode in ('all-reduce-start', 'all-reduce'):
       counts['all_reduces'] += 1
-      all_reduce_bytes.append(written)
+      all_reduce_bytes.append(shape_bytes(shape))
     else:
       counts[{'fusion': 'fusions', 'copy': 'copies'}.get(opcode, opcode)] += 1
   return {
@@ -223,6 +252,24 @@ def hlo_counts(hlo_text):
     'all_reduce_bytes': sorted(all_reduce_bytes),
     'traffic_bytes': traffic,
   }
+
+
+def launch_bytes(bodies, shapes, name, shape, opcode, rest):
+  """Operand + output bytes of one launch of the ENTRY computation (no cache reuse)."""
+  written = shape_bytes(shape)
+  read_shapes = operand_shapes(rest, shapes)
+  operands = [shape_bytes(s) for s in read_shapes]
+  if opcode == 'fusion':
+    called = re.search(r'calls=%([\w.\-]+)', rest)
+    body = bodies.get(called.group(1), []) if called else []
+    sliced = _sliced_reads(body)
+    operands = [sliced.get(k, size) for k, size in enumerate(operands)]
+    if 'kind=kLoop' in rest and any(op == 'slice' for _, _, op, _ in body):
+      operands = _elementwise_reads(operands, read_shapes, shape)
+  read = sum(operands)
+  if opcode == 'fusion' and re.match(r'(loop|wrapped)_slice', name):
+    read = min(read, written)
+  return read + written
 
 
 def thunk_counts(thunk_text):
@@ -379,7 +426,10 @@ def report_row(config, *, name, per_device_batch, topology, dump_dir):
 
 def dump_counts(dump_dir, per_device_batch, devices):
   """The row's fields counted from XLA's dump of the step (a kept dump can be recounted)."""
-  hlo = hlo_counts(_dumped(dump_dir, '_gpu_after_optimizations.txt'))
+  from benchmarks import time_model  # pylint: disable=g-import-not-at-top
+
+  hlo_text = _dumped(dump_dir, '_gpu_after_optimizations.txt')
+  hlo = hlo_counts(hlo_text)
   thunks = thunk_counts(_dumped(dump_dir, '.thunk_sequence_after_thunk_passes.txt'))
   kinds = thunks['launch_kinds']
   row = {
@@ -402,6 +452,7 @@ def dump_counts(dump_dir, per_device_batch, devices):
   }
   if devices > 1:
     row['all_reduces'] = summarize_bytes(hlo['all_reduce_bytes'])
+  row['time_model'] = time_model.model(hlo_text, thunks['host_launches'], per_device_batch)
   row['targets_met'] = {key: row[key] <= limit for key, limit in TARGETS.items()}
   return row
 
@@ -460,12 +511,79 @@ def format_row(r):
     f'at {COPY_BANDWIDTH / 1e12:.1f} TB/s ({r["traffic_floor_images_per_s"]:,.0f} images/s '
     'per device)',
   ]
+  lines += modelled_lines(r)
   if 'all_reduces' in r:
     a = r['all_reduces']
     lines.append(
       f'  all-reduces per step {a["count"]}, {a.get("total", 0) / 1e6:.1f} MB '
       f'(median {a.get("median", 0) / 1e3:.0f} KB, largest {a.get("largest", 0) / 1e6:.1f} MB)'
     )
+  return '\n'.join(lines)
+
+
+def modelled_lines(r):
+  """The row's modelled times, labelled as such, and its costliest classes."""
+  model = r.get('time_model')
+  if not model:
+    return []
+  lines = [f'  {model["label"]}:']
+  for gpu in ('H100 SXM', 'H200'):
+    parts = [
+      f'{variant} {model[gpu][variant]["step_ms"]:.1f} ms '
+      f'({model[gpu][variant]["images_per_s"]:,} img/s, {model[gpu][variant]["bound"]}-bound)'
+      for variant in ('optimistic', 'pessimistic')
+    ]
+    lines.append(f'    {gpu}: ' + ', '.join(parts))
+  classes = model['H100 SXM']['pessimistic']['classes']
+  lines.append(
+    '    H100 SXM pessimistic by class: '
+    + ', '.join(f'{name} {c["ms"]:.2f} ms ({c["GB"]:.1f} GB)' for name, c in classes.items())
+  )
+  return lines
+
+
+def modelled_table(rows):
+  """The modelled step time of every row that has one (MODELLED, not measured)."""
+  lines = [
+    '| row | batch/device | devices | GB | H100 SXM ms, MODELLED (img/s) | '
+    'H200 ms, MODELLED (img/s) |',
+    '| --- ' * 6 + '|',
+  ]
+  for r in rows:
+    model = r.get('time_model')
+    if not model:
+      continue
+
+    def span(gpu, model=model):
+      low, high = model[gpu]['optimistic'], model[gpu]['pessimistic']
+      return (
+        f'{low["step_ms"]:.1f}-{high["step_ms"]:.1f} '
+        f'({high["images_per_s"]:,}-{low["images_per_s"]:,})'
+      )
+
+    lines.append(
+      f'| {r["name"]} | {r["per_device_batch"]} | {r["devices"]} | '
+      f'{r["traffic_bytes"] / 1e9:.1f} | {span("H100 SXM")} | {span("H200")} |'
+    )
+  return '\n'.join(lines)
+
+
+def class_table(row):
+  """One row's per-class breakdown, both GPUs and variants (MODELLED, not measured)."""
+  model = row['time_model']
+  columns = [(gpu, v) for gpu in ('H100 SXM', 'H200') for v in ('optimistic', 'pessimistic')]
+  lines = [
+    '| class | launches | GB | ' + ' | '.join(f'{gpu} {v} ms' for gpu, v in columns) + ' |',
+    '| --- ' * (3 + len(columns)) + '|',
+  ]
+  first = model['H100 SXM']['pessimistic']['classes']
+  for name, c in first.items():
+    times = ' | '.join(f'{model[gpu][v]["classes"][name]["ms"]:.2f}' for gpu, v in columns)
+    lines.append(f'| {name} | {c["launches"]:,} | {c["GB"]:.1f} | {times} |')
+  totals = ' | '.join(f'**{model[gpu][v]["device_ms"]:.2f}**' for gpu, v in columns)
+  lines.append(
+    f'| device total | {row["launches_per_step"]:,} | {row["traffic_bytes"] / 1e9:.1f} | {totals} |'
+  )
   return '\n'.join(lines)
 
 
@@ -532,7 +650,12 @@ def main(argv):
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   if _TABLE.value:
     with open(_OUT.value) as f:
-      print(markdown_table(json.load(f)))
+      rows = json.load(f)
+    print(markdown_table(rows), '', modelled_table(rows), sep='\n')
+    for row in rows:
+      if row.get('time_model'):
+        print(f'\n{row["name"]}, batch {row["per_device_batch"]}, {row["devices"]} device(s):')
+        print(class_table(row))
     return
   if _RECOUNT.value:
     row = recount(

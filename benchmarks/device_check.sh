@@ -1,26 +1,36 @@
 #!/usr/bin/env bash
-# Everything chexnet_jax needs checked on one GPU, in one command of at most 580 s: speed
-# of each step change against its baseline (with a profile of the top ops), an end-to-end
-# run, PyTorch on the same card, and correctness (tests/gpu).
+# Everything chexnet_jax needs checked on one GPU, in calls of at most 580 s each: speed
+# of each step change against its baseline (with a profile of the top ops), correctness
+# (tests/gpu), PyTorch on the same card, and, as a call of its own, an end-to-end run.
 #
-#   bash benchmarks/device_check.sh [--tiny] [PART ...]
+#   bash benchmarks/device_check.sh [--tiny] [PART ...]     # one call: the default parts
+#   bash benchmarks/device_check.sh [--tiny] e2e            # a second call
 #
 # PARTS, in the default order (most valuable first; later ones are cut when the budget ends):
 #   env       card, driver and library versions
-#   base      JAX, DenseNet121 224 px bfloat16 batch 128, XLA's default command buffers,
-#             with a profile summary (top ops, their share, device busy time per step)
-#   cmdbuf    the same with the default config: command buffers over convolutions too
-#             (config.gpu_command_buffers, one CUDA graph per step), profiled
+#   cmdbuf    JAX, DenseNet121 224 px bfloat16 batch 128, the default config: command
+#             buffers over convolutions too (config.gpu_command_buffers, one CUDA graph per
+#             step). Not profiled: under a profiler XLA runs command buffers op by op.
+#   base      the same with XLA's default command buffers, with a profile summary (top
+#             ops, their share, device busy time per step)
+#   tests     pytest tests/gpu (GPU vs CPU equivalences on the tiny model)
 #   batch     the default config at batch 256 and 512
 #   fused     the default config + config.fused_optimizer (one Adam over all parameters)
-#   e2e       chexnet_jax.main, configs/h100x1.py's recipe, on >= 20,000 records built here
-#             (>= 150 steps per epoch); no evaluation inside the timed steps
 #   torch     torch eager and torch.compile at batch 128 (AMP, channels_last)
-#   tests     pytest tests/gpu (GPU vs CPU equivalences on the tiny model)
+#   e2e       (not a default part: it needs a call of its own) chexnet_jax.main,
+#             configs/h100x1.py's recipe, on >= 20,000 records built here (>= 150 steps
+#             per epoch); no evaluation inside the timed steps
 # `--tiny` runs every part on the CPU with a tiny model and small images (a rehearsal).
 #
 # Every step is its own process with its own limit (a cold DenseNet121 compile is 61-114 s
-# on an H200); the run stops starting steps when BUDGET_S (default 540 s) is spent. XLA's
+# on an H200); the run stops starting steps when BUDGET_S (default 540 s) is spent. Each
+# benchmark prints a line after its compile and after its warm-up, so a step cut short
+# still says how far it got. If the configured command buffers fail (a kind XLA refuses, a
+# CUDA graph that fails to capture), the benchmark says so, goes on with XLA's default
+# kinds, and every later part runs with XLA's default from the start (no doomed compile).
+# CMDBUF_KINDS=... replaces the default config's kinds (a rehearsal of that fallback:
+# CMDBUF_KINDS=FUSION,NOT_A_KIND). Profile traces are written outside the results and
+# never packed. XLA's
 # autotuning results are loaded from benchmarks/results/autotune_h200.textproto when it
 # exists, and each run's results are merged into autotune.textproto for the next call.
 # Results go to $RES (benchmarks/results/<tag>-<time>/, or /tmp/device_check/results
@@ -37,7 +47,7 @@ cd "$(dirname "$0")/.."
 
 TINY=0
 if [[ "${1:-}" == "--tiny" ]]; then TINY=1; shift; fi
-PARTS="${*:-env base cmdbuf batch fused e2e torch tests}"
+PARTS="${*:-env cmdbuf base tests batch fused torch}"
 PY="${PYTHON:-python3}"
 BUDGET_S="${BUDGET_S:-540}"
 WHEEL_DIR="${WHEEL_DIR:-.whl}"
@@ -68,13 +78,20 @@ else
   JAX_LIMIT=200; E2E_LIMIT=240
 fi
 if [[ -n "${OUT:-}" ]]; then RES=/tmp/device_check/results; else RES="benchmarks/results/$TAG-$(date +%Y%m%d-%H%M%S)"; fi
-rm -rf /tmp/device_check; mkdir -p "$RES"
+TRACES=/tmp/device_check/traces  # Large: summarised into each part's JSON, never packed.
+rm -rf /tmp/device_check; mkdir -p "$RES" "$TRACES"
+# The default config's kinds, or XLA's default once a part's command buffers failed.
+CMDBUF_ARGS=()
+[[ -n "${CMDBUF_KINDS:-}" ]] && CMDBUF_ARGS=("--config.gpu_command_buffers=$CMDBUF_KINDS")
 exec > >(tee -a "$RES/device_check.log") 2>&1
 
 left() { echo $(( BUDGET_S - (SECONDS - START) )); }
 
 pack() {  # What finished so far travels back even if the call is killed next.
-  if [[ -n "${OUT:-}" ]]; then tar czf "$OUT/results.tgz.tmp" -C "$RES" . && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"; fi
+  if [[ -n "${OUT:-}" ]]; then
+    tar czf "$OUT/results.tgz.tmp" --exclude='trace-*' --exclude='*.xplane.pb' \
+      --exclude='*trace.json.gz' -C "$RES" . && mv "$OUT/results.tgz.tmp" "$OUT/results.tgz"
+  fi
 }
 
 # step NAME LIMIT CMD...: runs CMD (its output in NAME.log) unless the budget is spent.
@@ -87,8 +104,9 @@ step() {
   fi
   (( limit > room )) && limit=$room
   echo "== $name (limit ${limit}s, $(( SECONDS - START ))s elapsed)"
-  timeout -k 5 "$limit" "$@" > "$RES/$name.log" 2>&1
-  local rc=$?
+  # The whole output goes to NAME.log; the benchmark's progress lines also show here.
+  timeout -k 5 "$limit" "$@" 2>&1 | tee "$RES/$name.log" | grep --line-buffered '^benchmark: '
+  local rc=${PIPESTATUS[0]}
   tail -n 4 "$RES/$name.log"
   if [[ ! -s "$RES/$name.json" ]]; then
     local why="failed (exit $rc)"; (( rc == 0 )) && why="ok"
@@ -139,15 +157,24 @@ EOF
 
 jax_speed() {  # NAME BATCH PROFILE(0|1) [extra config flags...]
   local name="$1" b="$2" profile="" s="${SHAPE%% *}"
-  (( $3 )) && profile="--profile_dir $RES/trace-$name"
+  (( $3 )) && profile="--profile_dir $TRACES/$name"
   shift 3
   step "$name" "$JAX_LIMIT" env XLA_FLAGS="$(autotune_flags "$name")" \
     "$PY" -m chexnet_jax.benchmark --config configs/h100x1.py \
     --config.dataset=synthetic --config.init_from= --config.image_size="$s" \
     --config.dataset_image_size="$s" --config.batch_size="$b" $JAX_ARGS "$@" \
     $profile --json_out "$RES/$name.json"
-  rm -rf "$RES/trace-$name"  # Summarised into NAME.json; the raw trace is large.
+  rm -rf "${TRACES:?}/$name"  # Summarised into NAME.json; the raw trace is large.
+  note_fallback "$name"
   merge_autotune
+}
+
+# After a part whose command buffers failed, the later parts use XLA's default at once.
+note_fallback() {  # NAME
+  if grep -q '"command_buffer_fallback": "' "$RES/$1.json" 2>/dev/null; then
+    echo "   $1: command buffers failed; later parts run with XLA's default kinds"
+    CMDBUF_ARGS=("--config.gpu_command_buffers=")
+  fi
 }
 
 torch_speed() {  # batch mode
@@ -174,10 +201,15 @@ part_env() {
 part_base() {
   jax_speed "tune-xla_default-${SHAPE// /-}-bfloat16" "${SHAPE#* }" 1 --config.gpu_command_buffers=
 }
-part_cmdbuf() { jax_speed "jax-${SHAPE// /-}-bfloat16" "${SHAPE#* }" 1; }
-part_batch() { local b; for b in $BATCHES; do jax_speed "jax-${SHAPE%% *}-$b-bfloat16" "$b" 0; done; }
+# Not profiled: while a profiler runs, XLA executes command buffers op by op (RESULTS.md).
+part_cmdbuf() { jax_speed "jax-${SHAPE// /-}-bfloat16" "${SHAPE#* }" 0 "${CMDBUF_ARGS[@]}"; }
+part_batch() {
+  local b
+  for b in $BATCHES; do jax_speed "jax-${SHAPE%% *}-$b-bfloat16" "$b" 0 "${CMDBUF_ARGS[@]}"; done
+}
 part_fused() {
-  jax_speed "tune-fused_adam-${SHAPE// /-}-bfloat16" "${SHAPE#* }" 0 --config.fused_optimizer=True
+  jax_speed "tune-fused_adam-${SHAPE// /-}-bfloat16" "${SHAPE#* }" 0 \
+    --config.fused_optimizer=True "${CMDBUF_ARGS[@]}"
 }
 
 part_e2e() {
@@ -229,7 +261,7 @@ EOF
     --config configs/h100x1.py --workdir "$root/run" --config.dataset=e2e \
     --config.data_dir="$root/tfds" --config.dataset_image_size="$E2E_SIZE" \
     --config.init_from= --config.eval_every_epochs=100000 \
-    --config.checkpoint_every_steps=100000 $E2E_ARGS
+    --config.checkpoint_every_steps=100000 $E2E_ARGS "${CMDBUF_ARGS[@]}"
   cp "$root/run/metrics.jsonl" "$RES/e2e-metrics.jsonl" 2>/dev/null
   cp "$root/run/config.json" "$RES/e2e-config.json" 2>/dev/null
   merge_autotune

@@ -155,6 +155,15 @@ def table(summary, res):
       '\nChanges against the default (same shape, same call), images/s synced / in flight: '
       + ', '.join(f'{p.stem}: {variant(load(p))}' for p in tune)
     )
+  fell_back = [
+    f'{p.stem} ({load(p)["command_buffer_fallback"]})'
+    for p in sorted(res.glob('*.json'))
+    if isinstance(load(p), dict) and load(p).get('command_buffer_fallback')
+  ]
+  if fell_back:
+    lines.append(
+      "\nCommand buffers failed, the run went on with XLA's default kinds: " + '; '.join(fell_back)
+    )
   return '\n'.join(lines)
 
 

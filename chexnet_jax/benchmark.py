@@ -164,7 +164,9 @@ def build_step(config, mesh, label_names):
   model = train_state.build_model(config, for_training=True)
   tx, schedule = train_state.create_optimizer(config, steps_per_epoch=1, total_steps=1_000_000)
   state = train_state.create_train_state(config, model, mesh, tx, label_names)
-  step = train_step.make_train_step(config, model, mesh, tx, schedule)
+  step = train_step.StepWithFallback(
+    config, lambda config: train_step.make_train_step(config, model, mesh, tx, schedule)
+  )
   return state, step
 
 
@@ -312,18 +314,29 @@ def run_benchmark(config, *, steps=20, warmup=3, data='random', profile_dir=''):
   to_global = functools.partial(sharding.to_global, mesh=mesh)
   state, step = build_step(config, mesh, label_names)
   t = time.perf_counter()
-  lowered = step.lower(state, to_global(next(batches)))
-  compiled = lowered.compile()
+  lowered = step.compile(state, to_global(next(batches)))
   compile_s = time.perf_counter() - t
-  state = timed_steps(compiled, state, batches, to_global, warmup)[0]
-  state, step_times, input_times, cpu_s = timed_steps(compiled, state, batches, to_global, steps)
-  state, *in_flight = steps_in_flight(compiled, state, batches, to_global, steps)
+  progress(f'compiled in {compile_s:.1f} s')
+  # At least the guarded calls run before timing: a failed capture falls back here.
+  warmup = max(warmup, train_step.GUARDED_CALLS if config.gpu_command_buffers else 0)
+  state = timed_steps(step, state, batches, to_global, warmup)[0]
+  progress(f'{warmup} warm-up steps done')
+  state, step_times, input_times, cpu_s = timed_steps(step, state, batches, to_global, steps)
+  state, *in_flight = steps_in_flight(step, state, batches, to_global, steps)
   result = summarize(
     config, data, step_times, input_times, cpu_s, step_flops(lowered), compile_s, in_flight
   )
+  result['gpu_command_buffers'] = step.config.gpu_command_buffers
+  result['command_buffer_fallback'] = step.fallback_reason
   if profile_dir:
-    result['profile'] = profiled_steps(compiled, state, batches, to_global, profile_dir)[1]
+    result['profile'] = profiled_steps(step, state, batches, to_global, profile_dir)[1]
   return result
+
+
+def progress(message):
+  """A line on stdout at once: a run cut short still shows how far it got."""
+  if jax.process_index() == 0:
+    print(f'benchmark: {message}', flush=True)
 
 
 def summarize(config, data, step_times, input_times, cpu_s, flops, compile_s, in_flight=None):

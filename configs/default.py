@@ -94,11 +94,17 @@ def get_config():
   c.num_epochs = 10.0
   c.num_train_steps = -1  # > 0 overrides num_epochs.
   # XLA:GPU command buffers (CUDA graphs): the launch kinds captured. With
-  # CONVOLUTION and COLLECTIVES (not in XLA's default) the whole DenseNet121 step
-  # is one graph, on 1 GPU and on 4: 1 host launch per step instead of 908
-  # (benchmarks/results/compile_report.json). '' = XLA's default. Ignored on CPU.
+  # CONVOLUTION (not in XLA's default) DenseNet121's 1-GPU step is one graph: 1
+  # host launch per step instead of 908 (benchmarks/results/compile_report.json);
+  # on several GPUs the graphs end at each all-reduce. COLLECTIVES is opt-in
+  # (append ',COLLECTIVES'): public reports of a ~30% slowdown (openxla/xla#35360),
+  # a silent hang after hundreds of steps (marin-community/marin#5675) and a leak
+  # on re-recording (openxla/xla#36487). '' = XLA's default. XLA parses the kinds
+  # on CPU too (an unknown kind fails there) but acts on them only on GPUs. A kind
+  # refused or a graph that fails to capture in the first steps is logged in one
+  # line and the run goes on with XLA's default (train_step.StepWithFallback).
   c.gpu_command_buffers = (
-    'FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONVOLUTION,COLLECTIVES'
+    'FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONVOLUTION'
   )
   # True: Adam over all parameters as one flat vector (optax.flatten): a few
   # kernels per step instead of one per parameter. Changes the checkpoint's

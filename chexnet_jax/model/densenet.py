@@ -5,11 +5,20 @@ denselayer1/norm1, transition1/conv, norm5, classifier) so that weight files map
 onto the parameter tree by name (see weights.py). Layout is NHWC.
 
 Parameters and BatchNorm statistics are float32; `dtype` only sets the compute
-dtype of convolutions and normalisation. BatchNorm keeps torch's running variance
-(`TorchBatchNorm`: the unbiased batch variance) and flax's one-pass batch variance
-(E[x^2] - E[x]^2; torch computes two-pass: the two differ by float32 rounding).
-Pooling and the head run in float32, so logits (and the CAM features) are always
-float32.
+dtype of convolutions and normalisation. Pooling and the head run in float32, so
+logits (and the CAM features) are always float32.
+
+Training BatchNorm in a dense block normalises the concatenation of every feature
+map made so far, so each layer would re-reduce all earlier maps for its batch
+statistics. Per channel those statistics are the maps' own: they are computed once,
+when a map is made (`batch_moments`), and concatenated (`BatchNorm` takes them).
+The same numbers (to float32 rounding), a fraction of the bytes read.
+
+BatchNorm keeps torch's running variance: what training averages into it is the
+*unbiased* batch variance (x n/(n-1)), as torch's BatchNorm2d does (flax's puts in the
+biased one); the batch itself is normalised by the biased variance, in both. The
+batch variance is flax's one-pass form (E[x^2] - E[x]^2; torch's is two-pass: the two
+differ by float32 rounding).
 """
 
 import functools
@@ -42,6 +51,113 @@ ARCHITECTURES = {
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
+def batch_moments(x):
+  """(mean, mean of squares) per channel of NHWC `x`, in float32: a BatchNorm's batch
+  statistics before any averaging over devices (flax's fast variance, float32)."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  return jnp.mean(x, axis=(0, 1, 2)), jnp.mean(jnp.square(x), axis=(0, 1, 2))
+
+
+def concat_moments(*parts):
+  """The moments of a channel concatenation: each part's, concatenated."""
+  return tuple(jnp.concatenate(column) for column in zip(*parts))
+
+
+def _bessel(count, axis_name):
+  """n/(n-1) for n = `count` values per channel on each device on `axis_name`: torch's
+  running variance averages the unbiased batch variance."""
+  if axis_name is not None:  # Statistics over every device on the axis (a Python int).
+    count = count * jax.lax.psum(1, axis_name)
+  return count / max(count - 1, 1)
+
+
+class BatchNorm(nn.Module):
+  """TorchBatchNorm's numbers (flax's fast variance, float32 statistics, the same
+  variables; torch's unbiased running variance), whose batch moments may be given:
+  `moments` from `batch_moments` of the same `x`."""
+
+  use_running_average: bool
+  momentum: float
+  epsilon: float
+  dtype: Any
+  param_dtype: Any = jnp.float32
+  axis_name: Any = None
+
+  @nn.compact
+  def __call__(self, x, moments=None):
+    features = (x.shape[-1],)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(features, jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones(features, jnp.float32))
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      mean, mean2 = batch_moments(x) if moments is None else moments
+      if self.axis_name is not None and not self.is_initializing():
+        mean, mean2 = jax.lax.pmean(jnp.stack([mean, mean2]), self.axis_name)
+      var = jnp.maximum(0.0, mean2 - jnp.square(mean))
+      if not self.is_initializing():
+        unbiased = var * _bessel(x.shape[0] * x.shape[1] * x.shape[2], self.axis_name)
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+    scale = self.param('scale', nn.initializers.ones, features, self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, features, self.param_dtype)
+    y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
+
+
+@jax.custom_vjp
+def max_pool_3x3_stride_2(x):
+  """nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))) of NHWC `x`, whose
+  gradient is dense: no select-and-scatter (its index tensors, zero fill and atomic
+  scatter), the same values (the first maximum of each window in row-major order gets
+  the gradient, as XLA's select-and-scatter with `ge` gives it)."""
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def _max_pool_forward(x):
+  y = max_pool_3x3_stride_2(x)
+  return y, (x, y)
+
+
+def _max_pool_backward(saved, dy):
+  x, y = saved
+  batch, height, width, channels = x.shape
+  out_h, out_w = y.shape[1], y.shape[2]
+  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  taken = jnp.zeros(y.shape, bool)
+  dx = jnp.zeros(padded.shape, dy.dtype)
+  for di in range(3):
+    for dj in range(3):
+      tap = jax.lax.slice(
+        padded,
+        (0, di, dj, 0),
+        (batch, di + 2 * (out_h - 1) + 1, dj + 2 * (out_w - 1) + 1, channels),
+        (1, 2, 2, 1),
+      )
+      chosen = (tap == y) & ~taken
+      taken = taken | chosen
+      # Back to the tap's input positions: every second row and column from (di, dj).
+      dx = dx + jax.lax.pad(
+        jnp.where(chosen, dy, jnp.zeros((), dy.dtype)),
+        jnp.zeros((), dy.dtype),
+        (
+          (0, 0, 0),
+          (di, height + 2 - di - (2 * out_h - 1), 1),
+          (dj, width + 2 - dj - (2 * out_w - 1), 1),
+          (0, 0, 0),
+        ),
+      )
+  return (dx[:, 1 : height + 1, 1 : width + 1, :],)
+
+
+max_pool_3x3_stride_2.defvjp(_max_pool_forward, _max_pool_backward)
+
+
+def _normed(norm, name, x, moments):
+  """norm(x) named `name`, given the batch moments of x when they are known."""
+  return norm(name=name)(x) if moments is None else norm(name=name)(x, moments=moments)
+
+
 class TorchBatchNorm(nn.BatchNorm):
   """nn.BatchNorm whose running variance averages the *unbiased* batch variance
   (x n/(n-1), n the values each statistic is computed over), as torch's
@@ -61,16 +177,20 @@ class TorchBatchNorm(nn.BatchNorm):
     new = self.get_variable('batch_stats', 'var')
     feature_axes = {a % x.ndim for a in ((self.axis,) if isinstance(self.axis, int) else self.axis)}
     n = math.prod(x.shape[a] for a in range(x.ndim) if a not in feature_axes)
-    if self.axis_name is not None:  # Statistics over every device on the axis.
-      n = n * jax.lax.psum(1, self.axis_name)
     # new = m*old + (1-m)*biased: put the unbiased batch variance in its place.
     added = new - self.momentum * old
-    self.put_variable('batch_stats', 'var', self.momentum * old + added * (n / max(n - 1, 1)))
+    self.put_variable(
+      'batch_stats', 'var', self.momentum * old + added * _bessel(n, self.axis_name)
+    )
     return y
 
 
 class DenseLayer(nn.Module):
-  """Bottleneck layer: BN-ReLU-1x1 conv (4k) - BN-ReLU-3x3 conv (k), concatenated."""
+  """Bottleneck layer: BN-ReLU-1x1 conv (4k) - BN-ReLU-3x3 conv (k), concatenated.
+
+  Given norm1's batch `moments` of x (training), also returns them with those of the
+  new channels appended; else None beside the concatenation.
+  """
 
   growth_rate: int
   bn_size: int
@@ -78,16 +198,18 @@ class DenseLayer(nn.Module):
   norm: Any
 
   @nn.compact
-  def __call__(self, x):
-    y = nn.relu(self.norm(name='norm1')(x))
+  def __call__(self, x, moments=None):
+    y = nn.relu(_normed(self.norm, 'norm1', x, moments))
     y = self.conv(self.bn_size * self.growth_rate, (1, 1), name='conv1')(y)
     y = nn.relu(self.norm(name='norm2')(y))
     y = self.conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
-    return jnp.concatenate([x, y], axis=-1)
+    if moments is not None:
+      moments = concat_moments(moments, batch_moments(y))
+    return jnp.concatenate([x, y], axis=-1), moments
 
 
 class DenseBlock(nn.Module):
-  """`num_layers` DenseLayers, each adding `growth_rate` channels."""
+  """`num_layers` DenseLayers, each adding `growth_rate` channels -> (x, its moments)."""
 
   num_layers: int
   growth_rate: int
@@ -96,10 +218,13 @@ class DenseBlock(nn.Module):
   norm: Any
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, moments=None):
     for i in range(1, self.num_layers + 1):
-      x = DenseLayer(self.growth_rate, self.bn_size, self.conv, self.norm, name=f'denselayer{i}')(x)
-    return x
+      layer = DenseLayer(
+        self.growth_rate, self.bn_size, self.conv, self.norm, name=f'denselayer{i}'
+      )
+      x, moments = layer(x, moments)
+    return x, moments
 
 
 class Transition(nn.Module):
@@ -110,8 +235,8 @@ class Transition(nn.Module):
   norm: Any
 
   @nn.compact
-  def __call__(self, x):
-    x = nn.relu(self.norm(name='norm')(x))
+  def __call__(self, x, moments=None):
+    x = nn.relu(_normed(self.norm, 'norm', x, moments))
     x = self.conv(self.features, (1, 1), name='conv')(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
@@ -128,6 +253,9 @@ class DenseNet(nn.Module):
   bn_epsilon: float = TORCH_BN_EPSILON
   # Set under shard_map to average BN statistics over that mesh axis.
   bn_axis_name: Any = None
+  # Training: each feature map's BN moments computed once (see the module docstring).
+  # False: TorchBatchNorm (flax's) re-reduces every input, as before (for the tests).
+  share_bn_statistics: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool, return_features: bool = False):
@@ -140,7 +268,7 @@ class DenseNet(nn.Module):
       kernel_init=nn.initializers.he_normal(),
     )
     norm = functools.partial(
-      TorchBatchNorm,
+      BatchNorm if self.share_bn_statistics else TorchBatchNorm,
       use_running_average=not train,
       momentum=BN_MOMENTUM,
       epsilon=self.bn_epsilon,
@@ -154,9 +282,10 @@ class DenseNet(nn.Module):
       self.num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='conv0'
     )(x)
     x = nn.relu(norm(name='norm0')(x))
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    x = self._dense_blocks(x, conv, norm)
-    features = nn.relu(norm(name='norm5')(x)).astype(jnp.float32)
+    x = max_pool_3x3_stride_2(x)
+    share = train and self.share_bn_statistics
+    x, moments = self._dense_blocks(x, conv, norm, share)
+    features = nn.relu(_normed(norm, 'norm5', x, moments)).astype(jnp.float32)
 
     pooled = jnp.mean(features, axis=(1, 2))
     logits = nn.Dense(
@@ -164,18 +293,20 @@ class DenseNet(nn.Module):
     )(pooled)
     return (logits, features) if return_features else logits
 
-  def _dense_blocks(self, x, conv, norm):
+  def _dense_blocks(self, x, conv, norm, share):
+    """The blocks and transitions -> (x, its batch moments if `share`, else None)."""
     channels = self.num_init_features
     last = len(self.block_sizes)
     for b, num_layers in enumerate(self.block_sizes, start=1):
-      x = DenseBlock(num_layers, self.growth_rate, self.bn_size, conv, norm, name=f'denseblock{b}')(
-        x
+      block = DenseBlock(
+        num_layers, self.growth_rate, self.bn_size, conv, norm, name=f'denseblock{b}'
       )
+      x, moments = block(x, batch_moments(x) if share else None)
       channels += num_layers * self.growth_rate
       if b < last:
         channels //= 2
-        x = Transition(channels, conv, norm, name=f'transition{b}')(x)
-    return x
+        x = Transition(channels, conv, norm, name=f'transition{b}')(x, moments)
+    return x, moments
 
 
 def create_model(name, *, num_classes=labels_lib.NUM_CLASSES, dtype=jnp.float32, bn_axis_name=None):

@@ -378,8 +378,11 @@ class _Trainer:
     self.loss_weights = losses.label_weights(
       config.pos_weight, dataset_info['train_positive_fraction']
     )
-    self.train_step = train_step.make_train_step(
-      config, model, self.mesh, tx, schedule, self.loss_weights
+    self.train_step = train_step.StepWithFallback(
+      config,
+      lambda config: train_step.make_train_step(
+        config, model, self.mesh, tx, schedule, self.loss_weights
+      ),
     )
     self.manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
     self.start_step = self._resume(workdir)
@@ -438,7 +441,10 @@ class _Trainer:
           timer.reset()  # The compile is not a step time.
           self.clock.first_step_done(step + 1)
         else:
-          self.state, metrics = self.train_step(self.state, sharding.to_global(batch, self.mesh))
+          # A capture that fails in a guarded call recompiles: minutes, not a hang.
+          guarded = watchdog.paused() if self.train_step.guarded else contextlib.nullcontext()
+          with guarded:
+            self.state, metrics = self.train_step(self.state, sharding.to_global(batch, self.mesh))
         step += 1
         if previous:
           check_finite(*previous, self.manager, config.dtype)

@@ -9,6 +9,7 @@ statistics are averaged over the axis, so the state stays replicated and
 identical.
 """
 
+from absl import logging
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -101,9 +102,114 @@ COMMAND_BUFFER_KINDS = (
 
 
 def compiler_options(config):
-  """XLA options of the step: the GPU command-buffer kinds, unless XLA's default."""
+  """XLA options of the step: the GPU command-buffer kinds, unless XLA's default.
+
+  Passed to jit on every backend: XLA parses the option on CPU too (and refuses
+  a kind it does not know there), though only the GPU backend acts on it.
+  """
   kinds = config.gpu_command_buffers
   return {'xla_gpu_enable_command_buffer': kinds} if kinds else None
+
+
+# Calls checked before a step runs unguarded: XLA records a command buffer (CUDA graph)
+# at the step's first executions, so a capture that fails does so at the first or second.
+GUARDED_CALLS = 3
+
+# Words of XLA's errors about command buffers: a kind the installed XLA refuses ("While
+# setting option xla_gpu_enable_command_buffer, 'X' is not a valid enum value"), a CUDA
+# graph that failed to capture ("Failed to capture gpu graph") or to update.
+_COMMAND_BUFFER_WORDS = (
+  'xla_gpu_enable_command_buffer',
+  'command buffer',
+  'commandbuffer',
+  'gpu graph',
+  'cuda graph',
+  'stream capture',
+  'capture',
+)
+
+
+def is_command_buffer_failure(error):
+  """True for an XLA error about compiling or capturing command buffers."""
+  text = str(error).lower()
+  return isinstance(error, jax.errors.JaxRuntimeError) and any(
+    word in text for word in _COMMAND_BUFFER_WORDS
+  )
+
+
+class StepWithFallback:
+  """A train step that command buffers cannot break.
+
+  `build(config)` returns the jitted step for `config`. While the step has run fewer
+  than GUARDED_CALLS times with `config.gpu_command_buffers`' kinds, an XLA error
+  about command buffers (compiling or capturing them) is logged in one line and the
+  step is rebuilt with XLA's default kinds and run again on a copy of the state
+  kept before the call (the failed call may have consumed the donated state).
+  Any other error, or one after the guarded calls, propagates.
+  """
+
+  def __init__(self, config, build):
+    self.config, self._build = config, build
+    self._step = build(config)
+    self._guarded = GUARDED_CALLS if config.gpu_command_buffers else 0
+    self.fallback_reason = None  # The first line of the error, once it fell back.
+
+  @property
+  def guarded(self):
+    """True while a call may still fall back (and so recompile)."""
+    return self._guarded > 0
+
+  def compile(self, *args):
+    """Lowers and compiles the step for `args` (falling back as a call would) -> lowered."""
+    try:
+      lowered = self._step.lower(*args)
+      self._step = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+      if not (self._guarded and is_command_buffer_failure(error)):
+        raise
+      self._fall_back(error)
+      lowered = self._step.lower(*args)
+      self._step = lowered.compile()
+    return lowered
+
+  def __call__(self, state, batch):
+    if not self._guarded:
+      return self._step(state, batch)
+    kept = _copy(state)
+    try:
+      result = jax.block_until_ready(self._step(state, batch))
+    except jax.errors.JaxRuntimeError as error:
+      if not is_command_buffer_failure(error):
+        raise
+      self._fall_back(error)
+      return self._step(kept, batch)
+    self._guarded -= 1
+    return result
+
+  def _fall_back(self, error):
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    self.fallback_reason = lines[0][:300]
+    logging.warning(
+      "Command buffers %r failed (%s); going on with XLA's default command buffers "
+      '(config.gpu_command_buffers=).',
+      self.config.gpu_command_buffers,
+      self.fallback_reason,
+    )
+    self.config = _without_command_buffers(self.config)
+    self._step = self._build(self.config)
+    self._guarded = 0
+
+
+def _without_command_buffers(config):
+  config = config.copy_and_resolve_references()
+  config.gpu_command_buffers = ''
+  return config
+
+
+@jax.jit
+def _copy(tree):
+  """A copy of `tree` in new buffers (the step donates its input state)."""
+  return jax.tree.map(lambda x: x.copy() if hasattr(x, 'copy') else x, tree)
 
 
 def pmean_as_one(tree):

@@ -10,6 +10,9 @@ and injects the fault that the environment names, each at a step number:
   TEST_DISK_FULL_AFTER_SAVE  writes over DISK_FULL_BYTES fail (EFBIG) after that save
   TEST_HANG_AT_STEP        that step hangs (like a collective waiting on a hung peer)
   TEST_VANISH_AFTER_SAVE   the checkpoints directory is deleted after that save
+  TEST_CAPTURE_FAIL_AT_STEP  that step, built with config.gpu_command_buffers, runs (so
+                           consumes its donated state) then raises XLA's error for a CUDA
+                           graph that failed to capture
 """
 
 import json
@@ -20,8 +23,9 @@ import signal
 import sys
 import time
 
-import numpy as np
 from absl import app
+import jax
+import numpy as np
 
 from chexnet_jax import main as trainer
 from chexnet_jax.run import checkpoints
@@ -41,10 +45,12 @@ def main():
   full_after_save = _step('TEST_DISK_FULL_AFTER_SAVE')
   hang_at_step = _step('TEST_HANG_AT_STEP')
   vanish_after_save = _step('TEST_VANISH_AFTER_SAVE')
+  capture_fail_at_step = _step('TEST_CAPTURE_FAIL_AT_STEP')
   make_train_step, save = train_step.make_train_step, checkpoints.save
 
-  def recording_make_train_step(*args, **kwargs):
-    step_fn = make_train_step(*args, **kwargs)
+  def recording_make_train_step(config, *args, **kwargs):
+    step_fn = make_train_step(config, *args, **kwargs)
+    capturing = bool(config.gpu_command_buffers)
 
     def step(state, batch):
       shards = sorted(batch['index'].addressable_shards, key=lambda s: s.index[0].start or 0)
@@ -57,7 +63,10 @@ def main():
         f.write(json.dumps(record) + '\n')
       if record['step'] == hang_at_step:  # Like a collective waiting on a hung peer.
         time.sleep(3600)
-      return step_fn(state, batch)
+      result = step_fn(state, batch)
+      if capturing and record['step'] == capture_fail_at_step:  # As XLA words it (GPU).
+        raise jax.errors.JaxRuntimeError('INTERNAL: Failed to capture gpu graph: injected')
+      return result
 
     return step
 

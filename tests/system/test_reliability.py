@@ -316,6 +316,18 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(v).all() for v in variables.values())
 
 
+@pytest.mark.slow
+def test_failed_command_buffer_capture_is_one_line_and_the_run_goes_on(reference, tmp_path):
+  # Step 2 (the first capture on a GPU) consumes its donated state, then fails as XLA does.
+  workdir = tmp_path / 'run'
+  code, log = _drive(workdir, *RUN_ARGS, env=_env(TEST_CAPTURE_FAIL_AT_STEP=2))
+  assert code == 0, _tail(log)
+  lines = [line for line in log.splitlines() if 'Failed to capture gpu graph' in line]
+  assert len(lines) == 1 and "going on with XLA's default command buffers" in lines[0], lines
+  assert 'Traceback' not in log
+  _assert_bitwise_equal_runs(workdir, reference)  # The retried step used the kept state.
+
+
 # ------------------------------------------------ full disk, unwritable dir --
 
 

@@ -8,6 +8,7 @@ import os
 
 os.environ.setdefault('KERAS_BACKEND', 'jax')
 
+import flax.linen as nn  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
@@ -204,14 +205,29 @@ def test_densenet121_matches_keras(keras_densenet121):
   assert max(errors) < PARITY_RTOL
 
 
-def test_batchnorm_running_variance_follows_torch():
+_BATCH_NORMS = {
+  'TorchBatchNorm': lambda train: densenet.TorchBatchNorm(
+    use_running_average=not train, momentum=densenet.BN_MOMENTUM
+  ),
+  # The one the models use in training (shared moments): the same numbers.
+  'BatchNorm': lambda train: densenet.BatchNorm(
+    use_running_average=not train,
+    momentum=densenet.BN_MOMENTUM,
+    epsilon=densenet.TORCH_BN_EPSILON,
+    dtype=jnp.float32,
+  ),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_BATCH_NORMS))
+def test_batchnorm_running_variance_follows_torch(name):
   """torch's BatchNorm2d averages the *unbiased* batch variance (n/(n-1)) into its
   running variance; flax's puts in the biased one. Ours follows torch; the batch
   is still normalised by the biased variance, as in both."""
   import torch
 
   x = np.random.default_rng(0).normal(1.0, 2.0, (2, 3, 3, 4)).astype(np.float32)  # n = 18.
-  module = densenet.TorchBatchNorm(use_running_average=False, momentum=densenet.BN_MOMENTUM)
+  module = _BATCH_NORMS[name](train=True)
   variables = module.init(jax.random.PRNGKey(0), x)
   y, updated = module.apply(variables, x, mutable=['batch_stats'])
   reference = torch.nn.BatchNorm2d(4, momentum=0.1, eps=densenet.TORCH_BN_EPSILON).train()
@@ -221,6 +237,103 @@ def test_batchnorm_running_variance_follows_torch():
   np.testing.assert_allclose(updated['batch_stats']['var'], reference.running_var, rtol=1e-6)
   # Evaluation reads the running statistics unchanged (old checkpoints load as before).
   trained = {**variables, **updated}
-  evaluated = densenet.TorchBatchNorm(use_running_average=True).apply(trained, x)
+  evaluated = _BATCH_NORMS[name](train=False).apply(trained, x)
   plain = densenet.nn.BatchNorm(use_running_average=True).apply(trained, x)
   np.testing.assert_array_equal(evaluated, plain)
+
+
+def _loss_grads_stats(model, variables, images, labels):
+  """Loss, parameter gradients and updated BN statistics of one training forward+backward."""
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+      {'params': params, 'batch_stats': variables['batch_stats']},
+      images,
+      train=True,
+      mutable=['batch_stats'],
+    )
+    loss = jnp.mean(jnp.square(logits - labels))
+    return loss, updates['batch_stats']
+
+  (loss, stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params'])
+  return loss, grads, stats
+
+
+def _shared_and_reference(name, size, dtype):
+  """(loss, grads, stats) of the shared-statistics model and of flax's nn.BatchNorm one."""
+  shared = densenet.create_model(name, num_classes=5, dtype=dtype)
+  assert shared.share_bn_statistics
+  reference = shared.clone(share_bn_statistics=False)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(4, size, size, 3)), dtype)
+  labels = jnp.asarray(rng.random((4, 5)), dtype)
+  variables = reference.init(jax.random.key(1), images, train=False)
+  # The same variables (names, shapes): weight files and checkpoints are unchanged.
+  assert jax.tree.structure(shared.init(jax.random.key(1), images, train=False)) == (
+    jax.tree.structure(variables)
+  )
+  # Non-trivial statistics and scales, as a trained model has.
+  leaves, tree = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  variables = jax.tree.unflatten(
+    tree, [(x + 0.1 * jax.random.uniform(k, x.shape)).astype(dtype) for x, k in zip(leaves, keys)]
+  )
+  ours = _loss_grads_stats(shared, variables, images, labels)
+  theirs = _loss_grads_stats(reference, variables, images, labels)
+  # Evaluation computes no batch moments: the running averages, as flax's.
+  eval_ours = shared.apply(variables, images, train=False)
+  np.testing.assert_array_equal(eval_ours, reference.apply(variables, images, train=False))
+  return ours, theirs
+
+
+def _worst_relative(ours, theirs):
+  """The largest difference of any leaf, relative to that leaf's largest value."""
+  return max(
+    float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs))
+  )
+
+
+def _assert_same_step(name, size, dtype, grads_within):
+  (loss, grads, stats), (ref_loss, ref_grads, ref_stats) = _shared_and_reference(name, size, dtype)
+  assert abs(float(loss - ref_loss)) <= 1e-6 * abs(float(ref_loss))
+  assert _worst_relative(grads, ref_grads) < grads_within
+  assert _worst_relative(stats, ref_stats) < 1e-6
+
+
+def test_shared_bn_statistics_are_flax_batchnorm_exactly_in_float64():
+  """Each feature map's moments computed once and concatenated: in float64 the same loss,
+  gradients and running statistics as flax's nn.BatchNorm over every concatenation."""
+  with jax.enable_x64(True):
+    _assert_same_step('tiny', 32, jnp.float64, grads_within=1e-9)
+
+
+def test_shared_bn_statistics_equal_flax_batchnorm_to_float32_noise():
+  # Float32 rounding, amplified by the variance's E[x^2] - E[x]^2 over 4 small images:
+  # measured 6e-4 of a leaf's largest gradient (1e-12 in float64); a wrong statistic: O(1).
+  _assert_same_step('tiny', 32, jnp.float32, grads_within=5e-3)
+
+
+@pytest.mark.slow
+def test_shared_bn_statistics_in_densenet121_are_flax_batchnorm_exactly_in_float64():
+  # 121 BN layers, the last over 4 values per channel (1x1 maps at 32 px): float64
+  # rounding reaches 8e-8 of a leaf's largest gradient; float32 noise is 1e-3, an error O(1).
+  with jax.enable_x64(True):
+    _assert_same_step('densenet121', 32, jnp.float64, grads_within=1e-6)
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (2, 7, 9, 4), (4, 112, 112, 8)])
+def test_max_pool_gradient_without_select_and_scatter_is_flax_max_pools(shape):
+  """The same output bitwise, and the same gradient where windows tie (ReLU's zeros): the
+  first maximum in row-major order takes it; sums of up to 4 overlapping windows differ
+  by float32 rounding only (a wrong choice on a tie differs by O(1))."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(np.maximum(rng.normal(size=shape), 0).round(1), jnp.float32)  # many ties
+  y, pullback = jax.vjp(densenet.max_pool_3x3_stride_2, x)
+  ref_y, ref_pullback = jax.vjp(
+    lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), x
+  )
+  np.testing.assert_array_equal(y, ref_y)
+  dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  np.testing.assert_allclose(pullback(dy)[0], ref_pullback(dy)[0], rtol=0, atol=2e-6)
+  assert int(jnp.sum(x == 0)) > x.size // 3  # The ties are there.

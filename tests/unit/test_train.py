@@ -125,6 +125,8 @@ def test_compiler_options_set_gpu_command_buffers_unless_xla_default():
   assert train_step.compiler_options(_config(gpu_command_buffers='')) is None
   options = train_step.compiler_options(_config())
   assert 'CONVOLUTION' in options['xla_gpu_enable_command_buffer'].split(',')
+  # Opt-in only: public reports of slowdowns, hangs and leaks (configs/default.py).
+  assert 'COLLECTIVES' not in options['xla_gpu_enable_command_buffer'].split(',')
 
 
 def test_poisoned_step_yields_nan_loss():
@@ -213,3 +215,98 @@ def test_a_full_disk_before_the_first_checkpoint_does_not_offer_to_resume(tmp_pa
   message = str(stopped.value)
   assert '(No space left on device)' in message and 'No checkpoint was complete yet' in message
   assert 'step none' not in message and 'resume' not in message, message
+
+
+def _guarded_run(config, devices, steps=4, failing=None):
+  """`_train` through train_step.StepWithFallback -> (params, losses, step, built kinds).
+
+  `failing(step_fn)` wraps each step built with command buffers, to inject a failure.
+  """
+  mesh = Mesh(np.array(devices), (sharding.DATA_AXIS,))
+  tx, schedule = train_state.create_optimizer(config, steps, steps)
+  model = train_state.build_model(config, for_training=True)
+  state = train_state.create_train_state(config, model, mesh, tx, labels_lib.LABELS)
+  built = []
+
+  def build(config):
+    built.append(config.gpu_command_buffers)
+    step_fn = train_step.make_train_step(config, model, mesh, tx, schedule)
+    return failing(step_fn) if (failing and config.gpu_command_buffers) else step_fn
+
+  step = train_step.StepWithFallback(config, build)
+  losses = []
+  for batch in _batches(config, steps):
+    state, metrics = step(state, sharding.to_global(batch, mesh))
+    losses.append(float(metrics['train_loss']))
+  return jax.device_get(state.params), losses, step, built
+
+
+def _fails_at_second_call(error_text):
+  def failing(step_fn):
+    calls = []
+
+    def step(state, batch):
+      calls.append(1)
+      result = step_fn(state, batch)  # Consumes the donated state, as a real failure may.
+      if len(calls) == 2:
+        raise jax.errors.JaxRuntimeError(error_text)
+      return result
+
+    return step
+
+  return failing
+
+
+def _fallback_lines(caplog):
+  return [r.getMessage() for r in caplog.records if 'command buffers' in r.getMessage()]
+
+
+def test_failed_capture_is_one_line_and_training_goes_on_with_xla_default(caplog):
+  config = _config()
+  assert config.gpu_command_buffers  # The default captures more than XLA's default.
+  plain, plain_losses, _, _ = _guarded_run(_config(gpu_command_buffers=''), jax.devices()[:2])
+  params, losses, step, built = _guarded_run(
+    config,
+    jax.devices()[:2],
+    failing=_fails_at_second_call('INTERNAL: Failed to capture gpu graph'),
+  )
+  assert built == [config.gpu_command_buffers, '']
+  assert losses == plain_losses  # The retried step ran on the state kept before the call.
+  assert _max_difference(params, plain) == 0
+  lines = _fallback_lines(caplog)
+  assert len(lines) == 1 and 'Failed to capture gpu graph' in lines[0], lines
+  assert "going on with XLA's default command buffers" in lines[0]
+  assert step.config.gpu_command_buffers == '' and not step.guarded
+
+
+def test_a_kind_xla_refuses_falls_back_when_compiling_and_when_called(caplog):
+  # XLA parses the kinds on CPU too: an unknown one fails the compile with INVALID_ARGUMENT.
+  config = _config(gpu_command_buffers='FUSION,NOT_A_KIND')
+  _, losses, step, built = _guarded_run(config, jax.devices()[:1], steps=2)
+  assert built == ['FUSION,NOT_A_KIND', ''] and all(np.isfinite(losses))
+  assert "'NOT_A_KIND' is not a valid enum value" in step.fallback_reason
+  assert len(_fallback_lines(caplog)) == 1
+
+
+def test_compile_falls_back_for_a_refused_kind():
+  config = _config(gpu_command_buffers='FUSION,NOT_A_KIND')
+  devices = jax.devices()[:1]
+  mesh = Mesh(np.array(devices), (sharding.DATA_AXIS,))
+  tx, schedule = train_state.create_optimizer(config, 1, 1)
+  model = train_state.build_model(config, for_training=True)
+  state = train_state.create_train_state(config, model, mesh, tx, labels_lib.LABELS)
+  step = train_step.StepWithFallback(
+    config, lambda config: train_step.make_train_step(config, model, mesh, tx, schedule)
+  )
+  batch = sharding.to_global(next(_batches(config, 1)), mesh)
+  assert step.compile(state, batch) is not None
+  assert step.config.gpu_command_buffers == '' and 'NOT_A_KIND' in step.fallback_reason
+  _, metrics = step(state, batch)
+  assert np.isfinite(float(metrics['train_loss']))
+
+
+def test_other_errors_are_not_taken_for_command_buffer_failures():
+  failing = _fails_at_second_call('RESOURCE_EXHAUSTED: Out of memory allocating 1 GiB')
+  with pytest.raises(jax.errors.JaxRuntimeError, match='Out of memory'):
+    _guarded_run(_config(), jax.devices()[:1], steps=2, failing=failing)
+  assert not train_step.is_command_buffer_failure(ValueError('capture'))
