@@ -129,6 +129,23 @@ def read_identity(workdir):
     return json.load(f)
 
 
+# run.json's record of weights imported from a published checkpoint (run/imported.py):
+# the file, its sha256, and that the run was not trained here.
+IMPORTED_KEY = 'imported_from'
+
+
+def weights_origin(workdir):
+  """'' for a run trained here; for an imported one, where its weights came from."""
+  origin = read_identity(workdir).get(IMPORTED_KEY)
+  if not origin:
+    return ''
+  return (
+    f'imported from {os.path.basename(origin["file"])} (sha256 {origin["sha256"][:12]}, '
+    f'{origin["format"]}), not trained here; labels in {origin["labels"]}; training split: '
+    "the source's"
+  )
+
+
 # Identity fields newer than some runs, with the value those runs had.
 IDENTITY_OF_OLDER_RUNS = {'optimizer_state': 'per_parameter'}
 # The config field that decides an identity field, where the name differs.
@@ -164,6 +181,11 @@ def check_or_write_identity(workdir, identity, allowed=()):
     return
   with open(path) as f:
     saved = json.load(f)
+  if saved.get(IMPORTED_KEY):
+    raise RunMismatchError(
+      f'{workdir} holds weights imported from {saved[IMPORTED_KEY]["file"]}, not a training '
+      f'run to resume; fine-tune from it with --config.init_from={workdir} and a new --workdir.'
+    )
   saved = {**IDENTITY_OF_OLDER_RUNS, **saved}
   different = sorted(k for k in identity if saved.get(k) != identity[k] and k not in allowed)
   if different:

@@ -111,6 +111,8 @@ def pick_step(workdir, which, metric, eval_every_epochs=None):
     )
   if which == 'latest':
     return steps[-1]
+  if which == 'best' and run_dir.read_identity(workdir).get(run_dir.IMPORTED_KEY):
+    return steps[-1]  # Imported weights: one step, never validated here.
   if which == 'best':
     step = best_step(directory, metric)
     if step is None:
@@ -264,6 +266,7 @@ class RestoredRun:
   step: int
   model: Any
   mesh: Any
+  origin: str = ''  # run_dir.weights_origin: '' for a run trained here.
 
 
 def parse_selector(value):
@@ -306,4 +309,5 @@ def load_run(workdir, which='best', config=None):
     step=int(step),
     model=densenet.from_config(config),
     mesh=mesh,
+    origin=run_dir.weights_origin(workdir),
   )

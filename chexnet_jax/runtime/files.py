@@ -27,7 +27,7 @@ def write_atomically(path, data, *, durable=False):
       if durable:
         f.flush()
         os.fsync(f.fileno())
-    os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes 0600; follow the umask.
+    os.chmod(staging, 0o666 & ~umask())  # mkstemp makes 0600; follow the umask.
     os.replace(staging, path)
   except BaseException:
     with contextlib.suppress(OSError):
@@ -40,7 +40,8 @@ def write_json_atomically(path, obj, **kwargs):
   write_atomically(path, json.dumps(obj, indent=2, sort_keys=True), **kwargs)
 
 
-def _umask():
+def umask():
+  """The process's umask (reading it means setting it: set back at once)."""
   mask = os.umask(0)
   os.umask(mask)
   return mask

@@ -1,0 +1,151 @@
+"""import_weights: a published CheXNet checkpoint as a run every reader takes.
+
+The reference is an independent PyTorch forward (tests/support/torch_densenet.py,
+torchvision's layout) of the same random weights, on real NIH images from
+demo_data/ that no run here was trained on, prepared as predict prepares them.
+"""
+
+import glob
+import json
+import os
+import re
+import stat
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from chexnet_jax import import_weights
+from chexnet_jax import predict
+from chexnet_jax.run import run_reader
+from chexnet_jax.run import run_weights
+from input_pipeline import labels as labels_lib
+from tests.support import legacy_pth
+from tests.support import torch_densenet
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+IMAGES = sorted(glob.glob(os.path.join(REPO, 'demo_data', 'images', '*.png')))[-4:]
+
+
+def old_style(key):
+  """'denselayer1.norm1.weight' -> 'denselayer1.norm.1.weight' (torch < 0.4 names)."""
+  return re.sub(r'(denselayer\d+\.(?:norm|conv))([12])\.', r'\1.\2.', key)
+
+
+@pytest.fixture(scope='module')
+def reference():
+  return torch_densenet.randomize(torch_densenet.DenseNet(), seed=3)
+
+
+def write_arnoweng(model, path):
+  """arnoweng/CheXNet's model.pth.tar: legacy torch.save of {'state_dict', ...}, DataParallel
+  and wrapper prefixes, old 'norm.1' keys, head Sequential(Linear, Sigmoid)."""
+  state_dict = {
+    f'module.densenet121.{old_style(k)}'.replace('classifier.', 'classifier.0.'): v
+    for k, v in torch_densenet.state_dict_numpy(model).items()
+    if not k.endswith('num_batches_tracked')  # torch < 0.4 had none.
+  }
+  legacy_pth.write(path, state_dict, extra={'epoch': 7, 'best_loss': 0.15})
+  return path
+
+
+def model_inputs(config):
+  return np.stack(
+    [
+      predict.load_image(p, config.dataset_image_size, config.image_size, config.eval_preprocess)[0]
+      for p in IMAGES
+    ]
+  )
+
+
+@pytest.fixture(scope='module')
+def imported_run(reference, tmp_path_factory):
+  root = tmp_path_factory.mktemp('import')
+  checkpoint = write_arnoweng(reference, str(root / 'model.pth.tar'))
+  workdir = str(root / 'run')
+  assert import_weights.main([checkpoint, '--workdir', workdir]) == 0
+  return checkpoint, workdir
+
+
+def test_arnoweng_checkpoint_predicts_what_pytorch_computes(reference, imported_run, tmp_path):
+  checkpoint, workdir = imported_run
+  out = str(tmp_path / 'out')
+  assert predict.main([*IMAGES, '--workdir', workdir, '--output_dir', out, '--top_k', '1']) == 0
+  with open(os.path.join(out, 'predictions.json')) as f:
+    results = json.load(f)['results']
+  ours = np.array([[r['probabilities'][n] for n in labels_lib.LABELS] for r in results])
+  run = run_reader.load_run(workdir)
+  expected = torch_densenet.probabilities(reference, model_inputs(run.config))
+  assert expected.std(axis=0).max() > 0.01  # The images are told apart: not a flat output.
+  np.testing.assert_allclose(ours, expected, atol=1e-4)
+  identity = json.load(open(os.path.join(workdir, 'run.json')))
+  assert identity['imported_from']['file'] == os.path.abspath(checkpoint)
+  assert identity['imported_from']['trained_here'] is False
+  assert identity['labels'] == list(labels_lib.LABELS)
+  assert 'not trained here' in run.origin
+
+
+def test_imported_run_is_a_fine_tuning_start(imported_run, reference):
+  _, workdir = imported_run
+  variables, step = run_weights.read_best(workdir)
+  assert step == 0
+  np.testing.assert_array_equal(
+    variables['params']['classifier']['bias'], reference.classifier.bias.detach().numpy()
+  )
+
+
+def test_run_dir_follows_the_umask(imported_run):
+  _, workdir = imported_run
+  mode = stat.S_IMODE(os.stat(workdir).st_mode)
+  umask = os.umask(0)
+  os.umask(umask)
+  assert mode == 0o777 & ~umask
+
+
+def test_torchvision_state_dict_and_pickled_model(reference, tmp_path):
+  """A plain torchvision-layout .pth imports; a pickled whole model (jrzech's) needs
+  --allow_pickle, and then gives the same weights."""
+  plain = tmp_path / 'plain.pth'
+  torch.save(reference.state_dict(), plain)
+  assert import_weights.main([str(plain), '--workdir', str(tmp_path / 'a')]) == 0
+  pickled = tmp_path / 'jrzech.pth'
+  torch.save({'model': reference, 'best_loss': 0.2, 'epoch': 3, 'LR': 1e-4}, pickled)
+  assert import_weights.main([str(pickled), '--workdir', str(tmp_path / 'b')]) == 1
+  assert not os.path.exists(tmp_path / 'b')
+  argv = [str(pickled), '--workdir', str(tmp_path / 'b'), '--allow_pickle']
+  assert import_weights.main(argv) == 0
+  a, _ = run_weights.read_best(str(tmp_path / 'a'))
+  b, _ = run_weights.read_best(str(tmp_path / 'b'))
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize(
+  'damage, said',
+  [
+    ('imagenet_head', 'no CheXNet head'),
+    ('no_names_9_outputs', 'names no labels'),
+    ('missing_layer', 'cannot import'),
+  ],
+)
+def test_a_file_that_does_not_fit_is_refused_whole(reference, tmp_path, capsys, damage, said):
+  state_dict = torch_densenet.state_dict_numpy(reference)
+  if damage == 'imagenet_head':
+    state_dict['classifier.weight'] = np.zeros((1000, 1024), np.float32)
+    state_dict['classifier.bias'] = np.zeros(1000, np.float32)
+  elif damage == 'no_names_9_outputs':
+    state_dict['classifier.weight'] = state_dict['classifier.weight'][:9]
+    state_dict['classifier.bias'] = state_dict['classifier.bias'][:9]
+  else:
+    del state_dict['features.denseblock3.denselayer5.norm2.weight']
+  path = tmp_path / 'bad.pth'
+  torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, path)
+  workdir = tmp_path / 'run'
+  assert import_weights.main([str(path), '--workdir', str(workdir)]) == 1
+  error = capsys.readouterr().err
+  assert error.startswith('error: ') and said in error and str(path) in error
+  assert len(error.strip().splitlines()) == 1
+  assert not os.path.exists(workdir)
+  assert os.listdir(tmp_path) == ['bad.pth']  # No staging folder left behind.
