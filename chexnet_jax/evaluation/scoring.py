@@ -214,6 +214,8 @@ class Evaluation:
       config=run.config,
     )
     evaluation.identity = _run_identity(evaluation)
+    if getattr(run, 'origin', ''):  # Imported weights: say so beside the model.
+      evaluation.identity.insert(1, ('weights', run.origin))
     return evaluation
 
   @classmethod

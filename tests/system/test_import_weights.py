@@ -18,6 +18,8 @@ import torch
 
 from chexnet_jax import import_weights
 from chexnet_jax import predict
+from chexnet_jax.evaluation import scoring
+from chexnet_jax.run import run_dir
 from chexnet_jax.run import run_reader
 from chexnet_jax.run import run_weights
 from input_pipeline import labels as labels_lib
@@ -149,3 +151,19 @@ def test_a_file_that_does_not_fit_is_refused_whole(reference, tmp_path, capsys, 
   assert len(error.strip().splitlines()) == 1
   assert not os.path.exists(workdir)
   assert os.listdir(tmp_path) == ['bad.pth']  # No staging folder left behind.
+
+
+def test_report_says_where_the_weights_came_from(imported_run):
+  _, workdir = imported_run
+  run = run_reader.load_run(workdir)
+  report = {'num_examples': 4, 'num_patients': 4, 'bootstrap': {'num_resamples': 10, 'seed': 0}}
+  evaluation = scoring.Evaluation.from_run(run, 'test', 'none', report, None, [], 'labels.csv')
+  rows = dict(evaluation.identity)
+  assert 'model.pth.tar' in rows['weights'] and 'not trained here' in rows['weights']
+
+
+def test_training_refuses_to_resume_an_imported_run(imported_run):
+  _, workdir = imported_run
+  identity = json.load(open(os.path.join(workdir, 'run.json')))
+  with pytest.raises(run_dir.RunMismatchError, match='init_from='):
+    run_dir.check_or_write_identity(workdir, identity)
