@@ -10,15 +10,19 @@ import json
 import os
 import re
 import stat
+import sys
 
 import jax
 import numpy as np
 import pytest
 import torch
 
+from chexnet_jax import export as export_command
 from chexnet_jax import import_weights
 from chexnet_jax import predict
 from chexnet_jax.evaluation import scoring
+from chexnet_jax.model import preprocessing
+from chexnet_jax.run import export
 from chexnet_jax.run import run_dir
 from chexnet_jax.run import run_reader
 from chexnet_jax.run import run_weights
@@ -167,3 +171,59 @@ def test_training_refuses_to_resume_an_imported_run(imported_run):
   identity = json.load(open(os.path.join(workdir, 'run.json')))
   with pytest.raises(run_dir.RunMismatchError, match='init_from='):
     run_dir.check_or_write_identity(workdir, identity)
+
+
+# --------------------------------------------------------------- export --
+
+
+@pytest.fixture(scope='module')
+def jax_probabilities(imported_run):
+  """The imported run's own (JAX) probabilities on the real images, and those images."""
+  run = run_reader.load_run(imported_run[1])
+  grey = model_inputs(run.config)
+  variables = jax.device_get(run.variables)
+  logits = run.model.apply(variables, preprocessing.normalize(grey), train=False)
+  return np.asarray(jax.nn.sigmoid(logits)), grey
+
+
+def test_onnx_export_runs_in_onnxruntime_as_the_model(imported_run, jax_probabilities, tmp_path):
+  import onnx  # pylint: disable=g-import-not-at-top
+
+  output = str(tmp_path / 'chexnet.onnx')
+  assert (
+    export_command.main(['--workdir', imported_run[1], '--format', 'onnx', '--output', output]) == 0
+  )
+  expected, grey = jax_probabilities
+  with open(output, 'rb') as f:
+    got = export.onnx_probabilities(f.read(), grey)
+  np.testing.assert_allclose(got, expected, atol=1e-4)
+  metadata = {p.key: p.value for p in onnx.load(output).metadata_props}
+  assert json.loads(metadata['label_names']) == list(labels_lib.LABELS)
+  assert 'torchvision' in metadata['preprocessing'] and 'not trained here' in metadata['weights']
+
+
+def test_safetensors_export_loads_into_torchvision_layout(
+  imported_run, jax_probabilities, reference, tmp_path
+):
+  from safetensors import torch as safetensors_torch  # pylint: disable=g-import-not-at-top
+
+  output = str(tmp_path / 'chexnet.safetensors')
+  argv = ['--workdir', imported_run[1], '--format', 'safetensors', '--output', output]
+  assert export_command.main(argv) == 0
+  model = torch_densenet.DenseNet(num_classes=14)
+  model.load_state_dict(safetensors_torch.load_file(output), strict=True)
+  expected, grey = jax_probabilities
+  np.testing.assert_allclose(torch_densenet.probabilities(model.eval(), grey), expected, atol=1e-4)
+  assert set(model.state_dict()) == set(reference.state_dict())
+
+
+def test_export_without_the_extra_is_one_sentence(imported_run, tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, 'onnxruntime', None)  # As if not installed.
+  output = tmp_path / 'x.onnx'
+  assert (
+    export_command.main(['--workdir', imported_run[1], '--format', 'onnx', '--output', str(output)])
+    == 1
+  )
+  error = capsys.readouterr().err
+  assert 'missing: onnxruntime' in error and '[export]' in error
+  assert len(error.strip().splitlines()) == 1 and not output.exists()
