@@ -22,7 +22,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 
 import flax
 import jax
@@ -259,9 +258,8 @@ def _write_run(workdir, config, identity, variables):
   """The whole run in a temporary folder beside `workdir`, renamed into place."""
   parent = os.path.dirname(workdir)
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(workdir)}.import-', dir=parent)
+  staging = files.staging_dir(parent, prefix=f'.{os.path.basename(workdir)}.import-')
   try:
-    os.chmod(staging, 0o777 & ~files.umask())  # mkdtemp makes 0700; follow the umask.
     files.write_json_atomically(os.path.join(staging, run_dir.CONFIG_FILE), config.to_dict())
     files.write_json_atomically(os.path.join(staging, run_dir.IDENTITY_FILE), identity)
     state = ImportedState(

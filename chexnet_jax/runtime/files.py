@@ -35,6 +35,15 @@ def write_atomically(path, data, *, durable=False):
     raise
 
 
+def staging_dir(parent, prefix):
+  """A new folder in `parent` to build an output in before it is renamed into place;
+  its mode follows the umask (mkdtemp's 0700 would stay on the renamed folder, which
+  a shared group could then not read)."""
+  path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+  os.chmod(path, 0o777 & ~umask())
+  return path
+
+
 def write_json_atomically(path, obj, **kwargs):
   """A JSON file (indented, keys sorted: diffs stay readable), written whole."""
   write_atomically(path, json.dumps(obj, indent=2, sort_keys=True), **kwargs)

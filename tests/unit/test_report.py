@@ -4,6 +4,7 @@ real headless Chromium (tests/support/chromium.py) on the session's tiny trained
 import csv
 import json
 import os
+import stat
 import re
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from chexnet_jax.evaluation import calibration
+from chexnet_jax.report import eval_outputs
 from chexnet_jax.report import figures
 from chexnet_jax.evaluation import metrics
 from chexnet_jax.report import page as report_page
@@ -414,3 +416,15 @@ def test_a_column_declared_once_shows_in_the_csv_the_console_and_the_page(monkey
   assert console[0].split()[-1] == 'Neg' and console[2].split()[-1] == str(expected)
   page = report_page.per_label_table_html(report_page.per_label_rows(evaluation))
   assert '<th>Negatives</th>' in page and f'<td>{expected}</td>' in page
+
+
+@pytest.mark.parametrize('mask, mode', [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_published_folders_follow_the_umask(tmp_path, mask, mode):
+  """eval/<split>, score's output and predict's heatmaps/ are all published this way."""
+  old = os.umask(mask)
+  try:
+    with eval_outputs.published(str(tmp_path / 'out')) as staging:
+      open(os.path.join(staging, 'a.txt'), 'w').close()
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(os.stat(tmp_path / 'out').st_mode) == mode
