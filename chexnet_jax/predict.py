@@ -75,7 +75,9 @@ def _decode(path, data):
   except dicom.DicomError as e:
     raise ImageLoadError(f'{path}: {e}.') from e
   except (OSError, ValueError, SyntaxError) as e:
-    raise ImageLoadError(f'{path}: not a readable PNG/JPEG/DICOM image ({e}).') from e
+    raise ImageLoadError(
+      f'{path}: not a readable PNG/JPEG/DICOM image ({images_lib.pil_reason(e)}).'
+    ) from e
 
 
 def prepare(grey, dataset_image_size, image_size, eval_preprocess='center_crop'):

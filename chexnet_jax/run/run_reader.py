@@ -20,6 +20,7 @@ A leaf of the module graph, below run_weights and checkpoints.
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -275,7 +276,11 @@ def parse_selector(value):
     return int(value)
   if value in ('best', 'latest'):
     return value
-  raise errors.UserValueError(f"--checkpoint={value}: give 'best', 'latest' or a step number.")
+  close = difflib.get_close_matches(value, ('best', 'latest'), n=1)
+  hint = f" (did you mean '{close[0]}'?)" if close else ''
+  raise errors.UserValueError(
+    f"{value!r} is not a checkpoint: give 'best', 'latest' or a step number{hint}."
+  )
 
 
 def checkpoint_help():
