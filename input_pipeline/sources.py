@@ -15,6 +15,7 @@ Image Index), 'patient' (the dataset's own patient ID, a string), 'patient_id'
 """
 
 import contextlib
+import difflib
 import functools
 import glob
 import os
@@ -58,6 +59,25 @@ def _visible(directory: str) -> list[str]:
     if os.path.isdir(directory)
     else []
   )
+
+
+# TFDS keeps its downloads beside the datasets in a data_dir: not a dataset.
+TFDS_DOWNLOADS = 'downloads'
+
+
+def datasets_in(data_dir: str) -> list[str]:
+  """The datasets' folders in a data_dir (TFDS's downloads folder and files left out)."""
+  return [
+    d
+    for d in _visible(data_dir)
+    if d != TFDS_DOWNLOADS and os.path.isdir(os.path.join(data_dir, d))
+  ]
+
+
+def did_you_mean(name: str, data_dir: str) -> str:
+  """' Did you mean X?' for the built dataset closest to `name`, or ''."""
+  close = difflib.get_close_matches(name, datasets_in(data_dir), n=1)
+  return f' Did you mean --config.dataset={close[0]}?' if close and close[0] != name else ''
 
 
 @functools.lru_cache(maxsize=8)
@@ -120,7 +140,7 @@ class Source:
     return (
       f'dataset {c.dataset!r} at {c.dataset_image_size}px in data_dir {c.data_dir!r} '
       f'(sizes built: {_visible(os.path.join(c.data_dir, c.dataset)) or "none"}; '
-      f'datasets there: {_visible(c.data_dir) or "none"})'
+      f'datasets there: {datasets_in(c.data_dir) or "none"})'
     )
 
   def other_fix(self) -> str:
@@ -131,7 +151,8 @@ class Source:
   def missing_error(self) -> DatasetError:
     c = self.config
     return DatasetError(
-      f'No complete {self.described()}. Build it with: python -m input_pipeline.build '
+      f'No complete {self.described()}.{did_you_mean(c.dataset, c.data_dir)} '
+      'Build it with: python -m input_pipeline.build '
       f'{self.rebuild_hint()} --data_dir {c.data_dir} --image_size {c.dataset_image_size}, '
       f'{self.other_fix()}'
     )

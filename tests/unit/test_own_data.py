@@ -658,3 +658,18 @@ def test_a_duplicated_path_names_both_rows(tmp_path):
   assert [str(p) for p in problems] == [
     f'{path} line 5 ({rows[1][0]}): {rows[1][0]} appears twice (also line 3): both rows'
   ]
+
+
+def test_a_mistyped_dataset_offers_the_built_one_not_tfds_downloads(tmp_path):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from input_pipeline import sources  # pylint: disable=g-import-not-at-top
+
+  (tmp_path / 'mydata' / '224px').mkdir(parents=True)
+  (tmp_path / 'downloads' / 'extracted').mkdir(parents=True)  # TFDS's, beside the datasets.
+  config = default.get_config()
+  config.dataset, config.data_dir = 'mydat', str(tmp_path)
+  with pytest.raises(sources.DatasetError) as error:
+    sources.for_config(config).builder()
+  message = str(error.value)
+  assert 'Did you mean --config.dataset=mydata?' in message
+  assert "datasets there: ['mydata']" in message and 'downloads' not in message
