@@ -143,6 +143,8 @@ def _write(args, run, evaluation):
   print(f'labels: {evaluation.label_file}')
   if evaluation.patient_note:  # Once, not per row.
     print(f'patients: {evaluation.patient_note}')
+  if evaluation.banner:
+    print(f'caution: {evaluation.banner}')
   print(eval_outputs.format_auroc_table(report))
   print_notes(evaluation)
   print(f'calibration: temperature {report["calibration"]["temperature"]:.3f} fitted on validation')

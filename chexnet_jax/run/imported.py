@@ -269,7 +269,7 @@ def _write_run(workdir, config, identity, variables):
     )
     manager = checkpoints.create_manager(staging, keep=1, best_metric=config.best_metric)
     with contextlib.closing(manager):
-      checkpoints.save(manager, state)
+      checkpoints.save(manager, state, metrics={})  # None: orbax warns of its best policy.
       checkpoints.wait_until_finished(manager)
     if os.path.isdir(workdir):
       os.rmdir(workdir)  # Empty (checked): the rename needs it gone.

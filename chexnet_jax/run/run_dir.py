@@ -146,6 +146,13 @@ def weights_origin(workdir):
   )
 
 
+def train_images(workdir):
+  """How many images the run was trained on (run.json's dataset splits), or None."""
+  dataset = read_identity(workdir).get('dataset')
+  splits = dataset.get('splits') if isinstance(dataset, dict) else None
+  return splits.get('train') if isinstance(splits, dict) else None
+
+
 # Identity fields newer than some runs, with the value those runs had.
 IDENTITY_OF_OLDER_RUNS = {'optimizer_state': 'per_parameter'}
 # The config field that decides an identity field, where the name differs.

@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 import jax
@@ -268,6 +268,7 @@ class RestoredRun:
   model: Any
   mesh: Any
   origin: str = ''  # run_dir.weights_origin: '' for a run trained here.
+  train_images: Optional[int] = None  # run.json's training split size (None: not recorded).
 
 
 def parse_selector(value):
@@ -315,4 +316,5 @@ def load_run(workdir, which='best', config=None):
     model=densenet.from_config(config),
     mesh=mesh,
     origin=run_dir.weights_origin(workdir),
+    train_images=run_dir.train_images(workdir),
   )
