@@ -141,6 +141,8 @@ def _write(args, run, evaluation):
     '95% CI: patient bootstrap; thresholds: Youden on validation'
   )
   print(f'labels: {evaluation.label_file}')
+  if run.origin:
+    print(f'weights: {run.origin}')
   if evaluation.patient_note:  # Once, not per row.
     print(f'patients: {evaluation.patient_note}')
   if evaluation.banner:

@@ -1,11 +1,11 @@
 r"""Makes a published CheXNet checkpoint into a run that every tool reads.
 
-  python -m chexnet_jax.import_weights FILE --workdir DIR [--data_dir TFDS_DIR] [--allow_pickle]
+  python -m chexnet_jax.import_weights FILE --workdir DIR [--data_dir TFDS_DIR]
 
 FILE: arnoweng/CheXNet's model.pth.tar, a torchvision-layout DenseNet state dict with
-a 14-output head (or one whose file names its labels), a Keras .h5, or, with
---allow_pickle and PyTorch installed, a pickled whole model such as
-jrzech/reproduce-chexnet's checkpoint. DIR (new or empty) then works with evaluate,
+a 14-output head (or one whose file names its labels), a Keras .h5, or a pickled
+whole model such as jrzech/reproduce-chexnet's checkpoint (read with numpy: no
+PyTorch needed, nothing in the file run). DIR (new or empty) then works with evaluate,
 predict, score --compare, the notebook, and fine-tuning (--config.init_from=DIR).
 run.json records the file, its sha256 and that the run was not trained here; the
 labels are in the file's order (CheXNet's 14 when it names none). run/imported.py.
@@ -31,20 +31,13 @@ def parse_args(argv):
     default='',
     help="where the built dataset lives, for evaluate ('' : give it later)",
   )
-  parser.add_argument(
-    '--allow_pickle',
-    action='store_true',
-    help='read a pickled whole PyTorch model (runs code from the file: only for trusted files)',
-  )
   return parser.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(sys.argv[1:] if argv is None else argv)
   try:
-    origin = imported.import_checkpoint(
-      args.file, args.workdir, data_dir=args.data_dir, allow_pickle=args.allow_pickle
-    )
+    origin = imported.import_checkpoint(args.file, args.workdir, data_dir=args.data_dir)
   except errors.UserError as error:
     return command_line.fail(error)
   print(

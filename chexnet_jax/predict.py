@@ -255,6 +255,8 @@ def main(argv=None):
       f'of {args.workdir}'
       + (f', calibrated with temperature {temperature:.3f}' if args.calibrated else '')
     )
+    if run.origin:
+      print(f'weights: {run.origin}')
     print(format_table(results))
   summary_path = _write_summary(output_dir, args, run.step, temperature, results, failures)
   print(f'wrote {summary_path}')

@@ -87,6 +87,25 @@ def read_torch_file(path, *, reader='numpy'):
   return normalize_torch_keys(arrays, path), label_names
 
 
+def read_pickled_model(path):
+  """(torchvision-style state dict, None) of a pickled whole model, such as
+  jrzech/reproduce-chexnet's checkpoint ({'model': DenseNet, 'epoch': ...}).
+
+  Read by torch_pickle with modules=True: the torch.nn and torchvision module
+  classes it names become inert records of their attributes, whose parameters and
+  buffers make the state dict; no code of the file runs and PyTorch is not needed.
+  """
+  checkpoint = torch_pickle.load(path, modules=True)
+  model = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else checkpoint
+  if not isinstance(model, torch_pickle.ModuleRecord):
+    raise ValueError(
+      f'{path} holds a {type(model).__name__}, neither a state dict nor a pickled torch.nn model.'
+    )
+  state_dict = torch_pickle.module_state_dict(model)
+  arrays = {k: _float_array(v) for k, v in state_dict.items() if _is_tensor(v)}
+  return normalize_torch_keys(arrays, path), None
+
+
 def _is_tensor(value):
   return isinstance(value, np.ndarray) or hasattr(value, 'detach')
 

@@ -2,9 +2,9 @@
 
 Reads arnoweng/CheXNet's model.pth.tar (old 'norm.1' keys, the
 'module.densenet121.' prefix, {'state_dict': ...}), any torchvision-layout DenseNet
-state dict with a CheXNet head, a Keras .h5 (model/weights.py reads all three, without
-PyTorch), and, only when the user says the file is trusted (`allow_pickle`) and PyTorch
-is installed, a pickled whole model such as jrzech/reproduce-chexnet's checkpoint.
+state dict with a CheXNet head, a Keras .h5, and a pickled whole model such as
+jrzech/reproduce-chexnet's checkpoint (model/weights.py reads all four with numpy: no
+PyTorch needed, and nothing pickled in the file is run).
 
 The run it writes is what every reader of a run takes (evaluate, predict, score,
 compare, the notebook, fine-tuning with init_from=DIR): config.json (the defaults
@@ -62,12 +62,12 @@ class ImportedState:
   batch_stats: dict
 
 
-def import_checkpoint(path, workdir, *, data_dir='', allow_pickle=False):
+def import_checkpoint(path, workdir, *, data_dir=''):
   """Writes the run at `workdir` from the checkpoint `path`; returns run.json's IMPORTED."""
   path = os.path.abspath(path)
   workdir = os.path.abspath(workdir)
   _check_target(workdir)
-  state_dict, file_labels, kind = read_state_dict(path, allow_pickle=allow_pickle)
+  state_dict, file_labels, kind = read_state_dict(path)
   model_name = architecture(state_dict, path)
   label_names = _labels(state_dict, file_labels, path)
   variables = _variables(state_dict, model_name, label_names, file_labels, path)
@@ -92,7 +92,7 @@ def import_checkpoint(path, workdir, *, data_dir='', allow_pickle=False):
 # ----------------------------------------------------------------- reading --
 
 
-def read_state_dict(path, *, allow_pickle=False):
+def read_state_dict(path):
   """(torchvision-layout state dict of numpy arrays, the file's label names or None, format)."""
   if not os.path.isfile(path):
     raise ImportError_(f'{path}: no such file; give a .pth/.pth.tar/.pt or .h5 checkpoint.')
@@ -106,7 +106,8 @@ def read_state_dict(path, *, allow_pickle=False):
     except torch_pickle.UnreadableTorchFile as error:
       if 'Refusing to load' not in str(error):
         raise
-    return _read_pickled_model(path, allow_pickle) + ('pickled torch model',)
+    # A pickled whole model (jrzech's): its modules read as inert records.
+    return weights.read_pickled_model(path) + ('pickled torch model',)
   except errors.UserError as error:
     if isinstance(error, ImportError_):
       raise
@@ -118,41 +119,7 @@ def read_state_dict(path, *, allow_pickle=False):
 def _sentence(path, error):
   """One sentence from a reader's (possibly multi-line) message."""
   text = ' '.join(line.strip() for line in str(error).splitlines() if line.strip())
-  text = text if path in text else f'{path}: {text}'
-  return f'cannot import {text.rstrip(".")}.'
-
-
-def _read_pickled_model(path, allow_pickle):
-  """A whole pickled model (jrzech's {'model': DenseNet, ...}): only torch reads it."""
-  if not allow_pickle:
-    raise ImportError_(
-      f'{path} holds a pickled PyTorch model (as jrzech/reproduce-chexnet saves), which only '
-      'PyTorch can read and whose unpickling runs code from the file: if you trust it, run '
-      'again with --allow_pickle (PyTorch and the libraries it was saved with must be installed).'
-    )
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    raise ImportError_(
-      f'{path} holds a pickled PyTorch model, which only PyTorch can read, and PyTorch is not '
-      'installed here; install torch (and torchvision), or re-save the file as a state dict.'
-    ) from None
-  try:
-    checkpoint = torch.load(path, map_location='cpu', weights_only=False)
-  except Exception as error:  # pylint: disable=broad-except
-    # Whatever unpickling the file raises (a missing torchvision, a damaged file).
-    raise ImportError_(
-      f'cannot import {path}: PyTorch could not unpickle it ({type(error).__name__}: '
-      f'{str(error).splitlines()[0] if str(error) else ""}).'
-    ) from None
-  model = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else checkpoint
-  if isinstance(model, dict):
-    model = model.get('state_dict', model)
-  state = model.state_dict() if hasattr(model, 'state_dict') else model
-  if not isinstance(state, dict):
-    raise ImportError_(f'{path} holds a {type(state).__name__}, not a DenseNet model.')
-  arrays = {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, 'detach')}
-  return weights.normalize_torch_keys(arrays, path), None
+  return text if path in text else f'cannot import {path}: {text.rstrip(".")}.'
 
 
 def architecture(state_dict, source):
@@ -213,7 +180,10 @@ def _variables(state_dict, model_name, label_names, file_labels, source):
       state_dict, shapes, source=source, file_label_names=file_labels, label_names=label_names
     )
   except ValueError as error:
-    raise ImportError_(_sentence(source, error)) from error
+    problems = '; '.join(line.strip() for line in str(error).splitlines()[1:]) or str(error)
+    raise ImportError_(
+      f'cannot import {source}: its weights do not fit a {model_name} ({problems}).'
+    ) from error
   leaves = jax.tree.leaves(variables)
   if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves):
     raise ImportError_(f"cannot import {source}: it lacks some of the model's weights.")

@@ -5,12 +5,14 @@ torchvision's layout) of the same random weights, on real NIH images from
 demo_data/ that no run here was trained on, prepared as predict prepares them.
 """
 
+import copy as copy_lib
 import glob
 import json
 import os
 import re
 import stat
 import sys
+import types
 
 import jax
 import numpy as np
@@ -111,21 +113,61 @@ def test_run_dir_follows_the_umask(imported_run):
   assert mode == 0o777 & ~umask
 
 
-def test_torchvision_state_dict_and_pickled_model(reference, tmp_path):
-  """A plain torchvision-layout .pth imports; a pickled whole model (jrzech's) needs
-  --allow_pickle, and then gives the same weights."""
+def as_torchvision_pickle(model, monkeypatch):
+  """A copy of `model` whose classes pickle as torchvision's (a stand-in torchvision
+  package is put in sys.modules only while the test saves) and whose head is jrzech's
+  Sequential(Linear, Sigmoid): what jrzech/reproduce-chexnet's torch.save(state) holds."""
+  fake = types.ModuleType('torchvision.models.densenet')
+  renamed = {}
+  for cls in (
+    torch_densenet.DenseNet,
+    torch_densenet._DenseBlock,  # pylint: disable=protected-access
+    torch_densenet._DenseLayer,  # pylint: disable=protected-access
+    torch_densenet._Transition,  # pylint: disable=protected-access
+  ):
+    renamed[cls] = type(cls.__name__, (cls,), {'__module__': fake.__name__})
+    setattr(fake, cls.__name__, renamed[cls])
+  for name in ('torchvision', 'torchvision.models'):
+    monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+  monkeypatch.setitem(sys.modules, fake.__name__, fake)
+  copy = copy_lib.deepcopy(model)
+  for module in copy.modules():
+    module.__class__ = renamed.get(type(module), type(module))
+  copy.classifier = torch.nn.Sequential(copy.classifier, torch.nn.Sigmoid())
+  return copy
+
+
+@pytest.mark.parametrize('legacy', [True, False], ids=['legacy_format', 'zip_format'])
+def test_torchvision_state_dict_and_jrzechs_pickled_model(reference, tmp_path, monkeypatch, legacy):
+  """A plain torchvision-layout .pth and jrzech's pickled whole model import to the same
+  weights; the pickled model's classes are never looked up (no torchvision here), and
+  no code of the file runs."""
   plain = tmp_path / 'plain.pth'
   torch.save(reference.state_dict(), plain)
   assert import_weights.main([str(plain), '--workdir', str(tmp_path / 'a')]) == 0
-  pickled = tmp_path / 'jrzech.pth'
-  torch.save({'model': reference, 'best_loss': 0.2, 'epoch': 3, 'LR': 1e-4}, pickled)
-  assert import_weights.main([str(pickled), '--workdir', str(tmp_path / 'b')]) == 1
-  assert not os.path.exists(tmp_path / 'b')
-  argv = [str(pickled), '--workdir', str(tmp_path / 'b'), '--allow_pickle']
-  assert import_weights.main(argv) == 0
+  pickled = tmp_path / 'checkpoint'
+  with monkeypatch.context() as patch:
+    model = as_torchvision_pickle(reference, patch)
+    state = {'model': model, 'best_loss': 0.2, 'epoch': 3, 'rng_state': torch.get_rng_state()}
+    torch.save(state, pickled, _use_new_zipfile_serialization=not legacy)
+  assert 'torchvision' not in sys.modules
+  assert import_weights.main([str(pickled), '--workdir', str(tmp_path / 'b')]) == 0
   a, _ = run_weights.read_best(str(tmp_path / 'a'))
   b, _ = run_weights.read_best(str(tmp_path / 'b'))
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  identity = json.load(open(tmp_path / 'b' / 'run.json'))
+  assert identity['imported_from']['format'] == 'pickled torch model'
+
+
+def test_a_pickled_model_of_another_package_is_refused(tmp_path, capsys):
+  """Only torch.nn and torchvision module classes are read as records: any other
+  class named by the pickle is refused before anything is called."""
+  pickled = tmp_path / 'other.pth'
+  torch.save({'model': torch_densenet.DenseNet(blocks=(1, 1, 1, 1))}, pickled)
+  assert import_weights.main([str(pickled), '--workdir', str(tmp_path / 'run')]) == 1
+  error = capsys.readouterr().err
+  assert 'tests.support.torch_densenet' in error and 'arbitrary code' in error
+  assert not (tmp_path / 'run').exists()
 
 
 @pytest.mark.parametrize(
