@@ -29,6 +29,7 @@ from chexnet_jax.run import run_dir
 from chexnet_jax.run import run_reader
 from chexnet_jax.run import run_weights
 from input_pipeline import labels as labels_lib
+from tests.support import keras_helpers
 from tests.support import legacy_pth
 from tests.support import torch_densenet
 
@@ -269,3 +270,23 @@ def test_export_without_the_extra_is_one_sentence(imported_run, tmp_path, monkey
   error = capsys.readouterr().err
   assert 'missing: onnxruntime' in error and '[export]' in error
   assert len(error.strip().splitlines()) == 1 and not output.exists()
+
+
+def test_keras_densenet121_h5(tmp_path):
+  """A Keras DenseNet121 with a 14-output head, saved as .weights.h5, imported, gives on
+  real images what Keras computes (Keras' BN epsilon is 1.001e-5, ours torchvision's 1e-5)."""
+  os.environ.setdefault('KERAS_BACKEND', 'jax')
+  from keras.src.applications import densenet as keras_densenet  # pylint: disable=g-import-not-at-top
+
+  model = keras_densenet.DenseNet121(weights=None, classes=14, classifier_activation=None)
+  keras_helpers.randomize_keras_weights(model, seed=5)
+  path = str(tmp_path / 'keras_chexnet.weights.h5')
+  model.save_weights(path)
+  workdir = str(tmp_path / 'run')
+  assert import_weights.main([path, '--workdir', workdir]) == 0
+  run = run_reader.load_run(workdir)
+  x = np.asarray(preprocessing.normalize(model_inputs(run.config)))
+  expected = 1 / (1 + np.exp(-np.asarray(model(x, training=False))))
+  logits = run.model.apply(jax.device_get(run.variables), x, train=False)
+  np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(logits)), expected, atol=1e-4)
+  assert json.load(open(os.path.join(workdir, 'run.json')))['imported_from']['format'] == 'keras'
