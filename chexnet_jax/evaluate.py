@@ -134,7 +134,9 @@ def _write(args, run, evaluation):
       args.workdir, evaluation.report['calibration']['temperature'], run.step, args.tta
     )
   report = evaluation.report
-  which = run_reader.describe_checkpoint(args.checkpoint, run.step, run.config)
+  which = run_reader.describe_checkpoint(
+    args.checkpoint, run.step, run.config, imported=bool(run.origin)
+  )
   print(
     f'{args.split} split, checkpoint {which}, '
     f'tta {args.tta}, {report["num_examples"]} images of {report["num_patients"]} patients; '

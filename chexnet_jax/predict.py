@@ -250,9 +250,11 @@ def main(argv=None):
   _report_failures(late_failures)
   failures += late_failures
   if results:
+    which = run_reader.describe_checkpoint(
+      args.checkpoint, run.step, run.config, imported=bool(run.origin)
+    )
     print(
-      f'checkpoint {run_reader.describe_checkpoint(args.checkpoint, run.step, run.config)} '
-      f'of {args.workdir}'
+      f'checkpoint {which} of {args.workdir}'
       + (f', calibrated with temperature {temperature:.3f}' if args.calibrated else '')
     )
     if run.origin:

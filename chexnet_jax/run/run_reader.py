@@ -292,8 +292,11 @@ def checkpoint_help():
   )
 
 
-def describe_checkpoint(which, step, config):
-  """'step 48 (best by val_loss)': which step was read, and why."""
+def describe_checkpoint(which, step, config, imported=False):
+  """'step 48 (best by val_loss)': which step was read, and why; `imported`: the run's
+  only step holds weights imported from a published checkpoint (run/imported.py)."""
+  if imported:
+    return f'step {step} (imported weights)'
   if which == 'best':
     return f'step {step} (best by {config.best_metric})'
   return f'step {step} ({which})' if which == 'latest' else f'step {step}'

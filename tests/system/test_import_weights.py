@@ -79,10 +79,15 @@ def imported_run(reference, tmp_path_factory):
   return checkpoint, workdir
 
 
-def test_arnoweng_checkpoint_predicts_what_pytorch_computes(reference, imported_run, tmp_path):
+def test_arnoweng_checkpoint_predicts_what_pytorch_computes(
+  reference, imported_run, tmp_path, capsys
+):
   checkpoint, workdir = imported_run
   out = str(tmp_path / 'out')
   assert predict.main([*IMAGES, '--workdir', workdir, '--output_dir', out, '--top_k', '1']) == 0
+  printed = capsys.readouterr().out
+  assert f'checkpoint step 0 (imported weights) of {workdir}' in printed
+  assert 'weights: imported from model.pth.tar' in printed
   with open(os.path.join(out, 'predictions.json')) as f:
     results = json.load(f)['results']
   ours = np.array([[r['probabilities'][n] for n in labels_lib.LABELS] for r in results])
