@@ -21,6 +21,7 @@ OUT/heatmaps/ and OUT/predictions.json whole, and touches nothing else in OUT.
 """
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -308,7 +309,9 @@ def _write_summary(output_dir, args, step, temperature, results, failures):
     'results': results,
     'failures': failures,
   }
-  files.write_json_atomically(path, summary)
+  # Not write_json_atomically: its sorted keys would put each image's probabilities
+  # out of the run's label order.
+  files.write_atomically(path, json.dumps(summary, indent=2))
   return path
 
 
