@@ -1,8 +1,8 @@
 """chexnet_jax: CheXNet's DenseNet121 on chest X-rays, from one GPU to many Slurm nodes.
 
 The modules here are the commands a user types (`python -m chexnet_jax.main |
-evaluate | predict | score | benchmark`), thin: flags, one `UserError` catch,
-then a call into the subpackages below, which are layered bottom-up:
+evaluate | predict | score | benchmark | import_weights | export`), thin: flags,
+one `UserError` catch, then a call into the subpackages below, which are layered bottom-up:
 
   errors       the one error family; imports nothing of the project
   runtime/     processes, devices, logging: how a job runs

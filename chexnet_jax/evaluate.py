@@ -159,15 +159,21 @@ def _write(args, run, evaluation):
       args.workdir, evaluation.report['calibration']['temperature'], run.step, args.tta
     )
   report = evaluation.report
-  which = run_reader.describe_checkpoint(args.checkpoint, run.step, run.config)
+  which = run_reader.describe_checkpoint(
+    args.checkpoint, run.step, run.config, imported=bool(run.origin)
+  )
   print(
     f'{args.split} split, checkpoint {which}, '
     f'tta {args.tta}, {report["num_examples"]} images of {report["num_patients"]} patients; '
     '95% CI: patient bootstrap; thresholds: Youden on validation'
   )
   print(f'labels: {evaluation.label_file}')
+  if run.origin:
+    print(f'weights: {run.origin}')
   if evaluation.patient_note:  # Once, not per row.
     print(f'patients: {evaluation.patient_note}')
+  if evaluation.banner:
+    print(f'caution: {evaluation.banner}')
   print(eval_outputs.format_auroc_table(report))
   print_notes(evaluation)
   print(f'calibration: temperature {report["calibration"]["temperature"]:.3f} fitted on validation')

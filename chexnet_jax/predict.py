@@ -99,7 +99,9 @@ def _decode(path, data):
   except dicom.DicomError as e:
     raise ImageLoadError(f'{path}: {e}.') from e
   except (OSError, ValueError, SyntaxError) as e:
-    raise ImageLoadError(f'{path}: not a readable PNG/JPEG/DICOM image ({e}).') from e
+    raise ImageLoadError(
+      f'{path}: not a readable PNG/JPEG/DICOM image ({images_lib.pil_reason(e)}).'
+    ) from e
 
 
 def prepare(grey, dataset_image_size, image_size, eval_preprocess='center_crop'):
@@ -275,11 +277,15 @@ def main(argv=None):
   _report_failures(late_failures)
   failures += late_failures
   if results:
+    which = run_reader.describe_checkpoint(
+      args.checkpoint, run.step, run.config, imported=bool(run.origin)
+    )
     print(
-      f'checkpoint {run_reader.describe_checkpoint(args.checkpoint, run.step, run.config)} '
-      f'of {args.workdir}'
+      f'checkpoint {which} of {args.workdir}'
       + (f', calibrated with temperature {temperature:.3f}' if args.calibrated else '')
     )
+    if run.origin:
+      print(f'weights: {run.origin}')
     print(format_table(results))
   summary_path = _write_summary(output_dir, args, run.step, temperature, results, failures)
   print(f'wrote {summary_path}')
@@ -346,7 +352,7 @@ def _write_summary(output_dir, args, step, temperature, results, failures):
     'results': results,
     'failures': failures,
   }
-  files.write_json_atomically(path, summary)
+  files.write_json_atomically(path, summary)  # Keys as given: the run's label order.
   return path
 
 

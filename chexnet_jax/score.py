@@ -67,6 +67,12 @@ def parse_args(argv):
   parser.add_argument('--output_dir', required=True, help='where to write the report')
   parser.add_argument('--bootstrap', type=int, default=1000, help='patient bootstrap resamples')
   parser.add_argument('--seed', type=int, default=0, help='bootstrap seed')
+  parser.add_argument(
+    '--only',
+    default='',
+    help='score only these labels (comma-separated); by default PRED must have a column '
+    'for every label of the labels file',
+  )
   return parser.parse_args(argv)
 
 
@@ -97,7 +103,9 @@ def _pick_column(path, header, candidates, what):
 
 
 def _probability_columns(path, header, names):
-  """{label: column} for each of `names` that PRED has as `<Label>` or `prob_<Label>`."""
+  """{label: column} for every one of `names`, which PRED has as `<Label>` or
+  `prob_<Label>`: a label without its column stops the scoring (a mean over fewer
+  labels is not the mean the reader expects)."""
   columns = {}
   for name in names:
     for column in (f'prob_{name}', name):
@@ -108,6 +116,13 @@ def _probability_columns(path, header, names):
     raise errors.UserValueError(
       f'{path}: no probability column for any label; name them <Label> or prob_<Label> '
       f'for the labels {", ".join(names)}.'
+    )
+  missing = [name for name in names if name not in columns]
+  if missing:
+    kept = ','.join(n for n in names if n in columns)
+    raise errors.UserValueError(
+      f'{path}: no probability column for {", ".join(missing)} (of the {len(names)} labels '
+      f'scored); add prob_<Label> columns for them, or score the others alone with --only {kept}.'
     )
   return columns
 
@@ -278,21 +293,42 @@ def compare(labels, probs, other_probs, patients, names, args):
   )
 
 
+def p_text(entry):
+  """The p-value's cell: '< 1/(B+1)' where no resample reached 0 (the bootstrap's floor)."""
+  if entry.get('p_below') is not None:
+    return f'< 1/{entry["num_resamples"] + 1}'
+  return label_columns.number(entry['p_value'])
+
+
 def comparison_rows(comparison):
-  """[(label, difference, ci low, ci high, p)] as text, the mean last."""
+  """[(label, difference, ci low, ci high, p, positives, caution)] as text, the mean last."""
   rows = []
   for name, entry in comparison.items():
     low, high = entry['ci']
+    positives = entry.get('num_positive')
     rows.append(
       (
         name,
         label_columns.number(entry['difference']),
         label_columns.number(low),
         label_columns.number(high),
-        label_columns.number(entry['p_value']),
+        p_text(entry),
+        '' if positives is None else str(positives),
+        '; '.join(label_columns.cautions({'num_positive': positives})),
       )
     )
   return rows
+
+
+def with_counts(comparison, report):
+  """Each label's entry with its positive images among those compared (report's count)."""
+  per_label = report['per_label']
+  return {
+    name: dict(entry, num_positive=per_label[name].get('num_positive'))
+    if name in per_label
+    else entry
+    for name, entry in comparison.items()
+  }
 
 
 def comparison_html(comparison, pred_name, other_name, num_images):
@@ -305,26 +341,31 @@ def comparison_html(comparison, pred_name, other_name, num_images):
     f'<p class="note">AUROC of {report_lib._esc(pred_name)} minus AUROC of '
     f'{report_lib._esc(other_name)} on the {num_images} images both score, with a 95% '
     'interval and a two-sided p-value from one bootstrap over patients applied to both '
-    '(paired). An empty cell: the label has one class among these images.</p>'
+    '(paired). An empty cell: the label has one class among these images. A label with '
+    f'fewer than {label_columns.MIN_POSITIVES} positive images has a caution: its difference '
+    'and p are not a finding.</p>'
     '<table id="comparison"><thead><tr><th class="name">Finding</th><th>Difference</th>'
-    '<th>95% low</th><th>95% high</th><th>p</th></tr></thead>'
+    '<th>95% low</th><th>95% high</th><th>p</th><th>Positives</th><th>Caution</th></tr></thead>'
     f'<tbody>{body}</tbody></table>'
   )
 
 
 def comparison_table(comparison):
   width = max([12, *(len(name) + 2 for name in comparison)])
-  lines = [f'{"Pathology":<{width}}{"AUROC diff":>11} {"95% CI":<17}{"p":>7}']
+  lines = [f'{"Pathology":<{width}}{"AUROC diff":>11} {"95% CI":<17}{"p":>9}{"pos":>6}']
   lines.append('-' * len(lines[0]))
-  for name, difference, low, high, p in comparison_rows(comparison):
-    lines.append(f'{name:<{width}}{difference:>11} {low + " to " + high:<17}{p:>7}')
+  for name, difference, low, high, p, positives, caution in comparison_rows(comparison):
+    line = f'{name:<{width}}{difference:>11} {low + " to " + high:<17}{p:>9}{positives:>6}'
+    lines.append(line + (f'  caution: {caution}' if caution else ''))
   return '\n'.join(lines)
 
 
 def write_comparison_csv(path, comparison):
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
-    writer.writerow(['pathology', 'auroc_difference', 'ci_low', 'ci_high', 'p_value'])
+    writer.writerow(
+      ['pathology', 'auroc_difference', 'ci_low', 'ci_high', 'p_value', 'num_positive', 'caution']
+    )
     writer.writerows(comparison_rows(comparison))
 
 
@@ -343,16 +384,29 @@ def write_outputs(out_dir, evaluation, comparison_section, comparison):
   report_lib.write_report(out_dir, evaluation, extra_html=comparison_section)
 
 
+def _labels_scored(only, all_names, labels_path):
+  """The labels file's names, or those --only picks (each checked against it)."""
+  if not only:
+    return list(all_names)
+  picked = [n.strip() for n in only.split(',') if n.strip()]
+  unknown = [n for n in picked if n not in all_names]
+  if unknown:
+    raise errors.UserValueError(
+      f'--only {only}: {", ".join(unknown)} is not a label of {labels_path} '
+      f'({", ".join(all_names)}).'
+    )
+  return [n for n in all_names if n in picked]
+
+
 def score(args):
   all_names, truth, description = read_labels(args.labels)
+  names = _labels_scored(args.only, all_names, args.labels)
   split_list = read_split_list(args.split_list) if args.split_list else None
-  _, predictions = read_predictions(args.predictions, all_names)
-  names = [n for n in all_names if n in next(iter(predictions.values()))]
+  _, predictions = read_predictions(args.predictions, names)
   images = join(args.predictions, predictions, truth, split_list)
   other_probs, comparison, section = None, None, ''
   if args.compare:
-    _, other = read_predictions(args.compare, all_names)
-    names = [n for n in names if n in next(iter(other.values()))]
+    _, other = read_predictions(args.compare, names)
     other_images = join(args.compare, other, truth, split_list)
     images = {key: image for key, image in images.items() if key in other_images}
     if not images or not names:
@@ -368,7 +422,9 @@ def score(args):
     args.predictions, description, keys, labels, probs, patients, names, args
   )
   if other_probs is not None:
-    comparison = compare(labels, probs, other_probs, patients, names, args)
+    comparison = with_counts(
+      compare(labels, probs, other_probs, patients, names, args), evaluation.report
+    )
     section = comparison_html(
       comparison, os.path.basename(args.predictions), os.path.basename(args.compare), len(keys)
     )

@@ -2,6 +2,7 @@
 checking one before a build, under the one pixel-count limit the builder and predict share."""
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -45,8 +46,10 @@ def problem(data: bytes) -> str:
         image.verify()  # Walks every chunk and checks CRCs: catches truncation.
   except Image.DecompressionBombError:
     return 'more than twice the pixel limit (PIL refused to open it); downscale it first'
+  except Image.UnidentifiedImageError:
+    return 'not a PNG, JPEG or DICOM file (its format is not recognised)'
   except Exception as e:  # PIL raises several types for broken files.
-    return f'unreadable or truncated image ({type(e).__name__}: {e})'
+    return f'unreadable or truncated image ({type(e).__name__}: {pil_reason(e)})'
   if mode not in SUPPORTED_MODES:
     return f'unsupported image mode {mode!r} (supported: {SUPPORTED_MODES})'
   return pixel_problem(width, height)
@@ -60,6 +63,12 @@ def dimensions(data: bytes) -> tuple[int, int]:
     warnings.simplefilter('ignore', Image.DecompressionBombWarning)  # Checked already.
     with Image.open(io.BytesIO(data)) as image:
       return image.size
+
+
+def pil_reason(error):
+  """PIL's message without the in-memory file's repr ('<_io.BytesIO object at 0x...>'),
+  which names no file: the caller names it."""
+  return re.sub(r'\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>', '', str(error)).strip()
 
 
 def to_grey_uint8(image: Image.Image) -> np.ndarray:

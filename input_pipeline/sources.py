@@ -15,6 +15,7 @@ Image Index), 'patient' (the dataset's own patient ID, a string), 'patient_id'
 """
 
 import contextlib
+import difflib
 import functools
 import glob
 import os
@@ -90,6 +91,21 @@ def _shard_lengths(builder, dataset_dir: str) -> str | None:
         f'its shards hold {sum(held)}'
       )
   return None
+
+
+# TFDS keeps its downloads beside the datasets in a data_dir: not a dataset.
+TFDS_DOWNLOADS = 'downloads'
+
+
+def datasets_in(data_dir: str) -> list[str]:
+  """The datasets' folders in a data_dir (TFDS's downloads folder and files left out)."""
+  return [d for d in _complete(data_dir) if d != TFDS_DOWNLOADS]
+
+
+def did_you_mean(name: str, data_dir: str) -> str:
+  """' Did you mean X?' for the built dataset closest to `name`, or ''."""
+  close = difflib.get_close_matches(name, datasets_in(data_dir), n=1)
+  return f' Did you mean --config.dataset={close[0]}?' if close and close[0] != name else ''
 
 
 @functools.lru_cache(maxsize=8)
@@ -168,7 +184,7 @@ class Source:
     return (
       f'dataset {c.dataset!r} at {c.dataset_image_size}px in data_dir {c.data_dir!r} '
       f'(sizes built: {_complete(os.path.join(c.data_dir, c.dataset)) or "none"}; '
-      f'datasets there: {_complete(c.data_dir) or "none"})'
+      f'datasets there: {datasets_in(c.data_dir) or "none"})'
     )
 
   def other_fix(self) -> str:
@@ -184,8 +200,10 @@ class Source:
     )
 
   def missing_error(self) -> DatasetError:
+    c = self.config
     return DatasetError(
-      f'No complete {self.described()}. Build it with: {self.build_command()}, {self.other_fix()}'
+      f'No complete {self.described()}.{did_you_mean(c.dataset, c.data_dir)} '
+      f'Build it with: {self.build_command()}, {self.other_fix()}'
     )
 
   def builder(self):

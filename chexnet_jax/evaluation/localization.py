@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from chexnet_jax.evaluation import boxes
+from chexnet_jax.evaluation import boxes as boxes_lib
 from chexnet_jax.evaluation import cam as cam_lib
 
 from chexnet_jax.model import losses
@@ -27,9 +27,9 @@ def boxes_in_input(record, config):
 
   Boxes wholly cut away by the centre crop are left out.
   """
-  found = []  # Not `boxes`: that is the module.
+  found = []
   for box in record.get('boxes', ()):
-    mapped = boxes.original_box_to_input(
+    mapped = boxes_lib.original_box_to_input(
       box['bbox'],
       BOX_FRAME,
       config.dataset_image_size,

@@ -298,9 +298,10 @@ def paired_auroc_difference(
 
   Both models are scored on every patient resample (the same weights), so the
   interval is that of the paired difference. The two-sided p-value is twice the
-  smaller share of resamples on either side of 0 (at least 1/num_resamples).
-  Returns {name or 'mean': {'difference', 'ci': [low, high], 'p_value'}}; None
-  where a label has one class.
+  smaller share of resamples on either side of 0; where none reaches 0 it is only
+  known to be below 1/(B+1) (B: the resamples used), and 'p_below' holds that bound.
+  Returns {name or 'mean': {'difference', 'ci': [low, high], 'p_value', 'p_below',
+  'num_resamples'}}; None where a label has one class.
   """
   labels, probs_a = _check_shapes(labels, probs_a, names)
   _, probs_b = _check_shapes(labels, probs_b, names)
@@ -330,11 +331,15 @@ def paired_auroc_difference(
 def _paired_summary(observed, samples, confidence):
   samples = np.asarray(samples)[np.isfinite(samples)]
   if not np.isfinite(observed) or not samples.size:
-    return {'difference': None, 'ci': [None, None], 'p_value': None}
+    return {'difference': None, 'ci': [None, None], 'p_value': None, 'p_below': None}
   interval = _percentile_interval(samples, confidence)
   tail = min((samples <= 0).mean(), (samples >= 0).mean())
+  # No resample reached 0: all the bootstrap can say is p < 1/(B+1) (p_below).
+  floor = 1 / (samples.size + 1)
   return {
     'difference': float(observed),
     'ci': [interval.low, interval.high],
-    'p_value': float(min(1.0, max(2 * tail, 1 / samples.size))),
+    'p_value': float(min(1.0, max(2 * tail, floor))),
+    'p_below': floor if tail == 0 else None,
+    'num_resamples': int(samples.size),
   }

@@ -190,6 +190,7 @@ class Evaluation:
   # {section: why it is not available}: what a predictions file cannot give.
   not_available: dict = dataclasses.field(default_factory=dict)
   config: Any = None  # The run's config; None for a predictions file.
+  banner: str = ''  # A warning above everything (small_training_banner), or ''.
 
   @property
   def of_a_run(self):
@@ -214,6 +215,9 @@ class Evaluation:
       config=run.config,
     )
     evaluation.identity = _run_identity(evaluation)
+    if getattr(run, 'origin', ''):  # Imported weights: say so beside the model.
+      evaluation.identity.insert(1, ('weights', run.origin))
+    evaluation.banner = small_training_banner(getattr(run, 'train_images', None))
     return evaluation
 
   @classmethod
@@ -229,6 +233,22 @@ class Evaluation:
       tta='as given',
       **notes,
     )
+
+
+# Fewer training images than this and a model cannot have learned chest X-rays
+# (CheXNet trained on about 78,000): the page and the console say so above the numbers.
+MIN_TRAINING_IMAGES = 10_000
+
+
+def small_training_banner(train_images):
+  """The warning for a run trained on too few images to mean anything, or ''."""
+  if train_images is None or train_images >= MIN_TRAINING_IMAGES:
+    return ''
+  return (
+    f'This model was trained on {train_images:,} images, far too few to learn chest X-rays '
+    f'(CheXNet: about 78,000): these numbers show that the tool runs, not what such a model '
+    'can do; do not read them as a result.'
+  )
 
 
 def _run_identity(evaluation):

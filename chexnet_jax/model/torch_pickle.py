@@ -102,15 +102,64 @@ _ALLOWED = {
 }
 
 
+# A whole pickled model (jrzech/reproduce-chexnet's checkpoint) names its module
+# classes; with load(..., modules=True) those of these packages become inert
+# ModuleRecord classes: an instance only receives its pickled attributes
+# (_parameters, _buffers, _modules, ...), no method of the real class exists or runs.
+MODULE_PACKAGES = ('torch.nn.modules.', 'torch.nn.parallel.', 'torchvision.models.')
+_MODULE_HELPERS = {
+  **{(module, 'set'): set for module in ('builtins', '__builtin__')},  # Protocol 2: Python 2's.
+  **{(module, 'dict'): dict for module in ('builtins', '__builtin__')},
+  ('torch', 'device'): lambda *args: ':'.join(map(str, args)),
+  ('collections', 'defaultdict'): lambda *args: {},
+}
+
+
+class ModuleRecord:
+  """The pickled attributes of a torch.nn.Module, and the class it was (`kind`)."""
+
+  kind = ''
+
+
+_RECORD_CLASSES = {}
+
+
+def _record_class(module, name):
+  key = f'{module}.{name}'
+  if key not in _RECORD_CLASSES:
+    _RECORD_CLASSES[key] = type(name, (ModuleRecord,), {'kind': key})
+  return _RECORD_CLASSES[key]
+
+
+def module_state_dict(record, prefix=''):
+  """nn.Module.state_dict() of a ModuleRecord tree: parameters and persistent buffers."""
+  state = {}
+  skip = set(getattr(record, '_non_persistent_buffers_set', ()) or ())
+  for name, value in (getattr(record, '_parameters', None) or {}).items():
+    if value is not None:
+      state[prefix + name] = value
+  for name, value in (getattr(record, '_buffers', None) or {}).items():
+    if value is not None and name not in skip:
+      state[prefix + name] = value
+  for name, child in (getattr(record, '_modules', None) or {}).items():
+    if isinstance(child, ModuleRecord):
+      state.update(module_state_dict(child, f'{prefix}{name}.'))
+  return state
+
+
 class _Unpickler(pickle.Unpickler):
   """Resolves only _ALLOWED's names; the storages through persistent ids."""
 
-  def __init__(self, file, path, storages):
+  def __init__(self, file, path, storages, modules=False):
     super().__init__(file, encoding='utf-8')  # As torch.load: Python 2 str -> str.
-    self._path, self._storages = path, storages
+    self._path, self._storages, self._modules = path, storages, modules
 
   def find_class(self, module, name):
     allowed = _ALLOWED.get((module, name))
+    if allowed is None and self._modules:
+      if module.startswith(MODULE_PACKAGES):
+        return _record_class(module, name)
+      allowed = _MODULE_HELPERS.get((module, name))
     if allowed is None:
       raise UnreadableTorchFile(
         f'Refusing to load {self._path}: its pickle names {module}.{name}, which is not a '
@@ -120,6 +169,8 @@ class _Unpickler(pickle.Unpickler):
     return allowed
 
   def persistent_load(self, pid):
+    if self._modules and isinstance(pid, tuple) and pid and _ascii(pid[0]) == 'module':
+      return pid[1]  # A module class saved with its source: the record class found above.
     if not (isinstance(pid, tuple) and pid and _ascii(pid[0]) == 'storage'):
       raise UnreadableTorchFile(
         f'{self._path}: its pickle refers to {_ascii(pid[0]) if pid else pid!r} objects, '
@@ -139,19 +190,24 @@ def _ascii(value):
   return value.decode('ascii') if isinstance(value, bytes) else str(value)
 
 
-def load(path):
-  """The object `torch.save` wrote to `path`, every tensor a numpy array."""
+def load(path, modules=False):
+  """The object `torch.save` wrote to `path`, every tensor a numpy array.
+
+  modules=True also reads a pickled whole model: its torch.nn / torchvision modules
+  come back as ModuleRecords (module_state_dict gives their weights); nothing of the
+  file is run either way.
+  """
   path = str(path)
   try:
     if zipfile.is_zipfile(path):
-      return _load_zip(path)
+      return _load_zip(path, modules)
     if tarfile.is_tarfile(path):
       raise UnreadableTorchFile(
         f'{path} is in the tar format of torch < 0.1.10, which is not read (nor by '
         "torch.load's weights_only); re-save it with a newer torch."
       )
     with open(path, 'rb') as f:
-      return _load_legacy(f, path)
+      return _load_legacy(f, path, modules)
   except UnreadableTorchFile:
     raise
   except (
@@ -172,7 +228,7 @@ def load(path):
     raise UnreadableTorchFile(f'Cannot read {path} ({error}).') from None
 
 
-def _load_zip(path):
+def _load_zip(path, modules=False):
   with zipfile.ZipFile(path) as archive:
     names = archive.namelist()
     pickles = [n for n in names if n.endswith('/data.pkl') or n == 'data.pkl']
@@ -184,14 +240,14 @@ def _load_zip(path):
     prefix = pickles[0][: -len('data.pkl')]
     storages = {}
     with archive.open(pickles[0]) as f:
-      result = _Unpickler(f, path, storages).load()
+      result = _Unpickler(f, path, storages, modules).load()
     big = prefix + 'byteorder' in names and archive.read(prefix + 'byteorder') == b'big'
     order = '>' if big else '<'  # Files without the record are little-endian.
     data = {key: archive.read(f'{prefix}data/{key}') for key in storages}
   return _build(result, {key: _array(data[key], s.type_name, order) for key, s in storages.items()})
 
 
-def _load_legacy(f, path):
+def _load_legacy(f, path, modules=False):
   header = _Unpickler(f, path, {})
   if header.load() != _LEGACY_MAGIC:
     raise UnreadableTorchFile(
@@ -203,7 +259,7 @@ def _load_legacy(f, path):
   info = header.load()
   order = '<' if info.get('little_endian', True) else '>'
   storages = {}
-  result = _Unpickler(f, path, storages).load()
+  result = _Unpickler(f, path, storages, modules).load()
   keys = [_ascii(k) for k in _Unpickler(f, path, {}).load()]
   arrays = {}
   for key in keys:
@@ -236,6 +292,8 @@ def _build(obj, arrays):
     return out
   if isinstance(obj, (list, tuple)):
     return type(obj)(_build(v, arrays) for v in obj)
+  if isinstance(obj, ModuleRecord):
+    obj.__dict__.update({k: _build(v, arrays) for k, v in vars(obj).items()})
   return obj
 
 

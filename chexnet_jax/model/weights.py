@@ -87,6 +87,25 @@ def read_torch_file(path, *, reader='numpy'):
   return normalize_torch_keys(arrays, path), label_names
 
 
+def read_pickled_model(path):
+  """(torchvision-style state dict, None) of a pickled whole model, such as
+  jrzech/reproduce-chexnet's checkpoint ({'model': DenseNet, 'epoch': ...}).
+
+  Read by torch_pickle with modules=True: the torch.nn and torchvision module
+  classes it names become inert records of their attributes, whose parameters and
+  buffers make the state dict; no code of the file runs and PyTorch is not needed.
+  """
+  checkpoint = torch_pickle.load(path, modules=True)
+  model = checkpoint.get('model', checkpoint) if isinstance(checkpoint, dict) else checkpoint
+  if not isinstance(model, torch_pickle.ModuleRecord):
+    raise ValueError(
+      f'{path} holds a {type(model).__name__}, neither a state dict nor a pickled torch.nn model.'
+    )
+  state_dict = torch_pickle.module_state_dict(model)
+  arrays = {k: _float_array(v) for k, v in state_dict.items() if _is_tensor(v)}
+  return normalize_torch_keys(arrays, path), None
+
+
 def _is_tensor(value):
   return isinstance(value, np.ndarray) or hasattr(value, 'detach')
 
@@ -412,3 +431,29 @@ def _label_rows(file_label_names, label_names, source):
   if absent:
     raise ValueError(f'{source}: its head lacks labels {absent}; it has {file_label_names}.')
   return [file_label_names.index(n) for n in label_names]
+
+
+# ----------------------------------------------------------------------------
+# Flax variables -> state dict (export)
+
+
+def variables_to_state_dict(variables):
+  """torchvision's DenseNet state dict (numpy, torchvision names and layouts) of
+  `variables`: the inverse of state_dict_to_variables, num_batches_tracked included
+  (as torchvision's own state dicts have it)."""
+  state_dict = {}
+  for path, value in traverse_util.flatten_dict(unfreeze(variables)).items():
+    collection, *modules, leaf = path
+    module = '.'.join(modules) if modules[0] == 'classifier' else 'features.' + '.'.join(modules)
+    value = np.asarray(value, np.float32)
+    if collection == 'batch_stats':
+      name = {'mean': 'running_mean', 'var': 'running_var'}[leaf]
+      state_dict[f'{module}.num_batches_tracked'] = np.zeros((), np.int64)
+    elif leaf == 'kernel' and value.ndim == 4:  # Flax HWIO -> torch OIHW.
+      name, value = 'weight', np.transpose(value, (3, 2, 0, 1))
+    elif leaf == 'kernel':  # Dense [in, out] -> torch Linear [out, in].
+      name, value = 'weight', value.T
+    else:
+      name = {'scale': 'weight'}.get(leaf, leaf)
+    state_dict[f'{module}.{name}'] = np.ascontiguousarray(value)
+  return state_dict

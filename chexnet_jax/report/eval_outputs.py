@@ -14,10 +14,10 @@ import json
 import os
 import re
 import shutil
-import tempfile
 
 from chexnet_jax.evaluation import label_columns
 from chexnet_jax.evaluation import scoring
+from chexnet_jax.runtime import files
 
 # Renames tried when another evaluation of the split publishes at the same time.
 PUBLISH_ATTEMPTS = 10
@@ -95,11 +95,11 @@ def write_outputs(out_dir, evaluation, gallery=(), localization=None):
 
 @contextlib.contextmanager
 def published(out_dir):
-  """Yields a private temporary folder beside `out_dir`; renames it to `out_dir`
+  """Yields a temporary folder beside `out_dir`; renames it to `out_dir`
   when the block ends without an error (else removes it)."""
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.', dir=parent)
+  staging = files.staging_dir(parent, prefix=f'.{os.path.basename(out_dir)}.')
   try:
     yield staging
     _replace_directory(staging, out_dir)

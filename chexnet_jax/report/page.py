@@ -163,7 +163,8 @@ def _img(png_bytes, alt, width=None):
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em auto;
 max-width:1100px;padding:0 1em;color:#222;line-height:1.4}
-h1{font-size:1.5em}h2{font-size:1.2em;border-bottom:1px solid #ccc;margin-top:2em}
+h1{font-size:1.5em}.banner{background:#fff3cd;border:1px solid #e0b000;padding:.6em 1em}
+h2{font-size:1.2em;border-bottom:1px solid #ccc;margin-top:2em}
 table{border-collapse:collapse;font-size:0.85em;margin:0.5em 0}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;vertical-align:top}
 th{background:#f3f3f3}td.name,th.name{text-align:left}td.why{text-align:left;color:#8a4b00;
@@ -325,7 +326,7 @@ def render(evaluation, out_dir, gallery, localization, pngs, run_name='', extra_
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_esc(title)}</title><style>{STYLE}</style></head><body>
-<h1>{_esc(title)}</h1>
+<h1>{_esc(title)}</h1>{_banner_html(evaluation.banner)}
 <h2 id="run">Run</h2>{_identity_html(identity(evaluation, run_name))}
 <h2 id="performance">How good is it: per finding</h2>
 <p class="note">{_esc(len(evaluation.label_names))} labels, {whose}. AUROC and AUPRC
@@ -347,6 +348,10 @@ empty cell; the last column says why.</p>
 {gallery_html(out_dir, gallery, missing.get('heatmaps'))}
 </body></html>
 """
+
+
+def _banner_html(banner):
+  return f'<p id="banner" class="banner">{_esc(banner)}</p>' if banner else ''
 
 
 def write_report(out_dir, evaluation, gallery=(), localization=None, run_name='', extra_html=''):

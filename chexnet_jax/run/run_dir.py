@@ -151,6 +151,30 @@ def read_json(path):
   return value
 
 
+# run.json's record of weights imported from a published checkpoint (run/imported.py):
+# the file, its sha256, and that the run was not trained here.
+IMPORTED_KEY = 'imported_from'
+
+
+def weights_origin(workdir):
+  """'' for a run trained here; for an imported one, where its weights came from."""
+  origin = read_identity(workdir).get(IMPORTED_KEY)
+  if not origin:
+    return ''
+  return (
+    f'imported from {os.path.basename(origin["file"])} (sha256 {origin["sha256"][:12]}, '
+    f'{origin["format"]}), not trained here; labels in {origin["labels"]}; training split: '
+    "the source's"
+  )
+
+
+def train_images(workdir):
+  """How many images the run was trained on (run.json's dataset splits), or None."""
+  dataset = read_identity(workdir).get('dataset')
+  splits = dataset.get('splits') if isinstance(dataset, dict) else None
+  return splits.get('train') if isinstance(splits, dict) else None
+
+
 # Identity fields newer than some runs, with the value those runs had.
 IDENTITY_OF_OLDER_RUNS = {'optimizer_state': 'per_parameter'}
 # The config field that decides an identity field, where the name differs.
@@ -193,6 +217,11 @@ def check_or_write_identity(workdir, identity, allowed=()):
       files.write_json_atomically(path, identity, sort_keys=True)
     return
   saved = read_identity(workdir)
+  if saved.get(IMPORTED_KEY):
+    raise RunMismatchError(
+      f'{workdir} holds weights imported from {saved[IMPORTED_KEY]["file"]}, not a training '
+      f'run to resume; fine-tune from it with --config.init_from={workdir} and a new --workdir.'
+    )
   different = _differing(saved, identity, allowed)
   if different:
     details = '; '.join(

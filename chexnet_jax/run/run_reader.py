@@ -20,12 +20,13 @@ A leaf of the module graph, below run_weights and checkpoints.
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 import jax
@@ -111,6 +112,8 @@ def pick_step(workdir, which, metric, eval_every_epochs=None):
     )
   if which == 'latest':
     return steps[-1]
+  if which == 'best' and run_dir.read_identity(workdir).get(run_dir.IMPORTED_KEY):
+    return steps[-1]  # Imported weights: one step, never validated here.
   if which == 'best':
     step = best_step(directory, metric)
     if step is None:
@@ -264,6 +267,8 @@ class RestoredRun:
   step: int
   model: Any
   mesh: Any
+  origin: str = ''  # run_dir.weights_origin: '' for a run trained here.
+  train_images: Optional[int] = None  # run.json's training split size (None: not recorded).
 
 
 def parse_selector(value):
@@ -272,7 +277,11 @@ def parse_selector(value):
     return int(value)
   if value in ('best', 'latest'):
     return value
-  raise errors.UserValueError(f"--checkpoint={value}: give 'best', 'latest' or a step number.")
+  close = difflib.get_close_matches(value, ('best', 'latest'), n=1)
+  hint = f" (did you mean '{close[0]}'?)" if close else ''
+  raise errors.UserValueError(
+    f"{value!r} is not a checkpoint: give 'best', 'latest' or a step number{hint}."
+  )
 
 
 def checkpoint_help():
@@ -283,8 +292,11 @@ def checkpoint_help():
   )
 
 
-def describe_checkpoint(which, step, config):
-  """'step 48 (best by val_loss)': which step was read, and why."""
+def describe_checkpoint(which, step, config, imported=False):
+  """'step 48 (best by val_loss)': which step was read, and why; `imported`: the run's
+  only step holds weights imported from a published checkpoint (run/imported.py)."""
+  if imported:
+    return f'step {step} (imported weights)'
   if which == 'best':
     return f'step {step} (best by {config.best_metric})'
   return f'step {step} ({which})' if which == 'latest' else f'step {step}'
@@ -306,4 +318,6 @@ def load_run(workdir, which='best', config=None):
     step=int(step),
     model=densenet.from_config(config),
     mesh=mesh,
+    origin=run_dir.weights_origin(workdir),
+    train_images=run_dir.train_images(workdir),
   )

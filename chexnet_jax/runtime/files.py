@@ -27,7 +27,7 @@ def write_atomically(path, data, *, durable=False):
       if durable:
         f.flush()
         os.fsync(f.fileno())
-    os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes 0600; follow the umask.
+    os.chmod(staging, 0o666 & ~umask())  # mkstemp makes 0600; follow the umask.
     os.replace(staging, path)
   except BaseException:
     with contextlib.suppress(OSError):
@@ -35,12 +35,22 @@ def write_atomically(path, data, *, durable=False):
     raise
 
 
+def staging_dir(parent, prefix):
+  """A new folder in `parent` to build an output in before it is renamed into place;
+  its mode follows the umask (mkdtemp's 0700 would stay on the renamed folder, which
+  a shared group could then not read)."""
+  path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+  os.chmod(path, 0o777 & ~umask())
+  return path
+
+
 def write_json_atomically(path, obj, *, sort_keys=False, durable=False):
   """An indented JSON file, written whole; keys in the order given unless sort_keys."""
   write_atomically(path, json.dumps(obj, indent=2, sort_keys=sort_keys), durable=durable)
 
 
-def _umask():
+def umask():
+  """The process's umask (reading it means setting it: set back at once)."""
   mask = os.umask(0)
   os.umask(mask)
   return mask

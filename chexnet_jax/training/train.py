@@ -22,6 +22,7 @@ import numpy as np
 
 from chexnet_jax.training import phases
 from chexnet_jax import errors
+from chexnet_jax.run import checkpoint_files
 from chexnet_jax.run import checkpoints
 from chexnet_jax.training import config_checks
 from chexnet_jax.runtime import distributed
@@ -31,6 +32,7 @@ from chexnet_jax.runtime import metric_logging
 from chexnet_jax.model import densenet
 from chexnet_jax.runtime import progress
 from chexnet_jax.run import run_dir
+from chexnet_jax.run import run_reader
 from chexnet_jax.runtime import sharding
 from chexnet_jax.training import train_state
 from chexnet_jax.training import train_step
@@ -307,10 +309,29 @@ def train_and_evaluate(config, workdir):
       _close_quietly(trainer, writer)  # Cannot replace the real error.
     if trainer.exit_code is not None:  # Preempted or interrupted, and saved.
       raise SystemExit(trainer.exit_code)  # Once the loop's frames (and batches) are gone.
+    _log_next_step(config, workdir)
     return result
   finally:
     if lock is not None:
       lock.release()
+
+
+def _log_next_step(config, workdir):
+  """The run's last line: its best step, and the command that evaluates it."""
+  if jax.process_index() != 0:
+    return
+  best = run_reader.best_step(checkpoint_files.checkpoint_dir(workdir), config.best_metric)
+  chosen = (
+    f'best step {best} (by {config.best_metric})'
+    if best is not None
+    else 'no step validated yet (evaluate reads --checkpoint latest)'
+  )
+  logging.info(
+    'Training done: %s; next: python -m chexnet_jax.evaluate --workdir %s%s',
+    chosen,
+    workdir,
+    '' if best is not None else ' --checkpoint latest',
+  )
 
 
 def _lock_workdir(workdir):
@@ -373,8 +394,6 @@ class _Trainer:
     model = train_state.build_model(config, for_training=True)
     self.eval_model = train_state.build_model(config)
     self.logits_fn = inference.make_logits_fn(self.eval_model, densenet.DTYPES[config.dtype])
-    phases.state_phase(config)  # The silent minute after 'Topology'.
-    self.state = train_state.create_train_state(config, model, self.mesh, tx, label_names)
     self.loss_weights = losses.label_weights(
       config.pos_weight, dataset_info['train_positive_fraction']
     )
@@ -385,7 +404,7 @@ class _Trainer:
       ),
     )
     self.manager = checkpoints.create_manager(workdir, config.keep_checkpoints, config.best_metric)
-    self.start_step = self._resume(workdir)
+    self.start_step = self._resume(workdir, model, tx)
     self.exit_code = None  # Set when the loop stopped for a signal, after saving.
     self.data = pipeline.create_train_iterator(
       config,
@@ -394,11 +413,21 @@ class _Trainer:
       start_step=self.start_step,
     )
 
-  def _resume(self, workdir):
-    """Restores the newest intact checkpoint; returns the global step to go on from."""
-    restored, step, data = checkpoints.restore_latest(self.manager, self.state)
+  def _resume(self, workdir, model, tx):
+    """Restores the newest intact checkpoint; returns the global step to go on from.
+
+    The restore needs only the state's shapes, so the initial state (and its
+    config.init_from, e.g. an ImageNet download) is made only for a new run: a
+    resumed or finished run neither downloads nor compiles an initialiser.
+    """
+    template = train_state.abstract_train_state(self.config, model, self.mesh, tx)
+    restored, step, data = checkpoints.restore_latest(self.manager, template)
     if restored is None:
       logging.info('Starting a new run in %s.', workdir)
+      phases.state_phase(self.config)  # The silent minute after 'Topology'.
+      self.state = train_state.create_train_state(
+        self.config, model, self.mesh, tx, self.label_names
+      )
       return 0
     self.state = restored
     if step >= self.total_steps:  # Nothing to train: train() says so.

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from chexnet_jax.run import run_reader
 from tests.support import runs
 
 
@@ -51,17 +52,28 @@ def test_run_writes_logs_and_checkpoints(smoke_run):
     identity = json.load(f)
   assert identity['model'] == 'tiny' and len(identity['labels']) == 14
   assert 'step 320/320' in result.stderr
+  # The last line says which step evaluate will read, and the command.
+  best = run_reader.best_step(os.path.join(workdir, 'checkpoints'), 'val_loss')
+  last_line = result.stderr.strip().splitlines()[-1]
+  assert f'Training done: best step {best} (by val_loss); next: python -m chexnet_jax.evaluate' in (
+    last_line
+  )
 
 
 @pytest.mark.slow
-def test_rerun_of_a_finished_run_says_it_is_complete(smoke_run):
+def test_rerun_of_a_finished_run_says_it_is_complete(smoke_run, tmp_path):
   workdir, _ = smoke_run
   last = max(r['step'] for r in read_metrics(workdir))
-  result = run_main(workdir, f'--config.num_train_steps={last}')
+  # An init_from the run was not trained with, here a file no reader accepts (as an
+  # ImageNet download offline): the checkpoint replaces the weights, so it is never read.
+  unreadable = tmp_path / 'weights.pth'
+  unreadable.write_bytes(b'not a torch file')
+  result = run_main(workdir, f'--config.num_train_steps={last}', f'--config.init_from={unreadable}')
   assert result.returncode == 0, result.stderr[-3000:]
   assert f'is already complete at step {last} (' in result.stderr
   assert 'Resuming from checkpoint' not in result.stderr
   assert 'Compiling the train step' not in result.stderr
+  assert 'Building the train state' not in result.stderr  # No initialiser compiled.
 
 
 @pytest.mark.slow

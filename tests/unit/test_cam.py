@@ -218,3 +218,14 @@ def test_original_box_maps_through_whole_image_resize():
   # Non-square: 2048x1024 -> centre 1024 square -> 256 -> 128.
   box = boxes.original_box_to_input((1024, 0, 8, 8), (2048, 1024), 256, 128, 'resize')
   assert box == pytest.approx((64, 0, 1, 1))
+
+
+def test_a_records_boxes_map_into_the_model_input():
+  """localization.boxes_in_input (evaluate's gallery and localisation on NIH's boxes)."""
+  from chexnet_jax.evaluation import localization  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+
+  config = types.SimpleNamespace(dataset_image_size=256, image_size=256, eval_preprocess='resize')
+  record = {'boxes': [{'label': 3, 'bbox': (512, 256, 128, 64)}]}
+  assert localization.boxes_in_input(record, config) == [(3, (128.0, 64.0, 32.0, 16.0))]
+  assert localization.boxes_in_input({}, config) == []

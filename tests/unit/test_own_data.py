@@ -670,3 +670,19 @@ def test_dicom_with_corrupt_jpeg_data_is_one_sentence_without_pydicoms_traceback
     why = dicom.problem(data)
   assert 'JPEG Baseline' in why and 'could not be decoded' in why and '\n' not in why, why
   assert not [r for r in caplog.records if r.name.startswith('pydicom')], caplog.text
+
+
+def test_a_mistyped_dataset_offers_the_built_one_not_tfds_downloads(tmp_path):
+  from configs import default  # pylint: disable=g-import-not-at-top
+  from input_pipeline import sources  # pylint: disable=g-import-not-at-top
+
+  (tmp_path / 'mydata' / '224px' / '1.0.0').mkdir(parents=True)
+  (tmp_path / 'mydata' / '224px' / '1.0.0' / 'dataset_info.json').write_text('{}')  # Built.
+  (tmp_path / 'downloads' / 'extracted').mkdir(parents=True)  # TFDS's, beside the datasets.
+  config = default.get_config()
+  config.dataset, config.data_dir = 'mydat', str(tmp_path)
+  with pytest.raises(sources.DatasetError) as error:
+    sources.for_config(config).builder()
+  message = str(error.value)
+  assert 'Did you mean --config.dataset=mydata?' in message
+  assert "datasets there: ['mydata']" in message and 'downloads' not in message

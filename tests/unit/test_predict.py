@@ -94,8 +94,9 @@ def test_real_rgba_sample_loads():
 def test_unreadable_file_is_a_clear_error(tmp_path, content):
   path = tmp_path / 'broken.png'
   path.write_bytes(content)
-  with pytest.raises(predict.ImageLoadError, match='broken.png'):
+  with pytest.raises(predict.ImageLoadError, match='broken.png') as error:
     predict.load_image(str(path), 32, 32)
+  assert 'BytesIO' not in str(error.value) and ' at 0x' not in str(error.value)
 
 
 def test_truncated_png_is_a_clear_error(tmp_path):
@@ -331,3 +332,15 @@ def test_bad_arguments_are_one_sentence_before_the_model(tmp_path, capsys):
     f'error: --output_dir {a_file} is a file, not a folder; name a folder (it is '
     'created if missing).\n'
   )
+
+
+def test_a_mistyped_checkpoint_lists_the_choices(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    predict.parse_args(['x.png', '--workdir', 'run', '--checkpoint', 'bset'])
+  error = capsys.readouterr().err.strip().splitlines()[-1]
+  assert exit_info.value.code == 2
+  assert error.endswith(
+    "argument --checkpoint: 'bset' is not a checkpoint: give 'best', 'latest' or a step "
+    "number (did you mean 'best'?)."
+  )
+  assert 'parse_selector' not in error

@@ -4,6 +4,7 @@ real headless Chromium (tests/support/chromium.py) on the session's tiny trained
 import csv
 import json
 import os
+import stat
 import re
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from chexnet_jax.evaluation import calibration
+from chexnet_jax.report import eval_outputs
 from chexnet_jax.report import figures
 from chexnet_jax.evaluation import metrics
 from chexnet_jax.report import page as report_page
@@ -132,7 +134,7 @@ def test_curve_bands_hold_the_curve():
 # ------------------------------------------------- the page, without a model --
 
 
-def _fake_evaluation(labels, probs, thresholds, names=None):
+def _fake_evaluation(labels, probs, thresholds, names=None, train_images=None):
   """A report without a model; `names`: a dataset's own labels (NIH's 14 if None)."""
   patients = [str(i) for i in range(len(labels))]
   result = metrics.classification_report(
@@ -147,7 +149,9 @@ def _fake_evaluation(labels, probs, thresholds, names=None):
   )
   predictions = scoring.Predictions(probs, labels, np.arange(len(labels)))
   records = [{'patient_id': p, 'image_name': f'{p}.png'} for p in patients]
-  run = types.SimpleNamespace(config=config, label_names=tuple(names or LABELS), step=7)
+  run = types.SimpleNamespace(
+    config=config, label_names=tuple(names or LABELS), step=7, train_images=train_images
+  )
   evaluation = scoring.Evaluation.from_run(run, 'test', 'none', result, predictions, records, '')
   scoring.calibrate(evaluation, evaluation.predictions)
   return evaluation
@@ -414,3 +418,44 @@ def test_a_column_declared_once_shows_in_the_csv_the_console_and_the_page(monkey
   assert console[0].split()[-1] == 'Neg' and console[2].split()[-1] == str(expected)
   page = report_page.per_label_table_html(report_page.per_label_rows(evaluation))
   assert '<th>Negatives</th>' in page and f'<td>{expected}</td>' in page
+
+
+@pytest.mark.parametrize('mask, mode', [(0o022, 0o755), (0o077, 0o700), (0o002, 0o775)])
+def test_published_folders_follow_the_umask(tmp_path, mask, mode):
+  """eval/<split>, score's output and predict's heatmaps/ are all published this way."""
+  old = os.umask(mask)
+  try:
+    with eval_outputs.published(str(tmp_path / 'out')) as staging:
+      open(os.path.join(staging, 'a.txt'), 'w').close()
+  finally:
+    os.umask(old)
+  assert stat.S_IMODE(os.stat(tmp_path / 'out').st_mode) == mode
+
+
+_NO_PNGS = {'roc': b'', 'pr': b'', 'reliability': b''}
+
+
+@pytest.mark.parametrize('train_images, shown', [(232, True), (None, False), (78_468, False)])
+def test_a_model_trained_on_few_images_has_a_banner(tmp_path, train_images, shown):
+  """A demo-sized training set: the page says the numbers are not a result."""
+  rng = np.random.default_rng(0)
+  labels = (rng.random((40, 14)) < 0.3).astype(float)
+  probs = rng.random((40, 14))
+  thresholds = metrics.youden_thresholds(labels, probs)
+  evaluation = _fake_evaluation(labels, probs, thresholds, train_images=train_images)
+  page = report_page.render(evaluation, str(tmp_path), (), None, _NO_PNGS)
+  assert ('id="banner"' in page) == shown
+  if shown:
+    assert 'trained on 232 images, far too few' in page
+    assert page.index('id="banner"') < page.index('id="run"')
+
+
+def test_the_notebooks_default_run_is_the_one_make_demo_trains():
+  with open(os.path.join(REPO, 'Makefile')) as f:
+    demo_run = re.search(r'^DEMO_RUN :?= (\S+)$', f.read(), re.M).group(1)
+  with open(os.path.join(REPO, 'notebooks', 'evaluate_checkpoint.ipynb')) as f:
+    default = re.search(r"CHEXNET_WORKDIR', '([^']+)'", f.read()).group(1)
+  assert default == demo_run
+  with open(os.path.join(REPO, 'docs', 'evaluation.md')) as f:
+    docs = f.read()
+  assert 'jupyter nbconvert --to html --execute' in docs and f'`{demo_run}`' in docs

@@ -5,6 +5,7 @@ import csv
 import gzip
 import json
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -200,9 +201,66 @@ def test_bad_input_is_one_sentence(tmp_path, capsys, problem, expected):
     row = [train_image, '0.5']
   pred = _write_predictions(tmp_path / 'pred.csv', [row], header)
   code, out, err = _run(
-    [pred, '--labels', DATA_ENTRY, '--split_list', TEST_LIST, '--output_dir', tmp_path / 'o'],
+    [
+      pred,
+      '--labels',
+      DATA_ENTRY,
+      '--split_list',
+      TEST_LIST,
+      '--output_dir',
+      tmp_path / 'o',
+      *(['--only', 'Mass'] if problem != 'no_probability' else []),
+    ],
     capsys,
   )
   assert code == 1 and expected in err
   assert err.count('\n') == 1 and 'Traceback' not in err
   assert not (tmp_path / 'o').exists()  # Nothing half-written.
+
+
+def test_a_missing_label_column_stops_it(tmp_path, capsys):
+  """No prob_Hernia: one sentence naming it, not a table and a mean over 13 labels."""
+  pred = _nih_predictions(tmp_path / 'p.csv', 0.49, 1, prefix='prob_')
+  with open(pred) as f:
+    rows = [row[:-1] for row in csv.reader(f)]  # Hernia is the last label.
+  pred = _write_predictions(tmp_path / 'p13.csv', rows[1:], rows[0])
+  args = [pred, '--labels', DATA_ENTRY, '--output_dir', tmp_path / 'o', '--bootstrap', 5]
+  code, out, err = _run(args, capsys)
+  assert code == 1 and 'no probability column for Hernia' in err and '--only Atelectasis,' in err
+  assert err.count('\n') == 1 and not (tmp_path / 'o').exists()
+  code, out, err = _run([*args, '--only', ','.join(LABELS[:-1])], capsys)
+  assert code == 0, err
+  summary = json.loads((tmp_path / 'o' / 'metrics.json').read_text())
+  assert sorted(summary['per_label']) == sorted(LABELS[:-1])
+
+
+def test_comparison_counts_positives_cautions_and_says_the_p_floor(tmp_path, capsys):
+  good = _nih_predictions(tmp_path / 'good.csv', 0.49, 0)
+  poor = _nih_predictions(tmp_path / 'poor.csv', 5.0, 1)
+  args = [good, '--labels', DATA_ENTRY, '--compare', poor, '--output_dir', tmp_path / 'c']
+  code, out, err = _run([*args, '--bootstrap', 50], capsys)
+  assert code == 0, err
+  with open(tmp_path / 'c' / 'compare.csv') as f:
+    rows = {row['pathology']: row for row in csv.DictReader(f)}
+  truth = np.array([y for _, y in _demo_entries()])
+  for k, name in enumerate(LABELS):
+    assert rows[name]['num_positive'] == str(int(truth[:, k].sum()))
+    few = 0 < truth[:, k].sum() < 10
+    assert ('too few' in rows[name]['caution']) == few
+  assert rows['mean']['p_value'] == '< 1/51'  # No resample of the mean reached 0.
+  assert 'too few' in out and '< 1/51' in out
+  mean = json.loads((tmp_path / 'c' / 'metrics.json').read_text())['comparison']['mean']
+  assert mean['p_below'] == pytest.approx(1 / 51) and mean['p_value'] == pytest.approx(1 / 51)
+  page = (tmp_path / 'c' / 'report.html').read_text()
+  assert '&lt; 1/51' in page and 'Positives' in page
+
+
+def test_score_output_follows_the_umask(tmp_path, capsys):
+  pred = _nih_predictions(tmp_path / 'p.csv', 0.49, 1)
+  old = os.umask(0o022)
+  try:
+    code, _, err = _run([pred, '--labels', DATA_ENTRY, '--output_dir', tmp_path / 'o'], capsys)
+  finally:
+    os.umask(old)
+  assert code == 0, err
+  assert stat.S_IMODE(os.stat(tmp_path / 'o').st_mode) == 0o755
