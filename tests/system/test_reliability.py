@@ -357,8 +357,8 @@ def test_vanished_checkpoint_directory_is_one_sentence_at_the_next_save(tmp_path
   assert code == 1, _tail(log)
   assert _last_error_line(log) == (
     f'error: Writing a checkpoint to {workdir}/checkpoints failed (No such file '
-    'or directory). The last complete checkpoint is step none; free space (or '
-    'fix the directory), then run again to resume from it.'
+    'or directory). No checkpoint was complete yet; free space (or fix the '
+    'directory), then run again: it starts afresh.'
   )
   assert _tracebacks(log) == 0, _tail(log)
   assert _recorded_steps(workdir) == 2 * CHECKPOINT_EVERY  # Stopped at that save.
