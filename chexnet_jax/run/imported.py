@@ -18,7 +18,6 @@ a file that does not fit is refused in one sentence and leaves nothing behind.
 """
 
 import contextlib
-import hashlib
 import os
 import re
 import shutil
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chexnet_jax.model import imagenet_weights
 from chexnet_jax import errors
 from chexnet_jax.model import densenet
 from chexnet_jax.model import torch_pickle
@@ -74,7 +74,7 @@ def import_checkpoint(path, workdir, *, data_dir=''):
   config = _config(model_name, label_names, data_dir)
   origin = {
     'file': path,
-    'sha256': _sha256(path),
+    'sha256': imagenet_weights.sha256_of(path),
     'format': kind,
     'trained_here': False,
     'labels': "the file's own order"
@@ -191,14 +191,6 @@ def _variables(state_dict, model_name, label_names, file_labels, source):
   if bad:
     raise ImportError_(f'cannot import {source}: {bad[0]} holds NaN or infinite values.')
   return jax.tree.map(lambda x: np.asarray(x, np.float32), variables)
-
-
-def _sha256(path):
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      digest.update(chunk)
-  return digest.hexdigest()
 
 
 # ----------------------------------------------------------------- writing --

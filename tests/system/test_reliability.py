@@ -331,17 +331,24 @@ def test_failed_command_buffer_capture_is_one_line_and_the_run_goes_on(reference
 # ------------------------------------------------ full disk, unwritable dir --
 
 
+def _stopped_at_a_save(workdir, reason, kept, **env):
+  """Trains until a save fails as `env` makes it fail; checks the one sentence."""
+  code, log = _drive(workdir, *RUN_ARGS, env=_env(**env))
+  assert code == 1, _tail(log)
+  assert _last_error_line(log) == (
+    f'error: Writing a checkpoint to {workdir}/checkpoints failed ({reason}). {kept}'
+  )
+  assert _tracebacks(log) == 0, _tail(log)
+
+
 @pytest.mark.slow
 def test_disk_full_at_a_checkpoint_is_one_error_and_resumable(reference, tmp_path):
   workdir = tmp_path / 'run'
-  code, log = _drive(workdir, *RUN_ARGS, env=_env(TEST_DISK_FULL_AFTER_SAVE=CHECKPOINT_EVERY))
-  assert code == 1, _tail(log)
-  assert _last_error_line(log) == (
-    f'error: Writing a checkpoint to {workdir}/checkpoints failed (File too '
-    'large). The last complete checkpoint is step 8; free space (or fix the '
-    'directory), then run again to resume from it.'
+  kept = (
+    'The last complete checkpoint is step 8; free space (or fix the directory), then run '
+    'again to resume from it.'
   )
-  assert _tracebacks(log) == 0, _tail(log)
+  _stopped_at_a_save(workdir, 'File too large', kept, TEST_DISK_FULL_AFTER_SAVE=CHECKPOINT_EVERY)
   # The failed save is left as orbax's temporary directory, never a step.
   assert _steps_on_disk(workdir) == ['16.orbax-checkpoint-tmp', '8']
   code, log = _drive(workdir, *RUN_ARGS)  # Space freed: resume.
@@ -353,14 +360,13 @@ def test_disk_full_at_a_checkpoint_is_one_error_and_resumable(reference, tmp_pat
 @pytest.mark.slow
 def test_vanished_checkpoint_directory_is_one_sentence_at_the_next_save(tmp_path):
   workdir = tmp_path / 'run'
-  code, log = _drive(workdir, *RUN_ARGS, env=_env(TEST_VANISH_AFTER_SAVE=CHECKPOINT_EVERY))
-  assert code == 1, _tail(log)
-  assert _last_error_line(log) == (
-    f'error: Writing a checkpoint to {workdir}/checkpoints failed (No such file '
-    'or directory). No checkpoint was complete yet; free space (or fix the '
-    'directory), then run again: it starts afresh.'
+  kept = (
+    'No checkpoint was complete yet; free space (or fix the directory), then run again: it '
+    'starts afresh.'
   )
-  assert _tracebacks(log) == 0, _tail(log)
+  _stopped_at_a_save(
+    workdir, 'No such file or directory', kept, TEST_VANISH_AFTER_SAVE=CHECKPOINT_EVERY
+  )
   assert _recorded_steps(workdir) == 2 * CHECKPOINT_EVERY  # Stopped at that save.
 
 
@@ -907,6 +913,25 @@ def test_ctrl_c_in_a_terminal_with_grain_workers_saves_and_exits_130(reference, 
 _free_port = runs.free_port
 
 
+def _start_two_processes(workdir, *args, driver=False):
+  """Process 0 and 1 of one training job on `workdir`, each logging to WORKDIR.<i>.log."""
+  os.makedirs(workdir)
+  address = f'127.0.0.1:{_free_port()}'
+  processes = []
+  for i in range(2):
+    with open(f'{workdir}.{i}.log', 'w') as log_file:  # The child keeps its own copy.
+      flags = (
+        f'--config.coordinator_address={address}',
+        '--config.num_processes=2',
+        f'--config.process_id={i}',
+      )
+      command = _command(workdir, (*RUN_ARGS, *flags, *args), driver=driver)
+      processes.append(
+        subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log_file, stderr=log_file)
+      )
+  return processes
+
+
 @pytest.mark.slow
 def test_run_on_two_processes_resumed_on_one_equals_an_uninterrupted_run(tmp_path):
   """2 processes x 1 device, killed after a checkpoint, resumed on 1 process x
@@ -917,29 +942,7 @@ def test_run_on_two_processes_resumed_on_one_equals_an_uninterrupted_run(tmp_pat
   assert code == 0, _tail(log)
 
   workdir = tmp_path / 'run'
-  os.makedirs(workdir)
-  address = f'127.0.0.1:{_free_port()}'
-  processes = []
-  for i in range(2):
-    log_file = open(f'{workdir}.{i}.log', 'w')  # pylint: disable=consider-using-with
-    processes.append(
-      subprocess.Popen(
-        _command(
-          workdir,
-          (
-            *RUN_ARGS,
-            f'--config.coordinator_address={address}',
-            '--config.num_processes=2',
-            f'--config.process_id={i}',
-          ),
-          driver=True,
-        ),
-        cwd=REPO,
-        env=_env(),
-        stdout=log_file,
-        stderr=log_file,
-      )
-    )
+  processes = _start_two_processes(workdir, driver=True)
   try:
     deadline = time.monotonic() + TIMEOUT
     while not (workdir / 'checkpoints' / str(2 * CHECKPOINT_EVERY)).exists():
@@ -970,30 +973,8 @@ def test_dead_peer_ends_the_survivor_in_one_sentence(tmp_path, victim):
   its stack and Python's fault dump), and the checkpoint is there to resume."""
   heartbeat = 5
   workdir = tmp_path / 'run'
-  os.makedirs(workdir)
-  address = f'127.0.0.1:{_free_port()}'
+  processes = _start_two_processes(workdir, f'--config.heartbeat_timeout_seconds={heartbeat}')
   logs = [f'{workdir}.{i}.log' for i in range(2)]
-  processes = []
-  for i in range(2):
-    with open(logs[i], 'w') as log_file:
-      processes.append(
-        subprocess.Popen(
-          _command(
-            workdir,
-            (
-              *RUN_ARGS,
-              f'--config.coordinator_address={address}',
-              '--config.num_processes=2',
-              f'--config.process_id={i}',
-              f'--config.heartbeat_timeout_seconds={heartbeat}',
-            ),
-          ),
-          cwd=REPO,
-          env=_env(),
-          stdout=log_file,
-          stderr=log_file,
-        )
-      )
   survivor = processes[1 - victim]
   try:
     deadline = time.monotonic() + TIMEOUT

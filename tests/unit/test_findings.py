@@ -3,7 +3,6 @@ identifiers in every row, and the numbers flagged that rest on too little
 (label_columns.cautions, the gallery at the validation threshold)."""
 
 import csv
-import types
 
 import numpy as np
 import pytest
@@ -12,34 +11,16 @@ from chexnet_jax.report import eval_outputs
 from chexnet_jax.report import figures
 from chexnet_jax.evaluation import label_columns
 from chexnet_jax.evaluation import localization
-from chexnet_jax.evaluation import metrics
 from chexnet_jax.report import page as report_page
 from chexnet_jax.evaluation import scoring
 from input_pipeline import sources
+from tests.support import evaluations
 
 NAMES = ('Effusion', 'Mass')
 
 
 def _evaluation(labels, probs, records, thresholds):
-  labels, probs = np.asarray(labels, np.float32), np.asarray(probs, np.float32)
-  result = metrics.classification_report(
-    labels,
-    probs,
-    scoring.patients_of(records),
-    thresholds=thresholds,
-    names=NAMES,
-    num_resamples=10,
-  )
-  config = types.SimpleNamespace(
-    model='tiny',
-    dataset='own',
-    image_size=32,
-    dataset_image_size=40,
-    eval_preprocess='center_crop',
-  )
-  predictions = scoring.Predictions(probs, labels, np.arange(len(labels)))
-  run = types.SimpleNamespace(config=config, label_names=NAMES, step=1)
-  return scoring.Evaluation.from_run(run, 'test', 'none', result, predictions, records, '')
+  return evaluations.without_a_model(labels, probs, records, thresholds, NAMES)
 
 
 def _record(example):

@@ -332,22 +332,25 @@ def write_chexpert(tmp_path, count=None):
   return write_csv(tmp_path / 'train.csv', rows, header=header), str(root), rows
 
 
+def _build_chexpert(path, root, name, data_dir, **spec):
+  """A 32 px dataset `name` built from a CheXpert-format CSV -> its builder."""
+  spec = csv_dataset.Spec(
+    csv_paths=(path,), image_root=root, format='chexpert', labels=CHEXPERT_LABELS, **spec
+  )
+  builder, _ = csv_dataset.build(
+    spec, name=name, data_dir=str(data_dir), image_size=32, num_workers=1
+  )
+  return builder
+
+
 @pytest.mark.parametrize(
   'policy, uncertain_label, uncertain_mask',
   [('ignore', -1.0, 0), ('zeros', 0.0, 1), ('ones', 1.0, 1)],
 )
 def test_chexpert_policies_reach_the_pipeline(tmp_path, policy, uncertain_label, uncertain_mask):
   path, root, rows = write_chexpert(tmp_path, 60)
-  spec = csv_dataset.Spec(
-    csv_paths=(path,),
-    image_root=root,
-    format='chexpert',
-    labels=CHEXPERT_LABELS,
-    uncertainty=policy,
-    test_fraction=0.2,
-  )
-  builder, _ = csv_dataset.build(
-    spec, name='chex', data_dir=str(tmp_path / 'd'), image_size=32, num_workers=1
+  builder = _build_chexpert(
+    path, root, 'chex', tmp_path / 'd', uncertainty=policy, test_fraction=0.2
   )
   assert builder.info.metadata['split_by'] == 'given (CheXpert paths)'
   split = json.loads((tmp_path / 'd/chex/32px/1.0.0/split.json').read_text())
@@ -383,16 +386,7 @@ def test_chexpert_frontal_only_drops_the_lateral_views(tmp_path):
   assert len(frontal) >= 10 and len(lateral) >= 5 and not frontal & lateral
 
   def built(frontal_only, name):
-    spec = csv_dataset.Spec(
-      csv_paths=(path,),
-      image_root=root,
-      format='chexpert',
-      labels=CHEXPERT_LABELS,
-      frontal_only=frontal_only,
-    )
-    builder, _ = csv_dataset.build(
-      spec, name=name, data_dir=str(tmp_path / 'd'), image_size=32, num_workers=1
-    )
+    builder = _build_chexpert(path, root, name, tmp_path / 'd', frontal_only=frontal_only)
     split = json.loads((tmp_path / 'd' / name / '32px/1.0.0/split.json').read_text())
     return builder, {n for names in split['splits'].values() for n in names}
 

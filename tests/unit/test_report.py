@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from chexnet_jax.evaluation import metrics
 from chexnet_jax.report import page as report_page
 from chexnet_jax.evaluation import scoring
 from input_pipeline import labels as labels_lib
+from tests.support import evaluations
 from tests.support import chromium
 from tests.support import runs
 
@@ -136,23 +136,11 @@ def test_curve_bands_hold_the_curve():
 
 def _fake_evaluation(labels, probs, thresholds, names=None, train_images=None):
   """A report without a model; `names`: a dataset's own labels (NIH's 14 if None)."""
-  patients = [str(i) for i in range(len(labels))]
-  result = metrics.classification_report(
-    labels, probs, patients, thresholds=thresholds, names=names or LABELS, num_resamples=20
+  records = [{'patient_id': str(i), 'image_name': f'{i}.png'} for i in range(len(labels))]
+  names = names or LABELS
+  evaluation = evaluations.without_a_model(
+    labels, probs, records, thresholds, names, resamples=20, step=7, train_images=train_images
   )
-  config = types.SimpleNamespace(
-    model='tiny',
-    dataset='synthetic',
-    image_size=32,
-    dataset_image_size=40,
-    eval_preprocess='center_crop',
-  )
-  predictions = scoring.Predictions(probs, labels, np.arange(len(labels)))
-  records = [{'patient_id': p, 'image_name': f'{p}.png'} for p in patients]
-  run = types.SimpleNamespace(
-    config=config, label_names=tuple(names or LABELS), step=7, train_images=train_images
-  )
-  evaluation = scoring.Evaluation.from_run(run, 'test', 'none', result, predictions, records, '')
   scoring.calibrate(evaluation, evaluation.predictions)
   return evaluation
 

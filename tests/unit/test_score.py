@@ -53,24 +53,19 @@ def _run(args, capsys):
   return code, out, err
 
 
+def _score_test_list(pred, out_dir, capsys, *args):
+  """score PRED against NIH's labels of the test list, into out_dir."""
+  return _run(
+    [pred, '--labels', DATA_ENTRY, '--split_list', TEST_LIST, '--output_dir', out_dir, *args],
+    capsys,
+  )
+
+
 def test_scores_nih_predictions_of_the_test_list(tmp_path, capsys):
   # Positives lie 0.5 above negatives and the noise is under 0.5: every AUROC is 1.
   pred = _nih_predictions(tmp_path / 'pred.csv', 0.49, 0)
   out_dir = tmp_path / 'scored'
-  code, out, err = _run(
-    [
-      pred,
-      '--labels',
-      DATA_ENTRY,
-      '--split_list',
-      TEST_LIST,
-      '--output_dir',
-      out_dir,
-      '--bootstrap',
-      20,
-    ],
-    capsys,
-  )
+  code, out, err = _score_test_list(pred, out_dir, capsys, '--bootstrap', 20)
   assert code == 0, err
   summary = json.loads((out_dir / 'metrics.json').read_text())
   with open(TEST_LIST) as f:
@@ -200,19 +195,8 @@ def test_bad_input_is_one_sentence(tmp_path, capsys, problem, expected):
   elif problem == 'outside_split':
     row = [train_image, '0.5']
   pred = _write_predictions(tmp_path / 'pred.csv', [row], header)
-  code, out, err = _run(
-    [
-      pred,
-      '--labels',
-      DATA_ENTRY,
-      '--split_list',
-      TEST_LIST,
-      '--output_dir',
-      tmp_path / 'o',
-      *(['--only', 'Mass'] if problem != 'no_probability' else []),
-    ],
-    capsys,
-  )
+  only = ['--only', 'Mass'] if problem != 'no_probability' else []
+  code, out, err = _score_test_list(pred, tmp_path / 'o', capsys, *only)
   assert code == 1 and expected in err
   assert err.count('\n') == 1 and 'Traceback' not in err
   assert not (tmp_path / 'o').exists()  # Nothing half-written.
