@@ -38,6 +38,7 @@ from chexnet_jax import errors
 from chexnet_jax.model import densenet
 from chexnet_jax.run import checkpoint_files
 from chexnet_jax.run import run_dir
+from chexnet_jax.runtime import files
 from chexnet_jax.runtime import sharding
 from configs import default as default_config
 
@@ -144,8 +145,8 @@ def _files(path):
   )
 
 
-# The checksum file as it is being written (run_dir.write_json_atomic's name).
-_IN_PROGRESS = f'{checkpoint_files.CHECKSUM_FILE}.tmp'
+# The checksum file as it is being written (a hidden name: runtime/files.write_atomically).
+_IN_PROGRESS = files.staging_prefix(checkpoint_files.CHECKSUM_FILE) + '*'
 
 
 def snapshot(step_dir, target):

@@ -20,7 +20,7 @@ def write_atomically(path, data, *, durable=False):
   """Writes `data` (str or bytes) to `path` whole; `durable` fsyncs it before the rename."""
   mode = 'wb' if isinstance(data, bytes) else 'w'
   directory = os.path.dirname(os.path.abspath(path))
-  fd, staging = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', dir=directory)
+  fd, staging = tempfile.mkstemp(prefix=staging_prefix(os.path.basename(path)), dir=directory)
   try:
     with os.fdopen(fd, mode) as f:
       f.write(data)
@@ -33,6 +33,11 @@ def write_atomically(path, data, *, durable=False):
     with contextlib.suppress(OSError):
       os.remove(staging)
     raise
+
+
+def staging_prefix(name):
+  """The start of the hidden name a file `name` has while write_atomically writes it."""
+  return f'.{name}.'
 
 
 def staging_dir(parent, prefix):

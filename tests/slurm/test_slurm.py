@@ -285,8 +285,11 @@ def test_4_processes_train_like_1_process_with_4_devices(four_process_run):
   assert sorted(losses) == sorted(expected) == list(range(1, STEPS + 1))
   exact = range(1, EXACT_STEPS + 1)
   np.testing.assert_allclose([losses[s] for s in exact], [expected[s] for s in exact], rtol=1e-5)
+  # atol 1e-4: BN's batch variance is E[x^2] - E[x]^2 in float32, which amplifies the
+  # all-reduce's rounding (below) in the running statistics of small-valued channels
+  # (seen: 7e-5 on a running mean of -0.037 after 8 steps).
   _assert_trees_close(
-    _params(ours, EXACT_STEPS), _params(reference, EXACT_STEPS), rtol=1e-4, atol=1e-5
+    _params(ours, EXACT_STEPS), _params(reference, EXACT_STEPS), rtol=1e-4, atol=1e-4
   )
   # The gradient all-reduce adds in another order across processes (gloo) than
   # within one; the ~1e-7 differences grow with every step (ReLU/max-pool
@@ -327,6 +330,14 @@ def _wait_for_step(cluster, job_id, workdir, step, timeout=240):
   pytest.fail(
     f'job {job_id} did not reach step {step} in {timeout}s:\n{cluster.log(job_id)[-3000:]}'
   )
+
+
+def _wait_for_checkpoint(path, timeout=120):
+  """Until orbax has renamed the step's folder into place (its save is complete)."""
+  deadline = time.monotonic() + timeout
+  while not path.exists():
+    assert time.monotonic() < deadline, f'{path} was not saved within {timeout} s'
+    time.sleep(0.1)
 
 
 def test_sigterm_checkpoints_requeues_and_finishes_like_uninterrupted(cluster, four_process_run):
@@ -377,7 +388,8 @@ def test_dead_peer_stops_the_others_and_resubmission_resumes(cluster):
   workdir = cluster.tmp / 'peer_failure'
   args = (*TRAIN_ARGS, f'--config.heartbeat_timeout_seconds={HEARTBEAT_S}')
   job_id = cluster.sbatch(CPU_SCRIPT, *args, env={'WORKDIR': str(workdir)}, topology=TWO_BY_TWO)
-  _wait_for_step(cluster, job_id, workdir, 9)  # Step 8 is checkpointed.
+  _wait_for_step(cluster, job_id, workdir, 9)
+  _wait_for_checkpoint(workdir / 'checkpoints' / '8')  # Saved asynchronously: finalised.
   pid = _task_pid(workdir, 2)
   assert pid, 'task 2 not found'
   os.kill(pid, signal.SIGKILL)

@@ -11,6 +11,7 @@ import pytest
 from chexnet_jax import evaluate
 from chexnet_jax import predict
 from chexnet_jax.run import run_dir
+from chexnet_jax.runtime import files
 from configs import cpu_smoke
 from input_pipeline import build
 from tests.support import runs
@@ -88,7 +89,7 @@ def test_notebook_from_another_directory(run_made_elsewhere, tmp_path, monkeypat
 def _resumable(tmp_path, config):
   """A workdir with config.json and one (empty) checkpoint step."""
   (tmp_path / 'checkpoints' / '8').mkdir(parents=True)
-  run_dir.write_json_atomic(str(tmp_path / run_dir.CONFIG_FILE), config.to_dict())
+  files.write_json_atomically(str(tmp_path / run_dir.CONFIG_FILE), config.to_dict())
   return str(tmp_path)
 
 

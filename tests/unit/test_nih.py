@@ -179,7 +179,7 @@ def test_scan_finds_flat_kaggle_and_tarball_images(tmp_path):
   [
     (lambda data: b'', 'zero-byte'),
     (lambda data: data[: len(data) // 2], 'truncated'),
-    (lambda data: b'not a png at all', 'unreadable'),
+    (lambda data: b'not a png at all', 'not a PNG, JPEG or DICOM file'),
   ],
 )
 def test_image_problem(damage, message):
