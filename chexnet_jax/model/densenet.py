@@ -12,7 +12,10 @@ Training BatchNorm in a dense block normalises the concatenation of every featur
 map made so far, so each layer would re-reduce all earlier maps for its batch
 statistics. Per channel those statistics are the maps' own: they are computed once,
 when a map is made (`batch_moments`), and concatenated (`BatchNorm` takes them).
-The same numbers (to float32 rounding), a fraction of the bytes read.
+The same numbers (to float32 rounding), a fraction of the bytes read. Every BatchNorm
+is followed by a ReLU, and the pair has a hand-arranged gradient (`batch_norm_relu`):
+autodiff's writes the masked output gradient, as large as the layer's input, and reads
+it three times.
 
 BatchNorm keeps torch's running variance: what training averages into it is the
 *unbiased* batch variance (x n/(n-1)), as torch's BatchNorm2d does (flax's puts in the
@@ -82,6 +85,8 @@ class BatchNorm(nn.Module):
   dtype: Any
   param_dtype: Any = jnp.float32
   axis_name: Any = None
+  # Followed by a ReLU (batch_norm_relu: the same numbers, a leaner gradient).
+  relu: bool = False
 
   @nn.compact
   def __call__(self, x, moments=None):
@@ -101,8 +106,43 @@ class BatchNorm(nn.Module):
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
     scale = self.param('scale', nn.initializers.ones, features, self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, features, self.param_dtype)
+    if self.relu:
+      return batch_norm_relu(x, mean, var, scale, bias, self.epsilon, self.dtype)
     y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
     return y.astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def batch_norm_relu(x, mean, var, scale, bias, epsilon, dtype):
+  """relu((x - mean) / sqrt(var + epsilon) * scale + bias) as `dtype`, per channel of NHWC
+  `x`. Its gradient is the one autodiff gives, arranged so that XLA makes it in one
+  reduction over (dy, x), both sums at once, and an elementwise pass it can fuse into
+  what consumes dx; autodiff's writes and re-reads the masked gradient."""
+  return _batch_norm_relu_forward(x, mean, var, scale, bias, epsilon, dtype)[0]
+
+
+def _batch_norm_relu_forward(x, mean, var, scale, bias, epsilon, dtype):
+  multiplier = jax.lax.rsqrt(var + epsilon) * scale
+  y = nn.relu(((x - mean) * multiplier + bias).astype(dtype))
+  return y, (x, mean, var, scale, bias)
+
+
+def _batch_norm_relu_backward(epsilon, dtype, saved, dy):
+  x, mean, var, scale, bias = saved
+  inverse_std = jax.lax.rsqrt(var + epsilon)
+  centred = x - mean  # float32: mean is.
+  # The ReLU's mask from the pre-activation, as autodiff's from its bfloat16 output.
+  active = (centred * (inverse_std * scale) + bias).astype(dtype) > 0
+  g = jnp.where(active, dy.astype(centred.dtype), 0.0)
+  sum_g = jnp.sum(g, axis=(0, 1, 2))
+  sum_g_centred = jnp.sum(g * centred, axis=(0, 1, 2))
+  dx = (g * (inverse_std * scale)).astype(x.dtype)
+  d_mean = -sum_g * inverse_std * scale
+  d_var = -0.5 * sum_g_centred * scale * inverse_std**3
+  return dx, d_mean, d_var, sum_g_centred * inverse_std, sum_g
+
+
+batch_norm_relu.defvjp(_batch_norm_relu_forward, _batch_norm_relu_backward)
 
 
 @jax.custom_vjp
@@ -153,9 +193,11 @@ def _max_pool_backward(saved, dy):
 max_pool_3x3_stride_2.defvjp(_max_pool_forward, _max_pool_backward)
 
 
-def _normed(norm, name, x, moments):
-  """norm(x) named `name`, given the batch moments of x when they are known."""
-  return norm(name=name)(x) if moments is None else norm(name=name)(x, moments=moments)
+def _norm_relu(norm, name, x, moments=None):
+  """relu(norm(x)) named `name`, given the batch moments of x when they are known."""
+  module = norm(name=name)
+  y = module(x) if moments is None else module(x, moments=moments)
+  return y if getattr(module, 'relu', False) else nn.relu(y)
 
 
 class TorchBatchNorm(nn.BatchNorm):
@@ -199,9 +241,9 @@ class DenseLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, moments=None):
-    y = nn.relu(_normed(self.norm, 'norm1', x, moments))
+    y = _norm_relu(self.norm, 'norm1', x, moments)
     y = self.conv(self.bn_size * self.growth_rate, (1, 1), name='conv1')(y)
-    y = nn.relu(self.norm(name='norm2')(y))
+    y = _norm_relu(self.norm, 'norm2', y)
     y = self.conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
     if moments is not None:
       moments = concat_moments(moments, batch_moments(y))
@@ -236,7 +278,7 @@ class Transition(nn.Module):
 
   @nn.compact
   def __call__(self, x, moments=None):
-    x = nn.relu(_normed(self.norm, 'norm', x, moments))
+    x = _norm_relu(self.norm, 'norm', x, moments)
     x = self.conv(self.features, (1, 1), name='conv')(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
@@ -268,7 +310,7 @@ class DenseNet(nn.Module):
       kernel_init=nn.initializers.he_normal(),
     )
     norm = functools.partial(
-      BatchNorm if self.share_bn_statistics else TorchBatchNorm,
+      functools.partial(BatchNorm, relu=True) if self.share_bn_statistics else TorchBatchNorm,
       use_running_average=not train,
       momentum=BN_MOMENTUM,
       epsilon=self.bn_epsilon,
@@ -281,11 +323,11 @@ class DenseNet(nn.Module):
     x = conv(
       self.num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), name='conv0'
     )(x)
-    x = nn.relu(norm(name='norm0')(x))
+    x = _norm_relu(norm, 'norm0', x)
     x = max_pool_3x3_stride_2(x)
     share = train and self.share_bn_statistics
     x, moments = self._dense_blocks(x, conv, norm, share)
-    features = nn.relu(_normed(norm, 'norm5', x, moments)).astype(jnp.float32)
+    features = _norm_relu(norm, 'norm5', x, moments).astype(jnp.float32)
 
     pooled = jnp.mean(features, axis=(1, 2))
     logits = nn.Dense(

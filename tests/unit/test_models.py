@@ -332,3 +332,37 @@ def test_max_pool_gradient_without_select_and_scatter_is_flax_max_pools(shape):
   dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
   np.testing.assert_allclose(pullback(dy)[0], ref_pullback(dy)[0], rtol=0, atol=2e-6)
   assert int(jnp.sum(x == 0)) > x.size // 3  # The ties are there.
+
+
+@pytest.mark.parametrize('dtype', ['float64', 'bfloat16'])
+def test_batch_norm_relu_gradient_is_autodiffs(dtype):
+  """batch_norm_relu's hand-arranged gradient (one reduction, one elementwise pass) is
+  autodiff's of the plain expression: to float64 rounding, and in bfloat16 (the ReLU's
+  mask taken from the bfloat16 pre-activation, as autodiff's) to float32 rounding."""
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    compute = jnp.dtype(dtype)
+    stats = jnp.float64 if dtype == 'float64' else jnp.float32
+    x = jnp.asarray(rng.normal(0.3, 1.5, (4, 5, 6, 8)), compute)
+    mean, var = jnp.mean(x.astype(stats), (0, 1, 2)), jnp.var(x.astype(stats), (0, 1, 2))
+    scale = jnp.asarray(rng.normal(1.0, 0.5, 8), stats)
+    bias = jnp.asarray(rng.normal(0.0, 0.5, 8), stats)
+    epsilon = densenet.TORCH_BN_EPSILON
+
+    def plain(x, mean, var, scale, bias):
+      return nn.relu(((x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias).astype(compute))
+
+    def fused(x, mean, var, scale, bias):
+      return densenet.batch_norm_relu(x, mean, var, scale, bias, epsilon, compute)
+
+    args = (x, mean, var, scale, bias)
+    y, pullback = jax.vjp(fused, *args)
+    ref_y, ref_pullback = jax.vjp(plain, *args)
+    np.testing.assert_array_equal(y, ref_y)
+    assert 0.2 < float(jnp.mean(y == 0)) < 0.8  # Both sides of the ReLU are tested.
+    dy = jnp.asarray(rng.normal(size=y.shape), compute)
+    within = 1e-12 if dtype == 'float64' else 1e-5
+    for ours, theirs in zip(pullback(dy), ref_pullback(dy)):
+      assert ours.dtype == theirs.dtype
+      scale_of = float(jnp.max(jnp.abs(theirs.astype(stats))))
+      assert float(jnp.max(jnp.abs((ours - theirs).astype(stats)))) <= within * scale_of
