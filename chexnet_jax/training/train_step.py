@@ -115,9 +115,11 @@ def compiler_options(config):
 # at the step's first executions, so a capture that fails does so at the first or second.
 GUARDED_CALLS = 3
 
-# Words of XLA's errors about command buffers: a kind the installed XLA refuses ("While
-# setting option xla_gpu_enable_command_buffer, 'X' is not a valid enum value"), a CUDA
-# graph that failed to capture ("Failed to capture gpu graph") or to update.
+# Words of XLA's and CUDA's errors about command buffers: a kind the installed XLA refuses
+# ("While setting option xla_gpu_enable_command_buffer, 'X' is not a valid enum value"), a
+# CUDA graph that failed to capture ("Failed to capture gpu graph",
+# CUDA_ERROR_STREAM_CAPTURE_*, "... while stream is capturing") or to update. A bare
+# "capture" is not among them: other errors use the word.
 _COMMAND_BUFFER_WORDS = (
   'xla_gpu_enable_command_buffer',
   'command buffer',
@@ -125,7 +127,9 @@ _COMMAND_BUFFER_WORDS = (
   'gpu graph',
   'cuda graph',
   'stream capture',
-  'capture',
+  'stream_capture',
+  'failed to capture',
+  'is capturing',
 )
 
 

@@ -309,4 +309,12 @@ def test_other_errors_are_not_taken_for_command_buffer_failures():
   failing = _fails_at_second_call('RESOURCE_EXHAUSTED: Out of memory allocating 1 GiB')
   with pytest.raises(jax.errors.JaxRuntimeError, match='Out of memory'):
     _guarded_run(_config(), jax.devices()[:1], steps=2, failing=failing)
-  assert not train_step.is_command_buffer_failure(ValueError('capture'))
+  assert not train_step.is_command_buffer_failure(ValueError('Failed to capture gpu graph'))
+  other = jax.errors.JaxRuntimeError('INVALID_ARGUMENT: no capture group 2 in the pattern')
+  assert not train_step.is_command_buffer_failure(other)
+  for text in (
+    'INTERNAL: Failed to capture gpu graph: operation not permitted',
+    'INTERNAL: CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: operation failed due to a previous error',
+    "INVALID_ARGUMENT: While setting option xla_gpu_enable_command_buffer, 'X' is not valid",
+  ):
+    assert train_step.is_command_buffer_failure(jax.errors.JaxRuntimeError(text))
