@@ -18,8 +18,8 @@
 #   fused     the default config + config.fused_optimizer (one Adam over all parameters)
 #   torch     torch eager and torch.compile at batch 128 (AMP, channels_last)
 #   e2e       (not a default part: it needs a call of its own) chexnet_jax.main,
-#             configs/h100x1.py's recipe, on >= 20,000 records built here (>= 150 steps
-#             per epoch); no evaluation inside the timed steps
+#             configs/h100x1.py's recipe, on 24,000 records built here (300 steps across
+#             3 epoch ends); no evaluation inside the timed steps
 # `--tiny` runs every part on the CPU with a tiny model and small images (a rehearsal).
 #
 # Every step is its own process with its own limit (a cold DenseNet121 compile is 61-114 s
@@ -72,7 +72,8 @@ else
   SHAPE="224 128"; BATCHES="256 512"
   JAX_ARGS="--config.model=densenet121 --steps 30 --warmup 5"
   TORCH_ARGS="--steps 30 --warmup 5"
-  # 24,000 images: ~21,600 train after 5% validation and 5% test = 168 steps of 128 an epoch.
+  # 24,000 images: ~21,600 train after 5% validation and 5% test = 84 steps of 256 an epoch,
+  # so the 300 steps cross 3 epoch ends (grain's reshuffle) as a real run does.
   E2E_IMAGES=24000; E2E_SIZE=224
   E2E_ARGS="--config.num_train_steps=300 --config.log_every_steps=25"
   JAX_LIMIT=200; E2E_LIMIT=240
