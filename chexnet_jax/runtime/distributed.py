@@ -30,7 +30,7 @@ from typing import Callable, List, Mapping, Optional
 import jax
 
 from chexnet_jax import errors
-from chexnet_jax.runtime import stderr_guard
+from chexnet_jax.runtime import files, stderr_guard
 
 # Values Slurm or CUDA use for "no GPU"; anything else in these variables means
 # the job was given GPUs and must see them.
@@ -86,7 +86,7 @@ def initialize(config, env: Mapping[str, str] = os.environ, workdir: Optional[st
   if mode == 'single':
     _check_devices(mode, env)
     if workdir is not None:  # A trainer's run: XLA's slow-compile banner goes.
-      stderr_guard.start(0, 1, os.path.abspath(workdir))
+      stderr_guard.start(0, 1, os.path.abspath(workdir), files.LOCK_FILE)
     return
   if mode == 'slurm':
     check_slurm_env(env)
@@ -99,7 +99,10 @@ def initialize(config, env: Mapping[str, str] = os.environ, workdir: Optional[st
   timeouts = timeout_kwargs(config)
   if workdir is not None:
     stderr_guard.start(
-      _process_id(mode, config, env), _num_processes(mode, config, env), os.path.abspath(workdir)
+      _process_id(mode, config, env),
+      _num_processes(mode, config, env),
+      os.path.abspath(workdir),
+      files.LOCK_FILE,
     )
   jax.distributed.initialize(**kwargs, **timeouts)
   _job.update(

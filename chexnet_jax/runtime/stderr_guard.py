@@ -29,9 +29,6 @@ import subprocess
 import sys
 from typing import Optional
 
-if __package__:  # Imported by the trainer; run as a script, the guard needs none of it.
-  from chexnet_jax.runtime.files import LOCK_FILE
-
 SENTENCE_START = 'error: lost '
 # JAX's C++ lines that only appear once the job is already dead: after them the
 # process aborts (the agent's poll, the service's propagation, the fatal itself).
@@ -105,8 +102,9 @@ def sentence(lost: Optional[str], process_id: int, num_processes: int, workdir: 
   )
 
 
-def start(process_id: int, num_processes: int, workdir: str) -> None:
-  """Routes this process's stderr (fd 2) through the guard from now on."""
+def start(process_id: int, num_processes: int, workdir: str, lock_file: str) -> None:
+  """Routes this process's stderr (fd 2) through the guard from now on; `lock_file`
+  (the workdir's lock, by name) is released by the guard if the job dies from C++."""
   guard = subprocess.Popen(
     [
       sys.executable,
@@ -115,7 +113,7 @@ def start(process_id: int, num_processes: int, workdir: str) -> None:
       str(num_processes),
       workdir,
       str(os.getpid()),
-      LOCK_FILE,  # Passed: the guard runs as a script, without the package.
+      lock_file,  # Passed: the guard runs as a script, without the package.
     ],
     stdin=subprocess.PIPE,
     close_fds=True,
