@@ -163,8 +163,10 @@ def _run(process_id: int, num_processes: int, workdir: str, trainer_pid: int, lo
   for line in sys.stdin.buffer:
     if banner.is_banner(line.decode(errors='replace')):
       continue
-    if not held and not _DEAD_JOB.search(line.decode(errors='replace')):
-      reported = reported or line.startswith(SENTENCE_START.encode())
+    # Once the trainer has said the job is lost, or JAX's C++ has, the rest is the dying
+    # process's noise (a C++ abort's stack, Python's fault dump): kept in a file.
+    if not held and not reported and not _DEAD_JOB.search(line.decode(errors='replace')):
+      reported = line.startswith(SENTENCE_START.encode())
       out.write(line)
       continue
     held.append(line)

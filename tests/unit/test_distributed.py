@@ -286,3 +286,57 @@ def test_lost_process_named_from_jax_text(text, process_id, lost):
   from chexnet_jax.runtime import stderr_guard
 
   assert stderr_guard.lost_processes(text, process_id) == lost
+
+
+def _through_guard(tmp_path, lines):
+  """(what the guard writes to stderr, its peer_lost file or None) for the trainer's
+  stderr `lines`, the guard run as the trainer runs it (a script reading its stdin)."""
+  from chexnet_jax.runtime import files, stderr_guard
+
+  guard = subprocess.run(
+    [sys.executable, stderr_guard.__file__, '1', '2', str(tmp_path), '0', files.LOCK_FILE],
+    input=''.join(line + '\n' for line in lines).encode(),
+    capture_output=True,
+    timeout=60,
+  )
+  report = tmp_path / 'peer_lost.process1.log'
+  return guard.stderr.decode(), report.read_text() if report.exists() else None
+
+
+_ABORT_STACK = [
+  'F0000 00:00:1 coordination_service_agent.cc:1] Check failed: status.ok()',
+  '*** Check failure stack trace: ***',
+  '    @     0x7f00 absl::log_internal::LogMessageFatal::~LogMessageFatal()',
+  'Fatal Python error: Aborted',
+]
+
+
+def test_guard_keeps_what_follows_the_trainers_sentence_in_a_file(tmp_path):
+  """The trainer says the job is lost, then JAX's C++ aborts it: the console ends with the
+  sentence (and where JAX's report is), the abort's stack goes to the file."""
+  sentence = 'error: lost process 0 (the coordinator) of this 2-process job ...'
+  shown, report = _through_guard(tmp_path, ['step 8: loss 0.52', sentence, *_ABORT_STACK])
+  assert shown.splitlines() == [
+    'step 8: loss 0.52',
+    sentence,
+    f"JAX's own report: {tmp_path / 'peer_lost.process1.log'}",
+  ]
+  assert report.splitlines() == _ABORT_STACK
+
+
+def test_guard_writes_the_sentence_when_jax_reports_first(tmp_path):
+  dead = (
+    'E0000 00:00:1 agent.cc:1] Polled an error from coordination service: Task 0 heartbeat timeout'
+  )
+  shown, report = _through_guard(tmp_path, ['step 8: loss 0.52', dead, *_ABORT_STACK])
+  lines = shown.splitlines()
+  assert lines[0] == 'step 8: loss 0.52' and len(lines) == 3
+  assert lines[1].startswith('error: lost process 0 of this 2-process job')
+  assert 'so process 1 stopped too' in lines[1] and str(tmp_path) in lines[1]
+  assert report.splitlines() == [dead, *_ABORT_STACK]
+
+
+def test_guard_passes_everything_when_no_peer_is_lost(tmp_path):
+  lines = ['step 8: loss 0.52', 'Traceback (most recent call last):', 'ValueError: x']
+  shown, report = _through_guard(tmp_path, lines)
+  assert shown.splitlines() == lines and report is None
