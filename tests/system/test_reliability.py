@@ -863,11 +863,20 @@ def test_kill_9_with_grain_workers_leaves_no_process_or_shared_memory(tmp_path):
   assert len(below) >= 4 and segments, (below, segments)  # 2 workers, tracker, guard.
   process.kill()
   _finish(process)
-  time.sleep(30)
-  alive = {pid: cmd for pid, cmd in below.items() if _cmdline(pid) == cmd}
+  alive, left = _left_behind(below, segments)
+  deadline = time.monotonic() + 30  # They must all be gone within 30 s; most go at once.
+  while (alive or left) and time.monotonic() < deadline:
+    time.sleep(0.5)
+    alive, left = _left_behind(below, segments)
   assert not alive, alive
-  left = sorted(name for name in segments if os.path.exists(os.path.join('/dev/shm', name)))
   assert not left, left
+
+
+def _left_behind(processes, segments):
+  """The processes ({pid: cmdline}) still running and the /dev/shm segments still there."""
+  alive = {pid: cmd for pid, cmd in processes.items() if _cmdline(pid) == cmd}
+  left = sorted(name for name in segments if os.path.exists(os.path.join('/dev/shm', name)))
+  return alive, left
 
 
 @pytest.mark.slow
