@@ -117,9 +117,12 @@ MinJobAge=300
 # Seconds between SIGTERM and SIGKILL when a job is cancelled or hits its limit.
 KillWait=30
 # A requeued job may start only after its old credential expires (default
-# 120 s); with 20 s and a 5 s backfill pass the preemption test waits ~25 s.
-AuthInfo=cred_expire=20
-SchedulerParameters=bf_interval=5
+# 120 s); the credential only has to outlive a step's launch on this machine.
+# Once it has expired the requeued job waits for a scheduling pass: the main
+# loop's (sched_interval, default 60 s) or backfill's. With 10 s and passes every
+# 2 s the preemption test's requeue waits ~12 s (it waited 40-80 s before).
+AuthInfo=cred_expire=10
+SchedulerParameters=bf_interval=2,sched_interval=2
 SlurmdParameters=config_overrides
 EOF
     local i

@@ -48,8 +48,32 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope='session')
 def tiny_run(tmp_path_factory):
   """Path of a workdir holding a cpu_smoke run trained for TINY_RUN_STEPS steps;
-  its training's stderr is in the workdir's parent, TINY_RUN_CONSOLE."""
-  workdir = str(tmp_path_factory.mktemp('tiny_run') / 'run')
+  its training's stderr is in the workdir's parent, TINY_RUN_CONSOLE.
+
+  Under pytest-xdist the first worker to ask trains it and every worker gets its
+  own copy (tests write evaluations into it): one training per session, not one
+  per worker."""
+  if not os.environ.get('PYTEST_XDIST_WORKER'):
+    return _train_tiny_run(tmp_path_factory.mktemp('tiny_run'))
+  import fcntl
+  import shutil
+
+  shared = tmp_path_factory.getbasetemp().parent / 'tiny_run'  # The session's, all workers'.
+  shared.mkdir(exist_ok=True)
+  with open(shared / 'lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # The others wait here while the first one trains.
+    if not (shared / 'trained').exists():
+      _train_tiny_run(shared)
+      (shared / 'trained').touch()
+  mine = tmp_path_factory.mktemp('tiny_run')
+  shutil.copytree(shared / 'run', mine / 'run')
+  shutil.copy(shared / TINY_RUN_CONSOLE, mine)
+  return str(mine / 'run')
+
+
+def _train_tiny_run(parent):
+  """Trains the tiny run into parent/run, its stderr in parent/TINY_RUN_CONSOLE."""
+  workdir = str(parent / 'run')
   result = runs.run_trainer(workdir, f'num_train_steps={TINY_RUN_STEPS}')
   with open(os.path.join(os.path.dirname(workdir), TINY_RUN_CONSOLE), 'w') as f:
     f.write(result.stderr)

@@ -349,7 +349,7 @@ def test_sigterm_checkpoints_requeues_and_finishes_like_uninterrupted(cluster, f
   # What Slurm does --signal=TERM@120 before the time limit, or on preemption.
   _run(['scancel', '--signal=TERM', job_id], env=cluster.env, check=True)
   # The requeued job restarts once its old credential expires (AuthInfo
-  # cred_expire, 20 s on the local cluster).
+  # cred_expire, 10 s on the local cluster) and a scheduling pass (2 s) starts it.
   job = cluster.wait(job_id, timeout=300, until=('COMPLETED', 'FAILED'))
   log = cluster.log(job_id)
   assert job['JobState'] == 'COMPLETED' and job['Restarts'] == '1', log[-4000:]
