@@ -16,9 +16,12 @@ PIP_INSTALL = $(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 # The suite runs on this many pytest-xdist workers, each test file on one worker
 # (--dist loadfile: a file's module fixtures, the Slurm cluster among them, are
 # made once). Much of the suite waits on subprocesses, so 2 workers halve it on
-# 2 cores; PYTEST_WORKERS=0 runs it in one process.
+# 2 cores; PYTEST_WORKERS=0 runs it in one process. Files go out in collection order
+# (--no-loadscope-reorder; xdist would send the files of most tests first): the long
+# Slurm and fault-injection files start early, beside others, and many short unit
+# files fill the end, rather than the 9-test Slurm file running alone last.
 PYTEST_WORKERS ?= 2
-PYTEST = $(PY) -m pytest -q --durations=25 $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
+PYTEST = $(PY) -m pytest -q --durations=25 $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 DEMO_DATA := data/demo_tfds
 DEMO_RUN := runs/demo
 
