@@ -1,0 +1,126 @@
+"""A dense layer's BN-ReLU-1x1 conv as one Pallas kernel (opt-in: config.fused_dense_layer).
+
+`bn_relu_matmul_sums(x, mean, multiplier, bias, kernel, dtype)` is, for [M, Cin] `x`,
+
+    y = relu(((x - mean) * multiplier + bias).astype(dtype)) @ kernel     (as `dtype`)
+
+with the per-column sum and sum of squares of y (float32, of y as `dtype`: the next
+BatchNorm's moments times M). One matmul over row tiles of x: its prologue normalises
+and ReLUs each tile of x on the fly (the normalised activation is never written to
+memory), its epilogue reduces the tile's output; `dtype` inputs, float32 accumulation.
+Each row tile writes its own partial sums and XLA adds them: deterministic, no atomics.
+
+On CPU the kernel runs in Pallas's interpret mode (the same program as XLA ops, for
+the tests); on GPUs it lowers through Triton. Gradients: densenet.fused_bn_relu_conv1x1.
+"""
+
+import functools
+import math
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+import jax.numpy as jnp
+
+# Rows of x per program; Triton needs powers of 2 and dots of at least 16 each way.
+BLOCK_ROWS = 128
+MAX_BLOCK_CHANNELS = 64
+MIN_DOT_SIZE = 16
+
+
+def _block_channels(channels):
+  """The input channels each step of the K loop takes: a power of 2 dividing `channels`."""
+  block = math.gcd(channels, MAX_BLOCK_CHANNELS)
+  if block < MIN_DOT_SIZE:
+    raise ValueError(
+      f'fused_dense_layer: {channels} input channels; the kernel needs a multiple of '
+      f'{MIN_DOT_SIZE}.'
+    )
+  return block
+
+
+def _check_outputs(features):
+  if features < MIN_DOT_SIZE or features & (features - 1):
+    raise ValueError(
+      f'fused_dense_layer: {features} output channels; the kernel needs a power of 2 '
+      f'>= {MIN_DOT_SIZE}.'
+    )
+
+
+def _kernel(x_ref, mean_ref, mult_ref, bias_ref, w_ref, y_ref, sum_ref, sumsq_ref, **static):
+  rows, block_rows, block_channels, dtype = (
+    static['rows'],
+    static['block_rows'],
+    static['block_channels'],
+    static['dtype'],
+  )
+  features = w_ref.shape[1]
+  # float32: full-precision products, as XLA's float32 convolution on CPU (no TF32).
+  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  # Rows past the end of x (the last tile) normalise to zeros: they add nothing.
+  row = pl.program_id(0) * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)
+  in_range = row < rows
+
+  def step(k, acc):
+    cols = pl.ds(pl.multiple_of(k * block_channels, block_channels), block_channels)
+    x = x_ref[:, cols].astype(jnp.float32)
+    # densenet.batch_norm_relu's arithmetic, in its order: the same bits.
+    a = ((x - mean_ref[:, cols]) * mult_ref[:, cols] + bias_ref[:, cols]).astype(dtype)
+    a = jnp.where(in_range & (a > 0), a, jnp.zeros((), dtype))
+    w = w_ref[cols, :].astype(dtype)
+    return acc + jnp.dot(a, w, preferred_element_type=jnp.float32, precision=precision)
+
+  steps = x_ref.shape[1] // block_channels
+  acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_rows, features), jnp.float32))
+  y = acc.astype(dtype)
+  y_ref[...] = y
+  # The next BatchNorm's moments are of y as stored (batch_moments casts it up).
+  y = y.astype(jnp.float32)
+  sum_ref[...] = jnp.sum(y, axis=0, keepdims=True)
+  sumsq_ref[...] = jnp.sum(y * y, axis=0, keepdims=True)
+
+
+def _call(x, mean, multiplier, bias, kernel, dtype, interpret):
+  rows, channels = x.shape
+  features = kernel.shape[1]
+  _check_outputs(features)
+  block_channels = _block_channels(channels)
+  block_rows = BLOCK_ROWS
+  tiles = pl.cdiv(rows, block_rows)
+  body = functools.partial(
+    _kernel, rows=rows, block_rows=block_rows, block_channels=block_channels, dtype=dtype
+  )
+  vector = pl.BlockSpec((1, channels), lambda i: (0, 0))
+  partial_sums = pl.BlockSpec((1, features), lambda i: (i, 0))
+  y, sums, sumsqs = pl.pallas_call(
+    body,
+    out_shape=(
+      jax.ShapeDtypeStruct((rows, features), dtype),
+      jax.ShapeDtypeStruct((tiles, features), jnp.float32),
+      jax.ShapeDtypeStruct((tiles, features), jnp.float32),
+    ),
+    grid=(tiles,),
+    in_specs=[
+      pl.BlockSpec((block_rows, channels), lambda i: (i, 0)),
+      vector,
+      vector,
+      vector,
+      pl.BlockSpec((channels, features), lambda i: (0, 0)),
+    ],
+    out_specs=(pl.BlockSpec((block_rows, features), lambda i: (i, 0)), partial_sums, partial_sums),
+    interpret=interpret,
+    compiler_params=None if interpret else plt.CompilerParams(num_warps=4, num_stages=3),
+    name='bn_relu_matmul_sums',
+  )(x, mean[None], multiplier[None], bias[None], kernel)
+  return y, jnp.sum(sums, axis=0), jnp.sum(sumsqs, axis=0)
+
+
+def bn_relu_matmul_sums(x, mean, multiplier, bias, kernel, dtype):
+  """(y, per-column sum of y, of y^2) as in the module docstring; `x` [M, Cin] in `dtype`,
+  mean/multiplier/bias [Cin] float32, `kernel` [Cin, Cout]. Interpret mode on CPU."""
+  args = (x, mean.astype(jnp.float32), multiplier, bias.astype(jnp.float32), kernel)
+  return jax.lax.platform_dependent(
+    *args,
+    cpu=functools.partial(_call, dtype=dtype, interpret=True),
+    default=functools.partial(_call, dtype=dtype, interpret=False),
+  )
