@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from chexnet_jax.model import fused_dense_layer
 from input_pipeline import labels as labels_lib
 
 # torchvision's BatchNorm2d: momentum 0.1 (Flax counts the other way: 0.9),
@@ -87,6 +88,8 @@ class BatchNorm(nn.Module):
   axis_name: Any = None
   # Followed by a ReLU (batch_norm_relu: the same numbers, a leaner gradient).
   relu: bool = False
+  # Return (mean, var, scale, bias) for a fused op to apply (fused_bn_relu_conv1x1).
+  statistics_only: bool = False
 
   @nn.compact
   def __call__(self, x, moments=None):
@@ -106,6 +109,8 @@ class BatchNorm(nn.Module):
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
     scale = self.param('scale', nn.initializers.ones, features, self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, features, self.param_dtype)
+    if self.statistics_only:
+      return mean, var, scale, bias
     if self.relu:
       return batch_norm_relu(x, mean, var, scale, bias, self.epsilon, self.dtype)
     y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
@@ -143,6 +148,64 @@ def _batch_norm_relu_backward(epsilon, dtype, saved, dy):
 
 
 batch_norm_relu.defvjp(_batch_norm_relu_forward, _batch_norm_relu_backward)
+
+
+def _conv1x1(a, kernel, dtype):
+  """nn.Conv's 1x1 convolution (no bias) of NHWC `a` by the float32 HWIO `kernel`."""
+  return jax.lax.conv_general_dilated(
+    a, kernel.astype(dtype), (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def fused_bn_relu_conv1x1(x, mean, var, scale, bias, kernel, epsilon, dtype):
+  """conv1x1(batch_norm_relu(x, ...), kernel) as `dtype`, with the per-channel sum and sum
+  of squares of that output (float32): one Pallas kernel (fused_dense_layer), whose
+  normalised input is never written to memory. Its gradient is autodiff's of the unfused
+  ops (batch_norm_relu's, then the convolution's), the normalised input recomputed."""
+  return _fused_forward(x, mean, var, scale, bias, kernel, epsilon, dtype)[0]
+
+
+def _fused_forward(x, mean, var, scale, bias, kernel, epsilon, dtype):
+  batch, height, width, channels = x.shape
+  multiplier = jax.lax.rsqrt(var + epsilon) * scale  # batch_norm_relu's.
+  y, sums, sumsqs = fused_dense_layer.bn_relu_matmul_sums(
+    x.reshape(-1, channels), mean, multiplier, bias, kernel.reshape(channels, -1), dtype
+  )
+  y = y.reshape(batch, height, width, -1)
+  return (y, sums, sumsqs), (x, mean, var, scale, bias, kernel, y)
+
+
+def _fused_backward(epsilon, dtype, saved, cotangents):
+  x, mean, var, scale, bias, kernel, y = saved
+  dy, d_sums, d_sumsqs = cotangents
+  # The sums' share in float32, rounded to y's dtype and added there, as autodiff of
+  # batch_moments(y) beside norm2's own gradient gives it.
+  y32 = y.astype(jnp.float32)
+  dy = dy + (d_sums + d_sumsqs * (2.0 * y32)).astype(dy.dtype)
+  a, bn_relu_vjp = jax.vjp(
+    lambda *p: batch_norm_relu(*p, epsilon, dtype), x, mean, var, scale, bias
+  )
+  _, conv_vjp = jax.vjp(lambda a, k: _conv1x1(a, k, dtype), a, kernel)
+  da, d_kernel = conv_vjp(dy)
+  return (*bn_relu_vjp(da), d_kernel)
+
+
+fused_bn_relu_conv1x1.defvjp(_fused_forward, _fused_backward)
+
+
+class Conv1x1Kernel(nn.Module):
+  """nn.Conv's 1x1 kernel parameter alone (its name, shape, dtype and initialiser), for a
+  fused op to apply: weight files and checkpoints load either way."""
+
+  features: int
+  kernel_init: Any
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, channels):
+    shape = (1, 1, channels, self.features)
+    return self.param('kernel', self.kernel_init, shape, self.param_dtype)
 
 
 @jax.custom_vjp
@@ -238,16 +301,35 @@ class DenseLayer(nn.Module):
   bn_size: int
   conv: Any
   norm: Any
+  # norm1-ReLU-conv1 as one Pallas kernel (fused_bn_relu_conv1x1); the same parameters.
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x, moments=None):
-    y = _norm_relu(self.norm, 'norm1', x, moments)
-    y = self.conv(self.bn_size * self.growth_rate, (1, 1), name='conv1')(y)
-    y = _norm_relu(self.norm, 'norm2', y)
+    if self.fused:
+      y = self._fused_bottleneck(x, moments)
+    else:
+      y = _norm_relu(self.norm, 'norm1', x, moments)
+      y = self.conv(self.bn_size * self.growth_rate, (1, 1), name='conv1')(y)
+      y = _norm_relu(self.norm, 'norm2', y)
     y = self.conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
     if moments is not None:
       moments = concat_moments(moments, batch_moments(y))
     return jnp.concatenate([x, y], axis=-1), moments
+
+  def _fused_bottleneck(self, x, moments):
+    """norm2(conv1(norm1(x))) ReLU'd, norm1-ReLU-conv1 and norm2's moments in one kernel."""
+    norm1 = self.norm(name='norm1', statistics_only=True)
+    mean, var, scale, bias = norm1(x, moments)
+    conv = self.conv.keywords
+    kernel = Conv1x1Kernel(
+      self.bn_size * self.growth_rate, conv['kernel_init'], conv['param_dtype'], name='conv1'
+    )(x.shape[-1])
+    y, sums, sumsqs = fused_bn_relu_conv1x1(
+      x, mean, var, scale, bias, kernel, norm1.epsilon, conv['dtype']
+    )
+    count = x.shape[0] * x.shape[1] * x.shape[2]  # batch_moments' mean: the sum / count.
+    return _norm_relu(self.norm, 'norm2', y, (sums / count, sumsqs / count))
 
 
 class DenseBlock(nn.Module):
@@ -258,12 +340,13 @@ class DenseBlock(nn.Module):
   bn_size: int
   conv: Any
   norm: Any
+  fused: bool = False  # DenseLayer's.
 
   @nn.compact
   def __call__(self, x, moments=None):
     for i in range(1, self.num_layers + 1):
       layer = DenseLayer(
-        self.growth_rate, self.bn_size, self.conv, self.norm, name=f'denselayer{i}'
+        self.growth_rate, self.bn_size, self.conv, self.norm, self.fused, name=f'denselayer{i}'
       )
       x, moments = layer(x, moments)
     return x, moments
@@ -298,9 +381,13 @@ class DenseNet(nn.Module):
   # Training: each feature map's BN moments computed once (see the module docstring).
   # False: TorchBatchNorm (flax's) re-reduces every input, as before (for the tests).
   share_bn_statistics: bool = True
+  # Each dense layer's norm1-ReLU-conv1 as one Pallas kernel (config.fused_dense_layer).
+  fused_dense_layer: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool, return_features: bool = False):
+    if self.fused_dense_layer and not self.share_bn_statistics:
+      raise ValueError('fused_dense_layer needs share_bn_statistics (BatchNorm, not flax).')
     # He-normal like torchvision's kaiming_normal_ (from-scratch training only).
     conv = functools.partial(
       nn.Conv,
@@ -341,7 +428,13 @@ class DenseNet(nn.Module):
     last = len(self.block_sizes)
     for b, num_layers in enumerate(self.block_sizes, start=1):
       block = DenseBlock(
-        num_layers, self.growth_rate, self.bn_size, conv, norm, name=f'denseblock{b}'
+        num_layers,
+        self.growth_rate,
+        self.bn_size,
+        conv,
+        norm,
+        self.fused_dense_layer,
+        name=f'denseblock{b}',
       )
       x, moments = block(x, batch_moments(x) if share else None)
       channels += num_layers * self.growth_rate
@@ -351,7 +444,14 @@ class DenseNet(nn.Module):
     return x, moments
 
 
-def create_model(name, *, num_classes=labels_lib.NUM_CLASSES, dtype=jnp.float32, bn_axis_name=None):
+def create_model(
+  name,
+  *,
+  num_classes=labels_lib.NUM_CLASSES,
+  dtype=jnp.float32,
+  bn_axis_name=None,
+  fused_dense_layer=False,
+):
   """Returns the DenseNet called `name` (densenet121/169/201 or tiny).
 
   Apply with `model.apply(variables, x, train=..., mutable=['batch_stats'])`
@@ -371,6 +471,7 @@ def create_model(name, *, num_classes=labels_lib.NUM_CLASSES, dtype=jnp.float32,
     num_classes=num_classes,
     dtype=dtype,
     bn_axis_name=bn_axis_name,
+    fused_dense_layer=fused_dense_layer,
   )
 
 
@@ -384,4 +485,6 @@ def from_config(config, bn_axis_name=None):
     num_classes=config.num_classes,
     dtype=DTYPES[config.dtype],
     bn_axis_name=bn_axis_name,
+    # .get: a run's config.json from before the field has none (it was off).
+    fused_dense_layer=config.get('fused_dense_layer', False),
   )
