@@ -57,13 +57,16 @@ def _kernel(x_ref, mean_ref, mult_ref, bias_ref, w_ref, y_ref, sum_ref, sumsq_re
   features = w_ref.shape[1]
   # float32: full-precision products, as XLA's float32 convolution on CPU (no TF32).
   precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
-  # Rows past the end of x (the last tile) normalise to zeros: they add nothing.
+  # The last tile may run past the end of x: Triton does not mask a block's reads and
+  # writes itself, so they are masked here, and rows past the end normalise to zeros
+  # (they add nothing to the sums).
   row = pl.program_id(0) * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)
   in_range = row < rows
 
   def step(k, acc):
     cols = pl.ds(pl.multiple_of(k * block_channels, block_channels), block_channels)
-    x = x_ref[:, cols].astype(jnp.float32)
+    mask = jnp.broadcast_to(in_range, (block_rows, block_channels))
+    x = plt.load(x_ref.at[:, cols], mask=mask, other=0).astype(jnp.float32)
     # densenet.batch_norm_relu's arithmetic, in its order: the same bits.
     a = ((x - mean_ref[:, cols]) * mult_ref[:, cols] + bias_ref[:, cols]).astype(dtype)
     a = jnp.where(in_range & (a > 0), a, jnp.zeros((), dtype))
@@ -73,7 +76,7 @@ def _kernel(x_ref, mean_ref, mult_ref, bias_ref, w_ref, y_ref, sum_ref, sumsq_re
   steps = x_ref.shape[1] // block_channels
   acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_rows, features), jnp.float32))
   y = acc.astype(dtype)
-  y_ref[...] = y
+  plt.store(y_ref, y, mask=jnp.broadcast_to(in_range, y.shape))
   # The next BatchNorm's moments are of y as stored (batch_moments casts it up).
   y = y.astype(jnp.float32)
   sum_ref[...] = jnp.sum(y, axis=0, keepdims=True)

@@ -84,9 +84,17 @@ def test_bfloat16_forward_within_one_ulp_and_moments_of_its_own_output(shape):
   own_mean, own_mean2 = densenet.batch_moments(y)
   np.testing.assert_allclose(_f64(mean), _f64(own_mean), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(_f64(mean2), _f64(own_mean2), rtol=1e-5, atol=1e-6)
-  # ... so the unfused moments to the few ulps moved: bfloat16's 2^-8, relative.
-  np.testing.assert_allclose(_f64(mean), _f64(want_mean), rtol=2**-8, atol=1e-3)
-  np.testing.assert_allclose(_f64(mean2), _f64(want_mean2), rtol=2**-8, atol=1e-3)
+  # XLA (on CPU) drops the unfused path's bfloat16 round trip (convolution output ->
+  # bfloat16 -> float32: excess precision) and takes its moments of the float32 output;
+  # the kernel's are of y as stored (as cuDNN's bfloat16 output gives them on a GPU).
+  # Rounding moves each y by at most 2^-9 |y| (half a bfloat16 ulp), so the means by
+  # at most 2^-9 mean|y| and the means of squares by (2^-8 + 2^-18) mean(y^2), plus
+  # float32 noise.
+  y = _f64(y)
+  bound = 2**-9 * np.mean(np.abs(y), axis=(0, 1, 2))
+  assert np.all(np.abs(_f64(mean) - _f64(want_mean)) <= bound * 1.001 + 1e-6)
+  bound = (2**-8 + 2**-18) * np.mean(y * y, axis=(0, 1, 2))
+  assert np.all(np.abs(_f64(mean2) - _f64(want_mean2)) <= bound * 1.001 + 1e-6)
 
 
 def _weighted_loss(op, dtype, weights):
