@@ -25,6 +25,7 @@ differ by float32 rounding).
 """
 
 import functools
+import itertools
 import math
 from typing import Any, Sequence
 
@@ -158,26 +159,33 @@ def _conv1x1(a, kernel, dtype):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def fused_bn_relu_conv1x1(x, mean, var, scale, bias, kernel, epsilon, dtype):
-  """conv1x1(batch_norm_relu(x, ...), kernel) as `dtype`, with the per-channel sum and sum
-  of squares of that output (float32): one Pallas kernel (fused_dense_layer), whose
-  normalised input is never written to memory. Its gradient is autodiff's of the unfused
-  ops (batch_norm_relu's, then the convolution's), the normalised input recomputed."""
-  return _fused_forward(x, mean, var, scale, bias, kernel, epsilon, dtype)[0]
+def fused_bn_relu_conv1x1(pieces, mean, var, scale, bias, kernel, epsilon, dtype):
+  """conv1x1(batch_norm_relu(x, ...), kernel) as `dtype`, x the channel concatenation of
+  the NHWC `pieces` (a tuple), with the per-channel sum and sum of squares of that output
+  (float32): one Pallas kernel (fused_dense_layer) that reads the pieces in place, so
+  neither x nor its normalisation is written to memory. Its gradient is autodiff's of the
+  unfused ops (batch_norm_relu's, then the convolution's), the normalisation recomputed."""
+  return _fused_forward(pieces, mean, var, scale, bias, kernel, epsilon, dtype)[0]
 
 
-def _fused_forward(x, mean, var, scale, bias, kernel, epsilon, dtype):
-  batch, height, width, channels = x.shape
+def _fused_forward(pieces, mean, var, scale, bias, kernel, epsilon, dtype):
+  batch, height, width, _ = pieces[0].shape
   multiplier = jax.lax.rsqrt(var + epsilon) * scale  # batch_norm_relu's.
   y, sums, sumsqs = fused_dense_layer.bn_relu_matmul_sums(
-    x.reshape(-1, channels), mean, multiplier, bias, kernel.reshape(channels, -1), dtype
+    [piece.reshape(-1, piece.shape[-1]) for piece in pieces],
+    mean,
+    multiplier,
+    bias,
+    kernel.reshape(kernel.shape[2], -1),
+    dtype,
   )
   y = y.reshape(batch, height, width, -1)
-  return (y, sums, sumsqs), (x, mean, var, scale, bias, kernel, y)
+  return (y, sums, sumsqs), (pieces, mean, var, scale, bias, kernel, y)
 
 
 def _fused_backward(epsilon, dtype, saved, cotangents):
-  x, mean, var, scale, bias, kernel, y = saved
+  pieces, mean, var, scale, bias, kernel, y = saved
+  x = jnp.concatenate(pieces, axis=-1)
   dy, d_sums, d_sumsqs = cotangents
   # The sums' share in float32, rounded to y's dtype and added there, as autodiff of
   # batch_moments(y) beside norm2's own gradient gives it.
@@ -188,7 +196,9 @@ def _fused_backward(epsilon, dtype, saved, cotangents):
   )
   _, conv_vjp = jax.vjp(lambda a, k: _conv1x1(a, k, dtype), a, kernel)
   da, d_kernel = conv_vjp(dy)
-  return (*bn_relu_vjp(da), d_kernel)
+  dx, *d_statistics = bn_relu_vjp(da)
+  ends = list(itertools.accumulate(piece.shape[-1] for piece in pieces))[:-1]
+  return (tuple(jnp.split(dx, ends, axis=-1)), *d_statistics, d_kernel)
 
 
 fused_bn_relu_conv1x1.defvjp(_fused_forward, _fused_backward)
@@ -294,7 +304,8 @@ class DenseLayer(nn.Module):
   """Bottleneck layer: BN-ReLU-1x1 conv (4k) - BN-ReLU-3x3 conv (k), concatenated.
 
   Given norm1's batch `moments` of x (training), also returns them with those of the
-  new channels appended; else None beside the concatenation.
+  new channels appended; else None beside the concatenation. `fused`: x is the tuple of
+  the block's feature maps so far, and the new one is appended to it (no concatenation).
   """
 
   growth_rate: int
@@ -315,10 +326,16 @@ class DenseLayer(nn.Module):
     y = self.conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
     if moments is not None:
       moments = concat_moments(moments, batch_moments(y))
+    if self.fused:
+      return (*x, y), moments
     return jnp.concatenate([x, y], axis=-1), moments
 
-  def _fused_bottleneck(self, x, moments):
-    """norm2(conv1(norm1(x))) ReLU'd, norm1-ReLU-conv1 and norm2's moments in one kernel."""
+  def _fused_bottleneck(self, pieces, moments):
+    """norm2(conv1(norm1(x))) ReLU'd, x the concatenation of `pieces`: norm1-ReLU-conv1
+    and norm2's moments in one kernel."""
+    # Read for its shape only (the moments are given, or the running ones are used):
+    # XLA drops it.
+    x = jnp.concatenate(pieces, axis=-1)
     norm1 = self.norm(name='norm1', statistics_only=True)
     mean, var, scale, bias = norm1(x, moments)
     conv = self.conv.keywords
@@ -326,7 +343,7 @@ class DenseLayer(nn.Module):
       self.bn_size * self.growth_rate, conv['kernel_init'], conv['param_dtype'], name='conv1'
     )(x.shape[-1])
     y, sums, sumsqs = fused_bn_relu_conv1x1(
-      x, mean, var, scale, bias, kernel, norm1.epsilon, conv['dtype']
+      tuple(pieces), mean, var, scale, bias, kernel, norm1.epsilon, conv['dtype']
     )
     count = x.shape[0] * x.shape[1] * x.shape[2]  # batch_moments' mean: the sum / count.
     return _norm_relu(self.norm, 'norm2', y, (sums / count, sumsqs / count))
@@ -344,11 +361,15 @@ class DenseBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, moments=None):
+    if self.fused:  # The feature maps, concatenated once at the end.
+      x = (x,)
     for i in range(1, self.num_layers + 1):
       layer = DenseLayer(
         self.growth_rate, self.bn_size, self.conv, self.norm, self.fused, name=f'denselayer{i}'
       )
       x, moments = layer(x, moments)
+    if self.fused:
+      x = jnp.concatenate(x, axis=-1)
     return x, moments
 
 

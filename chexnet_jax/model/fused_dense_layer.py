@@ -1,6 +1,7 @@
 """A dense layer's BN-ReLU-1x1 conv as one Pallas kernel (opt-in: config.fused_dense_layer).
 
-`bn_relu_matmul_sums(x, mean, multiplier, bias, kernel, dtype)` is, for [M, Cin] `x`,
+`bn_relu_matmul_sums(pieces, mean, multiplier, bias, kernel, dtype)` is, for [M, Cin] `x`
+(the concatenation of `pieces`, a dense block's feature maps, read where they lie),
 
     y = relu(((x - mean) * multiplier + bias).astype(dtype)) @ kernel     (as `dtype`)
 
@@ -47,12 +48,10 @@ def _check_outputs(features):
     )
 
 
-def _kernel(x_ref, mean_ref, mult_ref, bias_ref, w_ref, y_ref, sum_ref, sumsq_ref, **static):
-  rows, block_rows, block_channels, dtype = (
-    static['rows'],
-    static['block_rows'],
-    static['block_channels'],
-    static['dtype'],
+def _kernel(*refs, widths, rows, block_rows, dtype):
+  pieces, (mean_ref, mult_ref, bias_ref, w_ref, y_ref, sum_ref, sumsq_ref) = (
+    refs[: len(widths)],
+    refs[len(widths) :],
   )
   features = w_ref.shape[1]
   # float32: full-precision products, as XLA's float32 convolution on CPU (no TF32).
@@ -63,18 +62,31 @@ def _kernel(x_ref, mean_ref, mult_ref, bias_ref, w_ref, y_ref, sum_ref, sumsq_re
   row = pl.program_id(0) * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)
   in_range = row < rows
 
-  def step(k, acc):
-    cols = pl.ds(pl.multiple_of(k * block_channels, block_channels), block_channels)
-    mask = jnp.broadcast_to(in_range, (block_rows, block_channels))
-    x = plt.load(x_ref.at[:, cols], mask=mask, other=0).astype(jnp.float32)
-    # densenet.batch_norm_relu's arithmetic, in its order: the same bits.
-    a = ((x - mean_ref[:, cols]) * mult_ref[:, cols] + bias_ref[:, cols]).astype(dtype)
-    a = jnp.where(in_range & (a > 0), a, jnp.zeros((), dtype))
-    w = w_ref[cols, :].astype(dtype)
-    return acc + jnp.dot(a, w, preferred_element_type=jnp.float32, precision=precision)
+  def piece_steps(piece_ref, offset, acc):
+    """acc + relu(bn(piece)) @ its rows of the kernel, `block` channels a step."""
+    block = _block_channels(piece_ref.shape[1])
+    mask = jnp.broadcast_to(in_range, (block_rows, block))
 
-  steps = x_ref.shape[1] // block_channels
-  acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_rows, features), jnp.float32))
+    def step(k, acc):
+      start = pl.multiple_of(k * block, block)
+      cols = pl.ds(start, block)
+      # This piece's channels of the layer's input (and of the vectors and kernel rows).
+      channels = pl.ds(start + offset, block)
+      x = plt.load(piece_ref.at[:, cols], mask=mask, other=0).astype(jnp.float32)
+      # densenet.batch_norm_relu's arithmetic, in its order: the same bits.
+      a = (x - mean_ref[:, channels]) * mult_ref[:, channels] + bias_ref[:, channels]
+      a = a.astype(dtype)
+      a = jnp.where(in_range & (a > 0), a, jnp.zeros((), dtype))
+      w = w_ref[channels, :].astype(dtype)
+      return acc + jnp.dot(a, w, preferred_element_type=jnp.float32, precision=precision)
+
+    return jax.lax.fori_loop(0, piece_ref.shape[1] // block, step, acc)
+
+  acc = jnp.zeros((block_rows, features), jnp.float32)
+  offset = 0
+  for piece_ref, width in zip(pieces, widths):  # In channel order, as the concatenation.
+    acc = piece_steps(piece_ref, offset, acc)
+    offset += width
   y = acc.astype(dtype)
   plt.store(y_ref, y, mask=jnp.broadcast_to(in_range, y.shape))
   # The next BatchNorm's moments are of y as stored (batch_moments casts it up).
@@ -83,16 +95,14 @@ def _kernel(x_ref, mean_ref, mult_ref, bias_ref, w_ref, y_ref, sum_ref, sumsq_re
   sumsq_ref[...] = jnp.sum(y * y, axis=0, keepdims=True)
 
 
-def _call(x, mean, multiplier, bias, kernel, dtype, interpret):
-  rows, channels = x.shape
-  features = kernel.shape[1]
+def _call(pieces, mean, multiplier, bias, kernel, dtype, interpret):
+  rows = pieces[0].shape[0]
+  widths = tuple(piece.shape[1] for piece in pieces)
+  channels, features = kernel.shape
   _check_outputs(features)
-  block_channels = _block_channels(channels)
   block_rows = BLOCK_ROWS
   tiles = pl.cdiv(rows, block_rows)
-  body = functools.partial(
-    _kernel, rows=rows, block_rows=block_rows, block_channels=block_channels, dtype=dtype
-  )
+  body = functools.partial(_kernel, widths=widths, rows=rows, block_rows=block_rows, dtype=dtype)
   vector = pl.BlockSpec((1, channels), lambda i: (0, 0))
   partial_sums = pl.BlockSpec((1, features), lambda i: (i, 0))
   y, sums, sumsqs = pl.pallas_call(
@@ -103,25 +113,23 @@ def _call(x, mean, multiplier, bias, kernel, dtype, interpret):
       jax.ShapeDtypeStruct((tiles, features), jnp.float32),
     ),
     grid=(tiles,),
-    in_specs=[
-      pl.BlockSpec((block_rows, channels), lambda i: (i, 0)),
-      vector,
-      vector,
-      vector,
-      pl.BlockSpec((channels, features), lambda i: (0, 0)),
-    ],
+    in_specs=[pl.BlockSpec((block_rows, width), lambda i: (i, 0)) for width in widths]
+    + [vector, vector, vector, pl.BlockSpec((channels, features), lambda i: (0, 0))],
     out_specs=(pl.BlockSpec((block_rows, features), lambda i: (i, 0)), partial_sums, partial_sums),
     interpret=interpret,
     compiler_params=None if interpret else plt.CompilerParams(num_warps=4, num_stages=3),
     name='bn_relu_matmul_sums',
-  )(x, mean[None], multiplier[None], bias[None], kernel)
+  )(*pieces, mean[None], multiplier[None], bias[None], kernel)
   return y, jnp.sum(sums, axis=0), jnp.sum(sumsqs, axis=0)
 
 
-def bn_relu_matmul_sums(x, mean, multiplier, bias, kernel, dtype):
-  """(y, per-column sum of y, of y^2) as in the module docstring; `x` [M, Cin] in `dtype`,
-  mean/multiplier/bias [Cin] float32, `kernel` [Cin, Cout]. Interpret mode on CPU."""
-  args = (x, mean.astype(jnp.float32), multiplier, bias.astype(jnp.float32), kernel)
+def bn_relu_matmul_sums(pieces, mean, multiplier, bias, kernel, dtype):
+  """(y, per-column sum of y, of y^2) as in the module docstring, x the concatenation of
+  `pieces` ([M, C_i] in `dtype`, each C_i a multiple of 16) along its columns, read piece
+  by piece: never concatenated. mean/multiplier/bias [Cin] float32, `kernel` [Cin, Cout].
+  Interpret mode on CPU."""
+  pieces = tuple(pieces)
+  args = (pieces, mean.astype(jnp.float32), multiplier, bias.astype(jnp.float32), kernel)
   return jax.lax.platform_dependent(
     *args,
     cpu=functools.partial(_call, dtype=dtype, interpret=True),

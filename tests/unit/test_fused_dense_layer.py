@@ -38,9 +38,17 @@ def _unfused(x, mean, var, scale, bias, kernel, dtype):
   return y, densenet.batch_moments(y)
 
 
+def _pieces(x):
+  """x as a dense block holds it: a first feature map, then maps of 16 channels."""
+  first = 32 if x.shape[-1] > 32 else 16
+  rest = x[..., first:]
+  return (x[..., :first], *jnp.split(rest, rest.shape[-1] // 16, axis=-1))
+
+
 def _fused(x, mean, var, scale, bias, kernel, dtype):
+  """The kernel given x in pieces, its sums made norm2's moments as DenseLayer makes them."""
   y, sums, sumsqs = densenet.fused_bn_relu_conv1x1(
-    x, mean, var, scale, bias, kernel, EPSILON, dtype
+    _pieces(x), mean, var, scale, bias, kernel, EPSILON, dtype
   )
   count = y.size // y.shape[-1]
   return y, (sums / count, sumsqs / count)
