@@ -25,7 +25,6 @@ differ by float32 rounding).
 """
 
 import functools
-import itertools
 import math
 from typing import Any, Sequence
 
@@ -191,14 +190,26 @@ def _fused_backward(epsilon, dtype, saved, cotangents):
   # batch_moments(y) beside norm2's own gradient gives it.
   y32 = y.astype(jnp.float32)
   dy = dy + (d_sums + d_sumsqs * (2.0 * y32)).astype(dy.dtype)
-  a, bn_relu_vjp = jax.vjp(
-    lambda *p: batch_norm_relu(*p, epsilon, dtype), x, mean, var, scale, bias
+  # The kernel's gradient from the recomputed normalisation (cuDNN's, as unfused).
+  a = batch_norm_relu(x, mean, var, scale, bias, epsilon, dtype)
+  _, conv_vjp = jax.vjp(lambda k: _conv1x1(a, k, dtype), kernel)
+  (d_kernel,) = conv_vjp(dy)
+  # The input's: _batch_norm_relu_backward of dy @ kernel^T, in one kernel.
+  inverse_std = jax.lax.rsqrt(var + epsilon)
+  channels, features = kernel.shape[2:]
+  dx, sum_g, sum_g_centred = fused_dense_layer.bn_relu_matmul_backward_data(
+    dy.reshape(-1, features),
+    kernel.reshape(channels, features),
+    [piece.reshape(-1, piece.shape[-1]) for piece in pieces],
+    mean,
+    inverse_std * scale,
+    bias,
+    dtype,
   )
-  _, conv_vjp = jax.vjp(lambda a, k: _conv1x1(a, k, dtype), a, kernel)
-  da, d_kernel = conv_vjp(dy)
-  dx, *d_statistics = bn_relu_vjp(da)
-  ends = list(itertools.accumulate(piece.shape[-1] for piece in pieces))[:-1]
-  return (tuple(jnp.split(dx, ends, axis=-1)), *d_statistics, d_kernel)
+  dx = tuple(d.reshape(piece.shape) for d, piece in zip(dx, pieces))
+  d_mean = -sum_g * inverse_std * scale
+  d_var = -0.5 * sum_g_centred * scale * inverse_std**3
+  return dx, d_mean, d_var, sum_g_centred * inverse_std, sum_g, d_kernel
 
 
 fused_bn_relu_conv1x1.defvjp(_fused_forward, _fused_backward)

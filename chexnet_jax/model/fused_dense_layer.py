@@ -135,3 +135,96 @@ def bn_relu_matmul_sums(pieces, mean, multiplier, bias, kernel, dtype):
     cpu=functools.partial(_call, dtype=dtype, interpret=True),
     default=functools.partial(_call, dtype=dtype, interpret=False),
   )
+
+
+def _backward_data_kernel(*refs, widths, rows, block_rows, dtype):
+  """dx = the masked, scaled gradient of relu(bn(x)) given da = dy @ kernel^T, and the
+  BN's two gradient sums, per row tile: densenet._batch_norm_relu_backward's arithmetic."""
+  count = len(widths)
+  dy_ref, w_ref, *pieces = refs[: count + 2]
+  mean_ref, mult_ref, bias_ref = refs[count + 2 : count + 5]
+  dx_refs = refs[count + 5 : 2 * count + 5]
+  sum_g_ref, sum_gc_ref = refs[2 * count + 5 :]
+  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  row = pl.program_id(0) * block_rows + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)
+  in_range = row < rows
+  dy_mask = jnp.broadcast_to(in_range, (block_rows, w_ref.shape[1]))
+  dy = plt.load(dy_ref, mask=dy_mask, other=0)  # Rows past the end: g = 0.
+
+  def piece_steps(piece_ref, dx_ref, offset):
+    block = _block_channels(piece_ref.shape[1])
+    mask = jnp.broadcast_to(in_range, (block_rows, block))
+
+    def step(k, carry):
+      start = pl.multiple_of(k * block, block)
+      cols, channels = pl.ds(start, block), pl.ds(start + offset, block)
+      w = w_ref[channels, :].astype(dtype)
+      # The convolution's input gradient, as its transpose gives it: rounded to `dtype`.
+      da = jax.lax.dot_general(
+        dy, w, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+      ).astype(dtype)
+      x = plt.load(piece_ref.at[:, cols], mask=mask, other=0).astype(jnp.float32)
+      centred = x - mean_ref[:, channels]
+      multiplier = mult_ref[:, channels]
+      active = (centred * multiplier + bias_ref[:, channels]).astype(dtype) > 0
+      g = jnp.where(active & in_range, da.astype(jnp.float32), 0.0)
+      plt.store(dx_ref.at[:, cols], (g * multiplier).astype(dx_ref.dtype), mask=mask)
+      sum_g_ref[:, channels] = jnp.sum(g, axis=0, keepdims=True)
+      sum_gc_ref[:, channels] = jnp.sum(g * centred, axis=0, keepdims=True)
+      return carry
+
+    jax.lax.fori_loop(0, piece_ref.shape[1] // block, step, 0)
+
+  offset = 0
+  for piece_ref, dx_ref, width in zip(pieces, dx_refs, widths):
+    piece_steps(piece_ref, dx_ref, offset)
+    offset += width
+
+
+def _backward_data_call(dy, kernel, pieces, mean, multiplier, bias, dtype, interpret):
+  rows = pieces[0].shape[0]
+  widths = tuple(piece.shape[1] for piece in pieces)
+  channels, features = kernel.shape
+  tiles = pl.cdiv(rows, BLOCK_ROWS)
+  body = functools.partial(
+    _backward_data_kernel, widths=widths, rows=rows, block_rows=BLOCK_ROWS, dtype=dtype
+  )
+  vector = pl.BlockSpec((1, channels), lambda i: (0, 0))
+  row_tiles = [pl.BlockSpec((BLOCK_ROWS, width), lambda i: (i, 0)) for width in widths]
+  partial_sums = pl.BlockSpec((1, channels), lambda i: (i, 0))
+  *dx, sum_g, sum_gc = pl.pallas_call(
+    body,
+    out_shape=(
+      *(jax.ShapeDtypeStruct(piece.shape, piece.dtype) for piece in pieces),
+      jax.ShapeDtypeStruct((tiles, channels), jnp.float32),
+      jax.ShapeDtypeStruct((tiles, channels), jnp.float32),
+    ),
+    grid=(tiles,),
+    in_specs=[
+      pl.BlockSpec((BLOCK_ROWS, features), lambda i: (i, 0)),
+      pl.BlockSpec((channels, features), lambda i: (0, 0)),
+      *row_tiles,
+      vector,
+      vector,
+      vector,
+    ],
+    out_specs=(*row_tiles, partial_sums, partial_sums),
+    interpret=interpret,
+    compiler_params=None if interpret else plt.CompilerParams(num_warps=4, num_stages=3),
+    name='bn_relu_matmul_backward_data',
+  )(dy, kernel, *pieces, mean[None], multiplier[None], bias[None])
+  return tuple(dx), jnp.sum(sum_g, axis=0), jnp.sum(sum_gc, axis=0)
+
+
+def bn_relu_matmul_backward_data(dy, kernel, pieces, mean, multiplier, bias, dtype):
+  """The input side of bn_relu_matmul_sums's gradient in one kernel: given its output's
+  gradient `dy` [M, Cout] (`dtype`), (dx per piece, sum of g, sum of g * (x - mean)) per
+  input channel, g the gradient at relu(bn(x)) masked by the ReLU: da = dy @ kernel^T
+  (rounded to `dtype`) is never written to memory. Interpret mode on CPU."""
+  pieces = tuple(pieces)
+  args = (dy, kernel, pieces, mean.astype(jnp.float32), multiplier, bias.astype(jnp.float32))
+  return jax.lax.platform_dependent(
+    *args,
+    cpu=functools.partial(_backward_data_call, dtype=dtype, interpret=True),
+    default=functools.partial(_backward_data_call, dtype=dtype, interpret=False),
+  )

@@ -76,11 +76,21 @@ def test_float32_forward_and_moments_equal_the_unfused_ops(shape):
   np.testing.assert_allclose(_f64(mean2), _f64(want_mean2), rtol=1e-5, atol=1e-6)
 
 
+def _strict(function, *args):
+  """function(*args) compiled with every bfloat16 rounding it asks for. By default XLA
+  may keep values in float32 across a bfloat16 round trip (excess precision, on CPU):
+  the unfused path's moments, and the input gradient's bfloat16 rounding, would be of
+  unrounded values. On a GPU the unfused 1x1 convolution is cuDNN's, whose output is
+  bfloat16: rounded, as the kernel rounds it."""
+  options = {'xla_allow_excess_precision': False}
+  return jax.jit(function).lower(*args).compile(compiler_options=options)(*args)
+
+
 @pytest.mark.parametrize('shape', SHAPES)
-def test_bfloat16_forward_within_one_ulp_and_moments_of_its_own_output(shape):
+def test_bfloat16_forward_and_moments_equal_the_unfused_ops(shape):
   args = _inputs(*shape, jnp.bfloat16)
-  y, (mean, mean2) = jax.jit(_fused, static_argnums=6)(*args, jnp.bfloat16)
-  want_y, (want_mean, want_mean2) = jax.jit(_unfused, static_argnums=6)(*args, jnp.bfloat16)
+  y, (mean, mean2) = _strict(lambda *a: _fused(*a, jnp.bfloat16), *args)
+  want_y, (want_mean, want_mean2) = _strict(lambda *a: _unfused(*a, jnp.bfloat16), *args)
   assert y.dtype == jnp.bfloat16
   # The same bfloat16 products summed in float32 in another order, then rounded to
   # bfloat16: the float32 sums differ by ~1e-7 relative, which moves a rounding (one
@@ -88,16 +98,19 @@ def test_bfloat16_forward_within_one_ulp_and_moments_of_its_own_output(shape):
   difference = np.abs(_f64(y) - _f64(want_y))
   assert np.all(difference <= _bf16_ulp(want_y)), difference.max()
   assert np.mean(difference == 0) > 0.9
-  # The epilogue's moments are those of the kernel's own bfloat16 output (float32 sums).
-  own_mean, own_mean2 = densenet.batch_moments(y)
-  np.testing.assert_allclose(_f64(mean), _f64(own_mean), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(_f64(mean2), _f64(own_mean2), rtol=1e-5, atol=1e-6)
-  # XLA (on CPU) drops the unfused path's bfloat16 round trip (convolution output ->
-  # bfloat16 -> float32: excess precision) and takes its moments of the float32 output;
-  # the kernel's are of y as stored (as cuDNN's bfloat16 output gives them on a GPU).
-  # Rounding moves each y by at most 2^-9 |y| (half a bfloat16 ulp), so the means by
-  # at most 2^-9 mean|y| and the means of squares by (2^-8 + 2^-18) mean(y^2), plus
-  # float32 noise.
+  # Moments: float32 sums of those bfloat16 values, in another order.
+  np.testing.assert_allclose(_f64(mean), _f64(want_mean), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(_f64(mean2), _f64(want_mean2), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_moments_within_rounding_of_the_excess_precision_ones():
+  """XLA's default compile of the unfused path (on CPU) takes the moments of the float32
+  convolution output; the kernel's are of y as stored in bfloat16. Rounding moves each y
+  by at most 2^-9 |y| (half an ulp), so the means by at most 2^-9 mean|y| and the means
+  of squares by (2^-8 + 2^-18) mean(y^2), plus float32 noise."""
+  args = _inputs(*SHAPES[0], jnp.bfloat16)
+  y, (mean, mean2) = jax.jit(_fused, static_argnums=6)(*args, jnp.bfloat16)
+  _, (want_mean, want_mean2) = jax.jit(_unfused, static_argnums=6)(*args, jnp.bfloat16)
   y = _f64(y)
   bound = 2**-9 * np.mean(np.abs(y), axis=(0, 1, 2))
   assert np.all(np.abs(_f64(mean) - _f64(want_mean)) <= bound * 1.001 + 1e-6)
@@ -128,12 +141,12 @@ def test_gradients_equal_autodiff_of_the_unfused_ops(dtype):
     jax.random.normal(keys[2], (shape[4],)),
   )
   every = tuple(range(6))
-  got = jax.jit(jax.grad(_weighted_loss(_fused, dtype, weights), every))(*args)
-  want = jax.jit(jax.grad(_weighted_loss(_unfused, dtype, weights), every))(*args)
-  # float32: rounding. bfloat16: the backward is the unfused one given the forward's y,
-  # which may differ by one bfloat16 ulp in a few places (the test above), moving the
-  # moments' share of the gradient by as much; 2^-8 relative to each gradient's scale.
-  tolerance = 1e-5 if dtype == jnp.float32 else 2**-8
+  got = _strict(jax.grad(_weighted_loss(_fused, dtype, weights), every), *args)
+  want = _strict(jax.grad(_weighted_loss(_unfused, dtype, weights), every), *args)
+  # float32 sums in another order (bfloat16 included: its sums are float32), relative to
+  # each gradient's scale. Were a forward y one bfloat16 ulp off (the tests above allow
+  # it), the moments' share of dy would move by as much: not the case at these inputs.
+  tolerance = 1e-5
   for name, g, w in zip(('x', 'mean', 'var', 'scale', 'bias', 'kernel'), got, want):
     assert g.dtype == w.dtype and g.shape == w.shape, name
     scale = np.max(np.abs(_f64(w)))
@@ -183,24 +196,35 @@ def test_tiny_model_with_the_field_on_trains_as_with_it_off():
 TRITON_CALL = 'custom_call @__gpu$xla.gpu.triton'
 
 
-def _triton_calls(fused, train, platform):
-  """Triton kernels in the tiny model's program lowered for `platform` (no device needed)."""
+def _triton_calls(fused, platform, train=True, gradient=False):
+  """Triton kernels in the tiny model's program (its loss's gradient if `gradient`) lowered
+  for `platform`: no device needed."""
   model = densenet.create_model('tiny', num_classes=3, fused_dense_layer=fused)
   images = jnp.zeros((2, 32, 32, 3))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
-  mutable = ['batch_stats'] if train else []
-  apply = jax.jit(lambda v: model.apply(v, images, train=train, mutable=mutable))
-  lowered = apply.trace(variables).lower(lowering_platforms=(platform,))
+  mutable = ['batch_stats'] if train else False
+
+  def loss(params, batch_stats):
+    state = {'params': params, 'batch_stats': batch_stats}
+    out = model.apply(state, images, train=train, mutable=mutable)
+    return jnp.sum(out[0] if train else out)
+
+  program = jax.jit(jax.grad(loss) if gradient else loss)
+  lowered = program.trace(variables['params'], variables['batch_stats']).lower(
+    lowering_platforms=(platform,)
+  )
   return lowered.as_text().count(TRITON_CALL)
 
 
-def test_one_triton_kernel_per_dense_layer_on_gpus_only_with_the_field_on():
+def test_triton_kernels_per_dense_layer_on_gpus_only_with_the_field_on():
   layers = sum(densenet.ARCHITECTURES['tiny'][0])
-  assert _triton_calls(False, train=True, platform='cuda') == 0
-  assert _triton_calls(True, train=True, platform='cuda') == layers
-  assert _triton_calls(True, train=False, platform='cuda') == layers
-  # On CPU, interpret mode: the same kernel as XLA ops.
-  assert _triton_calls(True, train=True, platform='cpu') == 0
+  assert _triton_calls(False, 'cuda', gradient=True) == 0
+  assert _triton_calls(True, 'cuda') == layers
+  assert _triton_calls(True, 'cuda', train=False) == layers
+  # The forward's, and the backward's (the input gradient; the normalisation recomputed).
+  assert _triton_calls(True, 'cuda', gradient=True) == 2 * layers
+  # On CPU, interpret mode: the same kernels as XLA ops.
+  assert _triton_calls(True, 'cpu', gradient=True) == 0
 
 
 def test_fused_needs_shared_bn_statistics():
