@@ -163,7 +163,8 @@ def fused_bn_relu_conv1x1(pieces, mean, var, scale, bias, kernel, epsilon, dtype
   the NHWC `pieces` (a tuple), with the per-channel sum and sum of squares of that output
   (float32): one Pallas kernel (fused_dense_layer) that reads the pieces in place, so
   neither x nor its normalisation is written to memory. Its gradient is autodiff's of the
-  unfused ops (batch_norm_relu's, then the convolution's), the normalisation recomputed."""
+  unfused ops (the convolution's, then batch_norm_relu's), in the same arithmetic: the
+  input's from a second kernel, the kernel's from the normalisation recomputed."""
   return _fused_forward(pieces, mean, var, scale, bias, kernel, epsilon, dtype)[0]
 
 
@@ -507,8 +508,9 @@ def create_model(
   )
 
 
-def from_config(config, bn_axis_name=None):
-  """The configured model; `bn_axis_name` makes BatchNorm sync over that axis.
+def from_config(config, bn_axis_name=None, fused_dense_layer=False):
+  """The configured model; `bn_axis_name` makes BatchNorm sync over that axis,
+  `fused_dense_layer` uses its Pallas kernels (train_state.build_model decides).
   config.num_classes is the run's label count (the trainer and run_dir fill -1 in)."""
   if config.num_classes <= 0:
     raise ValueError(f'config.num_classes={config.num_classes}: fill in the label count first.')
@@ -517,6 +519,5 @@ def from_config(config, bn_axis_name=None):
     num_classes=config.num_classes,
     dtype=DTYPES[config.dtype],
     bn_axis_name=bn_axis_name,
-    # .get: a run's config.json from before the field has none (it was off).
-    fused_dense_layer=config.get('fused_dense_layer', False),
+    fused_dense_layer=fused_dense_layer,
   )

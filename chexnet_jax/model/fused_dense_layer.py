@@ -11,8 +11,15 @@ and ReLUs each tile of x on the fly (the normalised activation is never written 
 memory), its epilogue reduces the tile's output; `dtype` inputs, float32 accumulation.
 Each row tile writes its own partial sums and XLA adds them: deterministic, no atomics.
 
-On CPU the kernel runs in Pallas's interpret mode (the same program as XLA ops, for
-the tests); on GPUs it lowers through Triton. Gradients: densenet.fused_bn_relu_conv1x1.
+x is taken in pieces because a custom call's operand must exist in memory: given the
+concatenation, XLA would write each layer's whole input once more (its own fusions read
+the pieces in place). `bn_relu_matmul_backward_data` is the gradient's input side in one
+kernel too: dy @ kernel^T, the ReLU's mask and BatchNorm's two gradient sums, so that
+product is never written either; the kernel's gradient stays cuDNN's (from the
+normalisation recomputed by XLA). Gradients: densenet.fused_bn_relu_conv1x1.
+
+On CPU the kernels run in Pallas's interpret mode (the same program as XLA ops, for the
+tests); on GPUs they lower through Triton.
 """
 
 import functools

@@ -244,11 +244,13 @@ def _fused_config(dtype):
   return config
 
 
-def test_the_field_reaches_the_model_and_is_off_by_default():
+def test_the_field_reaches_the_train_step_model_and_is_off_by_default():
   assert default.get_config().fused_dense_layer is False
   config = _fused_config('bfloat16')
   config.num_classes = 14
   assert train_state.build_model(config, for_training=True).fused_dense_layer is True
+  # Evaluation runs under a plain jit over all devices: never fused.
+  assert train_state.build_model(config).fused_dense_layer is False
 
 
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
