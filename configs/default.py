@@ -114,7 +114,7 @@ def get_config():
   # (Triton on GPUs, interpret mode on CPU) that also sums the next BN's moments, and its
   # input gradient another (chexnet_jax/model/fused_dense_layer.py); evaluation is not
   # fused. Opt-in and unmeasured on a GPU; the same parameters and, to float32 rounding,
-  # the same numbers. bfloat16 or float32 on GPUs of compute capability 8.0 or newer.
+  # the same numbers. bfloat16 on GPUs (compute capability 8.0+); float32 on CPU only.
   c.fused_dense_layer = False
 
   # Bookkeeping.

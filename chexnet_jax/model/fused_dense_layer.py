@@ -61,7 +61,7 @@ def _kernel(*refs, widths, rows, block_rows, dtype):
     refs[len(widths) :],
   )
   features = w_ref.shape[1]
-  # float32: full-precision products, as XLA's float32 convolution on CPU (no TF32).
+  # float32 (the CPU only: config_checks): full-precision products, as XLA's on CPU.
   precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
   # The last tile may run past the end of x: Triton does not mask a block's reads and
   # writes itself, so they are masked here, and rows past the end normalise to zeros

@@ -153,7 +153,8 @@ def _process_id_wanted(config):
 
 
 # The compute dtypes the fused dense layer is tested in (float16 runs with loss scaling,
-# on V100s its Triton kernel is not built for).
+# on V100s, which its Triton kernels are not built for); float32 on the CPU only
+# (_check_fused_dense_layer).
 FUSED_DENSE_LAYER_DTYPES = ('bfloat16', 'float32')
 
 
@@ -327,19 +328,25 @@ def _check_precision(dtype, devices):
       )
 
 
-def _check_fused_dense_layer(fused, devices):
-  """The fused dense layer's Pallas kernel runs through Triton on GPUs of compute
-  capability 8.0 or newer, and in interpret mode on the CPU; nowhere else."""
+def _check_fused_dense_layer(fused, dtype, devices):
+  """The fused dense layer's Pallas kernels run through Triton on GPUs, in bfloat16 (which
+  _check_precision allows from compute capability 8.0), and in interpret mode on the CPU;
+  nowhere else. Their float32 products on a GPU would be full float32 where XLA's
+  convolutions use TF32 there: other numbers (and no tensor cores)."""
   if not fused:
     return
   for device in devices:
-    capability = getattr(device, 'compute_capability', None)
-    ampere_or_newer = capability is not None and float(capability) >= 8.0
-    if not (device.platform == 'cpu' or (device.platform == 'gpu' and ampere_or_newer)):
+    if device.platform not in ('cpu', 'gpu'):
       raise ConfigError(
-        f'config.fused_dense_layer=True but {device.device_kind} ({device.platform}, compute '
-        f'capability {capability}) cannot run its Pallas kernel, which needs a GPU of compute '
-        'capability 8.0 or newer (or the CPU); set --config.fused_dense_layer=False.'
+        f'config.fused_dense_layer=True but {device.device_kind} ({device.platform}) cannot '
+        'run its Pallas kernels, written for Triton on GPUs (or the CPU, interpreted); set '
+        '--config.fused_dense_layer=False.'
+      )
+    if device.platform == 'gpu' and dtype == 'float32':
+      raise ConfigError(
+        f"config.fused_dense_layer=True with config.dtype='float32' on {device.device_kind}: "
+        "its kernels' float32 products would be full float32 where XLA's convolutions use "
+        'TF32 (other numbers); set --config.dtype=bfloat16 or --config.fused_dense_layer=False.'
       )
 
 
@@ -357,7 +364,7 @@ def validate(config, devices=None):
   # (pipeline.global_eval_batch): any number of processes evaluates.
   _check_init_from(config)
   _check_precision(config.dtype, devices)
-  _check_fused_dense_layer(config.fused_dense_layer, devices)
+  _check_fused_dense_layer(config.fused_dense_layer, config.dtype, devices)
 
 
 def check_splits(config, dataset_info):

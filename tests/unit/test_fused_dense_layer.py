@@ -253,11 +253,21 @@ def test_the_field_reaches_the_train_step_model_and_is_off_by_default():
   assert train_state.build_model(config).fused_dense_layer is False
 
 
-@pytest.mark.parametrize('dtype', ['bfloat16', 'float32'])
-def test_accepted_on_ampere_or_newer_and_on_the_cpu(dtype):
-  config = _fused_config(dtype)
-  config_checks.validate(config, devices=[_device('gpu', 'NVIDIA H100 80GB HBM3', '9.0')] * 4)
-  config_checks.validate(config, devices=[_device('cpu', 'cpu')] * 4)
+H100 = _device('gpu', 'NVIDIA H100 80GB HBM3', '9.0')
+
+
+def test_accepted_in_bfloat16_on_ampere_or_newer_and_on_the_cpu():
+  config_checks.validate(_fused_config('bfloat16'), devices=[H100] * 4)
+  config_checks.validate(_fused_config('bfloat16'), devices=[_device('cpu', 'cpu')] * 4)
+  config_checks.validate(_fused_config('float32'), devices=[_device('cpu', 'cpu')] * 4)
+
+
+def test_float32_on_a_gpu_is_refused_in_one_sentence():
+  with pytest.raises(config_checks.ConfigError) as error:
+    config_checks.validate(_fused_config('float32'), devices=[H100] * 4)
+  message = str(error.value)
+  assert message.startswith("config.fused_dense_layer=True with config.dtype='float32' on NVIDIA")
+  assert 'TF32' in message and '\n' not in message, message
 
 
 def test_float16_is_refused_in_one_sentence():
@@ -270,10 +280,17 @@ def test_float16_is_refused_in_one_sentence():
   assert message.count('. ') == 0 and '\n' not in message, message
 
 
+V100 = _device('gpu', 'Tesla V100-SXM2-32GB', '7.0')
+
+
 @pytest.mark.parametrize(
-  'device',
-  [_device('gpu', 'Tesla V100-SXM2-32GB', '7.0'), _device('tpu', 'TPU v5 lite')],
+  'device, dtype, message',
+  [
+    (V100, 'float32', r"^config.fused_dense_layer=True with config.dtype='float32' on Tesla"),
+    (V100, 'bfloat16', r'^config.dtype=bfloat16 but Tesla V100.* no bfloat16 tensor cores'),
+    (_device('tpu', 'TPU v5 lite'), 'bfloat16', r'^config.fused_dense_layer=True but TPU'),
+  ],
 )
-def test_devices_that_cannot_run_the_kernel_are_refused(device):
-  with pytest.raises(config_checks.ConfigError, match=r'^config.fused_dense_layer=True but .*'):
-    config_checks.validate(_fused_config('float32'), devices=[device] * 4)
+def test_devices_that_cannot_run_the_kernels_are_refused(device, dtype, message):
+  with pytest.raises(config_checks.ConfigError, match=message):
+    config_checks.validate(_fused_config(dtype), devices=[device] * 4)
