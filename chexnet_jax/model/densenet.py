@@ -163,8 +163,8 @@ def fused_bn_relu_conv1x1(pieces, mean, var, scale, bias, kernel, epsilon, dtype
   the NHWC `pieces` (a tuple), with the per-channel sum and sum of squares of that output
   (float32): one Pallas kernel (fused_dense_layer) that reads the pieces in place, so
   neither x nor its normalisation is written to memory. Its gradient is autodiff's of the
-  unfused ops (the convolution's, then batch_norm_relu's), in the same arithmetic: the
-  input's from a second kernel, the kernel's from the normalisation recomputed."""
+  unfused ops (the convolution's, then batch_norm_relu's), in the same arithmetic, from
+  two more kernels: the input's, and the kernel's (the normalisation recomputed)."""
   return _fused_forward(pieces, mean, var, scale, bias, kernel, epsilon, dtype)[0]
 
 
@@ -185,23 +185,26 @@ def _fused_forward(pieces, mean, var, scale, bias, kernel, epsilon, dtype):
 
 def _fused_backward(epsilon, dtype, saved, cotangents):
   pieces, mean, var, scale, bias, kernel, y = saved
-  x = jnp.concatenate(pieces, axis=-1)
   dy, d_sums, d_sumsqs = cotangents
   # The sums' share in float32, rounded to y's dtype and added there, as autodiff of
   # batch_moments(y) beside norm2's own gradient gives it.
   y32 = y.astype(jnp.float32)
   dy = dy + (d_sums + d_sumsqs * (2.0 * y32)).astype(dy.dtype)
-  # The kernel's gradient from the recomputed normalisation (cuDNN's, as unfused).
-  a = batch_norm_relu(x, mean, var, scale, bias, epsilon, dtype)
-  _, conv_vjp = jax.vjp(lambda k: _conv1x1(a, k, dtype), kernel)
-  (d_kernel,) = conv_vjp(dy)
-  # The input's: _batch_norm_relu_backward of dy @ kernel^T, in one kernel.
   inverse_std = jax.lax.rsqrt(var + epsilon)
   channels, features = kernel.shape[2:]
+  flat_dy = dy.reshape(-1, features)
+  flat_pieces = [piece.reshape(-1, piece.shape[-1]) for piece in pieces]
+  # The kernel's: relu(bn(x))^T @ dy, rounded to `dtype` as the convolution's transpose
+  # gives it, then float32 as the parameter; the normalisation recomputed, never written.
+  d_kernel = fused_dense_layer.bn_relu_matmul_backward_kernel(
+    flat_dy, flat_pieces, mean, inverse_std * scale, bias, dtype
+  )
+  d_kernel = d_kernel.astype(dtype).astype(kernel.dtype).reshape(kernel.shape)
+  # The input's: _batch_norm_relu_backward of dy @ kernel^T, in one kernel.
   dx, sum_g, sum_g_centred = fused_dense_layer.bn_relu_matmul_backward_data(
-    dy.reshape(-1, features),
+    flat_dy,
     kernel.reshape(channels, features),
-    [piece.reshape(-1, piece.shape[-1]) for piece in pieces],
+    flat_pieces,
     mean,
     inverse_std * scale,
     bias,

@@ -13,10 +13,10 @@ Each row tile writes its own partial sums and XLA adds them: deterministic, no a
 
 x is taken in pieces because a custom call's operand must exist in memory: given the
 concatenation, XLA would write each layer's whole input once more (its own fusions read
-the pieces in place). `bn_relu_matmul_backward_data` is the gradient's input side in one
-kernel too: dy @ kernel^T, the ReLU's mask and BatchNorm's two gradient sums, so that
-product is never written either; the kernel's gradient stays cuDNN's (from the
-normalisation recomputed by XLA). Gradients: densenet.fused_bn_relu_conv1x1.
+the pieces in place). The gradient is two more kernels: `bn_relu_matmul_backward_data`
+(dy @ kernel^T, the ReLU's mask and BatchNorm's two gradient sums: that product is never
+written) and `bn_relu_matmul_backward_kernel` (relu(bn(x))^T @ dy, the normalisation
+recomputed tile by tile: never written either). densenet.fused_bn_relu_conv1x1 joins them.
 
 On CPU the kernels run in Pallas's interpret mode (the same program as XLA ops, for the
 tests); on GPUs they lower through Triton.
@@ -234,4 +234,98 @@ def bn_relu_matmul_backward_data(dy, kernel, pieces, mean, multiplier, bias, dty
     *args,
     cpu=functools.partial(_backward_data_call, dtype=dtype, interpret=True),
     default=functools.partial(_backward_data_call, dtype=dtype, interpret=False),
+  )
+
+
+# Rows each program of the kernel-gradient kernel sums over: its partial sums are
+# [Cin, Cout] float32 per chunk, a few percent of the bytes of the rows it reads.
+CHUNK_TILES = 16
+
+
+def _backward_kernel_kernel(*refs, widths, rows, block_rows, dtype):
+  """Per chunk of rows: relu(bn(x))^T @ dy, x's normalisation recomputed tile by tile (never
+  written), float32 sums: densenet._conv1x1's kernel gradient before its rounding."""
+  count = len(widths)
+  dy_ref, *pieces = refs[: count + 1]
+  mean_ref, mult_ref, bias_ref, dw_ref = refs[count + 1 :]
+  precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  features = dy_ref.shape[1]
+  chunk = pl.program_id(0)
+
+  def piece_steps(piece_ref, offset):
+    block = _block_channels(piece_ref.shape[1])
+
+    def k_step(k, carry):
+      start = pl.multiple_of(k * block, block)
+      cols, channels = pl.ds(start, block), pl.ds(start + offset, block)
+      mean, multiplier, bias = mean_ref[:, channels], mult_ref[:, channels], bias_ref[:, channels]
+
+      def row_step(t, acc):
+        first = pl.multiple_of(t * block_rows, block_rows)
+        row = chunk * CHUNK_TILES * block_rows + first
+        row = row + jax.lax.broadcasted_iota(jnp.int32, (block_rows, 1), 0)
+        in_range = row < rows
+        tile = pl.ds(first, block_rows)
+        mask = jnp.broadcast_to(in_range, (block_rows, block))
+        x = plt.load(piece_ref.at[tile, cols], mask=mask, other=0).astype(jnp.float32)
+        a = ((x - mean) * multiplier + bias).astype(dtype)
+        a = jnp.where(in_range & (a > 0), a, jnp.zeros((), dtype))
+        dy_mask = jnp.broadcast_to(in_range, (block_rows, features))
+        dy = plt.load(dy_ref.at[tile, :], mask=dy_mask, other=0)
+        return acc + jax.lax.dot_general(
+          a, dy, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )
+
+      acc = jnp.zeros((block, features), jnp.float32)
+      acc = jax.lax.fori_loop(0, CHUNK_TILES, row_step, acc)
+      dw_ref[channels, :] = acc
+      return carry
+
+    jax.lax.fori_loop(0, piece_ref.shape[1] // block, k_step, 0)
+
+  offset = 0
+  for piece_ref, width in zip(pieces, widths):
+    piece_steps(piece_ref, offset)
+    offset += width
+
+
+def _backward_kernel_call(dy, pieces, mean, multiplier, bias, dtype, interpret):
+  rows, features = dy.shape
+  widths = tuple(piece.shape[1] for piece in pieces)
+  channels = sum(widths)
+  chunk_rows = CHUNK_TILES * BLOCK_ROWS
+  chunks = pl.cdiv(rows, chunk_rows)
+  body = functools.partial(
+    _backward_kernel_kernel, widths=widths, rows=rows, block_rows=BLOCK_ROWS, dtype=dtype
+  )
+  vector = pl.BlockSpec((1, channels), lambda i: (0, 0))
+  partial_dw = pl.pallas_call(
+    body,
+    out_shape=jax.ShapeDtypeStruct((chunks, channels, features), jnp.float32),
+    grid=(chunks,),
+    in_specs=[
+      pl.BlockSpec((chunk_rows, features), lambda i: (i, 0)),
+      *(pl.BlockSpec((chunk_rows, width), lambda i: (i, 0)) for width in widths),
+      vector,
+      vector,
+      vector,
+    ],
+    out_specs=pl.BlockSpec((None, channels, features), lambda i: (i, 0, 0)),
+    interpret=interpret,
+    compiler_params=None if interpret else plt.CompilerParams(num_warps=4, num_stages=3),
+    name='bn_relu_matmul_backward_kernel',
+  )(dy, *pieces, mean[None], multiplier[None], bias[None])
+  return jnp.sum(partial_dw, axis=0)
+
+
+def bn_relu_matmul_backward_kernel(dy, pieces, mean, multiplier, bias, dtype):
+  """relu(bn(x))^T @ dy in float32 ([Cin, Cout]; x the concatenation of `pieces`): the
+  kernel's gradient before rounding, the normalisation recomputed in the kernel and never
+  written. Programs take chunks of rows; XLA adds their partial sums. Interpret on CPU."""
+  pieces = tuple(pieces)
+  args = (dy, pieces, mean.astype(jnp.float32), multiplier, bias.astype(jnp.float32))
+  return jax.lax.platform_dependent(
+    *args,
+    cpu=functools.partial(_backward_kernel_call, dtype=dtype, interpret=True),
+    default=functools.partial(_backward_kernel_call, dtype=dtype, interpret=False),
   )

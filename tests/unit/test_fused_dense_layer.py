@@ -221,8 +221,8 @@ def test_triton_kernels_per_dense_layer_on_gpus_only_with_the_field_on():
   assert _triton_calls(False, 'cuda', gradient=True) == 0
   assert _triton_calls(True, 'cuda') == layers
   assert _triton_calls(True, 'cuda', train=False) == layers
-  # The forward's, and the backward's (the input gradient; the normalisation recomputed).
-  assert _triton_calls(True, 'cuda', gradient=True) == 2 * layers
+  # The forward's, and the backward's two (the input's gradient, the kernel's).
+  assert _triton_calls(True, 'cuda', gradient=True) == 3 * layers
   # On CPU, interpret mode: the same kernels as XLA ops.
   assert _triton_calls(True, 'cpu', gradient=True) == 0
 
