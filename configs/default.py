@@ -110,6 +110,12 @@ def get_config():
   # kernels per step instead of one per parameter. Changes the checkpoint's
   # optimizer-state layout, so a run resumes only with the setting it began with.
   c.fused_optimizer = False
+  # True: in the train step, each dense layer's BN-ReLU-1x1 conv is one Pallas kernel
+  # (Triton on GPUs, interpret mode on CPU) that also sums the next BN's moments, and its
+  # input gradient another (chexnet_jax/model/fused_dense_layer.py); evaluation is not
+  # fused. Opt-in and unmeasured on a GPU; the same parameters and, to float32 rounding,
+  # the same numbers. bfloat16 on GPUs (compute capability 8.0+); float32 on CPU only.
+  c.fused_dense_layer = False
 
   # Bookkeeping.
   c.seed = 0

@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from chexnet_jax.model import fused_dense_layer
 from input_pipeline import labels as labels_lib
 
 # torchvision's BatchNorm2d: momentum 0.1 (Flax counts the other way: 0.9),
@@ -87,6 +88,8 @@ class BatchNorm(nn.Module):
   axis_name: Any = None
   # Followed by a ReLU (batch_norm_relu: the same numbers, a leaner gradient).
   relu: bool = False
+  # Return (mean, var, scale, bias) for a fused op to apply (fused_bn_relu_conv1x1).
+  statistics_only: bool = False
 
   @nn.compact
   def __call__(self, x, moments=None):
@@ -106,6 +109,8 @@ class BatchNorm(nn.Module):
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
     scale = self.param('scale', nn.initializers.ones, features, self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, features, self.param_dtype)
+    if self.statistics_only:
+      return mean, var, scale, bias
     if self.relu:
       return batch_norm_relu(x, mean, var, scale, bias, self.epsilon, self.dtype)
     y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
@@ -143,6 +148,89 @@ def _batch_norm_relu_backward(epsilon, dtype, saved, dy):
 
 
 batch_norm_relu.defvjp(_batch_norm_relu_forward, _batch_norm_relu_backward)
+
+
+def _conv1x1(a, kernel, dtype):
+  """nn.Conv's 1x1 convolution (no bias) of NHWC `a` by the float32 HWIO `kernel`."""
+  return jax.lax.conv_general_dilated(
+    a, kernel.astype(dtype), (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def fused_bn_relu_conv1x1(pieces, mean, var, scale, bias, kernel, epsilon, dtype):
+  """conv1x1(batch_norm_relu(x, ...), kernel) as `dtype`, x the channel concatenation of
+  the NHWC `pieces` (a tuple), with the per-channel sum and sum of squares of that output
+  (float32): one Pallas kernel (fused_dense_layer) that reads the pieces in place, so
+  neither x nor its normalisation is written to memory. Its gradient is autodiff's of the
+  unfused ops (the convolution's, then batch_norm_relu's), in the same arithmetic, from
+  two more kernels: the input's, and the kernel's (the normalisation recomputed)."""
+  return _fused_forward(pieces, mean, var, scale, bias, kernel, epsilon, dtype)[0]
+
+
+def _fused_forward(pieces, mean, var, scale, bias, kernel, epsilon, dtype):
+  batch, height, width, _ = pieces[0].shape
+  multiplier = jax.lax.rsqrt(var + epsilon) * scale  # batch_norm_relu's.
+  y, sums, sumsqs = fused_dense_layer.bn_relu_matmul_sums(
+    [piece.reshape(-1, piece.shape[-1]) for piece in pieces],
+    mean,
+    multiplier,
+    bias,
+    kernel.reshape(kernel.shape[2], -1),
+    dtype,
+  )
+  y = y.reshape(batch, height, width, -1)
+  return (y, sums, sumsqs), (pieces, mean, var, scale, bias, kernel, y)
+
+
+def _fused_backward(epsilon, dtype, saved, cotangents):
+  pieces, mean, var, scale, bias, kernel, y = saved
+  dy, d_sums, d_sumsqs = cotangents
+  # The sums' share in float32, rounded to y's dtype and added there, as autodiff of
+  # batch_moments(y) beside norm2's own gradient gives it.
+  y32 = y.astype(jnp.float32)
+  dy = dy + (d_sums + d_sumsqs * (2.0 * y32)).astype(dy.dtype)
+  inverse_std = jax.lax.rsqrt(var + epsilon)
+  channels, features = kernel.shape[2:]
+  flat_dy = dy.reshape(-1, features)
+  flat_pieces = [piece.reshape(-1, piece.shape[-1]) for piece in pieces]
+  # The kernel's: relu(bn(x))^T @ dy, rounded to `dtype` as the convolution's transpose
+  # gives it, then float32 as the parameter; the normalisation recomputed, never written.
+  d_kernel = fused_dense_layer.bn_relu_matmul_backward_kernel(
+    flat_dy, flat_pieces, mean, inverse_std * scale, bias, dtype
+  )
+  d_kernel = d_kernel.astype(dtype).astype(kernel.dtype).reshape(kernel.shape)
+  # The input's: _batch_norm_relu_backward of dy @ kernel^T, in one kernel.
+  dx, sum_g, sum_g_centred = fused_dense_layer.bn_relu_matmul_backward_data(
+    flat_dy,
+    kernel.reshape(channels, features),
+    flat_pieces,
+    mean,
+    inverse_std * scale,
+    bias,
+    dtype,
+  )
+  dx = tuple(d.reshape(piece.shape) for d, piece in zip(dx, pieces))
+  d_mean = -sum_g * inverse_std * scale
+  d_var = -0.5 * sum_g_centred * scale * inverse_std**3
+  return dx, d_mean, d_var, sum_g_centred * inverse_std, sum_g, d_kernel
+
+
+fused_bn_relu_conv1x1.defvjp(_fused_forward, _fused_backward)
+
+
+class Conv1x1Kernel(nn.Module):
+  """nn.Conv's 1x1 kernel parameter alone (its name, shape, dtype and initialiser), for a
+  fused op to apply: weight files and checkpoints load either way."""
+
+  features: int
+  kernel_init: Any
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, channels):
+    shape = (1, 1, channels, self.features)
+    return self.param('kernel', self.kernel_init, shape, self.param_dtype)
 
 
 @jax.custom_vjp
@@ -231,23 +319,49 @@ class DenseLayer(nn.Module):
   """Bottleneck layer: BN-ReLU-1x1 conv (4k) - BN-ReLU-3x3 conv (k), concatenated.
 
   Given norm1's batch `moments` of x (training), also returns them with those of the
-  new channels appended; else None beside the concatenation.
+  new channels appended; else None beside the concatenation. `fused`: x is the tuple of
+  the block's feature maps so far, and the new one is appended to it (no concatenation).
   """
 
   growth_rate: int
   bn_size: int
   conv: Any
   norm: Any
+  # norm1-ReLU-conv1 as one Pallas kernel (fused_bn_relu_conv1x1); the same parameters.
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x, moments=None):
-    y = _norm_relu(self.norm, 'norm1', x, moments)
-    y = self.conv(self.bn_size * self.growth_rate, (1, 1), name='conv1')(y)
-    y = _norm_relu(self.norm, 'norm2', y)
+    if self.fused:
+      y = self._fused_bottleneck(x, moments)
+    else:
+      y = _norm_relu(self.norm, 'norm1', x, moments)
+      y = self.conv(self.bn_size * self.growth_rate, (1, 1), name='conv1')(y)
+      y = _norm_relu(self.norm, 'norm2', y)
     y = self.conv(self.growth_rate, (3, 3), padding=((1, 1), (1, 1)), name='conv2')(y)
     if moments is not None:
       moments = concat_moments(moments, batch_moments(y))
+    if self.fused:
+      return (*x, y), moments
     return jnp.concatenate([x, y], axis=-1), moments
+
+  def _fused_bottleneck(self, pieces, moments):
+    """norm2(conv1(norm1(x))) ReLU'd, x the concatenation of `pieces`: norm1-ReLU-conv1
+    and norm2's moments in one kernel."""
+    # Read for its shape only (the moments are given, or the running ones are used):
+    # XLA drops it.
+    x = jnp.concatenate(pieces, axis=-1)
+    norm1 = self.norm(name='norm1', statistics_only=True)
+    mean, var, scale, bias = norm1(x, moments)
+    conv = self.conv.keywords
+    kernel = Conv1x1Kernel(
+      self.bn_size * self.growth_rate, conv['kernel_init'], conv['param_dtype'], name='conv1'
+    )(x.shape[-1])
+    y, sums, sumsqs = fused_bn_relu_conv1x1(
+      tuple(pieces), mean, var, scale, bias, kernel, norm1.epsilon, conv['dtype']
+    )
+    count = x.shape[0] * x.shape[1] * x.shape[2]  # batch_moments' mean: the sum / count.
+    return _norm_relu(self.norm, 'norm2', y, (sums / count, sumsqs / count))
 
 
 class DenseBlock(nn.Module):
@@ -258,14 +372,19 @@ class DenseBlock(nn.Module):
   bn_size: int
   conv: Any
   norm: Any
+  fused: bool = False  # DenseLayer's.
 
   @nn.compact
   def __call__(self, x, moments=None):
+    if self.fused:  # The feature maps, concatenated once at the end.
+      x = (x,)
     for i in range(1, self.num_layers + 1):
       layer = DenseLayer(
-        self.growth_rate, self.bn_size, self.conv, self.norm, name=f'denselayer{i}'
+        self.growth_rate, self.bn_size, self.conv, self.norm, self.fused, name=f'denselayer{i}'
       )
       x, moments = layer(x, moments)
+    if self.fused:
+      x = jnp.concatenate(x, axis=-1)
     return x, moments
 
 
@@ -298,9 +417,13 @@ class DenseNet(nn.Module):
   # Training: each feature map's BN moments computed once (see the module docstring).
   # False: TorchBatchNorm (flax's) re-reduces every input, as before (for the tests).
   share_bn_statistics: bool = True
+  # Each dense layer's norm1-ReLU-conv1 as one Pallas kernel (config.fused_dense_layer).
+  fused_dense_layer: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool, return_features: bool = False):
+    if self.fused_dense_layer and not self.share_bn_statistics:
+      raise ValueError('fused_dense_layer needs share_bn_statistics (BatchNorm, not flax).')
     # He-normal like torchvision's kaiming_normal_ (from-scratch training only).
     conv = functools.partial(
       nn.Conv,
@@ -341,7 +464,13 @@ class DenseNet(nn.Module):
     last = len(self.block_sizes)
     for b, num_layers in enumerate(self.block_sizes, start=1):
       block = DenseBlock(
-        num_layers, self.growth_rate, self.bn_size, conv, norm, name=f'denseblock{b}'
+        num_layers,
+        self.growth_rate,
+        self.bn_size,
+        conv,
+        norm,
+        self.fused_dense_layer,
+        name=f'denseblock{b}',
       )
       x, moments = block(x, batch_moments(x) if share else None)
       channels += num_layers * self.growth_rate
@@ -351,7 +480,14 @@ class DenseNet(nn.Module):
     return x, moments
 
 
-def create_model(name, *, num_classes=labels_lib.NUM_CLASSES, dtype=jnp.float32, bn_axis_name=None):
+def create_model(
+  name,
+  *,
+  num_classes=labels_lib.NUM_CLASSES,
+  dtype=jnp.float32,
+  bn_axis_name=None,
+  fused_dense_layer=False,
+):
   """Returns the DenseNet called `name` (densenet121/169/201 or tiny).
 
   Apply with `model.apply(variables, x, train=..., mutable=['batch_stats'])`
@@ -371,11 +507,13 @@ def create_model(name, *, num_classes=labels_lib.NUM_CLASSES, dtype=jnp.float32,
     num_classes=num_classes,
     dtype=dtype,
     bn_axis_name=bn_axis_name,
+    fused_dense_layer=fused_dense_layer,
   )
 
 
-def from_config(config, bn_axis_name=None):
-  """The configured model; `bn_axis_name` makes BatchNorm sync over that axis.
+def from_config(config, bn_axis_name=None, fused_dense_layer=False):
+  """The configured model; `bn_axis_name` makes BatchNorm sync over that axis,
+  `fused_dense_layer` uses its Pallas kernels (train_state.build_model decides).
   config.num_classes is the run's label count (the trainer and run_dir fill -1 in)."""
   if config.num_classes <= 0:
     raise ValueError(f'config.num_classes={config.num_classes}: fill in the label count first.')
@@ -384,4 +522,5 @@ def from_config(config, bn_axis_name=None):
     num_classes=config.num_classes,
     dtype=DTYPES[config.dtype],
     bn_axis_name=bn_axis_name,
+    fused_dense_layer=fused_dense_layer,
   )

@@ -152,6 +152,25 @@ def _process_id_wanted(config):
   )
 
 
+# The compute dtypes the fused dense layer is tested in (float16 runs with loss scaling,
+# on V100s, which its Triton kernels are not built for); float32 on the CPU only
+# (_check_fused_dense_layer).
+FUSED_DENSE_LAYER_DTYPES = ('bfloat16', 'float32')
+
+
+def _fused_dense_layer_ok(value, config):
+  return isinstance(value, bool) and (not value or config.dtype in FUSED_DENSE_LAYER_DTYPES)
+
+
+def _fused_dense_layer_wanted(config):
+  if not isinstance(config.fused_dense_layer, bool):
+    return 'True or False'
+  return (
+    f'False with config.dtype={config.dtype!r} (its kernel is tested in '
+    f'{" and ".join(FUSED_DENSE_LAYER_DTYPES)} only)'
+  )
+
+
 def _any(value, config):
   """Any text (_text refuses a NUL byte: these are paths)."""
   del value, config
@@ -193,6 +212,7 @@ FIELDS = {
     f"'' (XLA's default) or a comma list of {', '.join(train_step.COMMAND_BUFFER_KINDS)}",
   ),
   'fused_optimizer': _flag(),
+  'fused_dense_layer': Rule(_fused_dense_layer_ok, _fused_dense_layer_wanted),
   'init_from': _text(_any, "'imagenet', '' (from scratch), a weights file or a run directory"),
   'imagenet_weights_url': _text(
     lambda v, _: v.startswith(('https://', 'http://', 'file://')),
@@ -308,6 +328,28 @@ def _check_precision(dtype, devices):
       )
 
 
+def _check_fused_dense_layer(fused, dtype, devices):
+  """The fused dense layer's Pallas kernels run through Triton on GPUs, in bfloat16 (which
+  _check_precision allows from compute capability 8.0), and in interpret mode on the CPU;
+  nowhere else. Their float32 products on a GPU would be full float32 where XLA's
+  convolutions use TF32 there: other numbers (and no tensor cores)."""
+  if not fused:
+    return
+  for device in devices:
+    if device.platform not in ('cpu', 'gpu'):
+      raise ConfigError(
+        f'config.fused_dense_layer=True but {device.device_kind} ({device.platform}) cannot '
+        'run its Pallas kernels, written for Triton on GPUs (or the CPU, interpreted); set '
+        '--config.fused_dense_layer=False.'
+      )
+    if device.platform == 'gpu' and dtype == 'float32':
+      raise ConfigError(
+        f"config.fused_dense_layer=True with config.dtype='float32' on {device.device_kind}: "
+        "its kernels' float32 products would be full float32 where XLA's convolutions use "
+        'TF32 (other numbers); set --config.dtype=bfloat16 or --config.fused_dense_layer=False.'
+      )
+
+
 def validate(config, devices=None):
   """Raises ConfigError for the first field this machine cannot run: every
   field against FIELDS, then what needs the devices or the file system."""
@@ -322,6 +364,7 @@ def validate(config, devices=None):
   # (pipeline.global_eval_batch): any number of processes evaluates.
   _check_init_from(config)
   _check_precision(config.dtype, devices)
+  _check_fused_dense_layer(config.fused_dense_layer, config.dtype, devices)
 
 
 def check_splits(config, dataset_info):

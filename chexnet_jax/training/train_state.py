@@ -78,9 +78,16 @@ def update_plateau(config, state, val_loss):
 
 
 def build_model(config, *, for_training=False):
-  """The configured model; for the train step BN syncs over 'data' if asked."""
+  """The configured model; for the train step BN syncs over 'data' if asked, and its
+  dense layers are fused if asked. Evaluation's model is never fused: it runs under a
+  plain jit, where XLA cannot partition a Pallas kernel over the devices (it would gather
+  the batch onto each), and its numbers are the same to rounding."""
   bn_sync = for_training and config.bn_sync
-  return densenet.from_config(config, bn_axis_name=sharding.DATA_AXIS if bn_sync else None)
+  return densenet.from_config(
+    config,
+    bn_axis_name=sharding.DATA_AXIS if bn_sync else None,
+    fused_dense_layer=for_training and config.fused_dense_layer,
+  )
 
 
 def init_variables(config, model, rng):

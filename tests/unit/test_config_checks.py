@@ -40,6 +40,7 @@ BAD_VALUES = {
   'bn_sync': 1,
   'gpu_command_buffers': 'FUSION,WARP',
   'fused_optimizer': 'yes',
+  'fused_dense_layer': 1,
   'init_from': 'weights\0.pth',
   'imagenet_weights_url': 'densenet121-a639ec97.pth',
   'weights_cache_dir': 3,
