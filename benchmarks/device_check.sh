@@ -14,6 +14,7 @@
 #   base      the same with XLA's default command buffers, with a profile summary (top
 #             ops, their share, device busy time per step)
 #   tests     pytest tests/gpu (GPU vs CPU equivalences on the tiny model)
+#   dense     the default config + config.fused_dense_layer (the opt-in Pallas kernels)
 #   batch     the default config at batch 256 and 512
 #   fused     the default config + config.fused_optimizer (one Adam over all parameters)
 #   torch     torch eager and torch.compile at batch 128 (AMP, channels_last)
@@ -47,7 +48,7 @@ cd "$(dirname "$0")/.."
 
 TINY=0
 if [[ "${1:-}" == "--tiny" ]]; then TINY=1; shift; fi
-PARTS="${*:-env cmdbuf base tests batch fused torch}"
+PARTS="${*:-env cmdbuf base tests dense batch fused torch}"
 PY="${PYTHON:-python3}"
 BUDGET_S="${BUDGET_S:-540}"
 WHEEL_DIR="${WHEEL_DIR:-.whl}"
@@ -208,6 +209,10 @@ part_batch() {
   local b
   for b in $BATCHES; do jax_speed "jax-${SHAPE%% *}-$b-bfloat16" "$b" 0 "${CMDBUF_ARGS[@]}"; done
 }
+part_dense() {  # config.fused_dense_layer: the opt-in Pallas kernels of the dense layers.
+  jax_speed "tune-fused_dense_layer-${SHAPE// /-}-bfloat16" "${SHAPE#* }" 0 \
+    --config.fused_dense_layer=True "${CMDBUF_ARGS[@]}"
+}
 part_fused() {
   jax_speed "tune-fused_adam-${SHAPE// /-}-bfloat16" "${SHAPE#* }" 0 \
     --config.fused_optimizer=True "${CMDBUF_ARGS[@]}"
@@ -283,8 +288,8 @@ part_tests() {
 install_wheels
 for part in $PARTS; do
   case "$part" in
-    env|base|cmdbuf|batch|fused|e2e|torch|tests) "part_$part" ;;
-    *) echo "unknown part '$part' (env base cmdbuf batch fused e2e torch tests)"; exit 2 ;;
+    env|base|cmdbuf|batch|dense|fused|e2e|torch|tests) "part_$part" ;;
+    *) echo "unknown part '$part' (env base cmdbuf batch dense fused e2e torch tests)"; exit 2 ;;
   esac
 done
 
