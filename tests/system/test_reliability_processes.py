@@ -38,15 +38,21 @@ from tests.system.test_reliability import (
 )
 
 
+def _wait_for_step(process, workdir, step, what='the run'):
+  """Waits until `process` has recorded `step` steps in `workdir`; fails if it ends first
+  or takes over TIMEOUT."""
+  deadline = time.monotonic() + TIMEOUT
+  while _recorded_steps(workdir) < step:
+    assert process.poll() is None and time.monotonic() < deadline, f'{what} ended'
+    time.sleep(0.05)
+
+
 def test_second_ctrl_c_exits_at_once(tmp_path):
   """The first Ctrl-C asks for a save at the end of the step; a second one,
   while that step hangs, exits at once with one line."""
   workdir = tmp_path / 'run'
   process = _start(workdir, *RUN_ARGS, env=_env(TEST_HANG_AT_STEP=3))
-  deadline = time.monotonic() + TIMEOUT
-  while _recorded_steps(workdir) < 3:
-    assert process.poll() is None and time.monotonic() < deadline, 'the run ended'
-    time.sleep(0.05)
+  _wait_for_step(process, workdir, 3)
   process.send_signal(signal.SIGINT)
   time.sleep(1)  # The step hangs: the first Ctrl-C's save waits for its end.
   assert process.poll() is None
@@ -66,10 +72,7 @@ def test_a_stop_during_the_first_compile_exits_at_once(tmp_path, signum, code):
   once, as nothing was trained since the start that a save could keep."""
   workdir = tmp_path / 'run'
   process = _start(workdir, *RUN_ARGS, env=_env(TEST_HANG_AT_STEP=1))
-  deadline = time.monotonic() + TIMEOUT
-  while _recorded_steps(workdir) < 1:
-    assert process.poll() is None and time.monotonic() < deadline, 'the run ended'
-    time.sleep(0.05)
+  _wait_for_step(process, workdir, 1)
   process.send_signal(signum)
   code_, log = _finish(process)
   assert code_ == code, _tail(log)
@@ -83,10 +86,7 @@ def test_second_run_on_a_workdir_is_refused(tmp_path):
   workdir = tmp_path / 'run'
   first = _start(workdir, '--config.num_train_steps=100000')
   try:
-    deadline = time.monotonic() + TIMEOUT
-    while _recorded_steps(workdir) < 1:
-      assert first.poll() is None and time.monotonic() < deadline, 'first run ended'
-      time.sleep(0.1)
+    _wait_for_step(first, workdir, 1, 'first run')
     with open(workdir / 'config.json') as f:
       config_before = f.read()
     code, log = _main(workdir, '--config.learning_rate=0.5')
