@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import sys
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class MetricWriter:
     """`resumed_step`: the checkpoint step a resumed run goes on from; the rows of
     later steps (done, then lost with the process) are superseded by the redone
     steps' rows, in metrics.jsonl and in TensorBoard (its purge_step)."""
-    from tensorboardX import SummaryWriter  # Heavy import, process 0 only.
+    SummaryWriter = _summary_writer_class()  # Heavy import, process 0 only.
 
     path = os.path.join(workdir, 'metrics.jsonl')
     purge = None if resumed_step is None else int(resumed_step) + 1
@@ -64,6 +65,25 @@ class MetricWriter:
   def close(self):
     self._tensorboard.close()
     self._jsonl.close()
+
+
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without PyTorch.
+
+  tensorboardX imports torch whenever it is installed (the export extra), only
+  to accept torch tensors; that cost 1.5-3 s at every start, and we write
+  floats. While `sys.modules['torch']` is None, `import torch` raises
+  ImportError, which tensorboardX catches.
+  """
+  hidden = 'torch' not in sys.modules
+  if hidden:
+    sys.modules['torch'] = None
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if hidden:
+      del sys.modules['torch']
+  return SummaryWriter
 
 
 def _drop_rows_from(path, step):

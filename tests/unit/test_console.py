@@ -110,6 +110,32 @@ def test_tensorboard_tags_are_sanitised_and_jsonl_keeps_names(tmp_path, caplog):
   assert record == {'step': 3, 'val_auroc/No Finding': 0.75, 'val_auroc/Lung (left)': 0.5}
 
 
+_WRITE_METRICS = """
+import sys
+from chexnet_jax.runtime import metric_logging
+writer = metric_logging.MetricWriter(sys.argv[1])
+writer.write_scalars(1, {'train_loss': 0.5})
+writer.close()
+assert 'torch' not in sys.modules, 'the metric writer imported torch'
+import torch  # Hidden only while tensorboardX was imported.
+"""
+
+
+def test_metric_writer_starts_without_importing_torch(tmp_path):
+  """tensorboardX imports torch when installed (1.5-3 s at every start), only to
+  accept torch tensors; the trainer writes floats."""
+  pytest.importorskip('torch')
+  result = subprocess.run(
+    [sys.executable, '-c', _WRITE_METRICS, str(tmp_path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert os.listdir(tmp_path / 'tensorboard')
+
+
 XLA_BANNER = """\
 I1201 09:34:28.809 train.py:347] Compiling the train step (first step, 1)...
 E1201 09:36:28.000000   1234 slow_operation_alarm.cc:73]
