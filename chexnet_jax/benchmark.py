@@ -14,6 +14,9 @@ each step's latency. Then in flight, as the trainer runs them (each loss read
 one step late): the loop's throughput, with the host's dispatch time per step
 (time in the jitted call; `host_cpu_s_per_step` also counts CUDA's spin-wait).
 
+The weights are random whatever config.init_from says (a step's time does not
+depend on them), so nothing is downloaded or read.
+
 `--data random` (default) feeds uint8 batches made once in host memory, so the
 numbers are the step's own; it imports no input pipeline. `--data pipeline`
 reads `config.dataset` through input_pipeline.pipeline (grain), i.e. real
@@ -309,6 +312,9 @@ def run_benchmark(config, *, steps=20, warmup=3, data='random', profile_dir=''):
   """Benchmarks the train step; returns a dict of plain numbers and strings."""
   label_names = _label_set(config, data)
   config = run_dir.with_label_count(config, label_names)
+  # A step takes as long from any weights: never a download (a GPU node may have no
+  # network) or a file to read.
+  config.init_from = ''
   mesh = sharding.make_mesh()
   batches = host_batches(config, data, process_batch(config))
   to_global = functools.partial(sharding.to_global, mesh=mesh)
