@@ -17,6 +17,7 @@ at its end (`OnePass`).
 from chexnet_jax import errors
 
 import gc
+import multiprocessing
 import os
 import re
 import shutil
@@ -142,8 +143,10 @@ def _finish_pending_frees(timeout):
     return
   try:
     pool.apply_async(int).get(timeout)
-  except Exception as error:  # pylint: disable=broad-except
-    logging.warning('grain had not freed all shared memory by now (%s).', type(error).__name__)
+  except ValueError:  # The pool no longer runs (the interpreter is exiting): nothing to wait for.
+    return
+  except multiprocessing.TimeoutError:
+    logging.warning('grain had not freed its shared memory within %.0f s; going on.', timeout)
 
 
 class OnePass:
