@@ -353,12 +353,13 @@ class DenseLayer(nn.Module):
     x = jnp.concatenate(pieces, axis=-1)
     norm1 = self.norm(name='norm1', statistics_only=True)
     mean, var, scale, bias = norm1(x, moments)
-    conv = self.conv.keywords
-    kernel = Conv1x1Kernel(
-      self.bn_size * self.growth_rate, conv['kernel_init'], conv['param_dtype'], name='conv1'
-    )(x.shape[-1])
+    # The unfused path's conv1, unattached (parent=None): its settings, no parameters.
+    conv = self.conv(self.bn_size * self.growth_rate, (1, 1), parent=None)
+    kernel = Conv1x1Kernel(conv.features, conv.kernel_init, conv.param_dtype, name='conv1')(
+      x.shape[-1]
+    )
     y, sums, sumsqs = fused_bn_relu_conv1x1(
-      tuple(pieces), mean, var, scale, bias, kernel, norm1.epsilon, conv['dtype']
+      tuple(pieces), mean, var, scale, bias, kernel, norm1.epsilon, conv.dtype
     )
     count = x.shape[0] * x.shape[1] * x.shape[2]  # batch_moments' mean: the sum / count.
     return _norm_relu(self.norm, 'norm2', y, (sums / count, sumsqs / count))
