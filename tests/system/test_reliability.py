@@ -130,6 +130,15 @@ def _recorded_steps(workdir):
     return f.read().count('\n')
 
 
+def _wait_for_step(process, workdir, step, what='the run'):
+  """Waits until `process` has recorded `step` steps in `workdir`; fails if it ends first
+  or takes over TIMEOUT."""
+  deadline = time.monotonic() + TIMEOUT
+  while _recorded_steps(workdir) < step:
+    assert process.poll() is None and time.monotonic() < deadline, f'{what} ended'
+    time.sleep(0.05)
+
+
 def _signal_at(workdir, step, signum):
   """Runs, sends `signum` once step `step` has started; (code, stderr, step)."""
   process = _start(workdir, *RUN_ARGS)
@@ -708,10 +717,7 @@ def test_ctrl_c_in_a_terminal_with_grain_workers_saves_and_exits_130(reference, 
       start_new_session=True,
     )
   process.log_path = log.name
-  deadline = time.monotonic() + TIMEOUT
-  while _recorded_steps(workdir) < CHECKPOINT_EVERY + 2:
-    assert process.poll() is None and time.monotonic() < deadline, 'the run ended'
-    time.sleep(0.05)
+  _wait_for_step(process, workdir, CHECKPOINT_EVERY + 2)
   os.killpg(process.pid, signal.SIGINT)
   code, log = _log_after_exit(process)
   assert code == 130, _tail(log)

@@ -35,16 +35,8 @@ from tests.system.test_reliability import (
   _steps_on_disk,
   _tail,
   _tracebacks,
+  _wait_for_step,
 )
-
-
-def _wait_for_step(process, workdir, step, what='the run'):
-  """Waits until `process` has recorded `step` steps in `workdir`; fails if it ends first
-  or takes over TIMEOUT."""
-  deadline = time.monotonic() + TIMEOUT
-  while _recorded_steps(workdir) < step:
-    assert process.poll() is None and time.monotonic() < deadline, f'{what} ended'
-    time.sleep(0.05)
 
 
 def test_second_ctrl_c_exits_at_once(tmp_path):
